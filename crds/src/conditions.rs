@@ -1,0 +1,47 @@
+//! Condition types and reasons, shared by the operator (which writes them) and by
+//! tests and tools (which read them). Values are part of the API: do not rename.
+
+/// `EdgeModel` condition: the model serves on enough targeted devices.
+pub const AVAILABLE: &str = "Available";
+/// `EdgeModel` condition: a rollout is moving devices to the current revision.
+pub const PROGRESSING: &str = "Progressing";
+/// `EdgeModel` condition: devices failed, or a health gate failed and the rollout stopped.
+pub const DEGRADED: &str = "Degraded";
+/// `EdgeModel` condition: the artifact signature did not verify against the signers.
+pub const SIGNATURE_VERIFIED: &str = "SignatureVerified";
+
+/// `EdgeDevice` condition: the agent heartbeats within its lease.
+pub const READY: &str = "Ready";
+/// `EdgeDevice` condition: the device's evidence passed the attestation policy and has
+/// not lapsed.
+pub const ATTESTED: &str = "Attested";
+/// `EdgeDevice` condition: an administrator or the approval policy admitted the device.
+pub const APPROVED: &str = "Approved";
+
+/// Reasons used in conditions and Events.
+pub mod reasons {
+    /// Nothing has been observed yet.
+    pub const PENDING: &str = "Pending";
+    /// All targeted devices run the current revision and are healthy.
+    pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
+    /// A rollout step is in progress.
+    pub const ROLLING_OUT: &str = "RollingOut";
+    /// The rollout is paused by `spec.rollout.paused`.
+    pub const PAUSED: &str = "Paused";
+    /// A health gate failed; the rollout was rolled back.
+    pub const HEALTH_GATE_FAILED: &str = "HealthGateFailed";
+    /// The selector matches no eligible device.
+    pub const NO_DEVICES: &str = "NoEligibleDevices";
+    /// The model's signature or a digest did not verify.
+    pub const SIGNATURE_INVALID: &str = "SignatureInvalid";
+    /// The model's signature and every digest verified.
+    pub const SIGNATURE_VALID: &str = "SignatureValid";
+    /// The device heartbeat lease expired.
+    pub const HEARTBEAT_EXPIRED: &str = "HeartbeatExpired";
+    /// The device attestation was appraised and allowed.
+    pub const ATTESTATION_PASSED: &str = "AttestationPassed";
+    /// The device attestation failed verification or policy.
+    pub const ATTESTATION_FAILED: &str = "AttestationFailed";
+    /// The device attestation is older than its validity.
+    pub const ATTESTATION_EXPIRED: &str = "AttestationExpired";
+}

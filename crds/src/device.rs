@@ -1,0 +1,225 @@
+//! `EdgeDevice`: one enrolled device of the fleet.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::TeeKind;
+
+/// Desired state of a device: whether it is admitted, and which models the operator
+/// wants on it. Facts describe the hardware; the device's labels (in metadata) are what
+/// EdgeModel selectors match.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "edgefleet.io",
+    version = "v1alpha1",
+    kind = "EdgeDevice",
+    plural = "edgedevices",
+    shortname = "ed",
+    category = "edgefleet",
+    status = "EdgeDeviceStatus",
+    derive = "PartialEq",
+    doc = "EdgeDevice is one enrolled edge device: its facts, approval, desired models and last reported state.",
+    printcolumn(name = "Approved", type_ = "boolean", json_path = ".spec.approved"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Attested",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Attested\")].status"
+    ),
+    printcolumn(
+        name = "TEE",
+        type_ = "string",
+        json_path = ".status.attestation.teeKind"
+    ),
+    printcolumn(
+        name = "Models",
+        type_ = "integer",
+        json_path = ".status.loadedModelCount"
+    ),
+    printcolumn(
+        name = "Heartbeat",
+        type_ = "date",
+        json_path = ".status.lastHeartbeatTime"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeDeviceSpec {
+    /// Hardware facts the agent declared at enrolment. Attestation confirms what it can;
+    /// the rest is the device's word.
+    pub facts: DeviceFacts,
+    /// Whether the device is admitted to the fleet. Unapproved devices get no models.
+    /// Set by an administrator, or by the operator's approval policy at enrolment.
+    #[serde(default)]
+    pub approved: bool,
+    /// Models the operator wants on this device. Written by the operator only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub desired_models: Vec<DesiredModel>,
+}
+
+/// What a device is. `agentKeyFingerprint` is fixed at enrolment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceFacts {
+    /// CPU architecture, as `uname -m` reports it (for example `x86_64`, `aarch64`).
+    #[schemars(length(min = 1, max = 32))]
+    pub arch: String,
+    /// Logical CPU cores.
+    #[schemars(range(min = 1, max = 4096))]
+    pub cpu_cores: i32,
+    /// Usable memory.
+    pub memory: Quantity,
+    /// Accelerators, for example `nvidia.com/gpu` or `apple.com/metal`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), inner(length(max = 128)))]
+    pub accelerators: Vec<String>,
+    /// Evidence kinds the device can produce.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4), extend("x-kubernetes-list-type" = "set"))]
+    pub tee_kinds: Vec<TeeKind>,
+    /// Agent version string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub agent_version: Option<String>,
+    /// SHA-256 fingerprint of the agent's identity public key, as `sha256:<hex>`.
+    /// Immutable: a new key is a new device, which enrols again.
+    #[x_kube(validation = Rule::new("self.matches('^sha256:[0-9a-f]{64}$')")
+        .message("agentKeyFingerprint must have the form sha256:<64 lowercase hex digits>"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("agentKeyFingerprint is immutable"))]
+    #[schemars(length(max = 71))]
+    pub agent_key_fingerprint: String,
+}
+
+/// A model assignment, written by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredModel {
+    /// The EdgeModel, as `namespace/name`.
+    #[schemars(length(min = 3, max = 317))]
+    pub model: String,
+    /// The EdgeModel revision to run.
+    #[schemars(length(min = 1, max = 64))]
+    pub revision: String,
+    /// Chosen variant name; absent for the default artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub variant: Option<String>,
+}
+
+/// Observed state of a device, from its heartbeats and attestations.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeDeviceStatus {
+    /// `Ready`, `Attested` and `Approved`, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// When the gateway last heard from the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<Time>,
+    /// The latest attestation result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<AttestationSummary>,
+    /// Models on the device and their state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<LoadedModel>,
+    /// Number of models in state Ready, for `kubectl get`.
+    #[serde(default)]
+    pub loaded_model_count: i32,
+    /// Serving statistics over the last heartbeat interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<InferenceStats>,
+}
+
+/// Result of the device's latest attestation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttestationSummary {
+    /// Evidence kind used.
+    pub tee_kind: TeeKind,
+    /// Whether the policy allowed the evidence.
+    pub allowed: bool,
+    /// Policy name and SHA-256 of the policy text that decided.
+    pub policy: String,
+    /// `sha256:<hex>` of the Rego policy text that decided.
+    pub policy_hash: String,
+    /// Digest over the normalized measurements (PCRs, launch measurement, MRTD/RTMRs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measurements_digest: Option<String>,
+    /// Selected normalized measurements, by name, hex-encoded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub measurements: BTreeMap<String, String>,
+    /// When the evidence was verified.
+    pub verified_time: Time,
+    /// When the result lapses unless the device attests again.
+    pub expiry_time: Time,
+    /// Why the policy denied, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A model's state on the device.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadedModel {
+    /// The EdgeModel, as `namespace/name`.
+    pub model: String,
+    /// The revision this entry describes.
+    pub revision: String,
+    /// Lifecycle state.
+    pub state: ModelState,
+    /// Detail, for example the verification error of a Failed model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Milliseconds llama.cpp took to load the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_millis: Option<i64>,
+}
+
+/// Lifecycle of a model on a device.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ModelState {
+    /// Assigned, not started.
+    Pending,
+    /// Fetching the artifact.
+    Downloading,
+    /// Checking digests and signature.
+    Verifying,
+    /// Loading into llama.cpp.
+    Loading,
+    /// Serving requests.
+    Ready,
+    /// Draining in-flight requests before unloading.
+    Draining,
+    /// Download, verification or load failed; see `message`.
+    Failed,
+}
+
+/// Serving statistics.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceStats {
+    /// Generated tokens per second (mean over the interval).
+    pub tokens_per_second: f64,
+    /// Median request latency in milliseconds.
+    pub latency_p50_millis: f64,
+    /// 99th percentile request latency in milliseconds.
+    pub latency_p99_millis: f64,
+    /// Requests completed since the agent started.
+    pub requests_total: i64,
+    /// Requests failed since the agent started.
+    pub errors_total: i64,
+}

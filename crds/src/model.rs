@@ -1,0 +1,379 @@
+//! `EdgeModel`: a model to deploy onto a fleet of edge devices.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Artifact, SignatureSource, TeeKind, TrustedSigner};
+
+/// Desired state of an EdgeModel: which model, signed by whom, onto which devices, how
+/// fast, and how it runs there.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "edgefleet.io",
+    version = "v1alpha1",
+    kind = "EdgeModel",
+    plural = "edgemodels",
+    shortname = "em",
+    category = "edgefleet",
+    namespaced,
+    status = "EdgeModelStatus",
+    derive = "PartialEq",
+    doc = "EdgeModel deploys a signed LLM (GGUF) onto the edge devices its selector matches, in health-gated rollout steps.",
+    printcolumn(
+        name = "Signer",
+        type_ = "string",
+        json_path = ".spec.signers[0].name",
+        description = "First trusted signer"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.readyDevices",
+        description = "Devices serving the current revision / devices targeted"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Rollout phase"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("size(self.signers) > 0")
+    .message("spec.signers must name at least one trusted signer for spec.signature"))]
+#[x_kube(validation = Rule::new("!has(self.variants) || self.variants.all(v, v.name != self.servedName)")
+    .message("a variant name must differ from spec.servedName"))]
+pub struct EdgeModelSpec {
+    /// Model id served on the device's OpenAI-compatible API (`"model"` in requests).
+    /// Immutable: clients address the model by it; create a new EdgeModel to rename.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    )]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("servedName is immutable"))]
+    pub served_name: String,
+    /// The default model file (GGUF) and its digest.
+    pub artifact: Artifact,
+    /// OpenSSF model-signing v1.0 bundle over the artifact. Devices and the operator
+    /// refuse the artifact unless it verifies against `signers`.
+    pub signature: SignatureSource,
+    /// Identities trusted to sign this model. At least one.
+    #[schemars(length(max = 8))]
+    pub signers: Vec<TrustedSigner>,
+    /// Alternative builds of the same model (for example other quantisations) with the
+    /// minimum device memory each needs. A device gets the first variant whose
+    /// `minMemory` it meets, otherwise the default artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    pub variants: Option<Vec<ModelVariant>>,
+    /// Which EdgeDevices receive the model, by their labels. An empty selector matches
+    /// every approved device.
+    #[serde(default)]
+    pub selector: LabelSelector,
+    /// What a device must prove before it may fetch the model.
+    #[serde(default)]
+    pub attestation: AttestationRequirement,
+    /// How the operator moves devices to a new revision.
+    #[serde(default)]
+    pub rollout: RolloutStrategy,
+    /// llama.cpp settings on the device.
+    #[serde(default)]
+    pub runtime: RuntimeSettings,
+    /// WebAssembly plugins each request passes through, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    pub plugins: Option<Vec<PluginSpec>>,
+    /// TCP port of the OpenAI-compatible API on the device.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+}
+
+fn default_port() -> i32 {
+    8080
+}
+
+/// Another build of the model for devices with a given amount of memory.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelVariant {
+    /// Variant name, for example `q8_0`.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// The variant's file and digest.
+    pub artifact: Artifact,
+    /// Its signature bundle, verified against the same `spec.signers`.
+    pub signature: SignatureSource,
+    /// Least device memory (as a Kubernetes quantity, for example `2Gi`) for this variant.
+    pub min_memory: Quantity,
+}
+
+/// Attestation a device must pass before it receives the model.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttestationRequirement {
+    /// Accepted evidence kinds. `dev` is for development clusters; the default policy
+    /// rejects it.
+    #[serde(default = "default_tee_kinds")]
+    #[schemars(length(min = 1, max = 4))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub tee_kinds: Vec<TeeKind>,
+    /// Name of the Rego appraisal policy (from the operator's policy set) that must allow
+    /// the device's evidence.
+    #[serde(default = "default_policy")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub policy: String,
+}
+
+impl Default for AttestationRequirement {
+    fn default() -> Self {
+        Self {
+            tee_kinds: default_tee_kinds(),
+            policy: default_policy(),
+        }
+    }
+}
+
+fn default_tee_kinds() -> Vec<TeeKind> {
+    vec![TeeKind::Tpm, TeeKind::SevSnp, TeeKind::Tdx]
+}
+
+fn default_policy() -> String {
+    "default".to_owned()
+}
+
+/// How devices move to a new revision.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStrategy {
+    /// Cumulative targets of each step. The last step should reach every targeted
+    /// device; an absent list means one step to 100%.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16))]
+    pub steps: Option<Vec<RolloutStep>>,
+    /// How many targeted devices may be not ready at once during a rollout, as a count
+    /// (`1`) or a percentage (`"25%"`). Defaults to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("type(self) == int ? self >= 0 : self.matches('^(100|[1-9]?[0-9])%$')")
+        .message("maxUnavailable must be a non-negative count or a percentage from 0% to 100%"))]
+    pub max_unavailable: Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+    /// Conditions a step must meet before the next one starts.
+    #[serde(default)]
+    pub health_gates: HealthGates,
+    /// Stops the rollout where it is. Devices keep what they run.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// One rollout step: a device count or a percentage of targeted devices (exactly one).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.count) != has(self.percent)")
+    .message("a rollout step sets exactly one of count and percent"))]
+pub struct RolloutStep {
+    /// Number of devices updated once this step is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub count: Option<i32>,
+    /// Percentage (1–100) of targeted devices updated once this step is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("percent must be between 1 and 100"))]
+    pub percent: Option<i32>,
+    /// Seconds to watch health after the step is reached before moving on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub pause_seconds: Option<i32>,
+}
+
+/// Health a device must show on the new revision for a step to pass.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthGates {
+    /// Seconds a device has to report the model Ready before the step fails.
+    #[serde(default = "default_ready_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub ready_timeout_seconds: i32,
+    /// Highest error rate allowed, in percent of requests (0–100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 100").message("maxErrorRatePercent must be between 0 and 100"))]
+    pub max_error_rate_percent: Option<i32>,
+    /// Least generation speed, in tokens per second, a device must report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub min_tokens_per_second: Option<i32>,
+    /// Roll back to the previous revision when a gate fails (default true).
+    #[serde(default = "default_true")]
+    pub rollback_on_failure: bool,
+}
+
+impl Default for HealthGates {
+    fn default() -> Self {
+        Self {
+            ready_timeout_seconds: default_ready_timeout(),
+            max_error_rate_percent: None,
+            min_tokens_per_second: None,
+            rollback_on_failure: true,
+        }
+    }
+}
+
+fn default_ready_timeout() -> i32 {
+    600
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// llama.cpp runtime settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeSettings {
+    /// Context window in tokens.
+    #[serde(default = "default_context_size")]
+    #[schemars(range(min = 128, max = 1048576))]
+    pub context_size: i32,
+    /// CPU threads for generation; absent means the device's core count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub threads: Option<i32>,
+    /// Layers offloaded to a GPU (0 = CPU only).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1024))]
+    pub gpu_layers: i32,
+    /// Requests decoded concurrently; more wait in a bounded queue.
+    #[serde(default = "default_parallel")]
+    #[schemars(range(min = 1, max = 64))]
+    pub parallel_slots: i32,
+    /// Requests allowed to wait for a slot before the API answers 429.
+    #[serde(default = "default_queue")]
+    #[schemars(range(min = 0, max = 4096))]
+    pub queue_depth: i32,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        Self {
+            context_size: default_context_size(),
+            threads: None,
+            gpu_layers: 0,
+            parallel_slots: default_parallel(),
+            queue_depth: default_queue(),
+        }
+    }
+}
+
+fn default_context_size() -> i32 {
+    2048
+}
+fn default_parallel() -> i32 {
+    1
+}
+fn default_queue() -> i32 {
+    16
+}
+
+/// A WebAssembly component in the request path, with its sandbox limits.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginSpec {
+    /// Plugin name, unique within the chain; used in logs and metrics.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// The component file (`.wasm`) and its digest.
+    pub artifact: Artifact,
+    /// Its signature bundle, verified against `spec.signers` like the model.
+    pub signature: SignatureSource,
+    /// Per-call sandbox limits.
+    pub limits: PluginLimits,
+    /// Read-only configuration the plugin reads through the host's `config` import.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = 64))]
+    pub config: BTreeMap<String, String>,
+}
+
+/// Limits that apply to every call into a plugin.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.fuel) || has(self.deadlineMillis)")
+    .message("plugin limits need fuel or deadlineMillis (or both)"))]
+pub struct PluginLimits {
+    /// Wasm fuel (roughly instructions) per call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub fuel: Option<i64>,
+    /// Wall-clock bound per call, in milliseconds (epoch interruption).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub deadline_millis: Option<i32>,
+    /// Linear-memory cap of the plugin instance, in bytes.
+    #[x_kube(validation = Rule::new("self > 0").message("memoryBytes must be greater than 0"))]
+    pub memory_bytes: i64,
+}
+
+/// Observed state of an EdgeModel, written by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeModelStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Available`, `Progressing`, `Degraded` and `SignatureVerified`, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// One-word summary: Pending, Progressing, Available, Paused, Degraded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// `ready/targeted`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_devices: Option<String>,
+    /// Device counts by state.
+    #[serde(default)]
+    pub devices: DeviceCounts,
+    /// Revision (hash of artifact, signature and runtime settings) being rolled out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_revision: Option<String>,
+    /// Last revision that completed a rollout; the rollback target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_revision: Option<String>,
+    /// Index of the rollout step reached (0-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_step: Option<i32>,
+}
+
+/// Per-state device counts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceCounts {
+    /// Devices the selector matches.
+    #[serde(default)]
+    pub targeted: i32,
+    /// Targeted devices with a passing, unexpired attestation.
+    #[serde(default)]
+    pub attested: i32,
+    /// Devices assigned the current revision.
+    #[serde(default)]
+    pub updated: i32,
+    /// Devices serving the current revision and healthy.
+    #[serde(default)]
+    pub ready: i32,
+    /// Devices that reported a failure for the current revision.
+    #[serde(default)]
+    pub failed: i32,
+}

