@@ -1,0 +1,7 @@
+//! edgefleet's trust library, shared by the operator, the agent and the CLI. It has no
+//! Kubernetes dependency, so everything here is unit-testable.
+//!
+//! - [`model_signing`]: OpenSSF model-signing v1.0 (Sigstore bundle v0.3 + DSSE + in-toto)
+//!   signing and verification, interoperable with the reference `model_signing` 1.1.1.
+
+pub mod model_signing;

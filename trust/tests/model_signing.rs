@@ -1,0 +1,649 @@
+//! Model-signing verification against the reference implementation's golden bundles,
+//! and round trips of our own signer, each with the failures that must be caught.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use edgefleet_trust::model_signing::{
+    Method, PinnedRoot, PrivateKey, PublicKey, SignOptions, SignatureError, SignerIdentity,
+    TrustPolicy, bundle, certs, sign, verify,
+};
+use rstest::rstest;
+use serde_json::{Value, json};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/model-signing")
+}
+
+/// 2026-01-01T00:00:00Z: inside the fixture certificates' validity (until 2035).
+fn now() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_767_225_600)
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn key_policy() -> TrustPolicy {
+    let pem = std::fs::read_to_string(fixtures().join("keys/signing-key-pub.pem")).unwrap();
+    TrustPolicy::keys([(
+        "model-transparency".to_owned(),
+        PublicKey::from_pem(&pem).unwrap(),
+    )])
+}
+
+fn root_policy(identity: &str) -> TrustPolicy {
+    let pem = std::fs::read_to_string(fixtures().join("keys/ca-cert.pem")).unwrap();
+    let der = certs::pem_certificates(&pem).unwrap().remove(0);
+    TrustPolicy::roots([PinnedRoot {
+        name: "test-ca".into(),
+        der,
+        identities: vec![identity.to_owned()],
+    }])
+}
+
+/// Copies a fixture model into a writable temporary directory.
+fn copy_model(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join(name);
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+const IGNORE_ME: &[&str] = &["ignore-me"];
+
+#[rstest]
+#[case::v1_0_0_key("v1.0.0-ek.sig", "v1.0.0-elliptic-key/signme-1", &[], 1)]
+#[case::v1_0_1_key("v1.0.1-ek.sig", "v1.0.1-elliptic-key", IGNORE_ME, 2)]
+#[case::v1_1_0_key("v1.1.0-ek.sig", "v1.1.0-elliptic-key", &[], 2)]
+fn golden_key_bundles_verify(
+    #[case] sig: &str,
+    #[case] model: &str,
+    #[case] ignore: &[&str],
+    #[case] files: usize,
+) {
+    let ignore: Vec<String> = ignore.iter().map(|s| (*s).to_owned()).collect();
+    let v = verify(
+        &read(&fixtures().join(sig)),
+        &fixtures().join(model),
+        &key_policy(),
+        now(),
+        &ignore,
+    )
+    .unwrap_or_else(|e| panic!("{sig}: {e}"));
+    assert_eq!(v.resources.len(), files);
+    assert_eq!(v.method, Method::Files);
+    assert!(matches!(&v.signer, SignerIdentity::Key { name, .. } if name == "model-transparency"));
+    assert!(v.subject_digest.starts_with("sha256:") && v.subject_digest.len() == 71);
+}
+
+#[rstest]
+#[case::v1_0_0_cert("v1.0.0-cert.sig", "v1.0.0-certificate", &[])]
+#[case::v1_0_1_cert("v1.0.1-cert.sig", "v1.0.1-certificate", IGNORE_ME)]
+#[case::v1_1_0_cert("v1.1.0-cert.sig", "v1.1.0-certificate", &[])]
+fn golden_certificate_bundles_verify(
+    #[case] sig: &str,
+    #[case] model: &str,
+    #[case] ignore: &[&str],
+) {
+    let ignore: Vec<String> = ignore.iter().map(|s| (*s).to_owned()).collect();
+    let v = verify(
+        &read(&fixtures().join(sig)),
+        &fixtures().join(model),
+        &root_policy("intermediate-ca"),
+        now(),
+        &ignore,
+    )
+    .unwrap_or_else(|e| panic!("{sig}: {e}"));
+    match &v.signer {
+        SignerIdentity::Certificate { name, identity, .. } => {
+            assert_eq!(name, "test-ca");
+            assert_eq!(identity, "intermediate-ca");
+        }
+        other => panic!("expected a certificate signer, got {other:?}"),
+    }
+}
+
+#[test]
+fn v1_0_1_without_its_ignore_path_has_an_extra_file() {
+    let err = verify(
+        &read(&fixtures().join("v1.0.1-ek.sig")),
+        &fixtures().join("v1.0.1-elliptic-key"),
+        &key_policy(),
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, SignatureError::ExtraFiles(f) if f == &["ignore-me".to_owned()]),
+        "{err}"
+    );
+}
+
+#[test]
+fn tampered_file_is_a_digest_mismatch() {
+    let model = copy_model("v1.1.0-elliptic-key");
+    std::fs::write(model.path().join("signme-2"), b"tampered").unwrap();
+    let err = verify(
+        &read(&fixtures().join("v1.1.0-ek.sig")),
+        model.path(),
+        &key_policy(),
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, SignatureError::DigestMismatch(f) if f == &["signme-2".to_owned()]),
+        "{err}"
+    );
+    assert_eq!(err.reason(), "DigestMismatch");
+}
+
+#[test]
+fn added_file_is_rejected() {
+    let model = copy_model("v1.1.0-elliptic-key");
+    std::fs::write(model.path().join("payload.bin"), b"smuggled").unwrap();
+    let err = verify(
+        &read(&fixtures().join("v1.1.0-ek.sig")),
+        model.path(),
+        &key_policy(),
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, SignatureError::ExtraFiles(f) if f == &["payload.bin".to_owned()]),
+        "{err}"
+    );
+}
+
+#[test]
+fn removed_file_is_rejected() {
+    let model = copy_model("v1.1.0-elliptic-key");
+    std::fs::remove_file(model.path().join("signme-1")).unwrap();
+    let err = verify(
+        &read(&fixtures().join("v1.1.0-ek.sig")),
+        model.path(),
+        &key_policy(),
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, SignatureError::MissingFiles(f) if f == &["signme-1".to_owned()]),
+        "{err}"
+    );
+}
+
+#[test]
+fn symlink_is_rejected_when_not_allowed() {
+    let model = copy_model("v1.1.0-elliptic-key");
+    std::fs::remove_file(model.path().join("signme-1")).unwrap();
+    std::os::unix::fs::symlink(
+        fixtures().join("v1.1.0-elliptic-key/signme-1"),
+        model.path().join("signme-1"),
+    )
+    .unwrap();
+    let err = verify(
+        &read(&fixtures().join("v1.1.0-ek.sig")),
+        model.path(),
+        &key_policy(),
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    assert!(matches!(err, SignatureError::Symlink(_)), "{err}");
+}
+
+#[test]
+fn another_key_is_not_trusted() {
+    let other = PrivateKey::from_pem(&p384_pem()).unwrap().public_key();
+    let policy = TrustPolicy::keys([("someone-else".to_owned(), other)]);
+    let err = verify(
+        &read(&fixtures().join("v1.1.0-ek.sig")),
+        &fixtures().join("v1.1.0-elliptic-key"),
+        &policy,
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    assert!(matches!(err, SignatureError::UntrustedSigner(_)), "{err}");
+}
+
+#[test]
+fn key_signed_bundle_needs_a_pinned_key_not_a_root() {
+    let err = verify(
+        &read(&fixtures().join("v1.1.0-ek.sig")),
+        &fixtures().join("v1.1.0-elliptic-key"),
+        &root_policy("intermediate-ca"),
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    assert!(matches!(err, SignatureError::UntrustedSigner(_)), "{err}");
+}
+
+fn edit_bundle(sig: &str, f: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let mut b: Value = serde_json::from_slice(&read(&fixtures().join(sig))).unwrap();
+    f(&mut b);
+    serde_json::to_vec(&b).unwrap()
+}
+
+#[rstest]
+#[case::flipped_signature(|b: &mut Value| {
+    let mut sig = B64.decode(b["dsseEnvelope"]["signatures"][0]["sig"].as_str().unwrap()).unwrap();
+    let n = sig.len() - 3; sig[n] ^= 1;
+    b["dsseEnvelope"]["signatures"][0]["sig"] = json!(B64.encode(sig));
+}, "SignatureInvalid")]
+#[case::edited_payload(|b: &mut Value| {
+    let mut p = B64.decode(b["dsseEnvelope"]["payload"].as_str().unwrap()).unwrap();
+    let s = String::from_utf8(p.clone()).unwrap().replacen("signme-2", "signme-3", 1);
+    p = s.into_bytes();
+    b["dsseEnvelope"]["payload"] = json!(B64.encode(p));
+}, "SignatureInvalid")]
+#[case::media_type(|b: &mut Value| b["mediaType"] = json!("application/vnd.dev.sigstore.bundle+json;version=0.1"), "UnsupportedMediaType")]
+#[case::two_signatures(|b: &mut Value| {
+    let s = b["dsseEnvelope"]["signatures"][0].clone();
+    b["dsseEnvelope"]["signatures"] = json!([s.clone(), s]);
+}, "SignatureCount")]
+#[case::no_signature(|b: &mut Value| b["dsseEnvelope"]["signatures"] = json!([]), "SignatureCount")]
+#[case::payload_type(|b: &mut Value| b["dsseEnvelope"]["payloadType"] = json!("application/json"), "UnsupportedPayloadType")]
+#[case::no_envelope(|b: &mut Value| { b.as_object_mut().unwrap().remove("dsseEnvelope"); }, "NoEnvelope")]
+#[case::no_material(|b: &mut Value| b["verificationMaterial"] = json!({}), "NoVerificationMaterial")]
+#[case::bad_base64(|b: &mut Value| b["dsseEnvelope"]["payload"] = json!("%%%"), "MalformedPayload")]
+fn broken_bundles_are_rejected_by_name(#[case] edit: fn(&mut Value), #[case] reason: &str) {
+    let bundle = edit_bundle("v1.1.0-ek.sig", edit);
+    let err = verify(
+        &bundle,
+        &fixtures().join("v1.1.0-elliptic-key"),
+        &key_policy(),
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), reason, "{err}");
+}
+
+#[test]
+fn not_json_is_a_malformed_bundle() {
+    let err = verify(
+        b"\x00garbage",
+        &fixtures().join("v1.1.0-elliptic-key"),
+        &key_policy(),
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "MalformedBundle", "{err}");
+}
+
+#[test]
+fn certificate_identity_must_match_a_pin() {
+    let err = verify(
+        &read(&fixtures().join("v1.1.0-cert.sig")),
+        &fixtures().join("v1.1.0-certificate"),
+        &root_policy("release@example.com"),
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    match err {
+        SignatureError::IdentityMismatch { found, pinned } => {
+            assert_eq!(found, ["intermediate-ca"]);
+            assert_eq!(pinned, ["release@example.com"]);
+        }
+        other => panic!("expected IdentityMismatch, got {other}"),
+    }
+}
+
+#[test]
+fn certificates_are_checked_at_the_given_time() {
+    let after_expiry = UNIX_EPOCH + Duration::from_secs(2_100_000_000); // 2036-07
+    let err = verify(
+        &read(&fixtures().join("v1.1.0-cert.sig")),
+        &fixtures().join("v1.1.0-certificate"),
+        &root_policy("intermediate-ca"),
+        after_expiry,
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "CertificateNotValidAt", "{err}");
+}
+
+#[test]
+fn a_chain_to_another_root_is_untrusted() {
+    let (root_der, _, _) = make_ca("unrelated-root");
+    let policy = TrustPolicy::roots([PinnedRoot {
+        name: "other".into(),
+        der: root_der,
+        identities: vec!["intermediate-ca".into()],
+    }]);
+    let err = verify(
+        &read(&fixtures().join("v1.1.0-cert.sig")),
+        &fixtures().join("v1.1.0-certificate"),
+        &policy,
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "UntrustedChain", "{err}");
+}
+
+#[test]
+fn a_chain_with_its_intermediate_removed_is_untrusted() {
+    let bundle = edit_bundle("v1.1.0-cert.sig", |b| {
+        let leaf = b["verificationMaterial"]["x509CertificateChain"]["certificates"][0].clone();
+        b["verificationMaterial"]["x509CertificateChain"]["certificates"] = json!([leaf]);
+    });
+    let err = verify(
+        &bundle,
+        &fixtures().join("v1.1.0-certificate"),
+        &root_policy("intermediate-ca"),
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "UntrustedChain", "{err}");
+}
+
+// ---- our signer -------------------------------------------------------------------
+
+fn p384_pem() -> String {
+    let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    k.serialize_pem()
+}
+
+fn model_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("weights")).unwrap();
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.path().join("weights/model.gguf"), &big).unwrap();
+    std::fs::write(dir.path().join("config.json"), b"{\"ctx\": 2048}").unwrap();
+    std::fs::write(dir.path().join("empty"), b"").unwrap();
+    std::fs::create_dir_all(dir.path().join(".git")).unwrap();
+    std::fs::write(dir.path().join(".git/HEAD"), b"ref: main").unwrap();
+    dir
+}
+
+fn pem_key(alg: &'static rcgen::SignatureAlgorithm) -> PrivateKey {
+    PrivateKey::from_pem(&rcgen::KeyPair::generate_for(alg).unwrap().serialize_pem()).unwrap()
+}
+
+#[rstest]
+#[case::p256_files(&rcgen::PKCS_ECDSA_P256_SHA256, Method::Files, 3)]
+#[case::p384_files(&rcgen::PKCS_ECDSA_P384_SHA384, Method::Files, 3)]
+#[case::p256_shards(&rcgen::PKCS_ECDSA_P256_SHA256, Method::Shards(65_536), 6)]
+#[case::p384_shards_odd(&rcgen::PKCS_ECDSA_P384_SHA384, Method::Shards(100_000), 4)]
+fn our_key_bundles_round_trip(
+    #[case] alg: &'static rcgen::SignatureAlgorithm,
+    #[case] method: Method,
+    #[case] resources: usize,
+) {
+    let model = model_dir();
+    let key = pem_key(alg);
+    let bundle = sign(
+        model.path(),
+        &key,
+        None,
+        &SignOptions {
+            method,
+            ignore_paths: vec![],
+        },
+    )
+    .unwrap();
+    let policy = TrustPolicy::keys([("me".to_owned(), key.public_key())]);
+    let v = verify(&bundle, model.path(), &policy, now(), &[]).unwrap();
+    assert_eq!(v.method, method);
+    // `.git` is ignored; an empty file is a resource in files mode only (as in the reference).
+    assert_eq!(v.resources.len(), resources, "{:?}", v.resources);
+    assert!(v.resources.iter().all(|(n, _)| !n.starts_with(".git")));
+
+    // The same bundle no longer verifies once a byte of the model changes.
+    let path = model.path().join("weights/model.gguf");
+    let mut data = std::fs::read(&path).unwrap();
+    data[250_000] ^= 0xff;
+    std::fs::write(&path, data).unwrap();
+    let err = verify(&bundle, model.path(), &policy, now(), &[]).unwrap_err();
+    assert_eq!(err.reason(), "DigestMismatch", "{err}");
+}
+
+#[test]
+fn p521_keys_sign_and_verify_with_sha512() {
+    // rcgen cannot make P-521 keys; this is one made by `openssl genpkey -algorithm EC
+    // -pkeyopt ec_paramgen_curve:P-521`.
+    let pem = "-----BEGIN PRIVATE KEY-----
+MIHuAgEAMBAGByqGSM49AgEGBSuBBAAjBIHWMIHTAgEBBEIArnZQD0GalfWAv41C
+5HO1cnyZfTC2FiXP4gqPu9TZIl7uQulPYS+2fBF4bPqADhzt3pxU7+VdoOd9ARDr
+hfq7DbGhgYkDgYYABAEFvf9t4KxURdWxBCWxtRgMHOoMSL368BmMOBnL7ZfY52Xs
+O1Pbk/c+JPSoAUkhV1U3mN0LrS0ayGOTcbz+qEKs+gH1Bo5hwexSXf4Y8FIORX39
+wPf51PfesH14pT3Xyktmy/Z/fQf1YHct5Qhr4V6/dNI1/a6gQZ/mFAvoP+8WLgtS
+rw==
+-----END PRIVATE KEY-----
+";
+    let key = PrivateKey::from_pem(pem).unwrap();
+    assert_eq!(key.public_key().curve(), "P-521");
+    let model = model_dir();
+    let bundle = sign(model.path(), &key, None, &SignOptions::default()).unwrap();
+    let policy = TrustPolicy::keys([("me".to_owned(), key.public_key())]);
+    verify(&bundle, model.path(), &policy, now(), &[]).unwrap();
+    let other = TrustPolicy::keys([(
+        "other".to_owned(),
+        pem_key(&rcgen::PKCS_ECDSA_P256_SHA256).public_key(),
+    )]);
+    assert_eq!(
+        verify(&bundle, model.path(), &other, now(), &[])
+            .unwrap_err()
+            .reason(),
+        "UntrustedSigner"
+    );
+}
+
+/// Recomputes the subject digest so that only the resource edit is wrong.
+fn fix_subject(s: &mut Value) {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for r in s["predicate"]["resources"].as_array().unwrap() {
+        h.update(hex::decode(r["digest"].as_str().unwrap()).unwrap());
+    }
+    s["subject"][0]["digest"]["sha256"] = json!(hex::encode(h.finalize()));
+}
+
+/// Re-signs a bundle after editing its statement, so that only the edit is wrong.
+fn resign(bundle: &[u8], key: &PrivateKey, f: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let mut b: Value = serde_json::from_slice(bundle).unwrap();
+    let mut st: Value = serde_json::from_slice(
+        &B64.decode(b["dsseEnvelope"]["payload"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    f(&mut st);
+    let payload = serde_json::to_vec(&st).unwrap();
+    let sig = key.sign(&bundle::pae(bundle::IN_TOTO_PAYLOAD_TYPE, &payload));
+    b["dsseEnvelope"]["payload"] = json!(B64.encode(&payload));
+    b["dsseEnvelope"]["signatures"][0]["sig"] = json!(B64.encode(sig));
+    serde_json::to_vec(&b).unwrap()
+}
+
+#[rstest]
+#[case::subject_digest(|s: &mut Value| s["subject"][0]["digest"]["sha256"] = json!("00".repeat(32)), "SubjectDigestMismatch")]
+#[case::legacy_predicate(|s: &mut Value| s["predicateType"] = json!("https://model_signing/Digests/v0.1"), "UnsupportedPredicateType")]
+#[case::statement_type(|s: &mut Value| s["_type"] = json!("https://in-toto.io/Statement/v0.1"), "UnsupportedStatementType")]
+#[case::hash_type(|s: &mut Value| s["predicate"]["serialization"]["hash_type"] = json!("blake2"), "UnsupportedSerialization")]
+#[case::method(|s: &mut Value| s["predicate"]["serialization"]["method"] = json!("tarball"), "UnsupportedSerialization")]
+#[case::path_escape(|s: &mut Value| s["predicate"]["resources"][0]["name"] = json!("../etc/passwd"), "MalformedResource")]
+#[case::absolute(|s: &mut Value| s["predicate"]["resources"][0]["name"] = json!("/etc/passwd"), "MalformedResource")]
+#[case::algorithm(|s: &mut Value| s["predicate"]["resources"][0]["algorithm"] = json!("md5"), "MalformedResource")]
+#[case::duplicate(|s: &mut Value| {
+    let r = s["predicate"]["resources"][0].clone();
+    s["predicate"]["resources"].as_array_mut().unwrap().push(r);
+    fix_subject(s);
+}, "MalformedResource")]
+fn signed_but_wrong_statements_are_rejected(#[case] edit: fn(&mut Value), #[case] reason: &str) {
+    let model = model_dir();
+    let key = pem_key(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let bundle = sign(model.path(), &key, None, &SignOptions::default()).unwrap();
+    let policy = TrustPolicy::keys([("me".to_owned(), key.public_key())]);
+    // Re-signing without an edit still verifies, so each failure below is the edit's.
+    verify(
+        &resign(&bundle, &key, |_| {}),
+        model.path(),
+        &policy,
+        now(),
+        &[],
+    )
+    .unwrap();
+    let err = verify(
+        &resign(&bundle, &key, edit),
+        model.path(),
+        &policy,
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), reason, "{err}");
+}
+
+#[rstest]
+#[case::float_shard_size(json!(65536.0), None)]
+#[case::fractional(json!(65536.5), Some("UnsupportedSerialization"))]
+#[case::zero(json!(0), Some("UnsupportedSerialization"))]
+#[case::negative(json!(-1), Some("UnsupportedSerialization"))]
+fn shard_size_may_be_a_whole_float(#[case] size: Value, #[case] reason: Option<&str>) {
+    let model = model_dir();
+    let key = pem_key(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let bundle = sign(
+        model.path(),
+        &key,
+        None,
+        &SignOptions {
+            method: Method::Shards(65_536),
+            ignore_paths: vec![],
+        },
+    )
+    .unwrap();
+    let policy = TrustPolicy::keys([("me".to_owned(), key.public_key())]);
+    let edited = resign(&bundle, &key, |s| {
+        s["predicate"]["serialization"]["shard_size"] = size
+    });
+    match (verify(&edited, model.path(), &policy, now(), &[]), reason) {
+        (Ok(v), None) => assert_eq!(v.method, Method::Shards(65_536)),
+        (Err(e), Some(r)) => assert_eq!(e.reason(), r, "{e}"),
+        (other, want) => panic!("expected {want:?}, got {other:?}"),
+    }
+}
+
+// ---- certificate mode with our own PKI -------------------------------------------
+
+fn make_ca(cn: &str) -> (Vec<u8>, rcgen::CertificateParams, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let cert = p.self_signed(&key).unwrap();
+    (cert.der().to_vec(), p, key)
+}
+
+fn leaf(
+    ca: (&rcgen::CertificateParams, &rcgen::KeyPair),
+    san_email: &str,
+    ku: Vec<rcgen::KeyUsagePurpose>,
+    eku: Vec<rcgen::ExtendedKeyUsagePurpose>,
+) -> (Vec<u8>, PrivateKey) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::Rfc822Name(san_email.try_into().unwrap())];
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "model publisher");
+    p.key_usages = ku;
+    p.extended_key_usages = eku;
+    let issuer = rcgen::Issuer::from_params(ca.0, ca.1);
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (
+        cert.der().to_vec(),
+        PrivateKey::from_pem(&key.serialize_pem()).unwrap(),
+    )
+}
+
+#[rstest]
+#[case::good(vec![rcgen::KeyUsagePurpose::DigitalSignature], vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning], None)]
+#[case::no_eku_is_fine(vec![rcgen::KeyUsagePurpose::DigitalSignature], vec![], None)]
+#[case::server_auth_eku(vec![rcgen::KeyUsagePurpose::DigitalSignature], vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth], Some("ExtendedKeyUsage"))]
+#[case::no_digital_signature(vec![rcgen::KeyUsagePurpose::KeyEncipherment], vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning], Some("KeyUsage"))]
+fn certificate_mode_checks_key_usage(
+    #[case] ku: Vec<rcgen::KeyUsagePurpose>,
+    #[case] eku: Vec<rcgen::ExtendedKeyUsagePurpose>,
+    #[case] reason: Option<&str>,
+) {
+    let (root_der, root_params, root_key) = make_ca("edgefleet test root");
+    let (leaf_der, key) = leaf(
+        (&root_params, &root_key),
+        "release@edgefleet.example",
+        ku,
+        eku,
+    );
+    let model = model_dir();
+    let bundle = sign(
+        model.path(),
+        &key,
+        Some(&[leaf_der]),
+        &SignOptions::default(),
+    )
+    .unwrap();
+    let policy = TrustPolicy::roots([PinnedRoot {
+        name: "release".into(),
+        der: root_der,
+        identities: vec!["release@edgefleet.example".into()],
+    }]);
+    match (
+        verify(&bundle, model.path(), &policy, SystemTime::now(), &[]),
+        reason,
+    ) {
+        (Ok(v), None) => assert!(
+            matches!(v.signer, SignerIdentity::Certificate { ref identity, .. } if identity == "release@edgefleet.example")
+        ),
+        (Err(e), Some(r)) => assert_eq!(e.reason(), r, "{e}"),
+        (other, want) => panic!("expected {want:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn signing_refuses_a_key_that_is_not_the_leafs() {
+    let (_, root_params, root_key) = make_ca("root");
+    let (leaf_der, _) = leaf(
+        (&root_params, &root_key),
+        "a@b.example",
+        vec![rcgen::KeyUsagePurpose::DigitalSignature],
+        vec![],
+    );
+    let other = pem_key(&rcgen::PKCS_ECDSA_P384_SHA384);
+    let err = sign(
+        model_dir().path(),
+        &other,
+        Some(&[leaf_der]),
+        &SignOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "MalformedKey", "{err}");
+}
+
+#[test]
+fn key_hint_matches_the_reference_pem_hash() {
+    // The reference writes hex(sha256(PEM)) of the public key; the golden bundle's hint
+    // must equal ours for the same key.
+    let b: Value = serde_json::from_slice(&read(&fixtures().join("v1.1.0-ek.sig"))).unwrap();
+    let pem = std::fs::read_to_string(fixtures().join("keys/signing-key-pub.pem")).unwrap();
+    let ours = PublicKey::from_pem(&pem).unwrap().hint().unwrap();
+    assert_eq!(
+        b["verificationMaterial"]["publicKey"]["hint"]
+            .as_str()
+            .unwrap(),
+        ours
+    );
+}
