@@ -60,6 +60,19 @@ ensure_apiserver() {
   export EDGEFLEET_APISERVER EDGEFLEET_ETCD
 }
 
+# The Python oracles (model-signing, later the openai client) in a private venv.
+ensure_python_venv() {
+  local venv="$EDGEFLEET_CACHE/venv" req="$EDGEFLEET_ROOT/tests/requirements.txt"
+  local stamp; stamp="$(sha256sum "$req" | cut -d' ' -f1)"
+  if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    log "python venv: $(grep -v '^#' "$req" | tr '\n' ' ')"
+    python3 -m venv "$venv" || { ensure_apt python3-venv; python3 -m venv "$venv"; }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req" >&2
+    echo "$stamp" > "$venv/.stamp"
+  fi
+  export EDGEFLEET_PYTHON="$venv/bin/python"
+}
+
 ensure_model() {
   EDGEFLEET_MODEL="$("$EDGEFLEET_ROOT/scripts/fetch-model.sh")"
   export EDGEFLEET_MODEL
@@ -69,6 +82,7 @@ ensure_all() {
   ensure_apt "${APT_PACKAGES[@]}"
   ensure_rust_tools
   ensure_kubectl
+  ensure_python_venv
   ensure_apiserver
   ensure_model
 }

@@ -1,0 +1,188 @@
+//! `edgefleet model sign|verify`.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::{Args, Subcommand};
+use edgefleet_trust::model_signing::{
+    self, Method, PinnedRoot, PrivateKey, PublicKey, SignOptions, TrustPolicy, certs,
+};
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Sign a model file or directory; writes a Sigstore bundle.
+    Sign(SignArgs),
+    /// Verify a model against a bundle and a pinned key or root.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SignArgs {
+    /// PEM private key (PKCS#8 or SEC1; P-256, P-384 or P-521).
+    #[arg(long, env = "EDGEFLEET_SIGNING_KEY")]
+    key: PathBuf,
+    /// PEM leaf certificate for the key (certificate mode).
+    #[arg(long, requires = "chain")]
+    cert: Option<PathBuf>,
+    /// PEM intermediates, leaf's issuer first (certificate mode; may be empty).
+    #[arg(long, requires = "cert")]
+    chain: Option<PathBuf>,
+    /// Hash in shards of this many bytes instead of whole files.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    shard_size: Option<u64>,
+    /// Paths, relative to the model, to leave out of the signature (repeatable).
+    #[arg(long = "ignore-path")]
+    ignore_paths: Vec<String>,
+    /// Where to write the bundle.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// The model file or directory.
+    model_path: PathBuf,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("trust").required(true).args(["public_key", "root"])))]
+pub struct VerifyArgs {
+    /// The bundle to verify.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// PEM public key the bundle must be signed with (key mode).
+    #[arg(long)]
+    public_key: Option<PathBuf>,
+    /// PEM root certificate the signer's chain must end in (certificate mode).
+    #[arg(long, requires = "identity")]
+    root: Option<PathBuf>,
+    /// Identity (SAN email or URI, or subject CN) the leaf must carry; repeatable, one must match.
+    #[arg(long)]
+    identity: Vec<String>,
+    /// Verify certificates as of this time (RFC 3339) instead of now.
+    #[arg(long)]
+    now: Option<String>,
+    /// Further paths, relative to the model, that the signature does not cover (repeatable).
+    #[arg(long = "ignore-path")]
+    ignore_paths: Vec<String>,
+    /// The model file or directory.
+    model_path: PathBuf,
+}
+
+pub fn run(cmd: ModelCommand) -> anyhow::Result<String> {
+    match cmd {
+        ModelCommand::Sign(args) => sign(args),
+        ModelCommand::Verify(args) => verify(args),
+    }
+}
+
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The path of `file` relative to the model directory, when it lies inside it.
+fn inside(model: &Path, file: &Path) -> Option<String> {
+    let model = model.canonicalize().ok()?;
+    let parent = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file = parent.canonicalize().ok()?.join(file.file_name()?);
+    file.strip_prefix(&model)
+        .ok()
+        .and_then(|p| p.to_str().map(str::to_owned))
+}
+
+fn sign(args: SignArgs) -> anyhow::Result<String> {
+    let key = PrivateKey::from_pem(&read_text(&args.key)?)
+        .map_err(|e| anyhow!("{}: {e}", args.key.display()))?;
+    let chain = match (&args.cert, &args.chain) {
+        (Some(cert), Some(chain)) => {
+            let mut ders = certs::pem_certificates(&read_text(cert)?)?;
+            if ders.len() != 1 {
+                bail!(
+                    "{}: expected one leaf certificate, found {}",
+                    cert.display(),
+                    ders.len()
+                );
+            }
+            ders.extend(certs::pem_certificates(&read_text(chain)?)?);
+            Some(ders)
+        }
+        _ => None,
+    };
+    let mut ignore_paths = args.ignore_paths.clone();
+    if let Some(rel) = inside(&args.model_path, &args.output) {
+        ignore_paths.push(rel);
+    }
+    let method = args.shard_size.map_or(Method::Files, Method::Shards);
+    let bundle = model_signing::sign(
+        &args.model_path,
+        &key,
+        chain.as_deref(),
+        &SignOptions {
+            method,
+            ignore_paths,
+        },
+    )
+    .map_err(|e| anyhow!("signing failed: {}: {e}", e.reason()))?;
+    let tmp = args.output.with_extension("tmp");
+    std::fs::write(&tmp, &bundle).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    Ok(format!(
+        "signed {} ({}, {} key) -> {}",
+        args.model_path.display(),
+        if chain.is_some() {
+            "certificate mode"
+        } else {
+            "key mode"
+        },
+        key.public_key().curve(),
+        args.output.display()
+    ))
+}
+
+fn verify(args: VerifyArgs) -> anyhow::Result<String> {
+    let now = match &args.now {
+        None => SystemTime::now(),
+        Some(s) => time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+            .with_context(|| format!("--now {s:?} is not an RFC 3339 time"))?
+            .into(),
+    };
+    let policy = match (&args.public_key, &args.root) {
+        (Some(pk), None) => {
+            let key = PublicKey::from_pem(&read_text(pk)?)
+                .map_err(|e| anyhow!("{}: {e}", pk.display()))?;
+            TrustPolicy::keys([(pk.display().to_string(), key)])
+        }
+        (None, Some(root)) => {
+            let der = certs::pem_certificates(&read_text(root)?)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("{}: no certificate", root.display()))?;
+            TrustPolicy::roots([PinnedRoot {
+                name: root.display().to_string(),
+                der,
+                identities: args.identity.clone(),
+            }])
+        }
+        _ => bail!("give exactly one of --public-key and --root"),
+    };
+    let bundle = std::fs::read(&args.bundle)
+        .with_context(|| format!("reading {}", args.bundle.display()))?;
+    let mut ignore = args.ignore_paths.clone();
+    if let Some(rel) = inside(&args.model_path, &args.bundle) {
+        ignore.push(rel);
+    }
+    let verified = model_signing::verify(&bundle, &args.model_path, &policy, now, &ignore)
+        .map_err(|e| anyhow!("verification failed: {}: {e}", e.reason()))?;
+    let method = match verified.method {
+        Method::Files => "files".to_owned(),
+        Method::Shards(n) => format!("shards of {n} bytes"),
+    };
+    Ok(format!(
+        "verified {}: {} resources ({method}), subject {}, signed by {}",
+        args.model_path.display(),
+        verified.resources.len(),
+        verified.subject_digest,
+        verified.signer
+    ))
+}
