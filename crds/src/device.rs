@@ -81,7 +81,9 @@ pub struct DeviceFacts {
     /// Logical CPU cores.
     #[schemars(range(min = 1, max = 4096))]
     pub cpu_cores: i32,
-    /// Usable memory.
+    /// Usable memory, as a quantity (for example `8Gi`).
+    #[x_kube(validation = Rule::new("type(self) == int ? self > 0 : (isQuantity(self) && quantity(self).isGreaterThan(quantity('0')))")
+        .message("memory must be a positive quantity such as 8Gi"))]
     pub memory: Quantity,
     /// Accelerators, for example `nvidia.com/gpu` or `apple.com/metal`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -104,7 +104,7 @@ fn default_port() -> i32 {
 }
 
 /// Another build of the model for devices with a given amount of memory.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelVariant {
     /// Variant name, for example `q8_0`.
@@ -115,6 +115,8 @@ pub struct ModelVariant {
     /// Its signature bundle, verified against the same `spec.signers`.
     pub signature: SignatureSource,
     /// Least device memory (as a Kubernetes quantity, for example `2Gi`) for this variant.
+    #[x_kube(validation = Rule::new("type(self) == int ? self > 0 : (isQuantity(self) && quantity(self).isGreaterThan(quantity('0')))")
+        .message("minMemory must be a positive quantity such as 2Gi"))]
     pub min_memory: Quantity,
 }
 

@@ -387,6 +387,7 @@ impl ControlPlane {
         let api: Api<CustomResourceDefinition> = Api::all(client);
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let mut names = Vec::new();
+        let mut lists = Vec::new();
         for path in files {
             let text = std::fs::read_to_string(&path)
                 .map_err(io(format!("reading {}", path.display())))?;
@@ -396,6 +397,12 @@ impl ControlPlane {
                     source,
                 })?;
             let name = crd.metadata.name.clone().unwrap_or_default();
+            for v in crd.spec.versions.iter().filter(|v| v.served) {
+                lists.push(format!(
+                    "/apis/{}/{}/{}",
+                    crd.spec.group, v.name, crd.spec.names.plural
+                ));
+            }
             api.patch(&name, &params, &Patch::Apply(&crd))
                 .await
                 .map_err(|source| HarnessError::Kube {
@@ -409,6 +416,27 @@ impl ControlPlane {
             match tokio::time::timeout(ESTABLISHED_TIMEOUT, established).await {
                 Ok(Ok(_)) => {}
                 _ => return Err(HarnessError::NotEstablished(name.clone())),
+            }
+        }
+        // Established is not yet served: the handler answers 429 until its informers
+        // sync. Wait until every resource lists, as a client would.
+        let client = self.client().await?;
+        let started = Instant::now();
+        for list in lists {
+            loop {
+                let req = http::Request::get(list.as_str())
+                    .body(Vec::new())
+                    .map_err(|e| HarnessError::Kube {
+                        context: format!("building GET {list}"),
+                        source: kube::Error::HttpError(e),
+                    })?;
+                match client.request_text(req).await {
+                    Ok(_) => break,
+                    Err(_) if started.elapsed() < ESTABLISHED_TIMEOUT => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(_) => return Err(HarnessError::NotEstablished(list)),
+                }
             }
         }
         Ok(names)

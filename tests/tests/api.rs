@@ -144,13 +144,13 @@ async fn every_example_is_accepted_by_server_side_apply() {
 #[case::port_out_of_range("port 70000", |m: &mut Value| m["spec"]["port"] = json!(70000),
     "spec.port: Invalid value: 70000: spec.port in body should be less than or equal to 65535")]
 #[case::unknown_field("unknown field", |m: &mut Value| m["spec"]["replicas"] = json!(3),
-    "unknown field \"spec.replicas\"")]
+    ".spec.replicas: field not declared in schema")]
 #[case::missing_artifact("no artifact", |m: &mut Value| { m["spec"].as_object_mut().unwrap().remove("artifact"); },
     "spec.artifact: Required value")]
 #[case::unknown_tee("unknown TEE", |m: &mut Value| m["spec"]["attestation"]["teeKinds"] = json!(["tpm", "sgx"]),
     "Unsupported value: \"sgx\"")]
 #[case::duplicate_tee("duplicate TEE", |m: &mut Value| m["spec"]["attestation"]["teeKinds"] = json!(["tpm", "tpm"]),
-    "spec.attestation.teeKinds[1]: Duplicate value: \"tpm\"")]
+    ".spec.attestation.teeKinds: duplicate entries for key [=\"tpm\"]")]
 #[case::variant_named_like_model("variant name clash", |m: &mut Value| m["spec"]["variants"] = json!([{
         "name": "smollm2-135m-instruct",
         "artifact": m["spec"]["artifact"].clone(), "signature": m["spec"]["signature"].clone(), "minMemory": "2Gi"}]),
@@ -197,7 +197,9 @@ async fn invalid_edgemodels_are_rejected_with_their_reason(
 #[case::zero_cores(|d: &mut Value| d["spec"]["facts"]["cpuCores"] = json!(0),
     "spec.facts.cpuCores in body should be greater than or equal to 1")]
 #[case::memory_not_quantity(|d: &mut Value| d["spec"]["facts"]["memory"] = json!("lots"),
-    "quantities must match the regular expression")]
+    "memory must be a positive quantity such as 8Gi")]
+#[case::zero_memory(|d: &mut Value| d["spec"]["facts"]["memory"] = json!("0"),
+    "memory must be a positive quantity such as 8Gi")]
 #[tokio::test]
 async fn invalid_edgedevices_are_rejected_with_their_reason(
     #[case] mutate: fn(&mut Value),
@@ -246,6 +248,35 @@ async fn immutable_fields_cannot_change() {
     );
 }
 
+/// Splits `kubectl get` output into rows of (column, value), by the header's column
+/// offsets (empty cells are blank, not `<none>`, for custom columns).
+fn table(out: &str) -> Vec<Vec<(String, String)>> {
+    let mut lines = out.lines();
+    let header = lines.next().expect("a header line");
+    let mut starts: Vec<(usize, &str)> = Vec::new();
+    let mut pos = 0;
+    for word in header.split_whitespace() {
+        let at = header[pos..].find(word).unwrap() + pos;
+        starts.push((at, word));
+        pos = at + word.len();
+    }
+    lines
+        .map(|line| {
+            starts
+                .iter()
+                .enumerate()
+                .map(|(i, (at, name))| {
+                    let end = starts
+                        .get(i + 1)
+                        .map_or(line.len(), |n| n.0.min(line.len()));
+                    let cell = line.get((*at).min(line.len())..end).unwrap_or("").trim();
+                    ((*name).to_owned(), cell.to_owned())
+                })
+                .collect()
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn kubectl_get_shows_the_printer_columns() {
     let cp = control_plane().await;
@@ -256,14 +287,14 @@ async fn kubectl_get_shows_the_printer_columns() {
             .success()
     );
 
-    let before = text(&kubectl(&cp, &["get", "em", "-n", "retail"]).stdout);
-    let header: Vec<&str> = before.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "SIGNER", "READY", "PHASE", "AGE"]);
-    let row: Vec<&str> = before.lines().nth(1).unwrap().split_whitespace().collect();
+    let before = table(&text(&kubectl(&cp, &["get", "em", "-n", "retail"]).stdout));
+    let cols: Vec<&str> = before[0].iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(cols, ["NAME", "SIGNER", "READY", "PHASE", "AGE"]);
+    let vals: Vec<&str> = before[0].iter().take(4).map(|(_, v)| v.as_str()).collect();
     assert_eq!(
-        &row[..4],
-        ["smollm2-135m-instruct", "models-team", "<none>", "<none>"],
-        "{before}"
+        vals,
+        ["smollm2-135m-instruct", "models-team", "", ""],
+        "no status yet"
     );
 
     let out = kubectl(
@@ -281,18 +312,32 @@ async fn kubectl_get_shows_the_printer_columns() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let after = text(&kubectl(&cp, &["get", "em", "-n", "retail"]).stdout);
-    let row: Vec<&str> = after.lines().nth(1).unwrap().split_whitespace().collect();
+    let after = table(&text(&kubectl(&cp, &["get", "em", "-n", "retail"]).stdout));
+    let vals: Vec<&str> = after[0].iter().take(4).map(|(_, v)| v.as_str()).collect();
     assert_eq!(
-        &row[..4],
-        ["smollm2-135m-instruct", "models-team", "2/3", "Progressing"],
-        "{after}"
+        vals,
+        ["smollm2-135m-instruct", "models-team", "2/3", "Progressing"]
     );
 
-    let devices = text(&kubectl(&cp, &["get", "ed"]).stdout);
-    let header: Vec<&str> = devices.lines().next().unwrap().split_whitespace().collect();
+    let out = kubectl(
+        &cp,
+        &[
+            "patch",
+            "ed",
+            "store-042-till-1",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"loadedModelCount":1,"attestation":{"teeKind":"tpm","allowed":true,"policy":"default",
+            "policyHash":"sha256:00","verifiedTime":"2026-11-24T00:00:00Z","expiryTime":"2026-11-24T01:00:00Z"},
+            "conditions":[{"type":"Ready","status":"True","reason":"HeartbeatReceived","message":"","lastTransitionTime":"2026-11-24T00:00:00Z"}]}}"#,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let devices = table(&text(&kubectl(&cp, &["get", "ed"]).stdout));
+    let cols: Vec<&str> = devices[0].iter().map(|(c, _)| c.as_str()).collect();
     assert_eq!(
-        header,
+        cols,
         [
             "NAME",
             "APPROVED",
@@ -304,14 +349,8 @@ async fn kubectl_get_shows_the_printer_columns() {
             "AGE"
         ]
     );
-    assert!(
-        devices
-            .lines()
-            .nth(1)
-            .unwrap()
-            .starts_with("store-042-till-1"),
-        "{devices}"
-    );
+    let vals: Vec<&str> = devices[0].iter().take(6).map(|(_, v)| v.as_str()).collect();
+    assert_eq!(vals, ["store-042-till-1", "true", "True", "", "tpm", "1"]);
 
     // The short names and the category resolve too.
     let all = kubectl(&cp, &["get", "edgefleet", "-A", "-o", "name"]);
@@ -471,24 +510,29 @@ async fn kube_client_creates_watches_and_patches_status() {
 #[tokio::test]
 async fn anonymous_requests_are_refused() {
     let cp = control_plane().await;
-    // The same server, without a client certificate: the harness does not make a world
-    // where anything goes.
-    let out = std::process::Command::new("kubectl")
-        .args([
-            "--server",
-            cp.server_url(),
-            "--insecure-skip-tls-verify",
-            "get",
-            "edgemodels",
-            "-A",
-        ])
-        .env("KUBECONFIG", "/dev/null")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("Unauthorized") || stderr.contains("forbidden"),
-        "{stderr}"
+    let url = format!("{}/apis/edgefleet.io/v1alpha1/edgemodels", cp.server_url());
+    let curl = |extra: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "-k", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("curl runs");
+        text(&out.stdout)
+    };
+    // Without a client certificate the server knows nobody and allows nothing.
+    assert_eq!(curl(&[]), "403");
+    // With the harness's system:masters certificate the same request succeeds.
+    let pki = cp.dir().join("pki");
+    let cert = pki.join("client.crt");
+    let key = pki.join("client.key");
+    assert_eq!(
+        curl(&[
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap()
+        ]),
+        "200"
     );
 }
