@@ -9,6 +9,11 @@
 //! The CRD YAML under `crds/generated/` is produced from these types by
 //! `cargo run -p edgefleet-crds --bin crdgen` and must not be edited by hand.
 
+#![allow(
+    clippy::duplicated_attributes,
+    reason = "kube's repeated printcolumn(type_ = …) attributes are distinct columns"
+)]
+
 pub mod common;
 pub mod conditions;
 pub mod device;

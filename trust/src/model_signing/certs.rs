@@ -39,7 +39,7 @@ pub struct VerifiedChain {
 
 fn parse(der: &[u8], what: String) -> Result<X509Certificate<'_>, SignatureError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(SignatureError::MalformedCertificate {
             which: what,
             reason: "trailing bytes after the certificate".into(),
@@ -84,13 +84,13 @@ fn check_issuer(cert: &X509Certificate<'_>) -> Result<(), SignatureError> {
             cert.subject()
         )));
     }
-    if let Some(ku) = cert.key_usage().map_err(|e| ext_err(cert, e))? {
-        if !ku.value.key_cert_sign() {
-            return Err(SignatureError::KeyUsage(format!(
-                "{} may not sign certificates",
-                cert.subject()
-            )));
-        }
+    if let Some(ku) = cert.key_usage().map_err(|e| ext_err(cert, e))?
+        && !ku.value.key_cert_sign()
+    {
+        return Err(SignatureError::KeyUsage(format!(
+            "{} may not sign certificates",
+            cert.subject()
+        )));
     }
     Ok(())
 }
@@ -148,13 +148,14 @@ pub fn verify_chain(
             leaf.subject()
         )));
     }
-    if let Some(eku) = leaf.extended_key_usage().map_err(|e| ext_err(leaf, e))? {
-        if !eku.value.code_signing && !eku.value.any {
-            return Err(SignatureError::ExtendedKeyUsage(format!(
-                "leaf {} is not for code signing",
-                leaf.subject()
-            )));
-        }
+    if let Some(eku) = leaf.extended_key_usage().map_err(|e| ext_err(leaf, e))?
+        && !eku.value.code_signing
+        && !eku.value.any
+    {
+        return Err(SignatureError::ExtendedKeyUsage(format!(
+            "leaf {} is not for code signing",
+            leaf.subject()
+        )));
     }
 
     let mut current = leaf;

@@ -162,6 +162,9 @@ fn list_files(
     Ok(out)
 }
 
+/// The outcome of one hashing job.
+type JobResult = Result<[u8; 32], SignatureError>;
+
 /// One unit of hashing work.
 #[derive(Debug)]
 struct Job {
@@ -202,7 +205,7 @@ pub fn hash_model(
         .map_or(1, |n| n.get())
         .min(jobs.len().max(1));
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<[u8; 32], SignatureError>>>> =
+    let results: Mutex<Vec<Option<JobResult>>> =
         Mutex::new((0..jobs.len()).map(|_| None).collect());
     std::thread::scope(|scope| {
         for _ in 0..threads {
@@ -298,7 +301,7 @@ mod tests {
 
     #[test]
     fn ordering_is_by_path_components_then_offsets() {
-        let mut v = vec![
+        let mut v = [
             ("a.b".to_owned(), None),
             ("a/b".to_owned(), None),
             ("x".to_owned(), Some((10240, 20480))),

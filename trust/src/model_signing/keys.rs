@@ -224,7 +224,7 @@ pub(crate) fn pem_rfc7468_decode(pem: &str) -> Result<(String, Vec<u8>), Signatu
         .find("-----")
         .map(|i| end_line + 9 + i + 5)
         .ok_or_else(|| bad_key("PEM", "unterminated END line"))?;
-    let (label, der) =
-        p256::pkcs8::der::pem::decode_vec(rest[..end].as_bytes()).map_err(|e| bad_key("PEM", e))?;
+    let (label, der) = p256::pkcs8::der::pem::decode_vec(&rest.as_bytes()[..end])
+        .map_err(|e| bad_key("PEM", e))?;
     Ok((label.to_owned(), der))
 }
