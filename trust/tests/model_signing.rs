@@ -182,7 +182,25 @@ fn removed_file_is_rejected() {
 }
 
 #[test]
-fn symlink_is_rejected_when_not_allowed() {
+fn renamed_file_is_missing_under_its_signed_name() {
+    let model = copy_model("v1.1.0-elliptic-key");
+    std::fs::rename(model.path().join("signme-1"), model.path().join("signme-3")).unwrap();
+    let err = verify(
+        &read(&fixtures().join("v1.1.0-ek.sig")),
+        model.path(),
+        &key_policy(),
+        now(),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, SignatureError::MissingFiles(f) if f == &["signme-1".to_owned()]),
+        "{err}"
+    );
+}
+
+#[test]
+fn symlink_escaping_the_model_is_rejected() {
     let model = copy_model("v1.1.0-elliptic-key");
     std::fs::remove_file(model.path().join("signme-1")).unwrap();
     std::os::unix::fs::symlink(
