@@ -3,5 +3,8 @@
 //!
 //! - [`model_signing`]: OpenSSF model-signing v1.0 (Sigstore bundle v0.3 + DSSE + in-toto)
 //!   signing and verification, interoperable with the reference `model_signing` 1.1.1.
+//! - [`attestation`]: SEV-SNP, TDX and TPM 2.0 evidence verification into normalized
+//!   claims, and their Rego appraisal.
 
+pub mod attestation;
 pub mod model_signing;

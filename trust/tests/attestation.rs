@@ -1,0 +1,624 @@
+//! Attestation verifiers on genuine recorded evidence, with every region's tampering,
+//! and the Rego appraisal policy.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use edgefleet_trust::attestation::policy::Policy;
+use edgefleet_trust::attestation::snp::{self, SnpOptions, SnpRoots};
+use edgefleet_trust::attestation::tdx::{self, TdxOptions};
+use edgefleet_trust::attestation::tpm::{self, ClockState, TpmEvidence, TpmOptions};
+use edgefleet_trust::attestation::{AttestationError, Claims, TeeKind, pem_certificates};
+use rstest::rstest;
+use serde_json::json;
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/attestation")
+}
+
+fn read(name: &str) -> Vec<u8> {
+    std::fs::read(dir().join(name)).unwrap()
+}
+
+/// 2026-06-01: every fixture's chain is valid then.
+fn now() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_780_272_000)
+}
+
+fn later() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(2_524_608_000) // 2050-01-01
+}
+
+fn milan() -> Vec<SnpRoots> {
+    vec![SnpRoots::from_pem("Milan", &read("trustee-milan_ask_ark_asvk.pem")).unwrap()]
+}
+
+fn intel_root() -> Vec<u8> {
+    pem_certificates(&read("intel-sgx-root.pem"))
+        .unwrap()
+        .remove(0)
+}
+
+fn flip(mut v: Vec<u8>, at: usize) -> Vec<u8> {
+    v[at] ^= 0x01;
+    v
+}
+
+/// A self-signed certificate with the same subject as `der` but a different key.
+fn impostor_of(der: &[u8]) -> Vec<u8> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    let mut dn = rcgen::DistinguishedName::new();
+    for rdn in cert.subject().iter() {
+        for attr in rdn.iter() {
+            let value = attr.as_str().unwrap().to_owned();
+            let oid: Vec<u64> = attr.attr_type().iter().unwrap().collect();
+            dn.push(rcgen::DnType::from_oid(&oid), value);
+        }
+    }
+    params.distinguished_name = dn;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    params.self_signed(&key).unwrap().der().to_vec()
+}
+
+// ---- SEV-SNP ----------------------------------------------------------------------
+
+#[test]
+fn genuine_snp_report_verifies_into_claims() {
+    let c = snp::verify(
+        &read("trustee-snp-report.bin"),
+        &read("trustee-snp-vcek.der"),
+        &milan(),
+        now(),
+        &SnpOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(c.tee, TeeKind::SevSnp);
+    assert!(c.hardware_genuine && !c.debug);
+    assert_eq!(c.tcb["microcode"], json!(115));
+    assert_eq!(c.tcb["bootloader"], json!(3));
+    assert_eq!(c.platform["product"], json!("Milan-B0"));
+    assert_eq!(c.measurements["launch_measurement"].len(), 96);
+    assert!(c.report_data.starts_with("ec6c52d7533cc2c4"));
+    assert_eq!(c.key_binding, None);
+}
+
+#[test]
+fn snp_debug_guest_is_rejected_unless_allowed() {
+    let roots = vec![SnpRoots::from_pem("Milan", &read("gosev-milan.testcer")).unwrap()];
+    let (report, vcek) = (read("gosev-attestation.bin"), read("gosev-vcek.der"));
+    let err = snp::verify(&report, &vcek, &roots, now(), &SnpOptions::default()).unwrap_err();
+    assert_eq!(err.reason(), "DebugEnabled", "{err}");
+    let c = snp::verify(
+        &report,
+        &vcek,
+        &roots,
+        now(),
+        &SnpOptions {
+            allow_debug: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(c.debug);
+}
+
+#[rstest]
+#[case::version(0x00, "SignatureInvalid")]
+#[case::policy(0x08, "SignatureInvalid")]
+#[case::report_data(0x50, "SignatureInvalid")]
+#[case::measurement(0x90, "SignatureInvalid")]
+#[case::reported_tcb(0x180, "SignatureInvalid")]
+#[case::chip_id(0x1A0, "SignatureInvalid")]
+#[case::signature_r(0x2A0, "SignatureInvalid")]
+#[case::signature_s(0x2A0 + 72 + 10, "SignatureInvalid")]
+fn each_snp_report_region_is_protected(#[case] at: usize, #[case] reason: &str) {
+    let report = flip(read("trustee-snp-report.bin"), at);
+    let err = snp::verify(
+        &report,
+        &read("trustee-snp-vcek.der"),
+        &milan(),
+        now(),
+        &SnpOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), reason, "{err}");
+}
+
+#[test]
+fn snp_unknown_version_is_unsupported() {
+    let mut report = read("trustee-snp-report.bin");
+    report[0] = 9;
+    let err = snp::verify(
+        &report,
+        &read("trustee-snp-vcek.der"),
+        &milan(),
+        now(),
+        &SnpOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "Unsupported", "{err}");
+}
+
+#[test]
+fn snp_chain_certificates_are_protected() {
+    // A flipped byte in the VCEK's signature.
+    let vcek = read("trustee-snp-vcek.der");
+    let n = vcek.len();
+    let err = snp::verify(
+        &read("trustee-snp-report.bin"),
+        &flip(vcek.clone(), n - 20),
+        &milan(),
+        now(),
+        &SnpOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "ChainInvalid", "{err}");
+    // A pinned ASK with a flipped signature byte.
+    let mut roots = milan();
+    let m = roots[0].ask.len();
+    roots[0].ask = flip(roots[0].ask.clone(), m - 20);
+    let err = snp::verify(
+        &read("trustee-snp-report.bin"),
+        &vcek,
+        &roots,
+        now(),
+        &SnpOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "ChainInvalid", "{err}");
+}
+
+#[test]
+fn snp_wrong_root_with_the_same_name_is_rejected() {
+    let mut roots = milan();
+    roots[0].ark = impostor_of(&roots[0].ark);
+    let err = snp::verify(
+        &read("trustee-snp-report.bin"),
+        &read("trustee-snp-vcek.der"),
+        &roots,
+        now(),
+        &SnpOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "ChainInvalid", "{err}");
+}
+
+#[test]
+fn snp_vcek_of_another_chip_is_rejected() {
+    // The go-sev-guest VCEK is genuine, but for another chip and TCB.
+    let err = snp::verify(
+        &read("trustee-snp-report.bin"),
+        &read("gosev-vcek.der"),
+        &milan(),
+        now(),
+        &SnpOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "SignatureInvalid", "{err}");
+}
+
+#[test]
+fn snp_chain_expires() {
+    let err = snp::verify(
+        &read("trustee-snp-report.bin"),
+        &read("trustee-snp-vcek.der"),
+        &milan(),
+        later(),
+        &SnpOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "CertificateNotValidAt", "{err}");
+}
+
+#[test]
+fn snp_report_data_must_match_the_binding() {
+    let report = read("trustee-snp-report.bin");
+    let bound = report[0x50..0x90].to_vec();
+    let c = snp::verify(
+        &report,
+        &read("trustee-snp-vcek.der"),
+        &milan(),
+        now(),
+        &SnpOptions {
+            expected_report_data: Some(bound.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(c.key_binding, Some(hex::encode(&bound)));
+    let mut other = bound;
+    other[0] ^= 1;
+    let err = snp::verify(
+        &report,
+        &read("trustee-snp-vcek.der"),
+        &milan(),
+        now(),
+        &SnpOptions {
+            expected_report_data: Some(other),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "ReportDataMismatch");
+}
+
+#[test]
+fn snp_truncated_and_garbage_are_named() {
+    let report = read("trustee-snp-report.bin");
+    let err = snp::verify(
+        &report[..1000],
+        &read("trustee-snp-vcek.der"),
+        &milan(),
+        now(),
+        &SnpOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "Truncated");
+    let err = snp::verify(
+        &report,
+        b"not a certificate",
+        &milan(),
+        now(),
+        &SnpOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "MalformedCertificate");
+}
+
+// ---- TDX --------------------------------------------------------------------------
+
+#[rstest]
+#[case::trustee_v4("trustee-tdx_quote_4.dat", 4, true)]
+#[case::trustee_v5("trustee-tdx_quote_5.dat", 5, false)]
+#[case::gotdx_v4("gotdx-quote-v4.dat", 4, false)]
+#[case::gotdx_v5("gotdx-quote-v5.dat", 5, false)]
+fn genuine_tdx_quotes_verify(#[case] name: &str, #[case] version: u64, #[case] debug: bool) {
+    let quote = read(name);
+    let opts = TdxOptions {
+        allow_debug: true,
+        ..Default::default()
+    };
+    let c =
+        tdx::verify(&quote, &intel_root(), now(), &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(c.tee, TeeKind::Tdx);
+    assert_eq!(c.platform["quote_version"], json!(version));
+    assert_eq!(c.debug, debug);
+    assert_eq!(c.tcb["tcb_status"], json!("unknown"));
+    assert_eq!(c.measurements["mr_td"].len(), 96);
+    if debug {
+        let err = tdx::verify(&quote, &intel_root(), now(), &TdxOptions::default()).unwrap_err();
+        assert_eq!(err.reason(), "DebugEnabled");
+    }
+}
+
+/// Offsets in trustee's v5 quote: header 48, body descriptor 6, body 648, then the
+/// signature data (4-byte length, quote signature, AK, certification data).
+const V5_BODY: usize = 54;
+const V5_SIG: usize = 54 + 648 + 4;
+const V5_CERT: usize = V5_SIG + 134;
+
+#[rstest]
+#[case::header_qe_svn(8, "SignatureInvalid")]
+#[case::mr_td(V5_BODY + 136, "SignatureInvalid")]
+#[case::rtmr0(V5_BODY + 328, "SignatureInvalid")]
+#[case::report_data(V5_BODY + 520, "SignatureInvalid")]
+#[case::quote_signature(V5_SIG + 5, "SignatureInvalid")]
+#[case::attestation_key(V5_SIG + 64 + 5, "Malformed")]
+#[case::qe_report(V5_CERT + 10, "SignatureInvalid")]
+#[case::qe_report_signature(V5_CERT + 384 + 3, "SignatureInvalid")]
+#[case::qe_auth_data(V5_CERT + 384 + 64 + 2 + 1, "QeBindingMismatch")]
+#[case::pck_chain(V5_CERT + 384 + 64 + 2 + 32 + 6 + 200, "ChainInvalid")]
+fn each_tdx_quote_region_is_protected(#[case] at: usize, #[case] reason: &str) {
+    let quote = flip(read("trustee-tdx_quote_5.dat"), at);
+    let err = tdx::verify(&quote, &intel_root(), now(), &TdxOptions::default()).unwrap_err();
+    assert_eq!(err.reason(), reason, "{err}");
+}
+
+#[test]
+fn tdx_wrong_root_and_expiry_are_rejected() {
+    let quote = read("trustee-tdx_quote_5.dat");
+    let err = tdx::verify(
+        &quote,
+        &impostor_of(&intel_root()),
+        now(),
+        &TdxOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "ChainInvalid", "{err}");
+    let err = tdx::verify(&quote, &intel_root(), later(), &TdxOptions::default()).unwrap_err();
+    assert_eq!(err.reason(), "CertificateNotValidAt", "{err}");
+    let err = tdx::verify(&quote[..700], &intel_root(), now(), &TdxOptions::default()).unwrap_err();
+    assert_eq!(err.reason(), "Truncated", "{err}");
+}
+
+#[test]
+fn tdx_report_data_must_match_the_binding() {
+    let quote = read("trustee-tdx_quote_5.dat");
+    let bound = quote[V5_BODY + 520..V5_BODY + 584].to_vec();
+    let c = tdx::verify(
+        &quote,
+        &intel_root(),
+        now(),
+        &TdxOptions {
+            expected_report_data: Some(bound),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(c.key_binding.is_some());
+    let err = tdx::verify(
+        &quote,
+        &intel_root(),
+        now(),
+        &TdxOptions {
+            expected_report_data: Some(vec![0; 64]),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "ReportDataMismatch");
+}
+
+// ---- TPM --------------------------------------------------------------------------
+
+fn tpm_evidence() -> TpmEvidence {
+    serde_json::from_slice(&read("trustee-tpm_evidence.json")).unwrap()
+}
+
+fn tpm_nonce(e: &TpmEvidence) -> Vec<u8> {
+    let msg = B64.decode(&e.tpm_quote.message).unwrap();
+    tpm::parse_attest(&msg).unwrap().extra_data
+}
+
+#[test]
+fn genuine_tpm_quote_verifies_with_its_nonce() {
+    let e = tpm_evidence();
+    let (c, clock) = tpm::verify(
+        &e,
+        &TpmOptions {
+            expected_nonce: Some(tpm_nonce(&e)),
+            ak_trusted: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(c.tee, TeeKind::Tpm);
+    assert!(c.hardware_genuine);
+    assert_eq!(c.measurements.len(), 24);
+    assert_eq!(c.measurements["pcr17"], "f".repeat(64));
+    assert_eq!(c.platform["signature_scheme"], json!("rsassa"));
+    assert_eq!(clock.reset_count, 2);
+}
+
+#[test]
+fn tpm_wrong_nonce_is_rejected() {
+    let e = tpm_evidence();
+    let err = tpm::verify(
+        &e,
+        &TpmOptions {
+            expected_nonce: Some(vec![0; 64]),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "ReportDataMismatch");
+}
+
+#[test]
+fn tpm_quote_and_pcr_tampering_is_caught() {
+    let mut e = tpm_evidence();
+    let msg = B64.decode(&e.tpm_quote.message).unwrap();
+    e.tpm_quote.message = B64.encode(flip(msg, 40));
+    assert_eq!(
+        tpm::verify(&e, &TpmOptions::default())
+            .unwrap_err()
+            .reason(),
+        "SignatureInvalid"
+    );
+
+    let mut e = tpm_evidence();
+    e.tpm_quote.pcrs[7] = "11".repeat(32);
+    assert_eq!(
+        tpm::verify(&e, &TpmOptions::default())
+            .unwrap_err()
+            .reason(),
+        "PcrDigestMismatch"
+    );
+
+    let mut e = tpm_evidence();
+    let ak = B64.decode(&e.ak_public).unwrap();
+    let n = ak.len();
+    e.ak_public = B64.encode(flip(ak, n - 10));
+    assert_eq!(
+        tpm::verify(&e, &TpmOptions::default())
+            .unwrap_err()
+            .reason(),
+        "SignatureInvalid"
+    );
+}
+
+#[rstest]
+#[case::reset_went_down(ClockState { clock: 0, reset_count: 3, restart_count: 0 }, "ClockRollback")]
+#[case::restart_went_down(ClockState { clock: 0, reset_count: 2, restart_count: 1 }, "ClockRollback")]
+#[case::clock_went_back(ClockState { clock: u64::MAX, reset_count: 2, restart_count: 0 }, "ClockRollback")]
+fn tpm_counters_must_not_go_back(#[case] previous: ClockState, #[case] reason: &str) {
+    let e = tpm_evidence();
+    let err = tpm::verify(
+        &e,
+        &TpmOptions {
+            previous: Some(previous),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), reason, "{err}");
+    // An earlier state is fine.
+    let earlier = ClockState {
+        clock: 1,
+        reset_count: 2,
+        restart_count: 0,
+    };
+    tpm::verify(
+        &e,
+        &TpmOptions {
+            previous: Some(earlier),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
+/// Builds and signs (ECDSA P-256) a TPMS_ATTEST, to reach checks behind the signature.
+fn own_quote(safe: bool, pcrs: &[String]) -> TpmEvidence {
+    use p256::ecdsa::signature::Signer as _;
+    use p256::pkcs8::EncodePublicKey as _;
+    use sha2::Digest as _;
+    let key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).unwrap();
+    let mut m = Vec::new();
+    m.extend(0xff54_4347u32.to_be_bytes());
+    m.extend(0x8018u16.to_be_bytes());
+    m.extend(2u16.to_be_bytes());
+    m.extend([0, 0x0b]);
+    m.extend(8u16.to_be_bytes());
+    m.extend(b"noncenon");
+    m.extend(1000u64.to_be_bytes());
+    m.extend(1u32.to_be_bytes());
+    m.extend(0u32.to_be_bytes());
+    m.push(u8::from(safe));
+    m.extend(0u64.to_be_bytes());
+    m.extend(1u32.to_be_bytes());
+    m.extend(0x000bu16.to_be_bytes());
+    m.push(3);
+    m.extend([0b1000_0000, 0, 0]); // PCR 7
+    let digest = sha2::Sha256::digest(hex::decode(&pcrs[7]).unwrap());
+    m.extend(32u16.to_be_bytes());
+    m.extend(digest);
+    let sig: p256::ecdsa::Signature = key.sign(&m);
+    let (r, s) = sig.split_bytes();
+    let mut t = Vec::new();
+    t.extend(0x0018u16.to_be_bytes());
+    t.extend(0x000bu16.to_be_bytes());
+    t.extend(32u16.to_be_bytes());
+    t.extend(r);
+    t.extend(32u16.to_be_bytes());
+    t.extend(s);
+    let spki = key.verifying_key().to_public_key_der().unwrap();
+    TpmEvidence {
+        ak_public: B64.encode(spki.as_bytes()),
+        tpm_quote: tpm::TpmQuote {
+            message: B64.encode(m),
+            signature: B64.encode(t),
+            pcrs: pcrs.to_vec(),
+        },
+    }
+}
+
+#[test]
+fn tpm_ecdsa_quotes_verify_and_unsafe_clocks_are_rejected() {
+    let pcrs: Vec<String> = (0..24).map(|i| format!("{i:02x}").repeat(32)).collect();
+    let (c, _) = tpm::verify(
+        &own_quote(true, &pcrs),
+        &TpmOptions {
+            expected_nonce: Some(b"noncenon".to_vec()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(c.platform["signature_scheme"], json!("ecdsa"));
+    assert_eq!(c.measurements.keys().collect::<Vec<_>>(), ["pcr07"]);
+    assert!(
+        !c.hardware_genuine,
+        "an AK not bound to a TPM is not hardware-genuine"
+    );
+    let err = tpm::verify(&own_quote(false, &pcrs), &TpmOptions::default()).unwrap_err();
+    assert_eq!(err.reason(), "ClockNotSafe");
+}
+
+// ---- policy -----------------------------------------------------------------------
+
+fn policy() -> Policy {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rego = std::fs::read_to_string(root.join("policies/attestation.rego")).unwrap();
+    let data = std::fs::read_to_string(root.join("policies/reference.json")).unwrap();
+    Policy::load("attestation", &rego, &data).unwrap()
+}
+
+fn snp_claims() -> Claims {
+    let report = read("trustee-snp-report.bin");
+    let bound = report[0x50..0x90].to_vec();
+    snp::verify(
+        &report,
+        &read("trustee-snp-vcek.der"),
+        &milan(),
+        now(),
+        &SnpOptions {
+            expected_report_data: Some(bound),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+#[rstest]
+#[case::genuine_bound_snp(|_c: &mut Claims| {}, None)]
+#[case::unbound(|c: &mut Claims| c.key_binding = None, Some("evidence is not bound to the expected nonce and key"))]
+#[case::dev_attester(|c: &mut Claims| { c.tee = TeeKind::Dev; c.hardware_genuine = false; }, Some("evidence kind dev is not allowed"))]
+#[case::not_genuine(|c: &mut Claims| c.hardware_genuine = false, Some("evidence does not chain to a hardware root of trust"))]
+#[case::debug(|c: &mut Claims| c.debug = true, Some("debugging is enabled"))]
+#[case::old_microcode(|c: &mut Claims| { c.tcb.insert("microcode".into(), json!(100)); }, Some("SNP microcode SPL 100 is below the minimum 115"))]
+fn policy_decides_on_claims(#[case] edit: fn(&mut Claims), #[case] denied: Option<&str>) {
+    let mut c = snp_claims();
+    edit(&mut c);
+    let d = policy().evaluate(&c).unwrap();
+    assert!(d.policy_hash.starts_with("sha256:") && d.policy_hash.len() == 71);
+    match denied {
+        None => assert!(d.allow, "{:?}", d.deny),
+        Some(reason) => {
+            assert!(!d.allow);
+            assert!(d.deny.iter().any(|r| r == reason), "{:?}", d.deny);
+        }
+    }
+}
+
+#[test]
+fn policy_pins_measurements_from_data() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rego = std::fs::read_to_string(root.join("policies/attestation.rego")).unwrap();
+    let c = snp_claims();
+    let pinned = json!({"reference": {"allowed_tees": ["sev-snp"], "allow_debug": false,
+        "snp": {"min_tcb": {}, "launch_measurements": [c.measurements["launch_measurement"]]}, "tdx": {"mr_td": []}, "tpm": {"pcrs": {}}}});
+    let p = Policy::load("pinned", &rego, &pinned.to_string()).unwrap();
+    assert!(p.evaluate(&c).unwrap().allow);
+    let other = json!({"reference": {"allowed_tees": ["sev-snp"], "allow_debug": false,
+        "snp": {"min_tcb": {}, "launch_measurements": ["00".repeat(48)]}, "tdx": {"mr_td": []}, "tpm": {"pcrs": {}}}});
+    let p = Policy::load("other", &rego, &other.to_string()).unwrap();
+    let d = p.evaluate(&c).unwrap();
+    assert!(!d.allow);
+    assert_eq!(d.deny, ["SNP launch measurement is not an allowed one"]);
+}
+
+#[test]
+fn a_policy_that_does_not_compile_is_rejected_at_load() {
+    let err =
+        Policy::load("broken", "package edgefleet.attestation\nallow if {", "{}").unwrap_err();
+    assert!(err.to_string().contains("does not compile"), "{err}");
+}
+
+#[test]
+fn attestation_errors_have_distinct_reasons() {
+    let errs = [
+        AttestationError::DebugEnabled.reason(),
+        AttestationError::ReportDataMismatch.reason(),
+        AttestationError::QeBindingMismatch.reason(),
+        AttestationError::PcrDigestMismatch.reason(),
+        AttestationError::ClockNotSafe.reason(),
+    ];
+    let unique: std::collections::BTreeSet<_> = errs.iter().collect();
+    assert_eq!(unique.len(), errs.len());
+}
