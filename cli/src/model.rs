@@ -1,7 +1,6 @@
 //! `edgefleet model sign|verify`.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Subcommand};
@@ -54,7 +53,7 @@ pub struct VerifyArgs {
     #[arg(long, requires = "identity")]
     root: Option<PathBuf>,
     /// Identity (SAN email or URI, or subject CN) the leaf must carry; repeatable, one must match.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "public_key")]
     identity: Vec<String>,
     /// Verify certificates as of this time (RFC 3339) instead of now.
     #[arg(long)]
@@ -123,7 +122,14 @@ fn sign(args: SignArgs) -> anyhow::Result<String> {
         },
     )
     .map_err(|e| anyhow!("signing failed: {}: {e}", e.reason()))?;
-    let tmp = args.output.with_extension("tmp");
+    let name = args
+        .output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = args
+        .output
+        .with_file_name(format!(".{name}.{}.partial", std::process::id()));
     std::fs::write(&tmp, &bundle).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
@@ -141,12 +147,7 @@ fn sign(args: SignArgs) -> anyhow::Result<String> {
 }
 
 fn verify(args: VerifyArgs) -> anyhow::Result<String> {
-    let now = match &args.now {
-        None => SystemTime::now(),
-        Some(s) => time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-            .with_context(|| format!("--now {s:?} is not an RFC 3339 time"))?
-            .into(),
-    };
+    let now = crate::attest::parse_now(args.now.as_deref())?;
     let policy = match (&args.public_key, &args.root) {
         (Some(pk), None) => {
             let key = PublicKey::from_pem(&read_text(pk)?)
@@ -166,6 +167,16 @@ fn verify(args: VerifyArgs) -> anyhow::Result<String> {
         }
         _ => bail!("give exactly one of --public-key and --root"),
     };
+    let size = std::fs::metadata(&args.bundle)
+        .with_context(|| format!("reading {}", args.bundle.display()))?
+        .len();
+    if size > model_signing::MAX_BUNDLE_BYTES as u64 {
+        bail!(
+            "{} is {size} bytes; bundles over {} bytes are refused",
+            args.bundle.display(),
+            model_signing::MAX_BUNDLE_BYTES
+        );
+    }
     let bundle = std::fs::read(&args.bundle)
         .with_context(|| format!("reading {}", args.bundle.display()))?;
     let mut ignore = args.ignore_paths.clone();

@@ -27,6 +27,20 @@ fn committed_crds_match_the_types() {
 }
 
 #[test]
+fn the_chart_ships_the_same_crds() {
+    for crd in generated_crds().unwrap() {
+        let path = root().join("charts/edgefleet/crds").join(&crd.file_name);
+        let copy = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{} missing: {e}", path.display()));
+        assert!(
+            copy == crd.yaml,
+            "{} differs from crds/generated; copy it again",
+            path.display()
+        );
+    }
+}
+
+#[test]
 fn generated_schema_carries_cel_rules_and_docs() {
     let crds = generated_crds().unwrap();
     let model = &crds

@@ -134,6 +134,19 @@ pub fn free_port() -> Result<u16, HarnessError> {
     Ok(port)
 }
 
+/// A command for `program` that dies with the process that started it: `setpriv
+/// --pdeathsig KILL` (util-linux) covers the case where the test process is killed
+/// outright (a timeout), where no `Drop` runs.
+fn child_command(program: &Path) -> Command {
+    if Path::new("/usr/bin/setpriv").exists() {
+        let mut cmd = Command::new("/usr/bin/setpriv");
+        cmd.args(["--pdeathsig", "KILL", "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
 /// A child process that is killed when dropped.
 #[derive(Debug)]
 struct Guarded {
@@ -266,7 +279,7 @@ impl ControlPlane {
 
         let data = dir.join("etcd");
         let _ = std::fs::remove_dir_all(&data);
-        let mut etcd = Command::new(&etcd_bin);
+        let mut etcd = child_command(&etcd_bin);
         etcd.arg("--name=default")
             .arg(format!("--data-dir={}", data.display()))
             .arg(format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"))
@@ -284,7 +297,7 @@ impl ControlPlane {
             .arg("--log-level=warn");
         let etcd = Guarded::spawn(etcd, dir.join("etcd.log"))?;
 
-        let mut api = Command::new(&apiserver_bin);
+        let mut api = child_command(&apiserver_bin);
         api.arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--secure-port={api_port}"))

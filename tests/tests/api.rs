@@ -110,11 +110,44 @@ async fn every_example_is_accepted_by_server_side_apply() {
 
     let models: Api<EdgeModel> = Api::namespaced(cp.client().await.unwrap(), "retail");
     let model = models.get("smollm2-135m-instruct").await.unwrap();
-    // Defaults come from the schema, applied by the server.
-    assert_eq!(model.spec.runtime.context_size, 2048);
-    assert_eq!(model.spec.rollout.health_gates.ready_timeout_seconds, 300);
+    assert_eq!(model.spec.runtime.parallel_slots, 2);
     let devices: Api<EdgeDevice> = Api::all(cp.client().await.unwrap());
     assert!(devices.get("store-042-till-1").await.unwrap().spec.approved);
+}
+
+#[tokio::test]
+async fn the_server_fills_in_schema_defaults() {
+    let cp = control_plane().await;
+    let mut m = model_example();
+    let spec = m["spec"].as_object_mut().unwrap();
+    spec.remove("runtime");
+    spec.remove("port");
+    spec.remove("attestation");
+    m["spec"]["rollout"]
+        .as_object_mut()
+        .unwrap()
+        .remove("healthGates");
+    let out = apply(&cp, &m);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let models: Api<EdgeModel> = Api::namespaced(cp.client().await.unwrap(), "retail");
+    let raw: Value =
+        serde_json::to_value(models.get("smollm2-135m-instruct").await.unwrap()).unwrap();
+    assert_eq!(raw["spec"]["runtime"]["contextSize"], json!(2048));
+    assert_eq!(raw["spec"]["runtime"]["parallelSlots"], json!(1));
+    assert_eq!(raw["spec"]["port"], json!(8080));
+    assert_eq!(raw["spec"]["attestation"]["policy"], json!("default"));
+    assert_eq!(
+        raw["spec"]["attestation"]["teeKinds"],
+        json!(["tpm", "sev-snp", "tdx"])
+    );
+    assert_eq!(
+        raw["spec"]["rollout"]["healthGates"]["readyTimeoutSeconds"],
+        json!(600)
+    );
+    assert_eq!(
+        raw["spec"]["rollout"]["healthGates"]["rollbackOnFailure"],
+        json!(true)
+    );
 }
 
 /// Each mutation of the valid example must be refused, naming the reason.
@@ -207,6 +240,14 @@ async fn invalid_edgedevices_are_rejected_with_their_reason(
 ) {
     let cp = control_plane().await;
     let mut device = example("edgedevice-store-042.yaml");
+    // The unmodified example passes, so the rejection below is the mutation's doing.
+    let ok = apply(&cp, &device);
+    assert!(
+        ok.status.success(),
+        "valid example rejected: {}",
+        text(&ok.stderr)
+    );
+    device["metadata"]["name"] = json!("invalid-device");
     mutate(&mut device);
     let out = apply(&cp, &device);
     let stderr = text(&out.stderr);

@@ -665,3 +665,241 @@ fn key_hint_matches_the_reference_pem_hash() {
         ours
     );
 }
+
+// ---- path building ----------------------------------------------------------------
+
+struct Ca {
+    der: Vec<u8>,
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+}
+
+fn ca_params(cn: &str, constraint: rcgen::BasicConstraints) -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.is_ca = rcgen::IsCa::Ca(constraint);
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    p
+}
+
+fn root_ca(cn: &str) -> Ca {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let params = ca_params(cn, rcgen::BasicConstraints::Unconstrained);
+    let der = params.self_signed(&key).unwrap().der().to_vec();
+    Ca { der, params, key }
+}
+
+fn sub_ca(parent: &Ca, params: rcgen::CertificateParams) -> Ca {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let der = params
+        .signed_by(
+            &key,
+            &rcgen::Issuer::from_params(&parent.params, &parent.key),
+        )
+        .unwrap()
+        .der()
+        .to_vec();
+    Ca { der, params, key }
+}
+
+fn signing_leaf(parent: &Ca, email: &str, expired: bool) -> (Vec<u8>, PrivateKey) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::Rfc822Name(email.try_into().unwrap())];
+    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning];
+    if expired {
+        p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(30);
+        p.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    }
+    let der = p
+        .signed_by(
+            &key,
+            &rcgen::Issuer::from_params(&parent.params, &parent.key),
+        )
+        .unwrap()
+        .der()
+        .to_vec();
+    (der, PrivateKey::from_pem(&key.serialize_pem()).unwrap())
+}
+
+fn verify_chain(
+    chain: Vec<Vec<u8>>,
+    key: &PrivateKey,
+    roots: Vec<PinnedRoot>,
+) -> Result<SignerIdentity, SignatureError> {
+    let model = model_dir();
+    let bundle = sign(model.path(), key, Some(&chain), &SignOptions::default()).unwrap();
+    verify(
+        &bundle,
+        model.path(),
+        &TrustPolicy::roots(roots),
+        SystemTime::now(),
+        &[],
+    )
+    .map(|v| v.signer)
+}
+
+fn pin(name: &str, ca: &Ca, id: &str) -> PinnedRoot {
+    PinnedRoot {
+        name: name.into(),
+        der: ca.der.clone(),
+        identities: vec![id.into()],
+    }
+}
+
+#[test]
+fn a_root_with_the_right_name_but_another_key_is_untrusted() {
+    let real = root_ca("models root");
+    let impostor = root_ca("models root");
+    let (leaf, key) = signing_leaf(&real, "a@x.example", false);
+    verify_chain(
+        vec![leaf.clone()],
+        &key,
+        vec![pin("real", &real, "a@x.example")],
+    )
+    .unwrap();
+    let err = verify_chain(
+        vec![leaf],
+        &key,
+        vec![pin("impostor", &impostor, "a@x.example")],
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "UntrustedChain", "{err}");
+}
+
+#[test]
+fn path_length_constraints_are_enforced() {
+    let root = root_ca("root");
+    let int1 = sub_ca(
+        &root,
+        ca_params("int1", rcgen::BasicConstraints::Constrained(0)),
+    );
+    let int2 = sub_ca(
+        &int1,
+        ca_params("int2", rcgen::BasicConstraints::Unconstrained),
+    );
+    let (leaf, key) = signing_leaf(&int1, "a@x.example", false);
+    // int1 may issue leaves directly ...
+    verify_chain(
+        vec![leaf, int1.der.clone()],
+        &key,
+        vec![pin("r", &root, "a@x.example")],
+    )
+    .unwrap();
+    // ... but not through another intermediate.
+    let (leaf, key) = signing_leaf(&int2, "a@x.example", false);
+    let err = verify_chain(
+        vec![leaf, int2.der, int1.der],
+        &key,
+        vec![pin("r", &root, "a@x.example")],
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "UntrustedChain", "{err}");
+    assert!(err.to_string().contains("allows 0 intermediates"), "{err}");
+}
+
+#[test]
+fn an_intermediate_that_is_not_a_ca_cannot_issue() {
+    let root = root_ca("root");
+    let mut p = ca_params("not a ca", rcgen::BasicConstraints::Unconstrained);
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+    let fake = sub_ca(&root, p);
+    let (leaf, key) = signing_leaf(&fake, "a@x.example", false);
+    let err = verify_chain(
+        vec![leaf, fake.der],
+        &key,
+        vec![pin("r", &root, "a@x.example")],
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "UntrustedChain", "{err}");
+    assert!(err.to_string().contains("is not a CA certificate"), "{err}");
+}
+
+#[test]
+fn an_expired_leaf_under_a_valid_root_is_rejected() {
+    let root = root_ca("root");
+    let (leaf, key) = signing_leaf(&root, "a@x.example", true);
+    let err = verify_chain(vec![leaf], &key, vec![pin("r", &root, "a@x.example")]).unwrap_err();
+    assert_eq!(err.reason(), "CertificateNotValidAt", "{err}");
+}
+
+#[test]
+fn signers_sharing_a_root_each_match_their_own_identity() {
+    let root = root_ca("shared root");
+    let (leaf, key) = signing_leaf(&root, "second@x.example", false);
+    let signer = verify_chain(
+        vec![leaf],
+        &key,
+        vec![
+            pin("first", &root, "first@x.example"),
+            pin("second", &root, "second@x.example"),
+        ],
+    )
+    .unwrap();
+    assert!(
+        matches!(signer, SignerIdentity::Certificate { ref name, .. } if name == "second"),
+        "{signer:?}"
+    );
+}
+
+#[test]
+fn any_extended_key_usage_is_not_code_signing() {
+    let root = root_ca("root");
+    let key_pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::Rfc822Name(
+        "a@x.example".try_into().unwrap(),
+    )];
+    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::Any];
+    let leaf = p
+        .signed_by(
+            &key_pem,
+            &rcgen::Issuer::from_params(&root.params, &root.key),
+        )
+        .unwrap()
+        .der()
+        .to_vec();
+    let key = PrivateKey::from_pem(&key_pem.serialize_pem()).unwrap();
+    let err = verify_chain(vec![leaf], &key, vec![pin("r", &root, "a@x.example")]).unwrap_err();
+    assert_eq!(err.reason(), "ExtendedKeyUsage", "{err}");
+}
+
+#[test]
+fn allowed_symlinks_must_stay_inside_the_model() {
+    let model = model_dir();
+    let key = pem_key(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let bundle = sign(model.path(), &key, None, &SignOptions::default()).unwrap();
+    let policy = TrustPolicy::keys([("me".to_owned(), key.public_key())]);
+    // The signer allowed symlinks and covered `alias`, a link to a file of the model.
+    let config_digest = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(
+            std::fs::read(model.path().join("config.json")).unwrap(),
+        ))
+    };
+    let with_links = resign(&bundle, &key, |s| {
+        s["predicate"]["serialization"]["allow_symlinks"] = json!(true);
+        s["predicate"]["resources"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "alias", "algorithm": "sha256", "digest": config_digest}));
+        fix_subject(s);
+    });
+    std::os::unix::fs::symlink(model.path().join("config.json"), model.path().join("alias"))
+        .unwrap();
+    verify(&with_links, model.path(), &policy, now(), &[]).unwrap();
+    // The same link name pointing outside the model is refused, whatever it holds.
+    let outside = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy(model.path().join("config.json"), outside.path()).unwrap();
+    std::fs::remove_file(model.path().join("alias")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), model.path().join("alias")).unwrap();
+    let err = verify(&with_links, model.path(), &policy, now(), &[]).unwrap_err();
+    assert_eq!(err.reason(), "SymlinkNotAllowed", "{err}");
+    // A directory link loop is refused too.
+    std::fs::remove_file(model.path().join("alias")).unwrap();
+    std::os::unix::fs::symlink(model.path(), model.path().join("alias")).unwrap();
+    let err = verify(&with_links, model.path(), &policy, now(), &[]).unwrap_err();
+    assert_eq!(err.reason(), "SymlinkNotAllowed", "{err}");
+}

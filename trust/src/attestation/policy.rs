@@ -121,7 +121,7 @@ impl Policy {
         let allow = engine
             .eval_rule("data.edgefleet.attestation.allow".to_owned())
             .map_err(|e| eval_err(e.to_string()))?;
-        let allow = allow.as_bool().map(|b| *b).unwrap_or(false);
+        let allow = allow.as_bool().copied().unwrap_or(false);
         let deny = engine
             .eval_rule("data.edgefleet.attestation.deny".to_owned())
             .ok()

@@ -10,8 +10,8 @@ use x509_parser::time::ASN1Time;
 use super::SignatureError;
 use super::keys::PublicKey;
 
-/// Longest chain accepted, leaf and root included.
-const MAX_CHAIN: usize = 6;
+/// Most intermediates accepted between the leaf and the root.
+const MAX_INTERMEDIATES: usize = 4;
 
 /// A trusted root with the identities a leaf under it may carry.
 #[derive(Debug, Clone)]
@@ -150,7 +150,6 @@ pub fn verify_chain(
     }
     if let Some(eku) = leaf.extended_key_usage().map_err(|e| ext_err(leaf, e))?
         && !eku.value.code_signing
-        && !eku.value.any
     {
         return Err(SignatureError::ExtendedKeyUsage(format!(
             "leaf {} is not for code signing",
@@ -162,7 +161,8 @@ pub fn verify_chain(
     let mut used = vec![false; certs.len()];
     used[0] = true;
     let mut anchored = None;
-    for _ in 0..MAX_CHAIN {
+    let mut path_ca: Vec<&X509Certificate<'_>> = Vec::new();
+    for _ in 0..=MAX_INTERMEDIATES {
         if let Some(i) = pinned.iter().position(|root| issued_by(current, root)) {
             check_validity(&pinned[i], now)?;
             anchored = Some(i);
@@ -180,21 +180,69 @@ pub fn verify_chain(
         check_issuer(&certs[j])?;
         used[j] = true;
         current = &certs[j];
+        path_ca.push(current);
     }
-    let root = anchored
-        .ok_or_else(|| SignatureError::UntrustedChain(format!("chain longer than {MAX_CHAIN}")))?;
+    let root = anchored.ok_or_else(|| {
+        SignatureError::UntrustedChain(format!("more than {MAX_INTERMEDIATES} intermediates"))
+    })?;
     check_issuer(&pinned[root])?;
+    path_ca.push(&pinned[root]);
 
+    // pathLenConstraint: a CA at position k above the leaf may have at most its
+    // pathLen intermediates below it.
+    for (k, ca) in path_ca.iter().enumerate() {
+        if let Some(bc) = ca.basic_constraints().map_err(|e| ext_err(ca, e))?
+            && let Some(max) = bc.value.path_len_constraint
+            && k > max as usize
+        {
+            return Err(SignatureError::UntrustedChain(format!(
+                "{} allows {max} intermediates below it, the chain has {k}",
+                ca.subject()
+            )));
+        }
+    }
+    // A critical extension we do not understand means we cannot honour it.
+    for cert in std::iter::once(leaf).chain(path_ca.iter().copied()) {
+        for ext in cert.extensions() {
+            if ext.critical
+                && matches!(
+                    ext.parsed_extension(),
+                    x509_parser::extensions::ParsedExtension::UnsupportedExtension { .. }
+                )
+            {
+                return Err(SignatureError::UntrustedChain(format!(
+                    "{} has an unsupported critical extension {}",
+                    cert.subject(),
+                    ext.oid
+                )));
+            }
+        }
+    }
+
+    // Several signers may pin the same root with different identities: any of them may
+    // match, and the result names the signer whose pin matched.
     let found = leaf_identities(leaf)?;
-    let identity = roots[root]
-        .identities
+    let mut pins = Vec::new();
+    let mut matched = None;
+    for (i, r) in roots
         .iter()
-        .find(|pin| found.iter().any(|id| id == *pin))
-        .cloned()
-        .ok_or_else(|| SignatureError::IdentityMismatch {
-            found: found.clone(),
-            pinned: roots[root].identities.clone(),
-        })?;
+        .enumerate()
+        .filter(|(_, r)| r.der == roots[root].der)
+    {
+        pins.extend(r.identities.iter().cloned());
+        if matched.is_none()
+            && let Some(pin) = r
+                .identities
+                .iter()
+                .find(|pin| found.iter().any(|id| id == *pin))
+        {
+            matched = Some((i, pin.clone()));
+        }
+    }
+    let (root, identity) = matched.ok_or_else(|| SignatureError::IdentityMismatch {
+        found: found.clone(),
+        pinned: pins,
+    })?;
     let leaf_key = PublicKey::from_spki_der(leaf.public_key().raw)?;
     Ok(VerifiedChain {
         leaf_key,

@@ -102,7 +102,9 @@ fn is_ignored(rel: &str, ignore: &[String]) -> bool {
 }
 
 /// Lists the model's files: the file itself (as `.`), or every regular file under the
-/// directory except ignored paths. A symbolic link is an error unless `allow_symlinks`.
+/// directory except ignored paths. A symbolic link is an error unless `allow_symlinks`;
+/// even then a link must resolve inside the model directory, and no directory is
+/// entered twice (link loops). Sockets, FIFOs and devices are errors.
 fn list_files(
     root: &Path,
     ignore: &[String],
@@ -120,6 +122,9 @@ fn list_files(
             len: meta.len(),
         }]);
     }
+    let canonical_root = root.canonicalize().map_err(io_err(root))?;
+    let mut visited = std::collections::HashSet::new();
+    visited.insert(canonical_root.clone());
     let mut out = Vec::new();
     let mut stack = vec![(root.to_path_buf(), String::new())];
     while let Some((dir, prefix)) = stack.pop() {
@@ -143,9 +148,19 @@ fn list_files(
                 if !allow_symlinks {
                     return Err(SignatureError::Symlink(path));
                 }
-                ft = std::fs::metadata(&path).map_err(io_err(&path))?.file_type();
+                let target = path.canonicalize().map_err(io_err(&path))?;
+                if !target.starts_with(&canonical_root) {
+                    return Err(SignatureError::Symlink(path));
+                }
+                ft = std::fs::metadata(&target)
+                    .map_err(io_err(&path))?
+                    .file_type();
             }
             if ft.is_dir() {
+                let real = path.canonicalize().map_err(io_err(&path))?;
+                if !visited.insert(real) {
+                    return Err(SignatureError::Symlink(path));
+                }
                 stack.push((path, rel));
             } else if ft.is_file() {
                 let len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
@@ -210,11 +225,12 @@ pub fn hash_model(
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
+                let mut buf = vec![0u8; CHUNK];
                 loop {
                     let idx = next.fetch_add(1, AtomicOrdering::Relaxed);
                     let Some(job) = jobs.get(idx) else { break };
                     let file = &files[job.file];
-                    let result = hash_job(file, job.range);
+                    let result = hash_job(file, job.range, &mut buf);
                     if let Ok(mut r) = results.lock() {
                         r[idx] = Some(result);
                     }
@@ -239,16 +255,23 @@ pub fn hash_model(
     Ok(out)
 }
 
-fn hash_job(file: &ModelFile, range: Option<(u64, u64)>) -> Result<[u8; 32], SignatureError> {
+fn hash_job(
+    file: &ModelFile,
+    range: Option<(u64, u64)>,
+    buf: &mut [u8],
+) -> Result<[u8; 32], SignatureError> {
     let mut f = File::open(&file.abs).map_err(io_err(&file.abs))?;
+    // The path was a regular file when listed; make sure it still is.
+    if !f.metadata().map_err(io_err(&file.abs))?.is_file() {
+        return Err(SignatureError::UnsupportedFileType(file.abs.clone()));
+    }
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
     match range {
         None => {
             // The file may change while we read; hash what we read and let the digest
             // comparison decide.
             loop {
-                let n = f.read(&mut buf).map_err(io_err(&file.abs))?;
+                let n = f.read(buf).map_err(io_err(&file.abs))?;
                 if n == 0 {
                     break;
                 }
