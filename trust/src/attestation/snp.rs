@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use p384::ecdsa::signature::Verifier as _;
 use serde_json::json;
 use x509_parser::certificate::X509Certificate;
 
@@ -221,16 +220,19 @@ pub fn verify(
     // Signature by the VCEK/VLEK.
     let now_asn1 = asn1_time(now)?;
     let vcek = parse_cert(vcek_der, "VCEK")?;
-    let key = p384::PublicKey::from_sec1_bytes(vcek.public_key().subject_public_key.data.as_ref())
-        .map_err(|e| AttestationError::MalformedCertificate {
+    let point = vcek.public_key().subject_public_key.data.as_ref();
+    if point.len() != 97 || point[0] != 0x04 {
+        return Err(AttestationError::MalformedCertificate {
             which: "VCEK".into(),
-            reason: format!("not a P-384 key: {e}"),
-        })?;
-    let sig_r = le_scalar(r.slice(SIGNED_LEN, 72)?)?;
-    let sig_s = le_scalar(r.slice(SIGNED_LEN + 72, 72)?)?;
-    let sig = p384::ecdsa::Signature::from_scalars(sig_r, sig_s)
-        .map_err(|e| AttestationError::SignatureInvalid(format!("bad signature encoding: {e}")))?;
-    p384::ecdsa::VerifyingKey::from(&key)
+            reason: "not an uncompressed P-384 key".into(),
+        });
+    }
+    let mut sig = [0u8; 96];
+    sig[..48].copy_from_slice(&le_scalar(r.slice(SIGNED_LEN, 72)?)?);
+    sig[48..].copy_from_slice(&le_scalar(r.slice(SIGNED_LEN + 72, 72)?)?);
+    // ring's P-384 is several times faster than the pure-Rust one; the gateway verifies
+    // a report per device per attestation interval.
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P384_SHA384_FIXED, point)
         .verify(&report[..SIGNED_LEN], &sig)
         .map_err(|_| {
             AttestationError::SignatureInvalid("SNP report signature by the VCEK".into())
