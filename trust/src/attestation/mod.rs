@@ -8,10 +8,12 @@
 pub mod binding;
 pub mod claims;
 mod der;
+pub mod dev;
 pub mod policy;
 pub mod snp;
 pub mod tdx;
 pub mod tpm;
+pub mod tpm_enrol;
 
 pub use claims::{Claims, TeeKind};
 

@@ -1,0 +1,5 @@
+//! The edgefleet device agent. Today: the attesters that produce evidence for the
+//! gateway (TPM 2.0 through tss-esapi, SEV-SNP and TDX through Linux configfs-tsm, and a
+//! development key). Fetching, verifying and serving models join later.
+
+pub mod attest;
