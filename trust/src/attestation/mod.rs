@@ -10,6 +10,8 @@ pub mod claims;
 mod der;
 pub mod dev;
 pub mod policy;
+pub mod result;
+pub mod service;
 pub mod snp;
 pub mod tdx;
 pub mod tpm;

@@ -1,0 +1,114 @@
+//! Shared test helpers: a real swtpm with its own local CA.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgefleet_trust::attestation::pem_certificates;
+
+/// swtpm with fresh state and its own local CA; killed on drop.
+pub struct Swtpm {
+    dir: tempfile::TempDir,
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port_pair() -> u16 {
+    loop {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < 65000 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl Swtpm {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("state")).unwrap();
+        std::fs::create_dir_all(d.join("ca")).unwrap();
+        std::fs::write(
+            d.join("localca.conf"),
+            format!(
+                "statedir = {ca}\nsigningkey = {ca}/signkey.pem\nissuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n",
+                ca = d.join("ca").display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("localca.options"),
+            "--platform-manufacturer edgefleet\n--platform-version 2.1\n--platform-model swtpm\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("setup.conf"),
+            format!(
+                "create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = {}\ncreate_certs_tool_options = {}\nactive_pcr_banks = sha256\n",
+                d.join("localca.conf").display(),
+                d.join("localca.options").display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new("swtpm_setup")
+            .args([
+                "--tpm2",
+                "--createek",
+                "--create-ek-cert",
+                "--create-platform-cert",
+                "--overwrite",
+                "--tpmstate",
+            ])
+            .arg(d.join("state"))
+            .arg("--config")
+            .arg(d.join("setup.conf"))
+            .output()
+            .expect("swtpm_setup runs (apt: swtpm swtpm-tools)");
+        assert!(
+            out.status.success(),
+            "swtpm_setup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port_pair();
+        let child = Command::new("swtpm")
+            .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+            .arg("--tpmstate")
+            .arg(format!("dir={}", d.join("state").display()))
+            .arg("--server")
+            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+            .arg("--ctrl")
+            .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("swtpm runs");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "swtpm did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { dir, child, port }
+    }
+
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    pub fn ca(&self, name: &str) -> Vec<u8> {
+        pem_certificates(&std::fs::read(self.dir.path().join("ca").join(name)).unwrap())
+            .unwrap()
+            .remove(0)
+    }
+}

@@ -1,0 +1,541 @@
+//! The gateway's attestation service, without transport or Kubernetes: single-use
+//! challenges with a short TTL, evidence verification for each TEE kind against the
+//! binding of {nonce, agent key, device}, TPM credential activation, Rego appraisal,
+//! a signed attestation result, and the device's short-lived client certificate —
+//! issued only when the policy allows, for the key in the device's CSR, which must be
+//! the key the evidence binds.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+use x509_parser::prelude::FromDer as _;
+
+use super::dev::{self, DevEvidence};
+use super::policy::{Decision, Policy, PolicyError};
+use super::snp::{self, SnpOptions, SnpRoots};
+use super::tdx::{self, TdxOptions};
+use super::tpm::{self, ClockState, TpmEvidence, TpmOptions};
+use super::{AttestationError, Claims, TeeKind, binding, tpm_enrol};
+
+/// Longest challenge lifetime accepted in configuration.
+pub const MAX_NONCE_TTL: Duration = Duration::from_secs(60);
+
+/// Errors of the service, each a named rejection.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The nonce was never issued, already used, or expired.
+    #[error("unknown, used or expired nonce")]
+    UnknownNonce,
+    /// The evidence request names another device or key than the challenge.
+    #[error("the request does not match its challenge: {0}")]
+    ChallengeMismatch(String),
+    /// The request is malformed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The evidence did not verify.
+    #[error("evidence rejected: {0}")]
+    Evidence(#[from] AttestationError),
+    /// TPM: the credential challenge was not answered correctly.
+    #[error("TPM credential activation failed: the AK is not bound to the EK")]
+    CredentialMismatch,
+    /// The CSR is malformed, badly signed, or for another key.
+    #[error("CSR: {0}")]
+    Csr(String),
+    /// No such policy.
+    #[error("unknown policy {0:?}")]
+    UnknownPolicy(String),
+    /// The policy failed to evaluate.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// Certificate issuance failed.
+    #[error("issuing the certificate: {0}")]
+    Issue(String),
+}
+
+impl ServiceError {
+    /// Stable CamelCase name for responses, events and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ServiceError::UnknownNonce => "UnknownNonce",
+            ServiceError::ChallengeMismatch(_) => "ChallengeMismatch",
+            ServiceError::BadRequest(_) => "BadRequest",
+            ServiceError::Evidence(e) => e.reason(),
+            ServiceError::CredentialMismatch => "CredentialMismatch",
+            ServiceError::Csr(_) => "InvalidCsr",
+            ServiceError::UnknownPolicy(_) => "UnknownPolicy",
+            ServiceError::Policy(_) => "PolicyError",
+            ServiceError::Issue(_) => "IssueFailed",
+        }
+    }
+}
+
+/// Trust anchors and lifetimes.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Challenge lifetime (at most [`MAX_NONCE_TTL`]).
+    pub nonce_ttl: Duration,
+    /// How long a positive decision (and the client certificate) lasts.
+    pub result_ttl: Duration,
+    /// AMD roots per CPU generation.
+    pub snp_roots: Vec<SnpRoots>,
+    /// Intel SGX root (DER).
+    pub intel_root: Option<Vec<u8>>,
+    /// EK CAs (DER) and their intermediates (DER).
+    pub ek_cas: Vec<Vec<u8>>,
+    /// EK intermediates (DER).
+    pub ek_intermediates: Vec<Vec<u8>>,
+}
+
+/// TPM enrolment material sent with a challenge request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TpmEnrolment {
+    /// EK certificate, DER, base64.
+    pub ek_certificate: String,
+    /// AK TPMT_PUBLIC, base64.
+    pub ak_public_area: String,
+}
+
+/// `POST /v1/attestation/challenge`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChallengeRequest {
+    /// Device (EdgeDevice name).
+    pub device: String,
+    /// The agent's public key (SPKI DER, base64) that the certificate will carry.
+    pub agent_public_key: String,
+    /// Evidence kind the device will send.
+    pub tee: TeeKind,
+    /// TPM only: EK certificate and AK public area.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmEnrolment>,
+}
+
+/// A TPM credential challenge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CredentialChallenge {
+    /// TPM2B_ID_OBJECT contents, base64.
+    pub id_object: String,
+    /// TPM2B_ENCRYPTED_SECRET contents, base64.
+    pub encrypted_secret: String,
+}
+
+/// The challenge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Challenge {
+    /// Single-use nonce, base64.
+    pub nonce: String,
+    /// Seconds until it expires.
+    pub expires_in_seconds: u64,
+    /// The 64 bytes to put in the evidence's report data, hex.
+    pub report_data: String,
+    /// TPM only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialChallenge>,
+}
+
+/// Evidence by kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Evidence {
+    /// SEV-SNP report and VCEK (DER), base64.
+    SevSnp {
+        /// Report.
+        report: String,
+        /// VCEK or VLEK.
+        vcek: String,
+    },
+    /// TDX quote, base64.
+    Tdx {
+        /// Quote.
+        quote: String,
+    },
+    /// TPM quote and the activated credential.
+    Tpm {
+        /// The quote.
+        evidence: TpmEvidence,
+        /// The secret recovered by TPM2_ActivateCredential, base64.
+        credential: String,
+    },
+    /// Development key.
+    Dev {
+        /// The evidence.
+        evidence: DevEvidence,
+    },
+}
+
+/// `POST /v1/attestation/evidence`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvidenceRequest {
+    /// Device.
+    pub device: String,
+    /// The challenge's nonce, base64.
+    pub nonce: String,
+    /// PKCS#10 CSR (PEM) for the agent key.
+    pub csr: String,
+    /// Policy name (defaults to `default`).
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// The evidence.
+    pub evidence: Evidence,
+}
+
+/// The outcome of an appraisal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Appraisal {
+    /// The policy's decision.
+    pub decision: Decision,
+    /// The verified claims.
+    pub claims: Claims,
+    /// Signed attestation result (EAR-style JWT, ES256).
+    pub attestation_result: String,
+    /// The device's client certificate (PEM), only when allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// When the result and certificate lapse (seconds since the epoch).
+    pub expires_at: i64,
+    /// TPM clock state to compare with at the next attestation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_clock: Option<ClockState>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    device: String,
+    agent_key: Vec<u8>,
+    tee: TeeKind,
+    expires: SystemTime,
+    tpm: Option<(Vec<u8>, [u8; 32])>, // AK SPKI DER, credential secret
+}
+
+/// The service. Cheap to share behind an `Arc`.
+pub struct AttestationService {
+    config: ServiceConfig,
+    policies: HashMap<String, Policy>,
+    pending: Mutex<HashMap<Vec<u8>, Pending>>,
+    tpm_clocks: Mutex<HashMap<String, ClockState>>,
+    result_key: p256::ecdsa::SigningKey,
+    ca_issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca_cert_pem: String,
+}
+
+impl std::fmt::Debug for AttestationService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttestationService")
+            .field("policies", &self.policies.keys())
+            .finish_non_exhaustive()
+    }
+}
+
+fn b64(what: &str, s: &str) -> Result<Vec<u8>, ServiceError> {
+    B64.decode(s.trim())
+        .map_err(|e| ServiceError::BadRequest(format!("{what}: {e}")))
+}
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl AttestationService {
+    /// Builds the service from its trust anchors, policies, the key that signs results,
+    /// and the device CA (certificate and key, PEM) that issues client certificates.
+    pub fn new(
+        mut config: ServiceConfig,
+        policies: HashMap<String, Policy>,
+        result_key: p256::ecdsa::SigningKey,
+        ca_cert_pem: &str,
+        ca_key_pem: &str,
+    ) -> Result<Self, ServiceError> {
+        config.nonce_ttl = config.nonce_ttl.min(MAX_NONCE_TTL);
+        let key = rcgen::KeyPair::from_pem(ca_key_pem)
+            .map_err(|e| ServiceError::Issue(format!("CA key: {e}")))?;
+        let ca_issuer = rcgen::Issuer::from_ca_cert_pem(ca_cert_pem, key)
+            .map_err(|e| ServiceError::Issue(format!("CA certificate: {e}")))?;
+        Ok(Self {
+            config,
+            policies,
+            pending: Mutex::new(HashMap::new()),
+            tpm_clocks: Mutex::new(HashMap::new()),
+            result_key,
+            ca_issuer,
+            ca_cert_pem: ca_cert_pem.to_owned(),
+        })
+    }
+
+    /// The key that verifies attestation results.
+    pub fn result_verifying_key(&self) -> p256::ecdsa::VerifyingKey {
+        *self.result_key.verifying_key()
+    }
+
+    /// The device CA certificate (PEM).
+    pub fn ca_certificate(&self) -> &str {
+        &self.ca_cert_pem
+    }
+
+    /// Issues a challenge. For TPM devices, verifies the EK certificate and the AK's
+    /// attributes now, and returns a credential the device must activate.
+    pub fn challenge(
+        &self,
+        req: &ChallengeRequest,
+        now: SystemTime,
+    ) -> Result<Challenge, ServiceError> {
+        if req.device.is_empty() || req.device.len() > 253 {
+            return Err(ServiceError::BadRequest("device name".into()));
+        }
+        let agent_key = b64("agent_public_key", &req.agent_public_key)?;
+        let mut nonce = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+        let mut secret = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
+        let (tpm, credential) = match (req.tee, &req.tpm) {
+            (TeeKind::Tpm, Some(e)) => {
+                let ek_cert = b64("ek_certificate", &e.ek_certificate)?;
+                let ek_spki = self
+                    .config
+                    .ek_cas
+                    .iter()
+                    .find_map(|ca| {
+                        tpm_enrol::verify_ek_certificate(
+                            &ek_cert,
+                            &self.config.ek_intermediates,
+                            ca,
+                            now,
+                        )
+                        .ok()
+                    })
+                    .ok_or(AttestationError::ChainInvalid(
+                        "the EK certificate does not chain to a configured EK CA".into(),
+                    ))?;
+                let ak = tpm_enrol::parse_ak_public(&b64("ak_public_area", &e.ak_public_area)?)?;
+                let (id_object, encrypted) =
+                    tpm_enrol::make_credential(&ek_spki, &ak.name, &secret)?;
+                (
+                    Some((tpm_enrol::ak_spki_der(&ak)?, secret)),
+                    Some(CredentialChallenge {
+                        id_object: B64.encode(id_object),
+                        encrypted_secret: B64.encode(encrypted),
+                    }),
+                )
+            }
+            (TeeKind::Tpm, None) => {
+                return Err(ServiceError::BadRequest(
+                    "a TPM challenge needs the EK certificate and AK".into(),
+                ));
+            }
+            _ => (None, None),
+        };
+        let report_data = binding::report_data(&nonce, &agent_key, &req.device);
+        let mut pending = self
+            .pending
+            .lock()
+            .map_err(|_| ServiceError::Issue("lock poisoned".into()))?;
+        pending.retain(|_, p| p.expires > now);
+        pending.insert(
+            nonce.to_vec(),
+            Pending {
+                device: req.device.clone(),
+                agent_key,
+                tee: req.tee,
+                expires: now + self.config.nonce_ttl,
+                tpm,
+            },
+        );
+        Ok(Challenge {
+            nonce: B64.encode(nonce),
+            expires_in_seconds: self.config.nonce_ttl.as_secs(),
+            report_data: hex::encode(report_data),
+            credential,
+        })
+    }
+
+    /// Verifies evidence against its challenge, appraises it, and issues the result (and,
+    /// when allowed, the certificate). The nonce is consumed whatever the outcome.
+    pub fn evidence(
+        &self,
+        req: &EvidenceRequest,
+        now: SystemTime,
+    ) -> Result<Appraisal, ServiceError> {
+        let nonce = b64("nonce", &req.nonce)?;
+        let pending = self
+            .pending
+            .lock()
+            .map_err(|_| ServiceError::Issue("lock poisoned".into()))?
+            .remove(&nonce)
+            .filter(|p| p.expires > now)
+            .ok_or(ServiceError::UnknownNonce)?;
+        if pending.device != req.device {
+            return Err(ServiceError::ChallengeMismatch(format!(
+                "challenge was for {:?}",
+                pending.device
+            )));
+        }
+        let expected = binding::report_data(&nonce, &pending.agent_key, &pending.device);
+
+        // The CSR must be for the key the evidence binds, and signed by it.
+        let csr_der = x509_parser::pem::parse_x509_pem(req.csr.as_bytes())
+            .map_err(|e| ServiceError::Csr(format!("not PEM: {e}")))?
+            .1
+            .contents;
+        let (_, csr) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(&csr_der)
+                .map_err(|e| ServiceError::Csr(e.to_string()))?;
+        csr.verify_signature()
+            .map_err(|e| ServiceError::Csr(format!("signature: {e}")))?;
+        if csr.certification_request_info.subject_pki.raw != pending.agent_key.as_slice() {
+            return Err(ServiceError::Csr(
+                "the CSR's key is not the key in the challenge".into(),
+            ));
+        }
+
+        let (claims, tpm_clock) = match (&req.evidence, pending.tee) {
+            (Evidence::SevSnp { report, vcek }, TeeKind::SevSnp) => {
+                let opts = SnpOptions {
+                    allow_debug: false,
+                    expected_report_data: Some(expected.to_vec()),
+                };
+                (
+                    snp::verify(
+                        &b64("report", report)?,
+                        &b64("vcek", vcek)?,
+                        &self.config.snp_roots,
+                        now,
+                        &opts,
+                    )?,
+                    None,
+                )
+            }
+            (Evidence::Tdx { quote }, TeeKind::Tdx) => {
+                let root =
+                    self.config
+                        .intel_root
+                        .as_deref()
+                        .ok_or(AttestationError::ChainInvalid(
+                            "no Intel root configured".into(),
+                        ))?;
+                let opts = TdxOptions {
+                    allow_debug: false,
+                    expected_report_data: Some(expected.to_vec()),
+                };
+                (tdx::verify(&b64("quote", quote)?, root, now, &opts)?, None)
+            }
+            (
+                Evidence::Tpm {
+                    evidence,
+                    credential,
+                },
+                TeeKind::Tpm,
+            ) => {
+                let (ak_spki, secret) = pending
+                    .tpm
+                    .as_ref()
+                    .ok_or(ServiceError::CredentialMismatch)?;
+                let answered = b64("credential", credential)?;
+                if !constant_time_eq(&answered, secret) {
+                    return Err(ServiceError::CredentialMismatch);
+                }
+                if b64("ak_public", &evidence.ak_public)? != *ak_spki {
+                    return Err(ServiceError::ChallengeMismatch(
+                        "the quote is signed by another AK than the enrolled one".into(),
+                    ));
+                }
+                let previous = self
+                    .tpm_clocks
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&req.device).copied());
+                let opts = TpmOptions {
+                    expected_nonce: Some(expected.to_vec()),
+                    previous,
+                    ak_trusted: true,
+                };
+                let (claims, clock) = tpm::verify(evidence, &opts)?;
+                (claims, Some(clock))
+            }
+            (Evidence::Dev { evidence }, TeeKind::Dev) => {
+                (dev::verify(evidence, Some(&expected))?, None)
+            }
+            _ => {
+                return Err(ServiceError::ChallengeMismatch(
+                    "evidence kind differs from the challenge".into(),
+                ));
+            }
+        };
+        if let (Some(clock), Ok(mut clocks)) = (tpm_clock, self.tpm_clocks.lock()) {
+            clocks.insert(req.device.clone(), clock);
+        }
+
+        let name = req.policy.clone().unwrap_or_else(|| "default".to_owned());
+        let policy = self
+            .policies
+            .get(&name)
+            .ok_or_else(|| ServiceError::UnknownPolicy(name.clone()))?;
+        let decision = policy.evaluate(&claims)?;
+        let expires_at = unix(now + self.config.result_ttl);
+        let result = super::result::sign(
+            &self.result_key,
+            &json!({
+                "iss": "edgefleet-gateway",
+                "sub": req.device,
+                "iat": unix(now),
+                "exp": expires_at,
+                "ear.status": if decision.allow { "affirming" } else { "contraindicated" },
+                "ear.appraisal-policy-id": format!("{}@{}", decision.policy, decision.policy_hash),
+                "edgefleet.tee": claims.tee,
+                "edgefleet.measurements": claims.measurements_digest(),
+                "edgefleet.key": hex::encode(Sha256::digest(&pending.agent_key)),
+                "edgefleet.deny": decision.deny,
+            }),
+        );
+        let certificate = if decision.allow {
+            Some(self.issue(&pending.agent_key, &req.device, now)?)
+        } else {
+            None
+        };
+        Ok(Appraisal {
+            decision,
+            claims,
+            attestation_result: result,
+            certificate,
+            expires_at,
+            tpm_clock,
+        })
+    }
+
+    /// A client certificate for `spki` with the device name as CN and SAN URI
+    /// `edgefleet://device/<name>`, valid until the result lapses.
+    fn issue(&self, spki: &[u8], device: &str, now: SystemTime) -> Result<String, ServiceError> {
+        let key = rcgen::SubjectPublicKeyInfo::from_der(spki)
+            .map_err(|e| ServiceError::Issue(e.to_string()))?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
+            .map_err(|e| ServiceError::Issue(e.to_string()))?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, device);
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            format!("edgefleet://device/{device}")
+                .try_into()
+                .map_err(|e: rcgen::Error| ServiceError::Issue(e.to_string()))?,
+        )];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let start = time::OffsetDateTime::from_unix_timestamp(unix(now) - 60)
+            .map_err(|e| ServiceError::Issue(e.to_string()))?;
+        params.not_before = start;
+        params.not_after =
+            start + time::Duration::seconds(self.config.result_ttl.as_secs() as i64 + 60);
+        let cert = params
+            .signed_by(&key, &self.ca_issuer)
+            .map_err(|e| ServiceError::Issue(e.to_string()))?;
+        Ok(cert.pem())
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
