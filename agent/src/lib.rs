@@ -3,3 +3,4 @@
 //! development key). Fetching, verifying and serving models join later.
 
 pub mod attest;
+pub mod gateway_client;

@@ -127,7 +127,10 @@ pub struct DesiredModel {
 #[serde(rename_all = "camelCase")]
 pub struct EdgeDeviceStatus {
     /// `Ready`, `Attested` and `Approved`, with reasons.
+    /// Each writer (operator, gateway) owns its own condition types under server-side
+    /// apply, so the list is a map keyed by `type`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// When the gateway last heard from the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

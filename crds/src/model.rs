@@ -337,7 +337,10 @@ pub struct EdgeModelStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Available`, `Progressing`, `Degraded` and `SignatureVerified`, with reasons.
+    /// Each writer (operator, gateway) owns its own condition types under server-side
+    /// apply, so the list is a map keyed by `type`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// One-word summary: Pending, Progressing, Available, Paused, Degraded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -9,6 +9,7 @@
 //! Established.
 
 pub mod pki;
+pub mod swtpm;
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};

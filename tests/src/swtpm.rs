@@ -1,5 +1,7 @@
-//! Shared test helpers: a real swtpm with its own local CA.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // test code
+//! A real software TPM (swtpm) with fresh state and its own local CA, made by
+//! `swtpm_setup` the way a TPM vendor provisions an EK certificate. Test support:
+//! panics on setup failure, kills swtpm on drop.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is the failure report
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -8,6 +10,7 @@ use std::time::{Duration, Instant};
 use edgefleet_trust::attestation::pem_certificates;
 
 /// swtpm with fresh state and its own local CA; killed on drop.
+#[derive(Debug)]
 pub struct Swtpm {
     dir: tempfile::TempDir,
     child: Child,

@@ -4,12 +4,10 @@
 //! that changes the decision under a policy pinning that PCR.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use common::Swtpm;
+use edgefleet_e2e::swtpm::Swtpm;
 
 use edgefleet_agent::attest::tpm::TpmAttester;
 use edgefleet_trust::attestation::policy::Policy;

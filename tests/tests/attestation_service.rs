@@ -3,17 +3,15 @@
 //! client certificate for its agent key.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use common::Swtpm;
 use edgefleet_agent::attest::dev::DevAttester;
 use edgefleet_agent::attest::tpm::TpmAttester;
+use edgefleet_e2e::swtpm::Swtpm;
 use edgefleet_trust::attestation::policy::Policy;
 use edgefleet_trust::attestation::service::{
     AttestationService, ChallengeRequest, Evidence, EvidenceRequest, ServiceConfig, TpmEnrolment,

@@ -1,0 +1,105 @@
+//! The agent's client for the gateway's attestation API (HTTPS, gateway CA pinned).
+
+use std::sync::Arc;
+
+use edgefleet_trust::attestation::service::{
+    Appraisal, Challenge, ChallengeRequest, EvidenceRequest,
+};
+
+/// Errors talking to the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The gateway CA could not be loaded.
+    #[error("gateway CA: {0}")]
+    Ca(String),
+    /// Transport failure.
+    #[error("gateway unreachable: {0}")]
+    Transport(#[from] reqwest::Error),
+    /// The gateway refused, naming why.
+    #[error("gateway refused ({status}): {reason}: {message}")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// Named reason.
+        reason: String,
+        /// Detail.
+        message: String,
+    },
+}
+
+/// A gateway client.
+#[derive(Debug, Clone)]
+pub struct GatewayClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl GatewayClient {
+    /// A client for `base` (`https://host:port`) trusting only `ca_pem`, presenting the
+    /// bootstrap `token`.
+    pub fn new(base: &str, ca_pem: &[u8], token: &str) -> Result<Self, GatewayError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for der in edgefleet_trust::attestation::pem_certificates(ca_pem)
+            .map_err(|e| GatewayError::Ca(e.to_string()))?
+        {
+            roots
+                .add(der.into())
+                .map_err(|e| GatewayError::Ca(e.to_string()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| GatewayError::Ca(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        })
+    }
+
+    async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<R, GatewayError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp.json().await?);
+        }
+        let err: serde_json::Value = resp.json().await.unwrap_or_default();
+        Err(GatewayError::Rejected {
+            status: status.as_u16(),
+            reason: err["reason"].as_str().unwrap_or("Unknown").to_owned(),
+            message: err["message"].as_str().unwrap_or("").to_owned(),
+        })
+    }
+
+    /// Asks for a challenge.
+    pub async fn challenge(&self, req: &ChallengeRequest) -> Result<Challenge, GatewayError> {
+        self.post("/v1/attestation/challenge", req).await
+    }
+
+    /// Posts any JSON as a challenge request (for tools and tests of the gateway's
+    /// input validation).
+    pub async fn challenge_raw(&self, body: &serde_json::Value) -> Result<Challenge, GatewayError> {
+        self.post("/v1/attestation/challenge", body).await
+    }
+
+    /// Sends evidence.
+    pub async fn evidence(&self, req: &EvidenceRequest) -> Result<Appraisal, GatewayError> {
+        self.post("/v1/attestation/evidence", req).await
+    }
+}

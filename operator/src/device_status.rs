@@ -1,0 +1,223 @@
+//! EdgeDevice status written by the gateway: the latest attestation result and the
+//! `Attested` condition, under the `edgefleet-gateway` field manager with server-side
+//! apply (conditions are a map keyed by type, so the operator's own conditions stay its
+//! own). A lapsed attestation turns `Attested` False, which stops model assignment.
+
+use edgefleet_crds::conditions::{self, reasons};
+use edgefleet_crds::device::EdgeDevice;
+use edgefleet_trust::attestation::Claims;
+use edgefleet_trust::attestation::policy::Decision;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// Field manager of the gateway's status writes.
+pub const FIELD_MANAGER: &str = "edgefleet-gateway";
+/// Measurements copied into the status (the rest are summarized by their digest).
+const MAX_MEASUREMENTS: usize = 8;
+
+/// Errors writing device status.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// The device is not enrolled.
+    #[error("unknown device {0:?}")]
+    UnknownDevice(String),
+    /// The API server refused or failed.
+    #[error("writing EdgeDevice {device} status: {source}")]
+    Kube {
+        /// Device.
+        device: String,
+        /// Client error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// The `Attested` condition, keeping `lastTransitionTime` when the status is unchanged.
+fn attested_condition(
+    current: Option<&EdgeDevice>,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: i64,
+    now: OffsetDateTime,
+) -> Value {
+    let status_str = if status { "True" } else { "False" };
+    let previous = current.and_then(|d| d.status.as_ref()).and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == conditions::ATTESTED)
+    });
+    let since = match previous {
+        Some(c) if c.status == status_str => {
+            serde_json::to_value(&c.last_transition_time).unwrap_or(Value::Null)
+        }
+        _ => json!(rfc3339(now)),
+    };
+    json!({
+        "type": conditions::ATTESTED,
+        "status": status_str,
+        "reason": reason,
+        "message": message.chars().take(1024).collect::<String>(),
+        "observedGeneration": generation,
+        "lastTransitionTime": since,
+    })
+}
+
+/// The gateway's view of EdgeDevices.
+#[derive(Debug, Clone)]
+pub struct DeviceStatus {
+    api: Api<EdgeDevice>,
+}
+
+impl DeviceStatus {
+    /// Uses `client`.
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            api: Api::all(client),
+        }
+    }
+
+    /// The enrolled device, or [`StatusError::UnknownDevice`].
+    pub async fn get(&self, device: &str) -> Result<EdgeDevice, StatusError> {
+        match self.api.get_opt(device).await {
+            Ok(Some(d)) => Ok(d),
+            Ok(None) => Err(StatusError::UnknownDevice(device.to_owned())),
+            Err(source) => Err(StatusError::Kube {
+                device: device.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    async fn apply(&self, device: &str, status: Value) -> Result<(), StatusError> {
+        let patch =
+            json!({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice", "status": status});
+        self.api
+            .patch_status(
+                device,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|source| StatusError::Kube {
+                device: device.to_owned(),
+                source,
+            })
+    }
+
+    /// Records an appraisal: the attestation summary and `Attested`.
+    pub async fn record_decision(
+        &self,
+        device: &EdgeDevice,
+        claims: &Claims,
+        decision: &Decision,
+        verified: OffsetDateTime,
+        expires: OffsetDateTime,
+    ) -> Result<(), StatusError> {
+        let name = device.metadata.name.clone().unwrap_or_default();
+        let generation = device.metadata.generation.unwrap_or(0);
+        let measurements: serde_json::Map<String, Value> = claims
+            .measurements
+            .iter()
+            .take(MAX_MEASUREMENTS)
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        let message = if decision.allow {
+            String::new()
+        } else {
+            decision.deny.join("; ")
+        };
+        let (reason, ok) = if decision.allow {
+            (reasons::ATTESTATION_PASSED, true)
+        } else {
+            (reasons::ATTESTATION_FAILED, false)
+        };
+        let status = json!({
+            "attestation": {
+                "teeKind": claims.tee,
+                "allowed": decision.allow,
+                "policy": decision.policy,
+                "policyHash": decision.policy_hash,
+                "measurementsDigest": claims.measurements_digest(),
+                "measurements": measurements,
+                "verifiedTime": rfc3339(verified),
+                "expiryTime": rfc3339(expires),
+                "message": message,
+            },
+            "conditions": [attested_condition(Some(device), ok, reason, &message, generation, verified)],
+        });
+        self.apply(&name, status).await
+    }
+
+    /// Records evidence that did not verify.
+    pub async fn record_failure(
+        &self,
+        device: &EdgeDevice,
+        reason_detail: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), StatusError> {
+        let name = device.metadata.name.clone().unwrap_or_default();
+        let generation = device.metadata.generation.unwrap_or(0);
+        let cond = attested_condition(
+            Some(device),
+            false,
+            reasons::ATTESTATION_FAILED,
+            reason_detail,
+            generation,
+            now,
+        );
+        self.apply(&name, json!({"conditions": [cond]})).await
+    }
+
+    /// Turns `Attested` False (reason `AttestationExpired`) on every device whose
+    /// attestation lapsed before `now`. Returns the devices changed.
+    pub async fn lapse_expired(&self, now: OffsetDateTime) -> Result<Vec<String>, StatusError> {
+        let list = self
+            .api
+            .list(&ListParams::default())
+            .await
+            .map_err(|source| StatusError::Kube {
+                device: "*".into(),
+                source,
+            })?;
+        let mut lapsed = Vec::new();
+        for device in list.items {
+            let Some(status) = device.status.as_ref() else {
+                continue;
+            };
+            let Some(att) = status.attestation.as_ref() else {
+                continue;
+            };
+            let attested = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == conditions::ATTESTED && c.status == "True");
+            let expiry = serde_json::to_value(&att.expiry_time).ok().and_then(|v| {
+                v.as_str()
+                    .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+            });
+            if attested && expiry.is_some_and(|e| e <= now) {
+                let name = device.metadata.name.clone().unwrap_or_default();
+                let generation = device.metadata.generation.unwrap_or(0);
+                let cond = attested_condition(
+                    Some(&device),
+                    false,
+                    reasons::ATTESTATION_EXPIRED,
+                    "the device did not re-attest before its attestation lapsed",
+                    generation,
+                    now,
+                );
+                self.apply(&name, json!({"conditions": [cond]})).await?;
+                lapsed.push(name);
+            }
+        }
+        Ok(lapsed)
+    }
+}

@@ -1,0 +1,221 @@
+//! The device gateway's attestation API over HTTPS (axum on rustls).
+//!
+//! - `POST /v1/attestation/challenge` (bootstrap token): a single-use nonce, the report
+//!   data to bind, and for TPMs a credential challenge. Unknown devices get 404.
+//! - `POST /v1/attestation/evidence` (bootstrap token): verify, appraise, record the
+//!   decision in `EdgeDevice.status`, and return the signed attestation result and, when
+//!   allowed, the device's client certificate.
+//!
+//! Verification and policy evaluation are CPU work and run on blocking threads.
+//! Errors are JSON `{"reason": "...", "message": "..."}` with a 4xx status naming what
+//! failed; nothing is skipped silently.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use edgefleet_trust::attestation::service::{
+    AttestationService, ChallengeRequest, EvidenceRequest, ServiceError,
+};
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::device_status::{DeviceStatus, StatusError};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// How often lapsed attestations are swept.
+pub const LAPSE_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    service: Arc<AttestationService>,
+    devices: DeviceStatus,
+    bootstrap_token: Arc<str>,
+}
+
+/// An API error: status code, reason, message.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, &'static str, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        tracing::warn!(reason = self.1, message = %self.2, "gateway request rejected");
+        (self.0, Json(json!({"reason": self.1, "message": self.2}))).into_response()
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let code = match &e {
+            ServiceError::Issue(_) | ServiceError::Policy(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServiceError::UnknownPolicy(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ServiceError::UnknownNonce => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::FORBIDDEN,
+        };
+        ApiError(code, e.reason(), e.to_string())
+    }
+}
+
+impl From<StatusError> for ApiError {
+    fn from(e: StatusError) -> Self {
+        match &e {
+            StatusError::UnknownDevice(_) => {
+                ApiError(StatusCode::NOT_FOUND, "UnknownDevice", e.to_string())
+            }
+            StatusError::Kube { .. } => ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "StatusWriteFailed",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+impl Gateway {
+    /// A gateway over `service`, writing status through `devices`, admitting requests
+    /// that carry `bootstrap_token`.
+    pub fn new(
+        service: Arc<AttestationService>,
+        devices: DeviceStatus,
+        bootstrap_token: &str,
+    ) -> Self {
+        Self {
+            service,
+            devices,
+            bootstrap_token: bootstrap_token.into(),
+        }
+    }
+
+    /// The HTTP routes.
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/v1/attestation/challenge", post(challenge))
+            .route("/v1/attestation/evidence", post(evidence))
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .with_state(self)
+    }
+
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let expected = self.bootstrap_token.as_bytes();
+        let ok = given.len() == expected.len()
+            && given
+                .as_bytes()
+                .iter()
+                .zip(expected)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "missing or wrong bootstrap token".into(),
+            ))
+        }
+    }
+
+    /// Sweeps lapsed attestations every [`LAPSE_SWEEP_INTERVAL`] until the task is dropped.
+    pub async fn lapse_loop(self) {
+        let mut tick = tokio::time::interval(LAPSE_SWEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            match self.devices.lapse_expired(OffsetDateTime::now_utc()).await {
+                Ok(lapsed) if !lapsed.is_empty() => tracing::info!(?lapsed, "attestations lapsed"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "sweeping lapsed attestations"),
+            }
+        }
+    }
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("request body: {e}"),
+        )
+    })
+}
+
+async fn challenge(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    gw.authorize(&headers)?;
+    let req: ChallengeRequest = json_body(&body)?;
+    gw.devices.get(&req.device).await?;
+    let service = gw.service.clone();
+    let challenge = tokio::task::spawn_blocking(move || service.challenge(&req, SystemTime::now()))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))??;
+    Ok(Json(json!(challenge)))
+}
+
+async fn evidence(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    gw.authorize(&headers)?;
+    let req: EvidenceRequest = json_body(&body)?;
+    let device = gw.devices.get(&req.device).await?;
+    let service = gw.service.clone();
+    let now = SystemTime::now();
+    let outcome = tokio::task::spawn_blocking(move || service.evidence(&req, now))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?;
+    let verified = OffsetDateTime::now_utc();
+    match outcome {
+        Ok(appraisal) => {
+            let expires =
+                OffsetDateTime::from_unix_timestamp(appraisal.expires_at).unwrap_or(verified);
+            gw.devices
+                .record_decision(
+                    &device,
+                    &appraisal.claims,
+                    &appraisal.decision,
+                    verified,
+                    expires,
+                )
+                .await?;
+            Ok(Json(json!(appraisal)))
+        }
+        Err(e) => {
+            // Replays and malformed requests say nothing about the device; failed
+            // evidence does.
+            if !matches!(e, ServiceError::UnknownNonce | ServiceError::BadRequest(_)) {
+                gw.devices
+                    .record_failure(&device, &format!("{}: {e}", e.reason()), verified)
+                    .await?;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Serves `router` over HTTPS on `listener` until the future is dropped.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+) -> std::io::Result<()> {
+    let config = axum_server::tls_rustls::RustlsConfig::from_config(tls);
+    axum_server::from_tcp_rustls(listener, config)
+        .serve(router.into_make_service())
+        .await
+}

@@ -1,0 +1,5 @@
+//! The edgefleet operator: today, the device gateway's attestation endpoints and the
+//! EdgeDevice status they maintain. Reconcilers join later.
+
+pub mod device_status;
+pub mod gateway;

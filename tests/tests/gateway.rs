@@ -1,0 +1,311 @@
+//! The gateway over HTTPS against the real API server: a swtpm device enrols, attests,
+//! gets a client certificate, and its EdgeDevice shows Attested=True with the policy
+//! hash; unknown devices, wrong tokens, replays and dev evidence are refused by name and
+//! recorded; lapsed attestations turn Attested False.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use edgefleet_agent::attest::dev::DevAttester;
+use edgefleet_agent::attest::tpm::TpmAttester;
+use edgefleet_agent::gateway_client::{GatewayClient, GatewayError};
+use edgefleet_crds::device::EdgeDevice;
+use edgefleet_e2e::swtpm::Swtpm;
+use edgefleet_e2e::{ControlPlane, workspace_root};
+use edgefleet_operator::device_status::DeviceStatus;
+use edgefleet_operator::gateway::{self, Gateway};
+use edgefleet_trust::attestation::TeeKind;
+use edgefleet_trust::attestation::policy::Policy;
+use edgefleet_trust::attestation::service::{
+    AttestationService, ChallengeRequest, Evidence, EvidenceRequest, ServiceConfig, TpmEnrolment,
+};
+use kube::api::{Api, PostParams};
+
+const TOKEN: &str = "bootstrap-token-for-tests";
+
+struct Setup {
+    cp: ControlPlane,
+    client: GatewayClient,
+    url: String,
+    ca_pem: String,
+    devices: DeviceStatus,
+    swtpm: Swtpm,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+fn ca() -> (String, rcgen::KeyPair, rcgen::CertificateParams) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "edgefleet gateway CA");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    (p.self_signed(&key).unwrap().pem(), key, p)
+}
+
+async fn setup() -> Setup {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cp = ControlPlane::start().await.unwrap();
+    cp.install_crds().await.unwrap();
+    let kube = cp.client().await.unwrap();
+    let devices_api: Api<EdgeDevice> = Api::all(kube.clone());
+    let example: EdgeDevice = serde_yaml::from_str(
+        &std::fs::read_to_string(workspace_root().join("examples/edgedevice-store-042.yaml"))
+            .unwrap(),
+    )
+    .unwrap();
+    devices_api
+        .create(&PostParams::default(), &example)
+        .await
+        .unwrap();
+
+    let swtpm = Swtpm::start();
+    let rego = std::fs::read_to_string(workspace_root().join("policies/attestation.rego")).unwrap();
+    let data = std::fs::read_to_string(workspace_root().join("policies/reference.json")).unwrap();
+    let policies = HashMap::from([(
+        "default".to_owned(),
+        Policy::load("default", &rego, &data).unwrap(),
+    )]);
+    let (ca_pem, ca_key, ca_params) = ca();
+    let service = AttestationService::new(
+        ServiceConfig {
+            nonce_ttl: Duration::from_secs(60),
+            result_ttl: Duration::from_secs(3600),
+            snp_roots: vec![],
+            intel_root: None,
+            ek_cas: vec![swtpm.ca("swtpm-localca-rootca-cert.pem")],
+            ek_intermediates: vec![swtpm.ca("issuercert.pem")],
+        },
+        policies,
+        p256::ecdsa::SigningKey::random(&mut rand_core::OsRng),
+        &ca_pem,
+        &ca_key.serialize_pem(),
+    )
+    .unwrap();
+
+    // The gateway's own serving certificate, from the same CA.
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap()
+            .signed_by(
+                &server_key,
+                &rcgen::Issuer::from_params(&ca_params, &ca_key),
+            )
+            .unwrap();
+    let tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![server.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
+        )
+        .unwrap();
+    let devices = DeviceStatus::new(kube);
+    let router = Gateway::new(Arc::new(service), devices.clone(), TOKEN).router();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().unwrap().port()
+    );
+    let server = tokio::spawn(async move {
+        gateway::serve(listener, Arc::new(tls), router)
+            .await
+            .unwrap();
+    });
+    let client = GatewayClient::new(&url, ca_pem.as_bytes(), TOKEN).unwrap();
+    Setup {
+        cp,
+        client,
+        url,
+        ca_pem,
+        devices,
+        swtpm,
+        _server: server,
+    }
+}
+
+fn agent_key() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    (
+        B64.encode(rcgen::PublicKeyData::subject_public_key_info(&key)),
+        csr.pem().unwrap(),
+    )
+}
+
+fn rejected(e: GatewayError) -> (u16, String) {
+    match e {
+        GatewayError::Rejected { status, reason, .. } => (status, reason),
+        other => panic!("expected a named rejection, got {other}"),
+    }
+}
+
+fn attested_condition(d: &EdgeDevice) -> (String, String) {
+    let c = d
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Attested")
+        .unwrap();
+    (c.status.clone(), c.reason.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpm_device_attests_over_https_and_its_status_shows_it() {
+    let s = setup().await;
+    let device = "store-042-till-1";
+    let mut tpm = TpmAttester::open(&s.swtpm.tcti()).unwrap();
+    let (key, csr) = agent_key();
+    let enrol = TpmEnrolment {
+        ek_certificate: B64.encode(tpm.ek_certificate().unwrap()),
+        ak_public_area: B64.encode(tpm.ak_public_area().unwrap()),
+    };
+    let ask = |dev: &str| ChallengeRequest {
+        device: dev.into(),
+        agent_public_key: key.clone(),
+        tee: TeeKind::Tpm,
+        tpm: Some(enrol.clone()),
+    };
+
+    // An unknown device gets no challenge.
+    let (status, reason) = rejected(s.client.challenge(&ask("intruder-1")).await.unwrap_err());
+    assert_eq!((status, reason.as_str()), (404, "UnknownDevice"));
+    // Nor does a caller without the bootstrap token.
+    let stranger = GatewayClient::new(&s.url, s.ca_pem.as_bytes(), "not-the-token").unwrap();
+    let (status, reason) = rejected(stranger.challenge(&ask(device)).await.unwrap_err());
+    assert_eq!((status, reason.as_str()), (401, "Unauthorized"));
+
+    let challenge = s.client.challenge(&ask(device)).await.unwrap();
+    let cred = challenge.credential.clone().unwrap();
+    let secret = tpm
+        .activate_credential(
+            &B64.decode(&cred.id_object).unwrap(),
+            &B64.decode(&cred.encrypted_secret).unwrap(),
+        )
+        .unwrap();
+    let quote = tpm
+        .quote(&hex::decode(&challenge.report_data).unwrap())
+        .unwrap();
+    let req = EvidenceRequest {
+        device: device.into(),
+        nonce: challenge.nonce.clone(),
+        csr,
+        policy: None,
+        evidence: Evidence::Tpm {
+            evidence: quote,
+            credential: B64.encode(secret),
+        },
+    };
+    let appraisal = s.client.evidence(&req).await.unwrap();
+    assert!(appraisal.decision.allow, "{:?}", appraisal.decision.deny);
+    assert!(
+        appraisal
+            .certificate
+            .as_deref()
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+
+    // The decision is in the EdgeDevice status, with the policy hash.
+    let api: Api<EdgeDevice> = Api::all(s.cp.client().await.unwrap());
+    let d = api.get(device).await.unwrap();
+    assert_eq!(
+        attested_condition(&d),
+        ("True".into(), "AttestationPassed".into())
+    );
+    let att = d.status.as_ref().unwrap().attestation.as_ref().unwrap();
+    assert_eq!(att.policy_hash, appraisal.decision.policy_hash);
+    assert!(att.allowed);
+    assert_eq!(att.tee_kind, edgefleet_crds::TeeKind::Tpm);
+    let get = s.cp.kubectl().args(["get", "ed", device]).output().unwrap();
+    let text = String::from_utf8_lossy(&get.stdout);
+    assert!(text.lines().nth(1).unwrap().contains("tpm"), "{text}");
+
+    // Replaying the same evidence is refused: the nonce is gone.
+    let (status, reason) = rejected(s.client.evidence(&req).await.unwrap_err());
+    assert_eq!((status, reason.as_str()), (401, "UnknownNonce"));
+
+    // An hour and more later, the attestation has lapsed.
+    let later = time::OffsetDateTime::now_utc() + time::Duration::hours(2);
+    assert_eq!(s.devices.lapse_expired(later).await.unwrap(), [device]);
+    let d = api.get(device).await.unwrap();
+    assert_eq!(
+        attested_condition(&d),
+        ("False".into(), "AttestationExpired".into())
+    );
+    // Sweeping again changes nothing.
+    assert!(s.devices.lapse_expired(later).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_evidence_is_recorded_as_failed_and_malformed_bodies_are_named() {
+    let s = setup().await;
+    let device = "store-042-till-1";
+    let (key, csr) = agent_key();
+    let challenge = s
+        .client
+        .challenge(&ChallengeRequest {
+            device: device.into(),
+            agent_public_key: key,
+            tee: TeeKind::Dev,
+            tpm: None,
+        })
+        .await
+        .unwrap();
+    let rd: [u8; 64] = hex::decode(&challenge.report_data)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let req = EvidenceRequest {
+        device: device.into(),
+        nonce: challenge.nonce,
+        csr,
+        policy: None,
+        evidence: Evidence::Dev {
+            evidence: DevAttester::generate().evidence(&rd).unwrap(),
+        },
+    };
+    let appraisal = s.client.evidence(&req).await.unwrap();
+    assert!(!appraisal.decision.allow);
+    assert!(appraisal.certificate.is_none());
+    let api: Api<EdgeDevice> = Api::all(s.cp.client().await.unwrap());
+    let d = api.get(device).await.unwrap();
+    assert_eq!(
+        attested_condition(&d),
+        ("False".into(), "AttestationFailed".into())
+    );
+    assert!(
+        d.status
+            .unwrap()
+            .attestation
+            .unwrap()
+            .message
+            .unwrap()
+            .contains("evidence kind dev is not allowed")
+    );
+
+    // Malformed bodies are a named 400.
+    let (status, reason) = post_raw_challenge(&s, serde_json::Value::Null).await;
+    assert_eq!((status, reason.as_str()), (400, "BadRequest"));
+    let (status, reason) =
+        post_raw_challenge(&s, serde_json::json!({"device": device, "tee": "sgx"})).await;
+    assert_eq!((status, reason.as_str()), (400, "BadRequest"));
+}
+
+/// Posts a JSON body that is not a valid challenge request, with the right token.
+async fn post_raw_challenge(s: &Setup, body: serde_json::Value) -> (u16, String) {
+    match s.client.challenge_raw(&body).await {
+        Err(GatewayError::Rejected { status, reason, .. }) => (status, reason),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
