@@ -1,17 +1,246 @@
-//! edgefleet-agent, the device daemon. Attestation, model fetch and verification, and
-//! serving arrive in later releases; this binary only reports its version today.
+//! edgefleet-agent, the device daemon. Today it attests the device to the gateway
+//! (`edgefleet-agent attest`), once or on an interval, and keeps the client certificate
+//! the gateway issues. Fetching, verifying and serving models arrive later.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use edgefleet_agent::attest::dev::DevAttester;
+use edgefleet_agent::enrol::{Source, attest_loop, attest_once};
+use edgefleet_agent::gateway_client::GatewayClient;
+use edgefleet_trust::attestation::TeeKind;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "edgefleet device agent")]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    eprintln!(
-        "edgefleet-agent {}: no device functions are built yet",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum Tee {
+    /// TPM 2.0 through a TCTI.
+    Tpm,
+    /// SEV-SNP guest (configfs-tsm).
+    SevSnp,
+    /// TDX guest (configfs-tsm).
+    Tdx,
+    /// Development key; the default policy rejects it.
+    Dev,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve a model standalone on the OpenAI-compatible API (no operator).
+    Serve {
+        /// The GGUF model file.
+        #[arg(long, env = "EDGEFLEET_MODEL")]
+        model: PathBuf,
+        /// OpenSSF model-signing bundle for the model; verified before loading.
+        #[arg(long, requires = "public_key")]
+        bundle: Option<PathBuf>,
+        /// PEM public key the bundle must be signed with.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// Load the model without a signature (development only).
+        #[arg(long, conflicts_with = "bundle")]
+        allow_unsigned: bool,
+        /// Model id on the API (default: the file name without extension).
+        #[arg(long)]
+        served_name: Option<String>,
+        /// Listen address.
+        #[arg(long, env = "EDGEFLEET_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Context window per slot, in tokens.
+        #[arg(long, default_value_t = 2048)]
+        context_size: u32,
+        /// CPU threads per slot (default: available cores).
+        #[arg(long)]
+        threads: Option<i32>,
+        /// Layers offloaded to a GPU.
+        #[arg(long, default_value_t = 0)]
+        gpu_layers: u32,
+        /// Requests decoded concurrently.
+        #[arg(long, default_value_t = 1)]
+        parallel_slots: usize,
+        /// Requests that may wait for a slot before the API answers 429.
+        #[arg(long, default_value_t = 16)]
+        queue_depth: usize,
+    },
+    /// Attest to the gateway and store the client certificate it issues.
+    Attest {
+        /// Gateway URL, e.g. https://gateway.edgefleet.svc:8443.
+        #[arg(long, env = "EDGEFLEET_GATEWAY")]
+        gateway: String,
+        /// PEM CA that issued the gateway's certificate.
+        #[arg(long, env = "EDGEFLEET_GATEWAY_CA")]
+        gateway_ca: PathBuf,
+        /// Bootstrap token (prefer the environment variable).
+        #[arg(long, env = "EDGEFLEET_BOOTSTRAP_TOKEN", hide_env_values = true)]
+        bootstrap_token: String,
+        /// This device's name (its EdgeDevice).
+        #[arg(long, env = "EDGEFLEET_DEVICE")]
+        device: String,
+        /// Evidence source.
+        #[arg(long, value_enum, env = "EDGEFLEET_TEE")]
+        tee: Tee,
+        /// TPM TCTI (tpm only).
+        #[arg(long, env = "EDGEFLEET_TCTI", default_value = "device:/dev/tpmrm0")]
+        tcti: String,
+        /// configfs-tsm report directory (sev-snp, tdx).
+        #[arg(long, default_value = edgefleet_agent::attest::configfs_tsm::DEFAULT_ROOT)]
+        tsm_root: PathBuf,
+        /// State directory (agent key, certificate).
+        #[arg(
+            long,
+            env = "EDGEFLEET_STATE_DIR",
+            default_value = "/var/lib/edgefleet"
+        )]
+        state_dir: PathBuf,
+        /// Keep re-attesting, at most this many seconds apart (0: attest once and exit).
+        #[arg(long, default_value_t = 0)]
+        interval: u64,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,llama-cpp-2=warn".into()),
+        )
+        .init();
+    let cmd = Cli::parse().command;
+    let Cmd::Attest {
+        gateway,
+        gateway_ca,
+        bootstrap_token,
+        device,
+        tee,
+        tcti,
+        tsm_root,
+        state_dir,
+        interval,
+    } = cmd
+    else {
+        return serve(cmd).await;
+    };
+    let ca =
+        std::fs::read(&gateway_ca).with_context(|| format!("reading {}", gateway_ca.display()))?;
+    let client = GatewayClient::new(&gateway, &ca, &bootstrap_token)?;
+    let mut source = match tee {
+        Tee::Tpm => Source::Tpm(tcti),
+        Tee::SevSnp => Source::ConfigfsTsm {
+            root: tsm_root,
+            kind: TeeKind::SevSnp,
+        },
+        Tee::Tdx => Source::ConfigfsTsm {
+            root: tsm_root,
+            kind: TeeKind::Tdx,
+        },
+        Tee::Dev => Source::Dev(DevAttester::generate()),
+    };
+    if interval == 0 {
+        let a = attest_once(&client, &device, &mut source, &state_dir).await?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "allow": a.decision.allow, "deny": a.decision.deny, "policy_hash": a.decision.policy_hash,
+                "expires_at": a.expires_at, "certificate": a.certificate.is_some(),
+            }))?
+        );
+        if !a.decision.allow {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    attest_loop(
+        client,
+        device,
+        source,
+        state_dir,
+        Duration::from_secs(interval),
+    )
+    .await;
+    Ok(())
+}
+
+async fn serve(cmd: Cmd) -> anyhow::Result<()> {
+    let Cmd::Serve {
+        model,
+        bundle,
+        public_key,
+        allow_unsigned,
+        served_name,
+        listen,
+        context_size,
+        threads,
+        gpu_layers,
+        parallel_slots,
+        queue_depth,
+    } = cmd
+    else {
+        anyhow::bail!("not a serve command");
+    };
+    match (&bundle, &public_key) {
+        (Some(bundle), Some(key)) => {
+            use edgefleet_trust::model_signing::{PublicKey, TrustPolicy, verify};
+            let key = PublicKey::from_pem(&std::fs::read_to_string(key)?)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+            let policy = TrustPolicy::keys([("publisher".to_owned(), key)]);
+            let v = verify(
+                &std::fs::read(bundle)?,
+                &model,
+                &policy,
+                std::time::SystemTime::now(),
+                &[],
+            )
+            .map_err(|e| {
+                anyhow::anyhow!("refusing to load {}: {}: {e}", model.display(), e.reason())
+            })?;
+            tracing::info!(subject = %v.subject_digest, signer = %v.signer, "model signature verified");
+        }
+        _ if allow_unsigned => {
+            tracing::warn!(model = %model.display(), "serving an unsigned model (--allow-unsigned)")
+        }
+        _ => anyhow::bail!(
+            "give --bundle and --public-key to verify the model, or --allow-unsigned for development"
+        ),
+    }
+    if !edgefleet_agent::engine::is_gguf(&model) {
+        anyhow::bail!("{} is not a GGUF file", model.display());
+    }
+    let served_name = served_name.unwrap_or_else(|| {
+        model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let threads = threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
+    let config = edgefleet_agent::engine::EngineConfig {
+        model_path: model,
+        served_name,
+        context_size,
+        threads,
+        gpu_layers,
+        parallel_slots,
+        queue_depth,
+    };
+    let engine = tokio::task::spawn_blocking(move || edgefleet_agent::engine::Engine::load(config))
+        .await??;
+    tracing::info!(load_ms = engine.load_millis(), model = %engine.config().served_name, %listen, "serving");
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    axum::serve(
+        listener,
+        edgefleet_agent::serve::router(std::sync::Arc::new(engine)),
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
 }

@@ -309,3 +309,48 @@ async fn post_raw_challenge(s: &Setup, body: serde_json::Value) -> (u16, String)
         other => panic!("expected a rejection, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_attestation_round_stores_a_certificate_only_when_allowed() {
+    use edgefleet_agent::enrol::{Source, attest_once};
+    let s = setup().await;
+    let device = "store-042-till-1";
+    let state = tempfile::tempdir().unwrap();
+
+    // The development key is refused by the default policy: no certificate is stored.
+    let mut dev = Source::Dev(DevAttester::generate());
+    let a = attest_once(&s.client, device, &mut dev, state.path())
+        .await
+        .unwrap();
+    assert!(!a.decision.allow);
+    assert!(!state.path().join("agent-cert.pem").exists());
+    assert!(state.path().join("agent-key.pem").exists());
+
+    // The TPM round (enrolment, credential activation, bound quote) is allowed, and the
+    // certificate is for the stored agent key.
+    let mut tpm = Source::Tpm(s.swtpm.tcti());
+    let a = attest_once(&s.client, device, &mut tpm, state.path())
+        .await
+        .unwrap();
+    assert!(a.decision.allow, "{:?}", a.decision.deny);
+    let cert_pem = std::fs::read_to_string(state.path().join("agent-cert.pem")).unwrap();
+    let der = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .unwrap()
+        .1
+        .contents;
+    let (_, cert) = <x509_parser::certificate::X509Certificate<'_> as x509_parser::prelude::FromDer<'_, _>>::from_der(&der).unwrap();
+    let key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(state.path().join("agent-key.pem")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        cert.public_key().raw,
+        rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+    );
+
+    // An unknown device name gets a named refusal, not a certificate.
+    let err = attest_once(&s.client, "not-enrolled", &mut tpm, state.path())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("UnknownDevice"), "{err}");
+}

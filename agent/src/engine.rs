@@ -1,0 +1,499 @@
+//! The inference engine: llama.cpp (llama-cpp-2) behind a bounded queue.
+//!
+//! `parallel_slots` worker threads each own a llama context on the shared model and take
+//! jobs from a queue of `queue_depth`; a full queue is refused at once (the API answers
+//! 429). Each job applies the model's own chat template, decodes the prompt, and samples
+//! token by token — greedy at temperature 0, else top-p, temperature and a seeded
+//! distribution — until an end-of-generation token, a stop sequence, `max_tokens`, or
+//! the receiver going away (the client disconnected), which stops generation at once.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use serde::{Deserialize, Serialize};
+
+static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+
+fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Load(format!("llama.cpp backend: {e}")))
+}
+
+/// Engine settings (the EdgeModel's `runtime` section).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// A GGUF file that has been verified.
+    pub model_path: PathBuf,
+    /// Model id on the API.
+    pub served_name: String,
+    /// Context window per slot, in tokens.
+    pub context_size: u32,
+    /// CPU threads per slot.
+    pub threads: i32,
+    /// Layers offloaded to a GPU.
+    pub gpu_layers: u32,
+    /// Requests decoded concurrently.
+    pub parallel_slots: usize,
+    /// Requests that may wait for a slot.
+    pub queue_depth: usize,
+}
+
+/// Engine errors.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The model could not be loaded.
+    #[error("loading the model: {0}")]
+    Load(String),
+    /// The request cannot be served as asked.
+    #[error("{0}")]
+    Invalid(String),
+    /// llama.cpp failed during generation.
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// Why a submission was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    /// Every slot is busy and the queue is full.
+    #[error("all {0} slots busy and the queue is full")]
+    QueueFull(usize),
+    /// The engine stopped.
+    #[error("the engine stopped")]
+    Stopped,
+}
+
+/// A chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// Text.
+    pub content: String,
+}
+
+/// Sampling parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus sampling mass.
+    pub top_p: f32,
+    /// Seed of the sampling distribution.
+    pub seed: u32,
+    /// Generation stops before any of these.
+    pub stop: Vec<String>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End of generation token or stop sequence.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+/// What a job reports, in order: deltas, then one `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// More text.
+    Delta(String),
+    /// Finished.
+    Done {
+        /// Why.
+        finish_reason: FinishReason,
+        /// Prompt tokens.
+        prompt_tokens: u32,
+        /// Generated tokens.
+        completion_tokens: u32,
+    },
+    /// Failed; the message says why.
+    Failed(String),
+}
+
+struct Job {
+    messages: Vec<ChatMessage>,
+    sampling: Sampling,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+}
+
+/// Counters for metrics and health.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests completed.
+    pub requests: AtomicU64,
+    /// Requests failed.
+    pub failures: AtomicU64,
+    /// Generations stopped because the client went away.
+    pub cancelled: AtomicU64,
+    /// Tokens generated.
+    pub generated_tokens: AtomicU64,
+    /// Microseconds spent generating (after the prompt).
+    pub generation_micros: AtomicU64,
+    /// Prompt tokens decoded.
+    pub prompt_tokens: AtomicU64,
+    /// Microseconds to first token, summed.
+    pub ttft_micros: AtomicU64,
+    /// Jobs waiting for a slot.
+    pub queued: AtomicUsize,
+    /// Slots decoding now.
+    pub busy: AtomicUsize,
+}
+
+/// A loaded model with its worker slots.
+pub struct Engine {
+    jobs: SyncSender<Job>,
+    config: EngineConfig,
+    stats: Arc<Stats>,
+    load_millis: u64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Loads the model and starts the slots.
+    pub fn load(config: EngineConfig) -> Result<Self, EngineError> {
+        if config.parallel_slots == 0 || config.context_size < 128 {
+            return Err(EngineError::Invalid(
+                "need at least one slot and a context of 128 tokens".into(),
+            ));
+        }
+        let backend = backend()?;
+        let started = Instant::now();
+        let params = LlamaModelParams::default().with_n_gpu_layers(config.gpu_layers);
+        let model = Arc::new(
+            LlamaModel::load_from_file(backend, &config.model_path, &params)
+                .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?,
+        );
+        // The model must carry a chat template: we never guess one.
+        model
+            .chat_template(None)
+            .map_err(|e| EngineError::Load(format!("no chat template in the model: {e}")))?;
+        let load_millis = started.elapsed().as_millis() as u64;
+
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(config.queue_depth);
+        let rx = Arc::new(Mutex::new(rx));
+        let stats = Arc::new(Stats::default());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        for slot in 0..config.parallel_slots {
+            let (model, rx, stats, config, ready) = (
+                model.clone(),
+                rx.clone(),
+                stats.clone(),
+                config.clone(),
+                ready_tx.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("llama-slot-{slot}"))
+                .spawn(move || worker(&model, &rx, &stats, &config, &ready))
+                .map_err(|e| EngineError::Load(format!("starting slot {slot}: {e}")))?;
+        }
+        drop(ready_tx);
+        for _ in 0..config.parallel_slots {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(EngineError::Load(e)),
+                Err(_) => return Err(EngineError::Load("a slot exited while starting".into())),
+            }
+        }
+        Ok(Self {
+            jobs: tx,
+            config,
+            stats,
+            load_millis,
+        })
+    }
+
+    /// Queues a generation; events arrive on the returned receiver. Dropping the
+    /// receiver stops the generation.
+    pub fn submit(
+        &self,
+        messages: Vec<ChatMessage>,
+        sampling: Sampling,
+    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, SubmitError> {
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        match self.jobs.try_send(Job {
+            messages,
+            sampling,
+            events,
+        }) {
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull(self.config.parallel_slots),
+                    TrySendError::Disconnected(_) => SubmitError::Stopped,
+                })
+            }
+        }
+    }
+
+    /// Settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Milliseconds the model took to load.
+    pub fn load_millis(&self) -> u64 {
+        self.load_millis
+    }
+
+    /// Whether a new request would be served without a 429.
+    pub fn has_capacity(&self) -> bool {
+        self.stats.queued.load(Ordering::Relaxed) < self.config.queue_depth
+            || self.stats.busy.load(Ordering::Relaxed) < self.config.parallel_slots
+    }
+}
+
+fn worker(
+    model: &LlamaModel,
+    jobs: &Mutex<std::sync::mpsc::Receiver<Job>>,
+    stats: &Stats,
+    config: &EngineConfig,
+    ready: &std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let backend = match backend() {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(config.context_size))
+        .with_n_batch(config.context_size.min(512))
+        .with_n_threads(config.threads)
+        .with_n_threads_batch(config.threads);
+    let mut ctx = match model.new_context(backend, params) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(format!("creating a context: {e}")));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return, // the engine was dropped
+            },
+            Err(_) => return,
+        };
+        stats.queued.fetch_sub(1, Ordering::Relaxed);
+        stats.busy.fetch_add(1, Ordering::Relaxed);
+        let result = generate(model, &mut ctx, &job, stats);
+        stats.busy.fetch_sub(1, Ordering::Relaxed);
+        match result {
+            Ok(done) => {
+                stats.requests.fetch_add(1, Ordering::Relaxed);
+                if let Some(done) = done {
+                    let _ = job.events.send(done);
+                } else {
+                    stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                let _ = job.events.send(Event::Failed(e.to_string()));
+            }
+        }
+    }
+}
+
+/// Holds back text that may be the start of a stop sequence.
+fn emit_safe_len(text: &str, emitted: usize, stop: &[String]) -> usize {
+    let hold = stop
+        .iter()
+        .map(|s| s.len().saturating_sub(1))
+        .max()
+        .unwrap_or(0);
+    let mut end = text.len().saturating_sub(hold).max(emitted);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
+}
+
+/// Runs one job. `Ok(None)` means the receiver went away and generation stopped.
+fn generate(
+    model: &LlamaModel,
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    job: &Job,
+    stats: &Stats,
+) -> Result<Option<Event>, EngineError> {
+    let started = Instant::now();
+    let vocab = model.vocab();
+    let template = model
+        .chat_template(None)
+        .map_err(|e| EngineError::Inference(e.to_string()))?;
+    let chat = job
+        .messages
+        .iter()
+        .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| EngineError::Invalid(format!("messages: {e}")))?;
+    let prompt = model
+        .apply_chat_template(&template, &chat, true)
+        .map_err(|e| EngineError::Inference(e.to_string()))?;
+    let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
+    let n_ctx = ctx.n_ctx() as usize;
+    if tokens.is_empty() || tokens.len() + job.sampling.max_tokens as usize > n_ctx {
+        return Err(EngineError::Invalid(format!(
+            "prompt of {} tokens plus max_tokens {} exceeds the context of {n_ctx}",
+            tokens.len(),
+            job.sampling.max_tokens
+        )));
+    }
+    ctx.clear_kv_cache();
+    let n_batch = ctx.n_batch().max(1) as usize;
+    let mut batch = LlamaBatch::new(n_batch, 1);
+    let mut pos: i32 = 0;
+    let last = tokens.len() - 1;
+    for (c, chunk) in tokens.chunks(n_batch).enumerate() {
+        batch.clear();
+        for (i, t) in chunk.iter().enumerate() {
+            batch
+                .add(*t, pos, &[0], c * n_batch + i == last)
+                .map_err(|e| EngineError::Inference(e.to_string()))?;
+            pos += 1;
+        }
+        ctx.decode(&mut batch)
+            .map_err(|e| EngineError::Inference(e.to_string()))?;
+        if job.events.is_closed() {
+            return Ok(None);
+        }
+    }
+    stats
+        .prompt_tokens
+        .fetch_add(tokens.len() as u64, Ordering::Relaxed);
+
+    let s = &job.sampling;
+    let mut sampler = if s.temperature <= 0.0 {
+        LlamaSampler::greedy()
+    } else {
+        LlamaSampler::chain_simple([
+            LlamaSampler::top_p(s.top_p, 1),
+            LlamaSampler::temp(s.temperature),
+            LlamaSampler::dist(s.seed),
+        ])
+    };
+    let gen_started = Instant::now();
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut text = String::new();
+    let mut emitted = 0usize;
+    let mut generated = 0u32;
+    let mut finish = FinishReason::Length;
+    while generated < s.max_tokens {
+        let token = sampler.sample(ctx, batch.n_tokens() - 1);
+        sampler.accept(token);
+        if vocab.is_eog(token) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        generated += 1;
+        if generated == 1 {
+            stats
+                .ttft_micros
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        bytes.extend(vocab.token_to_piece(token, false, None));
+        // Move the longest valid UTF-8 prefix into the text.
+        let valid = match std::str::from_utf8(&bytes) {
+            Ok(v) => v.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        if valid > 0 {
+            text.push_str(std::str::from_utf8(&bytes[..valid]).unwrap_or_default());
+            bytes.drain(..valid);
+        }
+        if let Some(at) = s
+            .stop
+            .iter()
+            .filter_map(|stop| text.find(stop.as_str()))
+            .min()
+        {
+            text.truncate(at);
+            finish = FinishReason::Stop;
+            break;
+        }
+        let safe = emit_safe_len(&text, emitted, &s.stop);
+        if safe > emitted {
+            if job
+                .events
+                .send(Event::Delta(text[emitted..safe].to_owned()))
+                .is_err()
+            {
+                return Ok(None);
+            }
+            emitted = safe;
+        }
+        batch.clear();
+        batch
+            .add(token, pos, &[0], true)
+            .map_err(|e| EngineError::Inference(e.to_string()))?;
+        pos += 1;
+        ctx.decode(&mut batch)
+            .map_err(|e| EngineError::Inference(e.to_string()))?;
+    }
+    if emitted < text.len()
+        && job
+            .events
+            .send(Event::Delta(text[emitted..].to_owned()))
+            .is_err()
+    {
+        return Ok(None);
+    }
+    stats
+        .generated_tokens
+        .fetch_add(u64::from(generated), Ordering::Relaxed);
+    stats
+        .generation_micros
+        .fetch_add(gen_started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    Ok(Some(Event::Done {
+        finish_reason: finish,
+        prompt_tokens: tokens.len() as u32,
+        completion_tokens: generated,
+    }))
+}
+
+/// Whether `path` looks like a GGUF file (magic `GGUF`).
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read as _;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}

@@ -1,0 +1,424 @@
+//! The device's OpenAI-compatible API: `POST /v1/chat/completions` (streamed as SSE or
+//! not), `GET /v1/models`, and `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Bad requests get 400 with an OpenAI error object naming the field; a full queue gets
+//! 429 with `Retry-After`; a client that disconnects stops its generation (dropping the
+//! response drops the event receiver, which the engine notices at the next token).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use crate::engine::{ChatMessage, Engine, Event, Sampling, SubmitError};
+
+/// Largest request body.
+const MAX_BODY_BYTES: usize = 1 << 20;
+/// Seconds a client should wait after a 429.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// An OpenAI-style error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    param: Option<String>,
+    message: String,
+}
+
+impl ApiError {
+    fn bad(param: &str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            param: Some(param.to_owned()),
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(
+            json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}}),
+        );
+        let mut resp = (self.status, body).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        resp
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A validated chat completion request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    /// Messages.
+    pub messages: Vec<ChatMessage>,
+    /// Sampling.
+    pub sampling: Sampling,
+    /// Stream as SSE.
+    pub stream: bool,
+    /// Include usage in the last streamed chunk.
+    pub stream_usage: bool,
+}
+
+/// Validates an OpenAI chat completion body, naming the offending field.
+pub fn parse_chat_request(body: &Value, served: &str, n_ctx: u32) -> Result<ChatRequest, ApiError> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| ApiError::bad("body", "the body must be a JSON object"))?;
+    if let Some(model) = obj.get("model") {
+        let m = model
+            .as_str()
+            .ok_or_else(|| ApiError::bad("model", "model must be a string"))?;
+        if m != served {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                param: Some("model".into()),
+                message: format!("model {m:?} is not served here; this device serves {served:?}"),
+            });
+        }
+    }
+    let raw = obj
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::bad("messages", "messages must be a non-empty array"))?;
+    if raw.is_empty() {
+        return Err(ApiError::bad(
+            "messages",
+            "messages must be a non-empty array",
+        ));
+    }
+    let mut messages = Vec::with_capacity(raw.len());
+    for (i, m) in raw.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
+            ApiError::bad(&format!("messages[{i}].role"), "role must be a string")
+        })?;
+        if !matches!(role, "system" | "user" | "assistant") {
+            return Err(ApiError::bad(
+                &format!("messages[{i}].role"),
+                format!("unsupported role {role:?}"),
+            ));
+        }
+        let content = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .map(|p| {
+                    match (
+                        p.get("type").and_then(Value::as_str),
+                        p.get("text").and_then(Value::as_str),
+                    ) {
+                        (Some("text"), Some(t)) => Ok(t.to_owned()),
+                        _ => Err(ApiError::bad(
+                            &format!("messages[{i}].content"),
+                            "only text content parts are supported",
+                        )),
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?
+                .join(""),
+            _ => {
+                return Err(ApiError::bad(
+                    &format!("messages[{i}].content"),
+                    "content must be a string",
+                ));
+            }
+        };
+        if content.contains('\0') {
+            return Err(ApiError::bad(
+                &format!("messages[{i}].content"),
+                "content must not contain NUL",
+            ));
+        }
+        messages.push(ChatMessage {
+            role: role.to_owned(),
+            content,
+        });
+    }
+    let num = |name: &str| obj.get(name).filter(|v| !v.is_null());
+    let max_tokens = match num("max_completion_tokens").or_else(|| num("max_tokens")) {
+        None => 256.min(n_ctx / 2),
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n >= 1 && n < u64::from(n_ctx))
+            .ok_or_else(|| {
+                ApiError::bad(
+                    "max_tokens",
+                    format!("max_tokens must be an integer from 1 to {}", n_ctx - 1),
+                )
+            })? as u32,
+    };
+    let temperature = match num("temperature") {
+        None => 1.0,
+        Some(v) => v
+            .as_f64()
+            .filter(|t| (0.0..=2.0).contains(t))
+            .ok_or_else(|| ApiError::bad("temperature", "temperature must be between 0 and 2"))?
+            as f32,
+    };
+    let top_p = match num("top_p") {
+        None => 1.0,
+        Some(v) => v
+            .as_f64()
+            .filter(|p| *p > 0.0 && *p <= 1.0)
+            .ok_or_else(|| ApiError::bad("top_p", "top_p must be in (0, 1]"))?
+            as f32,
+    };
+    let seed = match num("seed") {
+        None => 0xED6E_F1EE,
+        Some(v) => v
+            .as_i64()
+            .map(|s| s as u32)
+            .ok_or_else(|| ApiError::bad("seed", "seed must be an integer"))?,
+    };
+    let stop = match num("stop") {
+        None => vec![],
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.len() <= 4 => a
+            .iter()
+            .map(|s| s.as_str().filter(|s| !s.is_empty()).map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                ApiError::bad("stop", "stop must be a string or up to 4 non-empty strings")
+            })?,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "stop",
+                "stop must be a string or up to 4 non-empty strings",
+            ));
+        }
+    };
+    if let Some(n) = num("n")
+        && n.as_u64() != Some(1)
+    {
+        return Err(ApiError::bad("n", "only n = 1 is supported"));
+    }
+    let stream = match num("stream") {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| ApiError::bad("stream", "stream must be a boolean"))?,
+    };
+    let stream_usage = obj
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(ChatRequest {
+        messages,
+        sampling: Sampling {
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop,
+        },
+        stream,
+        stream_usage,
+    })
+}
+
+/// The API routes over `engine`.
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(engine)
+}
+
+async fn readyz(State(engine): State<Arc<Engine>>) -> Response {
+    if engine.has_capacity() {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no free slot").into_response()
+    }
+}
+
+async fn models(State(engine): State<Arc<Engine>>) -> Json<Value> {
+    Json(
+        json!({"object": "list", "data": [{"id": engine.config().served_name, "object": "model", "created": 0, "owned_by": "edgefleet"}]}),
+    )
+}
+
+async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
+    let s = engine.stats();
+    let generated = s.generated_tokens.load(Ordering::Relaxed);
+    let micros = s.generation_micros.load(Ordering::Relaxed).max(1);
+    let body = format!(
+        "# TYPE edgefleet_requests_total counter\nedgefleet_requests_total {}\n\
+         # TYPE edgefleet_request_failures_total counter\nedgefleet_request_failures_total {}\n\
+         # TYPE edgefleet_generations_cancelled_total counter\nedgefleet_generations_cancelled_total {}\n\
+         # TYPE edgefleet_generated_tokens_total counter\nedgefleet_generated_tokens_total {generated}\n\
+         # TYPE edgefleet_prompt_tokens_total counter\nedgefleet_prompt_tokens_total {}\n\
+         # TYPE edgefleet_generation_tokens_per_second gauge\nedgefleet_generation_tokens_per_second {:.3}\n\
+         # TYPE edgefleet_time_to_first_token_seconds_sum counter\nedgefleet_time_to_first_token_seconds_sum {:.6}\n\
+         # TYPE edgefleet_queue_depth gauge\nedgefleet_queue_depth {}\n\
+         # TYPE edgefleet_busy_slots gauge\nedgefleet_busy_slots {}\n\
+         # TYPE edgefleet_model_load_seconds gauge\nedgefleet_model_load_seconds {:.3}\n",
+        s.requests.load(Ordering::Relaxed),
+        s.failures.load(Ordering::Relaxed),
+        s.cancelled.load(Ordering::Relaxed),
+        s.prompt_tokens.load(Ordering::Relaxed),
+        generated as f64 * 1e6 / micros as f64,
+        s.ttft_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        s.queued.load(Ordering::Relaxed),
+        s.busy.load(Ordering::Relaxed),
+        engine.load_millis() as f64 / 1e3,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn chat(
+    State(engine): State<Arc<Engine>>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad("body", format!("invalid JSON: {e}")))?;
+    let req = parse_chat_request(
+        &value,
+        &engine.config().served_name,
+        engine.config().context_size,
+    )?;
+    let mut rx = engine
+        .submit(req.messages, req.sampling)
+        .map_err(|e| match e {
+            SubmitError::QueueFull(_) => ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                kind: "rate_limit_error",
+                param: None,
+                message: e.to_string(),
+            },
+            SubmitError::Stopped => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                kind: "server_error",
+                param: None,
+                message: e.to_string(),
+            },
+        })?;
+    let id = format!(
+        "chatcmpl-{:016x}",
+        rand_core::RngCore::next_u64(&mut rand_core::OsRng)
+    );
+    let model = engine.config().served_name.clone();
+    let created = now();
+    if !req.stream {
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Delta(d) => text.push_str(&d),
+                Event::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    return Ok(Json(json!({
+                        "id": id, "object": "chat.completion", "created": created, "model": model,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+                    }))
+                    .into_response());
+                }
+                Event::Failed(m) => return Err(failed(m)),
+            }
+        }
+        return Err(failed("the generation ended without a result".into()));
+    }
+    let chunk = move |delta: Value, finish: Value, usage: Option<Value>| {
+        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        if let Some(u) = usage {
+            c["usage"] = u;
+        }
+        SseEvent::default().data(c.to_string())
+    };
+    let include_usage = req.stream_usage;
+    let stream = async_stream_events(rx, chunk, include_usage);
+    Ok(Sse::new(stream).into_response())
+}
+
+fn failed(message: String) -> ApiError {
+    if message.contains("exceeds the context") {
+        return ApiError::bad("max_tokens", message);
+    }
+    ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        kind: "server_error",
+        param: None,
+        message,
+    }
+}
+
+/// SSE events: a role chunk, content chunks, the final chunk, `[DONE]`.
+fn async_stream_events(
+    rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    chunk: impl Fn(Value, Value, Option<Value>) -> SseEvent + Send + 'static,
+    include_usage: bool,
+) -> impl futures::Stream<Item = Result<SseEvent, Infallible>> {
+    let first = chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+        None,
+    );
+    let state = (rx, Some(first), false, chunk);
+    futures::stream::unfold(state, move |(mut rx, pending, done, chunk)| async move {
+        if let Some(ev) = pending {
+            return Some((Ok(ev), (rx, None, done, chunk)));
+        }
+        if done {
+            return None;
+        }
+        match rx.recv().await {
+            Some(Event::Delta(d)) => {
+                let ev = chunk(json!({"content": d}), Value::Null, None);
+                Some((Ok(ev), (rx, None, false, chunk)))
+            }
+            Some(Event::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                let usage = include_usage.then(|| json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}));
+                let last = chunk(json!({}), json!(finish_reason), usage);
+                Some((
+                    Ok(last),
+                    (rx, Some(SseEvent::default().data("[DONE]")), true, chunk),
+                ))
+            }
+            Some(Event::Failed(m)) => {
+                let ev = SseEvent::default()
+                    .data(json!({"error": {"message": m, "type": "server_error"}}).to_string());
+                Some((
+                    Ok(ev),
+                    (rx, Some(SseEvent::default().data("[DONE]")), true, chunk),
+                ))
+            }
+            None => None,
+        }
+    })
+}

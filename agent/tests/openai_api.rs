@@ -1,0 +1,289 @@
+//! `edgefleet-agent serve` with the real SmolLM2-135M-Instruct model, driven by the
+//! official `openai` Python client (installed by scripts/test; the model comes from
+//! scripts/fetch-model.sh).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn cache() -> PathBuf {
+    std::env::var_os("EDGEFLEET_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/edgefleet"))
+}
+
+fn model() -> PathBuf {
+    let p = std::env::var_os("EDGEFLEET_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/fetch-model.sh (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+fn python() -> PathBuf {
+    let p = std::env::var_os("EDGEFLEET_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache().join("venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/test, which installs the openai client",
+        p.display()
+    );
+    p
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(extra: &[&str]) -> Server {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .args([
+            "serve",
+            "--allow-unsigned",
+            "--served-name",
+            "smollm2",
+            "--threads",
+            "2",
+            "--context-size",
+            "1024",
+        ])
+        .arg("--model")
+        .arg(model())
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    loop {
+        if Command::new("curl")
+            .args(["-sf", &format!("{base}/readyz")])
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the agent did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Server { child, base }
+}
+
+fn client(server: &Server, scenario: &str) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/openai_client.py");
+    let out: Output = Command::new(python())
+        .arg(script)
+        .args([&server.base, "smollm2", scenario])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{scenario}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{scenario}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn metric(server: &Server, name: &str) -> f64 {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("{}/metrics", server.base)])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{name} "))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+}
+
+#[test]
+fn a_non_streamed_completion_answers_with_usage() {
+    let s = start(&[]);
+    let r = client(&s, "non-stream");
+    assert!(r["content"].as_str().unwrap().contains("Paris"), "{r}");
+    assert_eq!(r["finish"], "stop");
+    assert_eq!(r["model"], "smollm2");
+    assert_eq!(r["object"], "chat.completion");
+    let (p, c, t) = (
+        r["prompt_tokens"].as_u64().unwrap(),
+        r["completion_tokens"].as_u64().unwrap(),
+        r["total_tokens"].as_u64().unwrap(),
+    );
+    assert!(p > 5 && c > 0 && t == p + c, "{r}");
+}
+
+#[test]
+fn streaming_yields_the_same_greedy_text_in_chunks() {
+    let s = start(&[]);
+    let r = client(&s, "stream");
+    assert_eq!(
+        r["streamed"], r["whole"],
+        "greedy decoding is deterministic: {r}"
+    );
+    assert!(r["chunks"].as_u64().unwrap() > 1, "{r}");
+    assert_eq!(r["finish"], "stop");
+    assert_eq!(r["usage"], r["whole_tokens"]);
+}
+
+#[test]
+fn concurrent_clients_are_all_served() {
+    let s = start(&["--parallel-slots", "2", "--queue-depth", "2"]);
+    let r = client(&s, "concurrent");
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    for (i, text) in r["results"].as_array().unwrap().iter().enumerate() {
+        assert!(
+            !text.as_str().unwrap_or("").is_empty(),
+            "client {i} got nothing: {r}"
+        );
+    }
+    assert_eq!(metric(&s, "edgefleet_requests_total"), 3.0);
+}
+
+#[test]
+fn a_client_that_disconnects_stops_its_generation() {
+    let s = start(&[]);
+    let r = client(&s, "disconnect");
+    assert_eq!(r["received"], 3);
+    // The engine notices at the next token and stops; it never generates the 400 asked.
+    let started = Instant::now();
+    while metric(&s, "edgefleet_generations_cancelled_total") < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "generation did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(metric(&s, "edgefleet_generated_tokens_total") < 50.0);
+    assert_eq!(metric(&s, "edgefleet_busy_slots"), 0.0);
+}
+
+#[test]
+fn a_full_queue_is_answered_429_with_retry_after() {
+    let s = start(&["--parallel-slots", "1", "--queue-depth", "0"]);
+    let r = client(&s, "busy");
+    assert_eq!(r["second"], "429", "{r}");
+    assert_eq!(r["retry_after"], "1");
+    assert_eq!(r["type"], "rate_limit_error");
+}
+
+#[test]
+fn malformed_requests_get_400_naming_the_field() {
+    let s = start(&[]);
+    let r = client(&s, "bad-requests");
+    for field in [
+        "body",
+        "messages",
+        "temperature",
+        "max_tokens",
+        "messages[0].role",
+    ] {
+        assert_eq!(r[field]["status"], 400, "{field}: {r}");
+        assert_eq!(r[field]["param"], field, "{field}: {r}");
+        assert_eq!(r[field]["type"], "invalid_request_error");
+    }
+    assert_eq!(r["model"]["status"], 404, "{r}");
+    // The server is still healthy afterwards.
+    assert!(
+        client(&s, "non-stream")["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris")
+    );
+}
+
+#[test]
+fn serve_refuses_an_unsigned_or_untrusted_model() {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .arg("serve")
+        .arg("--model")
+        .arg(model())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("give --bundle and --public-key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Signed by one key, verified against another: refused before loading.
+    let dir = tempfile::tempdir().unwrap();
+    let signer = edgefleet_trust::model_signing::PrivateKey::from_pem(&p256_pem()).unwrap();
+    let bundle =
+        edgefleet_trust::model_signing::sign(&model(), &signer, None, &Default::default()).unwrap();
+    std::fs::write(dir.path().join("model.sig"), bundle).unwrap();
+    let other = edgefleet_trust::model_signing::PrivateKey::from_pem(&p256_pem()).unwrap();
+    std::fs::write(
+        dir.path().join("other.pub"),
+        other.public_key().to_pem().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("signer.pub"),
+        signer.public_key().to_pem().unwrap(),
+    )
+    .unwrap();
+    let run = |key: &str| {
+        Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+            .args(["serve", "--listen", "192.0.2.1:80", "--model"])
+            .arg(model())
+            .arg("--bundle")
+            .arg(dir.path().join("model.sig"))
+            .arg("--public-key")
+            .arg(dir.path().join(key))
+            .output()
+            .unwrap()
+    };
+    let out = run("other.pub");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("UntrustedSigner"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // With the right key the signature verifies (and binding a TEST-NET address then fails).
+    let out = run("signer.pub");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("refusing to load"), "{err}");
+}
+
+fn p256_pem() -> String {
+    use p256::pkcs8::EncodePrivateKey as _;
+    let key = p256::SecretKey::random(&mut rand_core::OsRng);
+    key.to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+        .unwrap()
+        .to_string()
+}
