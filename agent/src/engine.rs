@@ -178,9 +178,10 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Loads the model and starts the slots.
     pub fn load(config: EngineConfig) -> Result<Self, EngineError> {
-        if config.parallel_slots == 0 || config.context_size < 128 {
+        if config.parallel_slots == 0 || config.queue_depth == 0 || config.context_size < 128 {
             return Err(EngineError::Invalid(
-                "need at least one slot and a context of 128 tokens".into(),
+                "need at least one slot, a queue of at least one, and a context of 128 tokens"
+                    .into(),
             ));
         }
         let backend = backend()?;
@@ -269,10 +270,10 @@ impl Engine {
         self.load_millis
     }
 
-    /// Whether a new request would be served without a 429.
+    /// Whether a slot is free: what `/readyz` reports. (A request arriving while every
+    /// slot is busy still queues until the queue is full.)
     pub fn has_capacity(&self) -> bool {
-        self.stats.queued.load(Ordering::Relaxed) < self.config.queue_depth
-            || self.stats.busy.load(Ordering::Relaxed) < self.config.parallel_slots
+        self.stats.busy.load(Ordering::Relaxed) < self.config.parallel_slots
     }
 }
 
@@ -354,6 +355,9 @@ fn generate(
     stats: &Stats,
 ) -> Result<Option<Event>, EngineError> {
     let started = Instant::now();
+    if job.events.is_closed() {
+        return Ok(None);
+    }
     let vocab = model.vocab();
     let template = model
         .chat_template(None)
@@ -416,8 +420,11 @@ fn generate(
     let mut generated = 0u32;
     let mut finish = FinishReason::Length;
     while generated < s.max_tokens {
+        if job.events.is_closed() {
+            return Ok(None);
+        }
+        // `sample` also accepts the token into the sampler chain.
         let token = sampler.sample(ctx, batch.n_tokens() - 1);
-        sampler.accept(token);
         if vocab.is_eog(token) {
             finish = FinishReason::Stop;
             break;
@@ -430,13 +437,30 @@ fn generate(
         }
         bytes.extend(vocab.token_to_piece(token, false, None));
         // Move the longest valid UTF-8 prefix into the text.
-        let valid = match std::str::from_utf8(&bytes) {
-            Ok(v) => v.len(),
-            Err(e) => e.valid_up_to(),
-        };
-        if valid > 0 {
-            text.push_str(std::str::from_utf8(&bytes[..valid]).unwrap_or_default());
-            bytes.drain(..valid);
+        // Move complete UTF-8 into the text; a sequence that can never be valid becomes
+        // U+FFFD, an incomplete one waits for the next token.
+        loop {
+            match std::str::from_utf8(&bytes) {
+                Ok(v) => {
+                    text.push_str(v);
+                    bytes.clear();
+                    break;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    text.push_str(std::str::from_utf8(&bytes[..valid]).unwrap_or_default());
+                    match e.error_len() {
+                        Some(bad) => {
+                            text.push('\u{FFFD}');
+                            bytes.drain(..valid + bad);
+                        }
+                        None => {
+                            bytes.drain(..valid);
+                            break;
+                        }
+                    }
+                }
+            }
         }
         if let Some(at) = s
             .stop
@@ -466,6 +490,9 @@ fn generate(
         pos += 1;
         ctx.decode(&mut batch)
             .map_err(|e| EngineError::Inference(e.to_string()))?;
+    }
+    if !bytes.is_empty() {
+        text.push('\u{FFFD}');
     }
     if emitted < text.len()
         && job

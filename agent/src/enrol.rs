@@ -172,8 +172,11 @@ pub async fn attest_once(
                 .decode(&cred.encrypted_secret)
                 .map_err(|e| EnrolError::Invalid(e.to_string()))?;
             let secret = t.activate_credential(&id, &enc)?;
+            // TPMs quote SHA-256 of the binding: TPM2B_DATA is too small for 64 bytes.
+            let qualifying =
+                edgefleet_trust::attestation::binding::tpm_qualifying_data(&report_data);
             Evidence::Tpm {
-                evidence: t.quote(&report_data)?,
+                evidence: t.quote(&qualifying)?,
                 credential: B64.encode(secret),
             }
         }
@@ -215,7 +218,6 @@ pub async fn attest_once(
             device: device.to_owned(),
             nonce: challenge.nonce,
             csr,
-            policy: None,
             evidence,
         })
         .await?;

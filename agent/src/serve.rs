@@ -166,7 +166,10 @@ pub fn parse_chat_request(body: &Value, served: &str, n_ctx: u32) -> Result<Chat
             .ok_or_else(|| {
                 ApiError::bad(
                     "max_tokens",
-                    format!("max_tokens must be an integer from 1 to {}", n_ctx - 1),
+                    format!(
+                        "max_tokens must be an integer from 1 to {}",
+                        n_ctx.saturating_sub(1)
+                    ),
                 )
             })? as u32,
     };
@@ -188,14 +191,16 @@ pub fn parse_chat_request(body: &Value, served: &str, n_ctx: u32) -> Result<Chat
     };
     let seed = match num("seed") {
         None => 0xED6E_F1EE,
+        // u32::MAX is llama.cpp's "pick a random seed": a fixed seed must be below it.
         Some(v) => v
-            .as_i64()
-            .map(|s| s as u32)
-            .ok_or_else(|| ApiError::bad("seed", "seed must be an integer"))?,
+            .as_u64()
+            .and_then(|s| u32::try_from(s).ok())
+            .filter(|&s| s != u32::MAX)
+            .ok_or_else(|| ApiError::bad("seed", "seed must be an integer from 0 to 4294967294"))?,
     };
     let stop = match num("stop") {
         None => vec![],
-        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::String(s)) if !s.is_empty() => vec![s.clone()],
         Some(Value::Array(a)) if a.len() <= 4 => a
             .iter()
             .map(|s| s.as_str().filter(|s| !s.is_empty()).map(str::to_owned))
@@ -349,15 +354,20 @@ async fn chat(
         }
         return Err(failed("the generation ended without a result".into()));
     }
+    let include_usage = req.stream_usage;
+    // A null delta makes the usage-only chunk (no choices), as OpenAI sends it.
     let chunk = move |delta: Value, finish: Value, usage: Option<Value>| {
-        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-        if let Some(u) = usage {
-            c["usage"] = u;
+        let choices = if delta.is_null() {
+            json!([])
+        } else {
+            json!([{"index": 0, "delta": delta, "finish_reason": finish}])
+        };
+        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
+        if include_usage {
+            c["usage"] = usage.unwrap_or(Value::Null);
         }
         SseEvent::default().data(c.to_string())
     };
-    let include_usage = req.stream_usage;
     let stream = async_stream_events(rx, chunk, include_usage);
     Ok(Sse::new(stream).into_response())
 }
@@ -374,51 +384,56 @@ fn failed(message: String) -> ApiError {
     }
 }
 
-/// SSE events: a role chunk, content chunks, the final chunk, `[DONE]`.
+/// SSE events: a role chunk, content chunks, the final chunk (finish reason), with
+/// `stream_options.include_usage` a usage chunk with no choices, then `[DONE]`.
 fn async_stream_events(
     rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
     chunk: impl Fn(Value, Value, Option<Value>) -> SseEvent + Send + 'static,
     include_usage: bool,
 ) -> impl futures::Stream<Item = Result<SseEvent, Infallible>> {
+    use std::collections::VecDeque;
     let first = chunk(
         json!({"role": "assistant", "content": ""}),
         Value::Null,
         None,
     );
-    let state = (rx, Some(first), false, chunk);
-    futures::stream::unfold(state, move |(mut rx, pending, done, chunk)| async move {
-        if let Some(ev) = pending {
-            return Some((Ok(ev), (rx, None, done, chunk)));
-        }
-        if done {
-            return None;
-        }
-        match rx.recv().await {
-            Some(Event::Delta(d)) => {
-                let ev = chunk(json!({"content": d}), Value::Null, None);
-                Some((Ok(ev), (rx, None, false, chunk)))
+    let state = (rx, VecDeque::from([first]), false, chunk);
+    futures::stream::unfold(
+        state,
+        move |(mut rx, mut pending, done, chunk)| async move {
+            if let Some(ev) = pending.pop_front() {
+                return Some((Ok(ev), (rx, pending, done, chunk)));
             }
-            Some(Event::Done {
-                finish_reason,
-                prompt_tokens,
-                completion_tokens,
-            }) => {
-                let usage = include_usage.then(|| json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}));
-                let last = chunk(json!({}), json!(finish_reason), usage);
-                Some((
-                    Ok(last),
-                    (rx, Some(SseEvent::default().data("[DONE]")), true, chunk),
-                ))
+            if done {
+                return None;
             }
-            Some(Event::Failed(m)) => {
-                let ev = SseEvent::default()
-                    .data(json!({"error": {"message": m, "type": "server_error"}}).to_string());
-                Some((
-                    Ok(ev),
-                    (rx, Some(SseEvent::default().data("[DONE]")), true, chunk),
-                ))
+            match rx.recv().await {
+                Some(Event::Delta(d)) => {
+                    let ev = chunk(json!({"content": d}), Value::Null, None);
+                    Some((Ok(ev), (rx, pending, false, chunk)))
+                }
+                Some(Event::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    let last = chunk(json!({}), json!(finish_reason), None);
+                    if include_usage {
+                        let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                        "total_tokens": prompt_tokens + completion_tokens});
+                        pending.push_back(chunk(Value::Null, Value::Null, Some(usage)));
+                    }
+                    pending.push_back(SseEvent::default().data("[DONE]"));
+                    Some((Ok(last), (rx, pending, true, chunk)))
+                }
+                Some(Event::Failed(m)) => {
+                    let ev = SseEvent::default()
+                        .data(json!({"error": {"message": m, "type": "server_error"}}).to_string());
+                    pending.push_back(SseEvent::default().data("[DONE]"));
+                    Some((Ok(ev), (rx, pending, true, chunk)))
+                }
+                None => None,
             }
-            None => None,
-        }
-    })
+        },
+    )
 }

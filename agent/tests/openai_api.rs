@@ -192,7 +192,7 @@ fn a_client_that_disconnects_stops_its_generation() {
 
 #[test]
 fn a_full_queue_is_answered_429_with_retry_after() {
-    let s = start(&["--parallel-slots", "1", "--queue-depth", "0"]);
+    let s = start(&["--parallel-slots", "1", "--queue-depth", "1"]);
     let r = client(&s, "busy");
     assert_eq!(r["second"], "429", "{r}");
     assert_eq!(r["retry_after"], "1");

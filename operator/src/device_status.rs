@@ -69,6 +69,18 @@ fn attested_condition(
     })
 }
 
+/// A status patch with `condition`, re-asserting the attestation summary this manager
+/// already owns so that server-side apply keeps it.
+fn with_kept_attestation(device: &EdgeDevice, condition: Value) -> Value {
+    let mut status = json!({"conditions": [condition]});
+    if let Some(att) = device.status.as_ref().and_then(|s| s.attestation.as_ref())
+        && let Ok(v) = serde_json::to_value(att)
+    {
+        status["attestation"] = v;
+    }
+    status
+}
+
 /// The gateway's view of EdgeDevices.
 #[derive(Debug, Clone)]
 pub struct DeviceStatus {
@@ -173,7 +185,7 @@ impl DeviceStatus {
             generation,
             now,
         );
-        self.apply(&name, json!({"conditions": [cond]})).await
+        self.apply(&name, with_kept_attestation(device, cond)).await
     }
 
     /// Turns `Attested` False (reason `AttestationExpired`) on every device whose
@@ -214,7 +226,8 @@ impl DeviceStatus {
                     generation,
                     now,
                 );
-                self.apply(&name, json!({"conditions": [cond]})).await?;
+                self.apply(&name, with_kept_attestation(&device, cond))
+                    .await?;
                 lapsed.push(name);
             }
         }

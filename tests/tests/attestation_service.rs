@@ -3,7 +3,6 @@
 //! client certificate for its agent key.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -17,26 +16,28 @@ use edgefleet_trust::attestation::service::{
     AttestationService, ChallengeRequest, Evidence, EvidenceRequest, ServiceConfig, TpmEnrolment,
 };
 use edgefleet_trust::attestation::{TeeKind, result};
-use serde_json::json;
 use x509_parser::prelude::FromDer as _;
 
-fn policies(reference: serde_json::Value) -> HashMap<String, Policy> {
+fn policy(reference: Option<serde_json::Value>) -> Policy {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let rego = std::fs::read_to_string(root.join("policies/attestation.rego")).unwrap();
-    let default_data = std::fs::read_to_string(root.join("policies/reference.json")).unwrap();
-    HashMap::from([
-        (
-            "default".to_owned(),
-            Policy::load("default", &rego, &default_data).unwrap(),
-        ),
-        (
-            "fleet".to_owned(),
-            Policy::load("fleet", &rego, &reference.to_string()).unwrap(),
-        ),
-    ])
+    let data = match reference {
+        Some(r) => r.to_string(),
+        None => std::fs::read_to_string(root.join("policies/reference.json")).unwrap(),
+    };
+    Policy::load("attestation", &rego, &data).unwrap()
 }
 
+/// The service with the default policy (`policies/reference.json`).
 fn service(ek_cas: Vec<Vec<u8>>, ek_intermediates: Vec<Vec<u8>>) -> AttestationService {
+    service_with(ek_cas, ek_intermediates, None)
+}
+
+fn service_with(
+    ek_cas: Vec<Vec<u8>>,
+    ek_intermediates: Vec<Vec<u8>>,
+    reference: Option<serde_json::Value>,
+) -> AttestationService {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.distinguished_name
@@ -52,16 +53,19 @@ fn service(ek_cas: Vec<Vec<u8>>, ek_intermediates: Vec<Vec<u8>>) -> AttestationS
         ek_cas,
         ek_intermediates,
     };
-    let reference = json!({"reference": {"allowed_tees": ["tpm"], "allow_debug": false,
-        "snp": {"min_tcb": {}, "launch_measurements": []}, "tdx": {"mr_td": []}, "tpm": {"pcrs": {}}}});
     AttestationService::new(
         config,
-        policies(reference),
+        policy(reference),
         p256::ecdsa::SigningKey::random(&mut rand_core::OsRng),
         &ca_pem,
         &ca_key.serialize_pem(),
     )
     .unwrap()
+}
+
+/// What a TPM quotes for a challenge: SHA-256 of its report data.
+fn qualifying(report_data: &[u8]) -> [u8; 32] {
+    edgefleet_trust::attestation::binding::tpm_qualifying_data(&report_data.try_into().unwrap())
 }
 
 /// The agent's identity key and a CSR for it.
@@ -105,7 +109,6 @@ fn dev_evidence_verifies_but_the_default_policy_refuses_it() {
         device: "laptop".into(),
         nonce: challenge.nonce.clone(),
         csr: csr.clone(),
-        policy: None,
         evidence: Evidence::Dev {
             evidence: dev.evidence(&rd).unwrap(),
         },
@@ -157,7 +160,6 @@ fn challenges_expire_and_bind_device_and_key() {
             device: device.into(),
             nonce: c.nonce.clone(),
             csr: csr.into(),
-            policy: None,
             evidence: Evidence::Dev {
                 evidence: dev.evidence(&rd).unwrap(),
             },
@@ -237,9 +239,8 @@ fn a_tpm_device_enrols_attests_and_receives_a_certificate_for_its_key() {
         device: "till-1".into(),
         nonce: c.nonce.clone(),
         csr: csr.clone(),
-        policy: Some("fleet".into()),
         evidence: Evidence::Tpm {
-            evidence: tpm.quote(&rd).unwrap(),
+            evidence: tpm.quote(&qualifying(&rd)).unwrap(),
             credential: B64.encode([0u8; 32]),
         },
     };
@@ -262,9 +263,8 @@ fn a_tpm_device_enrols_attests_and_receives_a_certificate_for_its_key() {
         device: "till-1".into(),
         nonce: c.nonce.clone(),
         csr: csr.clone(),
-        policy: Some("fleet".into()),
         evidence: Evidence::Tpm {
-            evidence: tpm.quote(&rd).unwrap(),
+            evidence: tpm.quote(&qualifying(&rd)).unwrap(),
             credential: B64.encode(secret),
         },
     };
@@ -306,32 +306,6 @@ fn a_tpm_device_enrols_attests_and_receives_a_certificate_for_its_key() {
         )
         .is_err(),
         "results expire"
-    );
-
-    // Under the default policy (no TPM reference values) the same device is not allowed.
-    let c = ask();
-    let cred = c.credential.as_ref().unwrap();
-    let secret = tpm
-        .activate_credential(
-            &B64.decode(&cred.id_object).unwrap(),
-            &B64.decode(&cred.encrypted_secret).unwrap(),
-        )
-        .unwrap();
-    let rd = hex::decode(&c.report_data).unwrap();
-    let req = EvidenceRequest {
-        policy: None,
-        nonce: c.nonce.clone(),
-        evidence: Evidence::Tpm {
-            evidence: tpm.quote(&rd).unwrap(),
-            credential: B64.encode(secret),
-        },
-        ..req
-    };
-    let out = svc.evidence(&req, now()).unwrap();
-    assert!(
-        out.decision.allow,
-        "the default policy allows genuine TPMs: {:?}",
-        out.decision.deny
     );
 }
 

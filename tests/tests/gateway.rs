@@ -4,7 +4,6 @@
 //! recorded; lapsed attestations turn Attested False.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +28,7 @@ const TOKEN: &str = "bootstrap-token-for-tests";
 
 struct Setup {
     cp: ControlPlane,
+    agent: rcgen::KeyPair,
     client: GatewayClient,
     url: String,
     ca_pem: String,
@@ -53,11 +53,18 @@ async fn setup() -> Setup {
     cp.install_crds().await.unwrap();
     let kube = cp.client().await.unwrap();
     let devices_api: Api<EdgeDevice> = Api::all(kube.clone());
-    let example: EdgeDevice = serde_yaml::from_str(
+    let mut example: EdgeDevice = serde_yaml::from_str(
         &std::fs::read_to_string(workspace_root().join("examples/edgedevice-store-042.yaml"))
             .unwrap(),
     )
     .unwrap();
+    // The device enrolled with this agent key.
+    let agent = rcgen::KeyPair::generate().unwrap();
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&agent);
+    example.spec.facts.agent_key_fingerprint = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&spki))
+    );
     devices_api
         .create(&PostParams::default(), &example)
         .await
@@ -66,10 +73,7 @@ async fn setup() -> Setup {
     let swtpm = Swtpm::start();
     let rego = std::fs::read_to_string(workspace_root().join("policies/attestation.rego")).unwrap();
     let data = std::fs::read_to_string(workspace_root().join("policies/reference.json")).unwrap();
-    let policies = HashMap::from([(
-        "default".to_owned(),
-        Policy::load("default", &rego, &data).unwrap(),
-    )]);
+    let policy = Policy::load("default", &rego, &data).unwrap();
     let (ca_pem, ca_key, ca_params) = ca();
     let service = AttestationService::new(
         ServiceConfig {
@@ -80,7 +84,7 @@ async fn setup() -> Setup {
             ek_cas: vec![swtpm.ca("swtpm-localca-rootca-cert.pem")],
             ek_intermediates: vec![swtpm.ca("issuercert.pem")],
         },
-        policies,
+        policy,
         p256::ecdsa::SigningKey::random(&mut rand_core::OsRng),
         &ca_pem,
         &ca_key.serialize_pem(),
@@ -105,7 +109,9 @@ async fn setup() -> Setup {
         )
         .unwrap();
     let devices = DeviceStatus::new(kube);
-    let router = Gateway::new(Arc::new(service), devices.clone(), TOKEN).router();
+    let router = Gateway::new(Arc::new(service), devices.clone(), TOKEN)
+        .unwrap()
+        .router();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let url = format!(
@@ -120,6 +126,7 @@ async fn setup() -> Setup {
     let client = GatewayClient::new(&url, ca_pem.as_bytes(), TOKEN).unwrap();
     Setup {
         cp,
+        agent,
         client,
         url,
         ca_pem,
@@ -129,11 +136,11 @@ async fn setup() -> Setup {
     }
 }
 
-fn agent_key() -> (String, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
+/// The public key (SPKI, base64) and a CSR of `key`.
+fn key_and_csr(key: &rcgen::KeyPair) -> (String, String) {
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
         .unwrap()
-        .serialize_request(&key)
+        .serialize_request(key)
         .unwrap();
     (
         B64.encode(rcgen::PublicKeyData::subject_public_key_info(&key)),
@@ -165,7 +172,7 @@ async fn a_tpm_device_attests_over_https_and_its_status_shows_it() {
     let s = setup().await;
     let device = "store-042-till-1";
     let mut tpm = TpmAttester::open(&s.swtpm.tcti()).unwrap();
-    let (key, csr) = agent_key();
+    let (key, csr) = key_and_csr(&s.agent);
     let enrol = TpmEnrolment {
         ek_certificate: B64.encode(tpm.ek_certificate().unwrap()),
         ak_public_area: B64.encode(tpm.ak_public_area().unwrap()),
@@ -193,14 +200,19 @@ async fn a_tpm_device_attests_over_https_and_its_status_shows_it() {
             &B64.decode(&cred.encrypted_secret).unwrap(),
         )
         .unwrap();
+    let rd: [u8; 64] = hex::decode(&challenge.report_data)
+        .unwrap()
+        .try_into()
+        .unwrap();
     let quote = tpm
-        .quote(&hex::decode(&challenge.report_data).unwrap())
+        .quote(&edgefleet_trust::attestation::binding::tpm_qualifying_data(
+            &rd,
+        ))
         .unwrap();
     let req = EvidenceRequest {
         device: device.into(),
         nonce: challenge.nonce.clone(),
         csr,
-        policy: None,
         evidence: Evidence::Tpm {
             evidence: quote,
             credential: B64.encode(secret),
@@ -231,6 +243,38 @@ async fn a_tpm_device_attests_over_https_and_its_status_shows_it() {
     let text = String::from_utf8_lossy(&get.stdout);
     assert!(text.lines().nth(1).unwrap().contains("tpm"), "{text}");
 
+    // Another key asking for this device is refused, and someone who knows only the
+    // device's public key cannot make it look failed: without a CSR signed by its key
+    // the gateway records nothing.
+    let intruder = rcgen::KeyPair::generate().unwrap();
+    let (other_key, other_csr) = key_and_csr(&intruder);
+    let err = s
+        .client
+        .challenge(&ChallengeRequest {
+            agent_public_key: other_key,
+            ..ask(device)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(rejected(err), (403, "KeyMismatch".to_owned()));
+    let c = s.client.challenge(&ask(device)).await.unwrap();
+    let forged = EvidenceRequest {
+        device: device.into(),
+        nonce: c.nonce,
+        csr: other_csr,
+        evidence: Evidence::Dev {
+            evidence: DevAttester::generate().evidence(&[0; 64]).unwrap(),
+        },
+    };
+    assert_eq!(
+        rejected(s.client.evidence(&forged).await.unwrap_err()),
+        (403, "InvalidCsr".to_owned())
+    );
+    assert_eq!(
+        attested_condition(&api.get(device).await.unwrap()),
+        ("True".into(), "AttestationPassed".into())
+    );
+
     // Replaying the same evidence is refused: the nonce is gone.
     let (status, reason) = rejected(s.client.evidence(&req).await.unwrap_err());
     assert_eq!((status, reason.as_str()), (401, "UnknownNonce"));
@@ -243,6 +287,28 @@ async fn a_tpm_device_attests_over_https_and_its_status_shows_it() {
         attested_condition(&d),
         ("False".into(), "AttestationExpired".into())
     );
+    // The summary of the last attestation stays for the record.
+    assert_eq!(
+        d.status
+            .as_ref()
+            .unwrap()
+            .attestation
+            .as_ref()
+            .unwrap()
+            .policy_hash,
+        appraisal.decision.policy_hash
+    );
+    // The summary of the last attestation stays for the record.
+    assert_eq!(
+        d.status
+            .as_ref()
+            .unwrap()
+            .attestation
+            .as_ref()
+            .unwrap()
+            .policy_hash,
+        appraisal.decision.policy_hash
+    );
     // Sweeping again changes nothing.
     assert!(s.devices.lapse_expired(later).await.unwrap().is_empty());
 }
@@ -251,17 +317,29 @@ async fn a_tpm_device_attests_over_https_and_its_status_shows_it() {
 async fn dev_evidence_is_recorded_as_failed_and_malformed_bodies_are_named() {
     let s = setup().await;
     let device = "store-042-till-1";
-    let (key, csr) = agent_key();
-    let challenge = s
-        .client
-        .challenge(&ChallengeRequest {
-            device: device.into(),
-            agent_public_key: key,
-            tee: TeeKind::Dev,
-            tpm: None,
-        })
-        .await
-        .unwrap();
+    let (key, csr) = key_and_csr(&s.agent);
+    let dev_challenge = ChallengeRequest {
+        device: device.into(),
+        agent_public_key: key,
+        tee: TeeKind::Dev,
+        tpm: None,
+    };
+    // The device enrolled as a TPM device: dev evidence is refused up front.
+    let err = s.client.challenge(&dev_challenge).await.unwrap_err();
+    assert_eq!(rejected(err), (403, "TeeKindMismatch".to_owned()));
+    // Declared as able to produce dev evidence too, it gets a challenge, and its dev
+    // evidence verifies but the default policy refuses it, which the status records.
+    let api: Api<EdgeDevice> = Api::all(s.cp.client().await.unwrap());
+    api.patch(
+        device,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(
+            serde_json::json!({"spec": {"facts": {"teeKinds": ["tpm", "dev"]}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let challenge = s.client.challenge(&dev_challenge).await.unwrap();
     let rd: [u8; 64] = hex::decode(&challenge.report_data)
         .unwrap()
         .try_into()
@@ -270,7 +348,6 @@ async fn dev_evidence_is_recorded_as_failed_and_malformed_bodies_are_named() {
         device: device.into(),
         nonce: challenge.nonce,
         csr,
-        policy: None,
         evidence: Evidence::Dev {
             evidence: DevAttester::generate().evidence(&rd).unwrap(),
         },
@@ -316,15 +393,16 @@ async fn the_agents_attestation_round_stores_a_certificate_only_when_allowed() {
     let s = setup().await;
     let device = "store-042-till-1";
     let state = tempfile::tempdir().unwrap();
+    std::fs::write(state.path().join("agent-key.pem"), s.agent.serialize_pem()).unwrap();
 
-    // The development key is refused by the default policy: no certificate is stored.
+    // A device enrolled for TPM evidence is refused with the development key: no
+    // certificate is stored.
     let mut dev = Source::Dev(DevAttester::generate());
-    let a = attest_once(&s.client, device, &mut dev, state.path())
+    let err = attest_once(&s.client, device, &mut dev, state.path())
         .await
-        .unwrap();
-    assert!(!a.decision.allow);
+        .unwrap_err();
+    assert!(err.to_string().contains("TeeKindMismatch"), "{err}");
     assert!(!state.path().join("agent-cert.pem").exists());
-    assert!(state.path().join("agent-key.pem").exists());
 
     // The TPM round (enrolment, credential activation, bound quote) is allowed, and the
     // certificate is for the stored agent key.

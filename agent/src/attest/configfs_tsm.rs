@@ -91,7 +91,7 @@ impl ConfigfsTsm {
                 .trim()
                 .to_owned();
             let after = Self::generation(&entry)?;
-            if after != before + 1 {
+            if before.checked_add(1) != Some(after) {
                 return Err(AttestError::Generation { before, after });
             }
             Ok(TsmReport {

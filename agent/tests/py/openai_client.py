@@ -64,16 +64,19 @@ elif scenario == "disconnect":
     stream.close()
     out(received=got)
 elif scenario == "busy":
-    # One slot and no queue: while a long generation runs, a second request is refused.
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Write a long story."}],
-                                            max_tokens=300, temperature=0, stream=True)
-    next(iter(stream))
+    # One slot and a queue of one: while one generation runs and one waits, a third
+    # request is refused.
+    long = [{"role": "user", "content": "Write a long story."}]
+    running = client.chat.completions.create(model=model, messages=long, max_tokens=300, temperature=0, stream=True)
+    next(iter(running))
+    queued = client.chat.completions.create(model=model, messages=long, max_tokens=300, temperature=0, stream=True)
     try:
         client.chat.completions.create(model=model, messages=QUESTION, max_tokens=5)
         out(second="accepted")
     except openai.RateLimitError as e:
         out(second="429", retry_after=e.response.headers.get("retry-after"), type=e.body.get("type") if isinstance(e.body, dict) else None)
-    stream.close()
+    running.close()
+    queued.close()
 elif scenario == "bad-requests":
     seen = {}
     cases = {
@@ -82,6 +85,8 @@ elif scenario == "bad-requests":
         "temperature": json.dumps({"messages": QUESTION, "temperature": 7}).encode(),
         "max_tokens": json.dumps({"messages": QUESTION, "max_tokens": 0}).encode(),
         "messages[0].role": json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(),
+        "seed": json.dumps({"messages": QUESTION, "seed": -1}).encode(),
+        "stop": json.dumps({"messages": QUESTION, "stop": ""}).encode(),
         "model": json.dumps({"model": "gpt-4", "messages": QUESTION}).encode(),
     }
     for name, body in cases.items():

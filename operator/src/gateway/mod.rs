@@ -7,8 +7,8 @@
 //!   allowed, the device's client certificate.
 //!
 //! Verification and policy evaluation are CPU work and run on blocking threads.
-//! Errors are JSON `{"reason": "...", "message": "..."}` with a 4xx status naming what
-//! failed; nothing is skipped silently.
+//! Errors are JSON `{"reason": "...", "message": "..."}` naming what failed: 4xx for the
+//! request's fault, 5xx for ours; nothing is skipped silently.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -22,6 +22,7 @@ use edgefleet_trust::attestation::service::{
     AttestationService, ChallengeRequest, EvidenceRequest, ServiceError,
 };
 use serde_json::json;
+use sha2::Digest as _;
 use time::OffsetDateTime;
 
 use crate::device_status::{DeviceStatus, StatusError};
@@ -54,7 +55,7 @@ impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         let code = match &e {
             ServiceError::Issue(_) | ServiceError::Policy(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ServiceError::UnknownPolicy(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ServiceError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ServiceError::UnknownNonce => StatusCode::UNAUTHORIZED,
             _ => StatusCode::FORBIDDEN,
         };
@@ -79,17 +80,21 @@ impl From<StatusError> for ApiError {
 
 impl Gateway {
     /// A gateway over `service`, writing status through `devices`, admitting requests
-    /// that carry `bootstrap_token`.
+    /// that carry `bootstrap_token` (at least 16 characters: an empty token would admit
+    /// everyone).
     pub fn new(
         service: Arc<AttestationService>,
         devices: DeviceStatus,
         bootstrap_token: &str,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, String> {
+        if bootstrap_token.len() < 16 {
+            return Err("the bootstrap token must be at least 16 characters".into());
+        }
+        Ok(Self {
             service,
             devices,
             bootstrap_token: bootstrap_token.into(),
-        }
+        })
     }
 
     /// The HTTP routes.
@@ -158,7 +163,36 @@ async fn challenge(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     gw.authorize(&headers)?;
     let req: ChallengeRequest = json_body(&body)?;
-    gw.devices.get(&req.device).await?;
+    let device = gw.devices.get(&req.device).await?;
+    // The key must be the one the device enrolled with, and the evidence kind one it has.
+    let key = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        req.agent_public_key.trim(),
+    )
+    .map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("agent_public_key: {e}"),
+        )
+    })?;
+    let fingerprint = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&key)));
+    if fingerprint != device.spec.facts.agent_key_fingerprint {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "KeyMismatch",
+            format!("the key is not the one {} enrolled with", req.device),
+        ));
+    }
+    let tee: edgefleet_crds::TeeKind = serde_json::from_value(json!(req.tee))
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()))?;
+    if !device.spec.facts.tee_kinds.is_empty() && !device.spec.facts.tee_kinds.contains(&tee) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "TeeKindMismatch",
+            format!("{} did not enrol with {tee:?} evidence", req.device),
+        ));
+    }
     let service = gw.service.clone();
     let challenge = tokio::task::spawn_blocking(move || service.challenge(&req, SystemTime::now()))
         .await
@@ -196,9 +230,13 @@ async fn evidence(
             Ok(Json(json!(appraisal)))
         }
         Err(e) => {
-            // Replays and malformed requests say nothing about the device; failed
-            // evidence does.
-            if !matches!(e, ServiceError::UnknownNonce | ServiceError::BadRequest(_)) {
+            // Only failures after the CSR proved possession of the device's key say
+            // something about the device; anything earlier (replays, mismatches, bad
+            // CSRs) could come from anyone holding the bootstrap token.
+            if matches!(
+                e,
+                ServiceError::Evidence(_) | ServiceError::CredentialMismatch
+            ) {
                 gw.devices
                     .record_failure(&device, &format!("{}: {e}", e.reason()), verified)
                     .await?;

@@ -23,6 +23,14 @@ pub fn report_data(nonce: &[u8], agent_public_key_der: &[u8], device: &str) -> [
     h.finalize().into()
 }
 
+/// What a TPM quotes as qualifying data: SHA-256 of the binding. TPM2B_DATA holds at
+/// most one digest of the TPM's largest hash (32 bytes on SHA-256-only TPMs), so the
+/// 64-byte binding itself does not fit on real chips.
+pub fn tpm_qualifying_data(report_data: &[u8; 64]) -> [u8; 32] {
+    use sha2::Sha256;
+    Sha256::digest(report_data).into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::report_data;

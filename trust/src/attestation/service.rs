@@ -25,6 +25,10 @@ use super::{AttestationError, Claims, TeeKind, binding, tpm_enrol};
 
 /// Longest challenge lifetime accepted in configuration.
 pub const MAX_NONCE_TTL: Duration = Duration::from_secs(60);
+/// Most challenges outstanding at once; more are refused until some are used or expire.
+pub const MAX_PENDING: usize = 100_000;
+/// Largest agent public key accepted.
+const MAX_KEY_BYTES: usize = 2048;
 
 /// Errors of the service, each a named rejection.
 #[derive(Debug, thiserror::Error)]
@@ -47,15 +51,15 @@ pub enum ServiceError {
     /// The CSR is malformed, badly signed, or for another key.
     #[error("CSR: {0}")]
     Csr(String),
-    /// No such policy.
-    #[error("unknown policy {0:?}")]
-    UnknownPolicy(String),
     /// The policy failed to evaluate.
     #[error(transparent)]
     Policy(#[from] PolicyError),
     /// Certificate issuance failed.
     #[error("issuing the certificate: {0}")]
     Issue(String),
+    /// Too many challenges are outstanding.
+    #[error("too many outstanding challenges; retry later")]
+    Busy,
 }
 
 impl ServiceError {
@@ -68,9 +72,9 @@ impl ServiceError {
             ServiceError::Evidence(e) => e.reason(),
             ServiceError::CredentialMismatch => "CredentialMismatch",
             ServiceError::Csr(_) => "InvalidCsr",
-            ServiceError::UnknownPolicy(_) => "UnknownPolicy",
             ServiceError::Policy(_) => "PolicyError",
             ServiceError::Issue(_) => "IssueFailed",
+            ServiceError::Busy => "Busy",
         }
     }
 }
@@ -177,9 +181,6 @@ pub struct EvidenceRequest {
     pub nonce: String,
     /// PKCS#10 CSR (PEM) for the agent key.
     pub csr: String,
-    /// Policy name (defaults to `default`).
-    #[serde(default)]
-    pub policy: Option<String>,
     /// The evidence.
     pub evidence: Evidence,
 }
@@ -215,7 +216,7 @@ struct Pending {
 /// The service. Cheap to share behind an `Arc`.
 pub struct AttestationService {
     config: ServiceConfig,
-    policies: HashMap<String, Policy>,
+    policy: Policy,
     pending: Mutex<HashMap<Vec<u8>, Pending>>,
     tpm_clocks: Mutex<HashMap<String, ClockState>>,
     result_key: p256::ecdsa::SigningKey,
@@ -226,7 +227,7 @@ pub struct AttestationService {
 impl std::fmt::Debug for AttestationService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AttestationService")
-            .field("policies", &self.policies.keys())
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
@@ -243,11 +244,12 @@ fn unix(t: SystemTime) -> i64 {
 }
 
 impl AttestationService {
-    /// Builds the service from its trust anchors, policies, the key that signs results,
-    /// and the device CA (certificate and key, PEM) that issues client certificates.
+    /// Builds the service from its trust anchors, the appraisal policy (chosen by the
+    /// gateway's configuration, never by the device), the key that signs results, and the
+    /// device CA (certificate and key, PEM) that issues client certificates.
     pub fn new(
         mut config: ServiceConfig,
-        policies: HashMap<String, Policy>,
+        policy: Policy,
         result_key: p256::ecdsa::SigningKey,
         ca_cert_pem: &str,
         ca_key_pem: &str,
@@ -259,7 +261,7 @@ impl AttestationService {
             .map_err(|e| ServiceError::Issue(format!("CA certificate: {e}")))?;
         Ok(Self {
             config,
-            policies,
+            policy,
             pending: Mutex::new(HashMap::new()),
             tpm_clocks: Mutex::new(HashMap::new()),
             result_key,
@@ -289,6 +291,13 @@ impl AttestationService {
             return Err(ServiceError::BadRequest("device name".into()));
         }
         let agent_key = b64("agent_public_key", &req.agent_public_key)?;
+        if agent_key.len() > MAX_KEY_BYTES
+            || !matches!(x509_parser::x509::SubjectPublicKeyInfo::from_der(&agent_key), Ok((rest, _)) if rest.is_empty())
+        {
+            return Err(ServiceError::BadRequest(
+                "agent_public_key must be a SubjectPublicKeyInfo (DER)".into(),
+            ));
+        }
         let mut nonce = [0u8; 32];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
         let mut secret = [0u8; 32];
@@ -336,6 +345,9 @@ impl AttestationService {
             .lock()
             .map_err(|_| ServiceError::Issue("lock poisoned".into()))?;
         pending.retain(|_, p| p.expires > now);
+        if pending.len() >= MAX_PENDING {
+            return Err(ServiceError::Busy);
+        }
         pending.insert(
             nonce.to_vec(),
             Pending {
@@ -450,7 +462,7 @@ impl AttestationService {
                     .ok()
                     .and_then(|m| m.get(&req.device).copied());
                 let opts = TpmOptions {
-                    expected_nonce: Some(expected.to_vec()),
+                    expected_nonce: Some(binding::tpm_qualifying_data(&expected).to_vec()),
                     previous,
                     ak_trusted: true,
                 };
@@ -466,16 +478,13 @@ impl AttestationService {
                 ));
             }
         };
-        if let (Some(clock), Ok(mut clocks)) = (tpm_clock, self.tpm_clocks.lock()) {
+        let decision = self.policy.evaluate(&claims)?;
+        // Only an allowed quote moves the device's TPM clock state forward.
+        if decision.allow
+            && let (Some(clock), Ok(mut clocks)) = (tpm_clock, self.tpm_clocks.lock())
+        {
             clocks.insert(req.device.clone(), clock);
         }
-
-        let name = req.policy.clone().unwrap_or_else(|| "default".to_owned());
-        let policy = self
-            .policies
-            .get(&name)
-            .ok_or_else(|| ServiceError::UnknownPolicy(name.clone()))?;
-        let decision = policy.evaluate(&claims)?;
         let expires_at = unix(now + self.config.result_ttl);
         let result = super::result::sign(
             &self.result_key,
@@ -523,6 +532,12 @@ impl AttestationService {
                 .map_err(|e: rcgen::Error| ServiceError::Issue(e.to_string()))?,
         )];
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        // A fresh random serial for every certificate (RFC 5280: unique per issuer).
+        let mut serial = [0u8; 16];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut serial);
+        serial[0] &= 0x7f;
+        serial[0] |= 0x01;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         let start = time::OffsetDateTime::from_unix_timestamp(unix(now) - 60)
             .map_err(|e| ServiceError::Issue(e.to_string()))?;
