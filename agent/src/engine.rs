@@ -157,6 +157,8 @@ pub struct Stats {
     pub queued: AtomicUsize,
     /// Slots decoding now.
     pub busy: AtomicUsize,
+    /// Requests admitted and not finished (running + waiting).
+    pub admitted: AtomicUsize,
 }
 
 /// A loaded model with its worker slots.
@@ -197,7 +199,10 @@ impl Engine {
             .map_err(|e| EngineError::Load(format!("no chat template in the model: {e}")))?;
         let load_millis = started.elapsed().as_millis() as u64;
 
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(config.queue_depth);
+        // Admission is counted in `Stats::admitted` (running + waiting); the channel only
+        // needs room for everything admitted.
+        let (tx, rx) =
+            std::sync::mpsc::sync_channel::<Job>(config.parallel_slots + config.queue_depth);
         let rx = Arc::new(Mutex::new(rx));
         let stats = Arc::new(Stats::default());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -238,6 +243,18 @@ impl Engine {
         sampling: Sampling,
     ) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, SubmitError> {
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        // At most `parallel_slots` running plus `queue_depth` waiting.
+        let capacity = self.config.parallel_slots + self.config.queue_depth;
+        if self
+            .stats
+            .admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < capacity).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(SubmitError::QueueFull(self.config.parallel_slots));
+        }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         match self.jobs.try_send(Job {
             messages,
@@ -247,6 +264,7 @@ impl Engine {
             Ok(()) => Ok(rx),
             Err(e) => {
                 self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                self.stats.admitted.fetch_sub(1, Ordering::AcqRel);
                 Err(match e {
                     TrySendError::Full(_) => SubmitError::QueueFull(self.config.parallel_slots),
                     TrySendError::Disconnected(_) => SubmitError::Stopped,
@@ -316,6 +334,7 @@ fn worker(
         stats.busy.fetch_add(1, Ordering::Relaxed);
         let result = generate(model, &mut ctx, &job, stats);
         stats.busy.fetch_sub(1, Ordering::Relaxed);
+        stats.admitted.fetch_sub(1, Ordering::AcqRel);
         match result {
             Ok(done) => {
                 stats.requests.fetch_add(1, Ordering::Relaxed);
