@@ -164,6 +164,7 @@ pub struct Stats {
 /// A loaded model with its worker slots.
 pub struct Engine {
     jobs: SyncSender<Job>,
+    control_tokens: Vec<String>,
     config: EngineConfig,
     stats: Arc<Stats>,
     load_millis: u64,
@@ -197,6 +198,22 @@ impl Engine {
         model
             .chat_template(None)
             .map_err(|e| EngineError::Load(format!("no chat template in the model: {e}")))?;
+        // The texts of control tokens (`<|im_start|>`, …): user content must not smuggle
+        // them into the prompt, where they would parse as real role markers.
+        let vocab = model.vocab();
+        let mut control_tokens: Vec<String> = vocab
+            .tokens()
+            .filter(|t| vocab.is_control(*t))
+            .filter_map(|t| {
+                vocab
+                    .text(t)
+                    .and_then(|c| c.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .filter(|t| t.len() > 1)
+            .collect();
+        control_tokens.sort();
+        control_tokens.dedup();
         let load_millis = started.elapsed().as_millis() as u64;
 
         // Admission is counted in `Stats::admitted` (running + waiting); the channel only
@@ -229,6 +246,7 @@ impl Engine {
         }
         Ok(Self {
             jobs: tx,
+            control_tokens,
             config,
             stats,
             load_millis,
@@ -271,6 +289,11 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// Texts of the model's control tokens, which request content must not contain.
+    pub fn control_tokens(&self) -> &[String] {
+        &self.control_tokens
     }
 
     /// Settings.

@@ -310,6 +310,18 @@ async fn chat(
         &engine.config().served_name,
         engine.config().context_size,
     )?;
+    for (i, m) in req.messages.iter().enumerate() {
+        if let Some(t) = engine
+            .control_tokens()
+            .iter()
+            .find(|t| m.content.contains(t.as_str()))
+        {
+            return Err(ApiError::bad(
+                &format!("messages[{i}].content"),
+                format!("content contains the control token {t:?}"),
+            ));
+        }
+    }
     let mut rx = engine
         .submit(req.messages, req.sampling)
         .map_err(|e| match e {
