@@ -230,17 +230,21 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         parallel_slots,
         queue_depth,
     };
+    // Listen first: /healthz answers and /readyz says "loading" until the model is in.
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let serving = edgefleet_agent::serve::Serving::new();
+    let router = edgefleet_agent::serve::router(serving.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+    });
     let engine = tokio::task::spawn_blocking(move || edgefleet_agent::engine::Engine::load(config))
         .await??;
     tracing::info!(load_ms = engine.load_millis(), model = %engine.config().served_name, %listen, "serving");
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    axum::serve(
-        listener,
-        edgefleet_agent::serve::router(std::sync::Arc::new(engine)),
-    )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    serving.install(engine);
+    server.await??;
     Ok(())
 }

@@ -245,8 +245,45 @@ pub fn parse_chat_request(body: &Value, served: &str, n_ctx: u32) -> Result<Chat
     })
 }
 
-/// The API routes over `engine`.
-pub fn router(engine: Arc<Engine>) -> Router {
+/// The model being served. Empty while the first model loads (`/readyz` answers 503
+/// "loading"). [`Serving::install`] swaps in a new engine for new requests; requests in
+/// flight keep the engine they started on, whose slots finish them, then exit and
+/// unload that model when the last one ends.
+#[derive(Debug, Default)]
+pub struct Serving {
+    current: std::sync::RwLock<Option<Arc<Engine>>>,
+}
+
+impl Serving {
+    /// Nothing served yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Serves `engine` from now on; returns the previous one (which drains once dropped).
+    pub fn install(&self, engine: Engine) -> Option<Arc<Engine>> {
+        match self.current.write() {
+            Ok(mut g) => g.replace(Arc::new(engine)),
+            Err(poisoned) => poisoned.into_inner().replace(Arc::new(engine)),
+        }
+    }
+
+    fn engine(&self) -> Result<Arc<Engine>, ApiError> {
+        let current = match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        current.ok_or_else(|| ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            param: None,
+            message: "the model is loading".into(),
+        })
+    }
+}
+
+/// The API routes over whatever `serving` holds.
+pub fn router(serving: Arc<Serving>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -254,10 +291,14 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(engine)
+        .with_state(serving)
 }
 
-async fn readyz(State(engine): State<Arc<Engine>>) -> Response {
+async fn readyz(State(serving): State<Arc<Serving>>) -> Response {
+    let engine = match serving.engine() {
+        Ok(e) => e,
+        Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response(),
+    };
     if engine.has_capacity() {
         "ready".into_response()
     } else {
@@ -265,13 +306,15 @@ async fn readyz(State(engine): State<Arc<Engine>>) -> Response {
     }
 }
 
-async fn models(State(engine): State<Arc<Engine>>) -> Json<Value> {
-    Json(
+async fn models(State(serving): State<Arc<Serving>>) -> Result<Json<Value>, ApiError> {
+    let engine = serving.engine()?;
+    Ok(Json(
         json!({"object": "list", "data": [{"id": engine.config().served_name, "object": "model", "created": 0, "owned_by": "edgefleet"}]}),
-    )
+    ))
 }
 
-async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
+async fn metrics(State(serving): State<Arc<Serving>>) -> Result<Response, ApiError> {
+    let engine = serving.engine()?;
     let s = engine.stats();
     let generated = s.generated_tokens.load(Ordering::Relaxed);
     let micros = s.generation_micros.load(Ordering::Relaxed).max(1);
@@ -296,13 +339,14 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
         s.busy.load(Ordering::Relaxed),
         engine.load_millis() as f64 / 1e3,
     );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
 async fn chat(
-    State(engine): State<Arc<Engine>>,
+    State(serving): State<Arc<Serving>>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    let engine = serving.engine()?;
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad("body", format!("invalid JSON: {e}")))?;
     let req = parse_chat_request(
