@@ -3,6 +3,7 @@
 //! development key). Fetching, verifying and serving models join later.
 
 pub mod attest;
+pub mod config;
 pub mod engine;
 pub mod enrol;
 pub mod gateway_client;

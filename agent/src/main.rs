@@ -33,6 +33,12 @@ enum Tee {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Load and validate the layered configuration, and print it (secrets redacted).
+    CheckConfig {
+        /// Directory with agent.toml and agent.d/*.toml.
+        #[arg(long, env = "EDGEFLEET_CONFIG_DIR", default_value = "/etc/edgefleet")]
+        config_dir: PathBuf,
+    },
     /// Serve a model standalone on the OpenAI-compatible API (no operator).
     Serve {
         /// The GGUF model file.
@@ -114,6 +120,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cmd = Cli::parse().command;
+    if let Cmd::CheckConfig { config_dir } = &cmd {
+        let config = edgefleet_agent::config::load(config_dir, std::env::vars())?;
+        println!("{config:#?}");
+        return Ok(());
+    }
     let Cmd::Attest {
         gateway,
         gateway_ca,

@@ -1,0 +1,355 @@
+//! The agent's configuration, in layers: built-in defaults, then
+//! `<dir>/agent.toml`, then `<dir>/agent.d/*.toml` in name order, then environment
+//! variables `EDGEFLEET__<SECTION>__<KEY>` (for example `EDGEFLEET__GATEWAY__URL`).
+//! Later layers override earlier ones key by key. The result is checked against the
+//! typed structure (unknown keys are errors, naming the file) and validated. Secrets
+//! never appear in `Debug` output.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Value;
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A layer is not valid TOML.
+    #[error("{layer}: {message}")]
+    Parse {
+        /// File or environment variable.
+        layer: String,
+        /// Parser message.
+        message: String,
+    },
+    /// The merged configuration does not fit the schema or fails validation.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// A value that must not be logged.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<unset>"
+        } else {
+            "<redacted>"
+        })
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Where the agent keeps its key, certificate and models.
+    pub state_dir: PathBuf,
+    /// This device.
+    pub device: DeviceConfig,
+    /// The fleet gateway.
+    pub gateway: GatewayConfig,
+    /// How the device attests.
+    pub attestation: AttestationConfig,
+    /// The local inference API.
+    pub serve: ServeConfig,
+}
+
+/// `[device]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// EdgeDevice name.
+    pub name: String,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// `https://…` URL of the gateway.
+    pub url: String,
+    /// PEM CA of the gateway's certificate.
+    pub ca: PathBuf,
+    /// Bootstrap token for enrolment.
+    #[serde(default)]
+    pub bootstrap_token: Secret,
+}
+
+/// `[attestation]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// `tpm`, `sev-snp`, `tdx` or `dev`.
+    pub tee: String,
+    /// TPM TCTI.
+    pub tcti: String,
+    /// configfs-tsm report directory.
+    pub tsm_root: PathBuf,
+    /// Most seconds between attestations.
+    pub interval_seconds: u64,
+}
+
+/// `[serve]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Listen address of the OpenAI-compatible API.
+    pub listen: std::net::SocketAddr,
+    /// Context window per slot.
+    pub context_size: u32,
+    /// Threads per slot (0: available cores).
+    pub threads: u32,
+    /// GPU layers.
+    pub gpu_layers: u32,
+    /// Concurrent requests.
+    pub parallel_slots: u32,
+    /// Waiting requests before 429.
+    pub queue_depth: u32,
+}
+
+const DEFAULTS: &str = r#"
+state_dir = "/var/lib/edgefleet"
+[device]
+name = ""
+[gateway]
+url = ""
+ca = "/etc/edgefleet/gateway-ca.pem"
+[attestation]
+tee = "tpm"
+tcti = "device:/dev/tpmrm0"
+tsm_root = "/sys/kernel/config/tsm/report"
+interval_seconds = 1800
+[serve]
+listen = "127.0.0.1:8080"
+context_size = 2048
+threads = 0
+gpu_layers = 0
+parallel_slots = 1
+queue_depth = 16
+"#;
+
+fn parse(layer: &str, text: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+        layer: layer.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Merges `over` into `base`, table by table.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(Value::Table(b)), Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Loads the layers from `dir` and `env` (pass `std::env::vars()`).
+pub fn load(
+    dir: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<AgentConfig, ConfigError> {
+    let mut merged = parse("built-in defaults", DEFAULTS)?;
+    let mut files = vec![dir.join("agent.toml")];
+    let dropins = dir.join("agent.d");
+    if let Ok(entries) = std::fs::read_dir(&dropins) {
+        let mut more: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        more.sort();
+        files.extend(more);
+    }
+    for path in files {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => merge(&mut merged, parse(&path.display().to_string(), &text)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        }
+    }
+    let mut env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("EDGEFLEET__"))
+        .collect();
+    env.sort();
+    for (key, value) in env {
+        let parts: Vec<String> = key["EDGEFLEET__".len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        // Let TOML type the value (numbers, booleans); anything else is a string.
+        let typed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(Value::String(value));
+        let mut layer = toml::Table::new();
+        let mut cursor = &mut layer;
+        for (i, part) in parts.iter().enumerate() {
+            if i + 1 == parts.len() {
+                cursor.insert(part.clone(), typed.clone());
+            } else {
+                cursor = match cursor
+                    .entry(part.clone())
+                    .or_insert_with(|| Value::Table(toml::Table::new()))
+                {
+                    Value::Table(t) => t,
+                    _ => {
+                        return Err(ConfigError::Parse {
+                            layer: key.clone(),
+                            message: "not a table".into(),
+                        });
+                    }
+                };
+            }
+        }
+        merge(&mut merged, layer);
+    }
+    let config: AgentConfig = Value::Table(merged)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+    validate(&config)?;
+    Ok(config)
+}
+
+fn validate(c: &AgentConfig) -> Result<(), ConfigError> {
+    let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+    if c.device.name.is_empty() || c.device.name.len() > 253 {
+        return bad("device.name must be set (the EdgeDevice name)");
+    }
+    if !c.gateway.url.starts_with("https://") {
+        return bad("gateway.url must be an https:// URL");
+    }
+    if !matches!(
+        c.attestation.tee.as_str(),
+        "tpm" | "sev-snp" | "tdx" | "dev"
+    ) {
+        return bad("attestation.tee must be tpm, sev-snp, tdx or dev");
+    }
+    if c.attestation.interval_seconds < 60 {
+        return bad("attestation.interval_seconds must be at least 60");
+    }
+    if c.serve.parallel_slots == 0 || c.serve.queue_depth == 0 || c.serve.context_size < 128 {
+        return bad("serve needs parallel_slots >= 1, queue_depth >= 1 and context_size >= 128");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            let p = d.path().join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        d
+    }
+
+    const BASE: &str = "[device]\nname = \"till-1\"\n[gateway]\nurl = \"https://gw:8443\"\nbootstrap_token = \"s3cret-token-value\"\n";
+
+    #[test]
+    fn layers_override_in_order_and_secrets_are_redacted() {
+        let d = dir(&[
+            ("agent.toml", BASE),
+            (
+                "agent.d/10-serve.toml",
+                "[serve]\nparallel_slots = 2\nqueue_depth = 4\n",
+            ),
+            ("agent.d/20-serve.toml", "[serve]\nparallel_slots = 3\n"),
+        ]);
+        let env = [
+            (
+                "EDGEFLEET__SERVE__CONTEXT_SIZE".to_owned(),
+                "4096".to_owned(),
+            ),
+            ("HOME".into(), "/root".into()),
+        ];
+        let c = load(d.path(), env).unwrap();
+        assert_eq!(c.serve.parallel_slots, 3, "the later drop-in wins");
+        assert_eq!(c.serve.queue_depth, 4, "untouched keys keep earlier layers");
+        assert_eq!(c.serve.context_size, 4096, "the environment wins");
+        assert_eq!(
+            c.attestation.tcti, "device:/dev/tpmrm0",
+            "defaults fill the rest"
+        );
+        assert_eq!(c.gateway.bootstrap_token.expose(), "s3cret-token-value");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug must not show secrets"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_bad_values_and_bad_toml_are_named() {
+        let d = dir(&[("agent.toml", &format!("{BASE}[serve]\nslots = 2\n"))]);
+        let err = load(d.path(), []).unwrap_err().to_string();
+        assert!(err.contains("unknown field `slots`"), "{err}");
+
+        let d = dir(&[("agent.toml", BASE), ("agent.d/x.toml", "[serve\n")]);
+        let err = load(d.path(), []).unwrap_err().to_string();
+        assert!(err.contains("x.toml"), "{err}");
+
+        let d = dir(&[("agent.toml", &BASE.replace("https://", "http://"))]);
+        assert!(
+            load(d.path(), [])
+                .unwrap_err()
+                .to_string()
+                .contains("gateway.url must be an https:// URL")
+        );
+
+        let d = dir(&[("agent.toml", BASE)]);
+        let err = load(
+            d.path(),
+            [(
+                "EDGEFLEET__SERVE__PARALLEL_SLOTS".to_owned(),
+                "0".to_owned(),
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("parallel_slots >= 1"), "{err}");
+        let err = load(
+            d.path(),
+            [("EDGEFLEET__ATTESTATION__TEE".to_owned(), "sgx".to_owned())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("attestation.tee"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_device_name_is_refused() {
+        let d = dir(&[]);
+        assert!(
+            load(d.path(), [])
+                .unwrap_err()
+                .to_string()
+                .contains("device.name must be set")
+        );
+    }
+}
