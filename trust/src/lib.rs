@@ -8,3 +8,4 @@
 
 pub mod attestation;
 pub mod model_signing;
+mod x509;

@@ -49,11 +49,7 @@ pub fn verify(
     msg.extend_from_slice(&rd);
     key.verify(&msg, &sig)
         .map_err(|_| AttestationError::SignatureInvalid("dev evidence signature".into()))?;
-    let key_binding = match expected_report_data {
-        Some(x) if x == rd.as_slice() => Some(hex::encode(x)),
-        Some(_) => return Err(AttestationError::ReportDataMismatch),
-        None => None,
-    };
+    let key_binding = super::check_binding(expected_report_data, &rd)?;
     Ok(Claims {
         tee: TeeKind::Dev,
         hardware_genuine: false,

@@ -127,6 +127,19 @@ impl AttestationError {
     }
 }
 
+/// Compares the evidence's report data with the expected binding, when one is given;
+/// returns the binding (hex) for the claims.
+pub(crate) fn check_binding(
+    expected: Option<&[u8]>,
+    actual: &[u8],
+) -> Result<Option<String>, AttestationError> {
+    match expected {
+        Some(e) if e == actual => Ok(Some(hex::encode(e))),
+        Some(_) => Err(AttestationError::ReportDataMismatch),
+        None => Ok(None),
+    }
+}
+
 pub(crate) fn asn1_time(now: SystemTime) -> Result<ASN1Time, AttestationError> {
     let secs = now
         .duration_since(UNIX_EPOCH)
@@ -153,17 +166,12 @@ pub(crate) fn check_validity(
     cert: &X509Certificate<'_>,
     now: ASN1Time,
 ) -> Result<(), AttestationError> {
-    let v = cert.validity();
-    if v.not_before <= now && now <= v.not_after {
-        Ok(())
-    } else {
-        Err(AttestationError::CertificateNotValidAt {
-            subject: cert.subject().to_string(),
-            not_before: v.not_before.to_string(),
-            not_after: v.not_after.to_string(),
-            now: now.to_string(),
-        })
-    }
+    crate::x509::validity_at(cert, now).map_err(|e| AttestationError::CertificateNotValidAt {
+        subject: e.subject,
+        not_before: e.not_before,
+        not_after: e.not_after,
+        now: e.now,
+    })
 }
 
 /// Checks that `child` names `issuer` as its issuer and carries its signature.

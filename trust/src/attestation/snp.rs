@@ -297,11 +297,7 @@ pub fn verify(
         return Err(AttestationError::DebugEnabled);
     }
     let report_data = r.slice(0x50, 64)?;
-    let key_binding = match &options.expected_report_data {
-        Some(expected) if expected.as_slice() == report_data => Some(hex::encode(expected)),
-        Some(_) => return Err(AttestationError::ReportDataMismatch),
-        None => None,
-    };
+    let key_binding = super::check_binding(options.expected_report_data.as_deref(), report_data)?;
 
     let mut measurements = BTreeMap::new();
     measurements.insert(

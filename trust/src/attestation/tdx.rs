@@ -196,11 +196,7 @@ pub fn verify(
         return Err(AttestationError::DebugEnabled);
     }
     let report_data = b.slice(520, 64)?;
-    let key_binding = match &options.expected_report_data {
-        Some(e) if e.as_slice() == report_data => Some(hex::encode(e)),
-        Some(_) => return Err(AttestationError::ReportDataMismatch),
-        None => None,
-    };
+    let key_binding = super::check_binding(options.expected_report_data.as_deref(), report_data)?;
 
     let mut measurements = BTreeMap::new();
     for (name, at, len) in [

@@ -52,17 +52,12 @@ fn parse(der: &[u8], what: String) -> Result<X509Certificate<'_>, SignatureError
 }
 
 fn check_validity(cert: &X509Certificate<'_>, now: ASN1Time) -> Result<(), SignatureError> {
-    let v = cert.validity();
-    if v.not_before <= now && now <= v.not_after {
-        Ok(())
-    } else {
-        Err(SignatureError::CertificateNotValidAt {
-            subject: cert.subject().to_string(),
-            not_before: v.not_before.to_string(),
-            not_after: v.not_after.to_string(),
-            now: now.to_string(),
-        })
-    }
+    crate::x509::validity_at(cert, now).map_err(|e| SignatureError::CertificateNotValidAt {
+        subject: e.subject,
+        not_before: e.not_before,
+        not_after: e.not_after,
+        now: e.now,
+    })
 }
 
 fn ext_err(cert: &X509Certificate<'_>, e: impl std::fmt::Display) -> SignatureError {
