@@ -36,6 +36,8 @@ pub const LAPSE_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct Gateway {
     service: Arc<AttestationService>,
+    /// Bounds the verifications running at once (each is CPU work on a blocking thread).
+    verifying: Arc<tokio::sync::Semaphore>,
     devices: DeviceStatus,
     bootstrap_token: Arc<str>,
 }
@@ -90,8 +92,10 @@ impl Gateway {
         if bootstrap_token.len() < 16 {
             return Err("the bootstrap token must be at least 16 characters".into());
         }
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
         Ok(Self {
             service,
+            verifying: Arc::new(tokio::sync::Semaphore::new(workers)),
             devices,
             bootstrap_token: bootstrap_token.into(),
         })
@@ -194,6 +198,13 @@ async fn challenge(
         ));
     }
     let service = gw.service.clone();
+    let _permit = gw.verifying.acquire().await.map_err(|e| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ShuttingDown",
+            e.to_string(),
+        )
+    })?;
     let challenge = tokio::task::spawn_blocking(move || service.challenge(&req, SystemTime::now()))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))??;
@@ -210,9 +221,17 @@ async fn evidence(
     let device = gw.devices.get(&req.device).await?;
     let service = gw.service.clone();
     let now = SystemTime::now();
+    let permit = gw.verifying.acquire().await.map_err(|e| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ShuttingDown",
+            e.to_string(),
+        )
+    })?;
     let outcome = tokio::task::spawn_blocking(move || service.evidence(&req, now))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?;
+    drop(permit);
     let verified = OffsetDateTime::now_utc();
     match outcome {
         Ok(appraisal) => {
