@@ -49,8 +49,8 @@ pub enum EnrolError {
 /// Where evidence comes from.
 #[derive(Debug)]
 pub enum Source {
-    /// A TPM at this TCTI.
-    Tpm(String),
+    /// A TPM; the attester (EK and AK) is kept across rounds.
+    Tpm(TpmSource),
     /// configfs-tsm at `root`, on a guest of `kind` (SEV-SNP or TDX).
     ConfigfsTsm {
         /// Normally `/sys/kernel/config/tsm/report`.
@@ -60,6 +60,31 @@ pub enum Source {
     },
     /// The development key.
     Dev(DevAttester),
+}
+
+/// A TPM opened on first use and kept, so that re-attestation reuses its AK (creating
+/// an RSA key takes seconds on a real TPM). After a failed round it is opened afresh.
+#[derive(Debug)]
+pub struct TpmSource {
+    tcti: String,
+    attester: Option<TpmAttester>,
+}
+
+impl TpmSource {
+    /// The TPM at `tcti` (for example `device:/dev/tpmrm0`).
+    pub fn new(tcti: impl Into<String>) -> Self {
+        Self {
+            tcti: tcti.into(),
+            attester: None,
+        }
+    }
+
+    fn take(&mut self) -> Result<TpmAttester, EnrolError> {
+        match self.attester.take() {
+            Some(a) => Ok(a),
+            None => Ok(TpmAttester::open(&self.tcti)?),
+        }
+    }
 }
 
 fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> EnrolError + '_ {
@@ -131,7 +156,7 @@ pub async fn attest_once(
         .map_err(|e| EnrolError::Invalid(format!("CSR: {e}")))?;
 
     let mut tpm = match source {
-        Source::Tpm(tcti) => Some(TpmAttester::open(tcti)?),
+        Source::Tpm(t) => Some(t.take()?),
         _ => None,
     };
     let (tee, enrol) = match (&source, tpm.as_mut()) {
@@ -159,7 +184,7 @@ pub async fn attest_once(
         .and_then(|v| v.try_into().ok())
         .ok_or_else(|| EnrolError::Invalid("gateway sent bad report data".into()))?;
 
-    let evidence = match (source, tpm.as_mut()) {
+    let evidence = match (&mut *source, tpm.as_mut()) {
         (Source::Tpm(_), Some(t)) => {
             let cred = challenge
                 .credential
@@ -221,6 +246,9 @@ pub async fn attest_once(
             evidence,
         })
         .await?;
+    if let (Source::Tpm(t), Some(a)) = (source, tpm) {
+        t.attester = Some(a);
+    }
     if let Some(cert) = &appraisal.certificate {
         let path = state.join("agent-cert.pem");
         let tmp = state.join(".agent-cert.pem.partial");

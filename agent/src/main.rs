@@ -143,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::read(&gateway_ca).with_context(|| format!("reading {}", gateway_ca.display()))?;
     let client = GatewayClient::new(&gateway, &ca, &bootstrap_token)?;
     let mut source = match tee {
-        Tee::Tpm => Source::Tpm(tcti),
+        Tee::Tpm => Source::Tpm(edgefleet_agent::enrol::TpmSource::new(tcti)),
         Tee::SevSnp => Source::ConfigfsTsm {
             root: tsm_root,
             kind: TeeKind::SevSnp,

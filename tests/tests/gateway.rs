@@ -406,7 +406,7 @@ async fn the_agents_attestation_round_stores_a_certificate_only_when_allowed() {
 
     // The TPM round (enrolment, credential activation, bound quote) is allowed, and the
     // certificate is for the stored agent key.
-    let mut tpm = Source::Tpm(s.swtpm.tcti());
+    let mut tpm = Source::Tpm(edgefleet_agent::enrol::TpmSource::new(s.swtpm.tcti()));
     let a = attest_once(&s.client, device, &mut tpm, state.path())
         .await
         .unwrap();
@@ -425,6 +425,12 @@ async fn the_agents_attestation_round_stores_a_certificate_only_when_allowed() {
         cert.public_key().raw,
         rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
     );
+
+    // A second round re-attests with the same TPM attester (the AK is kept).
+    let again = attest_once(&s.client, device, &mut tpm, state.path())
+        .await
+        .unwrap();
+    assert!(again.decision.allow, "{:?}", again.decision.deny);
 
     // An unknown device name gets a named refusal, not a certificate.
     let err = attest_once(&s.client, "not-enrolled", &mut tpm, state.path())
