@@ -26,3 +26,25 @@ pub(crate) fn validity_at(cert: &X509Certificate<'_>, now: ASN1Time) -> Result<(
         })
     }
 }
+
+/// Every `CERTIFICATE` block of a PEM text, as DER, in order; the error is the parser's.
+pub(crate) fn pem_certificates(pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    for block in x509_parser::pem::Pem::iter_from_buffer(pem) {
+        let block = block.map_err(|e| e.to_string())?;
+        if block.label == "CERTIFICATE" {
+            out.push(block.contents);
+        }
+    }
+    Ok(out)
+}
+
+/// `now` as an ASN.1 time; the error says why it cannot be one.
+pub(crate) fn asn1_time(now: std::time::SystemTime) -> Result<ASN1Time, String> {
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs();
+    let secs = i64::try_from(secs).map_err(|e| e.to_string())?;
+    ASN1Time::from_timestamp(secs).map_err(|e| e.to_string())
+}

@@ -19,7 +19,7 @@ pub mod tpm_enrol;
 
 pub use claims::{Claims, TeeKind};
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer as _;
@@ -141,12 +141,7 @@ pub(crate) fn check_binding(
 }
 
 pub(crate) fn asn1_time(now: SystemTime) -> Result<ASN1Time, AttestationError> {
-    let secs = now
-        .duration_since(UNIX_EPOCH)
-        .map_err(|e| AttestationError::InvalidTime(e.to_string()))?
-        .as_secs();
-    let secs = i64::try_from(secs).map_err(|e| AttestationError::InvalidTime(e.to_string()))?;
-    ASN1Time::from_timestamp(secs).map_err(|e| AttestationError::InvalidTime(e.to_string()))
+    crate::x509::asn1_time(now).map_err(AttestationError::InvalidTime)
 }
 
 pub(crate) fn parse_cert<'a>(
@@ -200,17 +195,10 @@ pub(crate) fn check_issued_by(
 
 /// Reads PEM certificates (in order) from text.
 pub fn pem_certificates(pem: &[u8]) -> Result<Vec<Vec<u8>>, AttestationError> {
-    let mut out = Vec::new();
-    for block in x509_parser::pem::Pem::iter_from_buffer(pem) {
-        let block = block.map_err(|e| AttestationError::MalformedCertificate {
-            which: "PEM".into(),
-            reason: e.to_string(),
-        })?;
-        if block.label == "CERTIFICATE" {
-            out.push(block.contents);
-        }
-    }
-    Ok(out)
+    crate::x509::pem_certificates(pem).map_err(|reason| AttestationError::MalformedCertificate {
+        which: "PEM".into(),
+        reason,
+    })
 }
 
 /// A bounds-checked little-endian reader over evidence bytes.

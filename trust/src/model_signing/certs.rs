@@ -255,15 +255,10 @@ pub fn leaf_key(der: &[u8]) -> Result<PublicKey, SignatureError> {
 
 /// Parses every certificate in a PEM text (a chain file), in order.
 pub fn pem_certificates(pem: &str) -> Result<Vec<Vec<u8>>, SignatureError> {
-    let mut out = Vec::new();
-    for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
-        let block = block.map_err(|e| SignatureError::MalformedCertificate {
+    crate::x509::pem_certificates(pem.as_bytes()).map_err(|reason| {
+        SignatureError::MalformedCertificate {
             which: "PEM".into(),
-            reason: e.to_string(),
-        })?;
-        if block.label == "CERTIFICATE" {
-            out.push(block.contents);
+            reason,
         }
-    }
-    Ok(out)
+    })
 }

@@ -13,7 +13,7 @@ pub mod hashing;
 pub mod keys;
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -301,12 +301,7 @@ pub struct VerifiedModel {
 }
 
 fn asn1_time(now: SystemTime) -> Result<ASN1Time, SignatureError> {
-    let secs = now
-        .duration_since(UNIX_EPOCH)
-        .map_err(|e| SignatureError::InvalidTime(e.to_string()))?
-        .as_secs();
-    let secs = i64::try_from(secs).map_err(|e| SignatureError::InvalidTime(e.to_string()))?;
-    ASN1Time::from_timestamp(secs).map_err(|e| SignatureError::InvalidTime(e.to_string()))
+    crate::x509::asn1_time(now).map_err(SignatureError::InvalidTime)
 }
 
 fn b64(what: &str, s: &str) -> Result<Vec<u8>, SignatureError> {
