@@ -153,12 +153,19 @@ pub struct Stats {
     pub prompt_tokens: AtomicU64,
     /// Microseconds to first token, summed.
     pub ttft_micros: AtomicU64,
-    /// Jobs waiting for a slot.
-    pub queued: AtomicUsize,
     /// Slots decoding now.
     pub busy: AtomicUsize,
     /// Requests admitted and not finished (running + waiting).
     pub admitted: AtomicUsize,
+}
+
+impl Stats {
+    /// Requests waiting for a slot: admitted and not yet running.
+    pub fn waiting(&self) -> usize {
+        self.admitted
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.busy.load(Ordering::Relaxed))
+    }
 }
 
 /// A loaded model with its worker slots.
@@ -273,7 +280,6 @@ impl Engine {
         {
             return Err(SubmitError::QueueFull(self.config.parallel_slots));
         }
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
         match self.jobs.try_send(Job {
             messages,
             sampling,
@@ -281,7 +287,6 @@ impl Engine {
         }) {
             Ok(()) => Ok(rx),
             Err(e) => {
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 self.stats.admitted.fetch_sub(1, Ordering::AcqRel);
                 Err(match e {
                     TrySendError::Full(_) => SubmitError::QueueFull(self.config.parallel_slots),
@@ -353,7 +358,6 @@ fn worker(
             },
             Err(_) => return,
         };
-        stats.queued.fetch_sub(1, Ordering::Relaxed);
         stats.busy.fetch_add(1, Ordering::Relaxed);
         let result = generate(model, &mut ctx, &job, stats);
         stats.busy.fetch_sub(1, Ordering::Relaxed);

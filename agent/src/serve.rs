@@ -335,7 +335,7 @@ async fn metrics(State(serving): State<Arc<Serving>>) -> Result<Response, ApiErr
         s.prompt_tokens.load(Ordering::Relaxed),
         generated as f64 * 1e6 / micros as f64,
         s.ttft_micros.load(Ordering::Relaxed) as f64 / 1e6,
-        s.queued.load(Ordering::Relaxed),
+        s.waiting(),
         s.busy.load(Ordering::Relaxed),
         engine.load_millis() as f64 / 1e3,
     );

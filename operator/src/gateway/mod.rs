@@ -117,15 +117,10 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        let expected = self.bootstrap_token.as_bytes();
-        let ok = given.len() == expected.len()
-            && given
-                .as_bytes()
-                .iter()
-                .zip(expected)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if ok {
+        if edgefleet_trust::attestation::service::constant_time_eq(
+            given.as_bytes(),
+            self.bootstrap_token.as_bytes(),
+        ) {
             Ok(())
         } else {
             Err(ApiError(

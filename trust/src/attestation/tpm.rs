@@ -246,35 +246,26 @@ fn verify_signature(
         TPM_ALG_ECDSA => {
             let sr = r.tpm2b()?;
             let ss = r.tpm2b()?;
-            let mut der = Vec::new();
-            // Rebuild the DER signature ring expects.
-            let int = |v: &[u8]| {
-                let v: Vec<u8> = v.iter().copied().skip_while(|&b| b == 0).collect();
-                let mut out = vec![0x02];
-                let pad = v.first().is_some_and(|b| b & 0x80 != 0);
-                out.push(u8::try_from(v.len() + usize::from(pad)).unwrap_or(0));
-                if pad {
-                    out.push(0);
-                }
-                out.extend(v);
-                out
-            };
-            let (ri, si) = (int(sr), int(ss));
-            der.push(0x30);
-            der.push(u8::try_from(ri.len() + si.len()).map_err(|_| bad())?);
-            der.extend(ri);
-            der.extend(si);
-            let params: &dyn ring::signature::VerificationAlgorithm = match hash {
-                TPM_ALG_SHA256 => &ring::signature::ECDSA_P256_SHA256_ASN1,
-                TPM_ALG_SHA384 => &ring::signature::ECDSA_P384_SHA384_ASN1,
+            let (params, size): (&dyn ring::signature::VerificationAlgorithm, usize) = match hash {
+                TPM_ALG_SHA256 => (&ring::signature::ECDSA_P256_SHA256_FIXED, 32),
+                TPM_ALG_SHA384 => (&ring::signature::ECDSA_P384_SHA384_FIXED, 48),
                 _ => {
                     return Err(AttestationError::Unsupported(format!(
                         "ECDSA with hash {hash:#x}"
                     )));
                 }
             };
+            // r ‖ s, each left-padded to the curve size, as ring's fixed format wants.
+            let mut fixed = vec![0u8; 2 * size];
+            for (half, v) in [sr, ss].into_iter().enumerate() {
+                let v = &v[v.iter().take_while(|&&b| b == 0).count()..];
+                if v.len() > size {
+                    return Err(bad());
+                }
+                fixed[(half + 1) * size - v.len()..(half + 1) * size].copy_from_slice(v);
+            }
             ring::signature::UnparsedPublicKey::new(params, key_bits)
-                .verify(msg, &der)
+                .verify(msg, &fixed)
                 .map_err(|_| bad())?;
             Ok("ecdsa")
         }
