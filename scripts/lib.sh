@@ -88,6 +88,17 @@ ensure_model() {
   export EDGEFLEET_MODEL
 }
 
+# The example and test plugins (plugins/), built as wasm32-wasip2 components into their
+# own target directory; tests find them through EDGEFLEET_PLUGINS.
+ensure_plugins() {
+  rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || { log "rustup target add wasm32-wasip2"; rustup target add wasm32-wasip2 >&2; }
+  local target="$EDGEFLEET_CACHE/target-wasm"
+  log "building plugins (wasm32-wasip2)"
+  CARGO_TARGET_DIR="$target" cargo build --quiet --locked --release --target wasm32-wasip2 \
+    --manifest-path "$EDGEFLEET_ROOT/plugins/Cargo.toml" >&2
+  export EDGEFLEET_PLUGINS="$target/wasm32-wasip2/release"
+}
+
 ensure_all() {
   ensure_apt "${APT_PACKAGES[@]}"
   ensure_rust_tools
@@ -95,4 +106,5 @@ ensure_all() {
   ensure_python_venv
   ensure_apiserver
   ensure_model
+  ensure_plugins
 }

@@ -7,4 +7,5 @@ pub mod config;
 pub mod engine;
 pub mod enrol;
 pub mod gateway_client;
+pub mod plugins;
 pub mod serve;

@@ -74,6 +74,26 @@ enum Cmd {
         /// Requests that may wait for a slot before the API answers 429.
         #[arg(long, default_value_t = 16)]
         queue_depth: usize,
+        /// WebAssembly plugin component; repeat for a chain, run in the order given. Its
+        /// name is the file name without `.wasm`. With --public-key, each plugin's
+        /// signature bundle must sit beside it as `<file>.sig`.
+        #[arg(long = "plugin", value_name = "WASM")]
+        plugins: Vec<PathBuf>,
+        /// Plugin configuration as NAME.KEY=VALUE (repeatable).
+        #[arg(long = "plugin-config", value_name = "NAME.KEY=VALUE", value_parser = parse_plugin_config)]
+        plugin_config: Vec<(String, String, String)>,
+        /// Fuel per plugin call (default: no fuel bound, only the deadline).
+        #[arg(long)]
+        plugin_fuel: Option<u64>,
+        /// Wall-clock bound per plugin call, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        plugin_deadline_ms: u64,
+        /// Linear-memory cap per plugin instance, in bytes.
+        #[arg(long, default_value_t = 64 << 20)]
+        plugin_memory_bytes: u64,
+        /// Directory for compiled plugin code, so that a restart does not compile again.
+        #[arg(long, env = "EDGEFLEET_PLUGIN_CACHE")]
+        plugin_cache: Option<PathBuf>,
     },
     /// Attest to the gateway and store the client certificate it issues.
     Attest {
@@ -192,35 +212,91 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         gpu_layers,
         parallel_slots,
         queue_depth,
+        plugins,
+        plugin_config,
+        plugin_fuel,
+        plugin_deadline_ms,
+        plugin_memory_bytes,
+        plugin_cache,
     } = cmd
     else {
         anyhow::bail!("not a serve command");
     };
-    match (&bundle, &public_key) {
-        (Some(bundle), Some(key)) => {
-            use edgefleet_trust::model_signing::{PublicKey, TrustPolicy, verify};
+    let policy = match (&bundle, &public_key) {
+        (Some(_), Some(key)) => {
+            use edgefleet_trust::model_signing::{PublicKey, TrustPolicy};
             let key = PublicKey::from_pem(&std::fs::read_to_string(key)?)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
-            let policy = TrustPolicy::keys([("publisher".to_owned(), key)]);
-            let v = verify(
-                &std::fs::read(bundle)?,
-                &model,
-                &policy,
-                std::time::SystemTime::now(),
-                &[],
-            )
-            .map_err(|e| {
-                anyhow::anyhow!("refusing to load {}: {}: {e}", model.display(), e.reason())
-            })?;
-            tracing::info!(subject = %v.subject_digest, signer = %v.signer, "model signature verified");
+            Some(TrustPolicy::keys([("publisher".to_owned(), key)]))
         }
-        _ if allow_unsigned => {
-            tracing::warn!(model = %model.display(), "serving an unsigned model (--allow-unsigned)")
-        }
+        _ if allow_unsigned => None,
         _ => anyhow::bail!(
             "give --bundle and --public-key to verify the model, or --allow-unsigned for development"
         ),
+    };
+    let verify = |file: &std::path::Path, bundle: &std::path::Path| -> anyhow::Result<()> {
+        let Some(policy) = &policy else {
+            tracing::warn!(file = %file.display(), "loading without a signature (--allow-unsigned)");
+            return Ok(());
+        };
+        let bundle = std::fs::read(bundle)
+            .with_context(|| format!("reading the signature bundle {}", bundle.display()))?;
+        let v = edgefleet_trust::model_signing::verify(
+            &bundle,
+            file,
+            policy,
+            std::time::SystemTime::now(),
+            &[],
+        )
+        .map_err(|e| anyhow::anyhow!("refusing to load {}: {}: {e}", file.display(), e.reason()))?;
+        tracing::info!(file = %file.display(), subject = %v.subject_digest, signer = %v.signer, "signature verified");
+        Ok(())
+    };
+    verify(&model, bundle.as_deref().unwrap_or(&model))?;
+    // Plugins load (and fail) before the model: a bad plugin stops the agent at once.
+    let mut specs = Vec::new();
+    for path in &plugins {
+        let mut sig = path.clone().into_os_string();
+        sig.push(".sig");
+        verify(path, std::path::Path::new(&sig))?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().replace('_', "-"))
+            .unwrap_or_else(|| "plugin".into());
+        let config = plugin_config
+            .iter()
+            .filter(|(n, _, _)| *n == name)
+            .map(|(_, k, v)| (k.clone(), v.clone()))
+            .collect();
+        specs.push(edgefleet_agent::plugins::PluginSpec {
+            wasm: std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            name,
+            limits: edgefleet_agent::plugins::Limits {
+                fuel: plugin_fuel,
+                deadline: Some(Duration::from_millis(plugin_deadline_ms)),
+                memory_bytes: plugin_memory_bytes,
+            },
+            config,
+            grants: Default::default(),
+        });
     }
+    let loaded = if specs.is_empty() {
+        None
+    } else {
+        let runtime = edgefleet_agent::plugins::PluginRuntime::new(plugin_cache.as_deref())?;
+        let mut loaded = Vec::new();
+        for spec in specs {
+            let name = spec.name.clone();
+            let started = std::time::Instant::now();
+            loaded.push(
+                runtime.load(spec).map_err(|e| {
+                    anyhow::anyhow!("refusing plugin {name:?}: {}: {e}", e.reason())
+                })?,
+            );
+            tracing::info!(plugin = %name, ms = started.elapsed().as_millis() as u64, "plugin loaded");
+        }
+        Some((runtime, loaded))
+    };
     if !edgefleet_agent::engine::is_gguf(&model) {
         anyhow::bail!("{} is not a GGUF file", model.display());
     }
@@ -255,7 +331,27 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
     let engine = tokio::task::spawn_blocking(move || edgefleet_agent::engine::Engine::load(config))
         .await??;
     tracing::info!(load_ms = engine.load_millis(), model = %engine.config().served_name, %listen, "serving");
-    serving.install(engine);
+    let engine = std::sync::Arc::new(engine);
+    let chain = loaded.map(|(runtime, loaded)| {
+        let infer = edgefleet_agent::serve::EngineSubPrompt::new(
+            &engine,
+            tokio::runtime::Handle::current(),
+        );
+        runtime.chain(loaded, Some(infer), Default::default())
+    });
+    serving.install_with_plugins(engine, chain);
     server.await??;
     Ok(())
+}
+
+/// Parses `NAME.KEY=VALUE`.
+fn parse_plugin_config(s: &str) -> Result<(String, String, String), String> {
+    let (lhs, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME.KEY=VALUE"))?;
+    let (name, key) = lhs
+        .split_once('.')
+        .filter(|(n, k)| !n.is_empty() && !k.is_empty())
+        .ok_or_else(|| format!("{s:?}: expected NAME.KEY=VALUE"))?;
+    Ok((name.to_owned(), key.to_owned(), value.to_owned()))
 }

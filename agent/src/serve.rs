@@ -20,6 +20,7 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use crate::engine::{ChatMessage, Engine, Event, Sampling, SubmitError};
+use crate::plugins::{Chain, ChainError, ChainRun, PluginRequest, RequestOutcome, SubPrompt};
 
 /// Largest request body.
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -32,6 +33,7 @@ pub struct ApiError {
     status: StatusCode,
     kind: &'static str,
     param: Option<String>,
+    code: Option<&'static str>,
     message: String,
 }
 
@@ -41,15 +43,62 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             kind: "invalid_request_error",
             param: Some(param.to_owned()),
+            code: None,
             message: message.into(),
         }
     }
+
+    fn server(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            param: None,
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    /// A plugin refused or failed: 400 for a refused request, 502 for a refused answer
+    /// (the model's output did not pass), 500 for a plugin that failed.
+    fn plugin(e: ChainError, stage: Stage) -> Self {
+        let (status, kind, code) = match (&e, stage) {
+            (ChainError::Rejected { .. }, Stage::Request) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "plugin_rejected",
+            ),
+            (ChainError::Rejected { .. }, Stage::Response) => (
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                "plugin_rejected_response",
+            ),
+            (ChainError::Failed { .. }, _) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "plugin_failed",
+            ),
+        };
+        Self {
+            status,
+            kind,
+            param: None,
+            code: Some(code),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Where in the request a plugin acted.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    Request,
+    Response,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(
-            json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}}),
+            json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}),
         );
         let mut resp = (self.status, body).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
@@ -80,6 +129,8 @@ pub struct ChatRequest {
     pub stream: bool,
     /// Include usage in the last streamed chunk.
     pub stream_usage: bool,
+    /// `response_format: {"type": "json_object"}`: the client wants one JSON value.
+    pub json_mode: bool,
 }
 
 /// Validates an OpenAI chat completion body, naming the offending field.
@@ -96,6 +147,7 @@ pub fn parse_chat_request(body: &Value, served: &str, n_ctx: u32) -> Result<Chat
                 status: StatusCode::NOT_FOUND,
                 kind: "invalid_request_error",
                 param: Some("model".into()),
+                code: Some("model_not_found"),
                 message: format!("model {m:?} is not served here; this device serves {served:?}"),
             });
         }
@@ -231,7 +283,21 @@ pub fn parse_chat_request(body: &Value, served: &str, n_ctx: u32) -> Result<Chat
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let json_mode = match obj.get("response_format").filter(|v| !v.is_null()) {
+        None => false,
+        Some(f) => match f.get("type").and_then(Value::as_str) {
+            Some("text") => false,
+            Some("json_object") => true,
+            _ => {
+                return Err(ApiError::bad(
+                    "response_format.type",
+                    "response_format.type must be \"text\" or \"json_object\"",
+                ));
+            }
+        },
+    };
     Ok(ChatRequest {
+        json_mode,
         messages,
         sampling: Sampling {
             max_tokens,
@@ -245,13 +311,20 @@ pub fn parse_chat_request(body: &Value, served: &str, n_ctx: u32) -> Result<Chat
     })
 }
 
-/// The model being served. Empty while the first model loads (`/readyz` answers 503
-/// "loading"). [`Serving::install`] swaps in a new engine for new requests; requests in
-/// flight keep the engine they started on, whose slots finish them, then exit and
-/// unload that model when the last one ends.
+/// The model being served, with its plugin chain. Empty while the first model loads
+/// (`/readyz` answers 503 "loading"). [`Serving::install`] swaps in a new engine for new
+/// requests; requests in flight keep the engine (and plugins) they started on, whose
+/// slots finish them, then exit and unload that model when the last one ends.
 #[derive(Debug, Default)]
 pub struct Serving {
-    current: std::sync::RwLock<Option<Arc<Engine>>>,
+    current: std::sync::RwLock<Option<Served>>,
+}
+
+/// One model and the plugins its requests pass through.
+#[derive(Debug, Clone)]
+struct Served {
+    engine: Arc<Engine>,
+    plugins: Option<Chain>,
 }
 
 impl Serving {
@@ -260,24 +333,106 @@ impl Serving {
         Arc::new(Self::default())
     }
 
-    /// Serves `engine` from now on; returns the previous one (which drains once dropped).
+    /// Serves `engine`, with no plugins, from now on; returns the previous engine (which
+    /// drains once dropped).
     pub fn install(&self, engine: Engine) -> Option<Arc<Engine>> {
-        match self.current.write() {
-            Ok(mut g) => g.replace(Arc::new(engine)),
-            Err(poisoned) => poisoned.into_inner().replace(Arc::new(engine)),
-        }
+        self.install_with_plugins(Arc::new(engine), None)
     }
 
-    fn engine(&self) -> Result<Arc<Engine>, ApiError> {
+    /// Serves `engine` behind `plugins` from now on; returns the previous engine.
+    pub fn install_with_plugins(
+        &self,
+        engine: Arc<Engine>,
+        plugins: Option<Chain>,
+    ) -> Option<Arc<Engine>> {
+        let next = Served {
+            engine,
+            plugins: plugins.filter(|c| !c.is_empty()),
+        };
+        let previous = match self.current.write() {
+            Ok(mut g) => g.replace(next),
+            Err(poisoned) => poisoned.into_inner().replace(next),
+        };
+        previous.map(|p| p.engine)
+    }
+
+    fn served(&self) -> Result<Served, ApiError> {
         let current = match self.current.read() {
             Ok(g) => g.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        current.ok_or_else(|| ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            kind: "server_error",
-            param: None,
-            message: "the model is loading".into(),
+        current.ok_or_else(|| {
+            ApiError::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the model is loading",
+            )
+        })
+    }
+
+    fn engine(&self) -> Result<Arc<Engine>, ApiError> {
+        self.served().map(|s| s.engine)
+    }
+}
+
+/// The `infer` import of plugins: a sub-prompt on the served model, through the same
+/// bounded queue as API requests. Holds the engine weakly, so that a chain kept alive by
+/// a request in flight does not keep an unloaded model in memory.
+#[derive(Debug)]
+pub struct EngineSubPrompt {
+    engine: std::sync::Weak<Engine>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl EngineSubPrompt {
+    /// Sub-prompts on `engine`, waited for on `runtime`.
+    pub fn new(engine: &Arc<Engine>, runtime: tokio::runtime::Handle) -> Arc<Self> {
+        Arc::new(Self {
+            engine: Arc::downgrade(engine),
+            runtime,
+        })
+    }
+}
+
+impl SubPrompt for EngineSubPrompt {
+    fn infer(
+        &self,
+        messages: Vec<ChatMessage>,
+        max_tokens: u32,
+        temperature: f32,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<String, String> {
+        let engine = self.engine.upgrade().ok_or("the model was unloaded")?;
+        let sampling = Sampling {
+            max_tokens,
+            temperature,
+            top_p: 1.0,
+            seed: 0xED6E_F1EE,
+            stop: vec![],
+        };
+        let mut rx = engine
+            .submit(messages, sampling)
+            .map_err(|e| e.to_string())?;
+        let collect = async move {
+            let mut text = String::new();
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    Event::Delta(d) => text.push_str(&d),
+                    Event::Done { .. } => return Ok(text),
+                    Event::Failed(m) => return Err(m),
+                }
+            }
+            Err("the generation ended without a result".to_owned())
+        };
+        // Runs on a blocking thread (plugins never run on the async workers); dropping
+        // the receiver at the deadline stops the generation.
+        self.runtime.block_on(async move {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), collect)
+                    .await
+                    .unwrap_or_else(|_| Err("the call's deadline passed during infer".into())),
+                None => collect.await,
+            }
         })
     }
 }
@@ -314,7 +469,7 @@ async fn models(State(serving): State<Arc<Serving>>) -> Result<Json<Value>, ApiE
 }
 
 async fn metrics(State(serving): State<Arc<Serving>>) -> Result<Response, ApiError> {
-    let engine = serving.engine()?;
+    let Served { engine, plugins } = serving.served()?;
     let s = engine.stats();
     let generated = s.generated_tokens.load(Ordering::Relaxed);
     let micros = s.generation_micros.load(Ordering::Relaxed).max(1);
@@ -339,6 +494,10 @@ async fn metrics(State(serving): State<Arc<Serving>>) -> Result<Response, ApiErr
         s.busy.load(Ordering::Relaxed),
         engine.load_millis() as f64 / 1e3,
     );
+    let mut body = body;
+    if let Some(chain) = plugins {
+        body.push_str(&chain.metrics().render());
+    }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
@@ -346,7 +505,7 @@ async fn chat(
     State(serving): State<Arc<Serving>>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let engine = serving.engine()?;
+    let Served { engine, plugins } = serving.served()?;
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad("body", format!("invalid JSON: {e}")))?;
     let req = parse_chat_request(
@@ -354,41 +513,51 @@ async fn chat(
         &engine.config().served_name,
         engine.config().context_size,
     )?;
-    for (i, m) in req.messages.iter().enumerate() {
-        if let Some(t) = engine
-            .control_tokens()
-            .iter()
-            .find(|t| m.content.contains(t.as_str()))
-        {
-            return Err(ApiError::bad(
-                &format!("messages[{i}].content"),
-                format!("content contains the control token {t:?}"),
-            ));
-        }
-    }
-    let mut rx = engine
-        .submit(req.messages, req.sampling)
-        .map_err(|e| match e {
-            SubmitError::QueueFull(_) => ApiError {
-                status: StatusCode::TOO_MANY_REQUESTS,
-                kind: "rate_limit_error",
-                param: None,
-                message: e.to_string(),
-            },
-            SubmitError::Stopped => ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                kind: "server_error",
-                param: None,
-                message: e.to_string(),
-            },
-        })?;
+    refuse_control_tokens(&engine, &req.messages)?;
     let id = format!(
         "chatcmpl-{:016x}",
         rand_core::RngCore::next_u64(&mut rand_core::OsRng)
     );
     let model = engine.config().served_name.clone();
     let created = now();
+    let plugin_req = PluginRequest {
+        messages: req.messages.clone(),
+        max_tokens: req.sampling.max_tokens,
+        temperature: req.sampling.temperature,
+        json_mode: req.json_mode,
+        streamed: req.stream,
+    };
+    let mut run = plugins.as_ref().map(Chain::start);
+    let mut messages = req.messages;
+    if let Some(r) = run.take() {
+        let pr = plugin_req.clone();
+        let (r, outcome) = blocking(r, move |r| r.on_request(&pr)).await?;
+        match outcome.map_err(|e| ApiError::plugin(e, Stage::Request))? {
+            RequestOutcome::Proceed(m) => {
+                // A plugin's rewrite must not smuggle in role markers either.
+                refuse_control_tokens(&engine, &m)?;
+                messages = m;
+            }
+            RequestOutcome::Answered(text) => {
+                return Ok(answer_directly(id, model, created, text, req.stream));
+            }
+        }
+        run = Some(r);
+    }
+    let rx = engine.submit(messages, req.sampling).map_err(|e| match e {
+        SubmitError::QueueFull(_) => ApiError::server(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            e.to_string(),
+        ),
+        SubmitError::Stopped => ApiError::server(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            e.to_string(),
+        ),
+    })?;
     if !req.stream {
+        let mut rx = rx;
         let mut text = String::new();
         while let Some(ev) = rx.recv().await {
             match ev {
@@ -398,6 +567,11 @@ async fn chat(
                     prompt_tokens,
                     completion_tokens,
                 } => {
+                    if let Some(r) = run {
+                        let (_, out) =
+                            blocking(r, move |r| r.on_response(&plugin_req, text)).await?;
+                        text = out.map_err(|e| ApiError::plugin(e, Stage::Response))?;
+                    }
                     return Ok(Json(json!({
                         "id": id, "object": "chat.completion", "created": created, "model": model,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
@@ -410,6 +584,10 @@ async fn chat(
         }
         return Err(failed("the generation ended without a result".into()));
     }
+    let rx = match run {
+        Some(r) => through_plugins(rx, r),
+        None => rx,
+    };
     let include_usage = req.stream_usage;
     // A null delta makes the usage-only chunk (no choices), as OpenAI sends it.
     let chunk = move |delta: Value, finish: Value, usage: Option<Value>| {
@@ -428,16 +606,158 @@ async fn chat(
     Ok(Sse::new(stream).into_response())
 }
 
+fn refuse_control_tokens(engine: &Engine, messages: &[ChatMessage]) -> Result<(), ApiError> {
+    for (i, m) in messages.iter().enumerate() {
+        if let Some(t) = engine
+            .control_tokens()
+            .iter()
+            .find(|t| m.content.contains(t.as_str()))
+        {
+            return Err(ApiError::bad(
+                &format!("messages[{i}].content"),
+                format!("content contains the control token {t:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs plugin code on a blocking thread (a call may take up to its deadline), handing
+/// the request's chain state there and back.
+async fn blocking<T: Send + 'static>(
+    run: ChainRun,
+    f: impl FnOnce(&mut ChainRun) -> T + Send + 'static,
+) -> Result<(ChainRun, T), ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let mut run = run;
+        let out = f(&mut run);
+        (run, out)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::server(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("plugin task: {e}"),
+        )
+    })
+}
+
+/// The answer a plugin gave instead of the model (no tokens used).
+fn answer_directly(
+    id: String,
+    model: String,
+    created: u64,
+    text: String,
+    stream: bool,
+) -> Response {
+    if !stream {
+        return Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }))
+        .into_response();
+    }
+    let chunk = |delta: Value, finish: Value| {
+        Ok::<_, Infallible>(SseEvent::default().data(
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            .to_string(),
+        ))
+    };
+    let events = vec![
+        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+        chunk(json!({"content": text}), Value::Null),
+        chunk(json!({}), json!("stop")),
+        Ok(SseEvent::default().data("[DONE]")),
+    ];
+    Sse::new(futures::stream::iter(events)).into_response()
+}
+
+/// Passes a stream of engine events through the plugins' chunk hooks. Stops (and so
+/// stops generation, by dropping the engine's receiver) when the client goes away, even
+/// while a plugin holds every chunk back.
+fn through_plugins(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    run: ChainRun,
+) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut run = run;
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                () = tx.closed() => return,
+            };
+            let Some(ev) = ev else { return };
+            let (next, result) = match ev {
+                Event::Delta(d) => match blocking(run, move |r| r.on_chunk(d)).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = tx.send(Event::Failed(e.message));
+                        return;
+                    }
+                },
+                Event::Done { .. } => {
+                    let (_, flushed) = match blocking(run, |r| r.on_stream_end()).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let _ = tx.send(Event::Failed(e.message));
+                            return;
+                        }
+                    };
+                    match flushed {
+                        Ok(text) => {
+                            if !text.is_empty() {
+                                let _ = tx.send(Event::Delta(text));
+                            }
+                            let _ = tx.send(ev);
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Event::Failed(stream_error(&e)));
+                        }
+                    }
+                    return;
+                }
+                failed @ Event::Failed(_) => {
+                    let _ = tx.send(failed);
+                    return;
+                }
+            };
+            run = next;
+            match result {
+                Ok(text) if text.is_empty() => {}
+                Ok(text) => {
+                    if tx.send(Event::Delta(text)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Event::Failed(stream_error(&e)));
+                    return;
+                }
+            }
+        }
+    });
+    out
+}
+
+/// The error event text for a plugin that refused or failed mid-stream: the same
+/// message and code the non-streamed API would give.
+fn stream_error(e: &ChainError) -> String {
+    let code = match e {
+        ChainError::Rejected { .. } => "plugin_rejected_response",
+        ChainError::Failed { .. } => "plugin_failed",
+    };
+    format!("{code}: {e}")
+}
+
 fn failed(message: String) -> ApiError {
     if message.contains("exceeds the context") {
         return ApiError::bad("max_tokens", message);
     }
-    ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        kind: "server_error",
-        param: None,
-        message,
-    }
+    ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
 }
 
 /// SSE events: a role chunk, content chunks, the final chunk (finish reason), with

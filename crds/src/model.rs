@@ -308,6 +308,32 @@ pub struct PluginSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(length(max = 64))]
     pub config: BTreeMap<String, String>,
+    /// Capabilities beyond the sandbox's default of none. Without a grant a plugin has
+    /// no environment, no files, no network and a frozen clock, and a component that
+    /// imports a filesystem, socket or clock interface it was not granted is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grants: Option<PluginGrants>,
+}
+
+/// What a plugin may reach outside its sandbox.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginGrants {
+    /// Environment variables the plugin sees (it sees none otherwise).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = 32))]
+    pub env: BTreeMap<String, String>,
+    /// The real wall and monotonic clocks; otherwise both read a fixed time.
+    #[serde(default)]
+    pub clocks: bool,
+    /// Absolute device directories the plugin may read (never write), each seen at the
+    /// same path. The agent refuses relative paths and `..`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub read_only_dirs: Vec<String>,
+    /// TCP/UDP sockets and name lookup.
+    #[serde(default)]
+    pub network: bool,
 }
 
 /// Limits that apply to every call into a plugin.

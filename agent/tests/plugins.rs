@@ -1,0 +1,460 @@
+//! The plugin sandbox with the real example and hostile plugins (built for
+//! wasm32-wasip2 from `plugins/` by scripts/test): what each example does, and that
+//! every misbehaviour fails its request with a named error inside the deadline while the
+//! chain keeps serving the next request.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use edgefleet_agent::engine::ChatMessage;
+use edgefleet_agent::plugins::{
+    Chain, ChainError, Grants, Limits, MAX_INFER_CALLS, PluginError, PluginMetrics, PluginRequest,
+    PluginRuntime, PluginSpec, RequestOutcome, SubPrompt,
+};
+
+fn plugins_dir() -> PathBuf {
+    let dir = std::env::var_os("EDGEFLEET_PLUGINS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("EDGEFLEET_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/edgefleet")
+                });
+            cache.join("target-wasm/wasm32-wasip2/release")
+        });
+    assert!(
+        dir.join("passthrough.wasm").exists(),
+        "{} has no plugins: scripts/test builds them (cargo build --target wasm32-wasip2 in plugins/)",
+        dir.display()
+    );
+    dir
+}
+
+fn wasm(name: &str) -> Vec<u8> {
+    std::fs::read(plugins_dir().join(format!("{name}.wasm"))).unwrap()
+}
+
+fn spec(name: &str, config: &[(&str, &str)], limits: Limits) -> PluginSpec {
+    PluginSpec {
+        name: name.replace('_', "-"),
+        wasm: wasm(name),
+        limits,
+        config: config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        grants: Grants::default(),
+    }
+}
+
+fn deadline(ms: u64) -> Limits {
+    Limits {
+        fuel: None,
+        deadline: Some(Duration::from_millis(ms)),
+        memory_bytes: 32 << 20,
+    }
+}
+
+/// A sub-prompt service that answers at once and counts its calls.
+#[derive(Default)]
+struct CountingInfer(AtomicU32);
+
+impl SubPrompt for CountingInfer {
+    fn infer(
+        &self,
+        _messages: Vec<ChatMessage>,
+        max_tokens: u32,
+        _temperature: f32,
+        _deadline: Option<Instant>,
+    ) -> Result<String, String> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(format!("ok ({max_tokens} tokens)"))
+    }
+}
+
+fn build_chain(specs: Vec<PluginSpec>) -> (Chain, Arc<CountingInfer>) {
+    let rt = PluginRuntime::new(None).unwrap();
+    let loaded = specs.into_iter().map(|s| rt.load(s).unwrap()).collect();
+    let infer = Arc::new(CountingInfer::default());
+    let chain = rt.chain(
+        loaded,
+        Some(infer.clone() as Arc<dyn SubPrompt>),
+        Arc::new(PluginMetrics::default()),
+    );
+    (chain, infer)
+}
+
+fn request(text: &str) -> PluginRequest {
+    PluginRequest {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+        }],
+        max_tokens: 64,
+        temperature: 0.0,
+        json_mode: false,
+        streamed: false,
+    }
+}
+
+fn proceed(outcome: Result<RequestOutcome, ChainError>) -> Vec<ChatMessage> {
+    match outcome {
+        Ok(RequestOutcome::Proceed(m)) => m,
+        other => panic!("expected the request to proceed, got {other:?}"),
+    }
+}
+
+#[test]
+fn pii_redact_redacts_requests_answers_and_streams() {
+    let (chain, _) = build_chain(vec![spec("pii_redact", &[], deadline(100))]);
+    let mut run = chain.start();
+    let msgs = proceed(run.on_request(&request(
+        "I am jane.doe@example.com, call me on +44 20 7946 0958",
+    )));
+    assert_eq!(msgs[0].content, "I am [EMAIL], call me on [PHONE]");
+    assert_eq!(
+        run.on_response(&request("x"), "Write to bob@example.org.".into())
+            .unwrap(),
+        "Write to [EMAIL]."
+    );
+
+    // Streamed: an address split across chunks never reaches the client whole or in part.
+    let mut run = chain.start();
+    proceed(run.on_request(&request("hi")));
+    let mut out = String::new();
+    for piece in [
+        "Mail ",
+        "jo",
+        "hn@ex",
+        "ample.",
+        "com or ring 555",
+        " 123 ",
+        "4567 today.",
+    ] {
+        out.push_str(&run.on_chunk(piece.into()).unwrap());
+    }
+    out.push_str(&run.on_stream_end().unwrap());
+    assert_eq!(out, "Mail [EMAIL] or ring [PHONE] today.");
+
+    // Each request gets a fresh instance: text held back in one stream is not seen by
+    // another request.
+    let mut first = chain.start();
+    proceed(first.on_request(&request("hi")));
+    assert_eq!(first.on_chunk("secret@exam".into()).unwrap(), "");
+    let mut second = chain.start();
+    proceed(second.on_request(&request("hi")));
+    assert_eq!(second.on_stream_end().unwrap(), "");
+}
+
+#[test]
+fn pii_redact_config_switches_kinds_off() {
+    let (chain, _) = build_chain(vec![spec(
+        "pii_redact",
+        &[("phone", "false")],
+        deadline(100),
+    )]);
+    let msgs = proceed(
+        chain
+            .start()
+            .on_request(&request("a@example.com 555-123-4567")),
+    );
+    assert_eq!(msgs[0].content, "[EMAIL] 555-123-4567");
+}
+
+#[test]
+fn system_prompt_prepends_and_refuses_without_config() {
+    let (chain, _) = build_chain(vec![spec(
+        "system_prompt",
+        &[("prompt", "Answer in French.")],
+        deadline(100),
+    )]);
+    let msgs = proceed(chain.start().on_request(&request("hello")));
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[0].role, "system");
+    assert_eq!(msgs[0].content, "Answer in French.");
+    assert_eq!(msgs[1].content, "hello");
+
+    let (unconfigured, _) = build_chain(vec![spec("system_prompt", &[], deadline(100))]);
+    match unconfigured.start().on_request(&request("hello")) {
+        Err(ChainError::Rejected { plugin, reason }) => {
+            assert_eq!(plugin, "system-prompt");
+            assert!(reason.contains("not configured"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn json_guard_refuses_non_json_answers_only_in_json_mode() {
+    let (chain, _) = build_chain(vec![spec("json_guard", &[], deadline(100))]);
+    let mut json_req = request("give me json");
+    json_req.json_mode = true;
+
+    let mut run = chain.start();
+    proceed(run.on_request(&json_req));
+    assert_eq!(
+        run.on_response(&json_req, "```json\n{\"a\": 1}\n```".into())
+            .unwrap(),
+        "{\"a\": 1}"
+    );
+    let mut run = chain.start();
+    proceed(run.on_request(&json_req));
+    match run.on_response(&json_req, "Sure! Here it is: {\"a\": 1}".into()) {
+        Err(ChainError::Rejected { plugin, reason }) => {
+            assert_eq!(plugin, "json-guard");
+            assert!(
+                reason.starts_with("the answer is not valid JSON"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Not asked for JSON: prose passes.
+    let mut run = chain.start();
+    let plain = request("hi");
+    proceed(run.on_request(&plain));
+    assert_eq!(
+        run.on_response(&plain, "Hello there".into()).unwrap(),
+        "Hello there"
+    );
+
+    // Streamed JSON is held back and checked whole.
+    let mut run = chain.start();
+    proceed(run.on_request(&json_req));
+    assert_eq!(run.on_chunk("{\"a\":".into()).unwrap(), "");
+    assert_eq!(run.on_chunk(" 2}".into()).unwrap(), "");
+    assert_eq!(run.on_stream_end().unwrap(), "{\"a\": 2}");
+    let mut run = chain.start();
+    proceed(run.on_request(&json_req));
+    assert_eq!(run.on_chunk("{\"a\":".into()).unwrap(), "");
+    assert!(matches!(
+        run.on_stream_end(),
+        Err(ChainError::Rejected { .. })
+    ));
+}
+
+#[test]
+fn chain_runs_in_order_and_stream_flushes_pass_later_plugins() {
+    // system-prompt, then pii-redact: the redactor sees (and redacts) the system message
+    // the first plugin added.
+    let (chain, _) = build_chain(vec![
+        spec(
+            "system_prompt",
+            &[("prompt", "Escalate to ops@example.com.")],
+            deadline(100),
+        ),
+        spec("pii_redact", &[], deadline(100)),
+    ]);
+    let msgs = proceed(chain.start().on_request(&request("hi")));
+    assert_eq!(msgs[0].content, "Escalate to [EMAIL].");
+
+    // json-guard holds a JSON stream to the end; its flush then passes pii-redact.
+    let (chain, _) = build_chain(vec![
+        spec("json_guard", &[], deadline(100)),
+        spec("pii_redact", &[], deadline(100)),
+    ]);
+    let mut req = request("json please");
+    req.json_mode = true;
+    let mut run = chain.start();
+    proceed(run.on_request(&req));
+    assert_eq!(
+        run.on_chunk("{\"mail\": \"x@example.com\"".into()).unwrap(),
+        ""
+    );
+    assert_eq!(run.on_chunk("}".into()).unwrap(), "");
+    assert_eq!(run.on_stream_end().unwrap(), "{\"mail\": \"[EMAIL]\"}");
+}
+
+fn hostile(mode: &str, limits: Limits) -> (Chain, Arc<CountingInfer>) {
+    build_chain(vec![spec(
+        "hostile",
+        &[("mode", mode), ("trigger", "EVIL")],
+        limits,
+    )])
+}
+
+fn expect_failure(chain: &Chain, want: &str) -> (PluginError, Duration) {
+    let started = Instant::now();
+    let got = chain.start().on_request(&request("EVIL please"));
+    let took = started.elapsed();
+    match got {
+        Err(ChainError::Failed { plugin, error }) => {
+            assert_eq!(plugin, "hostile");
+            assert_eq!(error.reason(), want, "{error}");
+            // The chain keeps serving: the next, ordinary request passes.
+            let msgs = proceed(chain.start().on_request(&request("hello")));
+            assert_eq!(msgs[0].content, "hello");
+            assert_eq!(chain.metrics().failures("hostile", want), 1);
+            (error, took)
+        }
+        other => panic!("expected {want}, got {other:?}"),
+    }
+}
+
+#[test]
+fn endless_loop_stops_at_the_deadline() {
+    let (chain, _) = hostile("loop", deadline(50));
+    let (error, took) = expect_failure(&chain, "Deadline");
+    assert_eq!(error, PluginError::Deadline(50));
+    assert!(took >= Duration::from_millis(50), "{took:?}");
+    assert!(took < Duration::from_millis(1000), "{took:?}");
+}
+
+#[test]
+fn endless_loop_runs_out_of_fuel() {
+    let limits = Limits {
+        fuel: Some(50_000_000),
+        deadline: None,
+        memory_bytes: 32 << 20,
+    };
+    let (chain, _) = hostile("loop", limits);
+    let (error, took) = expect_failure(&chain, "OutOfFuel");
+    assert_eq!(error, PluginError::OutOfFuel(50_000_000));
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn allocation_past_the_cap_is_refused() {
+    let (chain, _) = hostile("alloc", deadline(2000));
+    let (error, took) = expect_failure(&chain, "MemoryLimit");
+    assert_eq!(error, PluginError::MemoryLimit(32 << 20));
+    assert!(took < Duration::from_millis(2000), "{took:?}");
+}
+
+#[test]
+fn trap_is_named() {
+    let (chain, _) = hostile("trap", deadline(100));
+    let (error, _) = expect_failure(&chain, "Trap");
+    assert!(error.to_string().contains("unreachable"), "{error}");
+}
+
+#[test]
+fn invalid_utf8_is_refused() {
+    let (chain, _) = hostile("bad-utf8", deadline(100));
+    expect_failure(&chain, "InvalidUtf8");
+}
+
+#[test]
+fn infer_in_a_loop_is_stopped_after_the_budget() {
+    let (chain, infer) = hostile("infer-loop", deadline(1000));
+    let (error, took) = expect_failure(&chain, "InferBudget");
+    assert_eq!(error, PluginError::InferBudget(MAX_INFER_CALLS));
+    assert_eq!(infer.0.load(Ordering::SeqCst), MAX_INFER_CALLS);
+    assert!(took < Duration::from_millis(1000), "{took:?}");
+}
+
+#[test]
+fn misbehaving_response_hook_fails_the_answer() {
+    let (chain, _) = build_chain(vec![spec(
+        "hostile",
+        &[("mode", "trap"), ("hook", "response"), ("trigger", "EVIL")],
+        deadline(100),
+    )]);
+    let req = request("EVIL");
+    let mut run = chain.start();
+    proceed(run.on_request(&req));
+    match run.on_response(&req, "answer".into()) {
+        Err(ChainError::Failed { error, .. }) => assert_eq!(error.reason(), "Trap"),
+        other => panic!("expected a trap, got {other:?}"),
+    }
+}
+
+#[test]
+fn not_a_component_is_refused_at_load() {
+    let rt = PluginRuntime::new(None).unwrap();
+    let mut core_module = spec("passthrough", &[], deadline(100));
+    core_module.wasm = b"\0asm\x01\0\0\0".to_vec();
+    let e = rt.load(core_module).unwrap_err();
+    assert_eq!(e.reason(), "NotAComponent");
+    assert!(e.to_string().contains("core WebAssembly module"), "{e}");
+
+    let mut garbage = spec("passthrough", &[], deadline(100));
+    garbage.wasm = b"#!/bin/sh\nrm -rf /\n".to_vec();
+    assert_eq!(rt.load(garbage).unwrap_err().reason(), "NotAComponent");
+
+    let mut truncated = spec("passthrough", &[], deadline(100));
+    truncated.wasm.truncate(truncated.wasm.len() / 2);
+    assert_eq!(rt.load(truncated).unwrap_err().reason(), "Compile");
+
+    // The same runtime still loads a good plugin.
+    rt.load(spec("passthrough", &[], deadline(100))).unwrap();
+}
+
+#[test]
+fn imports_beyond_the_grants_are_refused_at_load() {
+    let rt = PluginRuntime::new(None).unwrap();
+    let e = rt
+        .load(spec("hostile_net", &[], deadline(100)))
+        .unwrap_err();
+    let PluginError::ImportNotGranted(imports) = &e else {
+        panic!("expected ImportNotGranted, got {e:?}");
+    };
+    assert!(
+        imports.iter().any(|i| i.starts_with("wasi:sockets/tcp")),
+        "{imports:?}"
+    );
+    assert!(
+        imports.iter().any(|i| i.starts_with("wasi:filesystem/")),
+        "{imports:?}"
+    );
+    // Granted network, clocks and a read-only directory, the same component loads.
+    let mut granted = spec("hostile_net", &[], deadline(100));
+    granted.grants = Grants {
+        network: true,
+        clocks: true,
+        read_only_dirs: vec![(std::env::temp_dir(), "/data".into())],
+        ..Grants::default()
+    };
+    rt.load(granted).unwrap();
+}
+
+#[test]
+fn limits_without_fuel_or_deadline_are_refused() {
+    let rt = PluginRuntime::new(None).unwrap();
+    let unbounded = Limits {
+        fuel: None,
+        deadline: None,
+        memory_bytes: 1 << 20,
+    };
+    let e = rt.load(spec("passthrough", &[], unbounded)).unwrap_err();
+    assert!(e.to_string().contains("fuel or a deadline"), "{e}");
+}
+
+#[test]
+fn compiled_code_is_cached_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = PluginRuntime::new(Some(dir.path())).unwrap();
+    rt.load(spec("passthrough", &[], deadline(100))).unwrap();
+    let files = walk(dir.path());
+    assert!(
+        !files.is_empty(),
+        "nothing cached under {}",
+        dir.path().display()
+    );
+    // A second runtime (a restarted agent) loads from the cache and works.
+    let rt2 = PluginRuntime::new(Some(dir.path())).unwrap();
+    let loaded = rt2.load(spec("passthrough", &[], deadline(100))).unwrap();
+    let chain = rt2.chain(vec![loaded], None, Arc::new(PluginMetrics::default()));
+    assert_eq!(
+        proceed(chain.start().on_request(&request("hi")))[0].content,
+        "hi"
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

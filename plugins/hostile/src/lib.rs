@@ -1,0 +1,94 @@
+//! `hostile`: a plugin that misbehaves on purpose, for the agent's sandbox tests. Its
+//! config key `mode` picks the misbehaviour, run in the hook named by `hook`
+//! (`request`, the default, or `response`):
+//! - `loop`: spins forever (stopped by fuel or the deadline);
+//! - `alloc`: allocates far past any memory cap;
+//! - `trap`: executes `unreachable`;
+//! - `infer-loop`: calls the host's `infer` again and again, ignoring its errors;
+//! - `bad-utf8`: returns a string that is not UTF-8;
+//! - anything else: behaves.
+//!
+//! With config `trigger`, it misbehaves only in requests whose messages contain that
+//! text, so a test can show the next, ordinary request is served. Test fixture only;
+//! never deploy it.
+
+#![allow(unsafe_code)]
+
+wit_bindgen::generate!({ path: "../wit", world: "plugin" });
+
+use edgefleet::plugin::host;
+use edgefleet::plugin::types::{InferParams, Message};
+
+thread_local! {
+    static TRIGGERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn misbehave(hook: &str) -> Option<String> {
+    if host::config("hook").as_deref().unwrap_or("request") != hook || !TRIGGERED.get() {
+        return None;
+    }
+    match host::config("mode").as_deref() {
+        Some("loop") => {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        Some("alloc") => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        Some("trap") => core::arch::wasm32::unreachable(),
+        Some("infer-loop") => {
+            let msgs = vec![Message {
+                role: "user".into(),
+                content: "again".into(),
+            }];
+            loop {
+                let r = host::infer(
+                    &msgs,
+                    InferParams {
+                        max_tokens: 1,
+                        temperature: 0.0,
+                    },
+                );
+                std::hint::black_box(r.ok());
+            }
+        }
+        // SAFETY: deliberately not UTF-8; the host must refuse the string when it lifts it.
+        Some("bad-utf8") => {
+            Some(unsafe { String::from_utf8_unchecked(vec![0x66, 0xff, 0xfe, 0x80]) })
+        }
+        _ => None,
+    }
+}
+
+struct Hostile;
+
+impl Guest for Hostile {
+    fn on_request(req: Request) -> RequestAction {
+        let triggered = match host::config("trigger") {
+            Some(t) => req.messages.iter().any(|m| m.content.contains(&t)),
+            None => true,
+        };
+        TRIGGERED.set(triggered);
+        match misbehave("request") {
+            Some(text) => RequestAction::Respond(text),
+            None => RequestAction::Proceed(req.messages),
+        }
+    }
+    fn on_response(_req: Request, text: String) -> ResponseAction {
+        ResponseAction::Proceed(misbehave("response").unwrap_or(text))
+    }
+    fn on_chunk(chunk: String) -> ResponseAction {
+        ResponseAction::Proceed(misbehave("response").unwrap_or(chunk))
+    }
+    fn on_stream_end() -> ResponseAction {
+        ResponseAction::Proceed(String::new())
+    }
+}
+
+export!(Hostile);
