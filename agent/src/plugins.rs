@@ -239,26 +239,41 @@ impl PluginMetrics {
             .sum()
     }
 
-    /// Prometheus text exposition of the counters.
+    /// Prometheus text exposition of the counters, one family at a time.
     pub fn render(&self) -> String {
         use std::fmt::Write as _;
+        let calls = self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut out = String::from(
-            "# TYPE edgefleet_plugin_calls_total counter\n\
-             # TYPE edgefleet_plugin_call_seconds_sum counter\n\
-             # TYPE edgefleet_plugin_failures_total counter\n",
+            "# HELP edgefleet_plugin_calls_total Calls into plugin hooks.\n\
+             # TYPE edgefleet_plugin_calls_total counter\n",
         );
-        let calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
-        for ((plugin, hook), (n, micros)) in calls.iter() {
+        for ((plugin, hook), (n, _)) in &calls {
             let _ = writeln!(
                 out,
-                "edgefleet_plugin_calls_total{{plugin=\"{plugin}\",hook=\"{hook}\"}} {n}\n\
-                 edgefleet_plugin_call_seconds_sum{{plugin=\"{plugin}\",hook=\"{hook}\"}} {:.6}",
+                "edgefleet_plugin_calls_total{{plugin=\"{plugin}\",hook=\"{hook}\"}} {n}"
+            );
+        }
+        out.push_str(
+            "# HELP edgefleet_plugin_call_seconds_total Time spent in plugin hooks, including instantiation.\n\
+             # TYPE edgefleet_plugin_call_seconds_total counter\n",
+        );
+        for ((plugin, hook), (_, micros)) in &calls {
+            let _ = writeln!(
+                out,
+                "edgefleet_plugin_call_seconds_total{{plugin=\"{plugin}\",hook=\"{hook}\"}} {:.6}",
                 *micros as f64 / 1e6
             );
         }
-        drop(calls);
-        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        for ((plugin, reason), n) in failures.iter() {
+        out.push_str(
+            "# HELP edgefleet_plugin_failures_total Plugin refusals and failures, by reason.\n\
+             # TYPE edgefleet_plugin_failures_total counter\n",
+        );
+        for ((plugin, reason), n) in &failures {
             let _ = writeln!(
                 out,
                 "edgefleet_plugin_failures_total{{plugin=\"{plugin}\",reason=\"{reason}\"}} {n}"

@@ -280,6 +280,140 @@ fn serve_refuses_an_unsigned_or_untrusted_model() {
     assert!(!err.contains("refusing to load"), "{err}");
 }
 
+fn plugin(name: &str) -> String {
+    let dir = std::env::var_os("EDGEFLEET_PLUGINS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache().join("target-wasm/wasm32-wasip2/release"));
+    let p = dir.join(format!("{name}.wasm"));
+    assert!(
+        p.exists(),
+        "{} missing: scripts/test builds the plugins",
+        p.display()
+    );
+    p.to_string_lossy().into_owned()
+}
+
+fn metrics_text(server: &Server) -> String {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("{}/metrics", server.base)])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_redaction_plugin_visibly_changes_the_answer() {
+    // The same greedy prompt, without and with pii-redact on answers only (so that the
+    // model still sees the number and repeats it, and the plugin has to catch it).
+    let plain = client(&start(&[]), "echo-pii");
+    let whole = plain["whole"].as_str().unwrap();
+    assert!(
+        whole.contains("555-123-4567"),
+        "the prompt should make the model repeat the number: {plain}"
+    );
+    let redacting = start(&[
+        "--plugin",
+        &plugin("pii_redact"),
+        "--plugin-config",
+        "pii-redact.requests=false",
+    ]);
+    let r = client(&redacting, "echo-pii");
+    for key in ["whole", "streamed"] {
+        let text = r[key].as_str().unwrap();
+        assert!(!text.contains("555-123-4567"), "{key}: {r}");
+        assert_eq!(text, whole.replace("555-123-4567", "[PHONE]"), "{key}: {r}");
+    }
+    let m = metrics_text(&redacting);
+    for hook in ["on-request", "on-response", "on-chunk", "on-stream-end"] {
+        assert!(
+            m.contains(&format!(
+                "edgefleet_plugin_calls_total{{plugin=\"pii-redact\",hook=\"{hook}\"}}"
+            )),
+            "{hook}: {m}"
+        );
+    }
+}
+
+#[test]
+fn a_hostile_plugin_fails_only_its_request_inside_the_deadline() {
+    let s = start(&[
+        "--plugin",
+        &plugin("hostile"),
+        "--plugin-config",
+        "hostile.mode=loop",
+        "--plugin-config",
+        "hostile.trigger=EVIL",
+        "--plugin-deadline-ms",
+        "200",
+    ]);
+    let r = client(&s, "hostile");
+    assert_eq!(r["failed"]["status"], 500, "{r}");
+    assert_eq!(r["failed"]["code"], "plugin_failed", "{r}");
+    assert_eq!(r["failed"]["type"], "server_error", "{r}");
+    let message = r["failed"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("Deadline") && message.contains("200 ms"),
+        "{message}"
+    );
+    assert!(r["seconds"].as_f64().unwrap() < 2.0, "{r}");
+    assert!(r["next"].as_str().unwrap().contains("Paris"), "{r}");
+    assert!(
+        metrics_text(&s)
+            .contains("edgefleet_plugin_failures_total{plugin=\"hostile\",reason=\"Deadline\"} 1"),
+        "{}",
+        metrics_text(&s)
+    );
+}
+
+#[test]
+fn a_plugin_sub_prompt_runs_on_the_served_model() {
+    let s = start(&[
+        "--plugin",
+        &plugin("hostile"),
+        "--plugin-config",
+        "hostile.mode=infer-answer",
+        "--plugin-config",
+        "hostile.trigger=ASK",
+        "--plugin-deadline-ms",
+        "5000",
+    ]);
+    let r = client(&s, "ask");
+    let answer = r["content"].as_str().unwrap();
+    assert!(answer.contains("Paris"), "{r}");
+    // The plugin answered, so the request itself used no tokens; the sub-prompt went
+    // through the engine's queue like any request.
+    assert_eq!(r["completion_tokens"], 0, "{r}");
+    assert_eq!(metric(&s, "edgefleet_requests_total"), 1.0);
+}
+
+#[test]
+fn serve_refuses_a_plugin_that_is_not_a_component_or_imports_too_much() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    for (file, reason) in [
+        (core.to_string_lossy().into_owned(), "NotAComponent"),
+        (plugin("hostile_net"), "ImportNotGranted"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+            .args([
+                "serve",
+                "--allow-unsigned",
+                "--listen",
+                "127.0.0.1:0",
+                "--plugin",
+            ])
+            .arg(&file)
+            .arg("--model")
+            .arg(model())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{file}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(reason), "{file}: {err}");
+    }
+}
+
 fn p256_pem() -> String {
     use p256::pkcs8::EncodePrivateKey as _;
     let key = p256::SecretKey::random(&mut rand_core::OsRng);

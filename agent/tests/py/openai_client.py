@@ -95,5 +95,32 @@ elif scenario == "bad-requests":
         err = r.json().get("error", {})
         seen[name] = {"status": r.status_code, "param": err.get("param"), "type": err.get("type")}
     out(**seen)
+elif scenario == "echo-pii":
+    # A few-shot echo prompt whose greedy answer carries a phone number.
+    echo = [{"role": "system", "content": "You repeat the user message word for word."},
+            {"role": "user", "content": "The cat sat on the mat."},
+            {"role": "assistant", "content": "The cat sat on the mat."},
+            {"role": "user", "content": "Write to bob.smith@example.com or call 555-123-4567."}]
+    whole = client.chat.completions.create(model=model, messages=echo, max_tokens=40, temperature=0)
+    chunks = []
+    for c in client.chat.completions.create(model=model, messages=echo, max_tokens=40, temperature=0, stream=True):
+        if c.choices and c.choices[0].delta.content:
+            chunks.append(c.choices[0].delta.content)
+    out(whole=whole.choices[0].message.content, streamed="".join(chunks))
+elif scenario == "ask":
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "ASK"}], max_tokens=5)
+    out(content=r.choices[0].message.content, completion_tokens=r.usage.completion_tokens)
+elif scenario == "hostile":
+    # The hostile plugin misbehaves only when a message contains EVIL.
+    started = time.monotonic()
+    try:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "EVIL"}], max_tokens=5)
+        failed = None
+    except openai.APIStatusError as e:
+        err = e.body if isinstance(e.body, dict) else {}
+        failed = {"status": e.status_code, "code": err.get("code"), "type": err.get("type"), "message": err.get("message")}
+    took = time.monotonic() - started
+    r = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=40, temperature=0)
+    out(failed=failed, seconds=took, next=r.choices[0].message.content)
 else:
     sys.exit(f"unknown scenario {scenario}")

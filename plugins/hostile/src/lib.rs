@@ -6,6 +6,8 @@
 //! - `trap`: executes `unreachable`;
 //! - `infer-loop`: calls the host's `infer` again and again, ignoring its errors;
 //! - `bad-utf8`: returns a string that is not UTF-8;
+//! - `infer-answer`: answers with what one `infer` sub-prompt returns (the well-behaved
+//!   use of `infer`, to test the host's side of it);
 //! - anything else: behaves.
 //!
 //! With config `trigger`, it misbehaves only in requests whose messages contain that
@@ -57,6 +59,24 @@ fn misbehave(hook: &str) -> Option<String> {
                 );
                 std::hint::black_box(r.ok());
             }
+        }
+        Some("infer-answer") => {
+            let msgs = vec![Message {
+                role: "user".into(),
+                content: "What is the capital of France? Answer in one word.".into(),
+            }];
+            Some(
+                match host::infer(
+                    &msgs,
+                    InferParams {
+                        max_tokens: 8,
+                        temperature: 0.0,
+                    },
+                ) {
+                    Ok(text) => text,
+                    Err(e) => format!("infer error: {e}"),
+                },
+            )
         }
         // SAFETY: deliberately not UTF-8; the host must refuse the string when it lifts it.
         Some("bad-utf8") => {

@@ -4,7 +4,8 @@
 //! the tail of the text that could still grow into an address or a number, and emits it
 //! once it cannot (or at the end of the stream).
 //!
-//! Config: `email` and `phone` (`"true"`/`"false"`, default true) switch each kind.
+//! Config (`"true"`/`"false"`, each default true): `email` and `phone` switch each
+//! kind; `requests` and `responses` switch each direction.
 
 wit_bindgen::generate!({ path: "../wit", world: "plugin" });
 
@@ -21,8 +22,11 @@ thread_local! {
     static HELD: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
+fn on(key: &str) -> bool {
+    host::config(key).is_none_or(|v| v != "false")
+}
+
 fn kinds() -> redact::Kinds {
-    let on = |k: &str| host::config(k).is_none_or(|v| v != "false");
     redact::Kinds {
         email: on("email"),
         phone: on("phone"),
@@ -33,6 +37,9 @@ struct PiiRedact;
 
 impl Guest for PiiRedact {
     fn on_request(req: Request) -> RequestAction {
+        if !on("requests") {
+            return RequestAction::Proceed(req.messages);
+        }
         let kinds = kinds();
         let messages = req
             .messages
@@ -46,10 +53,16 @@ impl Guest for PiiRedact {
     }
 
     fn on_response(_req: Request, text: String) -> ResponseAction {
+        if !on("responses") {
+            return ResponseAction::Proceed(text);
+        }
         ResponseAction::Proceed(redact::redact(&text, kinds()))
     }
 
     fn on_chunk(chunk: String) -> ResponseAction {
+        if !on("responses") {
+            return ResponseAction::Proceed(chunk);
+        }
         let kinds = kinds();
         HELD.with_borrow_mut(|held| {
             held.push_str(&chunk);
