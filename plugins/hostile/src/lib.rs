@@ -3,7 +3,7 @@
 //! (`request`, the default, or `response`):
 //! - `loop`: spins forever (stopped by fuel or the deadline);
 //! - `alloc`: allocates far past any memory cap;
-//! - `trap`: executes `unreachable`;
+//! - `trap`: aborts (a Wasm `unreachable` trap);
 //! - `infer-loop`: calls the host's `infer` again and again, ignoring its errors;
 //! - `bad-utf8`: returns a string that is not UTF-8;
 //! - `infer-answer`: answers with what one `infer` sub-prompt returns (the well-behaved
@@ -43,7 +43,7 @@ fn misbehave(hook: &str) -> Option<String> {
                 std::hint::black_box(&hoard);
             }
         }
-        Some("trap") => core::arch::wasm32::unreachable(),
+        Some("trap") => std::process::abort(),
         Some("infer-loop") => {
             let msgs = vec![Message {
                 role: "user".into(),
