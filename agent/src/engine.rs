@@ -20,6 +20,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use serde::{Deserialize, Serialize};
 
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
@@ -100,6 +101,9 @@ pub struct Sampling {
     pub seed: u32,
     /// Generation stops before any of these.
     pub stop: Vec<String>,
+    /// Suppress the end-of-generation tokens, so that exactly `max_tokens` come out
+    /// (unless a stop sequence matches). For benchmarks, like llama-bench's generation.
+    pub ignore_eos: bool,
 }
 
 /// Why generation ended.
@@ -459,6 +463,17 @@ fn generate(
             LlamaSampler::dist(s.seed),
         ])
     };
+    if s.ignore_eos {
+        let biases: Vec<LlamaLogitBias> = [vocab.eos(), vocab.eot()]
+            .into_iter()
+            .filter(|t| t.0 >= 0)
+            .map(|t| LlamaLogitBias::new(t, f32::NEG_INFINITY))
+            .collect();
+        sampler = LlamaSampler::chain_simple([
+            LlamaSampler::logit_bias(vocab.n_tokens(), &biases),
+            sampler,
+        ]);
+    }
     let gen_started = Instant::now();
     let mut bytes: Vec<u8> = Vec::new();
     let mut text = String::new();

@@ -41,9 +41,10 @@ enum Cmd {
     },
     /// Serve a model standalone on the OpenAI-compatible API (no operator).
     Serve {
-        /// The GGUF model file.
+        /// The GGUF model file. Without one the agent serves no model (`/readyz` answers
+        /// 503 "no model"): a device waiting for its first assignment.
         #[arg(long, env = "EDGEFLEET_MODEL")]
-        model: PathBuf,
+        model: Option<PathBuf>,
         /// OpenSSF model-signing bundle for the model; verified before loading.
         #[arg(long, requires = "public_key")]
         bundle: Option<PathBuf>,
@@ -230,6 +231,8 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
             Some(TrustPolicy::keys([("publisher".to_owned(), key)]))
         }
         _ if allow_unsigned => None,
+        // Nothing to verify.
+        _ if model.is_none() && plugins.is_empty() => None,
         _ => anyhow::bail!(
             "give --bundle and --public-key to verify the model, or --allow-unsigned for development"
         ),
@@ -252,7 +255,9 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         tracing::info!(file = %file.display(), subject = %v.subject_digest, signer = %v.signer, "signature verified");
         Ok(())
     };
-    verify(&model, bundle.as_deref().unwrap_or(&model))?;
+    if let Some(model) = &model {
+        verify(model, bundle.as_deref().unwrap_or(model))?;
+    }
     // Plugins load (and fail) before the model: a bad plugin stops the agent at once.
     let mut specs = Vec::new();
     for path in &plugins {
@@ -297,6 +302,23 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         }
         Some((runtime, loaded))
     };
+    // Listen first: /healthz answers and /readyz says "loading" until the model is in.
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let serving = edgefleet_agent::serve::Serving::new();
+    let router = edgefleet_agent::serve::router(serving.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+    });
+    let Some(model) = model else {
+        tracing::info!(%listen, "serving no model");
+        serving.set_no_model();
+        server.await??;
+        return Ok(());
+    };
     if !edgefleet_agent::engine::is_gguf(&model) {
         anyhow::bail!("{} is not a GGUF file", model.display());
     }
@@ -317,17 +339,6 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         parallel_slots,
         queue_depth,
     };
-    // Listen first: /healthz answers and /readyz says "loading" until the model is in.
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let serving = edgefleet_agent::serve::Serving::new();
-    let router = edgefleet_agent::serve::router(serving.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-    });
     let engine = tokio::task::spawn_blocking(move || edgefleet_agent::engine::Engine::load(config))
         .await??;
     tracing::info!(load_ms = engine.load_millis(), model = %engine.config().served_name, %listen, "serving");

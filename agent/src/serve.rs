@@ -278,6 +278,13 @@ pub fn parse_chat_request(body: &Value, served: &str, n_ctx: u32) -> Result<Chat
             .as_bool()
             .ok_or_else(|| ApiError::bad("stream", "stream must be a boolean"))?,
     };
+    // An extension (as in vLLM): generate exactly max_tokens, for benchmarks.
+    let ignore_eos = match num("ignore_eos") {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| ApiError::bad("ignore_eos", "ignore_eos must be a boolean"))?,
+    };
     let stream_usage = obj
         .get("stream_options")
         .and_then(|o| o.get("include_usage"))
@@ -305,6 +312,7 @@ pub fn parse_chat_request(body: &Value, served: &str, n_ctx: u32) -> Result<Chat
             top_p,
             seed,
             stop,
+            ignore_eos,
         },
         stream,
         stream_usage,
@@ -318,6 +326,7 @@ pub fn parse_chat_request(body: &Value, served: &str, n_ctx: u32) -> Result<Chat
 #[derive(Debug, Default)]
 pub struct Serving {
     current: std::sync::RwLock<Option<Served>>,
+    no_model: std::sync::atomic::AtomicBool,
 }
 
 /// One model and the plugins its requests pass through.
@@ -331,6 +340,11 @@ impl Serving {
     /// Nothing served yet.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Says that no model is coming (rather than loading): `/readyz` answers "no model".
+    pub fn set_no_model(&self) {
+        self.no_model.store(true, Ordering::Relaxed);
     }
 
     /// Serves `engine`, with no plugins, from now on; returns the previous engine (which
@@ -409,6 +423,7 @@ impl SubPrompt for EngineSubPrompt {
             top_p: 1.0,
             seed: 0xED6E_F1EE,
             stop: vec![],
+            ignore_eos: false,
         };
         let mut rx = engine
             .submit(messages, sampling)
@@ -452,6 +467,9 @@ pub fn router(serving: Arc<Serving>) -> Router {
 async fn readyz(State(serving): State<Arc<Serving>>) -> Response {
     let engine = match serving.engine() {
         Ok(e) => e,
+        Err(_) if serving.no_model.load(Ordering::Relaxed) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "no model").into_response();
+        }
         Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response(),
     };
     if engine.has_capacity() {
@@ -812,4 +830,47 @@ fn async_stream_events(
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn parse(body: Value) -> Result<ChatRequest, ApiError> {
+        parse_chat_request(&body, "m", 1024)
+    }
+
+    fn hi() -> Value {
+        json!([{"role": "user", "content": "hi"}])
+    }
+
+    #[test]
+    fn response_format_sets_json_mode() {
+        assert!(!parse(json!({"messages": hi()})).unwrap().json_mode);
+        let text = json!({"messages": hi(), "response_format": {"type": "text"}});
+        assert!(!parse(text).unwrap().json_mode);
+        let json_object = json!({"messages": hi(), "response_format": {"type": "json_object"}});
+        assert!(parse(json_object).unwrap().json_mode);
+        for bad in [json!({"type": "json_schema"}), json!("json"), json!({})] {
+            let e = parse(json!({"messages": hi(), "response_format": bad})).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("response_format.type"), "{bad}");
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        }
+    }
+
+    #[test]
+    fn ignore_eos_is_a_boolean_extension() {
+        assert!(
+            !parse(json!({"messages": hi()}))
+                .unwrap()
+                .sampling
+                .ignore_eos
+        );
+        let on = json!({"messages": hi(), "ignore_eos": true});
+        assert!(parse(on).unwrap().sampling.ignore_eos);
+        let e = parse(json!({"messages": hi(), "ignore_eos": "yes"})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("ignore_eos"));
+    }
 }

@@ -191,6 +191,49 @@ fn a_client_that_disconnects_stops_its_generation() {
 }
 
 #[test]
+fn without_a_model_the_agent_is_healthy_but_not_ready() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let s = Server {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let get = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-w", " %{http_code}", &format!("{}{path}", s.base)])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let started = Instant::now();
+    while get("/healthz") != "ok 200" {
+        assert!(started.elapsed() < Duration::from_secs(20), "not healthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get("/readyz"), "no model 503");
+    assert!(get("/v1/models").ends_with(" 503"));
+}
+
+#[test]
+fn ignore_eos_generates_exactly_max_tokens() {
+    let s = start(&[]);
+    let r = client(&s, "ignore-eos");
+    assert_eq!(r["plain_finish"], "stop", "{r}");
+    assert!(r["plain_tokens"].as_u64().unwrap() < 40, "{r}");
+    assert_eq!(r["forced_finish"], "length", "{r}");
+    assert_eq!(r["forced_tokens"], 40, "{r}");
+}
+
+#[test]
 fn a_full_queue_is_answered_429_with_retry_after() {
     let s = start(&["--parallel-slots", "1", "--queue-depth", "1"]);
     let r = client(&s, "busy");

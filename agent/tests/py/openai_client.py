@@ -107,6 +107,12 @@ elif scenario == "echo-pii":
         if c.choices and c.choices[0].delta.content:
             chunks.append(c.choices[0].delta.content)
     out(whole=whole.choices[0].message.content, streamed="".join(chunks))
+elif scenario == "ignore-eos":
+    plain = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=40, temperature=0)
+    forced = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=40, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    out(plain_tokens=plain.usage.completion_tokens, plain_finish=plain.choices[0].finish_reason,
+        forced_tokens=forced.usage.completion_tokens, forced_finish=forced.choices[0].finish_reason)
 elif scenario == "ask":
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "ASK"}], max_tokens=5)
     out(content=r.choices[0].message.content, completion_tokens=r.usage.completion_tokens)
