@@ -237,10 +237,13 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
             "give --bundle and --public-key to verify the model, or --allow-unsigned for development"
         ),
     };
-    let verify = |file: &std::path::Path, bundle: &std::path::Path| -> anyhow::Result<()> {
+    // Returns the verified SHA-256 (hex) of a single-file artifact.
+    let verify = |file: &std::path::Path,
+                  bundle: &std::path::Path|
+     -> anyhow::Result<Option<String>> {
         let Some(policy) = &policy else {
             tracing::warn!(file = %file.display(), "loading without a signature (--allow-unsigned)");
-            return Ok(());
+            return Ok(None);
         };
         let bundle = std::fs::read(bundle)
             .with_context(|| format!("reading the signature bundle {}", bundle.display()))?;
@@ -253,7 +256,10 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         )
         .map_err(|e| anyhow::anyhow!("refusing to load {}: {}: {e}", file.display(), e.reason()))?;
         tracing::info!(file = %file.display(), subject = %v.subject_digest, signer = %v.signer, "signature verified");
-        Ok(())
+        Ok(match v.resources.as_slice() {
+            [(_, digest)] => Some(digest.clone()),
+            _ => None,
+        })
     };
     if let Some(model) = &model {
         verify(model, bundle.as_deref().unwrap_or(model))?;
@@ -263,7 +269,18 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
     for path in &plugins {
         let mut sig = path.clone().into_os_string();
         sig.push(".sig");
-        verify(path, std::path::Path::new(&sig))?;
+        let verified = verify(path, std::path::Path::new(&sig))?;
+        let wasm = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        // The bytes compiled are the bytes verified: the file may not change in between.
+        if let Some(want) = verified {
+            let got = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&wasm));
+            if got != want {
+                anyhow::bail!(
+                    "refusing plugin {}: DigestMismatch: it changed after its signature was verified",
+                    path.display()
+                );
+            }
+        }
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().replace('_', "-"))
@@ -274,7 +291,7 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
             .map(|(_, k, v)| (k.clone(), v.clone()))
             .collect();
         specs.push(edgefleet_agent::plugins::PluginSpec {
-            wasm: std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            wasm,
             name,
             limits: edgefleet_agent::plugins::Limits {
                 fuel: plugin_fuel,

@@ -457,6 +457,62 @@ fn serve_refuses_a_plugin_that_is_not_a_component_or_imports_too_much() {
     }
 }
 
+#[test]
+fn signed_serving_verifies_each_plugin_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = edgefleet_trust::model_signing::PrivateKey::from_pem(&p256_pem()).unwrap();
+    let other = edgefleet_trust::model_signing::PrivateKey::from_pem(&p256_pem()).unwrap();
+    std::fs::write(
+        dir.path().join("model.sig"),
+        edgefleet_trust::model_signing::sign(&model(), &signer, None, &Default::default()).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("signer.pub"),
+        signer.public_key().to_pem().unwrap(),
+    )
+    .unwrap();
+    let wasm = dir.path().join("passthrough.wasm");
+    std::fs::copy(plugin("passthrough"), &wasm).unwrap();
+    let run = |plugin_signer: Option<&edgefleet_trust::model_signing::PrivateKey>| {
+        let sig = dir.path().join("passthrough.wasm.sig");
+        let _ = std::fs::remove_file(&sig);
+        if let Some(k) = plugin_signer {
+            let bundle =
+                edgefleet_trust::model_signing::sign(&wasm, k, None, &Default::default()).unwrap();
+            std::fs::write(&sig, bundle).unwrap();
+        }
+        // A TEST-NET address: startup gets past every check, then cannot bind.
+        Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+            .args(["serve", "--listen", "192.0.2.1:80", "--model"])
+            .arg(model())
+            .arg("--bundle")
+            .arg(dir.path().join("model.sig"))
+            .arg("--public-key")
+            .arg(dir.path().join("signer.pub"))
+            .arg("--plugin")
+            .arg(&wasm)
+            .output()
+            .unwrap()
+    };
+    let err = |o: &Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let unsigned = run(None);
+    assert!(!unsigned.status.success());
+    assert!(err(&unsigned).contains("passthrough.wasm.sig"), "{}", err(&unsigned));
+    let foreign = run(Some(&other));
+    assert!(!foreign.status.success());
+    assert!(err(&foreign).contains("UntrustedSigner"), "{}", err(&foreign));
+    let good = run(Some(&signer));
+    assert!(!err(&good).contains("refusing"), "{}", err(&good));
+    assert!(err(&good).contains("plugin loaded"), "{}", err(&good));
+}
+
 fn p256_pem() -> String {
     use p256::pkcs8::EncodePrivateKey as _;
     let key = p256::SecretKey::random(&mut rand_core::OsRng);

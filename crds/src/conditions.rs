@@ -44,4 +44,17 @@ pub mod reasons {
     pub const ATTESTATION_FAILED: &str = "AttestationFailed";
     /// The device attestation is older than its validity.
     pub const ATTESTATION_EXPIRED: &str = "AttestationExpired";
+    /// The bundle is given by URI; devices verify it, the operator has not fetched it.
+    pub const SIGNATURE_NOT_FETCHED: &str = "SignatureNotFetched";
+    /// Devices on a failed revision were moved back to the stable revision.
+    pub const ROLLED_BACK: &str = "RolledBack";
+    /// A device stopped qualifying (selector, approval, readiness, attestation, memory)
+    /// and lost the model.
+    pub const UNASSIGNED: &str = "Unassigned";
+    /// Every targeted device serves the model.
+    pub const ALL_DEVICES_READY: &str = "AllDevicesReady";
+    /// Some targeted devices do not serve the model (yet).
+    pub const NOT_ALL_DEVICES_READY: &str = "NotAllDevicesReady";
+    /// No gate has failed.
+    pub const HEALTHY: &str = "Healthy";
 }

@@ -386,6 +386,14 @@ pub struct EdgeModelStatus {
     /// Index of the rollout step reached (0-based).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_step: Option<i32>,
+    /// When the current step's devices were all assigned: the start of its ready
+    /// timeout and, once they are ready, of its pause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// A revision that failed its health gates; it is not retried until the spec
+    /// changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_revision: Option<String>,
 }
 
 /// Per-state device counts.
