@@ -42,7 +42,7 @@ fn one(chain: &Chain, req: &PluginRequest) -> Duration {
         RequestOutcome::Proceed(m) => assert_eq!(m.len(), 2),
         RequestOutcome::Answered(_) => panic!("passthrough answered"),
     }
-    let text = run.on_response(req, ANSWER.to_owned()).unwrap();
+    let text = run.on_response(ANSWER.to_owned()).unwrap();
     assert_eq!(text.len(), ANSWER.len());
     drop(run);
     started.elapsed()

@@ -272,6 +272,12 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         let verified = verify(path, std::path::Path::new(&sig))?;
         let wasm = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         // The bytes compiled are the bytes verified: the file may not change in between.
+        if policy.is_some() && verified.is_none() {
+            anyhow::bail!(
+                "refusing plugin {}: its bundle must sign the single file (files mode), so that the agent can check the bytes it compiles",
+                path.display()
+            );
+        }
         if let Some(want) = verified {
             let got = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&wasm));
             if got != want {

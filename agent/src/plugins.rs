@@ -65,6 +65,17 @@ const MEMORY_GROWTH_RESERVATION: u64 = 4 << 20;
 const MAX_WASM_STACK: usize = 512 << 10;
 /// Most table elements an instance may have.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Most core instances, memories and tables in one plugin component (a Rust
+/// `wasm32-wasip2` component has a handful of each).
+const MAX_CORE_INSTANCES: usize = 32;
+const MAX_MEMORIES: usize = 4;
+const MAX_TABLES: usize = 8;
+/// Most bytes the host copies out of a plugin in one call (strings and lists it
+/// returns, or passes to an import). Strings in a list may all point at the same guest
+/// bytes, so without this bound a small guest could make the host allocate without end.
+pub const MAX_TRANSFER_BYTES: usize = 8 << 20;
+/// Longest deadline a call may have.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The interface prefixes a plugin may import without any grant. `wasi:cli/environment`
 /// is among them because every Rust guest imports it; the environment itself is empty
@@ -115,6 +126,15 @@ pub enum PluginError {
     /// The plugin kept calling `infer` after its budget was spent.
     #[error("kept calling infer past the budget of {0} calls")]
     InferBudget(u32),
+    /// The plugin tried to hand the host more than [`MAX_TRANSFER_BYTES`] in one call.
+    #[error("tried to pass the host more than {MAX_TRANSFER_BYTES} bytes in one call")]
+    OutputTooLarge,
+    /// The plugin returned messages the API would not accept (an unknown role, NUL).
+    #[error("returned an invalid message: {0}")]
+    InvalidOutput(String),
+    /// The limits are unusable (no fuel and no deadline, or a deadline above 60 s).
+    #[error("invalid limits: {0}")]
+    InvalidLimits(String),
 }
 
 impl PluginError {
@@ -131,6 +151,9 @@ impl PluginError {
             Self::Trap(_) => "Trap",
             Self::InvalidUtf8 => "InvalidUtf8",
             Self::InferBudget(_) => "InferBudget",
+            Self::OutputTooLarge => "OutputTooLarge",
+            Self::InvalidOutput(_) => "InvalidOutput",
+            Self::InvalidLimits(_) => "InvalidLimits",
         }
     }
 }
@@ -343,9 +366,32 @@ impl PluginRuntime {
     pub fn load(&self, spec: PluginSpec) -> Result<LoadedPlugin, PluginError> {
         check_component_header(&spec.wasm)?;
         if spec.limits.fuel.is_none() && spec.limits.deadline.is_none() {
-            return Err(PluginError::Instantiate(
+            return Err(PluginError::InvalidLimits(
                 "limits need fuel or a deadline (or both)".into(),
             ));
+        }
+        if spec
+            .limits
+            .deadline
+            .is_some_and(|d| d > MAX_DEADLINE || d.is_zero())
+        {
+            return Err(PluginError::InvalidLimits(format!(
+                "the deadline must be from 1 ms to {} s",
+                MAX_DEADLINE.as_secs()
+            )));
+        }
+        if spec.limits.fuel == Some(0) || spec.limits.memory_bytes == 0 {
+            return Err(PluginError::InvalidLimits(
+                "fuel and memoryBytes must be above zero".into(),
+            ));
+        }
+        for (host, guest) in &spec.grants.read_only_dirs {
+            if !host.is_absolute() || !guest.starts_with('/') || guest.contains("..") {
+                return Err(PluginError::InvalidLimits(format!(
+                    "read-only directory {} -> {guest}: both must be absolute, without '..'",
+                    host.display()
+                )));
+            }
         }
         let component = Component::new(&self.engine, &spec.wasm)
             .map_err(|e| PluginError::Compile(format!("{e:#}")))?;
@@ -363,13 +409,19 @@ impl PluginRuntime {
             .instantiate_pre(&component)
             .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
         let pre = PluginPre::new(pre).map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
-        Ok(LoadedPlugin {
+        let loaded = LoadedPlugin {
             name: spec.name,
             pre,
             limits: spec.limits,
             config: Arc::new(spec.config),
             grants: spec.grants,
-        })
+        };
+        // Instantiate once now, under the plugin's own limits, so that a plugin that
+        // cannot start (initial memory above its cap, a trapping start function, an
+        // unopenable directory) fails here rather than on every request.
+        let probe = self.chain(vec![], None, Arc::new(PluginMetrics::default()));
+        probe.instantiate(&loaded, Arc::new(AtomicU64::new(0)))?;
+        Ok(loaded)
     }
 
     /// A chain of loaded plugins, in order, with the sub-prompt service behind `infer`.
@@ -427,23 +479,52 @@ impl LoadedPlugin {
     }
 }
 
-/// Memory and table caps, remembering whether a growth was refused.
+/// Memory and table caps for the whole instance (all its memories together), and the
+/// counts of core instances, memories and tables; remembers whether a growth was refused.
 #[derive(Debug)]
 struct Limiter {
     memory_bytes: usize,
+    used: usize,
+    /// The last granted growth, (from, to), undone if the growth then fails.
+    last_grant: (usize, usize),
     refused: bool,
 }
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = desired <= self.memory_bytes;
-        self.refused |= !ok;
+        let total = self.used.saturating_sub(current).saturating_add(desired);
+        let ok = total <= self.memory_bytes;
+        if ok {
+            self.used = total;
+            self.last_grant = (current, desired);
+        } else {
+            self.refused = true;
+        }
         Ok(ok)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        // Granted here but failed below (the guest sees the failure): undo the grant.
+        let (from, to) = self.last_grant;
+        self.used = self.used.saturating_sub(to).saturating_add(from);
+        Ok(())
+    }
+
+    fn instances(&self) -> usize {
+        MAX_CORE_INSTANCES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
     }
 
     fn table_growing(
@@ -470,6 +551,8 @@ pub struct PluginState {
     config: Arc<BTreeMap<String, String>>,
     infer: Option<Arc<dyn SubPrompt>>,
     infer_calls: Arc<AtomicU64>,
+    /// This instance was already told the infer budget is spent.
+    infer_refused: bool,
     deadline: Option<Instant>,
 }
 
@@ -499,12 +582,18 @@ impl bindings::edgefleet::plugin::host::Host for PluginState {
         messages: Vec<Message>,
         params: InferParams,
     ) -> wasmtime::Result<Result<String, String>> {
-        let n = self.infer_calls.fetch_add(1, Ordering::Relaxed) + 1;
-        if n > u64::from(MAX_INFER_CALLS) + 1 {
-            // Refused once already, and called again: stop the plugin.
-            return Err(wasmtime::Error::new(InferBudgetExceeded(MAX_INFER_CALLS)));
-        }
-        if n > u64::from(MAX_INFER_CALLS) {
+        let spent = self
+            .infer_calls
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < u64::from(MAX_INFER_CALLS)).then_some(n + 1)
+            })
+            .is_err();
+        if spent {
+            if self.infer_refused {
+                // Told once already, and called again: stop this plugin.
+                return Err(wasmtime::Error::new(InferBudgetExceeded(MAX_INFER_CALLS)));
+            }
+            self.infer_refused = true;
             return Ok(Err(format!(
                 "infer budget of {MAX_INFER_CALLS} calls per request is spent"
             )));
@@ -625,12 +714,46 @@ impl Chain {
         &self.metrics
     }
 
+    /// A fresh instance of `p` in its own store, with its limits armed.
+    fn instantiate(
+        &self,
+        p: &LoadedPlugin,
+        infer_calls: Arc<AtomicU64>,
+    ) -> Result<Live, PluginError> {
+        let state = PluginState {
+            wasi: wasi_ctx(&p.grants)?,
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                memory_bytes: usize::try_from(p.limits.memory_bytes).unwrap_or(usize::MAX),
+                used: 0,
+                last_grant: (0, 0),
+                refused: false,
+            },
+            plugin: p.name.clone(),
+            config: p.config.clone(),
+            infer: self.infer.clone(),
+            infer_calls,
+            infer_refused: false,
+            deadline: None,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_hostcall_fuel(MAX_TRANSFER_BYTES);
+        arm(&mut store, &p.limits)?;
+        let plugin = p
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(e, &store, &p.limits))?;
+        Ok(Live { store, plugin })
+    }
+
     /// Per-request state: one lazily created instance per plugin.
     pub fn start(&self) -> ChainRun {
         ChainRun {
             chain: self.clone(),
             instances: self.plugins.iter().map(|_| None).collect(),
             saw_request: self.plugins.len(),
+            seen: Vec::with_capacity(self.plugins.len()),
             infer_calls: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -683,10 +806,12 @@ pub enum RequestOutcome {
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ChainError {
     /// A plugin refused, on purpose, with a reason for the client.
-    #[error("plugin {plugin:?} refused: {reason}")]
+    #[error("plugin {plugin:?} refused ({hook}): {reason}")]
     Rejected {
         /// Which plugin.
         plugin: String,
+        /// The hook that refused: `on-request` refuses the request, the others the answer.
+        hook: &'static str,
         /// Its reason.
         reason: String,
     },
@@ -712,6 +837,9 @@ pub struct ChainRun {
     instances: Vec<Option<Live>>,
     /// How many plugins (from the front) saw the request, and so see the response.
     saw_request: usize,
+    /// The request as each plugin saw it: its response hook gets the same one, so a
+    /// plugin after a redactor never sees what the redactor removed.
+    seen: Vec<Request>,
     infer_calls: Arc<AtomicU64>,
 }
 
@@ -746,28 +874,10 @@ impl Hook {
 impl ChainRun {
     fn live(&mut self, i: usize) -> Result<&mut Live, PluginError> {
         if self.instances[i].is_none() {
-            let p = &self.chain.plugins[i];
-            let state = PluginState {
-                wasi: wasi_ctx(&p.grants)?,
-                table: ResourceTable::new(),
-                limiter: Limiter {
-                    memory_bytes: usize::try_from(p.limits.memory_bytes).unwrap_or(usize::MAX),
-                    refused: false,
-                },
-                plugin: p.name.clone(),
-                config: p.config.clone(),
-                infer: self.chain.infer.clone(),
-                infer_calls: self.infer_calls.clone(),
-                deadline: None,
-            };
-            let mut store = Store::new(&self.chain.engine, state);
-            store.limiter(|s| &mut s.limiter);
-            arm(&mut store, &p.limits)?;
-            let plugin = p
-                .pre
-                .instantiate(&mut store)
-                .map_err(|e| classify(e, &store, &p.limits))?;
-            self.instances[i] = Some(Live { store, plugin });
+            let live = self
+                .chain
+                .instantiate(&self.chain.plugins[i], self.infer_calls.clone())?;
+            self.instances[i] = Some(live);
         }
         self.instances[i]
             .as_mut()
@@ -807,26 +917,22 @@ impl ChainRun {
     /// Runs the request hooks in order.
     pub fn on_request(&mut self, req: &PluginRequest) -> Result<RequestOutcome, ChainError> {
         let mut req = req.clone();
+        self.seen.clear();
         for i in 0..self.chain.plugins.len() {
             let wit = req.to_wit();
+            self.seen.push(wit.clone());
             let action = self.call(i, Hook::Request, |p, s| p.call_on_request(s, &wit))?;
             match action {
                 RequestAction::Proceed(messages) => {
-                    req.messages = messages
-                        .into_iter()
-                        .map(|m| ChatMessage {
-                            role: m.role,
-                            content: m.content,
-                        })
-                        .collect();
+                    req.messages = self.checked_messages(i, messages)?;
                 }
                 RequestAction::Reject(reason) => {
                     self.saw_request = i;
-                    return Err(self.rejected(i, reason));
+                    return Err(self.rejected(i, Hook::Request, reason));
                 }
                 RequestAction::Respond(text) => {
                     self.saw_request = i;
-                    let text = self.on_response(&req, text)?;
+                    let text = self.on_response(text)?;
                     return Ok(RequestOutcome::Answered(text));
                 }
             }
@@ -834,29 +940,68 @@ impl ChainRun {
         Ok(RequestOutcome::Proceed(req.messages))
     }
 
-    fn rejected(&self, i: usize, reason: String) -> ChainError {
+    /// Messages a plugin returned, held to what the API accepts from a client.
+    fn checked_messages(
+        &mut self,
+        i: usize,
+        messages: Vec<Message>,
+    ) -> Result<Vec<ChatMessage>, ChainError> {
+        let bad = messages.iter().enumerate().find_map(|(n, m)| {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+                Some(format!("message {n} has the role {:?}", m.role))
+            } else if m.content.contains('\0') {
+                Some(format!("message {n} contains NUL"))
+            } else {
+                None
+            }
+        });
+        let bad = bad.or_else(|| messages.is_empty().then(|| "no messages".to_owned()));
+        if let Some(why) = bad {
+            let error = PluginError::InvalidOutput(why);
+            let plugin = self.chain.plugins[i].name.clone();
+            self.chain.metrics.record_failure(&plugin, error.reason());
+            self.instances[i] = None;
+            return Err(ChainError::Failed { plugin, error });
+        }
+        Ok(messages
+            .into_iter()
+            .map(|m| ChatMessage {
+                role: m.role,
+                content: m.content,
+            })
+            .collect())
+    }
+
+    fn rejected(&self, i: usize, hook: Hook, reason: String) -> ChainError {
         let plugin = self.chain.plugins[i].name.clone();
         self.chain.metrics.record_failure(&plugin, "Rejected");
         ChainError::Rejected {
             plugin,
+            hook: hook.name(),
             reason: reason.chars().take(1024).collect(),
         }
     }
 
-    fn response_action(&self, i: usize, action: ResponseAction) -> Result<String, ChainError> {
+    fn response_action(
+        &self,
+        i: usize,
+        hook: Hook,
+        action: ResponseAction,
+    ) -> Result<String, ChainError> {
         match action {
             ResponseAction::Proceed(text) => Ok(text),
-            ResponseAction::Reject(reason) => Err(self.rejected(i, reason)),
+            ResponseAction::Reject(reason) => Err(self.rejected(i, hook, reason)),
         }
     }
 
-    /// Runs the whole answer through the response hooks.
-    pub fn on_response(&mut self, req: &PluginRequest, text: String) -> Result<String, ChainError> {
-        let wit = req.to_wit();
+    /// Runs the whole answer through the response hooks. Each plugin gets the request
+    /// as it saw it in `on-request`.
+    pub fn on_response(&mut self, text: String) -> Result<String, ChainError> {
         let mut text = text;
-        for i in 0..self.saw_request {
-            let action = self.call(i, Hook::Response, |p, s| p.call_on_response(s, &wit, &text))?;
-            text = self.response_action(i, action)?;
+        for i in 0..self.saw_request.min(self.seen.len()) {
+            let req = self.seen[i].clone();
+            let action = self.call(i, Hook::Response, |p, s| p.call_on_response(s, &req, &text))?;
+            text = self.response_action(i, Hook::Response, action)?;
         }
         Ok(text)
     }
@@ -868,7 +1013,7 @@ impl ChainRun {
                 break;
             }
             let action = self.call(i, Hook::Chunk, |p, s| p.call_on_chunk(s, &chunk))?;
-            chunk = self.response_action(i, action)?;
+            chunk = self.response_action(i, Hook::Chunk, action)?;
         }
         Ok(chunk)
     }
@@ -884,7 +1029,7 @@ impl ChainRun {
         let mut out = String::new();
         for i in 0..self.saw_request {
             let action = self.call(i, Hook::StreamEnd, |p, s| p.call_on_stream_end(s))?;
-            let flushed = self.response_action(i, action)?;
+            let flushed = self.response_action(i, Hook::StreamEnd, action)?;
             out.push_str(&self.chunk_from(i + 1, flushed)?);
         }
         Ok(out)
@@ -893,6 +1038,7 @@ impl ChainRun {
 
 /// Resets fuel and the deadline before a call.
 fn arm(store: &mut Store<PluginState>, limits: &Limits) -> Result<(), PluginError> {
+    store.data_mut().limiter.refused = false;
     store
         .set_fuel(limits.fuel.unwrap_or(u64::MAX))
         .map_err(|e| PluginError::Instantiate(e.to_string()))?;
@@ -911,32 +1057,39 @@ fn arm(store: &mut Store<PluginState>, limits: &Limits) -> Result<(), PluginErro
     Ok(())
 }
 
-/// Names what went wrong in a call.
+/// Names what went wrong in a call: the trap codes first (a deadline or fuel stop is
+/// what ended the call even if a growth was refused earlier), then a refused growth
+/// (the guest's allocator aborts with `unreachable`), then data-transfer errors.
 fn classify(e: wasmtime::Error, store: &Store<PluginState>, limits: &Limits) -> PluginError {
     if let Some(b) = e.downcast_ref::<InferBudgetExceeded>() {
         return PluginError::InferBudget(b.0);
     }
-    if e.downcast_ref::<std::str::Utf8Error>().is_some() {
-        return PluginError::InvalidUtf8;
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => {
+            return PluginError::Deadline(
+                limits
+                    .deadline
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            );
+        }
+        Some(Trap::OutOfFuel) => return PluginError::OutOfFuel(limits.fuel.unwrap_or(0)),
+        _ => {}
     }
     if store.data().limiter.refused {
         return PluginError::MemoryLimit(limits.memory_bytes);
     }
-    match e.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => PluginError::Deadline(
-            limits
-                .deadline
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        ),
-        Some(Trap::OutOfFuel) => PluginError::OutOfFuel(limits.fuel.unwrap_or(0)),
-        Some(t) => PluginError::Trap(t.to_string()),
-        None => {
-            let text = format!("{e:#}");
-            if text.contains("utf-8") || text.contains("utf8") {
-                PluginError::InvalidUtf8
-            } else {
-                PluginError::Trap(text)
-            }
-        }
+    if e.downcast_ref::<std::str::Utf8Error>().is_some()
+        || e.downcast_ref::<std::char::DecodeUtf16Error>().is_some()
+    {
+        return PluginError::InvalidUtf8;
     }
+    if let Some(t) = e.downcast_ref::<Trap>() {
+        return PluginError::Trap(t.to_string());
+    }
+    // wasmtime's hostcall-fuel error type is private; its message is stable.
+    let text = format!("{e:#}");
+    if text.contains("too much data is being copied between the host and the guest") {
+        return PluginError::OutputTooLarge;
+    }
+    PluginError::Trap(text)
 }

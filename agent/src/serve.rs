@@ -60,19 +60,19 @@ impl ApiError {
 
     /// A plugin refused or failed: 400 for a refused request, 502 for a refused answer
     /// (the model's output did not pass), 500 for a plugin that failed.
-    fn plugin(e: ChainError, stage: Stage) -> Self {
-        let (status, kind, code) = match (&e, stage) {
-            (ChainError::Rejected { .. }, Stage::Request) => (
+    fn plugin(e: ChainError) -> Self {
+        let (status, kind, code) = match &e {
+            ChainError::Rejected { hook, .. } if *hook == "on-request" => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "plugin_rejected",
             ),
-            (ChainError::Rejected { .. }, Stage::Response) => (
+            ChainError::Rejected { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "server_error",
                 "plugin_rejected_response",
             ),
-            (ChainError::Failed { .. }, _) => (
+            ChainError::Failed { .. } => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 "plugin_failed",
@@ -86,13 +86,6 @@ impl ApiError {
             message: e.to_string(),
         }
     }
-}
-
-/// Where in the request a plugin acted.
-#[derive(Debug, Clone, Copy)]
-enum Stage {
-    Request,
-    Response,
 }
 
 impl IntoResponse for ApiError {
@@ -417,6 +410,21 @@ impl SubPrompt for EngineSubPrompt {
         deadline: Option<std::time::Instant>,
     ) -> Result<String, String> {
         let engine = self.engine.upgrade().ok_or("the model was unloaded")?;
+        if let Some(t) = messages.iter().find_map(|m| {
+            engine
+                .control_tokens()
+                .iter()
+                .find(|t| m.content.contains(t.as_str()))
+        }) {
+            return Err(format!("content contains the control token {t:?}"));
+        }
+        if messages.is_empty()
+            || messages
+                .iter()
+                .any(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
+        {
+            return Err("messages must be non-empty, with roles system, user or assistant".into());
+        }
         let sampling = Sampling {
             max_tokens,
             temperature,
@@ -550,7 +558,7 @@ async fn chat(
     if let Some(r) = run.take() {
         let pr = plugin_req.clone();
         let (r, outcome) = blocking(r, move |r| r.on_request(&pr)).await?;
-        match outcome.map_err(|e| ApiError::plugin(e, Stage::Request))? {
+        match outcome.map_err(ApiError::plugin)? {
             RequestOutcome::Proceed(m) => {
                 // A plugin's rewrite must not smuggle in role markers either.
                 refuse_control_tokens(&engine, &m)?;
@@ -586,9 +594,8 @@ async fn chat(
                     completion_tokens,
                 } => {
                     if let Some(r) = run {
-                        let (_, out) =
-                            blocking(r, move |r| r.on_response(&plugin_req, text)).await?;
-                        text = out.map_err(|e| ApiError::plugin(e, Stage::Response))?;
+                        let (_, out) = blocking(r, move |r| r.on_response(text)).await?;
+                        text = out.map_err(ApiError::plugin)?;
                     }
                     return Ok(Json(json!({
                         "id": id, "object": "chat.completion", "created": created, "model": model,
@@ -708,7 +715,12 @@ fn through_plugins(
                 ev = rx.recv() => ev,
                 () = tx.closed() => return,
             };
-            let Some(ev) = ev else { return };
+            let Some(ev) = ev else {
+                let _ = tx.send(Event::Failed(
+                    "the generation ended without a result".into(),
+                ));
+                return;
+            };
             let (next, result) = match ev {
                 Event::Delta(d) => match blocking(run, move |r| r.on_chunk(d)).await {
                     Ok(x) => x,
@@ -826,7 +838,15 @@ fn async_stream_events(
                     pending.push_back(SseEvent::default().data("[DONE]"));
                     Some((Ok(ev), (rx, pending, true, chunk)))
                 }
-                None => None,
+                // The engine went away without a result: say so rather than just stop.
+                None => {
+                    let ev = SseEvent::default().data(
+                        json!({"error": {"message": "the generation ended without a result", "type": "server_error"}})
+                            .to_string(),
+                    );
+                    pending.push_back(SseEvent::default().data("[DONE]"));
+                    Some((Ok(ev), (rx, pending, true, chunk)))
+                }
             }
         },
     )

@@ -504,10 +504,18 @@ fn signed_serving_verifies_each_plugin_too() {
     };
     let unsigned = run(None);
     assert!(!unsigned.status.success());
-    assert!(err(&unsigned).contains("passthrough.wasm.sig"), "{}", err(&unsigned));
+    assert!(
+        err(&unsigned).contains("passthrough.wasm.sig"),
+        "{}",
+        err(&unsigned)
+    );
     let foreign = run(Some(&other));
     assert!(!foreign.status.success());
-    assert!(err(&foreign).contains("UntrustedSigner"), "{}", err(&foreign));
+    assert!(
+        err(&foreign).contains("UntrustedSigner"),
+        "{}",
+        err(&foreign)
+    );
     let good = run(Some(&signer));
     assert!(!err(&good).contains("refusing"), "{}", err(&good));
     assert!(err(&good).contains("plugin loaded"), "{}", err(&good));

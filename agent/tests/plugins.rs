@@ -118,8 +118,7 @@ fn pii_redact_redacts_requests_answers_and_streams() {
     )));
     assert_eq!(msgs[0].content, "I am [EMAIL], call me on [PHONE]");
     assert_eq!(
-        run.on_response(&request("x"), "Write to bob@example.org.".into())
-            .unwrap(),
+        run.on_response("Write to bob@example.org.".into()).unwrap(),
         "Write to [EMAIL]."
     );
 
@@ -181,7 +180,7 @@ fn system_prompt_prepends_and_refuses_without_config() {
 
     let (unconfigured, _) = build_chain(vec![spec("system_prompt", &[], deadline(100))]);
     match unconfigured.start().on_request(&request("hello")) {
-        Err(ChainError::Rejected { plugin, reason }) => {
+        Err(ChainError::Rejected { plugin, reason, .. }) => {
             assert_eq!(plugin, "system-prompt");
             assert!(reason.contains("not configured"), "{reason}");
         }
@@ -198,14 +197,13 @@ fn json_guard_refuses_non_json_answers_only_in_json_mode() {
     let mut run = chain.start();
     proceed(run.on_request(&json_req));
     assert_eq!(
-        run.on_response(&json_req, "```json\n{\"a\": 1}\n```".into())
-            .unwrap(),
+        run.on_response("```json\n{\"a\": 1}\n```".into()).unwrap(),
         "{\"a\": 1}"
     );
     let mut run = chain.start();
     proceed(run.on_request(&json_req));
-    match run.on_response(&json_req, "Sure! Here it is: {\"a\": 1}".into()) {
-        Err(ChainError::Rejected { plugin, reason }) => {
+    match run.on_response("Sure! Here it is: {\"a\": 1}".into()) {
+        Err(ChainError::Rejected { plugin, reason, .. }) => {
             assert_eq!(plugin, "json-guard");
             assert!(
                 reason.starts_with("the answer is not valid JSON"),
@@ -219,7 +217,7 @@ fn json_guard_refuses_non_json_answers_only_in_json_mode() {
     let plain = request("hi");
     proceed(run.on_request(&plain));
     assert_eq!(
-        run.on_response(&plain, "Hello there".into()).unwrap(),
+        run.on_response("Hello there".into()).unwrap(),
         "Hello there"
     );
 
@@ -349,6 +347,39 @@ fn infer_in_a_loop_is_stopped_after_the_budget() {
 }
 
 #[test]
+fn aliased_output_is_stopped_before_the_host_copies_it() {
+    let (chain, _) = hostile("amplify", deadline(2000));
+    let started = Instant::now();
+    let (error, took) = expect_failure(&chain, "OutputTooLarge");
+    assert_eq!(error, PluginError::OutputTooLarge);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn messages_the_api_would_refuse_are_invalid_output() {
+    let (chain, _) = hostile("bad-role", deadline(100));
+    let (error, _) = expect_failure(&chain, "InvalidOutput");
+    assert!(error.to_string().contains("\"tool\""), "{error}");
+}
+
+#[test]
+fn a_later_plugin_sees_the_request_as_redacted_in_its_response_hook() {
+    let (chain, _) = build_chain(vec![
+        spec("pii_redact", &[("responses", "false")], deadline(100)),
+        spec(
+            "hostile",
+            &[("mode", "echo-request"), ("hook", "response")],
+            deadline(100),
+        ),
+    ]);
+    let mut run = chain.start();
+    proceed(run.on_request(&request("mail me at jane@example.com")));
+    let answer = run.on_response("model answer".into()).unwrap();
+    assert_eq!(answer, "mail me at [EMAIL]");
+}
+
+#[test]
 fn misbehaving_response_hook_fails_the_answer() {
     let (chain, _) = build_chain(vec![spec(
         "hostile",
@@ -358,7 +389,7 @@ fn misbehaving_response_hook_fails_the_answer() {
     let req = request("EVIL");
     let mut run = chain.start();
     proceed(run.on_request(&req));
-    match run.on_response(&req, "answer".into()) {
+    match run.on_response("answer".into()) {
         Err(ChainError::Failed { error, .. }) => assert_eq!(error.reason(), "Trap"),
         other => panic!("expected a trap, got {other:?}"),
     }
@@ -422,7 +453,13 @@ fn limits_without_fuel_or_deadline_are_refused() {
         memory_bytes: 1 << 20,
     };
     let e = rt.load(spec("passthrough", &[], unbounded)).unwrap_err();
+    assert_eq!(e.reason(), "InvalidLimits");
     assert!(e.to_string().contains("fuel or a deadline"), "{e}");
+    for ms in [0, 60_001] {
+        let e = rt.load(spec("passthrough", &[], deadline(ms))).unwrap_err();
+        assert_eq!(e.reason(), "InvalidLimits", "{ms} ms");
+    }
+    rt.load(spec("passthrough", &[], deadline(60_000))).unwrap();
 }
 
 #[test]

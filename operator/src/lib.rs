@@ -2,5 +2,5 @@
 //! EdgeDevice status they maintain. Reconcilers join later.
 
 pub mod device_status;
-pub mod rollout;
 pub mod gateway;
+pub mod rollout;

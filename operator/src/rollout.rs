@@ -605,7 +605,10 @@ pub fn plan(
         .count();
     let ready_n = candidates
         .keys()
-        .filter(|n| state(n, &serving_rev) == Some(ModelState::Ready) && after(n).as_deref() == Some(serving_rev.as_str()))
+        .filter(|n| {
+            state(n, &serving_rev) == Some(ModelState::Ready)
+                && after(n).as_deref() == Some(serving_rev.as_str())
+        })
         .count();
     let failed_n = candidates
         .keys()
@@ -621,7 +624,10 @@ pub fn plan(
 
     let prev = &previous.conditions;
     let (sig_reason, sig_msg) = match signature {
-        Ok(()) => (reasons::SIGNATURE_VALID, "the bundle verifies against spec.signers".to_owned()),
+        Ok(()) => (
+            reasons::SIGNATURE_VALID,
+            "the bundle verifies against spec.signers".to_owned(),
+        ),
         Err((reason, msg)) => (*reason, msg.clone()),
     };
     if let Err((reason, msg)) = signature
@@ -637,7 +643,11 @@ pub fn plan(
         condition(
             cond::AVAILABLE,
             available,
-            if phase == "Available" { reasons::ALL_DEVICES_READY } else { reasons::NOT_ALL_DEVICES_READY },
+            if phase == "Available" {
+                reasons::ALL_DEVICES_READY
+            } else {
+                reasons::NOT_ALL_DEVICES_READY
+            },
             format!("{ready_n} of {targeted} targeted devices ready"),
             generation,
             prev,
@@ -655,7 +665,11 @@ pub fn plan(
         condition(
             cond::DEGRADED,
             degraded.is_some(),
-            if degraded.is_some() { reasons::HEALTH_GATE_FAILED } else { reasons::HEALTHY },
+            if degraded.is_some() {
+                reasons::HEALTH_GATE_FAILED
+            } else {
+                reasons::HEALTHY
+            },
             degraded.unwrap_or_default(),
             generation,
             prev,
@@ -715,9 +729,7 @@ fn gate_failure(
         {
             let rate = stats.errors_total as f64 * 100.0 / stats.requests_total as f64;
             if rate > f64::from(max) {
-                return Some(format!(
-                    "{name} error rate {rate:.1}% is above {max}%"
-                ));
+                return Some(format!("{name} error rate {rate:.1}% is above {max}%"));
             }
         }
         if let Some(min) = gates.min_tokens_per_second

@@ -6,6 +6,11 @@
 //! - `trap`: aborts (a Wasm `unreachable` trap);
 //! - `infer-loop`: calls the host's `infer` again and again, ignoring its errors;
 //! - `bad-utf8`: returns a string that is not UTF-8;
+//! - `amplify`: returns a thousand messages whose contents all alias one 1 MiB string,
+//!   so that copying them out would cost the host a gigabyte;
+//! - `bad-role`: rewrites the request with a role the API does not accept;
+//! - `echo-request` (response hook): answers with the request it was given, so a test
+//!   can see what an earlier plugin let through;
 //! - `infer-answer`: answers with what one `infer` sub-prompt returns (the well-behaved
 //!   use of `infer`, to test the host's side of it);
 //! - anything else: behaves.
@@ -23,6 +28,20 @@ use edgefleet::plugin::types::{InferParams, Message};
 
 thread_local! {
     static TRIGGERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static SEEN: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Messages that all point at the same 1 MiB of guest memory.
+fn aliased_messages() -> Vec<Message> {
+    let mut big = std::mem::ManuallyDrop::new("x".repeat(1 << 20));
+    let (ptr, len, cap) = (big.as_mut_ptr(), big.len(), big.capacity());
+    (0..1000)
+        .map(|_| Message {
+            role: "user".into(),
+            // SAFETY: deliberately aliased; the instance is thrown away after the call.
+            content: unsafe { String::from_raw_parts(ptr, len, cap) },
+        })
+        .collect()
 }
 
 fn misbehave(hook: &str) -> Option<String> {
@@ -60,6 +79,7 @@ fn misbehave(hook: &str) -> Option<String> {
                 std::hint::black_box(r.ok());
             }
         }
+        Some("echo-request") => Some(SEEN.with_borrow(|s| s.clone())),
         Some("infer-answer") => {
             let msgs = vec![Message {
                 role: "user".into(),
@@ -95,6 +115,25 @@ impl Guest for Hostile {
             None => true,
         };
         TRIGGERED.set(triggered);
+        SEEN.set(
+            req.messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        if triggered && host::config("hook").as_deref().unwrap_or("request") == "request" {
+            match host::config("mode").as_deref() {
+                Some("amplify") => return RequestAction::Proceed(aliased_messages()),
+                Some("bad-role") => {
+                    return RequestAction::Proceed(vec![Message {
+                        role: "tool".into(),
+                        content: "x".into(),
+                    }]);
+                }
+                _ => {}
+            }
+        }
         match misbehave("request") {
             Some(text) => RequestAction::Respond(text),
             None => RequestAction::Proceed(req.messages),
