@@ -65,9 +65,11 @@ pub struct EdgeDeviceSpec {
     /// Set by an administrator, or by the operator's approval policy at enrolment.
     #[serde(default)]
     pub approved: bool,
-    /// Models the operator wants on this device. Written by the operator only.
+    /// Models the operator wants on this device. Written by the operator only: a list
+    /// map keyed by `model`, each entry owned (server-side apply) by its EdgeModel.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["model"]))]
     pub desired_models: Vec<DesiredModel>,
 }
 

@@ -2,5 +2,6 @@
 //! EdgeDevice status they maintain. Reconcilers join later.
 
 pub mod device_status;
+pub mod edgemodel;
 pub mod gateway;
 pub mod rollout;

@@ -744,3 +744,82 @@ fn gate_failure(
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn step(count: Option<i32>, percent: Option<i32>) -> RolloutStep {
+        RolloutStep {
+            count,
+            percent,
+            pause_seconds: None,
+        }
+    }
+
+    #[test]
+    fn step_targets_are_cumulative_and_capped() {
+        assert_eq!(step_targets(None, 7), vec![7]);
+        let steps = [
+            step(Some(1), None),
+            step(None, Some(50)),
+            step(None, Some(100)),
+        ];
+        assert_eq!(step_targets(Some(&steps), 7), vec![1, 4, 7]);
+        assert_eq!(step_targets(Some(&steps), 0), vec![0, 0, 0]);
+        assert_eq!(step_targets(Some(&[step(Some(10), None)]), 3), vec![3]);
+        // A percentage rounds up: 10% of 3 devices is one device, never none.
+        assert_eq!(step_targets(Some(&[step(None, Some(10))]), 3), vec![1]);
+    }
+
+    #[test]
+    fn max_unavailable_is_at_least_one() {
+        assert_eq!(max_unavailable(None, 10), 1);
+        assert_eq!(max_unavailable(Some(&IntOrString::Int(3)), 10), 3);
+        assert_eq!(max_unavailable(Some(&IntOrString::Int(0)), 10), 1);
+        assert_eq!(
+            max_unavailable(Some(&IntOrString::String("25%".into())), 10),
+            2
+        );
+        assert_eq!(
+            max_unavailable(Some(&IntOrString::String("25%".into())), 2),
+            1
+        );
+    }
+
+    #[test]
+    fn quantities_parse_to_bytes() {
+        let q = |s: &str| quantity_bytes(&Quantity(s.into()));
+        assert_eq!(q("8Gi"), Some(8 << 30));
+        assert_eq!(q("512Mi"), Some(512 << 20));
+        assert_eq!(q("2G"), Some(2_000_000_000));
+        assert_eq!(q("1.5Gi"), Some(3 << 29));
+        assert_eq!(q("1000"), Some(1000));
+        assert_eq!(q("8 apples"), None);
+        assert_eq!(q("Gi"), None);
+    }
+
+    #[test]
+    fn revision_follows_what_the_device_runs() {
+        let spec: EdgeModelSpec = serde_json::from_value(serde_json::json!({
+            "servedName": "m",
+            "artifact": {"uri": "https://x/m.gguf", "digest": format!("sha256:{}", "a".repeat(64))},
+            "signature": {"inline": "{}"},
+            "signers": [{"name": "s", "publicKey": "k"}],
+        }))
+        .unwrap();
+        let base = revision(&spec);
+        assert_eq!(base.len(), 16);
+        let mut paused = spec.clone();
+        paused.rollout.paused = true;
+        assert_eq!(revision(&paused), base, "pausing is not a new revision");
+        let mut bigger = spec.clone();
+        bigger.runtime.context_size = 4096;
+        assert_ne!(revision(&bigger), base);
+        let mut other = spec;
+        other.artifact.digest = format!("sha256:{}", "b".repeat(64));
+        assert_ne!(revision(&other), base);
+    }
+}

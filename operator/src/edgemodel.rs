@@ -1,0 +1,316 @@
+//! The EdgeModel reconciler (controller-rs shape): `finalizer()` as the one top-level
+//! step; Apply plans the rollout with [`crate::rollout::plan`] and writes the result;
+//! Cleanup unassigns the model from every device and waits until no ready device still
+//! reports it before the finalizer is released.
+//!
+//! Writes:
+//! - each device's assignment of this model, as one entry of
+//!   `EdgeDevice.spec.desiredModels` (a list map keyed by `model`) applied with
+//!   server-side apply under a field manager of this EdgeModel's own, so that models
+//!   never overwrite each other's entries and removing the entry is applying none;
+//! - the EdgeModel status, with server-side apply under [`STATUS_MANAGER`], only when it
+//!   changed (no no-op patches);
+//! - Events for rollout steps, gate failures, rollbacks, revocations and signature
+//!   failures.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgefleet_crds::device::DesiredModel;
+use edgefleet_crds::{EdgeDevice, EdgeModel};
+use futures::StreamExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::rollout;
+
+/// Finalizer on every EdgeModel.
+pub const FINALIZER: &str = "edgefleet.io/unassign";
+/// Field manager of EdgeModel status writes.
+pub const STATUS_MANAGER: &str = "edgefleet-operator";
+/// Requeue while a rollout moves (pause and ready timers).
+pub const REQUEUE_PROGRESSING: Duration = Duration::from_secs(5);
+/// Requeue when settled (attestation expiry is checked at least this often).
+pub const REQUEUE_SETTLED: Duration = Duration::from_secs(60);
+/// Backoff bounds of failed reconciles.
+pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Upper bound of the backoff.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Reconciler errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[source] Box<kube::Error>),
+    /// Finalizer handling failed.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    /// Deletion waits for devices that still report the model.
+    #[error("{0} device(s) still report the model; waiting before releasing the finalizer")]
+    StillLoaded(usize),
+}
+
+impl From<kube::Error> for Error {
+    fn from(e: kube::Error) -> Self {
+        Self::Kube(Box::new(e))
+    }
+}
+
+impl Error {
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "KubeApi",
+            Self::Finalizer(_) => "Finalizer",
+            Self::StillLoaded(_) => "StillLoaded",
+        }
+    }
+}
+
+/// What reconciles share.
+pub struct Context {
+    client: Client,
+    devices: Store<EdgeDevice>,
+    recorder: Recorder,
+    failures: std::sync::Mutex<u32>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+/// The field manager that owns `model`'s entries in devices' `desiredModels`.
+pub fn assignment_manager(model: &EdgeModel) -> String {
+    // Field managers are at most 128 bytes; namespace and name are at most 63 + 253.
+    let key = rollout::model_key(model);
+    if key.len() <= 100 {
+        format!("edgefleet-em/{key}")
+    } else {
+        use sha2::Digest as _;
+        format!(
+            "edgefleet-em/{}",
+            hex::encode(&sha2::Sha256::digest(key.as_bytes())[..16])
+        )
+    }
+}
+
+/// Applies (or, with `None`, removes) `model`'s entry in `device`'s desiredModels.
+pub async fn assign(
+    client: &Client,
+    manager: &str,
+    device: &str,
+    desired: Option<&DesiredModel>,
+) -> Result<(), kube::Error> {
+    let api: Api<EdgeDevice> = Api::all(client.clone());
+    let entries: Vec<&DesiredModel> = desired.into_iter().collect();
+    let patch = json!({
+        "apiVersion": "edgefleet.io/v1alpha1",
+        "kind": "EdgeDevice",
+        "metadata": {"name": device},
+        "spec": {"desiredModels": entries},
+    });
+    api.patch(device, &PatchParams::apply(manager), &Patch::Apply(&patch))
+        .await
+        .map(|_| ())
+}
+
+async fn publish(
+    ctx: &Context,
+    model: &EdgeModel,
+    events: &[(&'static str, &'static str, String)],
+) {
+    let reference = model.object_ref(&());
+    for (kind, reason, note) in events {
+        let ev = Event {
+            type_: if *kind == "Warning" {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: (*reason).to_owned(),
+            note: Some(note.chars().take(1024).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+            tracing::warn!(error = %e, "publishing an event");
+        }
+    }
+}
+
+#[tracing::instrument(skip(model, ctx), fields(model = %rollout::model_key(&model)))]
+async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let devices: Vec<EdgeDevice> = ctx.devices.state().iter().map(|d| (**d).clone()).collect();
+    let signature = rollout::check_signature(&model.spec, std::time::SystemTime::now());
+    let plan = rollout::plan(&model, &devices, &signature, now);
+    let manager = assignment_manager(&model);
+    for (device, desired) in &plan.assignments {
+        assign(&ctx.client, &manager, device, desired.as_ref()).await?;
+    }
+    if model.status.as_ref() != Some(&plan.status) {
+        let api: Api<EdgeModel> =
+            Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+        let patch = json!({
+            "apiVersion": "edgefleet.io/v1alpha1",
+            "kind": "EdgeModel",
+            "status": plan.status,
+        });
+        api.patch_status(
+            &model.name_any(),
+            &PatchParams::apply(STATUS_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+    publish(&ctx, &model, &plan.events).await;
+    Ok(Action::requeue(
+        if plan.status.phase.as_deref() == Some("Progressing") {
+            REQUEUE_PROGRESSING
+        } else {
+            REQUEUE_SETTLED
+        },
+    ))
+}
+
+async fn cleanup(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let key = rollout::model_key(&model);
+    let manager = assignment_manager(&model);
+    let mut still = 0;
+    for device in ctx.devices.state() {
+        if device.spec.desired_models.iter().any(|d| d.model == key) {
+            assign(&ctx.client, &manager, &device.name_any(), None).await?;
+        }
+        let ready = device
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status == "True");
+        let reports = device
+            .status
+            .as_ref()
+            .is_some_and(|s| s.models.iter().any(|m| m.model == key));
+        // A device that is gone dark cannot report the unload; it drops the model when
+        // it reconnects and finds no assignment.
+        if ready && reports {
+            still += 1;
+        }
+    }
+    if still > 0 {
+        return Err(Error::StillLoaded(still));
+    }
+    publish(
+        &ctx,
+        &model,
+        &[(
+            "Normal",
+            "Unassigned",
+            format!("{key} unassigned from every device"),
+        )],
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+async fn reconcile(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<EdgeModel> =
+        Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let result = finalizer(&api, FINALIZER, model, |event| async {
+        match event {
+            Finalizer::Apply(m) => apply(m, ctx.clone()).await,
+            Finalizer::Cleanup(m) => cleanup(m, ctx.clone()).await,
+        }
+    })
+    .await;
+    match result {
+        Ok(action) => {
+            if let Ok(mut f) = ctx.failures.lock() {
+                *f = 0;
+            }
+            Ok(action)
+        }
+        Err(kube::runtime::finalizer::Error::ApplyFailed(e))
+        | Err(kube::runtime::finalizer::Error::CleanupFailed(e)) => Err(e),
+        Err(e) => Err(Error::Finalizer(e.to_string())),
+    }
+}
+
+fn error_policy(model: Arc<EdgeModel>, error: &Error, ctx: Arc<Context>) -> Action {
+    let n = match ctx.failures.lock() {
+        Ok(mut f) => {
+            *f = f.saturating_add(1);
+            *f
+        }
+        Err(_) => 1,
+    };
+    // Capped exponential backoff with jitter.
+    let base = BACKOFF_MIN.saturating_mul(1 << n.min(6)).min(BACKOFF_MAX);
+    let jitter =
+        Duration::from_millis(u64::from(rand_jitter()) % (base.as_millis() as u64 / 4 + 1));
+    tracing::warn!(model = %rollout::model_key(&model), reason = error.reason(), %error, "reconcile failed");
+    Action::requeue(base + jitter)
+}
+
+fn rand_jitter() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}
+
+/// Runs the EdgeModel controller until the process is asked to stop.
+pub async fn run(client: Client) {
+    let models: Api<EdgeModel> = Api::all(client.clone());
+    let devices_api: Api<EdgeDevice> = Api::all(client.clone());
+    let (reader, writer) = reflector::store();
+    let device_stream = reflector(
+        writer,
+        watcher(devices_api.clone(), watcher::Config::default()),
+    )
+    .applied_objects()
+    .for_each(|_| futures::future::ready(()));
+    tokio::spawn(device_stream);
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        devices: reader,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "edgefleet-operator".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        failures: std::sync::Mutex::new(0),
+    });
+    if let Err(e) = ctx.devices.wait_until_ready().await {
+        tracing::error!(error = %e, "the device cache never became ready");
+        return;
+    }
+    let controller = Controller::new(models, watcher::Config::default());
+    let store = controller.store();
+    controller
+        .watches(devices_api, watcher::Config::default(), move |_device| {
+            // A device change can change any model's candidates and counts.
+            store
+                .state()
+                .iter()
+                .map(|m| ObjectRef::from_obj(&**m))
+                .collect::<Vec<_>>()
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,435 @@
+//! The EdgeModel reconciler against the real API server: devices are EdgeDevices whose
+//! status this test writes the way the gateway does (readiness, attestation, per-model
+//! state), and the operator's controller runs in-process. Real agents in fleet mode are
+//! not part of these tests yet.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::future::Future;
+use std::time::Duration;
+
+use edgefleet_crds::{EdgeDevice, EdgeModel};
+use edgefleet_e2e::ControlPlane;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+const NS: &str = "retail";
+const KEY: &str = "retail/smollm2";
+
+async fn control_plane() -> (ControlPlane, Client, tokio::task::JoinHandle<()>) {
+    let cp = ControlPlane::start().await.expect("control plane starts");
+    cp.install_crds().await.expect("CRDs install");
+    let client = cp.client().await.unwrap();
+    let operator = tokio::spawn(edgefleet_operator::edgemodel::run(client.clone()));
+    (cp, client, operator)
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A signed one-file model: (digest, inline bundle, signer public key PEM).
+fn signed_model(dir: &std::path::Path, bytes: &[u8]) -> (String, String, String) {
+    use p256::pkcs8::EncodePrivateKey as _;
+    let key = p256::SecretKey::random(&mut rand_core::OsRng)
+        .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+        .unwrap()
+        .to_string();
+    let signer = edgefleet_trust::model_signing::PrivateKey::from_pem(&key).unwrap();
+    let path = dir.join("model.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let bundle =
+        edgefleet_trust::model_signing::sign(&path, &signer, None, &Default::default()).unwrap();
+    (
+        format!("sha256:{}", hex_sha256(bytes)),
+        String::from_utf8(bundle).unwrap(),
+        signer.public_key().to_pem().unwrap(),
+    )
+}
+
+fn model_manifest(digest: &str, bundle: &str, public_key: &str, context: i32) -> Value {
+    json!({
+        "apiVersion": "edgefleet.io/v1alpha1",
+        "kind": "EdgeModel",
+        "metadata": {"name": "smollm2", "namespace": NS},
+        "spec": {
+            "servedName": "smollm2",
+            "artifact": {"uri": "https://artifacts.example/smollm2.gguf", "digest": digest, "sizeBytes": 1024},
+            "signature": {"inline": bundle},
+            "signers": [{"name": "models-team", "publicKey": public_key}],
+            "selector": {"matchLabels": {"edgefleet.io/pool": "retail"}},
+            "attestation": {"teeKinds": ["tpm"], "policy": "default"},
+            "rollout": {
+                "steps": [{"count": 1}, {"percent": 100}],
+                "maxUnavailable": 1,
+                "healthGates": {"readyTimeoutSeconds": 300, "rollbackOnFailure": true},
+            },
+            "runtime": {"contextSize": context},
+        }
+    })
+}
+
+async fn create_device(client: &Client, name: &str, approved: bool, tee: &str) {
+    let devices: Api<EdgeDevice> = Api::all(client.clone());
+    let d: EdgeDevice = serde_json::from_value(json!({
+        "apiVersion": "edgefleet.io/v1alpha1",
+        "kind": "EdgeDevice",
+        "metadata": {"name": name, "labels": {"edgefleet.io/pool": "retail"}},
+        "spec": {
+            "approved": approved,
+            "facts": {
+                "arch": "x86_64", "cpuCores": 4, "memory": "8Gi", "teeKinds": [tee],
+                "agentKeyFingerprint": format!("sha256:{}", hex_sha256(name.as_bytes())),
+            },
+        }
+    }))
+    .unwrap();
+    devices.create(&PostParams::default(), &d).await.unwrap();
+    set_health(client, name, true, true, tee).await;
+}
+
+/// Writes readiness and attestation as the gateway would.
+async fn set_health(client: &Client, name: &str, ready: bool, attested: bool, tee: &str) {
+    let devices: Api<EdgeDevice> = Api::all(client.clone());
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let later = now + k8s_openapi::jiff::SignedDuration::from_hours(1);
+    let cond = |t: &str, ok: bool| {
+        json!({"type": t, "status": if ok { "True" } else { "False" }, "reason": "Test",
+               "message": "", "lastTransitionTime": now.to_string()})
+    };
+    let patch = json!({
+        "apiVersion": "edgefleet.io/v1alpha1",
+        "kind": "EdgeDevice",
+        "status": {
+            "conditions": [cond("Ready", ready), cond("Attested", attested)],
+            "attestation": {
+                "teeKind": tee, "allowed": attested, "policy": "default",
+                "policyHash": format!("sha256:{}", hex_sha256(b"policy")),
+                "verifiedTime": now.to_string(), "expiryTime": later.to_string(),
+            },
+        }
+    });
+    devices
+        .patch_status(
+            name,
+            &PatchParams::apply("test-gateway").force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .unwrap();
+}
+
+/// Writes the device's report of the model (as the agent would, through the gateway).
+async fn report(client: &Client, name: &str, revision: Option<&str>, state: &str) {
+    let devices: Api<EdgeDevice> = Api::all(client.clone());
+    let models: Vec<Value> = revision
+        .map(|r| json!({"model": KEY, "revision": r, "state": state}))
+        .into_iter()
+        .collect();
+    let patch = json!({
+        "apiVersion": "edgefleet.io/v1alpha1",
+        "kind": "EdgeDevice",
+        "status": {"models": models},
+    });
+    devices
+        .patch_status(
+            name,
+            &PatchParams::apply("test-agent-report").force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .unwrap();
+}
+
+async fn assignment(client: &Client, name: &str) -> Option<String> {
+    let devices: Api<EdgeDevice> = Api::all(client.clone());
+    devices
+        .get(name)
+        .await
+        .unwrap()
+        .spec
+        .desired_models
+        .iter()
+        .find(|d| d.model == KEY)
+        .map(|d| d.revision.clone())
+}
+
+async fn model(client: &Client) -> EdgeModel {
+    let models: Api<EdgeModel> = Api::namespaced(client.clone(), NS);
+    models.get("smollm2").await.unwrap()
+}
+
+/// Polls `check` until it returns Some, for at most 30 s.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn condition(m: &EdgeModel, kind: &str) -> Option<(String, String, String)> {
+    m.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn apply_model(client: &Client, manifest: &Value) {
+    let models: Api<EdgeModel> = Api::namespaced(client.clone(), NS);
+    models
+        .patch(
+            "smollm2",
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(manifest),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_moves_step_by_step_and_reaches_all_candidates() {
+    let (cp, client, _operator) = control_plane().await;
+    for name in ["till-a", "till-b", "till-c"] {
+        create_device(&client, name, true, "tpm").await;
+    }
+    create_device(&client, "till-unapproved", false, "tpm").await;
+    create_device(&client, "till-dev-key", true, "dev").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
+    apply_model(
+        &client,
+        &model_manifest(&digest, &bundle, &public_key, 1024),
+    )
+    .await;
+
+    // Step 1: one device (the first by name) gets the revision.
+    let rev = eventually("step 1 assignment", || async {
+        assignment(&client, "till-a").await
+    })
+    .await;
+    let m = model(&client).await;
+    let status = m.status.clone().unwrap();
+    assert_eq!(status.current_revision.as_deref(), Some(rev.as_str()));
+    assert_eq!(status.phase.as_deref(), Some("Progressing"));
+    assert_eq!(status.devices.targeted, 4, "{status:?}"); // the dev-key device is approved but not attested as accepted
+    assert_eq!(status.devices.attested, 3, "{status:?}");
+    assert_eq!(condition(&m, "SignatureVerified").unwrap().0, "True");
+    assert_eq!(assignment(&client, "till-b").await, None);
+    assert_eq!(assignment(&client, "till-unapproved").await, None);
+    assert_eq!(assignment(&client, "till-dev-key").await, None);
+    assert!(m.finalizers().iter().any(|f| f == "edgefleet.io/unassign"));
+
+    // The device loads it: step 2 starts, one device at a time (maxUnavailable 1).
+    report(&client, "till-a", Some(&rev), "Ready").await;
+    eventually("till-b assigned", || async {
+        (assignment(&client, "till-b").await.as_deref() == Some(rev.as_str())).then_some(())
+    })
+    .await;
+    assert_eq!(
+        assignment(&client, "till-c").await,
+        None,
+        "maxUnavailable 1"
+    );
+    report(&client, "till-b", Some(&rev), "Ready").await;
+    eventually("till-c assigned", || async {
+        assignment(&client, "till-c").await.filter(|r| *r == rev)
+    })
+    .await;
+    report(&client, "till-c", Some(&rev), "Ready").await;
+    let m = eventually("Available", || async {
+        let m = model(&client).await;
+        (m.status.as_ref()?.phase.as_deref() == Some("Available")).then_some(m)
+    })
+    .await;
+    let status = m.status.clone().unwrap();
+    assert_eq!(status.ready_devices.as_deref(), Some("3/4"));
+    assert_eq!(status.stable_revision.as_deref(), Some(rev.as_str()));
+    assert_eq!(status.observed_generation, m.metadata.generation);
+    let out = cp
+        .kubectl()
+        .args(["get", "em", "-n", NS, "--no-headers"])
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(line.contains("3/4") && line.contains("Available"), "{line}");
+
+    // Revocation: a device whose attestation fails loses the model.
+    set_health(&client, "till-b", true, false, "tpm").await;
+    eventually("till-b unassigned", || async {
+        assignment(&client, "till-b").await.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(
+        assignment(&client, "till-a").await.as_deref(),
+        Some(rev.as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_signature_halts_and_devices_keep_the_old_revision() {
+    let (_cp, client, _operator) = control_plane().await;
+    create_device(&client, "till-a", true, "tpm").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
+    apply_model(
+        &client,
+        &model_manifest(&digest, &bundle, &public_key, 1024),
+    )
+    .await;
+    let rev = eventually("assigned", || async { assignment(&client, "till-a").await }).await;
+    report(&client, "till-a", Some(&rev), "Ready").await;
+    eventually("Available", || async {
+        (model(&client).await.status?.phase.as_deref() == Some("Available")).then_some(())
+    })
+    .await;
+
+    // A new artifact whose digest the bundle does not sign.
+    let tampered = format!("sha256:{}", hex_sha256(b"other bytes"));
+    apply_model(
+        &client,
+        &model_manifest(&tampered, &bundle, &public_key, 1024),
+    )
+    .await;
+    let (status, reason, message) = eventually("SignatureInvalid", || async {
+        condition(&model(&client).await, "SignatureVerified").filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "SignatureInvalid")
+    );
+    assert!(message.contains("DigestMismatch"), "{message}");
+    let m = model(&client).await;
+    assert_eq!(m.status.as_ref().unwrap().phase.as_deref(), Some("Failed"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        assignment(&client, "till-a").await.as_deref(),
+        Some(rev.as_str())
+    );
+
+    // Signed by someone else: also refused, naming the reason.
+    let (_, foreign_bundle, _) = signed_model(dir.path(), b"GGUF model bytes");
+    apply_model(
+        &client,
+        &model_manifest(&digest, &foreign_bundle, &public_key, 2048),
+    )
+    .await;
+    let (_, reason, message) = eventually("UntrustedSigner", || async {
+        condition(&model(&client).await, "SignatureVerified")
+            .filter(|c| c.0 == "False" && c.2.contains("UntrustedSigner"))
+    })
+    .await;
+    assert_eq!(reason, "SignatureInvalid", "{message}");
+    assert_eq!(
+        assignment(&client, "till-a").await.as_deref(),
+        Some(rev.as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
+    let (_cp, client, _operator) = control_plane().await;
+    for name in ["till-a", "till-b"] {
+        create_device(&client, name, true, "tpm").await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
+    apply_model(
+        &client,
+        &model_manifest(&digest, &bundle, &public_key, 1024),
+    )
+    .await;
+    let stable = eventually("a assigned", || async {
+        assignment(&client, "till-a").await
+    })
+    .await;
+    report(&client, "till-a", Some(&stable), "Ready").await;
+    eventually("b assigned", || async {
+        assignment(&client, "till-b").await
+    })
+    .await;
+    report(&client, "till-b", Some(&stable), "Ready").await;
+    eventually("Available", || async {
+        (model(&client).await.status?.phase.as_deref() == Some("Available")).then_some(())
+    })
+    .await;
+
+    // A new revision (another context size); the canary fails to load it.
+    apply_model(
+        &client,
+        &model_manifest(&digest, &bundle, &public_key, 2048),
+    )
+    .await;
+    let next = eventually("canary on the new revision", || async {
+        assignment(&client, "till-a").await.filter(|r| *r != stable)
+    })
+    .await;
+    assert_eq!(
+        assignment(&client, "till-b").await.as_deref(),
+        Some(stable.as_str())
+    );
+    report(&client, "till-a", Some(&next), "Failed").await;
+    eventually("rolled back", || async {
+        (assignment(&client, "till-a").await.as_deref() == Some(stable.as_str())).then_some(())
+    })
+    .await;
+    let m = model(&client).await;
+    let (degraded, reason, message) = condition(&m, "Degraded").unwrap();
+    assert_eq!(
+        (degraded.as_str(), reason.as_str()),
+        ("True", "HealthGateFailed")
+    );
+    assert!(message.contains("till-a"), "{message}");
+    assert_eq!(
+        m.status.as_ref().unwrap().phase.as_deref(),
+        Some("Degraded")
+    );
+    assert_eq!(
+        m.status.as_ref().unwrap().failed_revision.as_deref(),
+        Some(next.as_str())
+    );
+    report(&client, "till-a", Some(&stable), "Ready").await;
+
+    // Deletion: assignments go first; the finalizer waits for the devices' reports.
+    let models: Api<EdgeModel> = Api::namespaced(client.clone(), NS);
+    models
+        .delete("smollm2", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("unassigned everywhere", || async {
+        (assignment(&client, "till-a").await.is_none()
+            && assignment(&client, "till-b").await.is_none())
+        .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        models.get_opt("smollm2").await.unwrap().is_some(),
+        "released before the devices unloaded"
+    );
+    report(&client, "till-a", None, "Ready").await;
+    report(&client, "till-b", None, "Ready").await;
+    eventually("finalizer released", || async {
+        models
+            .get_opt("smollm2")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
