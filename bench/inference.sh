@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark: tokens/s of the agent path (the official openai client -> HTTP -> a
+# Benchmark: tokens/s of the agent path (an HTTP streaming client -> HTTP -> a
 # pass-through Wasm plugin -> llama-cpp-2) against llama.cpp's own llama-bench, on the
 # same model, thread count and prompt length, in alternating rounds of one run.
 # Reports the medians and the ratios agent / llama-bench (target: >= 0.97 for both).
@@ -44,7 +44,10 @@ for r in $(seq "$ROUNDS"); do
   log "round $r: llama-bench pp ${lb_pp[-1]} tg ${lb_tg[-1]} | agent pp ${ag_pp[-1]} tg ${ag_tg[-1]}"
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+ratios() { local -n a=$1 b=$2; for i in "${!a[@]}"; do awk -v x="${a[$i]}" -v y="${b[$i]}" 'BEGIN { print x / y }'; done; }
 mlp=$(median "${lb_pp[@]}"); mlt=$(median "${lb_tg[@]}"); map=$(median "${ag_pp[@]}"); mat=$(median "${ag_tg[@]}")
+# The reported ratio is the median of the per-round ratios: each round pairs two runs a
+# few seconds apart, which cancels the machine's slow drifts.
+mapfile -t rpp < <(ratios ag_pp lb_pp); mapfile -t rtg < <(ratios ag_tg lb_tg)
 printf 'rounds=%s prompt=%s gen=%s threads=%s llama_bench_pp=%.1f llama_bench_tg=%.1f agent_pp=%.1f agent_tg=%.1f ratio_pp=%.3f ratio_tg=%.3f\n' \
-  "$ROUNDS" "$PROMPT" "$GEN" "$THREADS" "$mlp" "$mlt" "$map" "$mat" \
-  "$(awk -v a="$map" -v b="$mlp" 'BEGIN { print a / b }')" "$(awk -v a="$mat" -v b="$mlt" 'BEGIN { print a / b }')"
+  "$ROUNDS" "$PROMPT" "$GEN" "$THREADS" "$mlp" "$mlt" "$map" "$mat" "$(median "${rpp[@]}")" "$(median "${rtg[@]}")"
