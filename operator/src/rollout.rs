@@ -464,9 +464,15 @@ pub fn plan(
             ));
         }
     } else if failed_before {
-        degraded = Some(format!(
-            "revision {rev} failed its health gates; change the spec to roll out again"
-        ));
+        // Keep the message that named the failure.
+        let first = previous
+            .conditions
+            .iter()
+            .find(|c| c.type_ == cond::DEGRADED && c.status == "True")
+            .map(|c| c.message.clone());
+        degraded = Some(first.unwrap_or_else(|| {
+            format!("revision {rev} failed its health gates; change the spec to roll out again")
+        }));
         phase = "Degraded";
         if gates.rollback_on_failure
             && let Some(stable) = stable.as_deref().filter(|s| *s != rev)
