@@ -179,6 +179,8 @@ pub struct Engine {
     config: EngineConfig,
     stats: Arc<Stats>,
     load_millis: u64,
+    model_bytes: u64,
+    model_params: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -226,6 +228,8 @@ impl Engine {
         control_tokens.sort();
         control_tokens.dedup();
         let load_millis = started.elapsed().as_millis() as u64;
+        let model_bytes = model.size();
+        let model_params = model.n_params();
 
         // Admission is counted in `Stats::admitted` (running + waiting); the channel only
         // needs room for everything admitted.
@@ -261,6 +265,8 @@ impl Engine {
             config,
             stats,
             load_millis,
+            model_bytes,
+            model_params,
         })
     }
 
@@ -318,6 +324,16 @@ impl Engine {
     /// Milliseconds the model took to load.
     pub fn load_millis(&self) -> u64 {
         self.load_millis
+    }
+
+    /// Bytes of the model's tensors, as llama.cpp counts them.
+    pub fn model_bytes(&self) -> u64 {
+        self.model_bytes
+    }
+
+    /// Parameters of the model.
+    pub fn model_params(&self) -> u64 {
+        self.model_params
     }
 
     /// Whether a slot is free: what `/readyz` reports. (A request arriving while every

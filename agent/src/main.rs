@@ -364,7 +364,14 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
     };
     let engine = tokio::task::spawn_blocking(move || edgefleet_agent::engine::Engine::load(config))
         .await??;
-    tracing::info!(load_ms = engine.load_millis(), model = %engine.config().served_name, %listen, "serving");
+    tracing::info!(
+        load_ms = engine.load_millis(),
+        model_bytes = engine.model_bytes(),
+        params = engine.model_params(),
+        model = %engine.config().served_name,
+        %listen,
+        "serving"
+    );
     let engine = std::sync::Arc::new(engine);
     let chain = loaded.map(|(runtime, loaded)| {
         let infer = edgefleet_agent::serve::EngineSubPrompt::new(

@@ -521,6 +521,17 @@ async fn metrics(State(serving): State<Arc<Serving>>) -> Result<Response, ApiErr
         engine.load_millis() as f64 / 1e3,
     );
     let mut body = body;
+    body.push_str(&format!(
+        "# TYPE edgefleet_model_size_bytes gauge\nedgefleet_model_size_bytes {}\n\
+         # TYPE edgefleet_model_parameters gauge\nedgefleet_model_parameters {}\n",
+        engine.model_bytes(),
+        engine.model_params(),
+    ));
+    if let Some(rss) = resident_bytes() {
+        body.push_str(&format!(
+            "# TYPE edgefleet_process_resident_memory_bytes gauge\nedgefleet_process_resident_memory_bytes {rss}\n"
+        ));
+    }
     if let Some(chain) = plugins {
         body.push_str(&chain.metrics().render());
     }
@@ -781,6 +792,20 @@ fn stream_error(e: &ChainError) -> String {
         ChainError::Failed { .. } => "plugin_failed",
     };
     format!("{code}: {e}")
+}
+
+/// The process's resident memory (`VmRSS`, Linux).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 fn failed(message: String) -> ApiError {

@@ -170,6 +170,12 @@ fn concurrent_clients_are_all_served() {
         );
     }
     assert_eq!(metric(&s, "edgefleet_requests_total"), 3.0);
+    // Load time and memory are reported.
+    assert!(metric(&s, "edgefleet_model_load_seconds") > 0.0);
+    let size = metric(&s, "edgefleet_model_size_bytes");
+    assert!((50e6..200e6).contains(&size), "{size}");
+    assert!(metric(&s, "edgefleet_model_parameters") > 100e6);
+    assert!(metric(&s, "edgefleet_process_resident_memory_bytes") > size / 2.0);
 }
 
 #[test]
@@ -199,6 +205,8 @@ fn without_a_model_the_agent_is_healthy_but_not_ready() {
         .port();
     let child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        // scripts/test exports the model's path, which `--model` would pick up.
+        .env_remove("EDGEFLEET_MODEL")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

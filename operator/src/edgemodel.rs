@@ -271,9 +271,10 @@ pub async fn run(client: Client) {
     let models: Api<EdgeModel> = Api::all(client.clone());
     let devices_api: Api<EdgeDevice> = Api::all(client.clone());
     let (reader, writer) = reflector::store();
+    // With backoff: an unreachable API server must not turn the watch into a hot loop.
     let device_stream = reflector(
         writer,
-        watcher(devices_api.clone(), watcher::Config::default()),
+        watcher(devices_api.clone(), watcher::Config::default()).default_backoff(),
     )
     .applied_objects()
     .for_each(|_| futures::future::ready(()));

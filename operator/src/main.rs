@@ -1,5 +1,5 @@
-//! edgefleet-operator. Today it prints the CRDs it serves (`edgefleet-operator crd`);
-//! the reconcilers and the device gateway join it in later releases.
+//! edgefleet-operator: `run` reconciles EdgeModels onto EdgeDevices against the cluster
+//! (KUBECONFIG or in-cluster configuration); `crd` prints the CRDs it serves.
 
 use clap::{Parser, Subcommand};
 
@@ -14,14 +14,27 @@ struct Cli {
 enum Cmd {
     /// Print the CustomResourceDefinitions of the edgefleet.io API as YAML.
     Crd,
+    /// Run the EdgeModel controller until SIGINT or SIGTERM.
+    Run,
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .init();
     match Cli::parse().command {
         Cmd::Crd => {
             for crd in edgefleet_crds::generated_crds()? {
                 print!("---\n{}", crd.yaml);
             }
+        }
+        Cmd::Run => {
+            let client = kube::Client::try_default().await?;
+            edgefleet_operator::edgemodel::run(client).await;
         }
     }
     Ok(())

@@ -200,7 +200,7 @@ async fn apply_model(client: &Client, manifest: &Value) {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn a_rollout_moves_step_by_step_and_reaches_all_candidates() {
     let (cp, client, _operator) = control_plane().await;
     for name in ["till-a", "till-b", "till-c"] {
@@ -279,7 +279,7 @@ async fn a_rollout_moves_step_by_step_and_reaches_all_candidates() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn a_bad_signature_halts_and_devices_keep_the_old_revision() {
     let (_cp, client, _operator) = control_plane().await;
     create_device(&client, "till-a", true, "tpm").await;
@@ -340,7 +340,89 @@ async fn a_bad_signature_halts_and_devices_keep_the_old_revision() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// The operator binary, built beside this test (operator/tests gives cargo a reason to
+/// build it).
+fn operator_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join("edgefleet-operator");
+    assert!(bin.exists(), "{} not built", bin.display());
+    bin
+}
+
+struct Operator(std::process::Child);
+
+impl Operator {
+    fn start(cp: &ControlPlane) -> Self {
+        Self(
+            std::process::Command::new(operator_binary())
+                .arg("run")
+                .env("KUBECONFIG", cp.kubeconfig_path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_killed_operator_resumes_the_rollout_where_it_stopped() {
+    let cp = ControlPlane::start().await.expect("control plane starts");
+    cp.install_crds().await.expect("CRDs install");
+    let client = cp.client().await.unwrap();
+    for name in ["till-a", "till-b", "till-c"] {
+        create_device(&client, name, true, "tpm").await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
+    apply_model(
+        &client,
+        &model_manifest(&digest, &bundle, &public_key, 1024),
+    )
+    .await;
+
+    let first = Operator::start(&cp);
+    let rev = eventually("step 1", || async { assignment(&client, "till-a").await }).await;
+    drop(first); // killed mid-rollout
+    report(&client, "till-a", Some(&rev), "Ready").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        assignment(&client, "till-b").await,
+        None,
+        "no operator is running"
+    );
+
+    let _second = Operator::start(&cp);
+    eventually("step 2 resumes", || async {
+        assignment(&client, "till-b").await.filter(|r| *r == rev)
+    })
+    .await;
+    // Nothing regressed: the canary keeps its revision, the step index only grew.
+    assert_eq!(
+        assignment(&client, "till-a").await.as_deref(),
+        Some(rev.as_str())
+    );
+    let status = model(&client).await.status.unwrap();
+    assert_eq!(status.current_revision.as_deref(), Some(rev.as_str()));
+    assert_eq!(status.current_step, Some(1));
+    report(&client, "till-b", Some(&rev), "Ready").await;
+    eventually("till-c", || async { assignment(&client, "till-c").await }).await;
+    report(&client, "till-c", Some(&rev), "Ready").await;
+    eventually("Available", || async {
+        (model(&client).await.status?.ready_devices.as_deref() == Some("3/3")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
     let (_cp, client, _operator) = control_plane().await;
     for name in ["till-a", "till-b"] {
