@@ -4,4 +4,5 @@
 pub mod device_status;
 pub mod edgemodel;
 pub mod gateway;
+pub mod leader;
 pub mod rollout;

@@ -14,8 +14,19 @@ struct Cli {
 enum Cmd {
     /// Print the CustomResourceDefinitions of the edgefleet.io API as YAML.
     Crd,
-    /// Run the EdgeModel controller until SIGINT or SIGTERM.
-    Run,
+    /// Run the EdgeModel controller until SIGINT or SIGTERM, while holding the operator
+    /// Lease (other replicas wait as candidates).
+    Run {
+        /// Namespace of the Lease.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "edgefleet-system")]
+        lease_namespace: String,
+        /// This replica's name in the Lease (default: host name and process id).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Lease duration in seconds; the holder renews every third of it.
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
+        lease_seconds: u64,
+    },
 }
 
 #[tokio::main]
@@ -32,9 +43,31 @@ async fn main() -> anyhow::Result<()> {
                 print!("---\n{}", crd.yaml);
             }
         }
-        Cmd::Run => {
+        Cmd::Run {
+            lease_namespace,
+            identity,
+            lease_seconds,
+        } => {
             let client = kube::Client::try_default().await?;
-            edgefleet_operator::edgemodel::run(client).await;
+            let identity = identity.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "operator".into());
+                format!("{host}-{}", std::process::id())
+            });
+            let election = edgefleet_operator::leader::LeaderElection::new(
+                client.clone(),
+                &lease_namespace,
+                identity.clone(),
+                std::time::Duration::from_secs(lease_seconds),
+            );
+            tracing::info!(%identity, "waiting for the operator lease");
+            election.acquire().await;
+            tracing::info!(%identity, "leading");
+            tokio::select! {
+                () = edgefleet_operator::edgemodel::run(client) => {}
+                () = election.hold() => anyhow::bail!("lost the operator lease; exiting so that this replica restarts as a candidate"),
+            }
         }
     }
     Ok(())

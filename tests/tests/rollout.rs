@@ -354,9 +354,13 @@ struct Operator(std::process::Child);
 
 impl Operator {
     fn start(cp: &ControlPlane) -> Self {
+        Self::named(cp, "op-1")
+    }
+
+    fn named(cp: &ControlPlane, identity: &str) -> Self {
         Self(
             std::process::Command::new(operator_binary())
-                .arg("run")
+                .args(["run", "--lease-seconds", "3", "--identity", identity])
                 .env("KUBECONFIG", cp.kubeconfig_path())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
@@ -418,6 +422,55 @@ async fn a_killed_operator_resumes_the_rollout_where_it_stopped() {
     report(&client, "till-c", Some(&rev), "Ready").await;
     eventually("Available", || async {
         (model(&client).await.status?.ready_devices.as_deref() == Some("3/3")).then_some(())
+    })
+    .await;
+}
+
+async fn lease_holder(client: &Client) -> Option<(String, i32)> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "edgefleet-system");
+    let spec = leases.get_opt("edgefleet-operator").await.unwrap()?.spec?;
+    Some((spec.holder_identity?, spec.lease_transitions.unwrap_or(0)))
+}
+
+#[tokio::test]
+async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
+    let cp = ControlPlane::start().await.expect("control plane starts");
+    cp.install_crds().await.expect("CRDs install");
+    let client = cp.client().await.unwrap();
+    for name in ["till-a", "till-b"] {
+        create_device(&client, name, true, "tpm").await;
+    }
+    let first = Operator::named(&cp, "op-1");
+    eventually("op-1 leads", || async {
+        lease_holder(&client).await.filter(|(h, _)| h == "op-1")
+    })
+    .await;
+    let _second = Operator::named(&cp, "op-2");
+    let dir = tempfile::tempdir().unwrap();
+    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
+    apply_model(
+        &client,
+        &model_manifest(&digest, &bundle, &public_key, 1024),
+    )
+    .await;
+    let rev = eventually("step 1", || async { assignment(&client, "till-a").await }).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        lease_holder(&client).await.map(|(h, _)| h).as_deref(),
+        Some("op-1"),
+        "the follower must not take a renewed lease"
+    );
+
+    drop(first); // the leader dies
+    report(&client, "till-a", Some(&rev), "Ready").await;
+    let (_, transitions) = eventually("op-2 takes over", || async {
+        lease_holder(&client).await.filter(|(h, _)| h == "op-2")
+    })
+    .await;
+    assert!(transitions >= 1, "{transitions}");
+    eventually("the new leader continues the rollout", || async {
+        assignment(&client, "till-b").await.filter(|r| *r == rev)
     })
     .await;
 }
