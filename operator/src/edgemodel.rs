@@ -23,8 +23,8 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
@@ -77,7 +77,6 @@ impl Error {
 /// What reconciles share.
 pub struct Context {
     client: Client,
-    devices: Store<EdgeDevice>,
     recorder: Recorder,
     failures: std::sync::Mutex<u32>,
 }
@@ -150,9 +149,22 @@ async fn publish(
 #[tracing::instrument(skip(model, ctx), fields(model = %rollout::model_key(&model)))]
 async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error> {
     let now = k8s_openapi::jiff::Timestamp::now();
-    let devices: Vec<EdgeDevice> = ctx.devices.state().iter().map(|d| (**d).clone()).collect();
+    // Plan on fresh reads, not on the watch caches: a reconcile triggered by one event
+    // can run before the cache has seen this reconciler's own last writes, and planning
+    // on that would undo a rollback or move more devices than maxUnavailable allows.
+    let models: Api<EdgeModel> =
+        Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let Some(model) = models.get_opt(&model.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    let devices_api: Api<EdgeDevice> = Api::all(ctx.client.clone());
+    let devices = devices_api
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items;
     let signature = rollout::check_signature(&model.spec, std::time::SystemTime::now());
     let plan = rollout::plan(&model, &devices, &signature, now);
+    let model = Arc::new(model);
     let manager = assignment_manager(&model);
     for (device, desired) in &plan.assignments {
         assign(&ctx.client, &manager, device, desired.as_ref()).await?;
@@ -186,7 +198,12 @@ async fn cleanup(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Err
     let key = rollout::model_key(&model);
     let manager = assignment_manager(&model);
     let mut still = 0;
-    for device in ctx.devices.state() {
+    let devices_api: Api<EdgeDevice> = Api::all(ctx.client.clone());
+    for device in devices_api
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items
+    {
         if device.spec.desired_models.iter().any(|d| d.model == key) {
             assign(&ctx.client, &manager, &device.name_any(), None).await?;
         }
@@ -270,18 +287,8 @@ fn rand_jitter() -> u32 {
 pub async fn run(client: Client) {
     let models: Api<EdgeModel> = Api::all(client.clone());
     let devices_api: Api<EdgeDevice> = Api::all(client.clone());
-    let (reader, writer) = reflector::store();
-    // With backoff: an unreachable API server must not turn the watch into a hot loop.
-    let device_stream = reflector(
-        writer,
-        watcher(devices_api.clone(), watcher::Config::default()).default_backoff(),
-    )
-    .applied_objects()
-    .for_each(|_| futures::future::ready(()));
-    tokio::spawn(device_stream);
     let ctx = Arc::new(Context {
         client: client.clone(),
-        devices: reader,
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -291,10 +298,6 @@ pub async fn run(client: Client) {
         ),
         failures: std::sync::Mutex::new(0),
     });
-    if let Err(e) = ctx.devices.wait_until_ready().await {
-        tracing::error!(error = %e, "the device cache never became ready");
-        return;
-    }
     let controller = Controller::new(models, watcher::Config::default());
     let store = controller.store();
     controller

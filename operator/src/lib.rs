@@ -4,5 +4,6 @@
 pub mod device_status;
 pub mod edgemodel;
 pub mod gateway;
+pub mod heartbeat;
 pub mod leader;
 pub mod rollout;

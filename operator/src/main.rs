@@ -26,6 +26,9 @@ enum Cmd {
         /// Lease duration in seconds; the holder renews every third of it.
         #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
         lease_seconds: u64,
+        /// Seconds without a heartbeat after which a device is marked not Ready.
+        #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(2..=3600))]
+        heartbeat_lease_seconds: u64,
     },
 }
 
@@ -47,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
             lease_namespace,
             identity,
             lease_seconds,
+            heartbeat_lease_seconds,
         } => {
             let client = kube::Client::try_default().await?;
             let identity = identity.unwrap_or_else(|| {
@@ -64,8 +68,13 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(%identity, "waiting for the operator lease");
             election.acquire().await;
             tracing::info!(%identity, "leading");
+            let heartbeats = edgefleet_operator::heartbeat::Heartbeats::new(
+                client.clone(),
+                std::time::Duration::from_secs(heartbeat_lease_seconds),
+            );
             tokio::select! {
                 () = edgefleet_operator::edgemodel::run(client) => {}
+                () = heartbeats.expire_loop() => {}
                 () = election.hold() => anyhow::bail!("lost the operator lease; exiting so that this replica restarts as a candidate"),
             }
         }

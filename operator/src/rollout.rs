@@ -6,11 +6,13 @@
 //! - **Revision**: a digest of everything the device runs (artifact, signature,
 //!   variants, runtime settings, plugins, port). A spec change that alters it starts a
 //!   new rollout at step 0.
-//! - **Candidates**: devices the selector matches that are approved, `Ready`, and
-//!   `Attested` under the required policy with an unexpired, allowed result of an
-//!   accepted evidence kind, and that have the memory the chosen variant needs.
-//!   Devices that stop being candidates lose the assignment (this is how a failed or
-//!   lapsed attestation revokes models).
+//! - **Candidates**: devices the selector matches that are approved and `Attested`
+//!   under the required policy with an unexpired, allowed result of an accepted evidence
+//!   kind, and that have the memory the chosen variant needs. Devices that stop being
+//!   candidates lose the assignment (this is how a failed or lapsed attestation revokes
+//!   models). A candidate that is not `Ready` (its heartbeat lease ran out, for example
+//!   behind a network partition) keeps what it has — it goes on serving locally — but
+//!   is moved to nothing new until it is back.
 //! - **Steps**: cumulative targets (count or percent of candidates). Devices move to the
 //!   new revision in name order, at most `maxUnavailable` not-yet-ready at a time. A step
 //!   is done when its devices are all `Ready` on the revision and within the health
@@ -161,8 +163,6 @@ pub enum Excluded {
     NotSelected,
     /// Not approved.
     NotApproved,
-    /// `Ready` is not True.
-    NotReady,
     /// No allowed, unexpired attestation of an accepted kind under the policy.
     NotAttested(String),
     /// Too little memory for the model.
@@ -189,9 +189,6 @@ pub fn candidate(
     }
     if !device.spec.approved {
         return Err(Excluded::NotApproved);
-    }
-    if !condition_true(device, "Ready") {
-        return Err(Excluded::NotReady);
     }
     let attestation = device.status.as_ref().and_then(|s| s.attestation.as_ref());
     let Some(a) = attestation else {
@@ -404,6 +401,11 @@ pub fn plan(
             .is_some_and(|a| a.revision == r)
     };
     let state = |name: &str, r: &str| by_name.get(name).and_then(|d| reported(d, &key, r));
+    let online = |name: &str| {
+        by_name
+            .get(name)
+            .is_some_and(|d| condition_true(d, "Ready"))
+    };
 
     let sig_ok = signature.is_ok();
     let failed_before = status.failed_revision.as_deref() == Some(rev.as_str());
@@ -426,7 +428,7 @@ pub fn plan(
     let ready: Vec<&String> = updated
         .iter()
         .copied()
-        .filter(|n| state(n, &rev) == Some(ModelState::Ready))
+        .filter(|n| state(n, &rev) == Some(ModelState::Ready) && online(n))
         .collect();
     let gate_failure = gate_failure(
         &updated,
@@ -543,7 +545,7 @@ pub fn plan(
                 if moving >= target || room == 0 {
                     break;
                 }
-                if !on(name, &rev) {
+                if !on(name, &rev) && online(name) {
                     want(&mut assignments, name, Some(desired(&rev, variant)));
                     moving += 1;
                     room -= 1;
@@ -582,7 +584,7 @@ pub fn plan(
                 let moving_now = assignments
                     .get(name)
                     .is_some_and(|a| a.as_ref().is_some_and(|a| a.revision == rev));
-                if on_any.is_none() && !moving_now && stable != rev {
+                if on_any.is_none() && !moving_now && stable != rev && online(name) {
                     want(&mut assignments, name, Some(desired(&stable, variant)));
                 }
             }
@@ -613,6 +615,7 @@ pub fn plan(
         .keys()
         .filter(|n| {
             state(n, &serving_rev) == Some(ModelState::Ready)
+                && online(n)
                 && after(n).as_deref() == Some(serving_rev.as_str())
         })
         .count();

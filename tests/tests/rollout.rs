@@ -476,6 +476,91 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
 }
 
 #[tokio::test]
+async fn a_silent_device_goes_not_ready_but_keeps_serving_what_it_has() {
+    use edgefleet_operator::heartbeat::{Heartbeats, expired};
+    let (_cp, client, _operator) = control_plane().await;
+    create_device(&client, "till-a", true, "tpm").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
+    apply_model(
+        &client,
+        &model_manifest(&digest, &bundle, &public_key, 1024),
+    )
+    .await;
+    let rev = eventually("assigned", || async { assignment(&client, "till-a").await }).await;
+    report(&client, "till-a", Some(&rev), "Ready").await;
+    eventually("1/1", || async {
+        (model(&client).await.status?.ready_devices.as_deref() == Some("1/1")).then_some(())
+    })
+    .await;
+
+    let devices: Api<EdgeDevice> = Api::all(client.clone());
+    let lease = Duration::from_secs(2);
+    let hb = Heartbeats::new(client.clone(), lease);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    assert!(
+        hb.record(&devices.get("till-a").await.unwrap(), now)
+            .await
+            .unwrap()
+    );
+    // Heartbeats within a third of the lease are coalesced: no write.
+    let d = devices.get("till-a").await.unwrap();
+    let version = d.resource_version();
+    for _ in 0..10 {
+        assert!(
+            !hb.record(&d, k8s_openapi::jiff::Timestamp::now())
+                .await
+                .unwrap()
+        );
+    }
+    assert_eq!(
+        devices.get("till-a").await.unwrap().resource_version(),
+        version
+    );
+    assert!(
+        hb.expire(now).await.unwrap().is_empty(),
+        "the lease has not run out"
+    );
+
+    // Silence past the lease: NotReady, but the model stays assigned.
+    let later = now + k8s_openapi::jiff::SignedDuration::from_secs(3);
+    assert!(expired(&devices.get("till-a").await.unwrap(), later, lease));
+    assert_eq!(hb.expire(later).await.unwrap(), vec!["till-a".to_owned()]);
+    let d = devices.get("till-a").await.unwrap();
+    let ready = d
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "HeartbeatExpired")
+    );
+    eventually("0/1", || async {
+        (model(&client).await.status?.ready_devices.as_deref() == Some("0/1")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        assignment(&client, "till-a").await.as_deref(),
+        Some(rev.as_str())
+    );
+
+    // Back: one heartbeat makes it Ready again, and the count recovers.
+    assert!(hb.record(&d, later).await.unwrap());
+    eventually("1/1 again", || async {
+        (model(&client).await.status?.ready_devices.as_deref() == Some("1/1")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        assignment(&client, "till-a").await.as_deref(),
+        Some(rev.as_str())
+    );
+}
+
+#[tokio::test]
 async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
     let (_cp, client, _operator) = control_plane().await;
     for name in ["till-a", "till-b"] {
