@@ -444,6 +444,16 @@ pub fn plan(
     let (mut progressing, mut progressing_reason, mut progressing_msg) =
         (false, reasons::ROLLOUT_COMPLETE, String::new());
     let mut degraded: Option<String> = None;
+    // Moves the devices on `rev` back to the stable revision; says whether any moved.
+    let back_to_stable = |assignments: &mut BTreeMap<String, Option<DesiredModel>>| {
+        let stable = stable.as_deref().filter(|s| *s != rev)?;
+        for (name, variant) in &candidates {
+            if on(name, &rev) {
+                want(assignments, name, Some(desired(stable, variant)));
+            }
+        }
+        Some(stable.to_owned())
+    };
 
     if let Some(why) = gate_failure.filter(|_| sig_ok && !failed_before) {
         // A gate failed: halt, and move devices back to the stable revision.
@@ -452,13 +462,8 @@ pub fn plan(
         degraded = Some(why);
         phase = "Degraded";
         if gates.rollback_on_failure
-            && let Some(stable) = stable.as_deref().filter(|s| *s != rev)
+            && let Some(stable) = back_to_stable(&mut assignments)
         {
-            for (name, variant) in &candidates {
-                if on(name, &rev) {
-                    want(&mut assignments, name, Some(desired(stable, variant)));
-                }
-            }
             events.push((
                 "Warning",
                 reasons::ROLLED_BACK,
@@ -476,25 +481,13 @@ pub fn plan(
             format!("revision {rev} failed its health gates; change the spec to roll out again")
         }));
         phase = "Degraded";
-        if gates.rollback_on_failure
-            && let Some(stable) = stable.as_deref().filter(|s| *s != rev)
-        {
-            for (name, variant) in &candidates {
-                if on(name, &rev) {
-                    want(&mut assignments, name, Some(desired(stable, variant)));
-                }
-            }
+        if gates.rollback_on_failure {
+            back_to_stable(&mut assignments);
         }
     } else if !sig_ok {
         phase = "Failed";
         // Nothing moves to the unverified revision; devices keep the stable one.
-        if let Some(stable) = stable.as_deref() {
-            for (name, variant) in &candidates {
-                if on(name, &rev) {
-                    want(&mut assignments, name, Some(desired(stable, variant)));
-                }
-            }
-        }
+        back_to_stable(&mut assignments);
     } else if n == 0 {
         phase = "Pending";
         progressing_reason = reasons::NO_DEVICES;
