@@ -78,6 +78,7 @@ impl Error {
 pub struct Context {
     client: Client,
     recorder: Recorder,
+    metrics: Arc<crate::metrics::Metrics>,
     failures: std::sync::Mutex<u32>,
 }
 
@@ -165,6 +166,18 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
     let signature = rollout::check_signature(&model.spec, std::time::SystemTime::now());
     let plan = rollout::plan(&model, &devices, &signature, now);
     let model = Arc::new(model);
+    ctx.metrics
+        .record_rollout(&rollout::model_key(&model), &plan.status);
+    let ready = devices
+        .iter()
+        .filter(|d| {
+            d.status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+                .is_some_and(|c| c.status == "True")
+        })
+        .count();
+    ctx.metrics.record_devices(ready, devices.len() - ready);
     let manager = assignment_manager(&model);
     for (device, desired) in &plan.assignments {
         assign(&ctx.client, &manager, device, desired.as_ref()).await?;
@@ -239,6 +252,27 @@ async fn cleanup(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Err
 }
 
 async fn reconcile(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(model, ctx.clone()).await;
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    let label = crate::metrics::ResultLabel {
+        result: if result.is_ok() { "ok" } else { "error" }.into(),
+    };
+    ctx.metrics.reconciles.get_or_create(&label).inc();
+    if let Err(e) = &result {
+        ctx.metrics
+            .failures
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: e.reason().into(),
+            })
+            .inc();
+    }
+    result
+}
+
+async fn reconcile_inner(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error> {
     let api: Api<EdgeModel> =
         Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
     let result = finalizer(&api, FINALIZER, model, |event| async {
@@ -285,6 +319,11 @@ fn rand_jitter() -> u32 {
 
 /// Runs the EdgeModel controller until the process is asked to stop.
 pub async fn run(client: Client) {
+    run_with_metrics(client, Arc::default()).await;
+}
+
+/// [`run`], recording into `metrics`.
+pub async fn run_with_metrics(client: Client, metrics: Arc<crate::metrics::Metrics>) {
     let models: Api<EdgeModel> = Api::all(client.clone());
     let devices_api: Api<EdgeDevice> = Api::all(client.clone());
     let ctx = Arc::new(Context {
@@ -297,6 +336,7 @@ pub async fn run(client: Client) {
             },
         ),
         failures: std::sync::Mutex::new(0),
+        metrics,
     });
     let controller = Controller::new(models, watcher::Config::default());
     let store = controller.store();

@@ -3,7 +3,8 @@
 //!
 //! - [`Heartbeats::record`] marks a device Ready on a heartbeat, but writes only when
 //!   something changed or a third of the lease has passed since the last write: however
-//!   often devices heartbeat, each costs the API server at most three writes per lease.
+//!   often devices heartbeat, each costs the API server at most three writes per lease
+//!   (`lastHeartbeatTime` keeps whole seconds, so the window is up to a second shorter).
 //! - [`Heartbeats::expire`] turns `Ready` False (reason `HeartbeatExpired`) on devices
 //!   whose last heartbeat is older than the lease. The EdgeModel reconciler then moves
 //!   them to nothing new; they keep (and go on serving) what they have.

@@ -6,4 +6,5 @@ pub mod edgemodel;
 pub mod gateway;
 pub mod heartbeat;
 pub mod leader;
+pub mod metrics;
 pub mod rollout;

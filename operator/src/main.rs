@@ -26,6 +26,9 @@ enum Cmd {
         /// Lease duration in seconds; the holder renews every third of it.
         #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
         lease_seconds: u64,
+        /// Address of /metrics, /healthz and /readyz (ready while this replica leads).
+        #[arg(long, env = "EDGEFLEET_METRICS_ADDR", default_value = "0.0.0.0:8081")]
+        metrics_addr: std::net::SocketAddr,
         /// Seconds without a heartbeat after which a device is marked not Ready.
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(2..=3600))]
         heartbeat_lease_seconds: u64,
@@ -51,8 +54,13 @@ async fn main() -> anyhow::Result<()> {
             identity,
             lease_seconds,
             heartbeat_lease_seconds,
+            metrics_addr,
         } => {
             let client = kube::Client::try_default().await?;
+            let metrics = std::sync::Arc::new(edgefleet_operator::metrics::Metrics::default());
+            let listener = tokio::net::TcpListener::bind(metrics_addr).await?;
+            let router = edgefleet_operator::metrics::router(metrics.clone());
+            tokio::spawn(async move { axum::serve(listener, router).await });
             let identity = identity.unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .map(|h| h.trim().to_owned())
@@ -67,13 +75,14 @@ async fn main() -> anyhow::Result<()> {
             );
             tracing::info!(%identity, "waiting for the operator lease");
             election.acquire().await;
+            metrics.set_leading(true);
             tracing::info!(%identity, "leading");
             let heartbeats = edgefleet_operator::heartbeat::Heartbeats::new(
                 client.clone(),
                 std::time::Duration::from_secs(heartbeat_lease_seconds),
             );
             tokio::select! {
-                () = edgefleet_operator::edgemodel::run(client) => {}
+                () = edgefleet_operator::edgemodel::run_with_metrics(client, metrics) => {}
                 () = heartbeats.expire_loop() => {}
                 () = election.hold() => anyhow::bail!("lost the operator lease; exiting so that this replica restarts as a candidate"),
             }

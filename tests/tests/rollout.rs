@@ -350,7 +350,7 @@ fn operator_binary() -> std::path::PathBuf {
     bin
 }
 
-struct Operator(std::process::Child);
+struct Operator(std::process::Child, u16);
 
 impl Operator {
     fn start(cp: &ControlPlane) -> Self {
@@ -358,15 +358,30 @@ impl Operator {
     }
 
     fn named(cp: &ControlPlane, identity: &str) -> Self {
+        let port = edgefleet_e2e::free_port().unwrap();
         Self(
             std::process::Command::new(operator_binary())
                 .args(["run", "--lease-seconds", "3", "--identity", identity])
+                .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
                 .env("KUBECONFIG", cp.kubeconfig_path())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap(),
+            port,
         )
+    }
+
+    /// GET `path` on the operator's metrics port: (status, body).
+    fn get(&self, path: &str) -> (String, String) {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}"])
+            .arg(format!("http://127.0.0.1:{}{path}", self.1))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.to_owned(), body.to_owned())
     }
 }
 
@@ -446,7 +461,7 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
         lease_holder(&client).await.filter(|(h, _)| h == "op-1")
     })
     .await;
-    let _second = Operator::named(&cp, "op-2");
+    let second = Operator::named(&cp, "op-2");
     let dir = tempfile::tempdir().unwrap();
     let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
     apply_model(
@@ -461,6 +476,21 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
         Some("op-1"),
         "the follower must not take a renewed lease"
     );
+    // The leader is ready and reports its reconciles; the candidate stands by.
+    assert_eq!(first.get("/readyz"), ("200".into(), "leading".into()));
+    assert_eq!(second.get("/readyz"), ("503".into(), "standby".into()));
+    let (code, body) = first.get("/metrics");
+    assert_eq!(code, "200");
+    assert!(
+        body.contains("edgefleet_operator_reconciles_total{result=\"ok\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains(
+            "edgefleet_operator_rollout_devices{model=\"retail/smollm2\",count=\"updated\"} 1"
+        ),
+        "{body}"
+    );
 
     drop(first); // the leader dies
     report(&client, "till-a", Some(&rev), "Ready").await;
@@ -469,6 +499,10 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
     })
     .await;
     assert!(transitions >= 1, "{transitions}");
+    eventually("op-2 ready", || async {
+        (second.get("/readyz").0 == "200").then_some(())
+    })
+    .await;
     eventually("the new leader continues the rollout", || async {
         assignment(&client, "till-b").await.filter(|r| *r == rev)
     })
@@ -497,7 +531,10 @@ async fn a_silent_device_goes_not_ready_but_keeps_serving_what_it_has() {
     let devices: Api<EdgeDevice> = Api::all(client.clone());
     let lease = Duration::from_secs(2);
     let hb = Heartbeats::new(client.clone(), lease);
-    let now = k8s_openapi::jiff::Timestamp::now();
+    // Whole seconds: metav1.Time (lastHeartbeatTime) keeps no fractions.
+    let now =
+        k8s_openapi::jiff::Timestamp::from_second(k8s_openapi::jiff::Timestamp::now().as_second())
+            .unwrap();
     assert!(
         hb.record(&devices.get("till-a").await.unwrap(), now)
             .await
@@ -506,12 +543,10 @@ async fn a_silent_device_goes_not_ready_but_keeps_serving_what_it_has() {
     // Heartbeats within a third of the lease are coalesced: no write.
     let d = devices.get("till-a").await.unwrap();
     let version = d.resource_version();
-    for _ in 0..10 {
-        assert!(
-            !hb.record(&d, k8s_openapi::jiff::Timestamp::now())
-                .await
-                .unwrap()
-        );
+    // (Timestamps are given, not read: the test must not depend on how fast it runs.)
+    for ms in (50..=600).step_by(50) {
+        let at = now + k8s_openapi::jiff::SignedDuration::from_millis(ms);
+        assert!(!hb.record(&d, at).await.unwrap(), "{ms} ms");
     }
     assert_eq!(
         devices.get("till-a").await.unwrap().resource_version(),

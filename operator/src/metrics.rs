@@ -1,0 +1,206 @@
+//! Operator metrics (prometheus-client, one registry with an `edgefleet_operator`
+//! prefix), and the `/metrics`, `/healthz` and `/readyz` endpoints.
+//!
+//! - `reconciles_total{result}` and `reconcile_duration_seconds` (histogram);
+//! - `reconcile_failures_total{reason}`;
+//! - `devices{state}`: ready and not-ready EdgeDevices, as last counted;
+//! - `rollout_devices{model,count}`: each EdgeModel's targeted, updated and ready
+//!   devices, and `rollout_step{model}`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `result` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+/// `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The error's metric label.
+    pub reason: String,
+}
+
+/// `state` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// `ready` or `not_ready`.
+    pub state: String,
+}
+
+/// `model` and `count` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutLabel {
+    /// `namespace/name`.
+    pub model: String,
+    /// `targeted`, `updated`, `ready` or `failed`.
+    pub count: String,
+}
+
+/// `model` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    /// `namespace/name`.
+    pub model: String,
+}
+
+/// The operator's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles by result.
+    pub reconciles: Family<ResultLabel, Counter>,
+    /// Failed reconciles by reason.
+    pub failures: Family<ReasonLabel, Counter>,
+    /// Reconcile durations.
+    pub duration: Histogram,
+    /// Devices by readiness.
+    pub devices: Family<StateLabel, Gauge>,
+    /// Rollout device counts by model.
+    pub rollout: Family<RolloutLabel, Gauge>,
+    /// Rollout step by model.
+    pub step: Family<ModelLabel, Gauge>,
+    leading: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("edgefleet_operator");
+        let reconciles = Family::<ResultLabel, Counter>::default();
+        let failures = Family::<ReasonLabel, Counter>::default();
+        let duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        let devices = Family::<StateLabel, Gauge>::default();
+        let rollout = Family::<RolloutLabel, Gauge>::default();
+        let step = Family::<ModelLabel, Gauge>::default();
+        registry.register("reconciles", "EdgeModel reconciles", reconciles.clone());
+        registry.register(
+            "reconcile_failures",
+            "Failed EdgeModel reconciles by reason",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "EdgeModel reconcile duration",
+            duration.clone(),
+        );
+        registry.register("devices", "EdgeDevices by readiness", devices.clone());
+        registry.register(
+            "rollout_devices",
+            "Devices per EdgeModel: targeted, updated, ready, failed",
+            rollout.clone(),
+        );
+        registry.register(
+            "rollout_step",
+            "Rollout step reached per EdgeModel",
+            step.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            devices,
+            rollout,
+            step,
+            leading: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    /// Says whether this replica leads (for `/readyz`).
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.store(leading, Ordering::Relaxed);
+    }
+
+    /// The OpenMetrics text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Records one model's rollout counts.
+    pub fn record_rollout(&self, model: &str, status: &edgefleet_crds::EdgeModelStatus) {
+        for (count, v) in [
+            ("targeted", status.devices.targeted),
+            ("updated", status.devices.updated),
+            ("ready", status.devices.ready),
+            ("failed", status.devices.failed),
+        ] {
+            self.rollout
+                .get_or_create(&RolloutLabel {
+                    model: model.to_owned(),
+                    count: count.into(),
+                })
+                .set(i64::from(v));
+        }
+        self.step
+            .get_or_create(&ModelLabel {
+                model: model.to_owned(),
+            })
+            .set(i64::from(status.current_step.unwrap_or(0)));
+    }
+
+    /// Records device readiness counts.
+    pub fn record_devices(&self, ready: usize, not_ready: usize) {
+        for (state, n) in [("ready", ready), ("not_ready", not_ready)] {
+            self.devices
+                .get_or_create(&StateLabel {
+                    state: state.into(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// `/metrics`, `/healthz` (the process is up) and `/readyz` (this replica leads).
+pub fn router(metrics: Arc<Metrics>) -> axum::Router {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    let m = metrics.clone();
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let leading = metrics.leading.load(Ordering::Relaxed);
+                async move {
+                    if leading {
+                        (StatusCode::OK, "leading")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "standby")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let body = m.render();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                        .into_response()
+                }
+            }),
+        )
+}
