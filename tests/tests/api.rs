@@ -174,6 +174,8 @@ async fn the_server_fills_in_schema_defaults() {
     "memoryBytes must be greater than 0")]
 #[case::plugin_unbounded("plugin without fuel or deadline", |m: &mut Value| { let mut p = a_plugin(); p["limits"] = json!({"memoryBytes": 1024}); m["spec"]["plugins"] = json!([p]); },
     "plugin limits need fuel or deadlineMillis (or both)")]
+#[case::plugin_grant_not_boolean("network grant as a string", |m: &mut Value| { let mut p = a_plugin(); p["grants"] = json!({"network": "yes"}); m["spec"]["plugins"] = json!([p]); },
+    "grants.network")]
 #[case::port_out_of_range("port 70000", |m: &mut Value| m["spec"]["port"] = json!(70000),
     "spec.port: Invalid value: 70000: spec.port in body should be less than or equal to 65535")]
 #[case::unknown_field("unknown field", |m: &mut Value| m["spec"]["replicas"] = json!(3),
@@ -233,6 +235,9 @@ async fn invalid_edgemodels_are_rejected_with_their_reason(
     "memory must be a positive quantity such as 8Gi")]
 #[case::zero_memory(|d: &mut Value| d["spec"]["facts"]["memory"] = json!("0"),
     "memory must be a positive quantity such as 8Gi")]
+#[case::duplicate_assignment(|d: &mut Value| d["spec"]["desiredModels"] = json!([
+        {"model": "retail/smollm2", "revision": "a"}, {"model": "retail/smollm2", "revision": "b"}]),
+    "duplicate entries for key [model=\"retail/smollm2\"]")]
 #[tokio::test]
 async fn invalid_edgedevices_are_rejected_with_their_reason(
     #[case] mutate: fn(&mut Value),
