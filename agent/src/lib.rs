@@ -9,3 +9,4 @@ pub mod enrol;
 pub mod gateway_client;
 pub mod plugins;
 pub mod serve;
+pub mod systemd;

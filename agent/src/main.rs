@@ -325,6 +325,7 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         }
         Some((runtime, loaded))
     };
+    let _watchdog = edgefleet_agent::systemd::spawn_watchdog();
     // Listen first: /healthz answers and /readyz says "loading" until the model is in.
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let serving = edgefleet_agent::serve::Serving::new();
@@ -332,13 +333,15 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
     let server = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
+                shutdown_signal().await;
+                edgefleet_agent::systemd::stopping();
             })
             .await
     });
     let Some(model) = model else {
         tracing::info!(%listen, "serving no model");
         serving.set_no_model();
+        edgefleet_agent::systemd::ready(&format!("serving no model on {listen}"));
         server.await??;
         return Ok(());
     };
@@ -353,6 +356,7 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
     });
     let threads = threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
+    edgefleet_agent::systemd::status(&format!("loading {}", model.display()));
     let config = edgefleet_agent::engine::EngineConfig {
         model_path: model,
         served_name,
@@ -380,7 +384,9 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         );
         runtime.chain(loaded, Some(infer), Default::default())
     });
+    let served = engine.config().served_name.clone();
     serving.install_with_plugins(engine, chain);
+    edgefleet_agent::systemd::ready(&format!("serving {served} on {listen}"));
     server.await??;
     Ok(())
 }
@@ -395,4 +401,20 @@ fn parse_plugin_config(s: &str) -> Result<(String, String, String), String> {
         .filter(|(n, k)| !n.is_empty() && !k.is_empty())
         .ok_or_else(|| format!("{s:?}: expected NAME.KEY=VALUE"))?;
     Ok((name.to_owned(), key.to_owned(), value.to_owned()))
+}
+
+/// SIGINT or SIGTERM (what systemd sends on stop).
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }
