@@ -576,7 +576,14 @@ async fn chat(
                 messages = m;
             }
             RequestOutcome::Answered(text) => {
-                return Ok(answer_directly(id, model, created, text, req.stream));
+                return Ok(answer_directly(
+                    id,
+                    model,
+                    created,
+                    text,
+                    req.stream,
+                    req.stream_usage,
+                ));
             }
         }
         run = Some(r);
@@ -686,6 +693,7 @@ fn answer_directly(
     created: u64,
     text: String,
     stream: bool,
+    include_usage: bool,
 ) -> Response {
     if !stream {
         return Json(json!({
@@ -702,12 +710,19 @@ fn answer_directly(
             .to_string(),
         ))
     };
-    let events = vec![
+    let mut events = vec![
         chunk(json!({"role": "assistant", "content": ""}), Value::Null),
         chunk(json!({"content": text}), Value::Null),
         chunk(json!({}), json!("stop")),
-        Ok(SseEvent::default().data("[DONE]")),
     ];
+    if include_usage {
+        events.push(Ok(SseEvent::default().data(
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}})
+            .to_string(),
+        )));
+    }
+    events.push(Ok(SseEvent::default().data("[DONE]")));
     Sse::new(futures::stream::iter(events)).into_response()
 }
 

@@ -434,7 +434,10 @@ fn a_plugin_sub_prompt_runs_on_the_served_model() {
     // The plugin answered, so the request itself used no tokens; the sub-prompt went
     // through the engine's queue like any request.
     assert_eq!(r["completion_tokens"], 0, "{r}");
-    assert_eq!(metric(&s, "edgefleet_requests_total"), 1.0);
+    // Streamed, the plugin's answer arrives the same, with the usage chunk asked for.
+    assert_eq!(r["streamed"], r["content"], "{r}");
+    assert_eq!(r["streamed_usage"], 0, "{r}");
+    assert_eq!(metric(&s, "edgefleet_requests_total"), 2.0);
 }
 
 #[test]

@@ -115,7 +115,15 @@ elif scenario == "ignore-eos":
         forced_tokens=forced.usage.completion_tokens, forced_finish=forced.choices[0].finish_reason)
 elif scenario == "ask":
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "ASK"}], max_tokens=5)
-    out(content=r.choices[0].message.content, completion_tokens=r.usage.completion_tokens)
+    chunks, usage = [], None
+    for c in client.chat.completions.create(model=model, messages=[{"role": "user", "content": "ASK"}], max_tokens=5,
+                                            stream=True, stream_options={"include_usage": True}):
+        if c.choices and c.choices[0].delta.content:
+            chunks.append(c.choices[0].delta.content)
+        if c.usage:
+            usage = c.usage.completion_tokens
+    out(content=r.choices[0].message.content, completion_tokens=r.usage.completion_tokens,
+        streamed="".join(chunks), streamed_usage=usage)
 elif scenario == "hostile":
     # The hostile plugin misbehaves only when a message contains EVIL.
     started = time.monotonic()
