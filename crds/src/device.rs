@@ -176,6 +176,26 @@ pub struct AttestationSummary {
     /// Why the policy denied, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The TPM clock and counters of the last allowed quote. The next quote must not be
+    /// behind them; kept here so that a gateway restart or another replica still catches
+    /// a rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_clock: Option<TpmClock>,
+}
+
+/// A TPM's clock and counters.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmClock {
+    /// Milliseconds the TPM has been powered (monotonic unless reset).
+    #[schemars(range(min = 0))]
+    pub clock: i64,
+    /// TPM resets (power cycles).
+    #[schemars(range(min = 0))]
+    pub reset_count: i64,
+    /// TPM restarts since the last reset.
+    #[schemars(range(min = 0))]
+    pub restart_count: i64,
 }
 
 /// A model's state on the device.

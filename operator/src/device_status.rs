@@ -7,6 +7,7 @@ use edgefleet_crds::conditions::{self, reasons};
 use edgefleet_crds::device::EdgeDevice;
 use edgefleet_trust::attestation::Claims;
 use edgefleet_trust::attestation::policy::Decision;
+use edgefleet_trust::attestation::tpm::ClockState;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -130,6 +131,7 @@ impl DeviceStatus {
         device: &EdgeDevice,
         claims: &Claims,
         decision: &Decision,
+        tpm_clock: Option<&ClockState>,
         verified: OffsetDateTime,
         expires: OffsetDateTime,
     ) -> Result<(), StatusError> {
@@ -151,7 +153,21 @@ impl DeviceStatus {
         } else {
             (reasons::ATTESTATION_FAILED, false)
         };
-        let status = json!({
+        // The clock advances only with an allowed quote; otherwise the stored one stays.
+        let stored = device
+            .status
+            .as_ref()
+            .and_then(|s| s.attestation.as_ref())
+            .and_then(|a| a.tpm_clock);
+        let clock = match tpm_clock.filter(|_| decision.allow) {
+            Some(c) => Some(json!({
+                "clock": i64::try_from(c.clock).unwrap_or(i64::MAX),
+                "resetCount": i64::from(c.reset_count),
+                "restartCount": i64::from(c.restart_count),
+            })),
+            None => stored.map(|c| json!(c)),
+        };
+        let mut status = json!({
             "attestation": {
                 "teeKind": claims.tee,
                 "allowed": decision.allow,
@@ -165,6 +181,9 @@ impl DeviceStatus {
             },
             "conditions": [attested_condition(Some(device), ok, reason, &message, generation, verified)],
         });
+        if let Some(clock) = clock {
+            status["attestation"]["tpmClock"] = clock;
+        }
         self.apply(&name, status).await
     }
 

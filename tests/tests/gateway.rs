@@ -311,6 +311,53 @@ async fn a_tpm_device_attests_over_https_and_its_status_shows_it() {
     );
     // Sweeping again changes nothing.
     assert!(s.devices.lapse_expired(later).await.unwrap().is_empty());
+
+    // The allowed quote's TPM clock is kept in the status ...
+    let stored = d.status.unwrap().attestation.unwrap().tpm_clock.unwrap();
+    let quoted = appraisal.tpm_clock.unwrap();
+    assert_eq!(stored.reset_count, i64::from(quoted.reset_count));
+    assert_eq!(stored.clock, i64::try_from(quoted.clock).unwrap());
+    // ... and the next quote is held to it, whatever the gateway remembers itself: with
+    // a stored state one reset ahead of the TPM, a fresh quote is a rollback.
+    api.patch_status(
+        device,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({
+            "status": {"attestation": {"tpmClock": {"resetCount": stored.reset_count + 1}}}
+        })),
+    )
+    .await
+    .unwrap();
+    let challenge = s.client.challenge(&ask(device)).await.unwrap();
+    let cred = challenge.credential.clone().unwrap();
+    let secret = tpm
+        .activate_credential(
+            &B64.decode(&cred.id_object).unwrap(),
+            &B64.decode(&cred.encrypted_secret).unwrap(),
+        )
+        .unwrap();
+    let rd: [u8; 64] = hex::decode(&challenge.report_data)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let quote = tpm
+        .quote(&edgefleet_trust::attestation::binding::tpm_qualifying_data(
+            &rd,
+        ))
+        .unwrap();
+    let (key2, csr2) = key_and_csr(&s.agent);
+    assert_eq!(key2, key);
+    let again = EvidenceRequest {
+        device: device.into(),
+        nonce: challenge.nonce.clone(),
+        csr: csr2,
+        evidence: Evidence::Tpm {
+            evidence: quote,
+            credential: B64.encode(secret),
+        },
+    };
+    let (_, reason) = rejected(s.client.evidence(&again).await.unwrap_err());
+    assert_eq!(reason, "ClockRollback");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -215,6 +215,22 @@ async fn evidence(
     let req: EvidenceRequest = json_body(&body)?;
     let device = gw.devices.get(&req.device).await?;
     let service = gw.service.clone();
+    // The last allowed TPM clock survives gateway restarts in the device's status.
+    if let Some(c) = device
+        .status
+        .as_ref()
+        .and_then(|s| s.attestation.as_ref())
+        .and_then(|a| a.tpm_clock)
+    {
+        service.remember_tpm_clock(
+            &req.device,
+            edgefleet_trust::attestation::tpm::ClockState {
+                clock: u64::try_from(c.clock).unwrap_or(0),
+                reset_count: u32::try_from(c.reset_count).unwrap_or(u32::MAX),
+                restart_count: u32::try_from(c.restart_count).unwrap_or(u32::MAX),
+            },
+        );
+    }
     let now = SystemTime::now();
     let permit = gw.verifying.acquire().await.map_err(|e| {
         ApiError(
@@ -237,6 +253,7 @@ async fn evidence(
                     &device,
                     &appraisal.claims,
                     &appraisal.decision,
+                    appraisal.tpm_clock.as_ref(),
                     verified,
                     expires,
                 )

@@ -516,6 +516,19 @@ impl AttestationService {
         })
     }
 
+    /// Seeds the device's TPM clock state from storage (the EdgeDevice status), so that
+    /// rollback is caught across gateway restarts and replicas. Keeps whichever of the
+    /// remembered and the stored state is further along.
+    pub fn remember_tpm_clock(&self, device: &str, stored: ClockState) {
+        let key = |c: &ClockState| (c.reset_count, c.restart_count, c.clock);
+        if let Ok(mut clocks) = self.tpm_clocks.lock() {
+            let entry = clocks.entry(device.to_owned()).or_insert(stored);
+            if key(&stored) > key(entry) {
+                *entry = stored;
+            }
+        }
+    }
+
     /// A client certificate for `spki` with the device name as CN and SAN URI
     /// `edgefleet://device/<name>`, valid until the result lapses.
     fn issue(&self, spki: &[u8], device: &str, now: SystemTime) -> Result<String, ServiceError> {
