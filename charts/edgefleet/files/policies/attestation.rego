@@ -1,0 +1,78 @@
+# edgefleet attestation appraisal policy.
+#
+# input: the normalized claims of one verified piece of evidence
+#   {
+#     "tee": "sev-snp" | "tdx" | "tpm" | "dev",
+#     "hardware_genuine": bool,      # chains to a vendor root / the AK is bound to a TPM
+#     "debug": bool,                 # the host can debug the guest
+#     "measurements": {name: hex},   # launch_measurement, mr_td, rtmrN, pcrNN, ...
+#     "tcb": {name: number | string},# bootloader/tee/snp/microcode (SNP), tee_tcb_svn (TDX)
+#     "report_data": hex,
+#     "key_binding": hex,            # present only when it matched the expected binding
+#     "signer": hex,
+#     "platform": {name: value}
+#   }
+# data.reference: reference values from the operator's configuration
+#   {
+#     "allowed_tees": ["sev-snp", "tdx", "tpm"],
+#     "allow_debug": false,
+#     "snp": {"min_tcb": {"bootloader": n, "tee": n, "snp": n, "microcode": n},
+#             "launch_measurements": [hex]},     # empty: any
+#     "tdx": {"mr_td": [hex]},                     # empty: any
+#     "tpm": {"pcrs": {"pcr07": [hex], ...}}       # each listed PCR must be one of these
+#   }
+# Output: allow (bool), and deny (set of reasons) when it is false.
+package edgefleet.attestation
+
+import rego.v1
+
+default allow := false
+
+allow if {
+	input.tee
+	count(deny) == 0
+}
+
+deny contains msg if {
+	not input.tee in data.reference.allowed_tees
+	msg := sprintf("evidence kind %v is not allowed", [input.tee])
+}
+
+deny contains "evidence does not chain to a hardware root of trust" if {
+	not input.hardware_genuine
+}
+
+deny contains "debugging is enabled" if {
+	input.debug
+	not data.reference.allow_debug
+}
+
+deny contains "evidence is not bound to the expected nonce and key" if {
+	not input.key_binding
+}
+
+deny contains msg if {
+	input.tee == "sev-snp"
+	some component, minimum in data.reference.snp.min_tcb
+	input.tcb[component] < minimum
+	msg := sprintf("SNP %s SPL %v is below the minimum %v", [component, input.tcb[component], minimum])
+}
+
+deny contains "SNP launch measurement is not an allowed one" if {
+	input.tee == "sev-snp"
+	count(data.reference.snp.launch_measurements) > 0
+	not input.measurements.launch_measurement in data.reference.snp.launch_measurements
+}
+
+deny contains "TDX MRTD is not an allowed one" if {
+	input.tee == "tdx"
+	count(data.reference.tdx.mr_td) > 0
+	not input.measurements.mr_td in data.reference.tdx.mr_td
+}
+
+deny contains msg if {
+	input.tee == "tpm"
+	some pcr, allowed in data.reference.tpm.pcrs
+	not input.measurements[pcr] in allowed
+	msg := sprintf("TPM %s is not an allowed value", [pcr])
+}

@@ -1,0 +1,260 @@
+//! The chart grants every API call the operator makes. The operator's controller, its
+//! leader election and its heartbeat sweep run against the real API server through a
+//! client that records each request; a rollout, a failed attestation, a lease, a sweep
+//! and a deletion exercise them. Every recorded (group, resource, verb) must be allowed
+//! by the ClusterRole or Role that `helm template` renders from `charts/edgefleet`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgefleet_e2e::{ControlPlane, workspace_root};
+use kube::client::{Body, ClientBuilder};
+use serde_json::Value;
+
+type Calls = Arc<Mutex<BTreeSet<(String, String, String)>>>;
+
+/// (group, resource[/subresource], verb) of a request, as RBAC sees it.
+fn rbac_of(method: &http::Method, uri: &http::Uri) -> Option<(String, String, String)> {
+    let parts: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => (String::new(), rest.to_vec()),
+        ["apis", group, _version, rest @ ..] => ((*group).to_owned(), rest.to_vec()),
+        _ => return None,
+    };
+    let rest = match rest.as_slice() {
+        ["namespaces", _ns, tail @ ..] if !tail.is_empty() => tail.to_vec(),
+        other => other.to_vec(),
+    };
+    let (resource, named) = match rest.as_slice() {
+        [resource] => ((*resource).to_owned(), false),
+        [resource, _name] => ((*resource).to_owned(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => return None,
+    };
+    let watch = uri.query().is_some_and(|q| q.contains("watch=true"));
+    let verb = match (method.as_str(), named, watch) {
+        ("GET", _, true) => "watch",
+        ("GET", true, false) => "get",
+        ("GET", false, false) => "list",
+        ("POST", _, _) => "create",
+        ("PUT", _, _) => "update",
+        ("PATCH", _, _) => "patch",
+        ("DELETE", true, _) => "delete",
+        ("DELETE", false, _) => "deletecollection",
+        _ => return None,
+    };
+    Some((group, resource, verb.to_owned()))
+}
+
+async fn recording_client(cp: &ControlPlane, calls: Calls) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(cp.kubeconfig_path()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let record = tower::util::MapRequestLayer::new(move |req: http::Request<Body>| {
+        if let Some(call) = rbac_of(req.method(), req.uri()) {
+            calls.lock().unwrap().insert(call);
+        }
+        req
+    });
+    ClientBuilder::try_from(config)
+        .unwrap()
+        .with_layer(&record)
+        .build()
+}
+
+/// The (group, resource, verb) triples the chart's roles allow.
+fn granted() -> BTreeSet<(String, String, String)> {
+    let helm = std::env::var_os("HELM")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| edgefleet_e2e::cache_dir().join("tools/helm"));
+    let out = std::process::Command::new(&helm)
+        .args(["template", "edgefleet"])
+        .arg(workspace_root().join("charts/edgefleet"))
+        .args(["--namespace", "edgefleet-system"])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (scripts/test installs helm)", helm.display()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut allowed = BTreeSet::new();
+    for doc in serde_yaml::Deserializer::from_slice(&out.stdout) {
+        let v = Value::deserialize(doc).unwrap();
+        if !matches!(v["kind"].as_str(), Some("ClusterRole" | "Role")) {
+            continue;
+        }
+        for rule in v["rules"].as_array().into_iter().flatten() {
+            for g in rule["apiGroups"].as_array().into_iter().flatten() {
+                for r in rule["resources"].as_array().into_iter().flatten() {
+                    for verb in rule["verbs"].as_array().into_iter().flatten() {
+                        allowed.insert((
+                            g.as_str().unwrap().to_owned(),
+                            r.as_str().unwrap().to_owned(),
+                            verb.as_str().unwrap().to_owned(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    allowed
+}
+
+use serde::Deserialize as _;
+
+/// A signed one-file model: (digest, inline bundle, signer public key PEM).
+fn signed(bytes: &[u8]) -> (String, String, String) {
+    use p256::pkcs8::EncodePrivateKey as _;
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().unwrap();
+    let key = p256::SecretKey::random(&mut rand_core::OsRng)
+        .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+        .unwrap()
+        .to_string();
+    let signer = edgefleet_trust::model_signing::PrivateKey::from_pem(&key).unwrap();
+    let path = dir.path().join("model.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let bundle =
+        edgefleet_trust::model_signing::sign(&path, &signer, None, &Default::default()).unwrap();
+    (
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes))),
+        String::from_utf8(bundle).unwrap(),
+        signer.public_key().to_pem().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn the_chart_grants_every_call_the_operator_makes() {
+    let allowed = granted();
+    // The check can fail: the chart must not grant, say, deleting devices.
+    assert!(!allowed.contains(&("edgefleet.io".into(), "edgedevices".into(), "delete".into())));
+
+    let cp = ControlPlane::start().await.expect("control plane starts");
+    cp.install_crds().await.expect("CRDs install");
+    let admin = cp.client().await.unwrap();
+    let calls: Calls = Arc::default();
+    let client = recording_client(&cp, calls.clone()).await;
+
+    // Leader election, the heartbeat sweep and the controller, as `run` starts them.
+    let election = edgefleet_operator::leader::LeaderElection::new(
+        client.clone(),
+        "edgefleet-system",
+        "op-1".into(),
+        Duration::from_secs(3),
+    );
+    election.acquire().await;
+    election.step().await.unwrap();
+    let heartbeats =
+        edgefleet_operator::heartbeat::Heartbeats::new(client.clone(), Duration::from_secs(2));
+    let operator = tokio::spawn(edgefleet_operator::edgemodel::run(client.clone()));
+
+    // A device and a model, driven through assignment, a heartbeat and its expiry, then
+    // deletion; written with the admin client, so only the operator's calls count.
+    let devices: kube::Api<edgefleet_crds::EdgeDevice> = kube::Api::all(admin.clone());
+    let device: edgefleet_crds::EdgeDevice = serde_json::from_value(serde_json::json!({
+        "apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice",
+        "metadata": {"name": "till-a", "labels": {"edgefleet.io/pool": "retail"}},
+        "spec": {"approved": true, "facts": {"arch": "x86_64", "cpuCores": 4, "memory": "8Gi",
+            "teeKinds": ["tpm"], "agentKeyFingerprint": format!("sha256:{}", "a".repeat(64))}},
+    }))
+    .unwrap();
+    devices.create(&Default::default(), &device).await.unwrap();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let later = now + k8s_openapi::jiff::SignedDuration::from_hours(1);
+    devices
+        .patch_status(
+            "till-a",
+            &kube::api::PatchParams::apply("test-gateway"),
+            &kube::api::Patch::Apply(serde_json::json!({
+                "apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice",
+                "status": {
+                    "conditions": [{"type": "Attested", "status": "True", "reason": "T", "message": "",
+                                    "lastTransitionTime": now.to_string()}],
+                    "attestation": {"teeKind": "tpm", "allowed": true, "policy": "default",
+                        "policyHash": format!("sha256:{}", "b".repeat(64)),
+                        "verifiedTime": now.to_string(), "expiryTime": later.to_string()},
+                }
+            })),
+        )
+        .await
+        .unwrap();
+    let d = devices.get("till-a").await.unwrap();
+    heartbeats.record(&d, now).await.unwrap();
+    let models: kube::Api<edgefleet_crds::EdgeModel> =
+        kube::Api::namespaced(admin.clone(), "retail");
+    let (digest, bundle, public_key) = signed(b"GGUF model bytes");
+    let manifest = serde_json::json!({
+        "apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
+        "metadata": {"name": "smollm2-135m-instruct", "namespace": "retail"},
+        "spec": {
+            "servedName": "smollm2",
+            "artifact": {"uri": "https://artifacts.example/m.gguf", "digest": digest},
+            "signature": {"inline": bundle},
+            "signers": [{"name": "models-team", "publicKey": public_key}],
+            "selector": {"matchLabels": {"edgefleet.io/pool": "retail"}},
+            "attestation": {"teeKinds": ["tpm"]},
+        }
+    });
+    models
+        .patch(
+            "smollm2-135m-instruct",
+            &kube::api::PatchParams::apply("e2e"),
+            &kube::api::Patch::Apply(manifest),
+        )
+        .await
+        .unwrap();
+    // The operator reconciles it: finalizer, assignment, status, events.
+    for _ in 0..100 {
+        let d = devices.get("till-a").await.unwrap();
+        if !d.spec.desired_models.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    heartbeats.expire(later).await.unwrap();
+    models
+        .delete("smollm2-135m-instruct", &Default::default())
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if models
+            .get_opt("smollm2-135m-instruct")
+            .await
+            .unwrap()
+            .is_none()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    operator.abort();
+
+    let calls = calls.lock().unwrap().clone();
+    for expected in [
+        ("edgefleet.io", "edgemodels", "watch"),
+        ("edgefleet.io", "edgemodels", "patch"),
+        ("edgefleet.io", "edgemodels/status", "patch"),
+        ("edgefleet.io", "edgedevices", "list"),
+        ("edgefleet.io", "edgedevices", "patch"),
+        ("edgefleet.io", "edgedevices/status", "patch"),
+        ("coordination.k8s.io", "leases", "create"),
+        ("coordination.k8s.io", "leases", "update"),
+        ("events.k8s.io", "events", "create"),
+    ] {
+        let e = (
+            expected.0.to_owned(),
+            expected.1.to_owned(),
+            expected.2.to_owned(),
+        );
+        assert!(
+            calls.contains(&e),
+            "the scenario did not exercise {e:?}: {calls:?}"
+        );
+    }
+    let missing: Vec<_> = calls.difference(&allowed).collect();
+    assert!(missing.is_empty(), "the chart does not grant: {missing:?}");
+}
