@@ -40,12 +40,15 @@ proptest! {
         }
         let now = UNIX_EPOCH + Duration::from_secs(1_767_225_600);
         match verify_bundle(&bundle, &policy(), now) {
-            // Only an edit that leaves the signed envelope intact may pass (whitespace,
-            // unknown fields, a byte replaced by itself).
+            // Only an edit that leaves what is signed intact may pass: the DSSE payload,
+            // its type and the signature itself. Whitespace, unknown fields and the
+            // unsigned `keyid` hint may change (a flip of `keyid` to ` eyid` passed a
+            // stricter check of the whole envelope, rightly: DSSE does not sign it).
             Ok(_) => {
                 let signed = |b: &[u8]| -> serde_json::Value {
                     let v: serde_json::Value = serde_json::from_slice(b).unwrap();
-                    v["dsseEnvelope"].clone()
+                    let env = &v["dsseEnvelope"];
+                    serde_json::json!([env["payload"], env["payloadType"], env["signatures"][0]["sig"]])
                 };
                 prop_assert_eq!(signed(&bundle), signed(&original));
             }
