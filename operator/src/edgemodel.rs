@@ -79,7 +79,8 @@ pub struct Context {
     client: Client,
     recorder: Recorder,
     metrics: Arc<crate::metrics::Metrics>,
-    failures: std::sync::Mutex<u32>,
+    /// Consecutive failed reconciles per EdgeModel (`namespace/name`), for its backoff.
+    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -275,6 +276,7 @@ async fn reconcile(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, E
 async fn reconcile_inner(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error> {
     let api: Api<EdgeModel> =
         Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let key = rollout::model_key(&model);
     let result = finalizer(&api, FINALIZER, model, |event| async {
         match event {
             Finalizer::Apply(m) => apply(m, ctx.clone()).await,
@@ -285,7 +287,7 @@ async fn reconcile_inner(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Act
     match result {
         Ok(action) => {
             if let Ok(mut f) = ctx.failures.lock() {
-                *f = 0;
+                f.remove(&key);
             }
             Ok(action)
         }
@@ -298,8 +300,9 @@ async fn reconcile_inner(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Act
 fn error_policy(model: Arc<EdgeModel>, error: &Error, ctx: Arc<Context>) -> Action {
     let n = match ctx.failures.lock() {
         Ok(mut f) => {
-            *f = f.saturating_add(1);
-            *f
+            let n = f.entry(rollout::model_key(&model)).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
         }
         Err(_) => 1,
     };
@@ -335,7 +338,7 @@ pub async fn run_with_metrics(client: Client, metrics: Arc<crate::metrics::Metri
                 instance: std::env::var("POD_NAME").ok(),
             },
         ),
-        failures: std::sync::Mutex::new(0),
+        failures: std::sync::Mutex::default(),
         metrics,
     });
     let controller = Controller::new(models, watcher::Config::default());
