@@ -81,6 +81,7 @@ pub struct Context {
     metrics: Arc<crate::metrics::Metrics>,
     /// Consecutive failed reconciles per EdgeModel (`namespace/name`), for its backoff.
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    bundles: Option<crate::bundles::BundleFetcher>,
 }
 
 impl std::fmt::Debug for Context {
@@ -164,7 +165,19 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
         .list(&kube::api::ListParams::default())
         .await?
         .items;
-    let signature = rollout::check_signature(&model.spec, std::time::SystemTime::now());
+    let fetched = match (&model.spec.signature.uri, &ctx.bundles) {
+        (Some(uri), Some(fetcher)) if model.spec.signature.inline.is_none() => {
+            Some(fetcher.fetch(uri).await)
+        }
+        _ => None,
+    };
+    let signature = rollout::check_signature(
+        &model.spec,
+        fetched
+            .as_ref()
+            .map(|r| r.as_deref().map_err(String::as_str)),
+        std::time::SystemTime::now(),
+    );
     let plan = rollout::plan(&model, &devices, &signature, now);
     let model = Arc::new(model);
     ctx.metrics
@@ -320,13 +333,18 @@ fn rand_jitter() -> u32 {
         .map_or(0, |d| d.subsec_nanos())
 }
 
-/// Runs the EdgeModel controller until the process is asked to stop.
+/// Runs the EdgeModel controller until the process is asked to stop (bundles given by
+/// URI are not fetched).
 pub async fn run(client: Client) {
-    run_with_metrics(client, Arc::default()).await;
+    run_with(client, Arc::default(), None).await;
 }
 
-/// [`run`], recording into `metrics`.
-pub async fn run_with_metrics(client: Client, metrics: Arc<crate::metrics::Metrics>) {
+/// [`run`], recording into `metrics` and fetching URI bundles with `bundles`.
+pub async fn run_with(
+    client: Client,
+    metrics: Arc<crate::metrics::Metrics>,
+    bundles: Option<crate::bundles::BundleFetcher>,
+) {
     let models: Api<EdgeModel> = Api::all(client.clone());
     let devices_api: Api<EdgeDevice> = Api::all(client.clone());
     let ctx = Arc::new(Context {
@@ -340,6 +358,7 @@ pub async fn run_with_metrics(client: Client, metrics: Arc<crate::metrics::Metri
         ),
         failures: std::sync::Mutex::default(),
         metrics,
+        bundles,
     });
     let controller = Controller::new(models, watcher::Config::default());
     let store = controller.store();

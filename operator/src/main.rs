@@ -29,6 +29,13 @@ enum Cmd {
         /// Address of /metrics, /healthz and /readyz (ready while this replica leads).
         #[arg(long, env = "EDGEFLEET_METRICS_ADDR", default_value = "0.0.0.0:8081")]
         metrics_addr: std::net::SocketAddr,
+        /// PEM roots trusted when fetching signature bundles given by https:// URI.
+        #[arg(
+            long,
+            env = "EDGEFLEET_BUNDLE_CA",
+            default_value = "/etc/ssl/certs/ca-certificates.crt"
+        )]
+        bundle_ca: std::path::PathBuf,
         /// Seconds without a heartbeat after which a device is marked not Ready.
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(2..=3600))]
         heartbeat_lease_seconds: u64,
@@ -55,7 +62,18 @@ async fn main() -> anyhow::Result<()> {
             lease_seconds,
             heartbeat_lease_seconds,
             metrics_addr,
+            bundle_ca,
         } => {
+            let bundles = match std::fs::read(&bundle_ca) {
+                Ok(pem) => match edgefleet_operator::bundles::BundleFetcher::new(&pem) {
+                    Ok(f) => Some(f),
+                    Err(e) => anyhow::bail!("{}: {e}", bundle_ca.display()),
+                },
+                Err(e) => {
+                    tracing::warn!(path = %bundle_ca.display(), error = %e, "no bundle CA roots: signature.uri bundles will not be fetched");
+                    None
+                }
+            };
             let client = kube::Client::try_default().await?;
             let metrics = std::sync::Arc::new(edgefleet_operator::metrics::Metrics::default());
             let listener = tokio::net::TcpListener::bind(metrics_addr).await?;
@@ -82,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
                 std::time::Duration::from_secs(heartbeat_lease_seconds),
             );
             tokio::select! {
-                () = edgefleet_operator::edgemodel::run_with_metrics(client, metrics) => {}
+                () = edgefleet_operator::edgemodel::run_with(client, metrics, bundles) => {}
                 () = heartbeats.expire_loop() => {}
                 () = election.hold() => anyhow::bail!("lost the operator lease; exiting so that this replica restarts as a candidate"),
             }

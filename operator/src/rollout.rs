@@ -65,17 +65,29 @@ pub fn revision(spec: &EdgeModelSpec) -> String {
 }
 
 /// Checks the signature bundle against the signers, and that it names the artifact.
-/// `Ok(None)`: verified; `Ok(Some(reason, message))`: not verified and why.
+/// `fetched` is the bundle fetched from `signature.uri` (or why it could not be); an
+/// inline bundle is used as it is. `Err` carries the condition reason and message.
 pub fn check_signature(
     spec: &EdgeModelSpec,
+    fetched: Option<Result<&str, &str>>,
     now: std::time::SystemTime,
 ) -> Result<(), (&'static str, String)> {
     use edgefleet_trust::model_signing as ms;
-    let Some(inline) = &spec.signature.inline else {
-        return Err((
-            reasons::SIGNATURE_NOT_FETCHED,
-            "signature.uri bundles are verified by the devices only; give signature.inline for the operator to check before assigning".into(),
-        ));
+    let inline = match (&spec.signature.inline, fetched) {
+        (Some(inline), _) => inline.as_str(),
+        (None, Some(Ok(fetched))) => fetched,
+        (None, Some(Err(why))) => {
+            return Err((
+                reasons::SIGNATURE_NOT_FETCHED,
+                format!("fetching signature.uri: {why}"),
+            ));
+        }
+        (None, None) => {
+            return Err((
+                reasons::SIGNATURE_NOT_FETCHED,
+                "signature.uri is not fetched (the operator has no bundle CA roots); give signature.inline".into(),
+            ));
+        }
     };
     let policy = trust_policy(&spec.signers).map_err(|e| (reasons::SIGNATURE_INVALID, e))?;
     let (_, _, predicate) = ms::verify_bundle(inline.as_bytes(), &policy, now)

@@ -595,6 +595,94 @@ async fn a_silent_device_goes_not_ready_but_keeps_serving_what_it_has() {
     );
 }
 
+/// An HTTPS server for `files` (path -> body), 404 otherwise; returns its base URL
+/// and the PEM of the CA that issued its certificate.
+fn https_files(files: Vec<(&'static str, String)>) -> (String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    let tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let mut router = axum::Router::new();
+    for (path, body) in files {
+        router = router.route(path, axum::routing::get(move || async move { body }));
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().unwrap().port()
+    );
+    tokio::spawn(edgefleet_operator::gateway::serve(
+        listener,
+        std::sync::Arc::new(tls),
+        router,
+    ));
+    (url, ca.pem())
+}
+
+#[tokio::test]
+async fn a_bundle_given_by_uri_is_fetched_over_https_and_verified() {
+    let cp = ControlPlane::start().await.expect("control plane starts");
+    cp.install_crds().await.expect("CRDs install");
+    let client = cp.client().await.unwrap();
+    create_device(&client, "till-a", true, "tpm").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
+    let (_, foreign, _) = signed_model(dir.path(), b"GGUF model bytes");
+    let (base, ca_pem) = https_files(vec![("/good.sig", bundle), ("/foreign.sig", foreign)]);
+    let fetcher = edgefleet_operator::bundles::BundleFetcher::new(ca_pem.as_bytes()).unwrap();
+    let _operator = tokio::spawn(edgefleet_operator::edgemodel::run_with(
+        client.clone(),
+        Default::default(),
+        Some(fetcher),
+    ));
+    let by_uri = |uri: String| {
+        let mut m = model_manifest(&digest, "{}", &public_key, 1024);
+        m["spec"]["signature"] = json!({"uri": uri});
+        m
+    };
+
+    // Not there: nothing is assigned, and the condition says why.
+    apply_model(&client, &by_uri(format!("{base}/missing.sig"))).await;
+    let (_, reason, message) = eventually("SignatureNotFetched", || async {
+        condition(&model(&client).await, "SignatureVerified").filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(reason, "SignatureNotFetched", "{message}");
+    assert!(message.contains("404"), "{message}");
+    assert_eq!(assignment(&client, "till-a").await, None);
+
+    // Signed by someone else: fetched, and refused by name.
+    apply_model(&client, &by_uri(format!("{base}/foreign.sig"))).await;
+    eventually("UntrustedSigner", || async {
+        condition(&model(&client).await, "SignatureVerified")
+            .filter(|c| c.1 == "SignatureInvalid" && c.2.contains("UntrustedSigner"))
+    })
+    .await;
+    assert_eq!(assignment(&client, "till-a").await, None);
+
+    // The right bundle: verified, and the device gets the model.
+    apply_model(&client, &by_uri(format!("{base}/good.sig"))).await;
+    eventually("assigned", || async { assignment(&client, "till-a").await }).await;
+    let (status, reason, _) = condition(&model(&client).await, "SignatureVerified").unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "SignatureValid")
+    );
+}
+
 #[tokio::test]
 async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
     let (_cp, client, _operator) = control_plane().await;
