@@ -28,14 +28,15 @@ curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || { cat "$EDGEFLEET_CACHE/b
 agent_run() { "$EDGEFLEET_PYTHON" bench/inference.py "http://127.0.0.1:$port" smollm2; }
 read -r _ _ PROMPT GEN < <(agent_run)  # warm-up, and the prompt length llama-bench must match
 log "prompt $PROMPT tokens, $GEN generated, $THREADS threads, $ROUNDS rounds"
+# llama-bench measures the prompt from an empty context, and generation at the depth the
+# agent generates at (after the prompt), so that both sides attend over the same cache.
 bench_run() {
-  "$LLAMA_BENCH" -m "$EDGEFLEET_MODEL" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r 1 -o json 2>/dev/null \
-    | python3 -c '
-import json, sys
-rows = json.load(sys.stdin)
-pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
-tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
-print(f"{pp:.2f} {tg:.2f}")'
+  local pp tg
+  pp=$("$LLAMA_BENCH" -m "$EDGEFLEET_MODEL" -t "$THREADS" -p "$PROMPT" -n 0 -r 1 -o json 2>/dev/null \
+    | python3 -c 'import json, sys; print("%.2f" % json.load(sys.stdin)[0]["avg_ts"])')
+  tg=$("$LLAMA_BENCH" -m "$EDGEFLEET_MODEL" -t "$THREADS" -p 0 -n "$GEN" -d "$PROMPT" -r 1 -o json 2>/dev/null \
+    | python3 -c 'import json, sys; print("%.2f" % json.load(sys.stdin)[0]["avg_ts"])')
+  echo "$pp $tg"
 }
 lb_pp=(); lb_tg=(); ag_pp=(); ag_tg=()
 for r in $(seq "$ROUNDS"); do
