@@ -3,11 +3,11 @@
 # pass-through Wasm plugin -> llama-cpp-2) against llama.cpp's own llama-bench, on the
 # same model, thread count and prompt length, in alternating rounds of one run.
 # Reports the medians and the ratios agent / llama-bench (target: >= 0.97 for both).
-# Usage: bench/inference.sh [ROUNDS]   (default 9)
+# Usage: [BENCH_THREADS=N] bench/inference.sh [ROUNDS]   (default 9 rounds, 2 threads)
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 cd "$EDGEFLEET_ROOT"
 ROUNDS="${1:-9}"
-THREADS=2
+THREADS="${BENCH_THREADS:-2}"
 ensure_python_venv
 ensure_model
 ensure_plugins
