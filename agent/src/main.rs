@@ -63,7 +63,8 @@ enum Cmd {
         /// Context window per slot, in tokens.
         #[arg(long, default_value_t = 2048)]
         context_size: u32,
-        /// CPU threads per slot (default: available cores).
+        /// CPU threads per slot (default: one fewer than the available cores, at least one,
+        /// so that serving does not preempt llama.cpp's threads; see BENCHMARKS.md).
         #[arg(long)]
         threads: Option<i32>,
         /// Layers offloaded to a GPU.
@@ -354,8 +355,9 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
-    let threads = threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| (n.get() as i32 - 1).max(1))
+    });
     edgefleet_agent::systemd::status(&format!("loading {}", model.display()));
     let config = edgefleet_agent::engine::EngineConfig {
         model_path: model,
