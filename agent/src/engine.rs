@@ -88,6 +88,11 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// Whether `role` is one the chat template takes (`system`, `user`, `assistant`).
+pub fn is_chat_role(role: &str) -> bool {
+    matches!(role, "system" | "user" | "assistant")
+}
+
 /// Sampling parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampling {
@@ -309,6 +314,16 @@ impl Engine {
     /// Texts of the model's control tokens, which request content must not contain.
     pub fn control_tokens(&self) -> &[String] {
         &self.control_tokens
+    }
+
+    /// The first message (by index) whose content contains a control token, and that token.
+    pub fn control_token_in(&self, messages: &[ChatMessage]) -> Option<(usize, &str)> {
+        messages.iter().enumerate().find_map(|(i, m)| {
+            self.control_tokens
+                .iter()
+                .find(|t| m.content.contains(t.as_str()))
+                .map(|t| (i, t.as_str()))
+        })
     }
 
     /// Settings.

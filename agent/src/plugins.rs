@@ -31,7 +31,7 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::engine::ChatMessage;
+use crate::engine::{ChatMessage, is_chat_role};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -947,7 +947,7 @@ impl ChainRun {
         messages: Vec<Message>,
     ) -> Result<Vec<ChatMessage>, ChainError> {
         let bad = messages.iter().enumerate().find_map(|(n, m)| {
-            if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            if !is_chat_role(&m.role) {
                 Some(format!("message {n} has the role {:?}", m.role))
             } else if m.content.contains('\0') {
                 Some(format!("message {n} contains NUL"))

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use crate::engine::{ChatMessage, Engine, Event, Sampling, SubmitError};
+use crate::engine::{ChatMessage, Engine, Event, Sampling, SubmitError, is_chat_role};
 use crate::plugins::{Chain, ChainError, ChainRun, PluginRequest, RequestOutcome, SubPrompt};
 
 /// Largest request body.
@@ -160,7 +160,7 @@ pub fn parse_chat_request(body: &Value, served: &str, n_ctx: u32) -> Result<Chat
         let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
             ApiError::bad(&format!("messages[{i}].role"), "role must be a string")
         })?;
-        if !matches!(role, "system" | "user" | "assistant") {
+        if !is_chat_role(role) {
             return Err(ApiError::bad(
                 &format!("messages[{i}].role"),
                 format!("unsupported role {role:?}"),
@@ -410,19 +410,10 @@ impl SubPrompt for EngineSubPrompt {
         deadline: Option<std::time::Instant>,
     ) -> Result<String, String> {
         let engine = self.engine.upgrade().ok_or("the model was unloaded")?;
-        if let Some(t) = messages.iter().find_map(|m| {
-            engine
-                .control_tokens()
-                .iter()
-                .find(|t| m.content.contains(t.as_str()))
-        }) {
+        if let Some((_, t)) = engine.control_token_in(&messages) {
             return Err(format!("content contains the control token {t:?}"));
         }
-        if messages.is_empty()
-            || messages
-                .iter()
-                .any(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
-        {
+        if messages.is_empty() || messages.iter().any(|m| !is_chat_role(&m.role)) {
             return Err("messages must be non-empty, with roles system, user or assistant".into());
         }
         let sampling = Sampling {
@@ -650,19 +641,13 @@ async fn chat(
 }
 
 fn refuse_control_tokens(engine: &Engine, messages: &[ChatMessage]) -> Result<(), ApiError> {
-    for (i, m) in messages.iter().enumerate() {
-        if let Some(t) = engine
-            .control_tokens()
-            .iter()
-            .find(|t| m.content.contains(t.as_str()))
-        {
-            return Err(ApiError::bad(
-                &format!("messages[{i}].content"),
-                format!("content contains the control token {t:?}"),
-            ));
-        }
+    match engine.control_token_in(messages) {
+        Some((i, t)) => Err(ApiError::bad(
+            &format!("messages[{i}].content"),
+            format!("content contains the control token {t:?}"),
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Runs plugin code on a blocking thread (a call may take up to its deadline), handing

@@ -184,12 +184,7 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
         .record_rollout(&rollout::model_key(&model), &plan.status);
     let ready = devices
         .iter()
-        .filter(|d| {
-            d.status
-                .as_ref()
-                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-                .is_some_and(|c| c.status == "True")
-        })
+        .filter(|d| rollout::condition_true(d, edgefleet_crds::conditions::READY))
         .count();
     ctx.metrics.record_devices(ready, devices.len() - ready);
     let manager = assignment_manager(&model);
@@ -234,11 +229,7 @@ async fn cleanup(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Err
         if device.spec.desired_models.iter().any(|d| d.model == key) {
             assign(&ctx.client, &manager, &device.name_any(), None).await?;
         }
-        let ready = device
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-            .is_some_and(|c| c.status == "True");
+        let ready = rollout::condition_true(&device, edgefleet_crds::conditions::READY);
         let reports = device
             .status
             .as_ref()

@@ -181,7 +181,8 @@ pub enum Excluded {
     TooLittleMemory,
 }
 
-fn condition_true(device: &EdgeDevice, kind: &str) -> bool {
+/// Whether `device` has condition `kind` with status True.
+pub fn condition_true(device: &EdgeDevice, kind: &str) -> bool {
     device
         .status
         .as_ref()
@@ -206,7 +207,7 @@ pub fn candidate(
     let Some(a) = attestation else {
         return Err(Excluded::NotAttested("no attestation".into()));
     };
-    if !condition_true(device, "Attested") || !a.allowed {
+    if !condition_true(device, cond::ATTESTED) || !a.allowed {
         return Err(Excluded::NotAttested("the policy did not allow it".into()));
     }
     if a.policy != spec.attestation.policy {
@@ -416,7 +417,7 @@ pub fn plan(
     let online = |name: &str| {
         by_name
             .get(name)
-            .is_some_and(|d| condition_true(d, "Ready"))
+            .is_some_and(|d| condition_true(d, cond::READY))
     };
 
     let sig_ok = signature.is_ok();

@@ -155,6 +155,41 @@ fn rejected(e: GatewayError) -> (u16, String) {
     }
 }
 
+/// One attestation round of a TPM device: challenge, credential activation, quote.
+async fn tpm_round(
+    s: &Setup,
+    tpm: &mut TpmAttester,
+    ask: &ChallengeRequest,
+    csr: String,
+) -> EvidenceRequest {
+    let challenge = s.client.challenge(ask).await.unwrap();
+    let cred = challenge.credential.clone().unwrap();
+    let secret = tpm
+        .activate_credential(
+            &B64.decode(&cred.id_object).unwrap(),
+            &B64.decode(&cred.encrypted_secret).unwrap(),
+        )
+        .unwrap();
+    let rd: [u8; 64] = hex::decode(&challenge.report_data)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let quote = tpm
+        .quote(&edgefleet_trust::attestation::binding::tpm_qualifying_data(
+            &rd,
+        ))
+        .unwrap();
+    EvidenceRequest {
+        device: ask.device.clone(),
+        nonce: challenge.nonce,
+        csr,
+        evidence: Evidence::Tpm {
+            evidence: quote,
+            credential: B64.encode(secret),
+        },
+    }
+}
+
 fn attested_condition(d: &EdgeDevice) -> (String, String) {
     let c = d
         .status
@@ -192,32 +227,7 @@ async fn a_tpm_device_attests_over_https_and_its_status_shows_it() {
     let (status, reason) = rejected(stranger.challenge(&ask(device)).await.unwrap_err());
     assert_eq!((status, reason.as_str()), (401, "Unauthorized"));
 
-    let challenge = s.client.challenge(&ask(device)).await.unwrap();
-    let cred = challenge.credential.clone().unwrap();
-    let secret = tpm
-        .activate_credential(
-            &B64.decode(&cred.id_object).unwrap(),
-            &B64.decode(&cred.encrypted_secret).unwrap(),
-        )
-        .unwrap();
-    let rd: [u8; 64] = hex::decode(&challenge.report_data)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let quote = tpm
-        .quote(&edgefleet_trust::attestation::binding::tpm_qualifying_data(
-            &rd,
-        ))
-        .unwrap();
-    let req = EvidenceRequest {
-        device: device.into(),
-        nonce: challenge.nonce.clone(),
-        csr,
-        evidence: Evidence::Tpm {
-            evidence: quote,
-            credential: B64.encode(secret),
-        },
-    };
+    let req = tpm_round(&s, &mut tpm, &ask(device), csr).await;
     let appraisal = s.client.evidence(&req).await.unwrap();
     assert!(appraisal.decision.allow, "{:?}", appraisal.decision.deny);
     assert!(
@@ -328,34 +338,9 @@ async fn a_tpm_device_attests_over_https_and_its_status_shows_it() {
     )
     .await
     .unwrap();
-    let challenge = s.client.challenge(&ask(device)).await.unwrap();
-    let cred = challenge.credential.clone().unwrap();
-    let secret = tpm
-        .activate_credential(
-            &B64.decode(&cred.id_object).unwrap(),
-            &B64.decode(&cred.encrypted_secret).unwrap(),
-        )
-        .unwrap();
-    let rd: [u8; 64] = hex::decode(&challenge.report_data)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let quote = tpm
-        .quote(&edgefleet_trust::attestation::binding::tpm_qualifying_data(
-            &rd,
-        ))
-        .unwrap();
     let (key2, csr2) = key_and_csr(&s.agent);
     assert_eq!(key2, key);
-    let again = EvidenceRequest {
-        device: device.into(),
-        nonce: challenge.nonce.clone(),
-        csr: csr2,
-        evidence: Evidence::Tpm {
-            evidence: quote,
-            credential: B64.encode(secret),
-        },
-    };
+    let again = tpm_round(&s, &mut tpm, &ask(device), csr2).await;
     let (_, reason) = rejected(s.client.evidence(&again).await.unwrap_err());
     assert_eq!(reason, "ClockRollback");
 }

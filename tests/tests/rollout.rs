@@ -279,23 +279,51 @@ async fn a_rollout_moves_step_by_step_and_reaches_all_candidates() {
     );
 }
 
+/// A signed model rolled out: what signed it, and the revision the devices run.
+struct RolledOut {
+    digest: String,
+    bundle: String,
+    public_key: String,
+    rev: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Applies a freshly signed model and brings it to `Available` on `devices`, each
+/// reporting the revision Ready once it is assigned (in name order, as the rollout
+/// moves them).
+async fn roll_out(client: &Client, devices: &[&str]) -> RolledOut {
+    let dir = tempfile::tempdir().unwrap();
+    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
+    apply_model(client, &model_manifest(&digest, &bundle, &public_key, 1024)).await;
+    let mut rev = String::new();
+    for device in devices {
+        rev = eventually("assigned", || async { assignment(client, device).await }).await;
+        report(client, device, Some(&rev), "Ready").await;
+    }
+    eventually("Available", || async {
+        (model(client).await.status?.phase.as_deref() == Some("Available")).then_some(())
+    })
+    .await;
+    RolledOut {
+        digest,
+        bundle,
+        public_key,
+        rev,
+        _dir: dir,
+    }
+}
+
 #[tokio::test]
 async fn a_bad_signature_halts_and_devices_keep_the_old_revision() {
     let (_cp, client, _operator) = control_plane().await;
     create_device(&client, "till-a", true, "tpm").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
-    apply_model(
-        &client,
-        &model_manifest(&digest, &bundle, &public_key, 1024),
-    )
-    .await;
-    let rev = eventually("assigned", || async { assignment(&client, "till-a").await }).await;
-    report(&client, "till-a", Some(&rev), "Ready").await;
-    eventually("Available", || async {
-        (model(&client).await.status?.phase.as_deref() == Some("Available")).then_some(())
-    })
-    .await;
+    let RolledOut {
+        digest,
+        bundle,
+        public_key,
+        rev,
+        _dir: dir,
+    } = roll_out(&client, &["till-a"]).await;
 
     // A new artifact whose digest the bundle does not sign.
     let tampered = format!("sha256:{}", hex_sha256(b"other bytes"));
@@ -514,15 +542,7 @@ async fn a_silent_device_goes_not_ready_but_keeps_serving_what_it_has() {
     use edgefleet_operator::heartbeat::{Heartbeats, expired};
     let (_cp, client, _operator) = control_plane().await;
     create_device(&client, "till-a", true, "tpm").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
-    apply_model(
-        &client,
-        &model_manifest(&digest, &bundle, &public_key, 1024),
-    )
-    .await;
-    let rev = eventually("assigned", || async { assignment(&client, "till-a").await }).await;
-    report(&client, "till-a", Some(&rev), "Ready").await;
+    let rev = roll_out(&client, &["till-a"]).await.rev;
     eventually("1/1", || async {
         (model(&client).await.status?.ready_devices.as_deref() == Some("1/1")).then_some(())
     })
@@ -689,27 +709,13 @@ async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
     for name in ["till-a", "till-b"] {
         create_device(&client, name, true, "tpm").await;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
-    apply_model(
-        &client,
-        &model_manifest(&digest, &bundle, &public_key, 1024),
-    )
-    .await;
-    let stable = eventually("a assigned", || async {
-        assignment(&client, "till-a").await
-    })
-    .await;
-    report(&client, "till-a", Some(&stable), "Ready").await;
-    eventually("b assigned", || async {
-        assignment(&client, "till-b").await
-    })
-    .await;
-    report(&client, "till-b", Some(&stable), "Ready").await;
-    eventually("Available", || async {
-        (model(&client).await.status?.phase.as_deref() == Some("Available")).then_some(())
-    })
-    .await;
+    let RolledOut {
+        digest,
+        bundle,
+        public_key,
+        rev: stable,
+        ..
+    } = roll_out(&client, &["till-a", "till-b"]).await;
 
     // A new revision (another context size); the canary fails to load it.
     apply_model(
