@@ -149,6 +149,23 @@ pub struct EdgeDeviceStatus {
     /// Serving statistics over the last heartbeat interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inference: Option<InferenceStats>,
+    /// Delivery of the agent's reports, so that loss is visible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reports: Option<ReportDelivery>,
+}
+
+/// How the agent's reports arrive at the gateway.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportDelivery {
+    /// Identifies the agent process whose sequence numbers these are.
+    pub boot: String,
+    /// Highest report sequence number received from it.
+    pub last_sequence: i64,
+    /// Reports of this boot the gateway never received (gaps in the sequence).
+    pub missing: i64,
+    /// Reports the agent dropped because its offline spool was full.
+    pub dropped: i64,
 }
 
 /// Result of the device's latest attestation.
@@ -241,10 +258,12 @@ pub enum ModelState {
 pub struct InferenceStats {
     /// Generated tokens per second (mean over the interval).
     pub tokens_per_second: f64,
-    /// Median request latency in milliseconds.
-    pub latency_p50_millis: f64,
-    /// 99th percentile request latency in milliseconds.
-    pub latency_p99_millis: f64,
+    /// Median request latency in milliseconds, when the agent measures it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p50_millis: Option<f64>,
+    /// 99th percentile request latency in milliseconds, when the agent measures it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p99_millis: Option<f64>,
     /// Requests completed since the agent started.
     pub requests_total: i64,
     /// Requests failed since the agent started.

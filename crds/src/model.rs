@@ -394,6 +394,40 @@ pub struct EdgeModelStatus {
     /// changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_revision: Option<String>,
+    /// What each revision that devices may run (the current one, the stable one, and any
+    /// a device is still assigned) consists of, with every signature bundle resolved. The
+    /// gateway serves devices from these, so that a rollback needs nothing the spec no
+    /// longer holds, and a device gets exactly what the operator verified.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["revision"]))]
+    pub revisions: Vec<RevisionTemplate>,
+}
+
+/// One revision as devices run it. Every `signature` holds its bundle inline.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionTemplate {
+    /// The revision.
+    pub revision: String,
+    /// Model id on the device's API.
+    pub served_name: String,
+    /// The default model file.
+    pub artifact: Artifact,
+    /// Its bundle, inline.
+    pub signature: SignatureSource,
+    /// Variants, with their bundles inline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<ModelVariant>,
+    /// Trusted signers.
+    pub signers: Vec<TrustedSigner>,
+    /// llama.cpp settings.
+    pub runtime: RuntimeSettings,
+    /// Plugins, with their bundles inline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<PluginSpec>,
+    /// API port.
+    pub port: i32,
 }
 
 /// Per-state device counts.

@@ -165,32 +165,87 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
         .list(&kube::api::ListParams::default())
         .await?
         .items;
-    let fetched = match (&model.spec.signature.uri, &ctx.bundles) {
-        (Some(uri), Some(fetcher)) if model.spec.signature.inline.is_none() => {
-            Some(fetcher.fetch(uri).await)
+    // Every bundle given by URI (the model's, its variants', its plugins'), fetched once.
+    let mut uris: Vec<&str> = Vec::new();
+    uris.extend(model.spec.signature.uri.as_deref());
+    for v in model.spec.variants.iter().flatten() {
+        uris.extend(v.signature.uri.as_deref());
+    }
+    for p in model.spec.plugins.iter().flatten() {
+        uris.extend(p.signature.uri.as_deref());
+    }
+    let mut fetched: std::collections::BTreeMap<String, Result<String, String>> =
+        std::collections::BTreeMap::new();
+    for uri in uris {
+        if !fetched.contains_key(uri) {
+            let r = match &ctx.bundles {
+                Some(fetcher) => fetcher.fetch(uri).await,
+                None => Err("the operator has no bundle CA roots".into()),
+            };
+            fetched.insert(uri.to_owned(), r);
         }
+    }
+    let model_bundle = match (&model.spec.signature.uri, &ctx.bundles) {
+        (Some(uri), Some(_)) if model.spec.signature.inline.is_none() => fetched.get(uri),
         _ => None,
     };
-    let signature = rollout::check_signature(
+    let mut signature = rollout::check_signature(
         &model.spec,
-        fetched
-            .as_ref()
-            .map(|r| r.as_deref().map_err(String::as_str)),
+        model_bundle.map(|r| r.as_deref().map_err(String::as_str)),
         std::time::SystemTime::now(),
     );
-    let plan = rollout::plan(&model, &devices, &signature, now);
+    let rev = rollout::revision(&model.spec);
+    let template = match rollout::template(&model.spec, &rev, |uri| {
+        fetched.get(uri).and_then(|r| r.as_ref().ok()).cloned()
+    }) {
+        Ok(t) => Some(t),
+        Err(why) => {
+            if signature.is_ok() {
+                signature = Err((
+                    edgefleet_crds::conditions::reasons::SIGNATURE_NOT_FETCHED,
+                    why,
+                ));
+            }
+            None
+        }
+    };
+    let mut plan = rollout::plan(&model, &devices, &signature, now);
+    // Keep what devices may run: the current and stable revisions, and any revision a
+    // device stays assigned after this plan.
+    let key = rollout::model_key(&model);
+    let mut keep: std::collections::BTreeSet<String> = [
+        plan.status.current_revision.clone(),
+        plan.status.stable_revision.clone(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for d in &devices {
+        let after = match plan.assignments.get(&d.name_any()) {
+            Some(a) => a.clone(),
+            None => d
+                .spec
+                .desired_models
+                .iter()
+                .find(|m| m.model == key)
+                .cloned(),
+        };
+        keep.extend(after.map(|a| a.revision));
+    }
+    plan.status.revisions = rollout::keep_templates(
+        &plan.status.revisions,
+        template.filter(|_| signature.is_ok()),
+        &keep,
+    );
     let model = Arc::new(model);
-    ctx.metrics
-        .record_rollout(&rollout::model_key(&model), &plan.status);
+    ctx.metrics.record_rollout(&key, &plan.status);
     let ready = devices
         .iter()
         .filter(|d| rollout::condition_true(d, edgefleet_crds::conditions::READY))
         .count();
     ctx.metrics.record_devices(ready, devices.len() - ready);
-    let manager = assignment_manager(&model);
-    for (device, desired) in &plan.assignments {
-        assign(&ctx.client, &manager, device, desired.as_ref()).await?;
-    }
+    // Status (with the templates) first: the gateway serves an assignment from its
+    // revision's template, so the template must exist before any device is moved.
     if model.status.as_ref() != Some(&plan.status) {
         let api: Api<EdgeModel> =
             Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
@@ -205,6 +260,10 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
             &Patch::Apply(&patch),
         )
         .await?;
+    }
+    let manager = assignment_manager(&model);
+    for (device, desired) in &plan.assignments {
+        assign(&ctx.client, &manager, device, desired.as_ref()).await?;
     }
     publish(&ctx, &model, &plan.events).await;
     Ok(Action::requeue(

@@ -39,6 +39,9 @@ enum Cmd {
         /// Seconds without a heartbeat after which a device is marked not Ready.
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(2..=3600))]
         heartbeat_lease_seconds: u64,
+        /// The device gateway.
+        #[command(flatten)]
+        gateway: edgefleet_operator::gateway::options::GatewayOptions,
     },
 }
 
@@ -63,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
             heartbeat_lease_seconds,
             metrics_addr,
             bundle_ca,
+            gateway,
         } => {
             let bundles = match std::fs::read(&bundle_ca) {
                 Ok(pem) => match edgefleet_operator::bundles::BundleFetcher::new(&pem) {
@@ -95,11 +99,20 @@ async fn main() -> anyhow::Result<()> {
             election.acquire().await;
             metrics.set_leading(true);
             tracing::info!(%identity, "leading");
-            let heartbeats = edgefleet_operator::heartbeat::Heartbeats::new(
-                client.clone(),
-                std::time::Duration::from_secs(heartbeat_lease_seconds),
-            );
+            let lease = std::time::Duration::from_secs(heartbeat_lease_seconds);
+            let heartbeats = edgefleet_operator::heartbeat::Heartbeats::new(client.clone(), lease);
+            // Only the leader serves devices: the gateway writes device status.
+            let gateway = gateway
+                .start(client.clone(), lease, std::sync::Arc::default())
+                .await?;
+            let gateway = async move {
+                match gateway {
+                    Some(g) => g.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                r = gateway => anyhow::bail!("the device gateway stopped: {r:?}"),
                 () = edgefleet_operator::edgemodel::run_with(client, metrics, bundles) => {}
                 () = heartbeats.expire_loop() => {}
                 () = election.hold() => anyhow::bail!("lost the operator lease; exiting so that this replica restarts as a candidate"),

@@ -28,8 +28,9 @@
 
 use std::collections::BTreeMap;
 
+use edgefleet_crds::SignatureSource;
 use edgefleet_crds::device::{DesiredModel, ModelState};
-use edgefleet_crds::model::{ModelVariant, RolloutStep};
+use edgefleet_crds::model::{ModelVariant, RevisionTemplate, RolloutStep};
 use edgefleet_crds::{EdgeDevice, EdgeModel, EdgeModelSpec, EdgeModelStatus, TrustedSigner};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -140,6 +141,69 @@ fn trust_policy(
         }
     }
     Ok(ms::TrustPolicy { signers: out })
+}
+
+/// What `spec` runs at revision `rev`, with every signature bundle resolved by
+/// `resolve` (given a `signature.uri`; inline bundles are used as they are). `Err` names
+/// the first bundle that is not available.
+pub fn template(
+    spec: &EdgeModelSpec,
+    rev: &str,
+    resolve: impl Fn(&str) -> Option<String>,
+) -> Result<RevisionTemplate, String> {
+    let inline = |what: &str, s: &SignatureSource| -> Result<SignatureSource, String> {
+        let bundle = match (&s.inline, &s.uri) {
+            (Some(b), _) => b.clone(),
+            (None, Some(uri)) => resolve(uri)
+                .ok_or_else(|| format!("the bundle of {what} ({uri}) is not fetched"))?,
+            (None, None) => return Err(format!("{what} has no signature")),
+        };
+        Ok(SignatureSource {
+            inline: Some(bundle),
+            uri: None,
+        })
+    };
+    let mut variants = Vec::new();
+    for v in spec.variants.iter().flatten() {
+        let mut v = v.clone();
+        v.signature = inline(&format!("variant {}", v.name), &v.signature)?;
+        variants.push(v);
+    }
+    let mut plugins = Vec::new();
+    for p in spec.plugins.iter().flatten() {
+        let mut p = p.clone();
+        p.signature = inline(&format!("plugin {}", p.name), &p.signature)?;
+        plugins.push(p);
+    }
+    Ok(RevisionTemplate {
+        revision: rev.to_owned(),
+        served_name: spec.served_name.clone(),
+        artifact: spec.artifact.clone(),
+        signature: inline("the model", &spec.signature)?,
+        variants,
+        signers: spec.signers.clone(),
+        runtime: spec.runtime.clone(),
+        plugins,
+        port: spec.port,
+    })
+}
+
+/// The templates to keep: `previous` with `current` added (or replaced), restricted to
+/// the revisions in `keep`, in revision order.
+pub fn keep_templates(
+    previous: &[RevisionTemplate],
+    current: Option<RevisionTemplate>,
+    keep: &std::collections::BTreeSet<String>,
+) -> Vec<RevisionTemplate> {
+    let mut by_rev: BTreeMap<String, RevisionTemplate> = previous
+        .iter()
+        .map(|t| (t.revision.clone(), t.clone()))
+        .collect();
+    if let Some(t) = current {
+        by_rev.insert(t.revision.clone(), t);
+    }
+    by_rev.retain(|r, _| keep.contains(r));
+    by_rev.into_values().collect()
 }
 
 /// Bytes of a quantity such as `2Gi`, `512Mi`, `8G` or `1000`.

@@ -27,6 +27,9 @@ use time::OffsetDateTime;
 
 use crate::device_status::{DeviceStatus, StatusError};
 
+pub mod fleet;
+pub mod options;
+
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// How often lapsed attestations are swept.
@@ -277,14 +280,92 @@ async fn evidence(
     }
 }
 
-/// Serves `router` over HTTPS on `listener` until the future is dropped.
+/// Serves `router` over HTTPS on `listener` until the future is dropped. Each request
+/// carries the connection's client certificate, if any, as a
+/// [`fleet::PeerCertificate`] extension (verifying it is `tls`'s business: the device
+/// API needs a client verifier that trusts the device CA and allows anonymous clients,
+/// who may only enrol and attest).
 pub async fn serve(
     listener: std::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
     router: Router,
 ) -> std::io::Result<()> {
-    let config = axum_server::tls_rustls::RustlsConfig::from_config(tls);
-    axum_server::from_tcp_rustls(listener, config)
-        .serve(router.into_make_service())
-        .await
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: wait a little rather than spin.
+                tracing::warn!(error = %e, "accepting a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| Arc::new(c.to_vec()));
+            let service = router.layer(axum::Extension(fleet::PeerCertificate(cert)));
+            let service = hyper_util::service::TowerToHyperService::new(service);
+            if let Err(e) =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
+}
+
+/// Longest a client may take over its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The gateway's TLS configuration: its own certificate chain and key, and client
+/// certificates verified against `device_ca` when presented (enrolment and attestation
+/// run without one; the device API refuses requests without one).
+pub fn server_tls(
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    device_ca: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<rustls::ServerConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in device_ca {
+        roots
+            .add(c.clone())
+            .map_err(|e| format!("device CA: {e}"))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| format!("device CA: {e}"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("gateway certificate: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }

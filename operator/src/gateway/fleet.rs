@@ -1,0 +1,1081 @@
+//! The gateway's device API: enrolment (bootstrap token), then, over mTLS with the
+//! certificate attestation issued, the desired-state long-poll, reports (heartbeats with
+//! model-state deltas, spooled while offline) and artifact downloads with `Range`.
+//! The messages are in [`edgefleet_proto`].
+//!
+//! - **Identity.** rustls checks the client certificate's chain to the device CA and its
+//!   validity. A request for `/v1/devices/{name}/…` must then carry a certificate naming
+//!   `{name}` (SAN URI `edgefleet://device/{name}`) whose key is the one the EdgeDevice
+//!   enrolled with. Anything else is refused by name, logged and counted
+//!   (`Impersonation`, `KeyMismatch`, `ClientCertificateRequired`).
+//! - **Desired state** comes from watch caches (reflectors) of EdgeDevices and
+//!   EdgeModels: the device's `spec.desiredModels`, each resolved through its
+//!   EdgeModel's `status.revisions` template. A waiting poll wakes when its own device's
+//!   relevant fields or a model's templates change, so changes reach connected devices
+//!   as soon as the watch delivers them. Only approved devices with an allowed, unexpired
+//!   attestation get models.
+//! - **Reports** update `Ready` (through [`Heartbeats`], coalesced) and, only when the
+//!   model states changed or a third of the heartbeat lease passed, the device's
+//!   `status.models`, `inference` and `reports` under [`REPORT_MANAGER`]: however often
+//!   devices report, each device costs a bounded number of writes per lease.
+//! - **Artifacts** are served from a content-addressed directory (`<dir>/<sha256 hex>`),
+//!   only to a device whose desired state names that digest.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use edgefleet_crds::device::{DesiredModel, EdgeDeviceSpec};
+use edgefleet_crds::model::RevisionTemplate;
+use edgefleet_crds::{EdgeDevice, EdgeModel};
+use edgefleet_proto as proto;
+use futures::StreamExt as _;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Client, ResourceExt as _};
+use serde_json::json;
+use sha2::Digest as _;
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+
+use super::ApiError;
+use crate::heartbeat::Heartbeats;
+
+/// Field manager of the status fields reports write.
+pub const REPORT_MANAGER: &str = "edgefleet-gateway-reports";
+
+/// The client certificate of a connection (leaf, DER), put into each request by the
+/// TLS accept loop.
+#[derive(Debug, Clone, Default)]
+pub struct PeerCertificate(pub Option<Arc<Vec<u8>>>);
+
+/// Who is approved at enrolment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Approval {
+    /// An administrator sets `spec.approved`.
+    Manual,
+    /// Devices whose requested labels include all of these (none: every device).
+    Auto(BTreeMap<String, String>),
+}
+
+impl Approval {
+    /// `manual`, `auto`, or `auto:key=value,key=value`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "manual" => Ok(Self::Manual),
+            None if s == "auto" => Ok(Self::Auto(BTreeMap::new())),
+            Some(("auto", labels)) => {
+                let mut want = BTreeMap::new();
+                for kv in labels.split(',').filter(|s| !s.is_empty()) {
+                    let (k, v) = kv
+                        .split_once('=')
+                        .ok_or_else(|| format!("{kv:?}: expected key=value"))?;
+                    want.insert(k.to_owned(), v.to_owned());
+                }
+                Ok(Self::Auto(want))
+            }
+            _ => Err(format!(
+                "{s:?}: expected manual, auto or auto:key=value,..."
+            )),
+        }
+    }
+
+    fn approves(&self, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            Self::Manual => false,
+            Self::Auto(want) => want.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        }
+    }
+}
+
+/// Settings of the device API.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Content-addressed artifact store: files named by their SHA-256 (hex).
+    pub artifact_dir: PathBuf,
+    /// Approval at enrolment.
+    pub approval: Approval,
+    /// The heartbeat lease (reports write status at most every third of it, unless
+    /// model states change).
+    pub heartbeat_lease: Duration,
+    /// Token devices enrol with.
+    pub bootstrap_token: String,
+}
+
+#[derive(Debug, Default)]
+struct Delivery {
+    boot: String,
+    last_seq: u64,
+    missing: u64,
+    dropped: u64,
+    last_write: Option<Instant>,
+}
+
+/// Counters of the device API, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct FleetCounters {
+    /// Refusals by reason.
+    pub refusals: Mutex<BTreeMap<&'static str, u64>>,
+    /// Long-polls waiting now.
+    pub waiting: std::sync::atomic::AtomicI64,
+    /// Status writes made for reports.
+    pub report_writes: std::sync::atomic::AtomicU64,
+    /// Artifact bytes sent.
+    pub artifact_bytes: std::sync::atomic::AtomicU64,
+}
+
+struct Inner {
+    client: Client,
+    devices: Store<EdgeDevice>,
+    models: Store<EdgeModel>,
+    notify: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+    models_changed: tokio::sync::watch::Sender<u64>,
+    heartbeats: Heartbeats,
+    deliveries: Mutex<HashMap<String, Delivery>>,
+    config: FleetConfig,
+    counters: Arc<FleetCounters>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The device API. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    inner: Arc<Inner>,
+}
+
+fn refuse(status: StatusCode, reason: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError(status, reason, message.into())
+}
+
+/// What of a device the desired state depends on.
+fn device_digest(d: &EdgeDevice) -> String {
+    let attestation = d.status.as_ref().and_then(|s| s.attestation.as_ref());
+    let body = json!({
+        "spec": d.spec,
+        "allowed": attestation.map(|a| a.allowed),
+        "expiry": attestation.map(|a| a.expiry_time.0.to_string()),
+    });
+    hex::encode(sha2::Sha256::digest(body.to_string().as_bytes()))
+}
+
+impl Fleet {
+    /// The API over `client`, and the future that keeps its watch caches (run it for as
+    /// long as the API serves). Wait for [`Fleet::ready`] before serving.
+    pub fn new(
+        client: Client,
+        config: FleetConfig,
+        counters: Arc<FleetCounters>,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
+        let (devices, device_writer) = reflector::store();
+        let (models, model_writer) = reflector::store();
+        let (models_changed, _) = tokio::sync::watch::channel(0u64);
+        let inner = Arc::new(Inner {
+            heartbeats: Heartbeats::new(client.clone(), config.heartbeat_lease),
+            client: client.clone(),
+            devices,
+            models,
+            notify: Mutex::new(HashMap::new()),
+            models_changed,
+            deliveries: Mutex::new(HashMap::new()),
+            config,
+            counters,
+        });
+        let fleet = Self { inner };
+        let driver = {
+            let fleet = fleet.clone();
+            async move {
+                let cfg = watcher::Config::default();
+                let device_events = reflector::reflector(
+                    device_writer,
+                    watcher(Api::<EdgeDevice>::all(client.clone()), cfg.clone()),
+                )
+                .default_backoff()
+                .touched_objects();
+                let model_events =
+                    reflector::reflector(model_writer, watcher(Api::<EdgeModel>::all(client), cfg))
+                        .default_backoff()
+                        .touched_objects();
+                let mut seen_devices: HashMap<String, String> = HashMap::new();
+                let mut seen_models: HashMap<String, String> = HashMap::new();
+                let devices = device_events.for_each(|e| {
+                    match e {
+                        Ok(d) => {
+                            let digest = device_digest(&d);
+                            let name = d.name_any();
+                            if seen_devices.get(&name) != Some(&digest) {
+                                seen_devices.insert(name.clone(), digest);
+                                fleet.wake(&name);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "watching EdgeDevices"),
+                    }
+                    futures::future::ready(())
+                });
+                let models = model_events.for_each(|e| {
+                    match e {
+                        Ok(m) => {
+                            let revisions = m
+                                .status
+                                .as_ref()
+                                .map(|s| serde_json::to_string(&s.revisions).unwrap_or_default())
+                                .unwrap_or_default();
+                            let key = crate::rollout::model_key(&m);
+                            let digest = hex::encode(sha2::Sha256::digest(revisions.as_bytes()));
+                            if seen_models.get(&key) != Some(&digest) {
+                                seen_models.insert(key, digest);
+                                fleet.inner.models_changed.send_modify(|n| *n += 1);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "watching EdgeModels"),
+                    }
+                    futures::future::ready(())
+                });
+                futures::future::join(devices, models).await;
+            }
+        };
+        (fleet, driver)
+    }
+
+    /// Waits until both watch caches hold their first listing.
+    pub async fn ready(&self) -> Result<(), String> {
+        self.inner
+            .devices
+            .wait_until_ready()
+            .await
+            .map_err(|e| e.to_string())?;
+        self.inner
+            .models
+            .wait_until_ready()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn wake(&self, device: &str) {
+        if let Ok(map) = self.inner.notify.lock()
+            && let Some(n) = map.get(device)
+        {
+            n.notify_waiters();
+        }
+    }
+
+    fn notifier(&self, device: &str) -> Arc<tokio::sync::Notify> {
+        match self.inner.notify.lock() {
+            Ok(mut map) => map.entry(device.to_owned()).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    fn count_refusal(&self, reason: &'static str) {
+        if let Ok(mut m) = self.inner.counters.refusals.lock() {
+            *m.entry(reason).or_insert(0) += 1;
+        }
+    }
+
+    /// The routes (merge them into the gateway's router).
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/v1/enrol", post(enrol))
+            .route("/v1/devices/{name}/desired", get(desired))
+            .route("/v1/devices/{name}/report", post(report))
+            .route("/v1/devices/{name}/artifacts/{digest}", get(artifact))
+            .with_state(self)
+    }
+
+    /// The device a request may act as, after checking its certificate against `name`.
+    fn identify(&self, peer: &PeerCertificate, name: &str) -> Result<Arc<EdgeDevice>, ApiError> {
+        let result = self.identify_inner(peer, name);
+        if let Err(ApiError(_, reason, message)) = &result {
+            self.count_refusal(reason);
+            tracing::warn!(device = name, reason, %message, "device request refused");
+        }
+        result
+    }
+
+    fn identify_inner(
+        &self,
+        peer: &PeerCertificate,
+        name: &str,
+    ) -> Result<Arc<EdgeDevice>, ApiError> {
+        let der = peer.0.as_ref().ok_or_else(|| {
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                "ClientCertificateRequired",
+                "device endpoints need the client certificate issued at attestation",
+            )
+        })?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| {
+            refuse(
+                StatusCode::FORBIDDEN,
+                "BadClientCertificate",
+                format!("unparsable client certificate: {e}"),
+            )
+        })?;
+        let named = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .and_then(|san| {
+                san.value.general_names.iter().find_map(|g| match g {
+                    x509_parser::extensions::GeneralName::URI(u) => {
+                        u.strip_prefix("edgefleet://device/").map(str::to_owned)
+                    }
+                    _ => None,
+                })
+            })
+            .ok_or_else(|| {
+                refuse(
+                    StatusCode::FORBIDDEN,
+                    "BadClientCertificate",
+                    "the client certificate names no device",
+                )
+            })?;
+        if named != name {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "Impersonation",
+                format!("the certificate of {named:?} may not act as {name:?}"),
+            ));
+        }
+        let device = self
+            .inner
+            .devices
+            .get(&ObjectRef::new(name))
+            .ok_or_else(|| {
+                refuse(
+                    StatusCode::NOT_FOUND,
+                    "UnknownDevice",
+                    format!("no EdgeDevice {name:?}"),
+                )
+            })?;
+        let fingerprint = format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(cert.public_key().raw))
+        );
+        if fingerprint != device.spec.facts.agent_key_fingerprint {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "KeyMismatch",
+                format!("the certificate's key is not the one {name} enrolled with"),
+            ));
+        }
+        Ok(device)
+    }
+
+    /// The device's desired state now; `Err` while an assigned revision's template has
+    /// not reached the cache yet.
+    fn desired_state(&self, device: &EdgeDevice) -> Result<proto::DesiredState, String> {
+        let name = device.name_any();
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let entitled = device.spec.approved
+            && device
+                .status
+                .as_ref()
+                .and_then(|s| s.attestation.as_ref())
+                .is_some_and(|a| a.allowed && a.expiry_time.0 > now);
+        let mut models = Vec::new();
+        if entitled {
+            for d in &device.spec.desired_models {
+                models.push(self.device_model(&name, d)?);
+            }
+        }
+        Ok(proto::DesiredState::new(name, models))
+    }
+
+    fn device_model(&self, device: &str, d: &DesiredModel) -> Result<proto::DeviceModel, String> {
+        let (ns, name) = d
+            .model
+            .split_once('/')
+            .ok_or_else(|| format!("bad model key {:?}", d.model))?;
+        let model = self
+            .inner
+            .models
+            .get(&ObjectRef::new(name).within(ns))
+            .ok_or_else(|| format!("EdgeModel {} is not in the cache", d.model))?;
+        let t: &RevisionTemplate = model
+            .status
+            .as_ref()
+            .and_then(|s| s.revisions.iter().find(|t| t.revision == d.revision))
+            .ok_or_else(|| format!("{} has no template of revision {}", d.model, d.revision))?;
+        let (artifact, signature) = match &d.variant {
+            Some(v) => {
+                let v = t
+                    .variants
+                    .iter()
+                    .find(|x| &x.name == v)
+                    .ok_or_else(|| format!("{} has no variant {v}", d.model))?;
+                (&v.artifact, &v.signature)
+            }
+            None => (&t.artifact, &t.signature),
+        };
+        let art = |a: &edgefleet_crds::Artifact| proto::ArtifactRef {
+            digest: a.digest.clone(),
+            size_bytes: a.size_bytes.and_then(|b| u64::try_from(b).ok()),
+            path: format!("/v1/devices/{device}/artifacts/{}", a.digest),
+        };
+        let pos = |v: i32| u32::try_from(v).unwrap_or(0);
+        Ok(proto::DeviceModel {
+            model: d.model.clone(),
+            revision: d.revision.clone(),
+            variant: d.variant.clone(),
+            served_name: t.served_name.clone(),
+            artifact: art(artifact),
+            bundle: signature.inline.clone().unwrap_or_default(),
+            signers: t
+                .signers
+                .iter()
+                .map(|s| proto::Signer {
+                    name: s.name.clone(),
+                    public_key: s.public_key.clone(),
+                    certificate_root: s.certificate_root.clone(),
+                    identities: s.identities.clone().unwrap_or_default(),
+                })
+                .collect(),
+            runtime: proto::Runtime {
+                context_size: pos(t.runtime.context_size),
+                threads: t.runtime.threads.map(pos),
+                gpu_layers: pos(t.runtime.gpu_layers),
+                parallel_slots: pos(t.runtime.parallel_slots),
+                queue_depth: pos(t.runtime.queue_depth),
+            },
+            plugins: t
+                .plugins
+                .iter()
+                .map(|p| proto::DevicePlugin {
+                    name: p.name.clone(),
+                    artifact: art(&p.artifact),
+                    bundle: p.signature.inline.clone().unwrap_or_default(),
+                    fuel: p.limits.fuel.and_then(|f| u64::try_from(f).ok()),
+                    deadline_millis: p.limits.deadline_millis.and_then(|f| u64::try_from(f).ok()),
+                    memory_bytes: u64::try_from(p.limits.memory_bytes).unwrap_or(0),
+                    config: p.config.clone(),
+                    grants: p
+                        .grants
+                        .as_ref()
+                        .map(|g| proto::Grants {
+                            env: g.env.clone(),
+                            clocks: g.clocks,
+                            read_only_dirs: g.read_only_dirs.clone(),
+                            network: g.network,
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            port: u16::try_from(t.port).unwrap_or(8080),
+        })
+    }
+}
+
+fn authorize(fleet: &Fleet, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if edgefleet_trust::attestation::service::constant_time_eq(
+        given.as_bytes(),
+        fleet.inner.config.bootstrap_token.as_bytes(),
+    ) {
+        Ok(())
+    } else {
+        fleet.count_refusal("Unauthorized");
+        Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "missing or wrong bootstrap token",
+        ))
+    }
+}
+
+/// Whether `name` is a DNS-1123 subdomain (what Kubernetes object names must be).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+fn valid_label(k: &str, v: &str) -> bool {
+    let (prefix, name) = k.rsplit_once('/').unwrap_or(("", k));
+    let part = |s: &str| {
+        s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && s.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+            && s.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
+    };
+    (prefix.is_empty() || valid_name(prefix)) && !name.is_empty() && part(name) && part(v)
+}
+
+async fn enrol(
+    State(fleet): State<Fleet>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<proto::EnrolResponse>, ApiError> {
+    authorize(&fleet, &headers)?;
+    let req: proto::EnrolRequest = serde_json::from_slice(&body).map_err(|e| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("request body: {e}"),
+        )
+    })?;
+    let bad = |m: String| refuse(StatusCode::BAD_REQUEST, "BadRequest", m);
+    if !valid_name(&req.device) {
+        return Err(bad(format!("{:?} is not a valid device name", req.device)));
+    }
+    let f = &req.facts;
+    if f.arch.is_empty()
+        || f.arch.len() > 32
+        || !(1..=4096).contains(&f.cpu_cores)
+        || f.memory_bytes == 0
+    {
+        return Err(bad(
+            "facts: arch (1-32 chars), cpuCores (1-4096) and memoryBytes (> 0) are required".into(),
+        ));
+    }
+    let mut tee_kinds = Vec::new();
+    for t in &f.tee_kinds {
+        let kind: edgefleet_crds::TeeKind = serde_json::from_value(json!(t))
+            .map_err(|_| bad(format!("facts.teeKinds: unknown kind {t:?}")))?;
+        tee_kinds.push(kind);
+    }
+    if let Some((k, v)) = req.labels.iter().find(|(k, v)| !valid_label(k, v)) {
+        return Err(bad(format!(
+            "label {k}={v} is not a valid Kubernetes label"
+        )));
+    }
+    let key = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        req.agent_public_key.trim(),
+    )
+    .map_err(|e| bad(format!("agentPublicKey: {e}")))?;
+    use x509_parser::prelude::FromDer as _;
+    if x509_parser::x509::SubjectPublicKeyInfo::from_der(&key).is_err() {
+        return Err(bad(
+            "agentPublicKey is not a DER SubjectPublicKeyInfo".into()
+        ));
+    }
+    let fingerprint = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&key)));
+    let api: Api<EdgeDevice> = Api::all(fleet.inner.client.clone());
+    let kube_err =
+        |e: kube::Error| refuse(StatusCode::SERVICE_UNAVAILABLE, "KubeApi", e.to_string());
+    let existing = |d: EdgeDevice| {
+        if d.spec.facts.agent_key_fingerprint == fingerprint {
+            Ok(Json(proto::EnrolResponse {
+                device: req.device.clone(),
+                created: false,
+                approved: d.spec.approved,
+            }))
+        } else {
+            fleet.count_refusal("AlreadyEnrolled");
+            Err(refuse(
+                StatusCode::CONFLICT,
+                "AlreadyEnrolled",
+                format!(
+                    "{} is enrolled with another key; delete the EdgeDevice to enrol it again",
+                    req.device
+                ),
+            ))
+        }
+    };
+    if let Some(d) = api.get_opt(&req.device).await.map_err(kube_err)? {
+        return existing(d);
+    }
+    let approved = fleet.inner.config.approval.approves(&req.labels);
+    let mut device = EdgeDevice::new(
+        &req.device,
+        EdgeDeviceSpec {
+            facts: edgefleet_crds::device::DeviceFacts {
+                arch: f.arch.clone(),
+                cpu_cores: i32::try_from(f.cpu_cores).unwrap_or(i32::MAX),
+                memory: Quantity(f.memory_bytes.to_string()),
+                accelerators: f.accelerators.iter().take(8).cloned().collect(),
+                tee_kinds,
+                agent_version: Some(f.agent_version.chars().take(64).collect()),
+                agent_key_fingerprint: fingerprint.clone(),
+            },
+            approved,
+            desired_models: vec![],
+        },
+    );
+    device.metadata.labels = Some(req.labels.clone());
+    match api.create(&PostParams::default(), &device).await {
+        Ok(_) => {
+            tracing::info!(device = %req.device, approved, "device enrolled");
+            Ok(Json(proto::EnrolResponse {
+                device: req.device.clone(),
+                created: true,
+                approved,
+            }))
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            // Enrolled concurrently: the same key is the same device.
+            let d = api.get(&req.device).await.map_err(kube_err)?;
+            existing(d)
+        }
+        Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => {
+            Err(refuse(StatusCode::BAD_REQUEST, "Invalid", s.message))
+        }
+        Err(e) => Err(kube_err(e)),
+    }
+}
+
+/// Query of the desired-state long-poll.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredQuery {
+    /// The version the device has.
+    #[serde(default)]
+    version: Option<String>,
+    /// Seconds to wait for a change (at most [`proto::MAX_WAIT_SECONDS`]).
+    #[serde(default)]
+    wait_seconds: Option<u64>,
+}
+
+async fn desired(
+    State(fleet): State<Fleet>,
+    Extension(peer): Extension<PeerCertificate>,
+    Path(name): Path<String>,
+    Query(q): Query<DesiredQuery>,
+) -> Result<Response, ApiError> {
+    fleet.identify(&peer, &name)?;
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(q.wait_seconds.unwrap_or(0).min(proto::MAX_WAIT_SECONDS));
+    let notify = fleet.notifier(&name);
+    let mut models_changed = fleet.inner.models_changed.subscribe();
+    let counters = fleet.inner.counters.clone();
+    counters
+        .waiting
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    struct Done(Arc<FleetCounters>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0
+                .waiting
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let _done = Done(counters);
+    loop {
+        // Register for wake-ups before reading, so that no change slips in between.
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        models_changed.borrow_and_update();
+        let device = fleet
+            .inner
+            .devices
+            .get(&ObjectRef::new(&name))
+            .ok_or_else(|| {
+                refuse(
+                    StatusCode::NOT_FOUND,
+                    "UnknownDevice",
+                    format!("no EdgeDevice {name:?}"),
+                )
+            })?;
+        match fleet.desired_state(&device) {
+            Ok(state) if q.version.as_deref() != Some(state.version.as_str()) => {
+                return Ok(Json(state).into_response());
+            }
+            Ok(_) => {}
+            Err(why) if q.version.is_none() => {
+                return Err(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "RevisionPending",
+                    why,
+                ));
+            }
+            Err(why) => tracing::debug!(device = %name, %why, "desired state incomplete; waiting"),
+        }
+        tokio::select! {
+            () = woken => {}
+            r = models_changed.changed() => if r.is_err() { break },
+            () = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    Ok(StatusCode::NOT_MODIFIED.into_response())
+}
+
+fn model_state(s: &str) -> Option<edgefleet_crds::device::ModelState> {
+    serde_json::from_value(json!(s)).ok()
+}
+
+async fn report(
+    State(fleet): State<Fleet>,
+    Extension(peer): Extension<PeerCertificate>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<proto::ReportAck>, ApiError> {
+    let device = fleet.identify(&peer, &name)?;
+    let batch: proto::ReportBatch = serde_json::from_slice(&body).map_err(|e| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("request body: {e}"),
+        )
+    })?;
+    if batch.reports.len() > proto::MAX_BATCH {
+        return Err(refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "BatchTooLarge",
+            format!("at most {} reports per batch", proto::MAX_BATCH),
+        ));
+    }
+    if batch
+        .reports
+        .windows(2)
+        .any(|w| w[0].seq >= w[1].seq || w[0].boot != w[1].boot)
+    {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "reports must be of one boot, by increasing seq",
+        ));
+    }
+    let mut models = None;
+    for r in &batch.reports {
+        if let Some(m) = &r.models {
+            let mut out = Vec::new();
+            for m in m.iter().take(16) {
+                let state = model_state(&m.state).ok_or_else(|| {
+                    refuse(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        format!("unknown model state {:?}", m.state),
+                    )
+                })?;
+                out.push(edgefleet_crds::device::LoadedModel {
+                    model: m.model.chars().take(317).collect(),
+                    revision: m.revision.chars().take(64).collect(),
+                    state,
+                    message: m.message.as_ref().map(|s| s.chars().take(1024).collect()),
+                    load_millis: m.load_millis.and_then(|v| i64::try_from(v).ok()),
+                });
+            }
+            models = Some(out);
+        }
+    }
+    let latest = batch.reports.last();
+    // Sequence accounting.
+    let (acked, missing, write_due) = {
+        let mut map = fleet.inner.deliveries.lock().map_err(|_| {
+            refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Internal",
+                "delivery state poisoned",
+            )
+        })?;
+        let d = map.entry(name.clone()).or_default();
+        if let Some(first) = batch.reports.first()
+            && first.boot != d.boot
+        {
+            // A new agent process, or this gateway's first batch from it: continue from
+            // what the status recorded for that boot.
+            let recorded = device
+                .status
+                .as_ref()
+                .and_then(|s| s.reports.as_ref())
+                .filter(|r| r.boot == first.boot);
+            *d = Delivery {
+                boot: first.boot.clone(),
+                last_seq: recorded.map_or(0, |r| u64::try_from(r.last_sequence).unwrap_or(0)),
+                missing: recorded.map_or(0, |r| u64::try_from(r.missing).unwrap_or(0)),
+                dropped: 0,
+                last_write: None,
+            };
+        }
+        for r in &batch.reports {
+            if r.seq > d.last_seq {
+                d.missing += r.seq - d.last_seq - 1;
+                d.last_seq = r.seq;
+            }
+        }
+        let dropped_changed = batch.dropped != d.dropped;
+        d.dropped = batch.dropped;
+        let third = fleet.inner.config.heartbeat_lease / 3;
+        let reported_models = device
+            .status
+            .as_ref()
+            .map(|s| s.models.clone())
+            .unwrap_or_default();
+        let changed = models.as_ref().is_some_and(|m| *m != reported_models) || dropped_changed;
+        let due = changed || d.last_write.is_none_or(|t| t.elapsed() >= third);
+        if due {
+            d.last_write = Some(Instant::now());
+        }
+        (d.last_seq, d.missing, due)
+    };
+    if write_due && let Some(latest) = latest {
+        let mut st = json!({
+            "reports": {
+                "boot": latest.boot, "lastSequence": acked, "missing": missing, "dropped": batch.dropped,
+            },
+        });
+        if let Some(m) = &models {
+            st["models"] = json!(m);
+            st["loadedModelCount"] = json!(
+                m.iter()
+                    .filter(|m| m.state == edgefleet_crds::device::ModelState::Ready)
+                    .count()
+            );
+        }
+        if let Some(i) = batch
+            .reports
+            .iter()
+            .rev()
+            .find_map(|r| r.inference.as_ref())
+        {
+            st["inference"] = json!({
+                "tokensPerSecond": i.tokens_per_second,
+                "requestsTotal": i.requests_total,
+                "errorsTotal": i.errors_total,
+            });
+        }
+        let patch =
+            json!({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice", "status": st});
+        Api::<EdgeDevice>::all(fleet.inner.client.clone())
+            .patch_status(
+                &name,
+                &PatchParams::apply(REPORT_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(|e| {
+                refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "StatusWriteFailed",
+                    e.to_string(),
+                )
+            })?;
+        fleet
+            .inner
+            .counters
+            .report_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fleet
+        .inner
+        .heartbeats
+        .record(&device, k8s_openapi::jiff::Timestamp::now())
+        .await
+        .map_err(|e| {
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "StatusWriteFailed",
+                e.to_string(),
+            )
+        })?;
+    let desired_version = fleet
+        .desired_state(&device)
+        .map(|s| s.version)
+        .unwrap_or_default();
+    Ok(Json(proto::ReportAck {
+        acked,
+        gaps: missing,
+        desired_version,
+    }))
+}
+
+/// Parses `bytes=a-b` / `bytes=a-` against a file of `len` bytes: the inclusive range,
+/// `Ok(None)` for no (or an ignorable) header, `Err` when unsatisfiable.
+pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
+    // Several ranges: serve the whole file (allowed by RFC 9110).
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", "") => return Err(()),
+        ("", suffix) => {
+            let n: u64 = suffix.parse().map_err(|_| ())?;
+            if n == 0 {
+                return Err(());
+            }
+            (len.saturating_sub(n), len.saturating_sub(1))
+        }
+        (a, "") => (a.parse().map_err(|_| ())?, len.saturating_sub(1)),
+        (a, b) => {
+            let (a, b): (u64, u64) = (a.parse().map_err(|_| ())?, b.parse().map_err(|_| ())?);
+            (a, b.min(len.saturating_sub(1)))
+        }
+    };
+    if start >= len || start > end {
+        return Err(());
+    }
+    Ok(Some((start, end)))
+}
+
+async fn artifact(
+    State(fleet): State<Fleet>,
+    Extension(peer): Extension<PeerCertificate>,
+    Path((name, digest)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let device = fleet.identify(&peer, &name)?;
+    let hex_digest = digest
+        .strip_prefix("sha256:")
+        .filter(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        })
+        .ok_or_else(|| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                "BadDigest",
+                "expected sha256:<64 lowercase hex>",
+            )
+        })?;
+    let state = fleet
+        .desired_state(&device)
+        .map_err(|why| refuse(StatusCode::SERVICE_UNAVAILABLE, "RevisionPending", why))?;
+    let assigned = state.models.iter().any(|m| {
+        m.artifact.digest == digest || m.plugins.iter().any(|p| p.artifact.digest == digest)
+    });
+    if !assigned {
+        fleet.count_refusal("NotAssigned");
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "NotAssigned",
+            format!(
+                "{digest} is not part of what {name} is assigned (or the device is not approved and attested)"
+            ),
+        ));
+    }
+    let path = fleet.inner.config.artifact_dir.join(hex_digest);
+    let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
+        refuse(
+            StatusCode::NOT_FOUND,
+            "ArtifactNotInStore",
+            format!("{digest}: {e}"),
+        )
+    })?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?
+        .len();
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (status, start, end) = match parse_range(range, len) {
+        Ok(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
+        Ok(None) => (StatusCode::OK, 0, len.saturating_sub(1)),
+        Err(()) => {
+            let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(resp);
+        }
+    };
+    let count = if len == 0 { 0 } else { end - start + 1 };
+    file.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?;
+    let counters = fleet.inner.counters.clone();
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(count), 256 << 10).map(
+        move |chunk| {
+            if let Ok(c) = &chunk {
+                counters
+                    .artifact_bytes
+                    .fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            chunk
+        },
+    );
+    let mut resp = Response::new(axum::body::Body::from_stream(stream));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&count.to_string()) {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+        h.insert(header::ETAG, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}"))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_and_unsatisfiable_ones_are_refused() {
+        assert_eq!(parse_range(None, 10), Ok(None));
+        assert_eq!(parse_range(Some("bytes=0-"), 10), Ok(Some((0, 9))));
+        assert_eq!(parse_range(Some("bytes=4-6"), 10), Ok(Some((4, 6))));
+        assert_eq!(parse_range(Some("bytes=4-100"), 10), Ok(Some((4, 9))));
+        assert_eq!(parse_range(Some("bytes=-3"), 10), Ok(Some((7, 9))));
+        assert_eq!(parse_range(Some("bytes=0-1,4-5"), 10), Ok(None));
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(()));
+        assert_eq!(parse_range(Some("bytes=6-4"), 10), Err(()));
+        assert_eq!(parse_range(Some("bytes=x-"), 10), Err(()));
+        assert_eq!(parse_range(Some("bytes=-0"), 10), Err(()));
+        assert_eq!(parse_range(Some("bytes=-"), 10), Err(()));
+    }
+
+    #[test]
+    fn approval_policies_parse_and_decide() {
+        let labels: BTreeMap<String, String> =
+            [("edgefleet.io/pool".to_owned(), "retail".to_owned())].into();
+        assert!(!Approval::parse("manual").unwrap().approves(&labels));
+        assert!(Approval::parse("auto").unwrap().approves(&labels));
+        assert!(
+            Approval::parse("auto:edgefleet.io/pool=retail")
+                .unwrap()
+                .approves(&labels)
+        );
+        assert!(
+            !Approval::parse("auto:edgefleet.io/pool=lab")
+                .unwrap()
+                .approves(&labels)
+        );
+        assert!(Approval::parse("sometimes").is_err());
+        assert!(Approval::parse("auto:pool").is_err());
+    }
+
+    #[test]
+    fn names_and_labels_are_checked() {
+        assert!(valid_name("store-042"));
+        assert!(valid_name("a.b-c"));
+        assert!(!valid_name("Store"));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name("../etc"));
+        assert!(!valid_name(""));
+        assert!(valid_label("edgefleet.io/pool", "retail"));
+        assert!(!valid_label("edgefleet.io/pool", "re tail"));
+        assert!(!valid_label("Bad_Prefix/x", "y"));
+    }
+}

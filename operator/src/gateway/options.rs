@@ -1,0 +1,242 @@
+//! `edgefleet-operator run` options of the device gateway, and starting it from them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use edgefleet_trust::attestation::policy::Policy;
+use edgefleet_trust::attestation::service::{AttestationService, ServiceConfig};
+use edgefleet_trust::attestation::snp::SnpRoots;
+
+use super::fleet::{Approval, Fleet, FleetConfig, FleetCounters};
+use super::{Gateway, serve, server_tls};
+use crate::device_status::DeviceStatus;
+
+/// Gateway options. Without `--gateway-addr` the operator runs no gateway.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayOptions {
+    /// Address of the device gateway (HTTPS, mTLS after attestation).
+    #[arg(long, env = "EDGEFLEET_GATEWAY_ADDR")]
+    pub gateway_addr: Option<SocketAddr>,
+    /// PEM certificate chain the gateway serves.
+    #[arg(
+        long,
+        env = "EDGEFLEET_GATEWAY_CERT",
+        default_value = "/etc/edgefleet/gateway/tls.crt"
+    )]
+    pub gateway_cert: PathBuf,
+    /// PEM (PKCS#8) key of that certificate.
+    #[arg(
+        long,
+        env = "EDGEFLEET_GATEWAY_KEY",
+        default_value = "/etc/edgefleet/gateway/tls.key"
+    )]
+    pub gateway_key: PathBuf,
+    /// PEM certificate of the device CA, which issues devices' client certificates.
+    #[arg(
+        long,
+        env = "EDGEFLEET_DEVICE_CA_CERT",
+        default_value = "/etc/edgefleet/device-ca/tls.crt"
+    )]
+    pub device_ca_cert: PathBuf,
+    /// PEM key of the device CA.
+    #[arg(
+        long,
+        env = "EDGEFLEET_DEVICE_CA_KEY",
+        default_value = "/etc/edgefleet/device-ca/tls.key"
+    )]
+    pub device_ca_key: PathBuf,
+    /// File holding the bootstrap token devices enrol with (at least 16 characters).
+    #[arg(
+        long,
+        env = "EDGEFLEET_BOOTSTRAP_TOKEN_FILE",
+        default_value = "/etc/edgefleet/bootstrap/token"
+    )]
+    pub bootstrap_token_file: PathBuf,
+    /// The Rego appraisal policy.
+    #[arg(
+        long,
+        env = "EDGEFLEET_POLICY",
+        default_value = "/etc/edgefleet/policies/attestation.rego"
+    )]
+    pub policy: PathBuf,
+    /// Its reference values (JSON, the policy's `data`).
+    #[arg(
+        long,
+        env = "EDGEFLEET_POLICY_DATA",
+        default_value = "/etc/edgefleet/policies/reference.json"
+    )]
+    pub policy_data: PathBuf,
+    /// The policy's name, which EdgeModels require in `spec.attestation.policy`.
+    #[arg(long, default_value = "default")]
+    pub policy_name: String,
+    /// PEM (PKCS#8) P-256 key that signs attestation results (default: a fresh key per
+    /// process, so results do not verify across restarts).
+    #[arg(long, env = "EDGEFLEET_RESULT_KEY")]
+    pub result_key: Option<PathBuf>,
+    /// Lifetime of an attestation result and of the client certificate, in seconds.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(60..=86400))]
+    pub result_ttl_seconds: u64,
+    /// PEM EK CA certificates trusted for TPM enrolment (repeatable).
+    #[arg(long = "ek-ca")]
+    pub ek_cas: Vec<PathBuf>,
+    /// PEM EK intermediate certificates (repeatable).
+    #[arg(long = "ek-intermediate")]
+    pub ek_intermediates: Vec<PathBuf>,
+    /// PEM Intel SGX root CA, for TDX quotes.
+    #[arg(long)]
+    pub intel_root: Option<PathBuf>,
+    /// AMD roots as GENERATION=FILE (a PEM bundle with the ARK and ASK), repeatable.
+    #[arg(long = "snp-roots", value_name = "GEN=FILE")]
+    pub snp_roots: Vec<String>,
+    /// Content-addressed artifact store the gateway serves (files named by SHA-256 hex).
+    #[arg(
+        long,
+        env = "EDGEFLEET_ARTIFACT_DIR",
+        default_value = "/var/lib/edgefleet/artifacts"
+    )]
+    pub artifact_dir: PathBuf,
+    /// Approval at enrolment: `manual`, `auto`, or `auto:key=value,...` (devices asking
+    /// for all of those labels).
+    #[arg(long, default_value = "manual", value_parser = Approval::parse)]
+    pub approval: Approval,
+}
+
+fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn der_certs(path: &PathBuf) -> anyhow::Result<Vec<Vec<u8>>> {
+    edgefleet_trust::attestation::pem_certificates(&read(path)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+impl GatewayOptions {
+    /// Builds the gateway and returns the future that serves it (and keeps its caches
+    /// and the lapse sweep), or `None` without `--gateway-addr`.
+    pub async fn start(
+        &self,
+        client: kube::Client,
+        heartbeat_lease: Duration,
+        counters: Arc<FleetCounters>,
+    ) -> anyhow::Result<Option<impl std::future::Future<Output = anyhow::Result<()>> + use<>>> {
+        let Some(addr) = self.gateway_addr else {
+            return Ok(None);
+        };
+        let token = String::from_utf8(read(&self.bootstrap_token_file)?)
+            .context("the bootstrap token is not UTF-8")?
+            .trim()
+            .to_owned();
+        let rego = String::from_utf8(read(&self.policy)?).context("policy is not UTF-8")?;
+        let data =
+            String::from_utf8(read(&self.policy_data)?).context("policy data is not UTF-8")?;
+        let policy = Policy::load(&self.policy_name, &rego, &data)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.policy.display()))?;
+        let mut snp_roots = Vec::new();
+        for spec in &self.snp_roots {
+            let (generation, file) = spec
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--snp-roots {spec:?}: expected GEN=FILE"))?;
+            snp_roots.push(
+                SnpRoots::from_pem(generation, &read(&PathBuf::from(file))?)
+                    .map_err(|e| anyhow::anyhow!("{file}: {e}"))?,
+            );
+        }
+        let mut ek_cas = Vec::new();
+        for f in &self.ek_cas {
+            ek_cas.extend(der_certs(f)?);
+        }
+        let mut ek_intermediates = Vec::new();
+        for f in &self.ek_intermediates {
+            ek_intermediates.extend(der_certs(f)?);
+        }
+        let intel_root = match &self.intel_root {
+            Some(f) => der_certs(f)?.into_iter().next(),
+            None => None,
+        };
+        let result_key = match &self.result_key {
+            Some(f) => {
+                use p256::pkcs8::DecodePrivateKey as _;
+                let pem = String::from_utf8(read(f)?).context("result key is not UTF-8")?;
+                p256::ecdsa::SigningKey::from_pkcs8_pem(&pem)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
+            }
+            None => {
+                tracing::warn!(
+                    "no --result-key: attestation results are signed with a key of this process only"
+                );
+                p256::ecdsa::SigningKey::random(&mut rand_core::OsRng)
+            }
+        };
+        let ca_cert =
+            String::from_utf8(read(&self.device_ca_cert)?).context("device CA is not UTF-8")?;
+        let ca_key =
+            String::from_utf8(read(&self.device_ca_key)?).context("device CA key is not UTF-8")?;
+        let service = AttestationService::new(
+            ServiceConfig {
+                nonce_ttl: Duration::from_secs(60),
+                result_ttl: Duration::from_secs(self.result_ttl_seconds),
+                snp_roots,
+                intel_root,
+                ek_cas,
+                ek_intermediates,
+            },
+            policy,
+            result_key,
+            &ca_cert,
+            &ca_key,
+        )
+        .map_err(|e| anyhow::anyhow!("attestation service: {e}"))?;
+        let chain: Vec<rustls::pki_types::CertificateDer<'static>> = der_certs(&self.gateway_cert)?
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        let key = {
+            use rustls::pki_types::pem::PemObject as _;
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(&read(&self.gateway_key)?)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", self.gateway_key.display()))?
+        };
+        let device_ca: Vec<rustls::pki_types::CertificateDer<'static>> =
+            edgefleet_trust::attestation::pem_certificates(ca_cert.as_bytes())
+                .map_err(|e| anyhow::anyhow!("device CA: {e}"))?
+                .into_iter()
+                .map(Into::into)
+                .collect();
+        let tls = server_tls(chain, key, &device_ca).map_err(|e| anyhow::anyhow!(e))?;
+        std::fs::create_dir_all(&self.artifact_dir)
+            .with_context(|| format!("creating {}", self.artifact_dir.display()))?;
+
+        let devices = DeviceStatus::new(client.clone());
+        let gateway =
+            Gateway::new(Arc::new(service), devices, &token).map_err(|e| anyhow::anyhow!(e))?;
+        let (fleet, caches) = Fleet::new(
+            client,
+            FleetConfig {
+                artifact_dir: self.artifact_dir.clone(),
+                approval: self.approval.clone(),
+                heartbeat_lease,
+                bootstrap_token: token,
+            },
+            counters,
+        );
+        let router = gateway.clone().router().merge(fleet.clone().router());
+        let listener =
+            std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        listener.set_nonblocking(true)?;
+        Ok(Some(async move {
+            let caches = tokio::spawn(caches);
+            let lapse = tokio::spawn(gateway.lapse_loop());
+            fleet
+                .ready()
+                .await
+                .map_err(|e| anyhow::anyhow!("gateway caches: {e}"))?;
+            tracing::info!(%addr, "device gateway serving");
+            let result = serve(listener, Arc::new(tls), router).await;
+            caches.abort();
+            lapse.abort();
+            result.context("device gateway")
+        }))
+    }
+}

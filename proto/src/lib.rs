@@ -1,0 +1,339 @@
+//! The device gateway protocol: the JSON messages agents and the gateway exchange after
+//! attestation. Plain serde types with no Kubernetes dependency, shared by both sides.
+//!
+//! | endpoint | auth | body → answer |
+//! | --- | --- | --- |
+//! | `POST /v1/enrol` | bootstrap token | [`EnrolRequest`] → [`EnrolResponse`] |
+//! | `POST /v1/attestation/challenge`, `/evidence` | bootstrap token | see the attestation service |
+//! | `GET /v1/devices/{name}/desired?version=V&waitSeconds=N` | mTLS | [`DesiredState`], or 304 while it is still `V` after `N` s |
+//! | `POST /v1/devices/{name}/report` | mTLS | [`ReportBatch`] → [`ReportAck`] |
+//! | `GET /v1/devices/{name}/artifacts/sha256:<hex>` | mTLS | the file, with `Range` |
+//!
+//! A device may use only its own `{name}`: the one its client certificate names.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest long-poll the gateway holds open.
+pub const MAX_WAIT_SECONDS: u64 = 60;
+/// Most reports one batch may carry.
+pub const MAX_BATCH: usize = 1024;
+
+/// `POST /v1/enrol`: a device asks to join the fleet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrolRequest {
+    /// The EdgeDevice name it asks for (a DNS-1123 subdomain).
+    pub device: String,
+    /// The agent's identity key, SPKI DER, base64. Its SHA-256 becomes the device's
+    /// `agentKeyFingerprint`, fixed for the device's life.
+    pub agent_public_key: String,
+    /// What the device says it is.
+    pub facts: Facts,
+    /// Labels the device asks for (for example its pool); the approval policy decides
+    /// whether they are believed.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Hardware facts an agent declares at enrolment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Facts {
+    /// `uname -m`.
+    pub arch: String,
+    /// Logical cores.
+    pub cpu_cores: u32,
+    /// Usable memory in bytes.
+    pub memory_bytes: u64,
+    /// Accelerators.
+    #[serde(default)]
+    pub accelerators: Vec<String>,
+    /// Evidence kinds it can produce (`tpm`, `sev-snp`, `tdx`, `dev`).
+    pub tee_kinds: Vec<String>,
+    /// Agent version.
+    pub agent_version: String,
+}
+
+/// The gateway's answer to an enrolment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrolResponse {
+    /// The device name.
+    pub device: String,
+    /// Whether this request created the EdgeDevice (false: it existed with this key).
+    pub created: bool,
+    /// Whether the device is approved (by policy or by an administrator).
+    pub approved: bool,
+}
+
+/// Everything a device should run, as of `version`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredState {
+    /// Opaque: changes whenever anything below changes. Sent back as `?version=`.
+    pub version: String,
+    /// The device.
+    pub device: String,
+    /// Models to run, each at one revision.
+    pub models: Vec<DeviceModel>,
+}
+
+impl DesiredState {
+    /// Builds the state with its version: 16 hex digits of SHA-256 over the models.
+    pub fn new(device: String, models: Vec<DeviceModel>) -> Self {
+        use sha2::Digest as _;
+        let body = serde_json::to_vec(&models).unwrap_or_default();
+        let version = hex::encode(&sha2::Sha256::digest(&body)[..8]);
+        Self {
+            version,
+            device,
+            models,
+        }
+    }
+}
+
+/// One model assignment, with everything the device needs to fetch, verify and run it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceModel {
+    /// The EdgeModel, `namespace/name`.
+    pub model: String,
+    /// Its revision.
+    pub revision: String,
+    /// The variant chosen for this device, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// Model id on the device's API.
+    pub served_name: String,
+    /// The GGUF file.
+    pub artifact: ArtifactRef,
+    /// The OpenSSF model-signing bundle (JSON) over the artifact.
+    pub bundle: String,
+    /// Who may have signed it.
+    pub signers: Vec<Signer>,
+    /// llama.cpp settings.
+    pub runtime: Runtime,
+    /// Plugin chain, in order.
+    #[serde(default)]
+    pub plugins: Vec<DevicePlugin>,
+    /// Port of the device's API.
+    pub port: u16,
+}
+
+/// A file the device fetches through the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactRef {
+    /// `sha256:<hex>` of the whole file.
+    pub digest: String,
+    /// Its size, when the EdgeModel gives it; a download that grows past it stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    /// Path on the gateway.
+    pub path: String,
+}
+
+/// A trusted signer, as in `EdgeModel.spec.signers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Signer {
+    /// Name.
+    pub name: String,
+    /// PEM public key (key mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// PEM root certificate (certificate mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_root: Option<String>,
+    /// Identities a leaf certificate must carry (certificate mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+}
+
+/// llama.cpp settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Runtime {
+    /// Context window per slot.
+    pub context_size: u32,
+    /// Threads (absent: the agent's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
+    /// GPU layers.
+    pub gpu_layers: u32,
+    /// Slots.
+    pub parallel_slots: u32,
+    /// Queue depth.
+    pub queue_depth: u32,
+}
+
+/// A plugin of the chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DevicePlugin {
+    /// Name.
+    pub name: String,
+    /// The component.
+    pub artifact: ArtifactRef,
+    /// Its signature bundle (JSON).
+    pub bundle: String,
+    /// Fuel per call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+    /// Deadline per call, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_millis: Option<u64>,
+    /// Memory cap, bytes.
+    pub memory_bytes: u64,
+    /// Configuration.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Grants.
+    #[serde(default)]
+    pub grants: Grants,
+}
+
+/// What a plugin may reach (see `PluginGrants` in the CRD).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Grants {
+    /// Environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Real clocks.
+    #[serde(default)]
+    pub clocks: bool,
+    /// Read-only directories.
+    #[serde(default)]
+    pub read_only_dirs: Vec<String>,
+    /// Sockets.
+    #[serde(default)]
+    pub network: bool,
+}
+
+/// `POST /v1/devices/{name}/report`: the reports a device has not yet had acknowledged,
+/// oldest first (after an outage, the spool).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportBatch {
+    /// Reports, by increasing `seq`.
+    pub reports: Vec<Report>,
+    /// Reports the agent dropped, since it started, because its spool was full.
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+/// One heartbeat. Model states are sent only when they changed since the last
+/// acknowledged report (a delta); `None` means unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    /// Increases by one per report, from 1 at agent start (with `boot`).
+    pub seq: u64,
+    /// Identifies the agent process, so that a restart's `seq` 1 is not a gap.
+    pub boot: String,
+    /// Seconds since the epoch when the report was taken.
+    pub time: i64,
+    /// The full list of model states, when it changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<ModelReport>>,
+    /// Serving counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<Inference>,
+}
+
+/// A model's state on the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelReport {
+    /// `namespace/name`.
+    pub model: String,
+    /// Revision.
+    pub revision: String,
+    /// `Pending`, `Downloading`, `Verifying`, `Loading`, `Ready`, `Draining` or `Failed`.
+    pub state: String,
+    /// Detail (the named failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Load time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_millis: Option<u64>,
+}
+
+/// Serving counters since the agent started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Inference {
+    /// Requests completed.
+    pub requests_total: u64,
+    /// Requests failed.
+    pub errors_total: u64,
+    /// Mean generation speed.
+    pub tokens_per_second: f64,
+}
+
+/// The gateway's answer to a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportAck {
+    /// Highest `seq` received; the agent drops everything up to it from its spool.
+    pub acked: u64,
+    /// Reports of this boot missing between acknowledged batches (lost), as the gateway
+    /// counts them.
+    pub gaps: u64,
+    /// The device's current desired-state version: a hint to poll when it differs.
+    pub desired_version: String,
+}
+
+/// A named refusal, the body of every 4xx/5xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// Machine-readable reason, for example `Impersonation`.
+    pub reason: String,
+    /// Detail.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_follows_the_content() {
+        let a = DesiredState::new("d".into(), vec![]);
+        let model = DeviceModel {
+            model: "ns/m".into(),
+            revision: "r1".into(),
+            variant: None,
+            served_name: "m".into(),
+            artifact: ArtifactRef {
+                digest: "sha256:00".into(),
+                size_bytes: Some(1),
+                path: "/x".into(),
+            },
+            bundle: "{}".into(),
+            signers: vec![],
+            runtime: Runtime {
+                context_size: 512,
+                threads: None,
+                gpu_layers: 0,
+                parallel_slots: 1,
+                queue_depth: 1,
+            },
+            plugins: vec![],
+            port: 8080,
+        };
+        let b = DesiredState::new("d".into(), vec![model.clone()]);
+        assert_ne!(a.version, b.version);
+        let mut changed = model.clone();
+        changed.revision = "r2".into();
+        let c = DesiredState::new("d".into(), vec![changed]);
+        assert_ne!(b.version, c.version);
+        assert_eq!(
+            b.version,
+            DesiredState::new("d".into(), vec![model]).version
+        );
+    }
+}
