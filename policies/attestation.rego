@@ -16,6 +16,7 @@
 #   {
 #     "allowed_tees": ["sev-snp", "tdx", "tpm"],
 #     "allow_debug": false,
+#     "allow_dev_attester": false,   # development fleets only (policies/dev.json)
 #     "snp": {"min_tcb": {"bootloader": n, "tee": n, "snp": n, "microcode": n},
 #             "launch_measurements": [hex]},     # empty: any
 #     "tdx": {"mr_td": [hex]},                     # empty: any
@@ -40,6 +41,14 @@ deny contains msg if {
 
 deny contains "evidence does not chain to a hardware root of trust" if {
 	not input.hardware_genuine
+	not dev_attester_allowed
+}
+
+# The software `dev` attester proves nothing about hardware; only a development
+# reference set that names it in allowed_tees and sets allow_dev_attester admits it.
+dev_attester_allowed if {
+	input.tee == "dev"
+	data.reference.allow_dev_attester == true
 }
 
 deny contains "debugging is enabled" if {

@@ -70,6 +70,25 @@ pub struct AgentConfig {
     pub attestation: AttestationConfig,
     /// The local inference API.
     pub serve: ServeConfig,
+    /// Talking to the fleet.
+    pub fleet: FleetSection,
+}
+
+/// `[fleet]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// Seconds between heartbeats.
+    pub heartbeat_seconds: u64,
+    /// Reports kept while the gateway is unreachable; the oldest are dropped (and
+    /// counted) beyond it.
+    pub spool_max: usize,
+    /// Seconds a desired-state poll waits at the gateway for a change.
+    pub poll_wait_seconds: u64,
+    /// Longest wait between reconnection attempts (the backoff is capped and jittered).
+    pub backoff_max_seconds: u64,
+    /// Directory for compiled plugin code.
+    pub plugin_cache: Option<PathBuf>,
 }
 
 /// `[device]`.
@@ -78,6 +97,9 @@ pub struct AgentConfig {
 pub struct DeviceConfig {
     /// EdgeDevice name.
     pub name: String,
+    /// Labels asked for at enrolment (the approval policy decides).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// `[gateway]`.
@@ -144,6 +166,11 @@ threads = 0
 gpu_layers = 0
 parallel_slots = 1
 queue_depth = 16
+[fleet]
+heartbeat_seconds = 10
+spool_max = 256
+poll_wait_seconds = 30
+backoff_max_seconds = 30
 "#;
 
 fn parse(layer: &str, text: &str) -> Result<toml::Table, ConfigError> {
@@ -249,6 +276,12 @@ fn validate(c: &AgentConfig) -> Result<(), ConfigError> {
     }
     if c.attestation.interval_seconds < 60 {
         return bad("attestation.interval_seconds must be at least 60");
+    }
+    if c.fleet.heartbeat_seconds == 0 || c.fleet.spool_max == 0 || c.fleet.backoff_max_seconds == 0
+    {
+        return bad(
+            "fleet needs heartbeat_seconds >= 1, spool_max >= 1 and backoff_max_seconds >= 1",
+        );
     }
     if c.serve.parallel_slots == 0 || c.serve.queue_depth == 0 || c.serve.context_size < 128 {
         return bad("serve needs parallel_slots >= 1, queue_depth >= 1 and context_size >= 128");

@@ -87,6 +87,14 @@ impl GatewayClient {
         })
     }
 
+    /// Enrols the device (idempotent for the same key).
+    pub async fn enrol(
+        &self,
+        req: &edgefleet_proto::EnrolRequest,
+    ) -> Result<edgefleet_proto::EnrolResponse, GatewayError> {
+        self.post("/v1/enrol", req).await
+    }
+
     /// Asks for a challenge.
     pub async fn challenge(&self, req: &ChallengeRequest) -> Result<Challenge, GatewayError> {
         self.post("/v1/attestation/challenge", req).await

@@ -6,6 +6,7 @@ pub mod attest;
 pub mod config;
 pub mod engine;
 pub mod enrol;
+pub mod fleet;
 pub mod gateway_client;
 pub mod plugins;
 pub mod serve;

@@ -39,6 +39,13 @@ enum Cmd {
         #[arg(long, env = "EDGEFLEET_CONFIG_DIR", default_value = "/etc/edgefleet")]
         config_dir: PathBuf,
     },
+    /// Run as a fleet device: enrol, attest, follow the gateway's desired state, serve
+    /// and report (the systemd service's command).
+    Run {
+        /// Directory with agent.toml and agent.d/*.toml.
+        #[arg(long, env = "EDGEFLEET_CONFIG_DIR", default_value = "/etc/edgefleet")]
+        config_dir: PathBuf,
+    },
     /// Serve a model standalone on the OpenAI-compatible API (no operator).
     Serve {
         /// The GGUF model file. Without one the agent serves no model (`/readyz` answers
@@ -146,6 +153,24 @@ async fn main() -> anyhow::Result<()> {
         let config = edgefleet_agent::config::load(config_dir, std::env::vars())?;
         println!("{config:#?}");
         return Ok(());
+    }
+    if let Cmd::Run { config_dir } = &cmd {
+        let config = edgefleet_agent::config::load(config_dir, std::env::vars())?;
+        let source = match config.attestation.tee.as_str() {
+            "tpm" => Source::Tpm(edgefleet_agent::enrol::TpmSource::new(
+                config.attestation.tcti.clone(),
+            )),
+            "sev-snp" => Source::ConfigfsTsm {
+                root: config.attestation.tsm_root.clone(),
+                kind: TeeKind::SevSnp,
+            },
+            "tdx" => Source::ConfigfsTsm {
+                root: config.attestation.tsm_root.clone(),
+                kind: TeeKind::Tdx,
+            },
+            _ => Source::Dev(DevAttester::generate()),
+        };
+        return edgefleet_agent::fleet::run(config, source, shutdown_signal()).await;
     }
     let Cmd::Attest {
         gateway,

@@ -340,6 +340,22 @@ impl Serving {
         self.no_model.store(true, Ordering::Relaxed);
     }
 
+    /// Stops serving: new requests get 503 "no model"; requests in flight finish on the
+    /// engine they started on. Returns the engine that was served.
+    pub fn uninstall(&self) -> Option<Arc<Engine>> {
+        self.set_no_model();
+        let previous = match self.current.write() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        previous.map(|p| p.engine)
+    }
+
+    /// The engine served now.
+    pub fn current_engine(&self) -> Option<Arc<Engine>> {
+        self.engine().ok()
+    }
+
     /// Serves `engine`, with no plugins, from now on; returns the previous engine (which
     /// drains once dropped).
     pub fn install(&self, engine: Engine) -> Option<Arc<Engine>> {

@@ -91,3 +91,21 @@ pub enum TeeKind {
     #[serde(rename = "dev")]
     Dev,
 }
+
+/// Schema of an object stored as written, without nested validation (for status copies
+/// of already-validated spec objects).
+pub fn opaque_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+/// Schema of a list of such objects (at most 32).
+pub fn opaque_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": 32,
+        "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+    })
+}

@@ -405,26 +405,39 @@ pub struct EdgeModelStatus {
 }
 
 /// One revision as devices run it. Every `signature` holds its bundle inline.
+///
+/// Written only by the operator, from a spec the API server already validated; the
+/// nested objects are stored without their CEL rules (`x-kubernetes-preserve-unknown-fields`),
+/// which would otherwise be charged again for every kept revision and exceed the CRD's
+/// CEL cost budget.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RevisionTemplate {
     /// The revision.
+    #[schemars(length(max = 64))]
     pub revision: String,
     /// Model id on the device's API.
+    #[schemars(length(max = 128))]
     pub served_name: String,
     /// The default model file.
+    #[schemars(schema_with = "crate::common::opaque_object")]
     pub artifact: Artifact,
     /// Its bundle, inline.
+    #[schemars(schema_with = "crate::common::opaque_object")]
     pub signature: SignatureSource,
     /// Variants, with their bundles inline.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::common::opaque_list")]
     pub variants: Vec<ModelVariant>,
     /// Trusted signers.
+    #[schemars(schema_with = "crate::common::opaque_list")]
     pub signers: Vec<TrustedSigner>,
     /// llama.cpp settings.
+    #[schemars(schema_with = "crate::common::opaque_object")]
     pub runtime: RuntimeSettings,
     /// Plugins, with their bundles inline.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::common::opaque_list")]
     pub plugins: Vec<PluginSpec>,
     /// API port.
     pub port: i32,

@@ -117,30 +117,18 @@ pub fn check_signature(
 fn trust_policy(
     signers: &[TrustedSigner],
 ) -> Result<edgefleet_trust::model_signing::TrustPolicy, String> {
-    use edgefleet_trust::model_signing as ms;
-    let mut out = Vec::new();
-    for s in signers {
-        if let Some(pem) = &s.public_key {
-            let key = ms::PublicKey::from_pem(pem)
-                .map_err(|e| format!("signer {}: public key: {e}", s.name))?;
-            out.push(ms::TrustedSigner::Key {
-                name: s.name.clone(),
-                key,
-            });
-        } else if let Some(pem) = &s.certificate_root {
-            let der = ms::certs::pem_certificates(pem)
-                .map_err(|e| format!("signer {}: certificate root: {e}", s.name))?
-                .into_iter()
-                .next()
-                .ok_or_else(|| format!("signer {}: no certificate in certificateRoot", s.name))?;
-            out.push(ms::TrustedSigner::Root(ms::PinnedRoot {
-                name: s.name.clone(),
-                der,
-                identities: s.identities.clone().unwrap_or_default(),
-            }));
-        }
-    }
-    Ok(ms::TrustPolicy { signers: out })
+    let signers = signers
+        .iter()
+        .map(|s| {
+            edgefleet_trust::model_signing::TrustedSigner::from_pem(
+                &s.name,
+                s.public_key.as_deref(),
+                s.certificate_root.as_deref(),
+                s.identities.as_deref().unwrap_or_default(),
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(edgefleet_trust::model_signing::TrustPolicy { signers })
 }
 
 /// What `spec` runs at revision `rev`, with every signature bundle resolved by

@@ -116,6 +116,10 @@ struct Delivery {
     missing: u64,
     dropped: u64,
     last_write: Option<Instant>,
+    /// The latest model states and counters: every write under [`REPORT_MANAGER`] must
+    /// carry all of them, since server-side apply removes owned fields a patch omits.
+    models: Option<Vec<edgefleet_crds::device::LoadedModel>>,
+    inference: Option<proto::Inference>,
 }
 
 /// Counters of the device API, for `/metrics`.
@@ -775,9 +779,8 @@ async fn report(
             models = Some(out);
         }
     }
-    let latest = batch.reports.last();
     // Sequence accounting.
-    let (acked, missing, write_due) = {
+    let (acked, missing, write) = {
         let mut map = fleet.inner.deliveries.lock().map_err(|_| {
             refuse(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -802,6 +805,8 @@ async fn report(
                 missing: recorded.map_or(0, |r| u64::try_from(r.missing).unwrap_or(0)),
                 dropped: 0,
                 last_write: None,
+                models: device.status.as_ref().map(|s| s.models.clone()),
+                inference: None,
             };
         }
         for r in &batch.reports {
@@ -812,32 +817,12 @@ async fn report(
         }
         let dropped_changed = batch.dropped != d.dropped;
         d.dropped = batch.dropped;
-        let third = fleet.inner.config.heartbeat_lease / 3;
-        let reported_models = device
-            .status
+        let changed = models
             .as_ref()
-            .map(|s| s.models.clone())
-            .unwrap_or_default();
-        let changed = models.as_ref().is_some_and(|m| *m != reported_models) || dropped_changed;
-        let due = changed || d.last_write.is_none_or(|t| t.elapsed() >= third);
-        if due {
-            d.last_write = Some(Instant::now());
-        }
-        (d.last_seq, d.missing, due)
-    };
-    if write_due && let Some(latest) = latest {
-        let mut st = json!({
-            "reports": {
-                "boot": latest.boot, "lastSequence": acked, "missing": missing, "dropped": batch.dropped,
-            },
-        });
-        if let Some(m) = &models {
-            st["models"] = json!(m);
-            st["loadedModelCount"] = json!(
-                m.iter()
-                    .filter(|m| m.state == edgefleet_crds::device::ModelState::Ready)
-                    .count()
-            );
+            .is_some_and(|m| d.models.as_ref() != Some(m))
+            || dropped_changed;
+        if let Some(m) = models {
+            d.models = Some(m);
         }
         if let Some(i) = batch
             .reports
@@ -845,6 +830,35 @@ async fn report(
             .rev()
             .find_map(|r| r.inference.as_ref())
         {
+            d.inference = Some(i.clone());
+        }
+        let third = fleet.inner.config.heartbeat_lease / 3;
+        let due = changed || d.last_write.is_none_or(|t| t.elapsed() >= third);
+        if due {
+            d.last_write = Some(Instant::now());
+        }
+        let write = due.then(|| {
+            (
+                d.boot.clone(),
+                d.models.clone().unwrap_or_default(),
+                d.inference.clone(),
+                d.dropped,
+            )
+        });
+        (d.last_seq, d.missing, write)
+    };
+    if let Some((boot, models, inference, dropped)) = write {
+        let mut st = json!({
+            "reports": {
+                "boot": boot, "lastSequence": acked, "missing": missing, "dropped": dropped,
+            },
+            "models": models,
+            "loadedModelCount": models
+                .iter()
+                .filter(|m| m.state == edgefleet_crds::device::ModelState::Ready)
+                .count(),
+        });
+        if let Some(i) = inference {
             st["inference"] = json!({
                 "tokensPerSecond": i.tokens_per_second,
                 "requestsTotal": i.requests_total,

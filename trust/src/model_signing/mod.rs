@@ -234,6 +234,46 @@ pub struct TrustPolicy {
     pub signers: Vec<TrustedSigner>,
 }
 
+impl TrustedSigner {
+    /// A signer as EdgeModels write them: a PEM public key (key mode), or a PEM root
+    /// certificate and the identities a leaf must carry (certificate mode). `Err` names
+    /// the signer and what is wrong.
+    pub fn from_pem(
+        name: &str,
+        public_key: Option<&str>,
+        certificate_root: Option<&str>,
+        identities: &[String],
+    ) -> Result<Self, String> {
+        match (public_key, certificate_root) {
+            (Some(pem), None) => Ok(Self::Key {
+                name: name.to_owned(),
+                key: PublicKey::from_pem(pem)
+                    .map_err(|e| format!("signer {name}: public key: {e}"))?,
+            }),
+            (None, Some(pem)) => {
+                let der = certs::pem_certificates(pem)
+                    .map_err(|e| format!("signer {name}: certificate root: {e}"))?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| format!("signer {name}: no certificate in certificateRoot"))?;
+                if identities.is_empty() {
+                    return Err(format!(
+                        "signer {name}: a certificate root needs identities"
+                    ));
+                }
+                Ok(Self::Root(PinnedRoot {
+                    name: name.to_owned(),
+                    der,
+                    identities: identities.to_vec(),
+                }))
+            }
+            _ => Err(format!(
+                "signer {name}: exactly one of publicKey and certificateRoot"
+            )),
+        }
+    }
+}
+
 impl TrustPolicy {
     /// Trust exactly these keys.
     pub fn keys(keys: impl IntoIterator<Item = (String, PublicKey)>) -> Self {

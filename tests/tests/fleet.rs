@@ -1,0 +1,634 @@
+//! The whole fleet, end to end: the real API server, the operator process with its
+//! gateway, three real agent processes (`edgefleet-agent run`, `dev` attester) and the
+//! real SmolLM2 model with the pii-redact plugin.
+//!
+//! `kubectl apply` → every device enrols, attests, long-polls its desired state,
+//! downloads through the gateway, verifies, loads and serves → `kubectl get em` shows
+//! 3/3 and each device answers a chat. Then: identities are enforced (no certificate,
+//! another device's name, a foreign CA, an unassigned artifact); a new revision rolls out
+//! step by step; a badly signed revision halts with SignatureInvalid while the devices
+//! keep serving; deletion unloads everywhere before the finalizer goes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use edgefleet_crds::{EdgeDevice, EdgeModel};
+use edgefleet_e2e::{ControlPlane, cache_dir, free_port, workspace_root};
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde_json::{Value, json};
+
+const NS: &str = "fleet";
+const TOKEN: &str = "fleet-bootstrap-token-0123456789";
+
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join(name);
+    assert!(bin.exists(), "{} not built", bin.display());
+    bin
+}
+
+fn model_file() -> PathBuf {
+    std::env::var_os("EDGEFLEET_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+fn plugin_file(name: &str) -> PathBuf {
+    std::env::var_os("EDGEFLEET_PLUGINS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("target-wasm/wasm32-wasip2/release"))
+        .join(name)
+}
+
+fn sha256_file(p: &Path) -> String {
+    format!("sha256:{}", edgefleet_agent::fleet::file_sha256(p).unwrap())
+}
+
+struct Ca {
+    pem: String,
+    key: rcgen::KeyPair,
+    params: rcgen::CertificateParams,
+}
+
+fn ca(name: &str) -> Ca {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    Ca {
+        pem: p.self_signed(&key).unwrap().pem(),
+        key,
+        params: p,
+    }
+}
+
+/// A signer key and the bundle of `file` signed with it.
+fn sign(file: &Path, key_pem: &str) -> String {
+    let signer = edgefleet_trust::model_signing::PrivateKey::from_pem(key_pem).unwrap();
+    String::from_utf8(
+        edgefleet_trust::model_signing::sign(file, &signer, None, &Default::default()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn new_key() -> (String, String) {
+    use p256::pkcs8::EncodePrivateKey as _;
+    let key = p256::SecretKey::random(&mut rand_core::OsRng)
+        .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+        .unwrap()
+        .to_string();
+    let public = edgefleet_trust::model_signing::PrivateKey::from_pem(&key)
+        .unwrap()
+        .public_key()
+        .to_pem()
+        .unwrap();
+    (key, public)
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Setup {
+    cp: ControlPlane,
+    client: Client,
+    dir: tempfile::TempDir,
+    gateway: String,
+    gateway_ca: Ca,
+    device_ca_pem: String,
+    agents: Vec<(String, u16, Proc)>,
+    _operator: Proc,
+    model: PathBuf,
+    digest: String,
+    size: u64,
+    signer_public: String,
+    bundle: String,
+    plugin_digest: String,
+    plugin_size: u64,
+    plugin_bundle: String,
+}
+
+async fn setup() -> Setup {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cp = ControlPlane::start().await.expect("control plane starts");
+    cp.install_crds().await.expect("CRDs install");
+    let client = cp.client().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    // PKI: the gateway's serving CA and the device CA that issues client certificates.
+    let gateway_ca = ca("edgefleet gateway CA");
+    let device_ca = ca("edgefleet device CA");
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+        .unwrap()
+        .signed_by(
+            &server_key,
+            &rcgen::Issuer::from_params(&gateway_ca.params, &gateway_ca.key),
+        )
+        .unwrap();
+    std::fs::write(d.join("gw.crt"), server.pem()).unwrap();
+    std::fs::write(d.join("gw.key"), server_key.serialize_pem()).unwrap();
+    std::fs::write(d.join("gw-ca.crt"), &gateway_ca.pem).unwrap();
+    std::fs::write(d.join("dev-ca.crt"), &device_ca.pem).unwrap();
+    std::fs::write(d.join("dev-ca.key"), device_ca.key.serialize_pem()).unwrap();
+    std::fs::write(d.join("token"), TOKEN).unwrap();
+    // The artifact store: the model and the plugin, by digest.
+    let store = d.join("artifacts");
+    std::fs::create_dir_all(&store).unwrap();
+    let model = model_file();
+    let digest = sha256_file(&model);
+    let size = std::fs::metadata(&model).unwrap().len();
+    std::os::unix::fs::symlink(&model, store.join(&digest[7..])).unwrap();
+    let plugin = plugin_file("pii_redact.wasm");
+    let plugin_digest = sha256_file(&plugin);
+    let plugin_size = std::fs::metadata(&plugin).unwrap().len();
+    std::fs::copy(&plugin, store.join(&plugin_digest[7..])).unwrap();
+    let (signer_key, signer_public) = new_key();
+    let bundle = sign(&model, &signer_key);
+    let plugin_bundle = sign(&plugin, &signer_key);
+
+    let port = free_port().unwrap();
+    let gateway = format!("https://127.0.0.1:{port}");
+    let metrics = free_port().unwrap();
+    let log = std::fs::File::create(d.join("operator.log")).unwrap();
+    let operator = Command::new(bin("edgefleet-operator"))
+        .args(["run", "--lease-seconds", "3", "--identity", "op-1"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+        .args(["--heartbeat-lease-seconds", "8"])
+        .args(["--gateway-addr", &format!("127.0.0.1:{port}")])
+        .arg("--gateway-cert")
+        .arg(d.join("gw.crt"))
+        .arg("--gateway-key")
+        .arg(d.join("gw.key"))
+        .arg("--device-ca-cert")
+        .arg(d.join("dev-ca.crt"))
+        .arg("--device-ca-key")
+        .arg(d.join("dev-ca.key"))
+        .arg("--bootstrap-token-file")
+        .arg(d.join("token"))
+        .arg("--policy")
+        .arg(workspace_root().join("policies/attestation.rego"))
+        .arg("--policy-data")
+        // The development reference set: the dev attester is accepted.
+        .arg(workspace_root().join("policies/dev.json"))
+        .args(["--policy-name", "dev", "--result-ttl-seconds", "600"])
+        .arg("--artifact-dir")
+        .arg(&store)
+        .args(["--approval", "auto:edgefleet.io/pool=e2e"])
+        .env("KUBECONFIG", cp.kubeconfig_path())
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut agents = Vec::new();
+    for i in 1..=3 {
+        let name = format!("dev-{i}");
+        let (port, child) = start_agent(d, &name, &gateway, None);
+        agents.push((name, port, child));
+    }
+    Setup {
+        cp,
+        client,
+        gateway,
+        gateway_ca,
+        device_ca_pem: device_ca.pem,
+        agents,
+        _operator: Proc(operator),
+        model,
+        digest,
+        size,
+        signer_public,
+        bundle,
+        plugin_digest,
+        plugin_size,
+        plugin_bundle,
+        dir,
+    }
+}
+
+/// Starts `edgefleet-agent run` for `name` (its state survives restarts).
+fn start_agent(d: &Path, name: &str, gateway: &str, port: Option<u16>) -> (u16, Proc) {
+    let port = port.unwrap_or_else(|| free_port().unwrap());
+    let conf = d.join(name);
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(
+        conf.join("agent.toml"),
+        format!(
+            r#"state_dir = "{state}"
+[device]
+name = "{name}"
+labels = {{ "edgefleet.io/pool" = "e2e" }}
+[gateway]
+url = "{gateway}"
+ca = "{ca}"
+bootstrap_token = "{TOKEN}"
+[attestation]
+tee = "dev"
+interval_seconds = 300
+[serve]
+listen = "127.0.0.1:{port}"
+threads = 1
+[fleet]
+heartbeat_seconds = 1
+poll_wait_seconds = 20
+backoff_max_seconds = 2
+"#,
+            state = conf.join("state").display(),
+            ca = d.join("gw-ca.crt").display(),
+        ),
+    )
+    .unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(d.join(format!("{name}.log")))
+        .unwrap();
+    let child = Command::new(bin("edgefleet-agent"))
+        .args(["run", "--config-dir"])
+        .arg(&conf)
+        .env("RUST_LOG", "info,llama-cpp-2=warn")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    (port, Proc(child))
+}
+
+fn manifest(s: &Setup, bundle: &str, context: i32, pause: i32) -> Value {
+    json!({
+        "apiVersion": "edgefleet.io/v1alpha1",
+        "kind": "EdgeModel",
+        "metadata": {"name": "smollm2", "namespace": NS},
+        "spec": {
+            "servedName": "smollm2",
+            "artifact": {"uri": "https://artifacts.example/smollm2.gguf", "digest": s.digest, "sizeBytes": s.size},
+            "signature": {"inline": bundle},
+            "signers": [{"name": "models-team", "publicKey": s.signer_public}],
+            "selector": {"matchLabels": {"edgefleet.io/pool": "e2e"}},
+            "attestation": {"teeKinds": ["dev"], "policy": "dev"},
+            "rollout": {
+                "steps": [{"count": 1, "pauseSeconds": pause}, {"percent": 100}],
+                "maxUnavailable": 1,
+                "healthGates": {"readyTimeoutSeconds": 120, "rollbackOnFailure": true},
+            },
+            "runtime": {"contextSize": context, "threads": 1, "parallelSlots": 1},
+            "plugins": [{
+                "name": "pii-redact",
+                "artifact": {"uri": "https://artifacts.example/pii_redact.wasm", "digest": s.plugin_digest, "sizeBytes": s.plugin_size},
+                "signature": {"inline": s.plugin_bundle},
+                "limits": {"deadlineMillis": 200, "memoryBytes": 33554432},
+            }],
+        }
+    })
+}
+
+async fn apply(client: &Client, m: &Value) {
+    Api::<EdgeModel>::namespaced(client.clone(), NS)
+        .patch(
+            "smollm2",
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(m),
+        )
+        .await
+        .unwrap();
+}
+
+async fn eventually<T, F, Fut>(s: &Setup, what: &str, secs: u64, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if started.elapsed() > Duration::from_secs(secs) {
+            let logs: String = ["operator", "dev-1", "dev-2", "dev-3"]
+                .iter()
+                .map(|n| {
+                    let text = std::fs::read_to_string(s.dir.path().join(format!("{n}.log")))
+                        .unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(25).collect();
+                    format!(
+                        "--- {n}\n{}\n",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    )
+                })
+                .collect();
+            let state =
+                s.cp.kubectl()
+                    .args(["get", "em,ed", "-A", "-o", "yaml"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+            let state: String = state
+                .lines()
+                .filter(|l| {
+                    !l.contains("inline:") && !l.trim_start().starts_with('"') && l.len() < 200
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!("timed out waiting for {what}\n{logs}\n{state}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn model(client: &Client) -> Option<EdgeModel> {
+    Api::<EdgeModel>::namespaced(client.clone(), NS)
+        .get_opt("smollm2")
+        .await
+        .unwrap()
+}
+
+fn reported(d: &EdgeDevice) -> Vec<(String, String)> {
+    d.status
+        .as_ref()
+        .map(|s| {
+            s.models
+                .iter()
+                .map(|m| (m.revision.clone(), format!("{:?}", m.state)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn devices(client: &Client) -> Vec<EdgeDevice> {
+    Api::<EdgeDevice>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+async fn chat(port: u16) -> (u16, Value) {
+    let resp = http()
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .json(&json!({
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12, "temperature": 0,
+        }))
+        .send()
+        .await
+        .unwrap();
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or_default(),
+    )
+}
+
+/// A client of the gateway presenting `identity` (cert and key PEM), if any.
+fn gateway_client(s: &Setup, identity: Option<(String, String)>) -> reqwest::Client {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(
+            rustls::pki_types::CertificateDer::from_pem_slice(s.gateway_ca.pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let b = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let tls = match identity {
+        Some((cert, key)) => b
+            .with_client_auth_cert(
+                vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn identity_of(s: &Setup, device: &str) -> (String, String) {
+    let state = s.dir.path().join(device).join("state");
+    (
+        std::fs::read_to_string(state.join("agent-cert.pem")).unwrap(),
+        std::fs::read_to_string(state.join("agent-key.pem")).unwrap(),
+    )
+}
+
+async fn refusal(resp: reqwest::Response) -> (u16, String) {
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap_or_default();
+    (status, v["reason"].as_str().unwrap_or("").to_owned())
+}
+
+#[tokio::test]
+async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
+    let s = setup().await;
+    let c = &s.client;
+
+    // Enrolment creates approved EdgeDevices; attestation makes them Attested.
+    eventually(&s, "three enrolled, attested devices", 60, || async {
+        let ds = devices(c).await;
+        let ok = ds.len() == 3
+            && ds.iter().all(|d| {
+                d.spec.approved
+                    && edgefleet_operator::rollout::condition_true(d, "Attested")
+                    && d.spec.facts.tee_kinds == vec![edgefleet_crds::TeeKind::Dev]
+            });
+        ok.then_some(())
+    })
+    .await;
+
+    apply(c, &manifest(&s, &s.bundle, 1024, 0)).await;
+    let rev1 = eventually(&s, "3/3 ready", 180, || async {
+        let m = model(c).await?;
+        let st = m.status?;
+        (st.ready_devices.as_deref() == Some("3/3") && st.phase.as_deref() == Some("Available"))
+            .then_some(st.current_revision?)
+    })
+    .await;
+    let out =
+        s.cp.kubectl()
+            .args(["get", "em", "-n", NS])
+            .output()
+            .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("3/3") && table.contains("Available"),
+        "{table}"
+    );
+    for d in devices(c).await {
+        assert_eq!(
+            reported(&d),
+            vec![(rev1.clone(), "Ready".to_owned())],
+            "{}",
+            d.metadata.name.clone().unwrap_or_default()
+        );
+        let delivery = d.status.as_ref().and_then(|s| s.reports.clone()).unwrap();
+        assert_eq!(
+            (delivery.missing, delivery.dropped),
+            (0, 0),
+            "no report lost"
+        );
+        assert!(delivery.last_sequence > 0);
+    }
+    for (name, port, _) in &s.agents {
+        let (code, body) = chat(*port).await;
+        assert_eq!(code, 200, "{name}: {body}");
+        let text = body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or("");
+        assert!(text.contains("Paris"), "{name} answered {text:?}");
+        // The request went through the plugin chain the EdgeModel named.
+        let metrics = http()
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("edgefleet_plugin_calls_total") && l.contains("pii-redact")),
+            "{name}: no pii-redact calls in metrics"
+        );
+    }
+
+    // Identities: only a device's own certificate, for its own name and assignments.
+    let desired = |dev: &str| format!("{}/v1/devices/{dev}/desired", s.gateway);
+    let anon = gateway_client(&s, None);
+    assert_eq!(
+        refusal(anon.get(desired("dev-1")).send().await.unwrap()).await,
+        (401, "ClientCertificateRequired".into())
+    );
+    let dev1 = gateway_client(&s, Some(identity_of(&s, "dev-1")));
+    let own = dev1.get(desired("dev-1")).send().await.unwrap();
+    assert_eq!(own.status().as_u16(), 200);
+    let state: edgefleet_proto::DesiredState = own.json().await.unwrap();
+    assert_eq!(state.models.len(), 1);
+    assert_eq!(state.models[0].revision, rev1);
+    assert_eq!(
+        refusal(dev1.get(desired("dev-2")).send().await.unwrap()).await,
+        (403, "Impersonation".into())
+    );
+    let artifact = |digest: &str| format!("{}/v1/devices/dev-1/artifacts/{digest}", s.gateway);
+    let head = dev1
+        .get(artifact(&s.digest))
+        .header("Range", "bytes=0-3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status().as_u16(), 206);
+    assert_eq!(
+        head.headers()["content-range"].to_str().unwrap(),
+        format!("bytes 0-3/{}", s.size)
+    );
+    assert_eq!(&head.bytes().await.unwrap()[..], b"GGUF");
+    let unassigned = format!("sha256:{}", "ab".repeat(32));
+    assert_eq!(
+        refusal(dev1.get(artifact(&unassigned)).send().await.unwrap()).await,
+        (403, "NotAssigned".into())
+    );
+    // A certificate naming dev-1 from a CA the gateway does not trust: no handshake.
+    let foreign_ca = ca("somebody else's CA");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        "edgefleet://device/dev-1".try_into().unwrap(),
+    )];
+    let forged = p
+        .signed_by(
+            &key,
+            &rcgen::Issuer::from_params(&foreign_ca.params, &foreign_ca.key),
+        )
+        .unwrap();
+    let foreign = gateway_client(&s, Some((forged.pem(), key.serialize_pem())));
+    let err = foreign.get(desired("dev-1")).send().await.unwrap_err();
+    assert!(err.is_connect() || err.is_request(), "{err:?}");
+    assert!(!s.device_ca_pem.is_empty());
+
+    // A new revision rolls out one device first, then the rest.
+    apply(c, &manifest(&s, &s.bundle, 1536, 4)).await;
+    let rev2 = eventually(
+        &s,
+        "step 1: one device on the new revision",
+        120,
+        || async {
+            let st = model(c).await?.status?;
+            let rev = st.current_revision.clone()?;
+            (rev != rev1 && st.devices.updated == 1 && st.current_step == Some(0)).then_some(rev)
+        },
+    )
+    .await;
+    eventually(&s, "the new revision on 3/3", 180, || async {
+        let st = model(c).await?.status?;
+        let done = st.ready_devices.as_deref() == Some("3/3")
+            && st.stable_revision.as_deref() == Some(rev2.as_str())
+            && st.current_step == Some(1);
+        done.then_some(())
+    })
+    .await;
+    for d in devices(c).await {
+        assert_eq!(reported(&d), vec![(rev2.clone(), "Ready".to_owned())]);
+    }
+
+    // A revision signed by a stranger halts with SignatureInvalid; devices keep rev2.
+    let (stranger, _) = new_key();
+    let bad = sign(&s.model, &stranger);
+    apply(c, &manifest(&s, &bad, 2048, 0)).await;
+    let (reason, msg) = eventually(&s, "SignatureVerified False", 60, || async {
+        let st = model(c).await?.status?;
+        st.conditions
+            .iter()
+            .find(|c| c.type_ == "SignatureVerified" && c.status == "False")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    })
+    .await;
+    assert_eq!(reason, "SignatureInvalid", "{msg}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for d in devices(c).await {
+        assert_eq!(reported(&d), vec![(rev2.clone(), "Ready".to_owned())]);
+        assert!(d.spec.desired_models.iter().all(|m| m.revision == rev2));
+    }
+    let (code, _) = chat(s.agents[0].1).await;
+    assert_eq!(code, 200, "still serving the verified revision");
+
+    // Deletion unloads everywhere, then releases the finalizer.
+    Api::<EdgeModel>::namespaced(c.clone(), NS)
+        .delete("smollm2", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(&s, "the EdgeModel gone", 90, || async {
+        model(c).await.is_none().then_some(())
+    })
+    .await;
+    for d in devices(c).await {
+        assert!(reported(&d).is_empty(), "{:?}", reported(&d));
+    }
+    for (name, port, _) in &s.agents {
+        let (code, body) = chat(*port).await;
+        assert_eq!(code, 503, "{name} still serves: {body}");
+    }
+}
