@@ -41,7 +41,7 @@ enum Cmd {
         heartbeat_lease_seconds: u64,
         /// The device gateway.
         #[command(flatten)]
-        gateway: edgefleet_operator::gateway::options::GatewayOptions,
+        gateway: Box<edgefleet_operator::gateway::options::GatewayOptions>,
     },
 }
 

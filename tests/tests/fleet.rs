@@ -12,7 +12,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use edgefleet_crds::{EdgeDevice, EdgeModel};
@@ -94,6 +94,119 @@ fn new_key() -> (String, String) {
     (key, public)
 }
 
+/// A network namespace with a veth pair to the host: the device's own network, which
+/// a test can cut (link down) and slow (tc).
+struct Netns {
+    name: String,
+    host_if: String,
+    host_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    fn create() -> Self {
+        let id = std::process::id() % 10000;
+        let subnet = std::process::id() % 250;
+        let name = format!("ef{id}");
+        let host_if = format!("efh{id}");
+        let dev_if = format!("efd{id}");
+        let host_ip = format!("10.213.{subnet}.1");
+        let dev_ip = format!("10.213.{subnet}.2");
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &dev_if,
+        ]);
+        ip(&["link", "set", &dev_if, "netns", &name]);
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        for args in [
+            vec!["addr", "add", &format!("{dev_ip}/30"), "dev", &dev_if],
+            vec!["link", "set", &dev_if, "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            let mut a = vec!["netns", "exec", &name, "ip"];
+            a.extend(args.iter().map(|s| &**s));
+            ip(&a);
+        }
+        Self {
+            name,
+            host_if,
+            host_ip,
+        }
+    }
+
+    /// Cuts (false) or restores (true) the device's link to the host.
+    fn link(&self, up: bool) {
+        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }]);
+    }
+
+    /// Limits host→device traffic (downloads) to `rate`, or lifts the limit.
+    fn shape(&self, rate: Option<&str>) {
+        let mut c = Command::new("tc");
+        match rate {
+            Some(r) => c.args([
+                "qdisc",
+                "replace",
+                "dev",
+                &self.host_if,
+                "root",
+                "tbf",
+                "rate",
+                r,
+                "burst",
+                "64kb",
+                "latency",
+                "500ms",
+            ]),
+            None => c.args(["qdisc", "del", "dev", &self.host_if, "root"]),
+        };
+        assert!(c.status().unwrap().success());
+    }
+
+    /// GET or POST from inside the device's network (its local clients).
+    fn curl(&self, url: &str, body: Option<&str>) -> (u16, String) {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &self.name,
+            "curl",
+            "-s",
+            "-m",
+            "60",
+            "-w",
+            "\n%{http_code}",
+        ]);
+        if let Some(b) = body {
+            c.args(["-H", "content-type: application/json", "-d", b]);
+        }
+        let out = c.arg(url).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.parse().unwrap_or(0), body.to_owned())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+    }
+}
+
 struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -122,6 +235,11 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(None).await
+}
+
+/// Three agents; with `netns`, dev-3 runs in that network namespace, behind its veth.
+async fn setup_with(netns: Option<&Netns>) -> Setup {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cp = ControlPlane::start().await.expect("control plane starts");
     cp.install_crds().await.expect("CRDs install");
@@ -133,7 +251,9 @@ async fn setup() -> Setup {
     let gateway_ca = ca("edgefleet gateway CA");
     let device_ca = ca("edgefleet device CA");
     let server_key = rcgen::KeyPair::generate().unwrap();
-    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+    let mut names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
+    names.extend(netns.map(|n| n.host_ip.clone()));
+    let server = rcgen::CertificateParams::new(names)
         .unwrap()
         .signed_by(
             &server_key,
@@ -169,7 +289,14 @@ async fn setup() -> Setup {
         .args(["run", "--lease-seconds", "3", "--identity", "op-1"])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
         .args(["--heartbeat-lease-seconds", "8"])
-        .args(["--gateway-addr", &format!("127.0.0.1:{port}")])
+        .args([
+            "--gateway-addr",
+            &if netns.is_some() {
+                format!("0.0.0.0:{port}")
+            } else {
+                format!("127.0.0.1:{port}")
+            },
+        ])
         .arg("--gateway-cert")
         .arg(d.join("gw.crt"))
         .arg("--gateway-key")
@@ -198,7 +325,16 @@ async fn setup() -> Setup {
     let mut agents = Vec::new();
     for i in 1..=3 {
         let name = format!("dev-{i}");
-        let (port, child) = start_agent(d, &name, &gateway, None);
+        let (port, child) = match netns.filter(|_| i == 3) {
+            Some(n) => start_agent_in(
+                d,
+                &name,
+                &format!("https://{}:{port}", n.host_ip),
+                None,
+                Some(n),
+            ),
+            None => start_agent(d, &name, &gateway, None),
+        };
         agents.push((name, port, child));
     }
     Setup {
@@ -223,6 +359,17 @@ async fn setup() -> Setup {
 
 /// Starts `edgefleet-agent run` for `name` (its state survives restarts).
 fn start_agent(d: &Path, name: &str, gateway: &str, port: Option<u16>) -> (u16, Proc) {
+    start_agent_in(d, name, gateway, port, None)
+}
+
+/// Starts the agent, inside `netns` when given.
+fn start_agent_in(
+    d: &Path,
+    name: &str,
+    gateway: &str,
+    port: Option<u16>,
+    netns: Option<&Netns>,
+) -> (u16, Proc) {
     let port = port.unwrap_or_else(|| free_port().unwrap());
     let conf = d.join(name);
     std::fs::create_dir_all(&conf).unwrap();
@@ -258,7 +405,16 @@ backoff_max_seconds = 2
         .append(true)
         .open(d.join(format!("{name}.log")))
         .unwrap();
-    let child = Command::new(bin("edgefleet-agent"))
+    let mut cmd = match netns {
+        Some(n) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &n.name])
+                .arg(bin("edgefleet-agent"));
+            c
+        }
+        None => Command::new(bin("edgefleet-agent")),
+    };
+    let child = cmd
         .args(["run", "--config-dir"])
         .arg(&conf)
         .env("RUST_LOG", "info,llama-cpp-2=warn")
@@ -631,4 +787,127 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
         let (code, body) = chat(*port).await;
         assert_eq!(code, 503, "{name} still serves: {body}");
     }
+}
+
+fn log_of(s: &Setup, device: &str) -> String {
+    std::fs::read_to_string(s.dir.path().join(format!("{device}.log"))).unwrap_or_default()
+}
+
+fn device_named<'a>(ds: &'a [EdgeDevice], name: &str) -> &'a EdgeDevice {
+    ds.iter()
+        .find(|d| d.metadata.name.as_deref() == Some(name))
+        .unwrap()
+}
+
+const CHAT: &str = r#"{"model":"smollm2","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":8,"temperature":0}"#;
+
+#[tokio::test]
+async fn a_partitioned_device_resumes_its_download_keeps_serving_and_converges() {
+    let net = Netns::create();
+    // dev-3's downloads crawl, so that it can be killed in the middle of one.
+    net.shape(Some("40mbit"));
+    let mut s = setup_with(Some(&net)).await;
+    let c = s.client.clone();
+    let gateway3 = format!(
+        "https://{}:{}",
+        net.host_ip,
+        s.gateway.rsplit(':').next().unwrap()
+    );
+    apply(&c, &manifest(&s, &s.bundle, 1024, 0)).await;
+
+    // Kill dev-3 in the middle of its download; it resumes where it stopped.
+    let partial = s
+        .dir
+        .path()
+        .join("dev-3/state/artifacts")
+        .join(format!("{}.partial", &s.digest[7..]));
+    let had = eventually(&s, "dev-3 part-way through its download", 180, || async {
+        let n = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+        (n > 8 << 20).then_some(n)
+    })
+    .await;
+    let (_, port3, proc3) = s.agents.pop().unwrap();
+    drop(proc3);
+    assert!(had < s.size, "the download was complete already");
+    net.shape(None);
+    let (_, proc3) = start_agent_in(s.dir.path(), "dev-3", &gateway3, Some(port3), Some(&net));
+    s.agents.push(("dev-3".into(), port3, proc3));
+    let rev1 = eventually(&s, "3/3 ready", 180, || async {
+        let st = model(&c).await?.status?;
+        (st.ready_devices.as_deref() == Some("3/3")).then_some(st.current_revision?)
+    })
+    .await;
+    let log = log_of(&s, "dev-3");
+    assert!(
+        log.contains("resuming download"),
+        "dev-3 did not resume:\n{log}"
+    );
+    assert!(!partial.exists(), "the partial file is gone once complete");
+    assert_eq!(
+        sha256_file(
+            &s.dir
+                .path()
+                .join("dev-3/state/artifacts")
+                .join(&s.digest[7..])
+        ),
+        s.digest
+    );
+
+    // Partition dev-3: it goes NotReady after the lease, and keeps serving locally.
+    net.link(false);
+    let local = format!("http://127.0.0.1:{port3}/v1/chat/completions");
+    eventually(&s, "dev-3 NotReady", 60, || async {
+        let ds = devices(&c).await;
+        let d = device_named(&ds, "dev-3");
+        (!edgefleet_operator::rollout::condition_true(d, "Ready")).then_some(())
+    })
+    .await;
+    let (code, body) = net.curl(&local, Some(CHAT));
+    assert_eq!(code, 200, "dev-3 stopped serving while partitioned: {body}");
+
+    // Restarted while cut off, it serves its last-known-good model from disk.
+    let (_, _, proc3) = s.agents.pop().unwrap();
+    drop(proc3);
+    let (_, proc3) = start_agent_in(s.dir.path(), "dev-3", &gateway3, Some(port3), Some(&net));
+    s.agents.push(("dev-3".into(), port3, proc3));
+    let ready = format!("http://127.0.0.1:{port3}/readyz");
+    eventually(&s, "dev-3 ready offline", 60, || async {
+        (net.curl(&ready, None).0 == 200).then_some(())
+    })
+    .await;
+    let (code, body) = net.curl(&local, Some(CHAT));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("Paris"), "{body}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // Heal: it reconnects, delivers its spooled reports, and converges without
+    // reloading the model it already runs.
+    let before = log_of(&s, "dev-3").matches("activating").count();
+    net.link(true);
+    eventually(&s, "dev-3 Ready again with all its reports", 60, || async {
+        let ds = devices(&c).await;
+        let d = device_named(&ds, "dev-3");
+        let r = d.status.as_ref()?.reports.clone()?;
+        let ok = edgefleet_operator::rollout::condition_true(d, "Ready") && r.last_sequence >= 5;
+        ok.then_some(r)
+    })
+    .await;
+    let ds = devices(&c).await;
+    let r = device_named(&ds, "dev-3")
+        .status
+        .as_ref()
+        .unwrap()
+        .reports
+        .clone()
+        .unwrap();
+    assert_eq!((r.missing, r.dropped), (0, 0), "reports lost: {r:?}");
+    assert_eq!(
+        reported(device_named(&ds, "dev-3")),
+        vec![(rev1, "Ready".to_owned())]
+    );
+    assert_eq!(
+        log_of(&s, "dev-3").matches("activating").count(),
+        before,
+        "the model was reloaded although nothing changed"
+    );
 }

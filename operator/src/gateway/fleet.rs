@@ -910,9 +910,13 @@ async fn report(
     }))
 }
 
+/// A `Range` header that no part of the file satisfies (answered with 416).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
 /// Parses `bytes=a-b` / `bytes=a-` against a file of `len` bytes: the inclusive range,
 /// `Ok(None)` for no (or an ignorable) header, `Err` when unsatisfiable.
-pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, ()> {
+pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
         return Ok(None);
     };
@@ -920,24 +924,27 @@ pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>,
     if spec.contains(',') {
         return Ok(None);
     }
-    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
     let (start, end) = match (a.trim(), b.trim()) {
-        ("", "") => return Err(()),
+        ("", "") => return Err(Unsatisfiable),
         ("", suffix) => {
-            let n: u64 = suffix.parse().map_err(|_| ())?;
+            let n: u64 = suffix.parse().map_err(|_| Unsatisfiable)?;
             if n == 0 {
-                return Err(());
+                return Err(Unsatisfiable);
             }
             (len.saturating_sub(n), len.saturating_sub(1))
         }
-        (a, "") => (a.parse().map_err(|_| ())?, len.saturating_sub(1)),
+        (a, "") => (a.parse().map_err(|_| Unsatisfiable)?, len.saturating_sub(1)),
         (a, b) => {
-            let (a, b): (u64, u64) = (a.parse().map_err(|_| ())?, b.parse().map_err(|_| ())?);
+            let (a, b): (u64, u64) = (
+                a.parse().map_err(|_| Unsatisfiable)?,
+                b.parse().map_err(|_| Unsatisfiable)?,
+            );
             (a, b.min(len.saturating_sub(1)))
         }
     };
     if start >= len || start > end {
-        return Err(());
+        return Err(Unsatisfiable);
     }
     Ok(Some((start, end)))
 }
@@ -996,7 +1003,7 @@ async fn artifact(
     let (status, start, end) = match parse_range(range, len) {
         Ok(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
         Ok(None) => (StatusCode::OK, 0, len.saturating_sub(1)),
-        Err(()) => {
+        Err(Unsatisfiable) => {
             let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                 resp.headers_mut().insert(header::CONTENT_RANGE, v);
@@ -1053,11 +1060,11 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=4-100"), 10), Ok(Some((4, 9))));
         assert_eq!(parse_range(Some("bytes=-3"), 10), Ok(Some((7, 9))));
         assert_eq!(parse_range(Some("bytes=0-1,4-5"), 10), Ok(None));
-        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(()));
-        assert_eq!(parse_range(Some("bytes=6-4"), 10), Err(()));
-        assert_eq!(parse_range(Some("bytes=x-"), 10), Err(()));
-        assert_eq!(parse_range(Some("bytes=-0"), 10), Err(()));
-        assert_eq!(parse_range(Some("bytes=-"), 10), Err(()));
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=6-4"), 10), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=x-"), 10), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=-0"), 10), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=-"), 10), Err(Unsatisfiable));
     }
 
     #[test]
