@@ -8,6 +8,8 @@
 //! types would generate now) plus Lease and Event shims, and waits until they are
 //! Established.
 
+pub mod demo;
+pub mod fleet;
 pub mod pki;
 pub mod swtpm;
 
@@ -85,6 +87,9 @@ pub enum HarnessError {
     /// A CRD did not become Established in time.
     #[error("CRD {0} not Established within {ESTABLISHED_TIMEOUT:?}")]
     NotEstablished(String),
+    /// Setting up a fleet (PKI, processes, files) failed.
+    #[error("fleet setup: {0}")]
+    Setup(String),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {

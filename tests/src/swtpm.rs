@@ -109,6 +109,11 @@ impl Swtpm {
         format!("swtpm:host=127.0.0.1,port={}", self.port)
     }
 
+    /// The PEM file `name` of the EK CA that `swtpm_setup` used.
+    pub fn ca_path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join("ca").join(name)
+    }
+
     pub fn ca(&self, name: &str) -> Vec<u8> {
         pem_certificates(&std::fs::read(self.dir.path().join("ca").join(name)).unwrap())
             .unwrap()

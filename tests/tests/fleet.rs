@@ -12,25 +12,17 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use edgefleet_crds::{EdgeDevice, EdgeModel};
-use edgefleet_e2e::{ControlPlane, cache_dir, free_port, workspace_root};
+use edgefleet_e2e::fleet::{self, Proc};
+use edgefleet_e2e::{ControlPlane, cache_dir, free_port};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
 const NS: &str = "fleet";
-const TOKEN: &str = "fleet-bootstrap-token-0123456789";
-
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join(name);
-    assert!(bin.exists(), "{} not built", bin.display());
-    bin
-}
 
 fn model_file() -> PathBuf {
     std::env::var_os("EDGEFLEET_MODEL")
@@ -46,29 +38,7 @@ fn plugin_file(name: &str) -> PathBuf {
 }
 
 fn sha256_file(p: &Path) -> String {
-    format!("sha256:{}", edgefleet_agent::fleet::file_sha256(p).unwrap())
-}
-
-struct Ca {
-    pem: String,
-    key: rcgen::KeyPair,
-    params: rcgen::CertificateParams,
-}
-
-fn ca(name: &str) -> Ca {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, name);
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    Ca {
-        pem: p.self_signed(&key).unwrap().pem(),
-        key,
-        params: p,
-    }
+    fleet::digest_of(p).unwrap()
 }
 
 /// A signer key and the bundle of `file` signed with it.
@@ -207,20 +177,12 @@ impl Drop for Netns {
     }
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Setup {
     cp: ControlPlane,
     client: Client,
     dir: tempfile::TempDir,
     gateway: String,
-    gateway_ca: Ca,
+    gateway_ca: fleet::Ca,
     device_ca_pem: String,
     agents: Vec<(String, u16, Proc)>,
     _operator: Proc,
@@ -247,81 +209,42 @@ async fn setup_with(netns: Option<&Netns>) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
 
-    // PKI: the gateway's serving CA and the device CA that issues client certificates.
-    let gateway_ca = ca("edgefleet gateway CA");
-    let device_ca = ca("edgefleet device CA");
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let mut names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
-    names.extend(netns.map(|n| n.host_ip.clone()));
-    let server = rcgen::CertificateParams::new(names)
-        .unwrap()
-        .signed_by(
-            &server_key,
-            &rcgen::Issuer::from_params(&gateway_ca.params, &gateway_ca.key),
-        )
-        .unwrap();
-    std::fs::write(d.join("gw.crt"), server.pem()).unwrap();
-    std::fs::write(d.join("gw.key"), server_key.serialize_pem()).unwrap();
-    std::fs::write(d.join("gw-ca.crt"), &gateway_ca.pem).unwrap();
-    std::fs::write(d.join("dev-ca.crt"), &device_ca.pem).unwrap();
-    std::fs::write(d.join("dev-ca.key"), device_ca.key.serialize_pem()).unwrap();
-    std::fs::write(d.join("token"), TOKEN).unwrap();
+    let pki = fleet::GatewayPki::write(
+        d,
+        &netns.map(|n| vec![n.host_ip.clone()]).unwrap_or_default(),
+    )
+    .unwrap();
+
     // The artifact store: the model and the plugin, by digest.
     let store = d.join("artifacts");
-    std::fs::create_dir_all(&store).unwrap();
     let model = model_file();
-    let digest = sha256_file(&model);
-    let size = std::fs::metadata(&model).unwrap().len();
-    std::os::unix::fs::symlink(&model, store.join(&digest[7..])).unwrap();
+    let (digest, size) = fleet::store_artifact(&store, &model).unwrap();
     let plugin = plugin_file("pii_redact.wasm");
-    let plugin_digest = sha256_file(&plugin);
-    let plugin_size = std::fs::metadata(&plugin).unwrap().len();
-    std::fs::copy(&plugin, store.join(&plugin_digest[7..])).unwrap();
+    let (plugin_digest, plugin_size) = fleet::store_artifact(&store, &plugin).unwrap();
     let (signer_key, signer_public) = new_key();
     let bundle = sign(&model, &signer_key);
     let plugin_bundle = sign(&plugin, &signer_key);
 
     let port = free_port().unwrap();
     let gateway = format!("https://127.0.0.1:{port}");
-    let metrics = free_port().unwrap();
-    let log = std::fs::File::create(d.join("operator.log")).unwrap();
-    let operator = Command::new(bin("edgefleet-operator"))
-        .args(["run", "--lease-seconds", "3", "--identity", "op-1"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
-        .args(["--heartbeat-lease-seconds", "8"])
-        .args([
-            "--gateway-addr",
-            &if netns.is_some() {
+    let operator = fleet::spawn_operator(
+        cp.kubeconfig_path(),
+        &pki,
+        &fleet::OperatorSpec {
+            gateway_addr: if netns.is_some() {
                 format!("0.0.0.0:{port}")
             } else {
                 format!("127.0.0.1:{port}")
             },
-        ])
-        .arg("--gateway-cert")
-        .arg(d.join("gw.crt"))
-        .arg("--gateway-key")
-        .arg(d.join("gw.key"))
-        .arg("--device-ca-cert")
-        .arg(d.join("dev-ca.crt"))
-        .arg("--device-ca-key")
-        .arg(d.join("dev-ca.key"))
-        .arg("--bootstrap-token-file")
-        .arg(d.join("token"))
-        .arg("--policy")
-        .arg(workspace_root().join("policies/attestation.rego"))
-        .arg("--policy-data")
-        // The development reference set: the dev attester is accepted.
-        .arg(workspace_root().join("policies/dev.json"))
-        .args(["--policy-name", "dev", "--result-ttl-seconds", "600"])
-        .arg("--artifact-dir")
-        .arg(&store)
-        .args(["--approval", "auto:edgefleet.io/pool=e2e"])
-        .env("KUBECONFIG", cp.kubeconfig_path())
-        .env("RUST_LOG", "info,kube=warn")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+            artifact_dir: store,
+            approval: "auto:edgefleet.io/pool=e2e".into(),
+            ek_cas: vec![],
+            ek_intermediates: vec![],
+            heartbeat_lease_seconds: 8,
+            log: d.join("operator.log"),
+        },
+    )
+    .unwrap();
     let mut agents = Vec::new();
     for i in 1..=3 {
         let name = format!("dev-{i}");
@@ -341,8 +264,8 @@ async fn setup_with(netns: Option<&Netns>) -> Setup {
         cp,
         client,
         gateway,
-        gateway_ca,
-        device_ca_pem: device_ca.pem,
+        gateway_ca: pki.gateway_ca,
+        device_ca_pem: pki.device_ca.pem,
         agents,
         _operator: Proc(operator),
         model,
@@ -371,57 +294,19 @@ fn start_agent_in(
     netns: Option<&Netns>,
 ) -> (u16, Proc) {
     let port = port.unwrap_or_else(|| free_port().unwrap());
-    let conf = d.join(name);
-    std::fs::create_dir_all(&conf).unwrap();
-    std::fs::write(
-        conf.join("agent.toml"),
-        format!(
-            r#"state_dir = "{state}"
-[device]
-name = "{name}"
-labels = {{ "edgefleet.io/pool" = "e2e" }}
-[gateway]
-url = "{gateway}"
-ca = "{ca}"
-bootstrap_token = "{TOKEN}"
-[attestation]
-tee = "dev"
-interval_seconds = 300
-[serve]
-listen = "127.0.0.1:{port}"
-threads = 1
-[fleet]
-heartbeat_seconds = 1
-poll_wait_seconds = 20
-backoff_max_seconds = 2
-"#,
-            state = conf.join("state").display(),
-            ca = d.join("gw-ca.crt").display(),
-        ),
-    )
+    let child = fleet::spawn_agent(&fleet::AgentSpec {
+        name: name.into(),
+        dir: d.join(name),
+        gateway: gateway.into(),
+        gateway_ca: d.join("gw-ca.crt"),
+        port,
+        tee: "dev".into(),
+        tcti: None,
+        netns: netns.map(|n| n.name.clone()),
+        pool: "e2e".into(),
+        log: d.join(format!("{name}.log")),
+    })
     .unwrap();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(d.join(format!("{name}.log")))
-        .unwrap();
-    let mut cmd = match netns {
-        Some(n) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &n.name])
-                .arg(bin("edgefleet-agent"));
-            c
-        }
-        None => Command::new(bin("edgefleet-agent")),
-    };
-    let child = cmd
-        .args(["run", "--config-dir"])
-        .arg(&conf)
-        .env("RUST_LOG", "info,llama-cpp-2=warn")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
     (port, Proc(child))
 }
 
@@ -708,7 +593,7 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
         (403, "NotAssigned".into())
     );
     // A certificate naming dev-1 from a CA the gateway does not trust: no handshake.
-    let foreign_ca = ca("somebody else's CA");
+    let foreign_ca = fleet::Ca::new("somebody else's CA").unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     p.subject_alt_names = vec![rcgen::SanType::URI(

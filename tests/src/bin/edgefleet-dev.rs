@@ -33,6 +33,16 @@ enum Cmd {
         #[arg(long)]
         hold: bool,
     },
+    /// The whole story: control plane, operator and gateway, three device agents (one
+    /// on a software TPM), a signed model rolled out to 3/3, and a chat through a device.
+    Demo {
+        /// Working directory (wiped on start).
+        #[arg(long, env = "EDGEFLEET_DEV_DIR")]
+        dir: Option<PathBuf>,
+        /// Keep everything running after the chat, until Ctrl-C.
+        #[arg(long)]
+        hold: bool,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -43,9 +53,13 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,kube_client::client::builder=off".into()),
         )
         .init();
-    let Cli {
-        command: Cmd::Up { apply, dir, hold },
-    } = Cli::parse();
+    let (apply, dir, hold) = match Cli::parse().command {
+        Cmd::Up { apply, dir, hold } => (apply, dir, hold),
+        Cmd::Demo { dir, hold } => {
+            let dir = dir.unwrap_or_else(|| cache_dir().join("demo"));
+            return edgefleet_e2e::demo::demo(&dir, hold).await;
+        }
+    };
     let dir = dir.unwrap_or_else(|| cache_dir().join("dev"));
     let cp = ControlPlane::start_in(&dir)
         .await

@@ -1,0 +1,303 @@
+//! A whole fleet on one machine, for the end-to-end tests and `edgefleet-dev demo`: the
+//! gateway PKI, the operator process with its gateway, agent processes (optionally in
+//! network namespaces), and model signing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::HarnessError;
+
+fn err(what: impl std::fmt::Display) -> HarnessError {
+    HarnessError::Setup(what.to_string())
+}
+
+/// The token agents enrol with in local fleets.
+pub const BOOTSTRAP_TOKEN: &str = "fleet-bootstrap-token-0123456789";
+
+/// A built binary of the workspace: beside the running executable (`target/debug`), or
+/// one directory up (test executables live in `target/debug/deps`).
+pub fn binary(name: &str) -> Result<PathBuf, HarnessError> {
+    let exe = std::env::current_exe().map_err(err)?;
+    let mut dir = exe.parent();
+    while let Some(d) = dir {
+        let candidate = d.join(name);
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+        if d.file_name().is_some_and(|n| n == "target") {
+            break;
+        }
+        dir = d.parent();
+    }
+    Err(err(format!(
+        "{name} is not built (cargo build --workspace --bins)"
+    )))
+}
+
+/// A self-signed CA.
+#[derive(Debug)]
+pub struct Ca {
+    /// Certificate, PEM.
+    pub pem: String,
+    /// Key.
+    pub key: rcgen::KeyPair,
+    /// Parameters, to issue with.
+    pub params: rcgen::CertificateParams,
+}
+
+impl Ca {
+    /// A new CA named `name`.
+    pub fn new(name: &str) -> Result<Self, HarnessError> {
+        let key = rcgen::KeyPair::generate().map_err(err)?;
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        Ok(Self {
+            pem: p.self_signed(&key).map_err(err)?.pem(),
+            key,
+            params: p,
+        })
+    }
+
+    /// Issues a certificate for `names` (DNS names or IP addresses) with a fresh key:
+    /// (certificate PEM, key PEM).
+    pub fn issue(&self, names: Vec<String>) -> Result<(String, String), HarnessError> {
+        let key = rcgen::KeyPair::generate().map_err(err)?;
+        let cert = rcgen::CertificateParams::new(names)
+            .map_err(err)?
+            .signed_by(&key, &rcgen::Issuer::from_params(&self.params, &self.key))
+            .map_err(err)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// The files of a local gateway: its serving certificate (from the gateway CA) and the
+/// device CA, written into a directory.
+#[derive(Debug)]
+pub struct GatewayPki {
+    /// The CA agents trust for the gateway.
+    pub gateway_ca: Ca,
+    /// The CA that issues device certificates.
+    pub device_ca: Ca,
+    /// Where the files are.
+    pub dir: PathBuf,
+}
+
+impl GatewayPki {
+    /// Writes `gw.crt`, `gw.key`, `gw-ca.crt`, `dev-ca.crt`, `dev-ca.key` and `token`
+    /// into `dir`; the gateway certificate names loopback and `extra_ips`.
+    pub fn write(dir: &Path, extra_ips: &[String]) -> Result<Self, HarnessError> {
+        let gateway_ca = Ca::new("edgefleet gateway CA")?;
+        let device_ca = Ca::new("edgefleet device CA")?;
+        let mut names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
+        names.extend(extra_ips.iter().cloned());
+        let (cert, key) = gateway_ca.issue(names)?;
+        let w = |name: &str, text: &str| std::fs::write(dir.join(name), text).map_err(err);
+        w("gw.crt", &cert)?;
+        w("gw.key", &key)?;
+        w("gw-ca.crt", &gateway_ca.pem)?;
+        w("dev-ca.crt", &device_ca.pem)?;
+        w("dev-ca.key", &device_ca.key.serialize_pem())?;
+        w("token", BOOTSTRAP_TOKEN)?;
+        Ok(Self {
+            gateway_ca,
+            device_ca,
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+/// How to start the operator.
+#[derive(Debug, Clone)]
+pub struct OperatorSpec {
+    /// Gateway listen address.
+    pub gateway_addr: String,
+    /// Artifact store.
+    pub artifact_dir: PathBuf,
+    /// `--approval`.
+    pub approval: String,
+    /// PEM EK CA files (TPM devices).
+    pub ek_cas: Vec<PathBuf>,
+    /// PEM EK intermediate files.
+    pub ek_intermediates: Vec<PathBuf>,
+    /// Heartbeat lease, seconds.
+    pub heartbeat_lease_seconds: u64,
+    /// Log file (stdout and stderr).
+    pub log: PathBuf,
+}
+
+/// Starts `edgefleet-operator run` with its gateway, against `kubeconfig`, using the
+/// development reference policy set (`policies/dev.json`: the dev attester is allowed).
+pub fn spawn_operator(
+    kubeconfig: &Path,
+    pki: &GatewayPki,
+    spec: &OperatorSpec,
+) -> Result<Child, HarnessError> {
+    let d = &pki.dir;
+    let metrics = crate::free_port()?;
+    let log = std::fs::File::create(&spec.log).map_err(err)?;
+    let mut cmd = Command::new(binary("edgefleet-operator")?);
+    cmd.args(["run", "--lease-seconds", "3", "--identity", "op-1"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+        .args([
+            "--heartbeat-lease-seconds",
+            &spec.heartbeat_lease_seconds.to_string(),
+        ])
+        .args(["--gateway-addr", &spec.gateway_addr])
+        .arg("--gateway-cert")
+        .arg(d.join("gw.crt"))
+        .arg("--gateway-key")
+        .arg(d.join("gw.key"))
+        .arg("--device-ca-cert")
+        .arg(d.join("dev-ca.crt"))
+        .arg("--device-ca-key")
+        .arg(d.join("dev-ca.key"))
+        .arg("--bootstrap-token-file")
+        .arg(d.join("token"))
+        .arg("--policy")
+        .arg(crate::workspace_root().join("policies/attestation.rego"))
+        .arg("--policy-data")
+        .arg(crate::workspace_root().join("policies/dev.json"))
+        .args(["--policy-name", "dev", "--result-ttl-seconds", "600"])
+        .arg("--artifact-dir")
+        .arg(&spec.artifact_dir)
+        .args(["--approval", &spec.approval]);
+    for ca in &spec.ek_cas {
+        cmd.arg("--ek-ca").arg(ca);
+    }
+    for ca in &spec.ek_intermediates {
+        cmd.arg("--ek-intermediate").arg(ca);
+    }
+    cmd.env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(log.try_clone().map_err(err)?)
+        .stderr(log)
+        .spawn()
+        .map_err(err)
+}
+
+/// How to start one agent.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// Device name.
+    pub name: String,
+    /// Directory for its configuration and state.
+    pub dir: PathBuf,
+    /// Gateway URL as the agent reaches it.
+    pub gateway: String,
+    /// The gateway CA file.
+    pub gateway_ca: PathBuf,
+    /// API port (on 127.0.0.1 of its network).
+    pub port: u16,
+    /// `dev` or `tpm`.
+    pub tee: String,
+    /// TPM TCTI, for `tpm`.
+    pub tcti: Option<String>,
+    /// Network namespace to run in.
+    pub netns: Option<String>,
+    /// Its `edgefleet.io/pool` label.
+    pub pool: String,
+    /// Log file (appended to).
+    pub log: PathBuf,
+}
+
+/// Writes the agent's `agent.toml` (1 s heartbeats) and starts
+/// `edgefleet-agent run`.
+pub fn spawn_agent(a: &AgentSpec) -> Result<Child, HarnessError> {
+    std::fs::create_dir_all(&a.dir).map_err(err)?;
+    let tcti = a
+        .tcti
+        .as_ref()
+        .map(|t| format!("tcti = \"{t}\"\n"))
+        .unwrap_or_default();
+    std::fs::write(
+        a.dir.join("agent.toml"),
+        format!(
+            r#"state_dir = "{state}"
+[device]
+name = "{name}"
+labels = {{ "edgefleet.io/pool" = "{pool}" }}
+[gateway]
+url = "{gateway}"
+ca = "{ca}"
+bootstrap_token = "{BOOTSTRAP_TOKEN}"
+[attestation]
+tee = "{tee}"
+{tcti}interval_seconds = 300
+[serve]
+listen = "127.0.0.1:{port}"
+threads = 1
+[fleet]
+heartbeat_seconds = 1
+poll_wait_seconds = 20
+backoff_max_seconds = 2
+"#,
+            state = a.dir.join("state").display(),
+            name = a.name,
+            pool = a.pool,
+            gateway = a.gateway,
+            ca = a.gateway_ca.display(),
+            tee = a.tee,
+            port = a.port,
+        ),
+    )
+    .map_err(err)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&a.log)
+        .map_err(err)?;
+    let agent = binary("edgefleet-agent")?;
+    let mut cmd = match &a.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(agent);
+            c
+        }
+        None => Command::new(agent),
+    };
+    cmd.args(["run", "--config-dir"])
+        .arg(&a.dir)
+        .env("RUST_LOG", "info,llama-cpp-2=warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(err)?)
+        .stderr(log)
+        .spawn()
+        .map_err(err)
+}
+
+/// A child process killed (and reaped) when dropped.
+#[derive(Debug)]
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// SHA-256 of a file as `sha256:<hex>`.
+pub fn digest_of(path: &Path) -> Result<String, HarnessError> {
+    edgefleet_agent::fleet::file_sha256(path)
+        .map(|h| format!("sha256:{h}"))
+        .map_err(|e| err(format!("{}: {e}", path.display())))
+}
+
+/// Puts `file` into the content-addressed store `dir` (a symbolic link named by its
+/// digest); returns (digest, size).
+pub fn store_artifact(dir: &Path, file: &Path) -> Result<(String, u64), HarnessError> {
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let digest = digest_of(file)?;
+    let size = std::fs::metadata(file).map_err(err)?.len();
+    let link = dir.join(&digest["sha256:".len()..]);
+    if !link.exists() {
+        let target = std::fs::canonicalize(file).map_err(err)?;
+        std::os::unix::fs::symlink(target, &link).map_err(err)?;
+    }
+    Ok((digest, size))
+}
