@@ -155,7 +155,11 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if let Cmd::Run { config_dir } = &cmd {
-        let config = edgefleet_agent::config::load(config_dir, std::env::vars())?;
+        let mut config = edgefleet_agent::config::load(config_dir, std::env::vars())?;
+        if config.fleet.plugin_cache.is_none() {
+            // systemd's CacheDirectory=.
+            config.fleet.plugin_cache = std::env::var_os("CACHE_DIRECTORY").map(PathBuf::from);
+        }
         let source = match config.attestation.tee.as_str() {
             "tpm" => Source::Tpm(edgefleet_agent::enrol::TpmSource::new(
                 config.attestation.tcti.clone(),

@@ -148,3 +148,30 @@ impl LeaderElection {
         }
     }
 }
+
+/// Label put on the leader's Pod, so that a Service can route to the leader only (the
+/// device gateway keeps per-process state: challenges in flight, report sequences).
+pub const ROLE_LABEL: &str = "edgefleet.io/role";
+
+/// Marks `pod` in `namespace` as the leader (`leader: true`) or removes the mark.
+pub async fn label_pod(
+    client: &Client,
+    namespace: &str,
+    pod: &str,
+    leader: bool,
+) -> Result<(), kube::Error> {
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    let value = if leader {
+        serde_json::json!("leader")
+    } else {
+        serde_json::Value::Null
+    };
+    let patch = serde_json::json!({"metadata": {"labels": {ROLE_LABEL: value}}});
+    api.patch(
+        pod,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
+}

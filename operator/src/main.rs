@@ -39,6 +39,10 @@ enum Cmd {
         /// Seconds without a heartbeat after which a device is marked not Ready.
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(2..=3600))]
         heartbeat_lease_seconds: u64,
+        /// Label this replica's Pod (POD_NAME in POD_NAMESPACE) `edgefleet.io/role=leader`
+        /// while it leads, for the gateway Service's selector.
+        #[arg(long, env = "EDGEFLEET_LABEL_LEADER_POD")]
+        label_leader_pod: bool,
         /// The device gateway.
         #[command(flatten)]
         gateway: Box<edgefleet_operator::gateway::options::GatewayOptions>,
@@ -67,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
             metrics_addr,
             bundle_ca,
             gateway,
+            label_leader_pod,
         } => {
             let bundles = match std::fs::read(&bundle_ca) {
                 Ok(pem) => match edgefleet_operator::bundles::BundleFetcher::new(&pem) {
@@ -95,8 +100,25 @@ async fn main() -> anyhow::Result<()> {
                 identity.clone(),
                 std::time::Duration::from_secs(lease_seconds),
             );
+            let pod = label_leader_pod.then(|| identity.clone());
+            if let Some(pod) = &pod {
+                // A restarted leader's Pod may still carry the mark.
+                if let Err(e) =
+                    edgefleet_operator::leader::label_pod(&client, &lease_namespace, pod, false)
+                        .await
+                {
+                    tracing::warn!(error = %e, "removing the leader label from this Pod");
+                }
+            }
             tracing::info!(%identity, "waiting for the operator lease");
             election.acquire().await;
+            if let Some(pod) = &pod
+                && let Err(e) =
+                    edgefleet_operator::leader::label_pod(&client, &lease_namespace, pod, true)
+                        .await
+            {
+                tracing::warn!(error = %e, "labelling this Pod as the leader; the gateway Service will not route to it");
+            }
             metrics.set_leading(true);
             tracing::info!(%identity, "leading");
             let lease = std::time::Duration::from_secs(heartbeat_lease_seconds);

@@ -329,7 +329,9 @@ spec:
             .as_str()
             .unwrap_or("")
     );
-    println!("  (the model was asked to repeat the message; pii-redact rewrites phone numbers and e-mail addresses in answers)");
+    println!(
+        "  (the model was asked to repeat the message; pii-redact rewrites phone numbers and e-mail addresses in answers)"
+    );
 
     println!(
         "\ndone in {:.0} s. Devices:",

@@ -29,7 +29,10 @@ fn the_demo_rolls_out_to_three_devices_and_chats_through_the_plugin() {
         table.contains("smollm2") && table.contains("3/3") && table.contains("Available"),
         "{text}"
     );
-    assert!(text.contains("till-1   true       True    True       tpm"), "{text}");
+    assert!(
+        text.contains("till-1   true       True    True       tpm"),
+        "{text}"
+    );
     let answer = text
         .lines()
         .find_map(|l| l.trim_start().strip_prefix("smollm2:"))

@@ -233,6 +233,76 @@ async fn the_chart_grants_every_call_the_operator_makes() {
     }
     operator.abort();
 
+    // The gateway: a device enrols (creating its EdgeDevice) and reports over its
+    // client certificate (status writes and the heartbeat), served from watch caches.
+    let store = tempfile::tempdir().unwrap();
+    let (fleet, caches) = edgefleet_operator::gateway::fleet::Fleet::new(
+        client.clone(),
+        edgefleet_operator::gateway::fleet::FleetConfig {
+            artifact_dir: store.path().to_path_buf(),
+            approval: edgefleet_operator::gateway::fleet::Approval::Auto(Default::default()),
+            heartbeat_lease: Duration::from_secs(30),
+            bootstrap_token: "rbac-bootstrap-token-0123".into(),
+        },
+        Arc::default(),
+    );
+    let caches = tokio::spawn(caches);
+    fleet.ready().await.unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "edgefleet://device/till-b".try_into().unwrap(),
+    )];
+    let cert = params.self_signed(&key).unwrap();
+    let router = fleet.clone().router().layer(axum::Extension(
+        edgefleet_operator::gateway::fleet::PeerCertificate(Some(Arc::new(cert.der().to_vec()))),
+    ));
+    let call = |method: &str, path: &str, token: bool, body: serde_json::Value| {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json");
+        if token {
+            req = req.header("authorization", "Bearer rbac-bootstrap-token-0123");
+        }
+        tower::ServiceExt::oneshot(
+            router.clone(),
+            req.body(axum::body::Body::from(body.to_string())).unwrap(),
+        )
+    };
+    let enrolled = call(
+        "POST",
+        "/v1/enrol",
+        true,
+        serde_json::json!({
+            "device": "till-b",
+            "agentPublicKey": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &spki),
+            "facts": {"arch": "x86_64", "cpuCores": 2, "memoryBytes": 1073741824u64,
+                      "teeKinds": ["dev"], "agentVersion": "0.1.0"},
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(enrolled.status(), 200);
+    for _ in 0..100 {
+        if fleet_has(&devices, "till-b").await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reported = call(
+        "POST",
+        "/v1/devices/till-b/report",
+        false,
+        serde_json::json!({"reports": [{"seq": 1, "boot": "b1", "time": 0, "models": []}]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reported.status(), 200);
+    caches.abort();
+
     let calls = calls.lock().unwrap().clone();
     for expected in [
         ("edgefleet.io", "edgemodels", "watch"),
@@ -244,6 +314,9 @@ async fn the_chart_grants_every_call_the_operator_makes() {
         ("coordination.k8s.io", "leases", "create"),
         ("coordination.k8s.io", "leases", "update"),
         ("events.k8s.io", "events", "create"),
+        ("edgefleet.io", "edgedevices", "create"),
+        ("edgefleet.io", "edgedevices", "get"),
+        ("edgefleet.io", "edgedevices", "watch"),
     ] {
         let e = (
             expected.0.to_owned(),
@@ -257,4 +330,8 @@ async fn the_chart_grants_every_call_the_operator_makes() {
     }
     let missing: Vec<_> = calls.difference(&allowed).collect();
     assert!(missing.is_empty(), "the chart does not grant: {missing:?}");
+}
+
+async fn fleet_has(devices: &kube::Api<edgefleet_crds::EdgeDevice>, name: &str) -> bool {
+    devices.get_opt(name).await.unwrap().is_some()
 }

@@ -10,3 +10,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 app.kubernetes.io/name: edgefleet-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
+{{- define "edgefleet.bootstrapSecret" -}}
+{{- if .Values.gateway.bootstrapToken.existingSecret -}}
+{{ .Values.gateway.bootstrapToken.existingSecret }}
+{{- else -}}
+{{ .Release.Name }}-bootstrap-token
+{{- end -}}
+{{- end -}}
