@@ -73,6 +73,17 @@ pub struct DeviceClient {
     http: reqwest::Client,
     base: String,
     device: String,
+    /// What it was built from, to reconnect with.
+    identity: Arc<Identity>,
+}
+
+/// The gateway CA, the client certificate and key (PEM), and the read timeout.
+#[derive(Debug)]
+struct Identity {
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    timeout: Duration,
 }
 
 fn rejected(status: reqwest::StatusCode, body: &[u8]) -> GatewayError {
@@ -124,7 +135,20 @@ impl DeviceClient {
             http,
             base: base.trim_end_matches('/').to_owned(),
             device: device.to_owned(),
+            identity: Arc::new(Identity {
+                ca: ca_pem.to_vec(),
+                cert: cert_pem.to_vec(),
+                key: key_pem.to_vec(),
+                timeout,
+            }),
         })
+    }
+
+    /// The same identity over new connections (the old ones close once unused).
+    pub fn reconnect(&self) -> Self {
+        let i = &*self.identity;
+        Self::new(&self.base, &i.ca, &i.cert, &i.key, &self.device, i.timeout)
+            .unwrap_or_else(|_| self.clone())
     }
 
     fn url(&self, tail: &str) -> String {

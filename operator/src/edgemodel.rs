@@ -38,6 +38,8 @@ pub const STATUS_MANAGER: &str = "edgefleet-operator";
 pub const REQUEUE_PROGRESSING: Duration = Duration::from_secs(5);
 /// Requeue when settled (attestation expiry is checked at least this often).
 pub const REQUEUE_SETTLED: Duration = Duration::from_secs(60);
+/// Assignment writes in flight at once.
+pub const ASSIGN_CONCURRENCY: usize = 16;
 /// Backoff bounds of failed reconciles.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Upper bound of the backoff.
@@ -261,9 +263,23 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
         )
         .await?;
     }
+    // Assignments are independent writes (one device each): a bounded number in flight,
+    // so that a rollout to a large fleet is not one round trip per device in sequence.
     let manager = assignment_manager(&model);
-    for (device, desired) in &plan.assignments {
-        assign(&ctx.client, &manager, device, desired.as_ref()).await?;
+    let mut writes = futures::stream::iter(plan.assignments.clone())
+        .map(|(device, desired)| {
+            let (client, manager) = (ctx.client.clone(), manager.clone());
+            async move { assign(&client, &manager, &device, desired.as_ref()).await }
+        })
+        .buffer_unordered(ASSIGN_CONCURRENCY);
+    let mut first_error = None;
+    while let Some(r) = writes.next().await {
+        if let Err(e) = r {
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e.into());
     }
     publish(&ctx, &model, &plan.events).await;
     Ok(Action::requeue(

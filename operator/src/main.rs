@@ -125,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
             let heartbeats = edgefleet_operator::heartbeat::Heartbeats::new(client.clone(), lease);
             // Only the leader serves devices: the gateway writes device status.
             let gateway = gateway
-                .start(client.clone(), lease, std::sync::Arc::default())
+                .start(client.clone(), lease, metrics.gateway.clone())
                 .await?;
             let gateway = async move {
                 match gateway {

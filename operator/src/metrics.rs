@@ -5,7 +5,9 @@
 //! - `reconcile_failures_total{reason}`;
 //! - `devices{state}`: ready and not-ready EdgeDevices, as last counted;
 //! - `rollout_devices{model,count}`: each EdgeModel's targeted, updated and ready
-//!   devices, and `rollout_step{model}`.
+//!   devices, and `rollout_step{model}`;
+//! - `gateway_connected_devices`, `gateway_refusals_total{reason}`,
+//!   `gateway_report_writes_total` and `gateway_artifact_bytes_total`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,6 +72,8 @@ pub struct Metrics {
     pub rollout: Family<RolloutLabel, Gauge>,
     /// Rollout step by model.
     pub step: Family<ModelLabel, Gauge>,
+    /// The device gateway's metrics.
+    pub gateway: Arc<crate::gateway::fleet::FleetCounters>,
     leading: AtomicBool,
 }
 
@@ -104,8 +108,30 @@ impl Default for Metrics {
             "Rollout step reached per EdgeModel",
             step.clone(),
         );
+        let gateway = Arc::new(crate::gateway::fleet::FleetCounters::default());
+        registry.register(
+            "gateway_connected_devices",
+            "Devices holding a desired-state stream open",
+            gateway.waiting.clone(),
+        );
+        registry.register(
+            "gateway_refusals",
+            "Device gateway requests refused, by reason",
+            gateway.refusals.clone(),
+        );
+        registry.register(
+            "gateway_report_writes",
+            "EdgeDevice status writes made for device reports",
+            gateway.report_writes.clone(),
+        );
+        registry.register(
+            "gateway_artifact_bytes",
+            "Artifact bytes served to devices",
+            gateway.artifact_bytes.clone(),
+        );
         Self {
             registry,
+            gateway,
             reconciles,
             failures,
             duration,

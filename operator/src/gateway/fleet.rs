@@ -122,17 +122,20 @@ struct Delivery {
     inference: Option<proto::Inference>,
 }
 
-/// Counters of the device API, for `/metrics`.
-#[derive(Debug, Default)]
+/// Metrics of the device API (registered in [`crate::metrics::Metrics`]).
+#[derive(Debug, Default, Clone)]
 pub struct FleetCounters {
-    /// Refusals by reason.
-    pub refusals: Mutex<BTreeMap<&'static str, u64>>,
-    /// Long-polls waiting now.
-    pub waiting: std::sync::atomic::AtomicI64,
+    /// Refused requests by reason.
+    pub refusals: prometheus_client::metrics::family::Family<
+        crate::metrics::ReasonLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    /// Devices holding a desired-state long-poll open now (connected devices).
+    pub waiting: prometheus_client::metrics::gauge::Gauge,
     /// Status writes made for reports.
-    pub report_writes: std::sync::atomic::AtomicU64,
+    pub report_writes: prometheus_client::metrics::counter::Counter,
     /// Artifact bytes sent.
-    pub artifact_bytes: std::sync::atomic::AtomicU64,
+    pub artifact_bytes: prometheus_client::metrics::counter::Counter,
 }
 
 struct Inner {
@@ -284,9 +287,13 @@ impl Fleet {
     }
 
     fn count_refusal(&self, reason: &'static str) {
-        if let Ok(mut m) = self.inner.counters.refusals.lock() {
-            *m.entry(reason).or_insert(0) += 1;
-        }
+        self.inner
+            .counters
+            .refusals
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     /// The routes (merge them into the gateway's router).
@@ -300,8 +307,26 @@ impl Fleet {
     }
 
     /// The device a request may act as, after checking its certificate against `name`.
-    fn identify(&self, peer: &PeerCertificate, name: &str) -> Result<Arc<EdgeDevice>, ApiError> {
-        let result = self.identify_inner(peer, name);
+    async fn identify(
+        &self,
+        peer: &PeerCertificate,
+        name: &str,
+    ) -> Result<Arc<EdgeDevice>, ApiError> {
+        // The certificate first: anonymous or foreign requests cost no API call.
+        let result = match Self::certified_key(peer, name) {
+            Ok(fingerprint) => match self.device(name).await {
+                Ok(Ok(device)) if device.spec.facts.agent_key_fingerprint == fingerprint => {
+                    Ok(device)
+                }
+                Ok(Ok(_)) => Err(refuse(
+                    StatusCode::FORBIDDEN,
+                    "KeyMismatch",
+                    format!("the certificate's key is not the one {name} enrolled with"),
+                )),
+                Ok(Err(e)) | Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
         if let Err(ApiError(_, reason, message)) = &result {
             self.count_refusal(reason);
             tracing::warn!(device = name, reason, %message, "device request refused");
@@ -309,11 +334,30 @@ impl Fleet {
         result
     }
 
-    fn identify_inner(
-        &self,
-        peer: &PeerCertificate,
-        name: &str,
-    ) -> Result<Arc<EdgeDevice>, ApiError> {
+    /// The EdgeDevice from the watch cache, or (when the cache has not seen it yet, as
+    /// right after enrolment) from the API server.
+    async fn device(&self, name: &str) -> Result<Result<Arc<EdgeDevice>, ApiError>, ApiError> {
+        if let Some(d) = self.inner.devices.get(&ObjectRef::new(name)) {
+            return Ok(Ok(d));
+        }
+        let api: Api<EdgeDevice> = Api::all(self.inner.client.clone());
+        match api.get_opt(name).await {
+            Ok(Some(d)) => Ok(Ok(Arc::new(d))),
+            Ok(None) => Ok(Err(refuse(
+                StatusCode::NOT_FOUND,
+                "UnknownDevice",
+                format!("no EdgeDevice {name:?}"),
+            ))),
+            Err(e) => Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "KubeApi",
+                e.to_string(),
+            )),
+        }
+    }
+
+    /// Checks that the client certificate names `name`; returns its key's fingerprint.
+    fn certified_key(peer: &PeerCertificate, name: &str) -> Result<String, ApiError> {
         let der = peer.0.as_ref().ok_or_else(|| {
             refuse(
                 StatusCode::UNAUTHORIZED,
@@ -354,29 +398,10 @@ impl Fleet {
                 format!("the certificate of {named:?} may not act as {name:?}"),
             ));
         }
-        let device = self
-            .inner
-            .devices
-            .get(&ObjectRef::new(name))
-            .ok_or_else(|| {
-                refuse(
-                    StatusCode::NOT_FOUND,
-                    "UnknownDevice",
-                    format!("no EdgeDevice {name:?}"),
-                )
-            })?;
-        let fingerprint = format!(
+        Ok(format!(
             "sha256:{}",
             hex::encode(sha2::Sha256::digest(cert.public_key().raw))
-        );
-        if fingerprint != device.spec.facts.agent_key_fingerprint {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "KeyMismatch",
-                format!("the certificate's key is not the one {name} enrolled with"),
-            ));
-        }
-        Ok(device)
+        ))
     }
 
     /// The device's desired state now; `Err` while an assigned revision's template has
@@ -662,21 +687,17 @@ async fn desired(
     Path(name): Path<String>,
     Query(q): Query<DesiredQuery>,
 ) -> Result<Response, ApiError> {
-    fleet.identify(&peer, &name)?;
+    fleet.identify(&peer, &name).await?;
     let deadline = tokio::time::Instant::now()
         + Duration::from_secs(q.wait_seconds.unwrap_or(0).min(proto::MAX_WAIT_SECONDS));
     let notify = fleet.notifier(&name);
     let mut models_changed = fleet.inner.models_changed.subscribe();
     let counters = fleet.inner.counters.clone();
-    counters
-        .waiting
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    counters.waiting.inc();
     struct Done(Arc<FleetCounters>);
     impl Drop for Done {
         fn drop(&mut self) {
-            self.0
-                .waiting
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.0.waiting.dec();
         }
     }
     let _done = Done(counters);
@@ -686,17 +707,7 @@ async fn desired(
         tokio::pin!(woken);
         woken.as_mut().enable();
         models_changed.borrow_and_update();
-        let device = fleet
-            .inner
-            .devices
-            .get(&ObjectRef::new(&name))
-            .ok_or_else(|| {
-                refuse(
-                    StatusCode::NOT_FOUND,
-                    "UnknownDevice",
-                    format!("no EdgeDevice {name:?}"),
-                )
-            })?;
+        let device = fleet.device(&name).await??;
         match fleet.desired_state(&device) {
             Ok(state) if q.version.as_deref() != Some(state.version.as_str()) => {
                 return Ok(Json(state).into_response());
@@ -730,7 +741,7 @@ async fn report(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<proto::ReportAck>, ApiError> {
-    let device = fleet.identify(&peer, &name)?;
+    let device = fleet.identify(&peer, &name).await?;
     let batch: proto::ReportBatch = serde_json::from_slice(&body).map_err(|e| {
         refuse(
             StatusCode::BAD_REQUEST,
@@ -881,11 +892,7 @@ async fn report(
                     e.to_string(),
                 )
             })?;
-        fleet
-            .inner
-            .counters
-            .report_writes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        fleet.inner.counters.report_writes.inc();
     }
     fleet
         .inner
@@ -955,7 +962,7 @@ async fn artifact(
     Path((name, digest)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let device = fleet.identify(&peer, &name)?;
+    let device = fleet.identify(&peer, &name).await?;
     let hex_digest = digest
         .strip_prefix("sha256:")
         .filter(|h| {
@@ -1019,9 +1026,7 @@ async fn artifact(
     let stream = tokio_util::io::ReaderStream::with_capacity(file.take(count), 256 << 10).map(
         move |chunk| {
             if let Ok(c) = &chunk {
-                counters
-                    .artifact_bytes
-                    .fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                counters.artifact_bytes.inc_by(c.len() as u64);
             }
             chunk
         },

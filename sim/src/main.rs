@@ -1,0 +1,538 @@
+//! edgefleet-sim: many simulated devices speaking the real gateway protocol over real
+//! TLS, to measure the fleet's service level indicators.
+//!
+//! Each simulated device is a task: it enrols with the bootstrap token, attests with the
+//! `dev` attester (a real challenge, evidence and CSR; the gateway's policy must admit
+//! dev evidence), then over mTLS with the certificate it got holds a desired-state
+//! long-poll open and heartbeats with reports. **Simulated, not real:** the download
+//! (a device reports a model `Ready` as soon as its desired state names it) and
+//! inference (no model is loaded; reports carry zero counters).
+//!
+//! Scenarios:
+//! - `steady`: heartbeats for `--duration` seconds; heartbeat round trips measured.
+//! - `rollout`: applies `--apply` (an EdgeModel manifest, server-side) and waits until
+//!   every device has seen its new desired state and the EdgeModel's status counts all
+//!   of them ready: rollout completion time, and the cloud→edge latency of each device
+//!   (from the apply to its long-poll answering).
+//! - `storm`: every device drops its connections at once and reconnects; recovery is
+//!   until every device has answered a desired-state poll again.
+//! - `churn`: a tenth of the devices leave and as many new ones enrol, per round.
+//!
+//! The summary is one JSON object on stdout.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use clap::{Parser, ValueEnum};
+use edgefleet_agent::attest::dev::DevAttester;
+use edgefleet_agent::fleet::DeviceClient;
+use edgefleet_agent::gateway_client::GatewayClient;
+use edgefleet_proto as proto;
+use edgefleet_trust::attestation::service::{ChallengeRequest, Evidence, EvidenceRequest};
+use tokio::sync::{Mutex, Semaphore, watch};
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Scenario {
+    Steady,
+    Rollout,
+    Storm,
+    Churn,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "simulated edgefleet devices (real protocol; download and inference faked)"
+)]
+struct Cli {
+    /// Gateway URL.
+    #[arg(long)]
+    gateway: String,
+    /// PEM CA of the gateway's certificate.
+    #[arg(long)]
+    gateway_ca: PathBuf,
+    /// File with the bootstrap token.
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Number of devices.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Device name prefix (names are PREFIX-00001 …).
+    #[arg(long, default_value = "sim")]
+    prefix: String,
+    /// Labels every device asks for, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_seconds: u64,
+    /// Enrolments and attestations in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Scenario::Steady)]
+    scenario: Scenario,
+    /// Seconds of the steady and churn scenarios.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// EdgeModel manifest (YAML or JSON) the rollout scenario applies.
+    #[arg(long)]
+    apply: Option<PathBuf>,
+    /// Longest wait for a scenario's end.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
+}
+
+/// Everything the devices record.
+#[derive(Debug, Default)]
+struct Record {
+    heartbeat_ms: Vec<f64>,
+    /// Per device: when its long-poll last answered with a new version.
+    seen: BTreeMap<String, (Instant, String)>,
+    /// Per device: when it last completed a poll (for storms).
+    polled: BTreeMap<String, Instant>,
+    failures: BTreeMap<String, u64>,
+    connect_retries: BTreeMap<String, u64>,
+    attested: u64,
+}
+
+struct Shared {
+    cli: Cli,
+    ca: Vec<u8>,
+    token: String,
+    record: Mutex<Record>,
+    /// Bumped to make every device drop its connections and reconnect.
+    storm: watch::Sender<u64>,
+    gate: Semaphore,
+    reports: AtomicU64,
+}
+
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// An error and its sources, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+async fn fail(shared: &Shared, what: &str, e: impl std::fmt::Display) {
+    let reason = e.to_string();
+    let key = format!("{what}: {}", reason.chars().take(240).collect::<String>());
+    *shared.record.lock().await.failures.entry(key).or_insert(0) += 1;
+}
+
+/// Enrols and attests one device; returns its mTLS client.
+async fn connect(shared: &Shared, name: &str) -> anyhow::Result<DeviceClient> {
+    let _permit = shared.gate.acquire().await?;
+    let cli = &shared.cli;
+    let boot = GatewayClient::new(&cli.gateway, &shared.ca, &shared.token)?;
+    let key = rcgen::KeyPair::generate()?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    boot.enrol(&proto::EnrolRequest {
+        device: name.to_owned(),
+        agent_public_key: b64.encode(&spki),
+        facts: proto::Facts {
+            arch: "x86_64".into(),
+            cpu_cores: 4,
+            memory_bytes: 8 << 30,
+            accelerators: vec![],
+            tee_kinds: vec!["dev".into()],
+            agent_version: concat!("sim-", env!("CARGO_PKG_VERSION")).into(),
+        },
+        labels: cli.labels.iter().cloned().collect(),
+    })
+    .await?;
+    let challenge = boot
+        .challenge(&ChallengeRequest {
+            device: name.to_owned(),
+            agent_public_key: b64.encode(&spki),
+            tee: edgefleet_trust::attestation::TeeKind::Dev,
+            tpm: None,
+        })
+        .await?;
+    let report_data: [u8; 64] = hex::decode(&challenge.report_data)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .context("bad report data")?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)?
+        .pem()?;
+    let appraisal = boot
+        .evidence(&EvidenceRequest {
+            device: name.to_owned(),
+            nonce: challenge.nonce,
+            csr,
+            evidence: Evidence::Dev {
+                evidence: DevAttester::generate().evidence(&report_data)?,
+            },
+        })
+        .await?;
+    let cert = appraisal
+        .certificate
+        .with_context(|| format!("denied: {:?}", appraisal.decision.deny))?;
+    shared.record.lock().await.attested += 1;
+    Ok(DeviceClient::new(
+        &cli.gateway,
+        &shared.ca,
+        cert.as_bytes(),
+        key.serialize_pem().as_bytes(),
+        name,
+        Duration::from_secs(proto::MAX_WAIT_SECONDS + 15),
+    )?)
+}
+
+/// One device, until its task is aborted.
+async fn device(shared: Arc<Shared>, name: String) {
+    let client = loop {
+        match connect(&shared, &name).await {
+            Ok(c) => break c,
+            Err(e) => {
+                // Enrolment retries (the first connection storm meets a full accept
+                // queue) are counted apart from failures of connected devices.
+                let reason: String = format!("{e:#}").chars().take(240).collect();
+                *shared
+                    .record
+                    .lock()
+                    .await
+                    .connect_retries
+                    .entry(reason)
+                    .or_insert(0) += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let boot = format!("{name}-{}", std::process::id());
+    let models: Arc<Mutex<Option<Vec<proto::ModelReport>>>> = Arc::default();
+    // Heartbeats, stopped with this task.
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _hb = AbortOnDrop({
+        let (shared, client, models, name) =
+            (shared.clone(), client.clone(), models.clone(), name.clone());
+        let boot = boot.clone();
+        tokio::spawn(async move {
+            let every = Duration::from_secs(shared.cli.heartbeat_seconds);
+            // Spread the fleet's heartbeats over the interval.
+            let offset =
+                name.bytes().map(u64::from).sum::<u64>() % (every.as_millis() as u64).max(1);
+            tokio::time::sleep(Duration::from_millis(offset)).await;
+            let mut seq = 0;
+            loop {
+                seq += 1;
+                let batch = proto::ReportBatch {
+                    reports: vec![proto::Report {
+                        seq,
+                        boot: boot.clone(),
+                        time: 0,
+                        models: models.lock().await.take(),
+                        inference: Some(proto::Inference {
+                            requests_total: 0,
+                            errors_total: 0,
+                            tokens_per_second: 0.0,
+                        }),
+                    }],
+                    dropped: 0,
+                };
+                let started = Instant::now();
+                match client.report(&batch).await {
+                    Ok(_) => {
+                        let ms = started.elapsed().as_secs_f64() * 1000.0;
+                        shared.record.lock().await.heartbeat_ms.push(ms);
+                        shared.reports.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        // Send the models again with the next report.
+                        *models.lock().await =
+                            batch.reports.into_iter().next().and_then(|r| r.models);
+                        fail(&shared, "report", e).await;
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    });
+    // The desired-state stream; a storm replaces the client's connections.
+    let mut storm = shared.storm.subscribe();
+    let mut client = client;
+    let mut version: Option<String> = None;
+    loop {
+        let poll = client.desired(version.as_deref(), Duration::from_secs(30));
+        let result = tokio::select! {
+            r = poll => r,
+            _ = storm.changed() => {
+                // Drop every connection and come back at once.
+                client = client.reconnect();
+                version = None;
+                continue;
+            }
+        };
+        match result {
+            Ok(Some(state)) => {
+                {
+                    let mut r = shared.record.lock().await;
+                    r.seen
+                        .insert(name.clone(), (Instant::now(), state.version.clone()));
+                    r.polled.insert(name.clone(), Instant::now());
+                }
+                // Simulated download, verification and load: Ready at once.
+                *models.lock().await = Some(
+                    state
+                        .models
+                        .iter()
+                        .map(|m| proto::ModelReport {
+                            model: m.model.clone(),
+                            revision: m.revision.clone(),
+                            state: "Ready".into(),
+                            message: Some("simulated device".into()),
+                            load_millis: Some(0),
+                        })
+                        .collect(),
+                );
+                version = Some(state.version);
+            }
+            Ok(None) => {
+                shared
+                    .record
+                    .lock()
+                    .await
+                    .polled
+                    .insert(name.clone(), Instant::now());
+            }
+            Err(e) => {
+                fail(&shared, "desired", chain(&e)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+fn summary_ms(v: &mut [f64]) -> serde_json::Value {
+    serde_json::json!({
+        "count": v.len(),
+        "p50": quantile(v, 0.5),
+        "p99": quantile(v, 0.99),
+        "max": quantile(v, 1.0),
+    })
+}
+
+async fn apply_manifest(path: &PathBuf) -> anyhow::Result<(String, String, kube::Client)> {
+    let text = std::fs::read_to_string(path)?;
+    let value: serde_json::Value = serde_yaml::from_str(&text)?;
+    let ns = value["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default")
+        .to_owned();
+    let name = value["metadata"]["name"]
+        .as_str()
+        .context("manifest has no name")?
+        .to_owned();
+    let client = kube::Client::try_default().await?;
+    let api: kube::Api<edgefleet_crds::EdgeModel> = kube::Api::namespaced(client.clone(), &ns);
+    api.patch(
+        &name,
+        &kube::api::PatchParams::apply("edgefleet-sim").force(),
+        &kube::api::Patch::Apply(&value),
+    )
+    .await?;
+    Ok((ns, name, client))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let ca =
+        std::fs::read(&cli.gateway_ca).with_context(|| format!("{}", cli.gateway_ca.display()))?;
+    let token = std::fs::read_to_string(&cli.token_file)?.trim().to_owned();
+    let (storm, _) = watch::channel(0);
+    let n = cli.devices;
+    let shared = Arc::new(Shared {
+        gate: Semaphore::new(cli.concurrency.max(1)),
+        cli,
+        ca,
+        token,
+        record: Mutex::default(),
+        storm,
+        reports: AtomicU64::new(0),
+    });
+    let names: Vec<String> = (1..=n)
+        .map(|i| format!("{}-{i:05}", shared.cli.prefix))
+        .collect();
+    let started = Instant::now();
+    let mut tasks: BTreeMap<String, tokio::task::JoinHandle<()>> = names
+        .iter()
+        .map(|name| {
+            (
+                name.clone(),
+                tokio::spawn(device(shared.clone(), name.clone())),
+            )
+        })
+        .collect();
+    let deadline = started + Duration::from_secs(shared.cli.timeout);
+    // Everyone connected: attested and answered a first poll.
+    loop {
+        let polled = shared.record.lock().await.polled.len();
+        if polled >= n {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {polled} of {n} devices connected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let connect_seconds = started.elapsed().as_secs_f64();
+    let mut out = serde_json::json!({
+        "devices": n,
+        "scenario": format!("{:?}", shared.cli.scenario).to_lowercase(),
+        "simulated": ["download", "inference"],
+        "connect_seconds": connect_seconds,
+    });
+    match shared.cli.scenario {
+        Scenario::Steady | Scenario::Churn => {
+            let end = Instant::now() + Duration::from_secs(shared.cli.duration);
+            let mut round = 0;
+            while Instant::now() < end {
+                tokio::time::sleep(Duration::from_secs(shared.cli.heartbeat_seconds.max(1))).await;
+                if shared.cli.scenario == Scenario::Churn {
+                    round += 1;
+                    let leave: Vec<String> = tasks.keys().take(n / 10).cloned().collect();
+                    for name in leave {
+                        if let Some(t) = tasks.remove(&name) {
+                            t.abort();
+                        }
+                    }
+                    for i in 0..n / 10 {
+                        let name = format!("{}-r{round}-{i:05}", shared.cli.prefix);
+                        tasks.insert(name.clone(), tokio::spawn(device(shared.clone(), name)));
+                    }
+                }
+            }
+            out["churn_rounds"] = serde_json::json!(round);
+        }
+        Scenario::Rollout => {
+            let path = shared
+                .cli
+                .apply
+                .clone()
+                .context("--apply is required for rollout")?;
+            let before: BTreeMap<String, String> = shared
+                .record
+                .lock()
+                .await
+                .seen
+                .iter()
+                .map(|(k, (_, v))| (k.clone(), v.clone()))
+                .collect();
+            let t0 = Instant::now();
+            let (ns, name, client) = apply_manifest(&path).await?;
+            let api: kube::Api<edgefleet_crds::EdgeModel> = kube::Api::namespaced(client, &ns);
+            let mut latencies = loop {
+                let r = shared.record.lock().await;
+                let changed: Vec<f64> = r
+                    .seen
+                    .iter()
+                    .filter(|(k, (_, v))| before.get(*k) != Some(v))
+                    .map(|(_, (t, _))| t.saturating_duration_since(t0).as_secs_f64() * 1000.0)
+                    .collect();
+                if changed.len() >= n {
+                    break changed;
+                }
+                drop(r);
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "not every device saw the rollout"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let devices_seen = t0.elapsed().as_secs_f64();
+            loop {
+                let st = api.get(&name).await?.status.unwrap_or_default();
+                if usize::try_from(st.devices.ready).unwrap_or(0) >= n
+                    && usize::try_from(st.devices.updated).unwrap_or(0) >= n
+                {
+                    out["ready_devices"] = serde_json::json!(st.ready_devices);
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the rollout did not complete: {st:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            out["rollout_seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
+            out["all_devices_saw_change_seconds"] = serde_json::json!(devices_seen);
+            out["cloud_to_edge_ms"] = summary_ms(&mut latencies);
+        }
+        Scenario::Storm => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let t0 = Instant::now();
+            shared.storm.send_modify(|v| *v += 1);
+            loop {
+                let back = shared
+                    .record
+                    .lock()
+                    .await
+                    .polled
+                    .values()
+                    .filter(|t| **t > t0)
+                    .count();
+                if back >= n {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "only {back} of {n} devices came back"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            out["storm_recovery_seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
+        }
+    }
+    for t in tasks.values() {
+        t.abort();
+    }
+    let mut r = shared.record.lock().await;
+    out["attested"] = serde_json::json!(r.attested);
+    out["reports"] = serde_json::json!(shared.reports.load(Ordering::Relaxed));
+    out["heartbeat_rtt_ms"] = summary_ms(&mut r.heartbeat_ms);
+    out["failures"] = serde_json::json!(r.failures);
+    out["connect_retries"] = serde_json::json!(r.connect_retries);
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
