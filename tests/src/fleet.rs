@@ -14,9 +14,16 @@ fn err(what: impl std::fmt::Display) -> HarnessError {
 /// The token agents enrol with in local fleets.
 pub const BOOTSTRAP_TOKEN: &str = "fleet-bootstrap-token-0123456789";
 
-/// A built binary of the workspace: beside the running executable (`target/debug`), or
-/// one directory up (test executables live in `target/debug/deps`).
+/// A built binary of the workspace: in `EDGEFLEET_BIN_DIR` when set (benchmarks point it
+/// at release builds), else beside the running executable (`target/debug`), or one
+/// directory up (test executables live in `target/debug/deps`).
 pub fn binary(name: &str) -> Result<PathBuf, HarnessError> {
+    if let Some(dir) = std::env::var_os("EDGEFLEET_BIN_DIR") {
+        let p = PathBuf::from(dir).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
     let exe = std::env::current_exe().map_err(err)?;
     let mut dir = exe.parent();
     while let Some(d) = dir {

@@ -8,6 +8,7 @@
 //! types would generate now) plus Lease and Event shims, and waits until they are
 //! Established.
 
+pub mod bench;
 pub mod demo;
 pub mod fleet;
 pub mod pki;

@@ -10,36 +10,6 @@ use std::process::Command;
 use edgefleet_e2e::ControlPlane;
 use edgefleet_e2e::fleet::{self, Proc};
 
-/// A signed stand-in artifact and the EdgeModel that rolls it out to every simulated
-/// device at once.
-pub fn manifest(dir: &std::path::Path, pool: &str) -> serde_json::Value {
-    use p256::pkcs8::EncodePrivateKey as _;
-    let file = dir.join("weights.gguf");
-    std::fs::write(&file, b"GGUF simulated weights").unwrap();
-    let key = p256::SecretKey::random(&mut rand_core::OsRng)
-        .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
-        .unwrap()
-        .to_string();
-    let signer = edgefleet_trust::model_signing::PrivateKey::from_pem(&key).unwrap();
-    let bundle =
-        edgefleet_trust::model_signing::sign(&file, &signer, None, &Default::default()).unwrap();
-    serde_json::json!({
-        "apiVersion": "edgefleet.io/v1alpha1",
-        "kind": "EdgeModel",
-        "metadata": {"name": "sim-model", "namespace": "sim"},
-        "spec": {
-            "servedName": "sim-model",
-            "artifact": {"uri": "https://artifacts.example/weights.gguf",
-                         "digest": fleet::digest_of(&file).unwrap(), "sizeBytes": 22},
-            "signature": {"inline": String::from_utf8(bundle).unwrap()},
-            "signers": [{"name": "sim", "publicKey": signer.public_key().to_pem().unwrap()}],
-            "selector": {"matchLabels": {"edgefleet.io/pool": pool}},
-            "attestation": {"teeKinds": ["dev"], "policy": "dev"},
-            "rollout": {"maxUnavailable": "100%"},
-        }
-    })
-}
-
 #[tokio::test]
 async fn a_thousand_simulated_devices_connect_heartbeat_and_take_a_rollout() {
     let cp = ControlPlane::start().await.expect("control plane starts");
@@ -64,7 +34,7 @@ async fn a_thousand_simulated_devices_connect_heartbeat_and_take_a_rollout() {
         )
         .unwrap(),
     );
-    std::fs::write(d.join("model.json"), manifest(d, "sim").to_string()).unwrap();
+    let manifest = edgefleet_e2e::bench::sim_manifest(d).unwrap();
     let out = Command::new(fleet::binary("edgefleet-sim").unwrap())
         .args(["--gateway", &format!("https://127.0.0.1:{port}")])
         .arg("--gateway-ca")
@@ -81,7 +51,7 @@ async fn a_thousand_simulated_devices_connect_heartbeat_and_take_a_rollout() {
         ])
         .args(["--label", "edgefleet.io/pool=sim", "--timeout", "240"])
         .arg("--apply")
-        .arg(d.join("model.json"))
+        .arg(&manifest)
         .env("KUBECONFIG", cp.kubeconfig_path())
         .output()
         .unwrap();

@@ -35,6 +35,25 @@ enum Cmd {
     },
     /// The whole story: control plane, operator and gateway, three device agents (one
     /// on a software TPM), a signed model rolled out to 3/3, and a chat through a device.
+    /// One fleet SLI run (see bench/fleet.sh): a fresh control plane and operator, and
+    /// edgefleet-sim with one scenario; prints the simulator's summary and the costs.
+    FleetBench {
+        /// Working directory (wiped on start).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Simulated devices.
+        #[arg(long)]
+        devices: usize,
+        /// steady, rollout, storm or churn.
+        #[arg(long, default_value = "rollout")]
+        scenario: String,
+        /// Heartbeat interval of the devices, seconds.
+        #[arg(long, default_value_t = 10)]
+        heartbeat_seconds: u64,
+        /// Seconds of the steady and churn scenarios.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+    },
     Demo {
         /// Working directory (wiped on start).
         #[arg(long, env = "EDGEFLEET_DEV_DIR")]
@@ -55,6 +74,24 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let (apply, dir, hold) = match Cli::parse().command {
         Cmd::Up { apply, dir, hold } => (apply, dir, hold),
+        Cmd::FleetBench {
+            dir,
+            devices,
+            scenario,
+            heartbeat_seconds,
+            duration,
+        } => {
+            let summary = edgefleet_e2e::bench::fleet_bench(
+                &dir,
+                devices,
+                &scenario,
+                heartbeat_seconds,
+                duration,
+            )
+            .await?;
+            println!("{}", serde_json::to_string(&summary)?);
+            return Ok(());
+        }
         Cmd::Demo { dir, hold } => {
             let dir = dir.unwrap_or_else(|| cache_dir().join("demo"));
             return edgefleet_e2e::demo::demo(&dir, hold).await;

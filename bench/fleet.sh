@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Fleet SLIs with the simulator: for each N, a fresh control plane and one operator
+# replica (release build) per scenario — rollout (completion time, cloud→edge latency),
+# storm (reconnect recovery), steady (heartbeat round trip, at two heartbeat rates, to
+# show API-server writes do not follow the heartbeat rate) — with the operator's CPU,
+# RSS and file descriptors and the API server's writes/s. Writes
+# $EDGEFLEET_CACHE/bench/fleet/results.jsonl, a Markdown table and bench/fleet.png.
+# Usage: bench/fleet.sh [N ...]   (default: 1000 5000 10000)
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
+cd "$EDGEFLEET_ROOT"
+ensure_apt "${APT_PACKAGES[@]}"
+ensure_rust_tools
+ensure_kubectl
+ensure_python_venv
+ensure_apiserver
+"$EDGEFLEET_CACHE/venv/bin/pip" install --quiet -r bench/requirements.txt
+cargo build --quiet --locked --release -p edgefleet-operator -p edgefleet-sim
+cargo build --quiet --locked -p edgefleet-e2e --bin edgefleet-dev
+export EDGEFLEET_BIN_DIR="$CARGO_TARGET_DIR/release"
+OUT="$EDGEFLEET_CACHE/bench/fleet"
+mkdir -p "$OUT"
+: > "$OUT/results.jsonl"
+sizes=("$@"); [ ${#sizes[@]} -gt 0 ] || sizes=(1000 5000 10000)
+run() {  # N SCENARIO HEARTBEAT DURATION
+  log "N=$1 $2 (heartbeat ${3}s)"
+  if line=$("$CARGO_TARGET_DIR/debug/edgefleet-dev" fleet-bench --dir "$OUT/run" --devices "$1" \
+      --scenario "$2" --heartbeat-seconds "$3" --duration "$4"); then
+    echo "$line" >> "$OUT/results.jsonl"
+  else
+    echo "{\"devices\": $1, \"scenario\": \"$2\", \"heartbeat_seconds\": $3, \"error\": \"run failed\"}" >> "$OUT/results.jsonl"
+  fi
+}
+for n in "${sizes[@]}"; do
+  run "$n" rollout 10 0
+  run "$n" storm 10 0
+  run "$n" steady 10 60
+  run "$n" steady 30 60
+done
+"$EDGEFLEET_CACHE/venv/bin/python" bench/fleet_report.py "$OUT/results.jsonl" bench/fleet.png

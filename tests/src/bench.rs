@@ -1,0 +1,232 @@
+//! `edgefleet-dev fleet-bench`: one fleet SLI run. A fresh local control plane and one
+//! operator replica (the binaries found by [`crate::fleet::binary`], so
+//! `EDGEFLEET_BIN_DIR` picks release builds), then `edgefleet-sim` with one scenario,
+//! while the operator's CPU time, peak RSS and file descriptors, and the API server's
+//! write requests, are sampled. Prints one JSON object: the simulator's summary plus
+//! those costs.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::ControlPlane;
+use crate::fleet::{self, Proc};
+
+/// The operator's resource use, from `/proc/<pid>`.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcStat {
+    cpu_seconds: f64,
+    rss_kib: u64,
+    hwm_kib: u64,
+    fds: u64,
+}
+
+fn proc_stat(pid: u32) -> ProcStat {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after ") ".
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 (1-based), 11 and 12 after the name.
+    let cpu_seconds = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+    ProcStat {
+        cpu_seconds,
+        rss_kib: kib("VmRSS:"),
+        hwm_kib: kib("VmHWM:"),
+        fds,
+    }
+}
+
+/// Write requests (POST, PUT, PATCH, DELETE) the API server has answered.
+fn api_writes(cp: &ControlPlane) -> anyhow::Result<f64> {
+    let out = cp.kubectl().args(["get", "--raw", "/metrics"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            ["\"POST\"", "\"PUT\"", "\"PATCH\"", "\"DELETE\""]
+                .iter()
+                .any(|v| l.contains(&format!("verb={v}")))
+        })
+        .filter(|l| !l.contains("apiextensions.k8s.io"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum())
+}
+
+/// One run: `devices` simulated devices, `scenario`, heartbeats every `heartbeat` s.
+pub async fn fleet_bench(
+    dir: &Path,
+    devices: usize,
+    scenario: &str,
+    heartbeat: u64,
+    duration: u64,
+) -> anyhow::Result<serde_json::Value> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    let cp = ControlPlane::start_in(&dir.join("control-plane")).await?;
+    cp.install_crds().await?;
+    let pki = fleet::GatewayPki::write(dir, &[])?;
+    let port = crate::free_port()?;
+    let operator = Proc(fleet::spawn_operator(
+        cp.kubeconfig_path(),
+        &pki,
+        &fleet::OperatorSpec {
+            gateway_addr: format!("127.0.0.1:{port}"),
+            artifact_dir: dir.join("artifacts"),
+            approval: "auto:edgefleet.io/pool=sim".into(),
+            ek_cas: vec![],
+            ek_intermediates: vec![],
+            heartbeat_lease_seconds: (heartbeat * 4).max(30),
+            log: dir.join("operator.log"),
+        },
+    )?);
+    let pid = operator.0.id();
+    let started = Instant::now();
+    loop {
+        let ok = Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("https://127.0.0.1:{port}/healthz"))
+            .output()
+            .is_ok_and(|o| o.stdout == b"200");
+        if ok {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "the gateway did not come up; see {}",
+                dir.join("operator.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let manifest = sim_manifest(dir)?;
+    let before = proc_stat(pid);
+    let writes_before = api_writes(&cp)?;
+    let t0 = Instant::now();
+    let mut sim = Command::new(fleet::binary("edgefleet-sim")?);
+    sim.args(["--gateway", &format!("https://127.0.0.1:{port}")])
+        .arg("--gateway-ca")
+        .arg(dir.join("gw-ca.crt"))
+        .arg("--token-file")
+        .arg(dir.join("token"))
+        .args(["--devices", &devices.to_string()])
+        .args(["--heartbeat-seconds", &heartbeat.to_string()])
+        .args(["--scenario", scenario, "--duration", &duration.to_string()])
+        .args(["--label", "edgefleet.io/pool=sim", "--timeout", "1800"])
+        .arg("--apply")
+        .arg(&manifest)
+        .env("KUBECONFIG", cp.kubeconfig_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    let child = sim.spawn().context("starting edgefleet-sim")?;
+    // Sample the operator while the simulator runs.
+    let mut peak = before;
+    let sampler = {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak_fds = 0;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                peak_fds = peak_fds.max(proc_stat(pid).fds);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            peak_fds
+        });
+        (stop, handle)
+    };
+    let out = child.wait_with_output()?;
+    sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak_fds = sampler.1.join().unwrap_or(0);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let after = proc_stat(pid);
+    peak.fds = peak_fds;
+    let writes = api_writes(&cp)? - writes_before;
+    if !out.status.success() {
+        bail!(
+            "edgefleet-sim failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let mut summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    summary["heartbeat_seconds"] = serde_json::json!(heartbeat);
+    summary["operator"] = serde_json::json!({
+        "cpu_seconds": after.cpu_seconds - before.cpu_seconds,
+        "cpu_cores_mean": (after.cpu_seconds - before.cpu_seconds) / elapsed,
+        "rss_mib": after.rss_kib as f64 / 1024.0,
+        "peak_rss_mib": after.hwm_kib as f64 / 1024.0,
+        "peak_fds": peak.fds,
+    });
+    summary["api_writes"] = serde_json::json!(writes);
+    summary["api_writes_per_second"] = serde_json::json!(writes / elapsed);
+    summary["wall_seconds"] = serde_json::json!(elapsed);
+    drop(operator);
+    Ok(summary)
+}
+
+/// A signed stand-in artifact and an EdgeModel rolling it out to every simulated device
+/// at once (the download is simulated; the signature is real and checked).
+pub fn sim_manifest(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let file = dir.join("weights.gguf");
+    std::fs::write(&file, b"GGUF simulated weights")?;
+    let key = dir.join("signing-key.pem");
+    let status = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ])
+        .arg(&key)
+        .status()?;
+    anyhow::ensure!(status.success(), "openssl genpkey failed");
+    let signer =
+        edgefleet_trust::model_signing::PrivateKey::from_pem(&std::fs::read_to_string(&key)?)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bundle = edgefleet_trust::model_signing::sign(&file, &signer, None, &Default::default())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let public = signer
+        .public_key()
+        .to_pem()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let manifest = serde_json::json!({
+        "apiVersion": "edgefleet.io/v1alpha1",
+        "kind": "EdgeModel",
+        "metadata": {"name": "sim-model", "namespace": "sim"},
+        "spec": {
+            "servedName": "sim-model",
+            "artifact": {"uri": "https://artifacts.example/weights.gguf",
+                         "digest": fleet::digest_of(&file)?, "sizeBytes": 22},
+            "signature": {"inline": String::from_utf8(bundle)?},
+            "signers": [{"name": "sim", "publicKey": public}],
+            "selector": {"matchLabels": {"edgefleet.io/pool": "sim"}},
+            "attestation": {"teeKinds": ["dev"], "policy": "dev"},
+            "rollout": {"maxUnavailable": "100%"},
+        }
+    });
+    let path = dir.join("model.json");
+    std::fs::write(&path, manifest.to_string())?;
+    Ok(path)
+}
