@@ -38,8 +38,8 @@ for n in ns:
         f"| {fmt(get(n, ro, 'cloud_to_edge_ms', 'p50'), 0)} / {fmt(get(n, ro, 'cloud_to_edge_ms', 'p99'), 0)} "
         f"| {fmt(get(n, s10, 'heartbeat_rtt_ms', 'p50'))} / {fmt(get(n, s10, 'heartbeat_rtt_ms', 'p99'))} "
         f"| {fmt(get(n, st, 'storm_recovery_seconds'))} "
-        f"| {fmt(get(n, s10, 'api_writes_per_second'))} / {fmt(get(n, s30, 'api_writes_per_second'))} "
-        f"| {fmt(get(n, s10, 'operator', 'cpu_cores_mean'), 2)} "
+        f"| {fmt(get(n, s10, 'scenario_api_writes_per_second'))} / {fmt(get(n, s30, 'scenario_api_writes_per_second'))} "
+        f"| {fmt(get(n, s10, 'scenario_operator_cpu_cores'), 2)} "
         f"| {fmt(max(filter(None, [get(n, k, 'operator', 'peak_rss_mib') for k in (ro, st, s10, s30)]), default=None), 0)} "
         f"| {fmt(max(filter(None, [get(n, k, 'operator', 'peak_fds') for k in (ro, st, s10, s30)]), default=None), 0)} |"
     )
@@ -50,7 +50,7 @@ series = [
     ("heartbeat p99 s", lambda n: (get(n, ("steady", 10), "heartbeat_rtt_ms", "p99") or 0) / 1000 or None),
     ("storm recovery s", lambda n: get(n, ("storm", 10), "storm_recovery_seconds")),
     ("operator peak RSS GiB", lambda n: (get(n, ("steady", 10), "operator", "peak_rss_mib") or 0) / 1024 or None),
-    ("API writes/s ÷ 100", lambda n: (get(n, ("steady", 10), "api_writes_per_second") or 0) / 100 or None),
+    ("API writes/s ÷ 100", lambda n: (get(n, ("steady", 10), "scenario_api_writes_per_second") or 0) / 100 or None),
 ]
 fig, ax = plt.subplots(figsize=(8, 5))
 for label, f in series:
@@ -69,6 +69,6 @@ last = ns[-1] if ns else 0
 print(
     f"n_max={last} rollout_s={fmt(get(last, ('rollout', 10), 'rollout_seconds'))} "
     f"heartbeat_p99_ms={fmt(get(last, ('steady', 10), 'heartbeat_rtt_ms', 'p99'))} "
-    f"writes_per_s_10s={fmt(get(last, ('steady', 10), 'api_writes_per_second'))} "
-    f"writes_per_s_30s={fmt(get(last, ('steady', 30), 'api_writes_per_second'))}"
+    f"writes_per_s_10s={fmt(get(last, ('steady', 10), 'scenario_api_writes_per_second'))} "
+    f"writes_per_s_30s={fmt(get(last, ('steady', 30), 'scenario_api_writes_per_second'))}"
 )

@@ -56,8 +56,8 @@ fn proc_stat(pid: u32) -> ProcStat {
 }
 
 /// Write requests (POST, PUT, PATCH, DELETE) the API server has answered.
-fn api_writes(cp: &ControlPlane) -> anyhow::Result<f64> {
-    let out = cp.kubectl().args(["get", "--raw", "/metrics"]).output()?;
+fn api_writes(mut kubectl: Command) -> anyhow::Result<f64> {
+    let out = kubectl.args(["get", "--raw", "/metrics"]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     Ok(text
         .lines()
@@ -122,7 +122,7 @@ pub async fn fleet_bench(
     }
     let manifest = sim_manifest(dir)?;
     let before = proc_stat(pid);
-    let writes_before = api_writes(&cp)?;
+    let writes_before = api_writes(cp.kubectl())?;
     let t0 = Instant::now();
     let mut sim = Command::new(fleet::binary("edgefleet-sim")?);
     sim.args(["--gateway", &format!("https://127.0.0.1:{port}")])
@@ -138,8 +138,36 @@ pub async fn fleet_bench(
         .arg(&manifest)
         .env("KUBECONFIG", cp.kubeconfig_path())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit());
-    let child = sim.spawn().context("starting edgefleet-sim")?;
+        .stderr(std::process::Stdio::piped());
+    let mut child = sim.spawn().context("starting edgefleet-sim")?;
+    // When every device is connected the scenario starts: snapshot the costs then.
+    let at_connected = {
+        let stderr = child.stderr.take().context("simulator stderr")?;
+        let kubectl = cp.kubectl();
+        let (program, env) = (
+            kubectl.get_program().to_owned(),
+            kubectl
+                .get_envs()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+                .collect::<Vec<_>>(),
+        );
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            let mut snapshot = None;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                eprintln!("{line}");
+                if line.starts_with("CONNECTED") && snapshot.is_none() {
+                    let mut k = Command::new(&program);
+                    k.envs(env.iter().map(|(a, b)| (a, b)));
+                    snapshot = Some((Instant::now(), proc_stat(pid), api_writes(k).unwrap_or(0.0)));
+                }
+            }
+            snapshot
+        })
+    };
     // Sample the operator while the simulator runs.
     let mut peak = before;
     let sampler = {
@@ -156,12 +184,14 @@ pub async fn fleet_bench(
         (stop, handle)
     };
     let out = child.wait_with_output()?;
+    let connected = at_connected.join().ok().flatten();
     sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
     let peak_fds = sampler.1.join().unwrap_or(0);
     let elapsed = t0.elapsed().as_secs_f64();
     let after = proc_stat(pid);
     peak.fds = peak_fds;
-    let writes = api_writes(&cp)? - writes_before;
+    let total_writes = api_writes(cp.kubectl())?;
+    let writes = total_writes - writes_before;
     if !out.status.success() {
         bail!(
             "edgefleet-sim failed: {}",
@@ -179,6 +209,13 @@ pub async fn fleet_bench(
     });
     summary["api_writes"] = serde_json::json!(writes);
     summary["api_writes_per_second"] = serde_json::json!(writes / elapsed);
+    // The scenario phase alone (after every device connected).
+    if let Some((t, stat, w)) = connected {
+        let secs = t.elapsed().as_secs_f64();
+        summary["scenario_api_writes_per_second"] = serde_json::json!((total_writes - w) / secs);
+        summary["scenario_operator_cpu_cores"] =
+            serde_json::json!((after.cpu_seconds - stat.cpu_seconds) / secs);
+    }
     summary["wall_seconds"] = serde_json::json!(elapsed);
     drop(operator);
     Ok(summary)
