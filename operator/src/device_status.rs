@@ -86,6 +86,7 @@ fn with_kept_attestation(device: &EdgeDevice, condition: Value) -> Value {
 #[derive(Debug, Clone)]
 pub struct DeviceStatus {
     api: Api<EdgeDevice>,
+    cache: Option<kube::runtime::reflector::Store<EdgeDevice>>,
 }
 
 impl DeviceStatus {
@@ -93,7 +94,16 @@ impl DeviceStatus {
     pub fn new(client: kube::Client) -> Self {
         Self {
             api: Api::all(client),
+            cache: None,
         }
+    }
+
+    /// Sweeps lapsed attestations over `cache` (a watch cache of every EdgeDevice)
+    /// instead of listing them from the API server each time: a list of a large fleet
+    /// every sweep is what loads the API server most (see BENCHMARKS.md).
+    pub fn with_cache(mut self, cache: kube::runtime::reflector::Store<EdgeDevice>) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     /// The enrolled device, or [`StatusError::UnknownDevice`].
@@ -210,16 +220,24 @@ impl DeviceStatus {
     /// Turns `Attested` False (reason `AttestationExpired`) on every device whose
     /// attestation lapsed before `now`. Returns the devices changed.
     pub async fn lapse_expired(&self, now: OffsetDateTime) -> Result<Vec<String>, StatusError> {
-        let list = self
-            .api
-            .list(&ListParams::default())
-            .await
-            .map_err(|source| StatusError::Kube {
-                device: "*".into(),
-                source,
-            })?;
+        let devices: Vec<std::sync::Arc<EdgeDevice>> = match &self.cache {
+            Some(cache) => cache.state(),
+            None => self
+                .api
+                .list(&ListParams::default())
+                .await
+                .map_err(|source| StatusError::Kube {
+                    device: "*".into(),
+                    source,
+                })?
+                .items
+                .into_iter()
+                .map(std::sync::Arc::new)
+                .collect(),
+        };
         let mut lapsed = Vec::new();
-        for device in list.items {
+        for device in devices {
+            let device = device.as_ref();
             let Some(status) = device.status.as_ref() else {
                 continue;
             };
@@ -238,14 +256,14 @@ impl DeviceStatus {
                 let name = device.metadata.name.clone().unwrap_or_default();
                 let generation = device.metadata.generation.unwrap_or(0);
                 let cond = attested_condition(
-                    Some(&device),
+                    Some(device),
                     false,
                     reasons::ATTESTATION_EXPIRED,
                     "the device did not re-attest before its attestation lapsed",
                     generation,
                     now,
                 );
-                self.apply(&name, with_kept_attestation(&device, cond))
+                self.apply(&name, with_kept_attestation(device, cond))
                     .await?;
                 lapsed.push(name);
             }

@@ -54,6 +54,7 @@ pub fn expired(device: &EdgeDevice, now: Timestamp, lease: Duration) -> bool {
 pub struct Heartbeats {
     api: Api<EdgeDevice>,
     lease: Duration,
+    cache: Option<kube::runtime::reflector::Store<EdgeDevice>>,
 }
 
 impl Heartbeats {
@@ -62,7 +63,17 @@ impl Heartbeats {
         Self {
             api: Api::all(client),
             lease,
+            cache: None,
         }
+    }
+
+    /// Sweeps over `cache` (a watch cache of every EdgeDevice) instead of listing the
+    /// fleet from the API server every quarter lease. A heartbeat written just before a
+    /// sweep may not be in the cache yet; such a device turns not Ready and Ready again
+    /// at its next report, which writes at once when the device is not Ready.
+    pub fn with_cache(mut self, cache: kube::runtime::reflector::Store<EdgeDevice>) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     async fn apply(
@@ -125,11 +136,23 @@ impl Heartbeats {
     /// the devices changed.
     pub async fn expire(&self, now: Timestamp) -> Result<Vec<String>, kube::Error> {
         let mut changed = Vec::new();
-        for device in self.api.list(&ListParams::default()).await?.items {
-            if expired(&device, now, self.lease) {
-                let (_, last) = ready_of(&device);
+        let devices: Vec<std::sync::Arc<EdgeDevice>> = match &self.cache {
+            Some(cache) => cache.state(),
+            None => self
+                .api
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .map(std::sync::Arc::new)
+                .collect(),
+        };
+        for device in devices {
+            let device = device.as_ref();
+            if expired(device, now, self.lease) {
+                let (_, last) = ready_of(device);
                 self.apply(
-                    &device,
+                    device,
                     false,
                     reasons::HEARTBEAT_EXPIRED,
                     format!("no heartbeat for more than {} s", self.lease.as_secs()),

@@ -122,11 +122,20 @@ async fn main() -> anyhow::Result<()> {
             metrics.set_leading(true);
             tracing::info!(%identity, "leading");
             let lease = std::time::Duration::from_secs(heartbeat_lease_seconds);
-            let heartbeats = edgefleet_operator::heartbeat::Heartbeats::new(client.clone(), lease);
+            let mut heartbeats =
+                edgefleet_operator::heartbeat::Heartbeats::new(client.clone(), lease);
             // Only the leader serves devices: the gateway writes device status.
             let gateway = gateway
                 .start(client.clone(), lease, metrics.gateway.clone())
                 .await?;
+            let gateway = match gateway {
+                Some((cache, g)) => {
+                    // Sweep liveness over the gateway's cache rather than listing the fleet.
+                    heartbeats = heartbeats.with_cache(cache);
+                    Some(g)
+                }
+                None => None,
+            };
             let gateway = async move {
                 match gateway {
                     Some(g) => g.await,

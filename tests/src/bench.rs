@@ -55,7 +55,7 @@ fn proc_stat(pid: u32) -> ProcStat {
     }
 }
 
-/// Write requests (POST, PUT, PATCH, DELETE) the API server has answered.
+/// Write requests (POST, PUT, PATCH, server-side APPLY, DELETE) the API server has answered.
 fn api_writes(mut kubectl: Command) -> anyhow::Result<f64> {
     let out = kubectl.args(["get", "--raw", "/metrics"]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -63,9 +63,15 @@ fn api_writes(mut kubectl: Command) -> anyhow::Result<f64> {
         .lines()
         .filter(|l| l.starts_with("apiserver_request_total{"))
         .filter(|l| {
-            ["\"POST\"", "\"PUT\"", "\"PATCH\"", "\"DELETE\""]
-                .iter()
-                .any(|v| l.contains(&format!("verb={v}")))
+            [
+                "\"POST\"",
+                "\"PUT\"",
+                "\"PATCH\"",
+                "\"APPLY\"",
+                "\"DELETE\"",
+            ]
+            .iter()
+            .any(|v| l.contains(&format!("verb={v}")))
         })
         .filter(|l| !l.contains("apiextensions.k8s.io"))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))

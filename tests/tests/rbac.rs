@@ -315,7 +315,6 @@ async fn the_chart_grants_every_call_the_operator_makes() {
         ("coordination.k8s.io", "leases", "update"),
         ("events.k8s.io", "events", "create"),
         ("edgefleet.io", "edgedevices", "create"),
-        ("edgefleet.io", "edgedevices", "get"),
         ("edgefleet.io", "edgedevices", "watch"),
     ] {
         let e = (

@@ -257,6 +257,11 @@ impl Fleet {
         (fleet, driver)
     }
 
+    /// The watch cache of EdgeDevices (for sweeps that would otherwise list the fleet).
+    pub fn device_cache(&self) -> Store<EdgeDevice> {
+        self.inner.devices.clone()
+    }
+
     /// Waits until both watch caches hold their first listing.
     pub async fn ready(&self) -> Result<(), String> {
         self.inner
@@ -627,8 +632,9 @@ async fn enrol(
             ))
         }
     };
-    if let Some(d) = api.get_opt(&req.device).await.map_err(kube_err)? {
-        return existing(d);
+    // The cache answers for devices enrolled a while ago; a new one costs only the create.
+    if let Some(d) = fleet.inner.devices.get(&ObjectRef::new(&req.device)) {
+        return existing((*d).clone());
     }
     let approved = fleet.inner.config.approval.approves(&req.labels);
     let mut device = EdgeDevice::new(

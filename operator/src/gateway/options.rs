@@ -121,7 +121,12 @@ impl GatewayOptions {
         client: kube::Client,
         heartbeat_lease: Duration,
         counters: Arc<FleetCounters>,
-    ) -> anyhow::Result<Option<impl std::future::Future<Output = anyhow::Result<()>> + use<>>> {
+    ) -> anyhow::Result<
+        Option<(
+            kube::runtime::reflector::Store<edgefleet_crds::EdgeDevice>,
+            impl std::future::Future<Output = anyhow::Result<()>> + use<>,
+        )>,
+    > {
         let Some(addr) = self.gateway_addr else {
             return Ok(None);
         };
@@ -208,24 +213,25 @@ impl GatewayOptions {
         std::fs::create_dir_all(&self.artifact_dir)
             .with_context(|| format!("creating {}", self.artifact_dir.display()))?;
 
-        let devices = DeviceStatus::new(client.clone());
-        let gateway =
-            Gateway::new(Arc::new(service), devices, &token).map_err(|e| anyhow::anyhow!(e))?;
         let (fleet, caches) = Fleet::new(
-            client,
+            client.clone(),
             FleetConfig {
                 artifact_dir: self.artifact_dir.clone(),
                 approval: self.approval.clone(),
                 heartbeat_lease,
-                bootstrap_token: token,
+                bootstrap_token: token.clone(),
             },
             counters,
         );
+        let devices = DeviceStatus::new(client).with_cache(fleet.device_cache());
+        let gateway =
+            Gateway::new(Arc::new(service), devices, &token).map_err(|e| anyhow::anyhow!(e))?;
         let router = gateway.clone().router().merge(fleet.clone().router());
         let listener =
             std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         listener.set_nonblocking(true)?;
-        Ok(Some(async move {
+        let cache = fleet.device_cache();
+        Ok(Some((cache, async move {
             let caches = tokio::spawn(caches);
             let lapse = tokio::spawn(gateway.lapse_loop());
             fleet
@@ -237,6 +243,6 @@ impl GatewayOptions {
             caches.abort();
             lapse.abort();
             result.context("device gateway")
-        }))
+        })))
     }
 }
