@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Fleet SLIs with the simulator: for each N, a fresh control plane and one operator
 # replica (release build) per scenario — rollout (completion time, cloud→edge latency),
-# storm (reconnect recovery), steady (heartbeat round trip, at two heartbeat rates, to
-# show API-server writes do not follow the heartbeat rate) — with the operator's CPU,
+# storm (reconnect recovery), steady (heartbeat round trip, at heartbeats every 5 s and
+# 10 s under the same 60 s lease, to show API-server writes do not follow the heartbeat
+# rate) — with the operator's CPU,
 # RSS and file descriptors and the API server's writes/s. Writes
 # $EDGEFLEET_CACHE/bench/fleet/results.jsonl, a Markdown table and bench/fleet.png.
 # Usage: bench/fleet.sh [N ...]   (default: 1000 5000 10000)
+#   FLEET_SCENARIOS="rollout storm steady:10 steady:5" (the default) picks the runs.
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 cd "$EDGEFLEET_ROOT"
 ensure_apt "${APT_PACKAGES[@]}"
@@ -19,7 +21,7 @@ cargo build --quiet --locked -p edgefleet-e2e --bin edgefleet-dev
 export EDGEFLEET_BIN_DIR="$CARGO_TARGET_DIR/release"
 OUT="$EDGEFLEET_CACHE/bench/fleet"
 mkdir -p "$OUT"
-: > "$OUT/results.jsonl"
+[ -n "${FLEET_APPEND:-}" ] || : > "$OUT/results.jsonl"
 sizes=("$@"); [ ${#sizes[@]} -gt 0 ] || sizes=(1000 5000 10000)
 run() {  # N SCENARIO HEARTBEAT DURATION
   log "N=$1 $2 (heartbeat ${3}s)"
@@ -31,9 +33,11 @@ run() {  # N SCENARIO HEARTBEAT DURATION
   fi
 }
 for n in "${sizes[@]}"; do
-  run "$n" rollout 10 0
-  run "$n" storm 10 0
-  run "$n" steady 10 60
-  run "$n" steady 30 60
+  for sc in ${FLEET_SCENARIOS:-rollout storm steady:10 steady:5}; do
+    case $sc in
+      steady:*) run "$n" steady "${sc#steady:}" 60 ;;
+      *) run "$n" "$sc" 10 0 ;;
+    esac
+  done
 done
 "$EDGEFLEET_CACHE/venv/bin/python" bench/fleet_report.py "$OUT/results.jsonl" bench/fleet.png

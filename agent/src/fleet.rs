@@ -686,6 +686,9 @@ impl FleetAgent {
             );
         }
         if current.as_ref() == Some(want) {
+            // Already running it (for example moved back after a failed revision): say
+            // so again, without reloading.
+            self.set_model_state(want, "Ready", None, None);
             return;
         }
         tracing::info!(model = %want.model, revision = %want.revision, "activating");

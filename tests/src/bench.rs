@@ -78,13 +78,15 @@ fn api_writes(mut kubectl: Command) -> anyhow::Result<f64> {
         .sum())
 }
 
-/// One run: `devices` simulated devices, `scenario`, heartbeats every `heartbeat` s.
+/// One run: `devices` simulated devices, `scenario`, heartbeats every `heartbeat` s,
+/// the operator's heartbeat lease `lease` s.
 pub async fn fleet_bench(
     dir: &Path,
     devices: usize,
     scenario: &str,
     heartbeat: u64,
     duration: u64,
+    lease: u64,
 ) -> anyhow::Result<serde_json::Value> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
@@ -103,7 +105,7 @@ pub async fn fleet_bench(
             approval: "auto:edgefleet.io/pool=sim".into(),
             ek_cas: vec![],
             ek_intermediates: vec![],
-            heartbeat_lease_seconds: (heartbeat * 4).max(30),
+            heartbeat_lease_seconds: lease,
             log: dir.join("operator.log"),
         },
     )?);
@@ -206,6 +208,7 @@ pub async fn fleet_bench(
     }
     let mut summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     summary["heartbeat_seconds"] = serde_json::json!(heartbeat);
+    summary["heartbeat_lease_seconds"] = serde_json::json!(lease);
     summary["operator"] = serde_json::json!({
         "cpu_seconds": after.cpu_seconds - before.cpu_seconds,
         "cpu_cores_mean": (after.cpu_seconds - before.cpu_seconds) / elapsed,

@@ -194,6 +194,8 @@ struct Setup {
     plugin_digest: String,
     plugin_size: u64,
     plugin_bundle: String,
+    /// A plugin that imports sockets it is never granted: devices refuse to load it.
+    bad_plugin: (String, u64, String),
 }
 
 async fn setup() -> Setup {
@@ -224,6 +226,9 @@ async fn setup_with(netns: Option<&Netns>) -> Setup {
     let (signer_key, signer_public) = new_key();
     let bundle = sign(&model, &signer_key);
     let plugin_bundle = sign(&plugin, &signer_key);
+    let bad = plugin_file("hostile_net.wasm");
+    let (bad_digest, bad_size) = fleet::store_artifact(&store, &bad).unwrap();
+    let bad_plugin = (bad_digest, bad_size, sign(&bad, &signer_key));
 
     let port = free_port().unwrap();
     let gateway = format!("https://127.0.0.1:{port}");
@@ -276,6 +281,7 @@ async fn setup_with(netns: Option<&Netns>) -> Setup {
         plugin_digest,
         plugin_size,
         plugin_bundle,
+        bad_plugin,
         dir,
     }
 }
@@ -336,6 +342,19 @@ fn manifest(s: &Setup, bundle: &str, context: i32, pause: i32) -> Value {
             }],
         }
     })
+}
+
+/// The manifest with the socket-importing plugin added to the chain.
+fn manifest_with_bad_plugin(s: &Setup, context: i32) -> Value {
+    let mut m = manifest(s, &s.bundle, context, 0);
+    let (digest, size, bundle) = &s.bad_plugin;
+    m["spec"]["plugins"].as_array_mut().unwrap().push(json!({
+        "name": "hostile-net",
+        "artifact": {"uri": "https://artifacts.example/hostile_net.wasm", "digest": digest, "sizeBytes": size},
+        "signature": {"inline": bundle},
+        "limits": {"deadlineMillis": 200, "memoryBytes": 33554432},
+    }));
+    m
 }
 
 async fn apply(client: &Client, m: &Value) {
@@ -634,6 +653,40 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
     for d in devices(c).await {
         assert_eq!(reported(&d), vec![(rev2.clone(), "Ready".to_owned())]);
     }
+
+    // A revision its first device cannot load (a plugin importing sockets it is not
+    // granted) fails that device's health gate: the rollout halts and moves it back.
+    apply(c, &manifest_with_bad_plugin(&s, 1536)).await;
+    let (reason, msg) = eventually(&s, "Degraded by the failed device", 120, || async {
+        let st = model(c).await?.status?;
+        st.conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded" && c.status == "True")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    })
+    .await;
+    assert_eq!(reason, "HealthGateFailed", "{msg}");
+    eventually(
+        &s,
+        "every device back on the stable revision, Ready",
+        60,
+        || async {
+            let ds = devices(c).await;
+            let back = ds.iter().all(|d| {
+                d.spec.desired_models.iter().all(|m| m.revision == rev2)
+                    && reported(d) == vec![(rev2.clone(), "Ready".to_owned())]
+            });
+            back.then_some(())
+        },
+    )
+    .await;
+    let log = log_of(&s, "dev-1");
+    assert!(
+        log.contains("PluginRefused"),
+        "dev-1 did not name the refusal:\n{log}"
+    );
+    let (code, _) = chat(s.agents[0].1).await;
+    assert_eq!(code, 200, "dev-1 kept serving the stable revision");
 
     // A revision signed by a stranger halts with SignatureInvalid; devices keep rev2.
     let (stranger, _) = new_key();

@@ -301,6 +301,14 @@ async fn the_chart_grants_every_call_the_operator_makes() {
     .await
     .unwrap();
     assert_eq!(reported.status(), 200);
+    // The gateway writes reports in the background.
+    for _ in 0..100 {
+        let d = devices.get("till-b").await.unwrap();
+        if d.status.and_then(|s| s.reports).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     caches.abort();
 
     let calls = calls.lock().unwrap().clone();

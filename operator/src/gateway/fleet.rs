@@ -120,6 +120,8 @@ struct Delivery {
     /// carry all of them, since server-side apply removes owned fields a patch omits.
     models: Option<Vec<edgefleet_crds::device::LoadedModel>>,
     inference: Option<proto::Inference>,
+    /// A status write for this device is in flight.
+    writing: bool,
 }
 
 /// Metrics of the device API (registered in [`crate::metrics::Metrics`]).
@@ -824,6 +826,8 @@ async fn report(
                 last_write: None,
                 models: device.status.as_ref().map(|s| s.models.clone()),
                 inference: None,
+                // A write of the previous boot may still be in flight.
+                writing: d.writing,
             };
         }
         for r in &batch.reports {
@@ -864,7 +868,10 @@ async fn report(
         });
         (d.last_seq, d.missing, write)
     };
-    if let Some((boot, models, inference, dropped)) = write {
+    // The writes go on in the background, one at a time per device: the device gets its
+    // acknowledgement without waiting on the API server (reports are state snapshots, so
+    // a write that fails is simply made again with the next report).
+    let patch = write.map(|(boot, models, inference, dropped)| {
         let mut st = json!({
             "reports": {
                 "boot": boot, "lastSequence": acked, "missing": missing, "dropped": dropped,
@@ -882,36 +889,69 @@ async fn report(
                 "errorsTotal": i.errors_total,
             });
         }
-        let patch =
-            json!({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice", "status": st});
-        Api::<EdgeDevice>::all(fleet.inner.client.clone())
-            .patch_status(
-                &name,
-                &PatchParams::apply(REPORT_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map_err(|e| {
-                refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "StatusWriteFailed",
-                    e.to_string(),
-                )
-            })?;
-        fleet.inner.counters.report_writes.inc();
-    }
-    fleet
-        .inner
-        .heartbeats
-        .record(&device, k8s_openapi::jiff::Timestamp::now())
-        .await
-        .map_err(|e| {
+        json!({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice", "status": st})
+    });
+    let start_write = {
+        let mut map = fleet.inner.deliveries.lock().map_err(|_| {
             refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "StatusWriteFailed",
-                e.to_string(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Internal",
+                "delivery state poisoned",
             )
         })?;
+        let d = map.entry(name.clone()).or_default();
+        if d.writing {
+            // One is in flight: write again with a later report.
+            if patch.is_some() {
+                d.last_write = None;
+            }
+            false
+        } else {
+            d.writing = true;
+            true
+        }
+    };
+    if start_write {
+        let fleet = fleet.clone();
+        let (name, device) = (name.clone(), device.clone());
+        tokio::spawn(async move {
+            let mut failed = false;
+            if let Some(patch) = patch {
+                match Api::<EdgeDevice>::all(fleet.inner.client.clone())
+                    .patch_status(
+                        &name,
+                        &PatchParams::apply(REPORT_MANAGER).force(),
+                        &Patch::Apply(&patch),
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        fleet.inner.counters.report_writes.inc();
+                    }
+                    Err(e) => {
+                        tracing::warn!(device = %name, error = %e, "writing a device report");
+                        failed = true;
+                    }
+                }
+            }
+            if let Err(e) = fleet
+                .inner
+                .heartbeats
+                .record(&device, k8s_openapi::jiff::Timestamp::now())
+                .await
+            {
+                tracing::warn!(device = %name, error = %e, "writing a heartbeat");
+            }
+            if let Ok(mut map) = fleet.inner.deliveries.lock()
+                && let Some(d) = map.get_mut(&name)
+            {
+                d.writing = false;
+                if failed {
+                    d.last_write = None;
+                }
+            }
+        });
+    }
     let desired_version = fleet
         .desired_state(&device)
         .map(|s| s.version)

@@ -53,6 +53,10 @@ enum Cmd {
         /// Seconds of the steady and churn scenarios.
         #[arg(long, default_value_t = 60)]
         duration: u64,
+        /// The operator's heartbeat lease, seconds (status writes per device are bounded
+        /// by three per lease).
+        #[arg(long, default_value_t = 60)]
+        lease_seconds: u64,
     },
     Demo {
         /// Working directory (wiped on start).
@@ -80,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
             scenario,
             heartbeat_seconds,
             duration,
+            lease_seconds,
         } => {
             let summary = edgefleet_e2e::bench::fleet_bench(
                 &dir,
@@ -87,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
                 &scenario,
                 heartbeat_seconds,
                 duration,
+                lease_seconds,
             )
             .await?;
             println!("{}", serde_json::to_string(&summary)?);
