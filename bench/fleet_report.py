@@ -58,6 +58,7 @@ for label, f in series:
     if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
 ax.set_xscale("log")
+ax.set_yscale("log")
 ax.set_xlabel("simulated devices (N)")
 ax.set_ylabel("value (see legend for unit)")
 ax.set_title("edgefleet fleet SLIs vs N (one operator replica, 2 cores)")
