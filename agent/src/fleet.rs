@@ -106,14 +106,7 @@ impl DeviceClient {
         timeout: Duration,
     ) -> Result<Self, GatewayError> {
         use rustls::pki_types::pem::PemObject as _;
-        let mut roots = rustls::RootCertStore::empty();
-        for der in edgefleet_trust::attestation::pem_certificates(ca_pem)
-            .map_err(|e| GatewayError::Ca(e.to_string()))?
-        {
-            roots
-                .add(der.into())
-                .map_err(|e| GatewayError::Ca(e.to_string()))?;
-        }
+        let roots = crate::gateway_client::roots(ca_pem)?;
         let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| GatewayError::Ca(format!("client certificate: {e}")))?;

@@ -27,6 +27,19 @@ pub enum GatewayError {
     },
 }
 
+/// The gateway CA (PEM) as the only trust roots of a client.
+pub fn roots(ca_pem: &[u8]) -> Result<rustls::RootCertStore, GatewayError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in edgefleet_trust::attestation::pem_certificates(ca_pem)
+        .map_err(|e| GatewayError::Ca(e.to_string()))?
+    {
+        roots
+            .add(der.into())
+            .map_err(|e| GatewayError::Ca(e.to_string()))?;
+    }
+    Ok(roots)
+}
+
 /// A gateway client.
 #[derive(Debug, Clone)]
 pub struct GatewayClient {
@@ -39,14 +52,7 @@ impl GatewayClient {
     /// A client for `base` (`https://host:port`) trusting only `ca_pem`, presenting the
     /// bootstrap `token`.
     pub fn new(base: &str, ca_pem: &[u8], token: &str) -> Result<Self, GatewayError> {
-        let mut roots = rustls::RootCertStore::empty();
-        for der in edgefleet_trust::attestation::pem_certificates(ca_pem)
-            .map_err(|e| GatewayError::Ca(e.to_string()))?
-        {
-            roots
-                .add(der.into())
-                .map_err(|e| GatewayError::Ca(e.to_string()))?;
-        }
+        let roots = roots(ca_pem)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

@@ -82,6 +82,24 @@ fn with_kept_attestation(device: &EdgeDevice, condition: Value) -> Value {
     status
 }
 
+/// Every EdgeDevice: from `cache` (a watch cache) when given, else listed from the
+/// API server.
+pub async fn all_devices(
+    api: &Api<EdgeDevice>,
+    cache: Option<&kube::runtime::reflector::Store<EdgeDevice>>,
+) -> Result<Vec<std::sync::Arc<EdgeDevice>>, kube::Error> {
+    Ok(match cache {
+        Some(cache) => cache.state(),
+        None => api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(std::sync::Arc::new)
+            .collect(),
+    })
+}
+
 /// The gateway's view of EdgeDevices.
 #[derive(Debug, Clone)]
 pub struct DeviceStatus {
@@ -220,21 +238,12 @@ impl DeviceStatus {
     /// Turns `Attested` False (reason `AttestationExpired`) on every device whose
     /// attestation lapsed before `now`. Returns the devices changed.
     pub async fn lapse_expired(&self, now: OffsetDateTime) -> Result<Vec<String>, StatusError> {
-        let devices: Vec<std::sync::Arc<EdgeDevice>> = match &self.cache {
-            Some(cache) => cache.state(),
-            None => self
-                .api
-                .list(&ListParams::default())
-                .await
-                .map_err(|source| StatusError::Kube {
-                    device: "*".into(),
-                    source,
-                })?
-                .items
-                .into_iter()
-                .map(std::sync::Arc::new)
-                .collect(),
-        };
+        let devices = all_devices(&self.api, self.cache.as_ref())
+            .await
+            .map_err(|source| StatusError::Kube {
+                device: "*".into(),
+                source,
+            })?;
         let mut lapsed = Vec::new();
         for device in devices {
             let device = device.as_ref();

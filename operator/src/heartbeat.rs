@@ -15,7 +15,7 @@ use edgefleet_crds::EdgeDevice;
 use edgefleet_crds::conditions::{self, reasons};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -136,18 +136,7 @@ impl Heartbeats {
     /// the devices changed.
     pub async fn expire(&self, now: Timestamp) -> Result<Vec<String>, kube::Error> {
         let mut changed = Vec::new();
-        let devices: Vec<std::sync::Arc<EdgeDevice>> = match &self.cache {
-            Some(cache) => cache.state(),
-            None => self
-                .api
-                .list(&ListParams::default())
-                .await?
-                .items
-                .into_iter()
-                .map(std::sync::Arc::new)
-                .collect(),
-        };
-        for device in devices {
+        for device in crate::device_status::all_devices(&self.api, self.cache.as_ref()).await? {
             let device = device.as_ref();
             if expired(device, now, self.lease) {
                 let (_, last) = ready_of(device);

@@ -236,18 +236,7 @@ pub fn sim_manifest(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let file = dir.join("weights.gguf");
     std::fs::write(&file, b"GGUF simulated weights")?;
     let key = dir.join("signing-key.pem");
-    let status = Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-        ])
-        .arg(&key)
-        .status()?;
-    anyhow::ensure!(status.success(), "openssl genpkey failed");
+    fleet::generate_signing_key(&key)?;
     let signer =
         edgefleet_trust::model_signing::PrivateKey::from_pem(&std::fs::read_to_string(&key)?)
             .map_err(|e| anyhow::anyhow!("{e}"))?;

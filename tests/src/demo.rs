@@ -156,16 +156,7 @@ async fn story(dir: &Path, hold: bool) -> anyhow::Result<()> {
     );
     let key = dir.join("signing-key.pem");
     let public = dir.join("signing-key.pub");
-    run(Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-        ])
-        .arg(&key))?;
+    fleet::generate_signing_key(&key)?;
     run(Command::new("openssl")
         .args(["pkey", "-pubout", "-in"])
         .arg(&key)

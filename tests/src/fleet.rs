@@ -308,3 +308,27 @@ pub fn store_artifact(dir: &Path, file: &Path) -> Result<(String, u64), HarnessE
     }
     Ok((digest, size))
 }
+
+/// Writes a new P-256 signing key (PKCS#8 PEM) to `path` with `openssl genpkey`, as a
+/// publisher would make one.
+pub fn generate_signing_key(path: &Path) -> Result<(), HarnessError> {
+    let out = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ])
+        .arg(path)
+        .output()
+        .map_err(err)?;
+    if !out.status.success() {
+        return Err(err(format!(
+            "openssl genpkey: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}

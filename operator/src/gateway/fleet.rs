@@ -799,7 +799,7 @@ async fn report(
         }
     }
     // Sequence accounting.
-    let (acked, missing, write) = {
+    let (acked, missing, write, start_write) = {
         let mut map = fleet.inner.deliveries.lock().map_err(|_| {
             refuse(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -866,7 +866,18 @@ async fn report(
                 d.dropped,
             )
         });
-        (d.last_seq, d.missing, write)
+        // One write in flight per device; one that is due meanwhile is made with a later
+        // report instead.
+        let start_write = if d.writing {
+            if write.is_some() {
+                d.last_write = None;
+            }
+            false
+        } else {
+            d.writing = true;
+            true
+        };
+        (d.last_seq, d.missing, write, start_write)
     };
     // The writes go on in the background, one at a time per device: the device gets its
     // acknowledgement without waiting on the API server (reports are state snapshots, so
@@ -891,26 +902,6 @@ async fn report(
         }
         json!({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice", "status": st})
     });
-    let start_write = {
-        let mut map = fleet.inner.deliveries.lock().map_err(|_| {
-            refuse(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Internal",
-                "delivery state poisoned",
-            )
-        })?;
-        let d = map.entry(name.clone()).or_default();
-        if d.writing {
-            // One is in flight: write again with a later report.
-            if patch.is_some() {
-                d.last_write = None;
-            }
-            false
-        } else {
-            d.writing = true;
-            true
-        }
-    };
     if start_write {
         let fleet = fleet.clone();
         let (name, device) = (name.clone(), device.clone());
