@@ -8,6 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use edgefleet_trust::attestation::policy::Policy;
 use edgefleet_trust::attestation::snp::{self, SnpOptions, SnpRoots};
 use edgefleet_trust::attestation::tdx::{self, TdxOptions};
+use edgefleet_trust::attestation::tdx_collateral::TdxCollateral;
 use edgefleet_trust::attestation::tpm::{self, TpmEvidence, TpmOptions};
 use edgefleet_trust::attestation::{Claims, pem_certificates};
 
@@ -52,6 +53,10 @@ pub struct VerifyArgs {
     /// TDX: the Intel SGX root certificate (PEM or DER).
     #[arg(long)]
     root: Option<PathBuf>,
+    /// TDX: Intel's collateral directory (`tcb_info_<fmspc>.json`, `td_qe_identity.json`,
+    /// `tcb_signing_chain.pem`); with it the TCB status is evaluated.
+    #[arg(long)]
+    collateral: Option<PathBuf>,
     /// Expected binding, hex: report data (SNP, TDX; 64 bytes) or quote nonce (TPM).
     #[arg(long)]
     nonce: Option<String>,
@@ -141,9 +146,16 @@ pub fn evidence(cmd: EvidenceCommand) -> anyhow::Result<Outcome> {
                     .as_deref()
                     .ok_or_else(|| anyhow!("--kind tdx needs --root (Intel SGX root)"))?,
             )?;
+            let collateral = match &args.collateral {
+                Some(dir) => Some(std::sync::Arc::new(
+                    TdxCollateral::load_dir(dir).map_err(rejected)?,
+                )),
+                None => None,
+            };
             let opts = TdxOptions {
                 allow_debug: args.allow_debug,
                 expected_report_data: nonce,
+                collateral,
             };
             tdx::verify(&evidence, &root, now, &opts).map_err(rejected)?
         }

@@ -223,3 +223,33 @@ fn policy_eval_allows_and_denies_with_reasons() {
     assert_eq!(d["allow"], false);
     assert_eq!(d["deny"], serde_json::json!(["debugging is enabled"]));
 }
+
+#[test]
+fn tdx_with_intels_collateral_prints_the_tcb_status_and_names_stale_collateral() {
+    let collateral = repo().join("trust/tests/data/tdx-collateral");
+    let run = |now: &str| {
+        edgefleet(&[
+            "evidence",
+            "verify",
+            "--kind",
+            "tdx",
+            "--evidence",
+            &f("gotdx-quote-v5.dat"),
+            "--root",
+            &f("intel-sgx-root.pem"),
+            "--collateral",
+            collateral.to_str().unwrap(),
+            "--now",
+            now,
+        ])
+    };
+    let out = run("2026-02-01T20:00:00Z");
+    assert!(out.status.success(), "{}", text(&out));
+    let claims: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(claims["tcb"]["tcb_status"], "UpToDate", "{claims}");
+    assert_eq!(claims["tcb"]["fmspc"], "90c06f000000");
+    // Four months later the same documents are stale: named, exit 1.
+    let out = run(NOW);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("CollateralExpired"), "{}", text(&out));
+}

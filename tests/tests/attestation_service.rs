@@ -50,6 +50,7 @@ fn service_with(
         result_ttl: Duration::from_secs(3600),
         snp_roots: vec![],
         intel_root: None,
+        tdx_collateral: None,
         ek_cas,
         ek_intermediates,
     };

@@ -81,6 +81,7 @@ async fn setup() -> Setup {
             result_ttl: Duration::from_secs(3600),
             snp_roots: vec![],
             intel_root: None,
+            tdx_collateral: None,
             ek_cas: vec![swtpm.ca("swtpm-localca-rootca-cert.pem")],
             ek_intermediates: vec![swtpm.ca("issuercert.pem")],
         },

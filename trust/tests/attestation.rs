@@ -586,6 +586,26 @@ fn policy_decides_on_claims(#[case] edit: fn(&mut Claims), #[case] denied: Optio
     }
 }
 
+#[rstest]
+#[case::up_to_date("UpToDate", None)]
+#[case::out_of_date("OutOfDate", Some("TDX TCB status OutOfDate is not an allowed one"))]
+#[case::no_collateral("unknown", Some("TDX TCB status unknown is not an allowed one"))]
+fn the_reference_policy_admits_only_up_to_date_tdx(
+    #[case] status: &str,
+    #[case] denied: Option<&str>,
+) {
+    let quote = read("gotdx-quote-v5.dat");
+    let mut c = tdx::verify(&quote, &intel_root(), now(), &TdxOptions::default()).unwrap();
+    // As if bound: the binding rule is not what this case is about.
+    c.key_binding = Some(c.report_data.clone());
+    c.tcb.insert("tcb_status".into(), json!(status));
+    let d = policy().evaluate(&c).unwrap();
+    match denied {
+        None => assert!(d.allow, "{:?}", d.deny),
+        Some(reason) => assert_eq!(d.deny, [reason]),
+    }
+}
+
 #[test]
 fn policy_pins_measurements_from_data() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -618,6 +638,11 @@ fn attestation_errors_have_distinct_reasons() {
         AttestationError::QeBindingMismatch.reason(),
         AttestationError::PcrDigestMismatch.reason(),
         AttestationError::ClockNotSafe.reason(),
+        AttestationError::CollateralInvalid(String::new()).reason(),
+        AttestationError::CollateralMissing(String::new()).reason(),
+        AttestationError::TcbNotSupported(String::new()).reason(),
+        AttestationError::QeIdentityMismatch(String::new()).reason(),
+        AttestationError::ChainInvalid(String::new()).reason(),
     ];
     let unique: std::collections::BTreeSet<_> = errs.iter().collect();
     assert_eq!(unique.len(), errs.len());

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -10,6 +11,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use edgefleet_trust::attestation::pem_certificates;
 use edgefleet_trust::attestation::snp::{self, SnpOptions, SnpRoots};
 use edgefleet_trust::attestation::tdx::{self, TdxOptions};
+use edgefleet_trust::attestation::tdx_collateral::TdxCollateral;
 use edgefleet_trust::attestation::tpm::{self, TpmEvidence, TpmOptions};
 use proptest::prelude::*;
 
@@ -52,6 +54,35 @@ proptest! {
         prop_assert!(tdx::verify(&bytes, &root, now(), &TdxOptions::default()).is_err());
         let quote = edit(read("trustee-tdx_quote_5.dat"), &edits);
         let _ = tdx::verify(&quote, &root, now(), &TdxOptions::default());
+    }
+
+    #[test]
+    fn tdx_collateral_never_panics(text in "\\PC{0,400}",
+                                   edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)) {
+        let root = pem_certificates(&read("intel-sgx-root.pem")).unwrap().remove(0);
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tdx-collateral");
+        let genuine = TdxCollateral::load_dir(&data).unwrap();
+        // 2026-02-01T20:00:00Z, when the genuine collateral is current.
+        let when = UNIX_EPOCH + Duration::from_secs(1_769_976_000);
+        let quote = read("gotdx-quote-v5.dat");
+        let run = |c: TdxCollateral| {
+            let opts = TdxOptions { collateral: Some(Arc::new(c)), ..TdxOptions::default() };
+            tdx::verify(&quote, &root, when, &opts)
+        };
+        let mut c = genuine.clone();
+        c.tcb_infos.insert("90c06f000000".into(), text.clone());
+        prop_assert!(run(c).is_err());
+        let mut c = genuine.clone();
+        c.qe_identity = text;
+        prop_assert!(run(c).is_err());
+        // Byte edits of the genuine documents: valid UTF-8 or not, never a panic.
+        let mut c = genuine.clone();
+        let info = edit(genuine.tcb_infos["90c06f000000"].clone().into_bytes(), &edits);
+        c.tcb_infos.insert("90c06f000000".into(), String::from_utf8_lossy(&info).into_owned());
+        let _ = run(c);
+        let mut c = genuine.clone();
+        c.signing_chain = edit(genuine.signing_chain.clone(), &edits);
+        let _ = run(c);
     }
 
     #[test]

@@ -88,6 +88,11 @@ pub struct GatewayOptions {
     /// PEM Intel SGX root CA, for TDX quotes.
     #[arg(long)]
     pub intel_root: Option<PathBuf>,
+    /// Intel TDX collateral directory: `tcb_info_<fmspc>.json`, `td_qe_identity.json`
+    /// and `tcb_signing_chain.pem` from Intel's PCS, refreshed out of band (read for
+    /// each quote). Without it, TDX TCB status is `unknown`.
+    #[arg(long)]
+    pub tdx_collateral: Option<PathBuf>,
     /// AMD roots as GENERATION=FILE (a PEM bundle with the ARK and ASK), repeatable.
     #[arg(long = "snp-roots", value_name = "GEN=FILE")]
     pub snp_roots: Vec<String>,
@@ -185,6 +190,7 @@ impl GatewayOptions {
                 result_ttl: Duration::from_secs(self.result_ttl_seconds),
                 snp_roots,
                 intel_root,
+                tdx_collateral: self.tdx_collateral.clone(),
                 ek_cas,
                 ek_intermediates,
             },

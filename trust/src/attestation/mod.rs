@@ -14,6 +14,7 @@ pub mod result;
 pub mod service;
 pub mod snp;
 pub mod tdx;
+pub mod tdx_collateral;
 pub mod tpm;
 pub mod tpm_enrol;
 
@@ -102,6 +103,32 @@ pub enum AttestationError {
     /// A bad time.
     #[error("invalid time: {0}")]
     InvalidTime(String),
+    /// TDX: the collateral is unreadable, unsigned, or for something else.
+    #[error("TDX collateral: {0}")]
+    CollateralInvalid(String),
+    /// TDX: collateral is configured, but holds no TCB info for this platform's FMSPC.
+    #[error("no TDX TCB info for FMSPC {0}")]
+    CollateralMissing(String),
+    /// TDX: a collateral document is not current at `now`.
+    #[error(
+        "TDX collateral {which} is not current at {now} (issued {issued}, next update {next_update})"
+    )]
+    CollateralExpired {
+        /// `tcbInfo` or `enclaveIdentity`.
+        which: String,
+        /// Its issue date.
+        issued: String,
+        /// Its next update.
+        next_update: String,
+        /// Verification time.
+        now: String,
+    },
+    /// TDX: no TCB level admits the platform, its module or its QE, or it is revoked.
+    #[error("TDX TCB not supported: {0}")]
+    TcbNotSupported(String),
+    /// TDX: the quoting enclave is not the one Intel's QE identity names.
+    #[error("the quoting enclave's {0} differs from Intel's QE identity")]
+    QeIdentityMismatch(String),
 }
 
 impl AttestationError {
@@ -123,6 +150,11 @@ impl AttestationError {
             AttestationError::ClockRollback(_) => "ClockRollback",
             AttestationError::ClockNotSafe => "ClockNotSafe",
             AttestationError::InvalidTime(_) => "InvalidTime",
+            AttestationError::CollateralInvalid(_) => "CollateralInvalid",
+            AttestationError::CollateralMissing(_) => "CollateralMissing",
+            AttestationError::CollateralExpired { .. } => "CollateralExpired",
+            AttestationError::TcbNotSupported(_) => "TcbNotSupported",
+            AttestationError::QeIdentityMismatch(_) => "QeIdentityMismatch",
         }
     }
 }

@@ -90,6 +90,10 @@ pub struct ServiceConfig {
     pub snp_roots: Vec<SnpRoots>,
     /// Intel SGX root (DER).
     pub intel_root: Option<Vec<u8>>,
+    /// Intel's TDX collateral directory ([`super::tdx_collateral`]), read for each quote
+    /// so that a refreshed copy takes effect without a restart. Without it TDX claims
+    /// carry `tcb_status: "unknown"`.
+    pub tdx_collateral: Option<std::path::PathBuf>,
     /// EK CAs (DER) and their intermediates (DER).
     pub ek_cas: Vec<Vec<u8>>,
     /// EK intermediates (DER).
@@ -430,9 +434,16 @@ impl AttestationService {
                         .ok_or(AttestationError::ChainInvalid(
                             "no Intel root configured".into(),
                         ))?;
+                let collateral = match &self.config.tdx_collateral {
+                    Some(dir) => Some(std::sync::Arc::new(
+                        super::tdx_collateral::TdxCollateral::load_dir(dir)?,
+                    )),
+                    None => None,
+                };
                 let opts = TdxOptions {
                     allow_debug: false,
                     expected_report_data: Some(expected.to_vec()),
+                    collateral,
                 };
                 (tdx::verify(&b64("quote", quote)?, root, now, &opts)?, None)
             }

@@ -4,16 +4,19 @@
 //! header and body; the QE report signature by the PCK certificate's key; the QE report
 //! data equal to SHA-256(attestation key ‖ QE authentication data), which binds the
 //! attestation key to the quoting enclave; and the PCK chain up to the pinned Intel SGX
-//! root at `now`. TCB status needs Intel's collateral (TCB info, QE identity), which this
-//! verifier does not evaluate: the claims say `tcb_status: "unknown"`.
+//! root at `now`. The TCB status comes from Intel's collateral (TCB info, QE identity)
+//! when the options carry it ([`super::tdx_collateral`]); without it the claims say
+//! `tcb_status: "unknown"`, and the policy decides whether that is enough.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use p256::ecdsa::signature::Verifier as _;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
+use super::tdx_collateral::{self, QuoteTcb, TdxCollateral};
 use super::{
     AttestationError, Bytes, Claims, TeeKind, asn1_time, check_issued_by, check_validity,
     parse_cert,
@@ -41,6 +44,9 @@ pub struct TdxOptions {
     pub allow_debug: bool,
     /// The report data the attester must have bound (64 bytes).
     pub expected_report_data: Option<Vec<u8>>,
+    /// Intel's collateral; with it the TCB status is evaluated, and a quote it does not
+    /// admit is rejected.
+    pub collateral: Option<Arc<TdxCollateral>>,
 }
 
 fn p256_key(x_y: &[u8], what: &str) -> Result<p256::ecdsa::VerifyingKey, AttestationError> {
@@ -223,7 +229,43 @@ pub fn verify(
     }
     tcb.insert("qe_svn".into(), json!(q.u16_le(8)?));
     tcb.insert("pce_svn".into(), json!(q.u16_le(10)?));
-    tcb.insert("tcb_status".into(), json!("unknown"));
+    let pck_tcb = tdx_collateral::pck_tcb(&leaf);
+    if let Ok(p) = &pck_tcb {
+        tcb.insert("fmspc".into(), json!(p.fmspc));
+        tcb.insert("pck_pce_svn".into(), json!(p.pce_svn));
+        tcb.insert("pck_sgx_tcb".into(), json!(hex::encode(p.sgx_components)));
+    }
+    match &options.collateral {
+        None => {
+            tcb.insert("tcb_status".into(), json!("unknown"));
+        }
+        Some(collateral) => {
+            let e = tdx_collateral::evaluate(
+                collateral,
+                intel_root_der,
+                now,
+                &pck_tcb?,
+                &QuoteTcb {
+                    tee_tcb_svn: b.slice(0, 16)?,
+                    mr_signer_seam: b.slice(64, 48)?,
+                    seam_attributes: b.slice(112, 8)?,
+                    qe_report,
+                },
+            )?;
+            tcb.insert("tcb_status".into(), json!(e.status.as_str()));
+            tcb.insert("platform_tcb_status".into(), json!(e.platform.as_str()));
+            tcb.insert("qe_tcb_status".into(), json!(e.qe.as_str()));
+            if let Some(m) = e.module {
+                tcb.insert("module_tcb_status".into(), json!(m.as_str()));
+            }
+            tcb.insert("tcb_date".into(), json!(e.tcb_date));
+            tcb.insert("advisory_ids".into(), json!(e.advisory_ids));
+            tcb.insert(
+                "tcb_evaluation_data_number".into(),
+                json!(e.evaluation_data_number),
+            );
+        }
+    }
     let mut platform = BTreeMap::new();
     platform.insert("quote_version".into(), json!(version));
     platform.insert("td_attributes".into(), json!(hex::encode(td_attributes)));

@@ -19,7 +19,9 @@
 #     "allow_dev_attester": false,   # development fleets only (policies/dev.json)
 #     "snp": {"min_tcb": {"bootloader": n, "tee": n, "snp": n, "microcode": n},
 #             "launch_measurements": [hex]},     # empty: any
-#     "tdx": {"mr_td": [hex]},                     # empty: any
+#     "tdx": {"mr_td": [hex],                      # empty: any
+#             "allowed_tcb_status": [status]},     # Intel's names, or "unknown" when the
+#                                                  # operator has no collateral; absent: any
 #     "tpm": {"pcrs": {"pcr07": [hex], ...}}       # each listed PCR must be one of these
 #   }
 # Output: allow (bool), and deny (set of reasons) when it is false.
@@ -77,6 +79,13 @@ deny contains "TDX MRTD is not an allowed one" if {
 	input.tee == "tdx"
 	count(data.reference.tdx.mr_td) > 0
 	not input.measurements.mr_td in data.reference.tdx.mr_td
+}
+
+deny contains msg if {
+	input.tee == "tdx"
+	allowed := data.reference.tdx.allowed_tcb_status
+	not input.tcb.tcb_status in allowed
+	msg := sprintf("TDX TCB status %v is not an allowed one", [input.tcb.tcb_status])
 }
 
 deny contains msg if {
