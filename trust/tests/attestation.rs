@@ -175,6 +175,28 @@ fn snp_chain_certificates_are_protected() {
 }
 
 #[test]
+fn remembered_chain_signatures_still_check_every_byte_and_the_time() {
+    let roots = milan();
+    let (report, vcek) = (read("trustee-snp-report.bin"), read("trustee-snp-vcek.der"));
+    let opts = SnpOptions::default();
+    snp::verify(&report, &vcek, &roots, now(), &opts).unwrap();
+    // The clone shares what was remembered; a same-named impostor ARK is still refused,
+    // because the remembered pairs are keyed by both certificates' bytes.
+    let mut impostor = roots.clone();
+    impostor[0].ark = impostor_of(&impostor[0].ark);
+    let err = snp::verify(&report, &vcek, &impostor, now(), &opts).unwrap_err();
+    assert_eq!(err.reason(), "ChainInvalid", "{err}");
+    // A VCEK whose own signature is altered is checked afresh.
+    let tampered = flip(vcek.clone(), vcek.len() - 5);
+    let err = snp::verify(&report, &tampered, &roots, now(), &opts).unwrap_err();
+    assert_eq!(err.reason(), "ChainInvalid", "{err}");
+    // Validity is checked on every report.
+    let err = snp::verify(&report, &vcek, &roots, later(), &opts).unwrap_err();
+    assert_eq!(err.reason(), "CertificateNotValidAt", "{err}");
+    assert!(snp::verify(&report, &vcek, &roots, now(), &opts).is_ok());
+}
+
+#[test]
 fn snp_wrong_root_with_the_same_name_is_rejected() {
     let mut roots = milan();
     roots[0].ark = impostor_of(&roots[0].ark);
