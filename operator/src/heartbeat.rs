@@ -1,14 +1,23 @@
 //! Device liveness: the `Ready` condition and `lastHeartbeatTime` of EdgeDevices,
 //! owned by their own server-side-apply field manager ([`HEARTBEAT_MANAGER`]).
 //!
-//! - [`Heartbeats::record`] marks a device Ready on a heartbeat, but writes only when
-//!   something changed or a third of the lease has passed since the last write: however
-//!   often devices heartbeat, each costs the API server at most three writes per lease
-//!   (`lastHeartbeatTime` keeps whole seconds, so the window is up to a second shorter).
-//! - [`Heartbeats::expire`] turns `Ready` False (reason `HeartbeatExpired`) on devices
-//!   whose last heartbeat is older than the lease. The EdgeModel reconciler then moves
-//!   them to nothing new; they keep (and go on serving) what they have.
+//! Liveness is decided from memory, and the API server is told about changes:
+//! - [`Heartbeats::seen`] notes every report in memory (on the leader, which serves the
+//!   devices). [`Heartbeats::expire`] turns `Ready` False (reason `HeartbeatExpired`) on
+//!   devices silent for longer than the lease, by the later of that memory, the
+//!   recorded `lastHeartbeatTime` and the time this leader started (a new leader gives
+//!   every device one lease to reach it). The EdgeModel reconciler then moves them to
+//!   nothing new; they keep (and go on serving) what they have.
+//! - [`Heartbeats::record`] writes `Ready` True at once when a device was not Ready.
+//!   For a Ready device it refreshes `lastHeartbeatTime` at most every third of the
+//!   lease, and only with a token from a fleet-wide budget ([`Heartbeats::try_refresh`],
+//!   shared with the gateway's periodic report writes). So refresh writes per second
+//!   are bounded by the budget however many devices there are and however often they
+//!   heartbeat; with more devices, `lastHeartbeatTime` is refreshed less often (about
+//!   every N / budget seconds), which is why the sweep does not rely on it alone.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgefleet_crds::EdgeDevice;
@@ -43,28 +52,124 @@ fn ready_of(
 /// Whether `device` should be marked not ready at `now`: it is Ready but its last
 /// heartbeat (or none) is older than `lease`.
 pub fn expired(device: &EdgeDevice, now: Timestamp, lease: Duration) -> bool {
+    expired_since(device, None, now, lease)
+}
+
+/// [`expired`], counting `seen` (a heartbeat known in memory, or the time liveness
+/// started being watched) as a heartbeat too.
+fn expired_since(
+    device: &EdgeDevice,
+    seen: Option<Timestamp>,
+    now: Timestamp,
+    lease: Duration,
+) -> bool {
     let (ready, last) = ready_of(device);
     let ready = ready.is_some_and(|c| c.status == "True");
     let lease = SignedDuration::try_from(lease).unwrap_or(SignedDuration::MAX);
+    let last = match (last, seen) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
     ready && last.is_none_or(|t| t + lease < now)
 }
 
-/// Writes device liveness.
+/// Refresh writes per second the fleet may cost by default.
+pub const DEFAULT_REFRESH_PER_SECOND: f64 = 20.0;
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Self {
+        let rate = if rate.is_finite() { rate.max(0.0) } else { 0.0 };
+        // A second's worth saved, so that a quiet moment is not lost entirely.
+        let burst = if rate > 0.0 {
+            rate.max(1.0).floor()
+        } else {
+            0.0
+        };
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: std::time::Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Writes device liveness. Clones share the memory of heartbeats and the budget.
 #[derive(Debug, Clone)]
 pub struct Heartbeats {
     api: Api<EdgeDevice>,
     lease: Duration,
     cache: Option<kube::runtime::reflector::Store<EdgeDevice>>,
+    /// The latest heartbeat of each device, in memory.
+    seen: Arc<Mutex<HashMap<String, Timestamp>>>,
+    /// When this instance started watching liveness.
+    since: Timestamp,
+    /// The fleet-wide budget of refresh writes.
+    refresh: Arc<Mutex<Bucket>>,
 }
 
 impl Heartbeats {
-    /// Liveness with a lease of `lease`.
+    /// Liveness with a lease of `lease` and the default refresh budget.
     pub fn new(client: Client, lease: Duration) -> Self {
         Self {
             api: Api::all(client),
             lease,
             cache: None,
+            seen: Arc::default(),
+            since: Timestamp::now(),
+            refresh: Arc::new(Mutex::new(Bucket::new(DEFAULT_REFRESH_PER_SECOND))),
         }
+    }
+
+    /// Sets the refresh budget (writes per second, fleet-wide; 0 refreshes nothing).
+    pub fn with_refresh_rate(self, per_second: f64) -> Self {
+        if let Ok(mut b) = self.refresh.lock() {
+            *b = Bucket::new(per_second);
+        }
+        self
+    }
+
+    /// Notes a heartbeat from `device` at `now`, in memory only.
+    pub fn seen(&self, device: &str, now: Timestamp) {
+        if let Ok(mut seen) = self.seen.lock() {
+            let t = seen.entry(device.to_owned()).or_insert(now);
+            *t = (*t).max(now);
+        }
+    }
+
+    /// Takes a token for one refresh write (a write that only keeps a timestamp or a
+    /// statistic fresh); false when the budget is spent.
+    pub fn try_refresh(&self) -> bool {
+        self.refresh
+            .lock()
+            .map(|mut b| b.take(std::time::Instant::now()))
+            .unwrap_or(false)
+    }
+
+    fn seen_at(&self, device: &str) -> Option<Timestamp> {
+        let mem = self.seen.lock().ok().and_then(|s| s.get(device).copied());
+        Some(mem.map_or(self.since, |t| t.max(self.since)))
     }
 
     /// Sweeps over `cache` (a watch cache of every EdgeDevice) instead of listing the
@@ -112,12 +217,17 @@ impl Heartbeats {
             .map(|_| ())
     }
 
-    /// Records a heartbeat from `device` at `now`. Returns whether it wrote.
+    /// Records a heartbeat from `device` at `now`: in memory always; in the status when
+    /// the device was not Ready, or as a refresh (module docs). Returns whether it wrote.
     pub async fn record(&self, device: &EdgeDevice, now: Timestamp) -> Result<bool, kube::Error> {
+        self.seen(&device.name_any(), now);
         let (ready, last) = ready_of(device);
         let is_ready = ready.is_some_and(|c| c.status == "True");
         let coalesce = SignedDuration::try_from(self.lease / 3).unwrap_or(SignedDuration::ZERO);
         if is_ready && last.is_some_and(|t| t + coalesce > now) {
+            return Ok(false);
+        }
+        if is_ready && !self.try_refresh() {
             return Ok(false);
         }
         self.apply(
@@ -138,8 +248,16 @@ impl Heartbeats {
         let mut changed = Vec::new();
         for device in crate::device_status::all_devices(&self.api, self.cache.as_ref()).await? {
             let device = device.as_ref();
-            if expired(device, now, self.lease) {
-                let (_, last) = ready_of(device);
+            let name = device.name_any();
+            if expired_since(device, self.seen_at(&name), now, self.lease) {
+                let (_, recorded) = ready_of(device);
+                let mem = self.seen.lock().ok().and_then(|s| s.get(&name).copied());
+                let last = match (recorded, mem) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+                // Whole seconds, as metav1.Time keeps them.
+                let last = last.and_then(|t| Timestamp::from_second(t.as_second()).ok());
                 self.apply(
                     device,
                     false,
@@ -149,7 +267,7 @@ impl Heartbeats {
                     now,
                 )
                 .await?;
-                changed.push(device.name_any());
+                changed.push(name);
             }
         }
         Ok(changed)
@@ -167,5 +285,35 @@ impl Heartbeats {
                 Err(e) => tracing::warn!(error = %e, "expiring heartbeat leases"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Bucket;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_budget_refills_at_its_rate_and_saves_little() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10.0);
+        let taken = (0..100).filter(|_| b.take(t0)).count();
+        assert_eq!(taken, 10, "a second's worth to start with");
+        assert!(!b.take(t0));
+        // A tenth of a second later, one more; ten seconds later, only the burst.
+        assert!(b.take(t0 + Duration::from_millis(100)));
+        assert!(!b.take(t0 + Duration::from_millis(100)));
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!((0..100).filter(|_| b.take(later)).count(), 10);
+    }
+
+    #[test]
+    fn a_zero_budget_refreshes_nothing() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(0.0);
+        assert!(!b.take(t0));
+        assert!(!b.take(t0 + Duration::from_secs(3600)));
+        let mut b = Bucket::new(f64::NAN);
+        assert!(!b.take(t0 + Duration::from_secs(1)));
     }
 }

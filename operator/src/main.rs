@@ -129,9 +129,10 @@ async fn main() -> anyhow::Result<()> {
                 .start(client.clone(), lease, metrics.gateway.clone())
                 .await?;
             let gateway = match gateway {
-                Some((cache, g)) => {
-                    // Sweep liveness over the gateway's cache rather than listing the fleet.
-                    heartbeats = heartbeats.with_cache(cache);
+                Some((h, g)) => {
+                    // Liveness from the gateway's memory of heartbeats, sweeping over its
+                    // cache rather than listing the fleet.
+                    heartbeats = h;
                     Some(g)
                 }
                 None => None,

@@ -125,6 +125,11 @@ impl Default for Metrics {
             gateway.report_writes.clone(),
         );
         registry.register(
+            "gateway_status_refresh_deferred",
+            "Status refresh writes left for a later report because the fleet-wide budget was spent",
+            gateway.refresh_deferred.clone(),
+        );
+        registry.register(
             "gateway_artifact_bytes",
             "Artifact bytes served to devices",
             gateway.artifact_bytes.clone(),

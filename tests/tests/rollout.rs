@@ -615,6 +615,55 @@ async fn a_silent_device_goes_not_ready_but_keeps_serving_what_it_has() {
     );
 }
 
+#[tokio::test]
+async fn liveness_comes_from_memory_and_refreshes_wait_for_the_budget() {
+    use edgefleet_operator::heartbeat::Heartbeats;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    let (_cp, client, _operator) = control_plane().await;
+    create_device(&client, "till-b", true, "tpm").await;
+    set_health(&client, "till-b", false, true, "tpm").await;
+    let devices: Api<EdgeDevice> = Api::all(client.clone());
+    let lease = Duration::from_secs(3);
+    let secs = SignedDuration::from_secs;
+    let now = Timestamp::from_second(Timestamp::now().as_second()).unwrap();
+    // No budget at all: a device that is not Ready is still written at once.
+    let starved = Heartbeats::new(client.clone(), lease).with_refresh_rate(0.0);
+    assert!(
+        starved
+            .record(&devices.get("till-b").await.unwrap(), now)
+            .await
+            .unwrap()
+    );
+    let d = devices.get("till-b").await.unwrap();
+    let version = d.resource_version();
+    // A refresh is due after a third of the lease, but there is no token: no write...
+    assert!(!starved.record(&d, now + secs(2)).await.unwrap());
+    assert_eq!(
+        devices.get("till-b").await.unwrap().resource_version(),
+        version
+    );
+    // ...and the device stays Ready by memory past the recorded heartbeat's lease.
+    assert!(starved.expire(now + secs(4)).await.unwrap().is_empty());
+    // Silent for a lease after the remembered heartbeat: expired, and the status says
+    // when it was last heard from.
+    assert_eq!(
+        starved.expire(now + secs(6)).await.unwrap(),
+        vec!["till-b".to_owned()]
+    );
+    let d = devices.get("till-b").await.unwrap();
+    let status = d.status.as_ref().unwrap();
+    assert_eq!(
+        status.last_heartbeat_time.as_ref().map(|t| t.0),
+        Some(now + secs(2))
+    );
+    // Back, then a refresh: with a budget it writes, without one it waits.
+    assert!(starved.record(&d, now + secs(7)).await.unwrap());
+    let d = devices.get("till-b").await.unwrap();
+    assert!(!starved.record(&d, now + secs(9)).await.unwrap());
+    let budgeted = Heartbeats::new(client.clone(), lease);
+    assert!(budgeted.record(&d, now + secs(9)).await.unwrap());
+}
+
 /// An HTTPS server for `files` (path -> body), 404 otherwise; returns its base URL
 /// and the PEM of the CA that issued its certificate.
 fn https_files(files: Vec<(&'static str, String)>) -> (String, String) {

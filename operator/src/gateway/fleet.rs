@@ -14,10 +14,15 @@
 //!   relevant fields or a model's templates change, so changes reach connected devices
 //!   as soon as the watch delivers them. Only approved devices with an allowed, unexpired
 //!   attestation get models.
-//! - **Reports** update `Ready` (through [`Heartbeats`], coalesced) and, only when the
-//!   model states changed or a third of the heartbeat lease passed, the device's
-//!   `status.models`, `inference` and `reports` under [`REPORT_MANAGER`]: however often
-//!   devices report, each device costs a bounded number of writes per lease.
+//! - **Reports** are heartbeats: each is noted in memory ([`Heartbeats::seen`]), which
+//!   is what liveness is decided on. A change (model states, dropped reports, a device
+//!   becoming Ready) is written at once: `status.models`, `inference` and `reports`
+//!   under [`REPORT_MANAGER`], `Ready` under the heartbeat manager. Writes that only
+//!   keep timestamps and statistics fresh are made at most every third of the lease per
+//!   device, and only within a fleet-wide budget (`--status-refresh-per-second`), so the
+//!   API server's write rate in steady state is bounded however many devices report and
+//!   however often. Writes run in the background, at most one per device and
+//!   [`MAX_CONCURRENT_WRITES`] in all, each carrying the device's latest state.
 //! - **Artifacts** are served from a content-addressed directory (`<dir>/<sha256 hex>`),
 //!   only to a device whose desired state names that digest.
 
@@ -107,7 +112,13 @@ pub struct FleetConfig {
     pub heartbeat_lease: Duration,
     /// Token devices enrol with.
     pub bootstrap_token: String,
+    /// Refresh writes per second, fleet-wide (see the module docs).
+    pub refresh_per_second: f64,
 }
+
+/// Status writes in flight at once, fleet-wide: a rollout's change writes queue here
+/// instead of flooding the API server.
+pub const MAX_CONCURRENT_WRITES: usize = 32;
 
 #[derive(Debug, Default)]
 struct Delivery {
@@ -122,6 +133,8 @@ struct Delivery {
     inference: Option<proto::Inference>,
     /// A status write for this device is in flight.
     writing: bool,
+    /// A change arrived while a write was in flight: the next report writes it.
+    pending_change: bool,
 }
 
 /// Metrics of the device API (registered in [`crate::metrics::Metrics`]).
@@ -136,6 +149,8 @@ pub struct FleetCounters {
     pub waiting: prometheus_client::metrics::gauge::Gauge,
     /// Status writes made for reports.
     pub report_writes: prometheus_client::metrics::counter::Counter,
+    /// Refresh writes left for later because the budget was spent.
+    pub refresh_deferred: prometheus_client::metrics::counter::Counter,
     /// Artifact bytes sent.
     pub artifact_bytes: prometheus_client::metrics::counter::Counter,
 }
@@ -148,6 +163,7 @@ struct Inner {
     models_changed: tokio::sync::watch::Sender<u64>,
     heartbeats: Heartbeats,
     deliveries: Mutex<HashMap<String, Delivery>>,
+    writes: Arc<tokio::sync::Semaphore>,
     config: FleetConfig,
     counters: Arc<FleetCounters>,
 }
@@ -193,7 +209,9 @@ impl Fleet {
         let (models, model_writer) = reflector::store();
         let (models_changed, _) = tokio::sync::watch::channel(0u64);
         let inner = Arc::new(Inner {
-            heartbeats: Heartbeats::new(client.clone(), config.heartbeat_lease),
+            heartbeats: Heartbeats::new(client.clone(), config.heartbeat_lease)
+                .with_refresh_rate(config.refresh_per_second),
+            writes: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_WRITES)),
             client: client.clone(),
             devices,
             models,
@@ -257,6 +275,15 @@ impl Fleet {
             }
         };
         (fleet, driver)
+    }
+
+    /// Liveness as this gateway sees it: sharing its memory of heartbeats and its write
+    /// budget, sweeping over its cache. The leader runs [`Heartbeats::expire_loop`] on it.
+    pub fn heartbeats(&self) -> Heartbeats {
+        self.inner
+            .heartbeats
+            .clone()
+            .with_cache(self.device_cache())
     }
 
     /// The watch cache of EdgeDevices (for sweeps that would otherwise list the fleet).
@@ -750,6 +777,10 @@ async fn report(
     body: axum::body::Bytes,
 ) -> Result<Json<proto::ReportAck>, ApiError> {
     let device = fleet.identify(&peer, &name).await?;
+    fleet
+        .inner
+        .heartbeats
+        .seen(&name, k8s_openapi::jiff::Timestamp::now());
     let batch: proto::ReportBatch = serde_json::from_slice(&body).map_err(|e| {
         refuse(
             StatusCode::BAD_REQUEST,
@@ -828,6 +859,7 @@ async fn report(
                 inference: None,
                 // A write of the previous boot may still be in flight.
                 writing: d.writing,
+                pending_change: true,
             };
         }
         for r in &batch.reports {
@@ -841,7 +873,8 @@ async fn report(
         let changed = models
             .as_ref()
             .is_some_and(|m| d.models.as_ref() != Some(m))
-            || dropped_changed;
+            || dropped_changed
+            || d.pending_change;
         if let Some(m) = models {
             d.models = Some(m);
         }
@@ -854,9 +887,26 @@ async fn report(
             d.inference = Some(i.clone());
         }
         let third = fleet.inner.config.heartbeat_lease / 3;
-        let due = changed || d.last_write.is_none_or(|t| t.elapsed() >= third);
+        let stale = d.last_write.is_none_or(|t| t.elapsed() >= third);
+        // Changes are written whatever the budget; refreshes only with a token, and not
+        // while a write is in flight (the change flag carries a change over instead).
+        let due = if d.writing {
+            d.pending_change |= changed;
+            false
+        } else if changed {
+            true
+        } else if stale {
+            let token = fleet.inner.heartbeats.try_refresh();
+            if !token {
+                fleet.inner.counters.refresh_deferred.inc();
+            }
+            token
+        } else {
+            false
+        };
         if due {
             d.last_write = Some(Instant::now());
+            d.pending_change = false;
         }
         let write = due.then(|| {
             (
@@ -866,12 +916,9 @@ async fn report(
                 d.dropped,
             )
         });
-        // One write in flight per device; one that is due meanwhile is made with a later
-        // report instead.
+        // One write in flight per device; a change that arrives meanwhile is made with a
+        // later report instead (`pending_change`).
         let start_write = if d.writing {
-            if write.is_some() {
-                d.last_write = None;
-            }
             false
         } else {
             d.writing = true;
@@ -906,6 +953,7 @@ async fn report(
         let fleet = fleet.clone();
         let (name, device) = (name.clone(), device.clone());
         tokio::spawn(async move {
+            let _permit = fleet.inner.writes.clone().acquire_owned().await;
             let mut failed = false;
             if let Some(patch) = patch {
                 match Api::<EdgeDevice>::all(fleet.inner.client.clone())
@@ -938,7 +986,8 @@ async fn report(
             {
                 d.writing = false;
                 if failed {
-                    d.last_write = None;
+                    // Made again with the next report, budget or not.
+                    d.pending_change = true;
                 }
             }
         });

@@ -93,6 +93,12 @@ pub struct GatewayOptions {
     /// each quote). Without it, TDX TCB status is `unknown`.
     #[arg(long)]
     pub tdx_collateral: Option<PathBuf>,
+    /// Fleet-wide budget of status refresh writes per second: writes that only keep a
+    /// device's `lastHeartbeatTime` and serving statistics fresh. Changes (model states,
+    /// readiness) are written whatever the budget. Liveness is decided from the
+    /// gateway's memory, so a spent budget delays timestamps, never readiness.
+    #[arg(long, default_value_t = default_refresh(), value_parser = parse_rate)]
+    pub status_refresh_per_second: f64,
     /// AMD roots as GENERATION=FILE (a PEM bundle with the ARK and ASK), repeatable.
     #[arg(long = "snp-roots", value_name = "GEN=FILE")]
     pub snp_roots: Vec<String>,
@@ -118,9 +124,23 @@ fn der_certs(path: &PathBuf) -> anyhow::Result<Vec<Vec<u8>>> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+const fn default_refresh() -> f64 {
+    crate::heartbeat::DEFAULT_REFRESH_PER_SECOND
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=10_000.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a rate between 0 and 10000 per second"
+        )),
+    }
+}
+
 impl GatewayOptions {
-    /// Builds the gateway and returns the future that serves it (and keeps its caches
-    /// and the lapse sweep), or `None` without `--gateway-addr`.
+    /// Builds the gateway and returns its liveness (for the leader's expiry sweep) and
+    /// the future that serves it (and keeps its caches and the lapse sweep), or `None`
+    /// without `--gateway-addr`.
     pub async fn start(
         &self,
         client: kube::Client,
@@ -128,7 +148,7 @@ impl GatewayOptions {
         counters: Arc<FleetCounters>,
     ) -> anyhow::Result<
         Option<(
-            kube::runtime::reflector::Store<edgefleet_crds::EdgeDevice>,
+            crate::heartbeat::Heartbeats,
             impl std::future::Future<Output = anyhow::Result<()>> + use<>,
         )>,
     > {
@@ -226,6 +246,7 @@ impl GatewayOptions {
                 approval: self.approval.clone(),
                 heartbeat_lease,
                 bootstrap_token: token.clone(),
+                refresh_per_second: self.status_refresh_per_second,
             },
             counters,
         );
@@ -236,8 +257,8 @@ impl GatewayOptions {
         let listener =
             std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         listener.set_nonblocking(true)?;
-        let cache = fleet.device_cache();
-        Ok(Some((cache, async move {
+        let heartbeats = fleet.heartbeats();
+        Ok(Some((heartbeats, async move {
             let caches = tokio::spawn(caches);
             let lapse = tokio::spawn(gateway.lapse_loop());
             fleet
