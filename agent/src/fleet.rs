@@ -113,12 +113,15 @@ impl DeviceClient {
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem)
             .map_err(|e| GatewayError::Ca(format!("client key: {e}")))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| GatewayError::Ca(e.to_string()))?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| GatewayError::Ca(format!("client certificate: {e}")))?;
+        // HTTP/2 when the gateway offers it: the long-poll, reports and downloads share
+        // one connection, so a device costs the gateway one socket, not two or three.
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .connect_timeout(Duration::from_secs(10))

@@ -552,6 +552,22 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
         );
         assert!(delivery.last_sequence > 0);
     }
+    // HTTP/2: each agent's long-poll, reports and downloads share one connection to the
+    // gateway (with HTTP/1.1 the long-poll alone holds one and reports need another).
+    let gateway_port = s.gateway.rsplit(':').next().unwrap().to_owned();
+    for (name, _, proc_) in &s.agents {
+        let pid = format!("pid={},", proc_.0.id());
+        eventually(&s, &format!("{name} on one connection"), 30, || async {
+            let out = std::process::Command::new("ss")
+                .args(["-Htnp", "state", "established"])
+                .arg(format!("dport = :{gateway_port}"))
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            (text.lines().filter(|l| l.contains(&pid)).count() == 1).then_some(())
+        })
+        .await;
+    }
     for (name, port, _) in &s.agents {
         let (code, body) = chat(*port).await;
         assert_eq!(code, 200, "{name}: {body}");

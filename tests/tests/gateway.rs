@@ -113,8 +113,7 @@ async fn setup() -> Setup {
     let router = Gateway::new(Arc::new(service), devices.clone(), TOKEN)
         .unwrap()
         .router();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
+    let listener = edgefleet_operator::gateway::listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let url = format!(
         "https://127.0.0.1:{}",
         listener.local_addr().unwrap().port()

@@ -687,8 +687,7 @@ fn https_files(files: Vec<(&'static str, String)>) -> (String, String) {
     for (path, body) in files {
         router = router.route(path, axum::routing::get(move || async move { body }));
     }
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
+    let listener = edgefleet_operator::gateway::listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let url = format!(
         "https://127.0.0.1:{}",
         listener.local_addr().unwrap().port()

@@ -280,17 +280,35 @@ async fn evidence(
     }
 }
 
+/// Pending connections the gateway's socket queues for accept. The standard library's
+/// 128 is too few for a fleet: after a reconnect storm or a gateway restart thousands of
+/// devices connect at once, and connections beyond the queue are dropped (the kernel
+/// caps this at `net.core.somaxconn`, 4096 by default).
+pub const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds the gateway's listening socket with [`ACCEPT_BACKLOG`] (and `SO_REUSEADDR`, so
+/// that a restarted gateway binds while old connections linger in TIME_WAIT).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// Serves `router` over HTTPS on `listener` until the future is dropped. Each request
 /// carries the connection's client certificate, if any, as a
 /// [`fleet::PeerCertificate`] extension (verifying it is `tls`'s business: the device
 /// API needs a client verifier that trusts the device CA and allows anonymous clients,
 /// who may only enrol and attest).
 pub async fn serve(
-    listener: std::net::TcpListener,
+    listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
     router: Router,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -368,4 +386,34 @@ pub fn server_tls(
         .map_err(|e| format!("gateway certificate: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    /// The listening socket queues thousands of connections, not the standard library's
+    /// 128 (as `ss` reports it: Send-Q of a listening socket is its backlog).
+    #[tokio::test]
+    async fn the_gateway_socket_queues_a_reconnect_storm() {
+        let listener = super::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let out = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{port}")])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let backlog: u32 = text
+            .split_whitespace()
+            .nth(2)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("ss said {text:?}"));
+        assert_eq!(backlog, super::ACCEPT_BACKLOG.min(somaxconn), "{text}");
+        assert!(backlog > 128, "{text}");
+    }
 }

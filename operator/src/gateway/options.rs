@@ -254,9 +254,7 @@ impl GatewayOptions {
         let gateway =
             Gateway::new(Arc::new(service), devices, &token).map_err(|e| anyhow::anyhow!(e))?;
         let router = gateway.clone().router().merge(fleet.clone().router());
-        let listener =
-            std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-        listener.set_nonblocking(true)?;
+        let listener = super::listen(addr).with_context(|| format!("binding {addr}"))?;
         let heartbeats = fleet.heartbeats();
         Ok(Some((heartbeats, async move {
             let caches = tokio::spawn(caches);
