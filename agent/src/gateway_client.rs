@@ -59,8 +59,12 @@ impl GatewayClient {
             .map_err(|e| GatewayError::Ca(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // Enrolment and attestation are a few requests every attestation interval: no
+        // idle connection is kept, so a device holds one socket at the gateway (its
+        // HTTP/2 device connection), not another idling for a minute and a half.
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
+            .pool_max_idle_per_host(0)
             .build()?;
         Ok(Self {
             http,
