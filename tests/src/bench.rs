@@ -182,19 +182,22 @@ pub async fn fleet_bench(
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
         let handle = std::thread::spawn(move || {
-            let mut peak_fds = 0;
+            let (mut peak_fds, mut last_fds) = (0, 0);
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                peak_fds = peak_fds.max(proc_stat(pid).fds);
+                last_fds = proc_stat(pid).fds;
+                peak_fds = peak_fds.max(last_fds);
                 std::thread::sleep(Duration::from_millis(500));
             }
-            peak_fds
+            (peak_fds, last_fds)
         });
         (stop, handle)
     };
     let out = child.wait_with_output()?;
     let connected = at_connected.join().ok().flatten();
     sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    let peak_fds = sampler.1.join().unwrap_or(0);
+    // The peak is during the connection burst (enrolment connections beside the device
+    // connections); the last sample is the steady state, one connection per device.
+    let (peak_fds, last_fds) = sampler.1.join().unwrap_or((0, 0));
     let elapsed = t0.elapsed().as_secs_f64();
     let after = proc_stat(pid);
     peak.fds = peak_fds;
@@ -215,6 +218,7 @@ pub async fn fleet_bench(
         "rss_mib": after.rss_kib as f64 / 1024.0,
         "peak_rss_mib": after.hwm_kib as f64 / 1024.0,
         "peak_fds": peak.fds,
+        "fds": last_fds,
     });
     summary["api_writes"] = serde_json::json!(writes);
     summary["api_writes_per_second"] = serde_json::json!(writes / elapsed);
