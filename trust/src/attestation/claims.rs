@@ -6,7 +6,10 @@
 //!   "hardware_genuine": true,          // evidence chains to a vendor root (false for dev)
 //!   "debug": false,                    // the guest/TD can be debugged by the host
 //!   "measurements": { "<name>": "<hex>" },   // launch digest, MRTD/RTMRs, PCRs
-//!   "tcb": { "<component>": <number or hex string> },
+//!   "tcb": { "<component>": <number or hex string> },   // TDX adds "fmspc", and
+//!                                      // "tcb_status" ("unknown" without Intel's
+//!                                      // collateral; with it also "advisory_ids": [..],
+//!                                      // "tcb_date", platform/module/QE statuses)
 //!   "report_data": "<hex>",            // what the attester bound into the evidence
 //!   "key_binding": "<hex>",            // the binding the verifier expected, when checked
 //!   "signer": "<hex or name>",         // attesting key identity (chip id, PCK, AK)
