@@ -28,7 +28,7 @@ def fmt(v, digits=1):
     return "—" if v is None else f"{v:,.{digits}f}"
 
 
-print("| N | connect s | rollout s | cloud→edge p50 / p99 ms | heartbeat p50 / p99 ms (10 s) | storm recovery s | writes/s at 10 s / 5 s heartbeats (60 s lease) | operator CPU cores (steady) | operator peak RSS MiB | operator fds peak / steady |")
+print("| N | connect s | rollout s | cloud→edge p50 / p99 ms | heartbeat p50 / p99 ms (10 s) | storm recovery s | writes/s at 10 s / 5 s heartbeats (60 s lease) | operator CPU cores (steady) | operator peak RSS MiB | operator fds (steady run, peak) |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 ns = sorted(by)
 for n in ns:
@@ -41,8 +41,7 @@ for n in ns:
         f"| {fmt(get(n, s10, 'scenario_api_writes_per_second'))} / {fmt(get(n, s30, 'scenario_api_writes_per_second'))} "
         f"| {fmt(get(n, s10, 'scenario_operator_cpu_cores'), 2)} "
         f"| {fmt(max(filter(None, [get(n, k, 'operator', 'peak_rss_mib') for k in (ro, st, s10, s30)]), default=None), 0)} "
-        f"| {fmt(max(filter(None, [get(n, k, 'operator', 'peak_fds') for k in (ro, st, s10, s30)]), default=None), 0)} "
-        f"/ {fmt(get(n, s10, 'operator', 'fds'), 0)} |"
+        f"| {fmt(get(n, s10, 'operator', 'peak_fds'), 0)} |"
     )
 
 series = [
