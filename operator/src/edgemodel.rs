@@ -12,8 +12,18 @@
 //!   changed (no no-op patches);
 //! - Events for rollout steps, gate failures, rollbacks, revocations and signature
 //!   failures.
+//!
+//! Reads: the EdgeModel itself is read fresh; devices come from a watch cache (a
+//! reflector, managed fields stripped), because listing a large fleet on every
+//! reconcile is what stops a rollout from scaling. A reconcile must still never plan
+//! on a cache that has not seen this reconciler's own writes (that would undo a
+//! rollback, or move more devices than `maxUnavailable` allows), so each device write
+//! records the resourceVersion it produced and a reconcile first waits until the cache
+//! has seen that far ([`DeviceCache::caught_up`]; resourceVersions of one etcd are
+//! ordered, and a watch delivers them in order).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use edgefleet_crds::device::DesiredModel;
@@ -23,8 +33,8 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
@@ -57,6 +67,9 @@ pub enum Error {
     /// Deletion waits for devices that still report the model.
     #[error("{0} device(s) still report the model; waiting before releasing the finalizer")]
     StillLoaded(usize),
+    /// The device cache has not yet seen this reconciler's own writes.
+    #[error("the device cache has not caught up with this reconciler's writes")]
+    CacheBehind,
 }
 
 impl From<kube::Error> for Error {
@@ -72,13 +85,67 @@ impl Error {
             Self::Kube(_) => "KubeApi",
             Self::Finalizer(_) => "Finalizer",
             Self::StillLoaded(_) => "StillLoaded",
+            Self::CacheBehind => "CacheBehind",
         }
+    }
+}
+
+/// How long a reconcile waits for the device cache to see its own last writes before
+/// it gives up and requeues.
+pub const CACHE_WAIT: Duration = Duration::from_secs(10);
+
+/// The device watch cache, and how far it has seen against how far this reconciler
+/// has written.
+#[derive(Clone, Debug)]
+pub struct DeviceCache {
+    store: Store<EdgeDevice>,
+    /// The highest resourceVersion among the events the cache has applied.
+    seen: Arc<AtomicU64>,
+    /// The highest resourceVersion this reconciler's device writes produced.
+    written: Arc<AtomicU64>,
+}
+
+fn resource_version(d: &EdgeDevice) -> Option<u64> {
+    d.metadata.resource_version.as_deref()?.parse().ok()
+}
+
+impl DeviceCache {
+    fn note_write(&self, d: &EdgeDevice) {
+        if let Some(rv) = resource_version(d) {
+            self.written.fetch_max(rv, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits until the cache is filled and has seen every device write of this
+    /// reconciler; false when that takes longer than [`CACHE_WAIT`].
+    pub async fn caught_up(&self) -> bool {
+        let deadline = tokio::time::Instant::now() + CACHE_WAIT;
+        if tokio::time::timeout_at(deadline, self.store.wait_until_ready())
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let target = self.written.load(Ordering::SeqCst);
+        while self.seen.load(Ordering::SeqCst) < target {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Every device in the cache.
+    pub fn devices(&self) -> Vec<EdgeDevice> {
+        self.store.state().iter().map(|d| (**d).clone()).collect()
     }
 }
 
 /// What reconciles share.
 pub struct Context {
     client: Client,
+    devices: DeviceCache,
     recorder: Recorder,
     metrics: Arc<crate::metrics::Metrics>,
     /// Consecutive failed reconciles per EdgeModel (`namespace/name`), for its backoff.
@@ -107,13 +174,14 @@ pub fn assignment_manager(model: &EdgeModel) -> String {
     }
 }
 
-/// Applies (or, with `None`, removes) `model`'s entry in `device`'s desiredModels.
+/// Applies (or, with `None`, removes) `model`'s entry in `device`'s desiredModels;
+/// returns the device as written.
 pub async fn assign(
     client: &Client,
     manager: &str,
     device: &str,
     desired: Option<&DesiredModel>,
-) -> Result<(), kube::Error> {
+) -> Result<EdgeDevice, kube::Error> {
     let api: Api<EdgeDevice> = Api::all(client.clone());
     let entries: Vec<&DesiredModel> = desired.into_iter().collect();
     let patch = json!({
@@ -124,7 +192,6 @@ pub async fn assign(
     });
     api.patch(device, &PatchParams::apply(manager), &Patch::Apply(&patch))
         .await
-        .map(|_| ())
 }
 
 async fn publish(
@@ -154,19 +221,18 @@ async fn publish(
 #[tracing::instrument(skip(model, ctx), fields(model = %rollout::model_key(&model)))]
 async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error> {
     let now = k8s_openapi::jiff::Timestamp::now();
-    // Plan on fresh reads, not on the watch caches: a reconcile triggered by one event
-    // can run before the cache has seen this reconciler's own last writes, and planning
-    // on that would undo a rollback or move more devices than maxUnavailable allows.
+    // The model fresh; the devices from the cache once it has seen this reconciler's
+    // own writes (module docs).
     let models: Api<EdgeModel> =
         Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
     let Some(model) = models.get_opt(&model.name_any()).await? else {
         return Ok(Action::await_change());
     };
-    let devices_api: Api<EdgeDevice> = Api::all(ctx.client.clone());
-    let devices = devices_api
-        .list(&kube::api::ListParams::default())
-        .await?
-        .items;
+    if !ctx.devices.caught_up().await {
+        tracing::warn!("the device cache is behind this reconciler's writes; trying again");
+        return Ok(Action::requeue(BACKOFF_MIN));
+    }
+    let devices = ctx.devices.devices();
     // Every bundle given by URI (the model's, its variants', its plugins'), fetched once.
     let mut uris: Vec<&str> = Vec::new();
     uris.extend(model.spec.signature.uri.as_deref());
@@ -274,8 +340,11 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
         .buffer_unordered(ASSIGN_CONCURRENCY);
     let mut first_error = None;
     while let Some(r) = writes.next().await {
-        if let Err(e) = r {
-            first_error.get_or_insert(e);
+        match r {
+            Ok(d) => ctx.devices.note_write(&d),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
         }
     }
     if let Some(e) = first_error {
@@ -295,14 +364,14 @@ async fn cleanup(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Err
     let key = rollout::model_key(&model);
     let manager = assignment_manager(&model);
     let mut still = 0;
-    let devices_api: Api<EdgeDevice> = Api::all(ctx.client.clone());
-    for device in devices_api
-        .list(&kube::api::ListParams::default())
-        .await?
-        .items
-    {
+    // An error, not a requeue: a cleanup that returns Ok releases the finalizer.
+    if !ctx.devices.caught_up().await {
+        return Err(Error::CacheBehind);
+    }
+    for device in ctx.devices.devices() {
         if device.spec.desired_models.iter().any(|d| d.model == key) {
-            assign(&ctx.client, &manager, &device.name_any(), None).await?;
+            let written = assign(&ctx.client, &manager, &device.name_any(), None).await?;
+            ctx.devices.note_write(&written);
         }
         let ready = rollout::condition_true(&device, edgefleet_crds::conditions::READY);
         let reports = device
@@ -413,8 +482,41 @@ pub async fn run_with(
 ) {
     let models: Api<EdgeModel> = Api::all(client.clone());
     let devices_api: Api<EdgeDevice> = Api::all(client.clone());
+    // The device cache, and the trigger: every device event (once the cache holds it)
+    // reconciles every model, since a device change can change any model's candidates
+    // and counts.
+    let (store, writer) = reflector::store();
+    let devices = DeviceCache {
+        store,
+        seen: Arc::default(),
+        written: Arc::default(),
+    };
+    let seen = devices.seen.clone();
+    let device_events = reflector::reflector(
+        writer,
+        watcher(devices_api, watcher::Config::default())
+            .modify(|d: &mut EdgeDevice| d.managed_fields_mut().clear()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .filter_map(move |r| {
+        let trigger = match r {
+            Ok(d) => {
+                if let Some(rv) = resource_version(&d) {
+                    seen.fetch_max(rv, Ordering::SeqCst);
+                }
+                Some(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "watching EdgeDevices");
+                None
+            }
+        };
+        futures::future::ready(trigger)
+    });
     let ctx = Arc::new(Context {
         client: client.clone(),
+        devices,
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -426,17 +528,8 @@ pub async fn run_with(
         metrics,
         bundles,
     });
-    let controller = Controller::new(models, watcher::Config::default());
-    let store = controller.store();
-    controller
-        .watches(devices_api, watcher::Config::default(), move |_device| {
-            // A device change can change any model's candidates and counts.
-            store
-                .state()
-                .iter()
-                .map(|m| ObjectRef::from_obj(&**m))
-                .collect::<Vec<_>>()
-        })
+    Controller::new(models, watcher::Config::default())
+        .reconcile_all_on(device_events)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
