@@ -119,7 +119,11 @@ impl DeviceCache {
     /// Waits until the cache is filled and has seen every device write of this
     /// reconciler; false when that takes longer than [`CACHE_WAIT`].
     pub async fn caught_up(&self) -> bool {
-        let deadline = tokio::time::Instant::now() + CACHE_WAIT;
+        self.caught_up_within(CACHE_WAIT).await
+    }
+
+    async fn caught_up_within(&self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
         if tokio::time::timeout_at(deadline, self.store.wait_until_ready())
             .await
             .is_err()
@@ -538,4 +542,56 @@ pub async fn run_with(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use kube::runtime::watcher::Event;
+
+    fn device(name: &str, rv: u64) -> EdgeDevice {
+        let mut d: EdgeDevice = serde_json::from_value(json!({
+            "apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice",
+            "metadata": {"name": name, "resourceVersion": rv.to_string()},
+            "spec": {"facts": {"arch": "x86_64", "cpuCores": 1, "memory": "1Gi",
+                "agentKeyFingerprint": format!("sha256:{}", "0".repeat(64))}},
+        }))
+        .unwrap();
+        d.metadata.resource_version = Some(rv.to_string());
+        d
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_waits_for_the_cache_to_see_its_own_writes() {
+        let (store, mut writer) = reflector::store::<EdgeDevice>();
+        let cache = DeviceCache {
+            store,
+            seen: Arc::default(),
+            written: Arc::default(),
+        };
+        let short = Duration::from_millis(100);
+        // Not filled yet: never plan on an empty cache.
+        assert!(!cache.caught_up_within(short).await);
+        writer.apply_watcher_event(&Event::Init);
+        writer.apply_watcher_event(&Event::InitApply(device("a", 3)));
+        writer.apply_watcher_event(&Event::InitDone);
+        cache.seen.fetch_max(3, Ordering::SeqCst);
+        assert!(cache.caught_up_within(short).await);
+        // This reconciler wrote device a at resourceVersion 7: behind until the watch
+        // delivers it.
+        cache.note_write(&device("a", 7));
+        assert!(!cache.caught_up_within(short).await);
+        let c = cache.clone();
+        let waiter = tokio::spawn(async move { c.caught_up_within(Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        writer.apply_watcher_event(&Event::Apply(device("a", 7)));
+        cache.seen.fetch_max(7, Ordering::SeqCst);
+        assert!(waiter.await.unwrap());
+        assert_eq!(
+            cache.devices()[0].metadata.resource_version.as_deref(),
+            Some("7")
+        );
+    }
 }
