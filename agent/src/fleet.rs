@@ -206,20 +206,39 @@ impl DeviceClient {
     }
 
     /// Starts a download of `path` from byte `from`.
+    ///
+    /// `503` means the gateway does not have the file yet (it is mirroring it into its
+    /// store, or the revision's template is on its way): asked again every
+    /// [`FETCHING_POLL`], for up to [`FETCHING_PATIENCE`], before it counts as a failure.
     pub async fn download(&self, path: &str, from: u64) -> Result<reqwest::Response, GatewayError> {
-        let mut req = self.http.get(format!("{}{path}", self.base));
-        if from > 0 {
-            req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
+        let deadline = tokio::time::Instant::now() + FETCHING_PATIENCE;
+        loop {
+            let mut req = self.http.get(format!("{}{path}", self.base));
+            if from > 0 {
+                req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
+            }
+            let resp = req.send().await?;
+            let status = resp.status();
+            if status.is_success() || status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
+                return Ok(resp);
+            }
+            let body = resp.bytes().await?;
+            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                && tokio::time::Instant::now() + FETCHING_POLL < deadline
+            {
+                tracing::info!(%path, "the gateway does not have the artifact yet; asking again");
+                tokio::time::sleep(FETCHING_POLL).await;
+                continue;
+            }
+            return Err(rejected(status, &body));
         }
-        let resp = req.send().await?;
-        let status = resp.status();
-        if status.is_success() || status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
-            return Ok(resp);
-        }
-        let body = resp.bytes().await?;
-        Err(rejected(status, &body))
     }
 }
+
+/// How often a download the gateway answered `503` is asked again.
+pub const FETCHING_POLL: Duration = Duration::from_secs(2);
+/// How long a download waits for the gateway to have the artifact.
+pub const FETCHING_PATIENCE: Duration = Duration::from_secs(300);
 
 fn hex_of(digest: &str) -> Result<&str, ActivateError> {
     digest

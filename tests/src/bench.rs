@@ -106,6 +106,7 @@ pub async fn fleet_bench(
             ek_cas: vec![],
             ek_intermediates: vec![],
             heartbeat_lease_seconds: lease,
+            artifact_ca: None,
             log: dir.join("operator.log"),
         },
     )?);

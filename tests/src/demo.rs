@@ -93,6 +93,7 @@ async fn story(dir: &Path, hold: bool) -> anyhow::Result<()> {
             ek_cas: vec![swtpm.ca_path("swtpm-localca-rootca-cert.pem")],
             ek_intermediates: vec![swtpm.ca_path("issuercert.pem")],
             heartbeat_lease_seconds: 15,
+            artifact_ca: None,
             log: dir.join("operator.log"),
         },
     )?);

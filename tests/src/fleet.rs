@@ -133,6 +133,8 @@ pub struct OperatorSpec {
     pub ek_intermediates: Vec<PathBuf>,
     /// Heartbeat lease, seconds.
     pub heartbeat_lease_seconds: u64,
+    /// `--artifact-ca`: roots for mirroring `https://` artifacts (default: the system's).
+    pub artifact_ca: Option<PathBuf>,
     /// Log file (stdout and stderr).
     pub log: PathBuf,
 }
@@ -175,6 +177,9 @@ pub fn spawn_operator(
         .args(["--approval", &spec.approval]);
     for ca in &spec.ek_cas {
         cmd.arg("--ek-ca").arg(ca);
+    }
+    if let Some(ca) = &spec.artifact_ca {
+        cmd.arg("--artifact-ca").arg(ca);
     }
     for ca in &spec.ek_intermediates {
         cmd.arg("--ek-intermediate").arg(ca);
@@ -331,4 +336,44 @@ pub fn generate_signing_key(path: &Path) -> Result<(), HarnessError> {
         )));
     }
     Ok(())
+}
+
+/// An HTTPS server for `files` (path -> body), 404 otherwise, on the current tokio
+/// runtime; returns its base URL and the PEM of the CA that issued its certificate.
+pub fn https_files<B: Into<Vec<u8>>>(
+    files: Vec<(&'static str, B)>,
+) -> Result<(String, String), HarnessError> {
+    let ca_key = rcgen::KeyPair::generate().map_err(err)?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).map_err(err)?;
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .map_err(err)?
+        .signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
+        .map_err(err)?;
+    let tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .map_err(err)?;
+    let mut router = axum::Router::new();
+    for (path, body) in files {
+        let body: Vec<u8> = body.into();
+        router = router.route(path, axum::routing::get(move || async move { body }));
+    }
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let listener = edgefleet_operator::gateway::listen(addr).map_err(err)?;
+    let url = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().map_err(err)?.port()
+    );
+    tokio::spawn(edgefleet_operator::gateway::serve(
+        listener,
+        std::sync::Arc::new(tls),
+        router,
+    ));
+    Ok((url, ca.pem()))
 }

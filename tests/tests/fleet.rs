@@ -193,6 +193,8 @@ struct Setup {
     bundle: String,
     plugin_digest: String,
     plugin_size: u64,
+    /// Where the gateway mirrors the plugin from.
+    plugin_uri: String,
     plugin_bundle: String,
     /// A plugin that imports sockets it is never granted: devices refuse to load it.
     bad_plugin: (String, u64, String),
@@ -221,8 +223,17 @@ async fn setup_with(netns: Option<&Netns>) -> Setup {
     let store = d.join("artifacts");
     let model = model_file();
     let (digest, size) = fleet::store_artifact(&store, &model).unwrap();
+    // The plugin is not in the store: the gateway mirrors it from its https:// URI (a
+    // server whose CA only the operator is told to trust) when the model's templates
+    // name it, checking its digest on the way in.
     let plugin = plugin_file("pii_redact.wasm");
-    let (plugin_digest, plugin_size) = fleet::store_artifact(&store, &plugin).unwrap();
+    let plugin_bytes = std::fs::read(&plugin).unwrap();
+    let plugin_digest = fleet::digest_of(&plugin).unwrap();
+    let plugin_size = plugin_bytes.len() as u64;
+    let (plugin_host, plugin_ca) =
+        fleet::https_files(vec![("/pii_redact.wasm", plugin_bytes)]).unwrap();
+    let plugin_ca_file = d.join("plugin-host-ca.pem");
+    std::fs::write(&plugin_ca_file, plugin_ca).unwrap();
     let (signer_key, signer_public) = new_key();
     let bundle = sign(&model, &signer_key);
     let plugin_bundle = sign(&plugin, &signer_key);
@@ -246,6 +257,7 @@ async fn setup_with(netns: Option<&Netns>) -> Setup {
             ek_cas: vec![],
             ek_intermediates: vec![],
             heartbeat_lease_seconds: 8,
+            artifact_ca: Some(plugin_ca_file),
             log: d.join("operator.log"),
         },
     )
@@ -280,6 +292,7 @@ async fn setup_with(netns: Option<&Netns>) -> Setup {
         bundle,
         plugin_digest,
         plugin_size,
+        plugin_uri: format!("{plugin_host}/pii_redact.wasm"),
         plugin_bundle,
         bad_plugin,
         dir,
@@ -336,7 +349,7 @@ fn manifest(s: &Setup, bundle: &str, context: i32, pause: i32) -> Value {
             "runtime": {"contextSize": context, "threads": 1, "parallelSlots": 1},
             "plugins": [{
                 "name": "pii-redact",
-                "artifact": {"uri": "https://artifacts.example/pii_redact.wasm", "digest": s.plugin_digest, "sizeBytes": s.plugin_size},
+                "artifact": {"uri": s.plugin_uri, "digest": s.plugin_digest, "sizeBytes": s.plugin_size},
                 "signature": {"inline": s.plugin_bundle},
                 "limits": {"deadlineMillis": 200, "memoryBytes": 33554432},
             }],
@@ -537,6 +550,14 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
         table.contains("3/3") && table.contains("Available"),
         "{table}"
     );
+    // The plugin reached the devices through the gateway's mirror of its URI.
+    let mirrored = s
+        .dir
+        .path()
+        .join("artifacts")
+        .join(s.plugin_digest.trim_start_matches("sha256:"));
+    let meta = std::fs::symlink_metadata(&mirrored).unwrap();
+    assert!(meta.is_file() && meta.len() == s.plugin_size, "{meta:?}");
     for d in devices(c).await {
         assert_eq!(
             reported(&d),

@@ -243,6 +243,7 @@ async fn the_chart_grants_every_call_the_operator_makes() {
             approval: edgefleet_operator::gateway::fleet::Approval::Auto(Default::default()),
             heartbeat_lease: Duration::from_secs(30),
             bootstrap_token: "rbac-bootstrap-token-0123".into(),
+            mirror: None,
             refresh_per_second: edgefleet_operator::heartbeat::DEFAULT_REFRESH_PER_SECOND,
         },
         Arc::default(),

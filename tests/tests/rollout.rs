@@ -664,40 +664,74 @@ async fn liveness_comes_from_memory_and_refreshes_wait_for_the_budget() {
     assert!(budgeted.record(&d, now + secs(9)).await.unwrap());
 }
 
-/// An HTTPS server for `files` (path -> body), 404 otherwise; returns its base URL
-/// and the PEM of the CA that issued its certificate.
-fn https_files(files: Vec<(&'static str, String)>) -> (String, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
-        .unwrap();
-    let tls = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
-    let mut router = axum::Router::new();
-    for (path, body) in files {
-        router = router.route(path, axum::routing::get(move || async move { body }));
-    }
-    let listener = edgefleet_operator::gateway::listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    let url = format!(
-        "https://127.0.0.1:{}",
-        listener.local_addr().unwrap().port()
+#[tokio::test]
+async fn an_https_artifact_enters_the_store_only_with_its_digest() {
+    use edgefleet_operator::gateway::mirror::{Mirror, MirrorState};
+    let good = "GGUF model bytes ".repeat(4096);
+    let hex = hex_sha256(good.as_bytes());
+    let (url, ca) = edgefleet_e2e::fleet::https_files(vec![
+        ("/good.gguf", good.clone()),
+        ("/tampered.gguf", good.replacen("model", "modal", 1)),
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = Mirror::new(dir.path(), ca.as_bytes()).unwrap();
+    let leftovers = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+    };
+    let size = Some(good.len() as u64);
+    // Served bytes that are not the named digest, a wrong size, a plain-HTTP URI: refused,
+    // and nothing is left in the store.
+    let err = mirror
+        .fetch(&hex, &format!("{url}/tampered.gguf"), size)
+        .await
+        .unwrap_err();
+    assert!(err.contains("digest mismatch"), "{err}");
+    let err = mirror
+        .fetch(&hex, &format!("{url}/good.gguf"), Some(10))
+        .await
+        .unwrap_err();
+    assert!(err.contains("larger than the 10 bytes"), "{err}");
+    let err = mirror
+        .fetch(&hex, &url.replace("https://", "http://"), size)
+        .await
+        .unwrap_err();
+    assert!(err.contains("only https://"), "{err}");
+    // A server the roots do not vouch for.
+    let (_, other_ca) = edgefleet_e2e::fleet::https_files(Vec::<(&str, Vec<u8>)>::new()).unwrap();
+    let stranger = Mirror::new(dir.path(), other_ca.as_bytes()).unwrap();
+    assert!(
+        stranger
+            .fetch(&hex, &format!("{url}/good.gguf"), size)
+            .await
+            .is_err()
     );
-    tokio::spawn(edgefleet_operator::gateway::serve(
-        listener,
-        std::sync::Arc::new(tls),
-        router,
-    ));
-    (url, ca.pem())
+    assert!(leftovers().is_empty(), "{:?}", leftovers());
+    // In the background: fetching, then a named failure that is kept for a while.
+    assert_eq!(
+        mirror.ensure(&hex, &format!("{url}/tampered.gguf"), size),
+        MirrorState::Fetching
+    );
+    let failed = loop {
+        match mirror.ensure(&hex, &format!("{url}/tampered.gguf"), size) {
+            MirrorState::Fetching => tokio::time::sleep(Duration::from_millis(50)).await,
+            MirrorState::Failed(why) => break why,
+        }
+    };
+    assert!(failed.contains("digest mismatch"), "{failed}");
+    // The genuine file: into the store under its digest, nothing else.
+    assert_eq!(
+        mirror.fetch(&hex, &format!("{url}/good.gguf"), size).await,
+        Ok(good.len() as u64)
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join(&hex)).unwrap(),
+        good.as_bytes()
+    );
+    assert_eq!(leftovers(), vec![hex.clone()]);
 }
 
 #[tokio::test]
@@ -709,7 +743,9 @@ async fn a_bundle_given_by_uri_is_fetched_over_https_and_verified() {
     let dir = tempfile::tempdir().unwrap();
     let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
     let (_, foreign, _) = signed_model(dir.path(), b"GGUF model bytes");
-    let (base, ca_pem) = https_files(vec![("/good.sig", bundle), ("/foreign.sig", foreign)]);
+    let (base, ca_pem) =
+        edgefleet_e2e::fleet::https_files(vec![("/good.sig", bundle), ("/foreign.sig", foreign)])
+            .unwrap();
     let fetcher = edgefleet_operator::bundles::BundleFetcher::new(ca_pem.as_bytes()).unwrap();
     let _operator = tokio::spawn(edgefleet_operator::edgemodel::run_with(
         client.clone(),

@@ -29,6 +29,7 @@ async fn a_thousand_simulated_devices_connect_heartbeat_and_take_a_rollout() {
                 ek_cas: vec![],
                 ek_intermediates: vec![],
                 heartbeat_lease_seconds: 60,
+                artifact_ca: None,
                 log: d.join("operator.log"),
             },
         )

@@ -105,6 +105,8 @@ impl Approval {
 pub struct FleetConfig {
     /// Content-addressed artifact store: files named by their SHA-256 (hex).
     pub artifact_dir: PathBuf,
+    /// Fetches assigned `https://` artifacts missing from the store ([`super::mirror`]).
+    pub mirror: Option<super::mirror::Mirror>,
     /// Approval at enrolment.
     pub approval: Approval,
     /// The heartbeat lease (reports write status at most every third of it, unless
@@ -264,6 +266,7 @@ impl Fleet {
                             let digest = hex::encode(sha2::Sha256::digest(revisions.as_bytes()));
                             if seen_models.get(&key) != Some(&digest) {
                                 seen_models.insert(key, digest);
+                                fleet.prefetch(&m);
                                 fleet.inner.models_changed.send_modify(|n| *n += 1);
                             }
                         }
@@ -458,20 +461,79 @@ impl Fleet {
         Ok(proto::DesiredState::new(name, models))
     }
 
-    fn device_model(&self, device: &str, d: &DesiredModel) -> Result<proto::DeviceModel, String> {
+    /// Starts mirroring every `https://` artifact of `model`'s revision templates that
+    /// is not in the store, so that it is there before devices ask for it.
+    fn prefetch(&self, model: &EdgeModel) {
+        let Some(mirror) = &self.inner.config.mirror else {
+            return;
+        };
+        let templates = model.status.iter().flat_map(|s| s.revisions.iter());
+        for t in templates {
+            let artifacts = std::iter::once(&t.artifact)
+                .chain(t.variants.iter().map(|v| &v.artifact))
+                .chain(t.plugins.iter().map(|p| &p.artifact));
+            for a in artifacts {
+                // The CRD's CEL rule already requires this; it names a file here.
+                let Some(hex) = a.digest.strip_prefix("sha256:").filter(|h| {
+                    h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                }) else {
+                    continue;
+                };
+                if !a.uri.starts_with("https://")
+                    || self.inner.config.artifact_dir.join(hex).exists()
+                {
+                    continue;
+                }
+                let size = a.size_bytes.and_then(|b| u64::try_from(b).ok());
+                mirror.ensure(hex, &a.uri, size);
+            }
+        }
+    }
+
+    /// The EdgeModel (from the cache) whose template `d` names.
+    fn model_of(&self, d: &DesiredModel) -> Result<Arc<EdgeModel>, String> {
         let (ns, name) = d
             .model
             .split_once('/')
             .ok_or_else(|| format!("bad model key {:?}", d.model))?;
-        let model = self
-            .inner
+        self.inner
             .models
             .get(&ObjectRef::new(name).within(ns))
-            .ok_or_else(|| format!("EdgeModel {} is not in the cache", d.model))?;
-        let t: &RevisionTemplate = model
-            .status
-            .as_ref()
-            .and_then(|s| s.revisions.iter().find(|t| t.revision == d.revision))
+            .ok_or_else(|| format!("EdgeModel {} is not in the cache", d.model))
+    }
+
+    /// Where the artifact `digest` assigned to `device` comes from (its EdgeModel's
+    /// `artifact`), for mirroring.
+    fn assigned_source(
+        &self,
+        device: &EdgeDevice,
+        digest: &str,
+    ) -> Option<edgefleet_crds::Artifact> {
+        for d in &device.spec.desired_models {
+            let Ok(model) = self.model_of(d) else {
+                continue;
+            };
+            let Some(t) = template_of(&model, d) else {
+                continue;
+            };
+            let variant = d
+                .variant
+                .as_ref()
+                .and_then(|v| t.variants.iter().find(|x| &x.name == v))
+                .map(|v| &v.artifact);
+            let found = std::iter::once(variant.unwrap_or(&t.artifact))
+                .chain(t.plugins.iter().map(|p| &p.artifact))
+                .find(|a| a.digest == digest);
+            if let Some(a) = found {
+                return Some(a.clone());
+            }
+        }
+        None
+    }
+
+    fn device_model(&self, device: &str, d: &DesiredModel) -> Result<proto::DeviceModel, String> {
+        let model = self.model_of(d)?;
+        let t: &RevisionTemplate = template_of(&model, d)
             .ok_or_else(|| format!("{} has no template of revision {}", d.model, d.revision))?;
         let (artifact, signature) = match &d.variant {
             Some(v) => {
@@ -540,6 +602,14 @@ impl Fleet {
             port: u16::try_from(t.port).unwrap_or(8080),
         })
     }
+}
+
+/// The revision template of `model` that `d` names.
+fn template_of<'a>(model: &'a EdgeModel, d: &DesiredModel) -> Option<&'a RevisionTemplate> {
+    model
+        .status
+        .as_ref()
+        .and_then(|s| s.revisions.iter().find(|t| t.revision == d.revision))
 }
 
 fn authorize(fleet: &Fleet, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -1003,6 +1073,45 @@ async fn report(
     }))
 }
 
+/// The answer for an assigned artifact that is not in the store: mirrored from its
+/// `https://` URI when the gateway can ([`super::mirror`]), else not found.
+fn missing_artifact(
+    fleet: &Fleet,
+    device: &EdgeDevice,
+    digest: &str,
+    hex_digest: &str,
+    e: std::io::Error,
+) -> ApiError {
+    let source = fleet.assigned_source(device, digest);
+    match (&fleet.inner.config.mirror, source) {
+        (Some(mirror), Some(a)) if a.uri.starts_with("https://") => {
+            let size = a.size_bytes.and_then(|b| u64::try_from(b).ok());
+            match mirror.ensure(hex_digest, &a.uri, size) {
+                super::mirror::MirrorState::Fetching => refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ArtifactFetching",
+                    format!("{digest} is being fetched from {} into the store", a.uri),
+                ),
+                super::mirror::MirrorState::Failed(why) => {
+                    fleet.count_refusal("ArtifactMirrorFailed");
+                    refuse(StatusCode::BAD_GATEWAY, "ArtifactMirrorFailed", why)
+                }
+            }
+        }
+        (_, source) => refuse(
+            StatusCode::NOT_FOUND,
+            "ArtifactNotInStore",
+            format!(
+                "{digest}: {e}{}",
+                source.map_or(String::new(), |a| format!(
+                    " (its URI {} is not mirrored: only https:// is, with --artifact-ca)",
+                    a.uri
+                ))
+            ),
+        ),
+    }
+}
+
 /// A `Range` header that no part of the file satisfies (answered with 416).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unsatisfiable;
@@ -1080,13 +1189,10 @@ async fn artifact(
         ));
     }
     let path = fleet.inner.config.artifact_dir.join(hex_digest);
-    let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
-        refuse(
-            StatusCode::NOT_FOUND,
-            "ArtifactNotInStore",
-            format!("{digest}: {e}"),
-        )
-    })?;
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => return Err(missing_artifact(&fleet, &device, &digest, hex_digest, e)),
+    };
     let len = file
         .metadata()
         .await

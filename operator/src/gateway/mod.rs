@@ -28,6 +28,7 @@ use time::OffsetDateTime;
 use crate::device_status::{DeviceStatus, StatusError};
 
 pub mod fleet;
+pub mod mirror;
 pub mod options;
 
 /// Largest request body accepted.

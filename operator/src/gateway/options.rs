@@ -109,6 +109,14 @@ pub struct GatewayOptions {
         default_value = "/var/lib/edgefleet/artifacts"
     )]
     pub artifact_dir: PathBuf,
+    /// PEM roots trusted when the gateway mirrors an assigned `https://` artifact that is
+    /// not in the store yet (gateway::mirror). Unreadable: nothing is mirrored.
+    #[arg(
+        long,
+        env = "EDGEFLEET_ARTIFACT_CA",
+        default_value = "/etc/ssl/certs/ca-certificates.crt"
+    )]
+    pub artifact_ca: PathBuf,
     /// Approval at enrolment: `manual`, `auto`, or `auto:key=value,...` (devices asking
     /// for all of those labels).
     #[arg(long, default_value = "manual", value_parser = Approval::parse)]
@@ -239,10 +247,21 @@ impl GatewayOptions {
         std::fs::create_dir_all(&self.artifact_dir)
             .with_context(|| format!("creating {}", self.artifact_dir.display()))?;
 
+        let mirror = match std::fs::read(&self.artifact_ca)
+            .map_err(|e| format!("{}: {e}", self.artifact_ca.display()))
+            .and_then(|pem| super::mirror::Mirror::new(&self.artifact_dir, &pem))
+        {
+            Ok(m) => Some(m),
+            Err(why) => {
+                tracing::warn!(%why, "artifacts missing from the store will not be mirrored");
+                None
+            }
+        };
         let (fleet, caches) = Fleet::new(
             client.clone(),
             FleetConfig {
                 artifact_dir: self.artifact_dir.clone(),
+                mirror,
                 approval: self.approval.clone(),
                 heartbeat_lease,
                 bootstrap_token: token.clone(),
