@@ -25,23 +25,29 @@ pub struct BundleFetcher {
     cache: Arc<Mutex<HashMap<String, Cached>>>,
 }
 
+/// A TLS client configuration trusting only the certificates in `roots_pem` (`what`
+/// names them in errors), for fetching bundles and artifacts over `https://`.
+pub fn client_tls(roots_pem: &[u8], what: &str) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let ders = edgefleet_trust::attestation::pem_certificates(roots_pem)
+        .map_err(|e| format!("reading the {what}: {e}"))?;
+    let (added, _ignored) = roots.add_parsable_certificates(ders.into_iter().map(Into::into));
+    if added == 0 {
+        return Err(format!("no usable certificate in the {what}"));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 impl BundleFetcher {
     /// A fetcher trusting the certificates in `roots_pem` (for example the system's
     /// `/etc/ssl/certs/ca-certificates.crt`).
     pub fn new(roots_pem: &[u8]) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        let ders = edgefleet_trust::attestation::pem_certificates(roots_pem)
-            .map_err(|e| format!("reading the bundle CA roots: {e}"))?;
-        let (added, _ignored) = roots.add_parsable_certificates(ders.into_iter().map(Into::into));
-        if added == 0 {
-            return Err("no usable certificate in the bundle CA roots".into());
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = client_tls(roots_pem, "bundle CA roots")?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .timeout(FETCH_TIMEOUT)

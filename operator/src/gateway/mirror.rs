@@ -41,19 +41,7 @@ pub struct Mirror {
 impl Mirror {
     /// A mirror into `dir`, trusting the certificates in `roots_pem` for `https://`.
     pub fn new(dir: &Path, roots_pem: &[u8]) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        let ders = edgefleet_trust::attestation::pem_certificates(roots_pem)
-            .map_err(|e| format!("reading the artifact CA roots: {e}"))?;
-        let (added, _ignored) = roots.add_parsable_certificates(ders.into_iter().map(Into::into));
-        if added == 0 {
-            return Err("no usable certificate in the artifact CA roots".into());
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = crate::bundles::client_tls(roots_pem, "artifact CA roots")?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .https_only(true)
