@@ -43,6 +43,27 @@ pub fn client_tls(roots_pem: &[u8], what: &str) -> Result<rustls::ClientConfig, 
         .with_no_client_auth())
 }
 
+/// `GET uri` over `https://` only (`refusal` says why another scheme is refused), with
+/// a non-success status as an error naming the URI.
+pub async fn https_get(
+    http: &reqwest::Client,
+    uri: &str,
+    refusal: &str,
+) -> Result<reqwest::Response, String> {
+    if !uri.starts_with("https://") {
+        return Err(format!("{uri}: {refusal}"));
+    }
+    let resp = http
+        .get(uri)
+        .send()
+        .await
+        .map_err(|e| format!("{uri}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{uri}: HTTP {}", resp.status()));
+    }
+    Ok(resp)
+}
+
 impl BundleFetcher {
     /// A fetcher trusting the certificates in `roots_pem` (for example the system's
     /// `/etc/ssl/certs/ca-certificates.crt`).
@@ -77,20 +98,12 @@ impl BundleFetcher {
     }
 
     async fn fetch_uncached(&self, uri: &str) -> Result<String, String> {
-        if !uri.starts_with("https://") {
-            return Err(format!(
-                "{uri}: the operator fetches bundles over https:// only"
-            ));
-        }
-        let mut resp = self
-            .http
-            .get(uri)
-            .send()
-            .await
-            .map_err(|e| format!("{uri}: {e}"))?;
-        if !resp.status().is_success() {
-            return Err(format!("{uri}: HTTP {}", resp.status()));
-        }
+        let mut resp = https_get(
+            &self.http,
+            uri,
+            "the operator fetches bundles over https:// only",
+        )
+        .await?;
         if resp
             .content_length()
             .is_some_and(|n| n > MAX_BUNDLE_BYTES as u64)

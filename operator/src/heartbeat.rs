@@ -66,10 +66,8 @@ fn expired_since(
     let (ready, last) = ready_of(device);
     let ready = ready.is_some_and(|c| c.status == "True");
     let lease = SignedDuration::try_from(lease).unwrap_or(SignedDuration::MAX);
-    let last = match (last, seen) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
-    };
+    // `None` orders below every `Some`: the later of the two, or whichever there is.
+    let last = last.max(seen);
     ready && last.is_none_or(|t| t + lease < now)
 }
 
@@ -168,8 +166,12 @@ impl Heartbeats {
     }
 
     fn seen_at(&self, device: &str) -> Option<Timestamp> {
-        let mem = self.seen.lock().ok().and_then(|s| s.get(device).copied());
-        Some(mem.map_or(self.since, |t| t.max(self.since)))
+        self.remembered(device).max(Some(self.since))
+    }
+
+    /// The latest heartbeat of `device` in memory.
+    fn remembered(&self, device: &str) -> Option<Timestamp> {
+        self.seen.lock().ok().and_then(|s| s.get(device).copied())
     }
 
     /// Sweeps over `cache` (a watch cache of every EdgeDevice) instead of listing the
@@ -251,11 +253,7 @@ impl Heartbeats {
             let name = device.name_any();
             if expired_since(device, self.seen_at(&name), now, self.lease) {
                 let (_, recorded) = ready_of(device);
-                let mem = self.seen.lock().ok().and_then(|s| s.get(&name).copied());
-                let last = match (recorded, mem) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    (a, b) => a.or(b),
-                };
+                let last = recorded.max(self.remembered(&name));
                 // Whole seconds, as metav1.Time keeps them.
                 let last = last.and_then(|t| Timestamp::from_second(t.as_second()).ok());
                 self.apply(

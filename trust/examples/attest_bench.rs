@@ -61,39 +61,37 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut first = Vec::new();
     let mut bare = Vec::new();
     let mut ring_bare = Vec::new();
+    // Calls `f` for one window; its rate per second.
+    type BenchResult = Result<(), Box<dyn std::error::Error>>;
+    let per_second =
+        |f: &mut dyn FnMut() -> BenchResult| -> Result<f64, Box<dyn std::error::Error>> {
+            let (mut n, start) = (0u64, Instant::now());
+            while start.elapsed() < window {
+                f()?;
+                n += 1;
+            }
+            Ok(n as f64 / start.elapsed().as_secs_f64())
+        };
+    let verify_and_appraise = |roots: &[SnpRoots]| -> BenchResult {
+        let claims = snp::verify(&report, &vcek, roots, now, &opts)?;
+        let d = policy.evaluate(&claims)?;
+        assert!(d.allow, "{:?}", d.deny);
+        Ok(())
+    };
     for _ in 0..rounds {
-        let (mut n, start) = (0u64, Instant::now());
-        while start.elapsed() < window {
-            let claims = snp::verify(&report, &vcek, &roots, now, &opts)?;
-            let d = policy.evaluate(&claims)?;
-            assert!(d.allow, "{:?}", d.deny);
-            n += 1;
-        }
-        full.push(n as f64 / start.elapsed().as_secs_f64());
-        let (mut n, start) = (0u64, Instant::now());
-        while start.elapsed() < window {
-            let fresh = vec![SnpRoots::from_pem("Milan", &bundle)?];
-            let claims = snp::verify(&report, &vcek, &fresh, now, &opts)?;
-            let d = policy.evaluate(&claims)?;
-            assert!(d.allow, "{:?}", d.deny);
-            n += 1;
-        }
-        first.push(n as f64 / start.elapsed().as_secs_f64());
-        let (mut n, start) = (0u64, Instant::now());
-        while start.elapsed() < window {
+        full.push(per_second(&mut || verify_and_appraise(&roots))?);
+        first.push(per_second(&mut || {
+            verify_and_appraise(&[SnpRoots::from_pem("Milan", &bundle)?])
+        })?);
+        ring_bare.push(per_second(&mut || {
             ring_key
                 .verify(&report[..0x2A0], &sig)
-                .map_err(|_| "bare verify failed")?;
-            n += 1;
-        }
-        ring_bare.push(n as f64 / start.elapsed().as_secs_f64());
-        let (mut n, start) = (0u64, Instant::now());
-        while start.elapsed() < window {
+                .map_err(|_| "bare verify failed".into())
+        })?);
+        bare.push(per_second(&mut || {
             key.verify(&report[..0x2A0], &sig)
-                .map_err(|_| "bare verify failed")?;
-            n += 1;
-        }
-        bare.push(n as f64 / start.elapsed().as_secs_f64());
+                .map_err(|_| "bare verify failed".into())
+        })?);
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);

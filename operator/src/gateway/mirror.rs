@@ -56,6 +56,11 @@ impl Mirror {
         })
     }
 
+    /// Fetches `uri` into the store now ([`fetch_into_store`]).
+    pub async fn fetch(&self, hex: &str, uri: &str, size: Option<u64>) -> Result<u64, String> {
+        fetch_into_store(&self.http, &self.dir, hex, uri, size).await
+    }
+
     /// Starts fetching `uri` as the artifact `hex` (SHA-256, lowercase hex) unless that
     /// is under way or failed within [`RETRY_AFTER_FAILURE`]; returns where it stands.
     pub fn ensure(&self, hex: &str, uri: &str, size: Option<u64>) -> MirrorState {
@@ -91,13 +96,6 @@ impl Mirror {
     }
 }
 
-impl Mirror {
-    /// Fetches `uri` into the store now ([`fetch_into_store`]).
-    pub async fn fetch(&self, hex: &str, uri: &str, size: Option<u64>) -> Result<u64, String> {
-        fetch_into_store(&self.http, &self.dir, hex, uri, size).await
-    }
-}
-
 /// Fetches `uri` into `dir/<hex>` if, and only if, its SHA-256 is `hex` (and its size is
 /// `size`, when given); returns the bytes written. Nothing is left behind on failure.
 pub async fn fetch_into_store(
@@ -130,17 +128,8 @@ async fn fetch_to(
     uri: &str,
     size: Option<u64>,
 ) -> Result<u64, String> {
-    if !uri.starts_with("https://") {
-        return Err(format!("{uri}: only https:// artifacts are mirrored"));
-    }
-    let mut resp = http
-        .get(uri)
-        .send()
-        .await
-        .map_err(|e| format!("{uri}: {e}"))?;
-    if !resp.status().is_success() {
-        return Err(format!("{uri}: HTTP {}", resp.status()));
-    }
+    let mut resp =
+        crate::bundles::https_get(http, uri, "only https:// artifacts are mirrored").await?;
     let limit = size.unwrap_or(MAX_BYTES);
     let mut file = tokio::fs::File::create(tmp)
         .await

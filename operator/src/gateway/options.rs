@@ -97,7 +97,7 @@ pub struct GatewayOptions {
     /// device's `lastHeartbeatTime` and serving statistics fresh. Changes (model states,
     /// readiness) are written whatever the budget. Liveness is decided from the
     /// gateway's memory, so a spent budget delays timestamps, never readiness.
-    #[arg(long, default_value_t = default_refresh(), value_parser = parse_rate)]
+    #[arg(long, default_value_t = crate::heartbeat::DEFAULT_REFRESH_PER_SECOND, value_parser = parse_rate)]
     pub status_refresh_per_second: f64,
     /// AMD roots as GENERATION=FILE (a PEM bundle with the ARK and ASK), repeatable.
     #[arg(long = "snp-roots", value_name = "GEN=FILE")]
@@ -130,10 +130,6 @@ fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
 fn der_certs(path: &PathBuf) -> anyhow::Result<Vec<Vec<u8>>> {
     edgefleet_trust::attestation::pem_certificates(&read(path)?)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-}
-
-const fn default_refresh() -> f64 {
-    crate::heartbeat::DEFAULT_REFRESH_PER_SECOND
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {

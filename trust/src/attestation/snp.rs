@@ -67,8 +67,12 @@ impl VerifiedSignatures {
         h.update(child_der);
         h.update(issuer_der);
         let key: [u8; 32] = h.finalize().into();
-        let seen = |set: &std::collections::HashSet<[u8; 32]>| set.contains(&key);
-        if seen(&self.0.lock().unwrap_or_else(|p| p.into_inner())) {
+        if self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key)
+        {
             return Ok(());
         }
         check_issued_by(child, issuer)?;
