@@ -155,6 +155,20 @@ pub struct Context {
     /// Consecutive failed reconciles per EdgeModel (`namespace/name`), for its backoff.
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     bundles: Option<crate::bundles::BundleFetcher>,
+    /// Model states devices reported to this replica's gateway ([`crate::reported`]).
+    reported: Option<crate::reported::Reported>,
+}
+
+impl Context {
+    /// The devices to plan on: the cache, with the model states devices reported to
+    /// this replica laid over their recorded status.
+    fn devices(&self) -> Vec<EdgeDevice> {
+        let mut devices = self.devices.devices();
+        if let Some(r) = &self.reported {
+            r.overlay(&mut devices);
+        }
+        devices
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -236,7 +250,7 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
         tracing::warn!("the device cache is behind this reconciler's writes; trying again");
         return Ok(Action::requeue(BACKOFF_MIN));
     }
-    let devices = ctx.devices.devices();
+    let devices = ctx.devices();
     // Every bundle given by URI (the model's, its variants', its plugins'), fetched once.
     let mut uris: Vec<&str> = Vec::new();
     uris.extend(model.spec.signature.uri.as_deref());
@@ -372,7 +386,7 @@ async fn cleanup(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Err
     if !ctx.devices.caught_up().await {
         return Err(Error::CacheBehind);
     }
-    for device in ctx.devices.devices() {
+    for device in ctx.devices() {
         if device.spec.desired_models.iter().any(|d| d.model == key) {
             let written = assign(&ctx.client, &manager, &device.name_any(), None).await?;
             ctx.devices.note_write(&written);
@@ -475,14 +489,17 @@ fn rand_jitter() -> u32 {
 /// Runs the EdgeModel controller until the process is asked to stop (bundles given by
 /// URI are not fetched).
 pub async fn run(client: Client) {
-    run_with(client, Arc::default(), None).await;
+    run_with(client, Arc::default(), None, None).await;
 }
 
-/// [`run`], recording into `metrics` and fetching URI bundles with `bundles`.
+/// [`run`], recording into `metrics`, fetching URI bundles with `bundles`, and
+/// planning on the model states devices report to this replica's gateway (`reported`;
+/// without it, on the recorded `EdgeDevice.status` alone).
 pub async fn run_with(
     client: Client,
     metrics: Arc<crate::metrics::Metrics>,
     bundles: Option<crate::bundles::BundleFetcher>,
+    reported: Option<crate::reported::Reported>,
 ) {
     let models: Api<EdgeModel> = Api::all(client.clone());
     let devices_api: Api<EdgeDevice> = Api::all(client.clone());
@@ -531,9 +548,15 @@ pub async fn run_with(
         failures: std::sync::Mutex::default(),
         metrics,
         bundles,
+        reported: reported.clone(),
     });
+    let reports = match reported {
+        Some(r) => r.changes().boxed(),
+        None => futures::stream::pending().boxed(),
+    };
     Controller::new(models, watcher::Config::default())
         .reconcile_all_on(device_events)
+        .reconcile_all_on(reports)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

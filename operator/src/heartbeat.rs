@@ -74,6 +74,12 @@ fn expired_since(
 /// Refresh writes per second the fleet may cost by default.
 pub const DEFAULT_REFRESH_PER_SECOND: f64 = 20.0;
 
+/// Default budget of report writes that carry a change, fleet-wide, per second. A
+/// rollout to N devices produces N such changes; the reconciler reads them from memory
+/// ([`crate::reported`]), so within the budget the API server's writes go to the
+/// assignments first and the device statuses catch up at this rate.
+pub const DEFAULT_CHANGE_PER_SECOND: f64 = 50.0;
+
 /// A token bucket: `rate` tokens a second, at most `burst` saved.
 #[derive(Debug)]
 struct Bucket {
@@ -125,6 +131,10 @@ pub struct Heartbeats {
     since: Timestamp,
     /// The fleet-wide budget of refresh writes.
     refresh: Arc<Mutex<Bucket>>,
+    /// The fleet-wide budget of report writes that carry a change.
+    changes: Arc<Mutex<Bucket>>,
+    /// Model states as reported, in memory.
+    reported: crate::reported::Reported,
 }
 
 impl Heartbeats {
@@ -137,7 +147,32 @@ impl Heartbeats {
             seen: Arc::default(),
             since: Timestamp::now(),
             refresh: Arc::new(Mutex::new(Bucket::new(DEFAULT_REFRESH_PER_SECOND))),
+            changes: Arc::new(Mutex::new(Bucket::new(DEFAULT_CHANGE_PER_SECOND))),
+            reported: crate::reported::Reported::default(),
         }
+    }
+
+    /// Sets the budget of report writes that carry a change (model states, dropped
+    /// reports; writes per second, fleet-wide; 0 defers every one).
+    pub fn with_change_rate(self, per_second: f64) -> Self {
+        if let Ok(mut b) = self.changes.lock() {
+            *b = Bucket::new(per_second);
+        }
+        self
+    }
+
+    /// Takes a token for one report write that carries a change; false when the budget
+    /// is spent (the change waits for a later report).
+    pub fn try_change(&self) -> bool {
+        self.changes
+            .lock()
+            .map(|mut b| b.take(std::time::Instant::now()))
+            .unwrap_or(false)
+    }
+
+    /// The model states devices reported to this replica (shared by clones).
+    pub fn reported(&self) -> crate::reported::Reported {
+        self.reported.clone()
     }
 
     /// Sets the refresh budget (writes per second, fleet-wide; 0 refreshes nothing).

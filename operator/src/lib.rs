@@ -1,5 +1,5 @@
-//! The edgefleet operator: today, the device gateway's attestation endpoints and the
-//! EdgeDevice status they maintain. Reconcilers join later.
+//! The edgefleet operator: the EdgeModel reconciler, the device gateway (enrolment,
+//! attestation, desired state, reports, artifacts) and the EdgeDevice status they keep.
 
 pub mod bundles;
 pub mod device_status;
@@ -8,4 +8,5 @@ pub mod gateway;
 pub mod heartbeat;
 pub mod leader;
 pub mod metrics;
+pub mod reported;
 pub mod rollout;

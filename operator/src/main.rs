@@ -143,9 +143,11 @@ async fn main() -> anyhow::Result<()> {
                     None => std::future::pending().await,
                 }
             };
+            // The reconciler plans on the model states devices report to this gateway.
+            let reported = heartbeats.reported();
             tokio::select! {
                 r = gateway => anyhow::bail!("the device gateway stopped: {r:?}"),
-                () = edgefleet_operator::edgemodel::run_with(client, metrics, bundles) => {}
+                () = edgefleet_operator::edgemodel::run_with(client, metrics, bundles, Some(reported)) => {}
                 () = heartbeats.expire_loop() => {}
                 () = election.hold() => anyhow::bail!("lost the operator lease; exiting so that this replica restarts as a candidate"),
             }

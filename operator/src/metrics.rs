@@ -130,6 +130,11 @@ impl Default for Metrics {
             gateway.refresh_deferred.clone(),
         );
         registry.register(
+            "gateway_status_change_deferred",
+            "Report writes carrying a change left for a later report because the fleet-wide change budget was spent",
+            gateway.change_deferred.clone(),
+        );
+        registry.register(
             "gateway_artifact_bytes",
             "Artifact bytes served to devices",
             gateway.artifact_bytes.clone(),

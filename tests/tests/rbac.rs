@@ -245,6 +245,7 @@ async fn the_chart_grants_every_call_the_operator_makes() {
             bootstrap_token: "rbac-bootstrap-token-0123".into(),
             mirror: None,
             refresh_per_second: edgefleet_operator::heartbeat::DEFAULT_REFRESH_PER_SECOND,
+            change_per_second: edgefleet_operator::heartbeat::DEFAULT_CHANGE_PER_SECOND,
         },
         Arc::default(),
     );

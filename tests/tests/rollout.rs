@@ -664,6 +664,84 @@ async fn liveness_comes_from_memory_and_refreshes_wait_for_the_budget() {
     assert!(budgeted.record(&d, now + secs(9)).await.unwrap());
 }
 
+/// A report as the gateway notes it in memory.
+fn reported(revision: &str, state: &str) -> Vec<edgefleet_crds::device::LoadedModel> {
+    serde_json::from_value(json!([{"model": KEY, "revision": revision, "state": state}])).unwrap()
+}
+
+#[tokio::test]
+async fn the_rollout_plans_on_reported_states_before_any_status_write() {
+    use edgefleet_operator::reported::Reported;
+    let cp = ControlPlane::start().await.expect("control plane starts");
+    cp.install_crds().await.expect("CRDs install");
+    let client = cp.client().await.unwrap();
+    for name in ["till-a", "till-b"] {
+        create_device(&client, name, true, "tpm").await;
+    }
+    let memory = Reported::default();
+    let operator = tokio::spawn(edgefleet_operator::edgemodel::run_with(
+        client.clone(),
+        Default::default(),
+        None,
+        Some(memory.clone()),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
+    apply_model(&client, &model_manifest(&digest, &bundle, &public_key, 1024)).await;
+    let rev = eventually("till-a assigned", || async {
+        assignment(&client, "till-a").await
+    })
+    .await;
+    // Step 1 is one device: till-b waits until till-a is Ready on the revision.
+    // A report of another revision is not that.
+    memory.note("till-a", &reported("0000000000000000", "Ready"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(assignment(&client, "till-b").await, None);
+    assert_eq!(
+        model(&client).await.status.unwrap().ready_devices.as_deref(),
+        Some("0/2")
+    );
+    // Ready on the revision, in memory only: the rollout moves on, and reaches all,
+    // while neither device's recorded status says anything of the model.
+    memory.note("till-a", &reported(&rev, "Ready"));
+    eventually("till-b assigned", || async {
+        assignment(&client, "till-b").await
+    })
+    .await;
+    memory.note("till-b", &reported(&rev, "Ready"));
+    eventually("Available from memory", || async {
+        let status = model(&client).await.status?;
+        (status.phase.as_deref() == Some("Available")
+            && status.ready_devices.as_deref() == Some("2/2"))
+        .then_some(())
+    })
+    .await;
+    let devices: Api<EdgeDevice> = Api::all(client.clone());
+    for name in ["till-a", "till-b"] {
+        let recorded = devices.get(name).await.unwrap().status.unwrap().models;
+        assert!(recorded.is_empty(), "{name}: {recorded:?}");
+    }
+
+    // A replica without that memory (a new leader) plans on the recorded status: no
+    // device is Ready there, until a status write says so.
+    operator.abort();
+    let _successor = tokio::spawn(edgefleet_operator::edgemodel::run_with(
+        client.clone(),
+        Default::default(),
+        None,
+        Some(Reported::default()),
+    ));
+    eventually("0/2 from the recorded status", || async {
+        (model(&client).await.status?.ready_devices.as_deref() == Some("0/2")).then_some(())
+    })
+    .await;
+    report(&client, "till-a", Some(&rev), "Ready").await;
+    eventually("1/2 once till-a's status is written", || async {
+        (model(&client).await.status?.ready_devices.as_deref() == Some("1/2")).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_https_artifact_enters_the_store_only_with_its_digest() {
     use edgefleet_operator::gateway::mirror::{Mirror, MirrorState};
@@ -751,6 +829,7 @@ async fn a_bundle_given_by_uri_is_fetched_over_https_and_verified() {
         client.clone(),
         Default::default(),
         Some(fetcher),
+        None,
     ));
     let by_uri = |uri: String| {
         let mut m = model_manifest(&digest, "{}", &public_key, 1024);

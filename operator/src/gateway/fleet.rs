@@ -15,13 +15,17 @@
 //!   as soon as the watch delivers them. Only approved devices with an allowed, unexpired
 //!   attestation get models.
 //! - **Reports** are heartbeats: each is noted in memory ([`Heartbeats::seen`]), which
-//!   is what liveness is decided on. A change (model states, dropped reports, a device
-//!   becoming Ready) is written at once: `status.models`, `inference` and `reports`
-//!   under [`REPORT_MANAGER`], `Ready` under the heartbeat manager. Writes that only
-//!   keep timestamps and statistics fresh are made at most every third of the lease per
-//!   device, and only within a fleet-wide budget (`--status-refresh-per-second`), so the
-//!   API server's write rate in steady state is bounded however many devices report and
-//!   however often. Writes run in the background, at most one per device and
+//!   is what liveness is decided on, and so are the model states they carry
+//!   ([`crate::reported`]), which is what the reconciler plans on. A device becoming
+//!   Ready is written at once (`Ready`, under the heartbeat manager). A change in model
+//!   states or dropped reports is written (`status.models`, `inference` and `reports`
+//!   under [`REPORT_MANAGER`]) within a fleet-wide change budget
+//!   (`--status-change-per-second`); past it, the change waits for a later report.
+//!   Writes that only keep timestamps and statistics fresh are made at most every third
+//!   of the lease per device, and only within a fleet-wide refresh budget
+//!   (`--status-refresh-per-second`). So the API server's write rate from reports is
+//!   bounded however many devices report, however often, and however many change at
+//!   once in a rollout. Writes run in the background, at most one per device and
 //!   [`MAX_CONCURRENT_WRITES`] in all, each carrying the device's latest state.
 //! - **Artifacts** are served from a content-addressed directory (`<dir>/<sha256 hex>`),
 //!   only to a device whose desired state names that digest.
@@ -116,6 +120,8 @@ pub struct FleetConfig {
     pub bootstrap_token: String,
     /// Refresh writes per second, fleet-wide (see the module docs).
     pub refresh_per_second: f64,
+    /// Report writes that carry a change, per second, fleet-wide (see the module docs).
+    pub change_per_second: f64,
 }
 
 /// Status writes in flight at once, fleet-wide: a rollout's change writes queue here
@@ -153,6 +159,9 @@ pub struct FleetCounters {
     pub report_writes: prometheus_client::metrics::counter::Counter,
     /// Refresh writes left for later because the budget was spent.
     pub refresh_deferred: prometheus_client::metrics::counter::Counter,
+    /// Report writes carrying a change left for a later report because the change
+    /// budget was spent.
+    pub change_deferred: prometheus_client::metrics::counter::Counter,
     /// Artifact bytes sent.
     pub artifact_bytes: prometheus_client::metrics::counter::Counter,
 }
@@ -212,7 +221,8 @@ impl Fleet {
         let (models_changed, _) = tokio::sync::watch::channel(0u64);
         let inner = Arc::new(Inner {
             heartbeats: Heartbeats::new(client.clone(), config.heartbeat_lease)
-                .with_refresh_rate(config.refresh_per_second),
+                .with_refresh_rate(config.refresh_per_second)
+                .with_change_rate(config.change_per_second),
             writes: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_WRITES)),
             client: client.clone(),
             devices,
@@ -755,6 +765,8 @@ async fn enrol(
     device.metadata.labels = Some(req.labels.clone());
     match api.create(&PostParams::default(), &device).await {
         Ok(_) => {
+            // A new device of an old name: nothing it reported before applies.
+            fleet.inner.heartbeats.reported().forget(&req.device);
             tracing::info!(device = %req.device, approved, "device enrolled");
             Ok(Json(proto::EnrolResponse {
                 device: req.device.clone(),
@@ -946,6 +958,8 @@ async fn report(
             || dropped_changed
             || d.pending_change;
         if let Some(m) = models {
+            // The reconciler reads this at once; the status write may wait for budget.
+            fleet.inner.heartbeats.reported().note(&name, &m);
             d.models = Some(m);
         }
         if let Some(i) = batch
@@ -958,13 +972,19 @@ async fn report(
         }
         let third = fleet.inner.config.heartbeat_lease / 3;
         let stale = d.last_write.is_none_or(|t| t.elapsed() >= third);
-        // Changes are written whatever the budget; refreshes only with a token, and not
-        // while a write is in flight (the change flag carries a change over instead).
+        // Changes and refreshes each take a token from their own budget, and neither is
+        // written while a write is in flight (the change flag carries a change over to a
+        // later report instead, as it does when the change budget is spent).
         let due = if d.writing {
             d.pending_change |= changed;
             false
         } else if changed {
-            true
+            let token = fleet.inner.heartbeats.try_change();
+            if !token {
+                fleet.inner.counters.change_deferred.inc();
+                d.pending_change = true;
+            }
+            token
         } else if stale {
             let token = fleet.inner.heartbeats.try_refresh();
             if !token {

@@ -94,11 +94,17 @@ pub struct GatewayOptions {
     #[arg(long)]
     pub tdx_collateral: Option<PathBuf>,
     /// Fleet-wide budget of status refresh writes per second: writes that only keep a
-    /// device's `lastHeartbeatTime` and serving statistics fresh. Changes (model states,
-    /// readiness) are written whatever the budget. Liveness is decided from the
-    /// gateway's memory, so a spent budget delays timestamps, never readiness.
+    /// device's `lastHeartbeatTime` and serving statistics fresh. Readiness changes are
+    /// written whatever the budget. Liveness is decided from the gateway's memory, so a
+    /// spent budget delays timestamps, never readiness.
     #[arg(long, default_value_t = crate::heartbeat::DEFAULT_REFRESH_PER_SECOND, value_parser = parse_rate)]
     pub status_refresh_per_second: f64,
+    /// Fleet-wide budget of report writes per second that carry a change (model
+    /// states, dropped reports) to `EdgeDevice.status`. The reconciler reads reported
+    /// model states from the gateway's memory, so a spent budget delays the device
+    /// statuses, not the rollout; a deferred change is written with a later report.
+    #[arg(long, default_value_t = crate::heartbeat::DEFAULT_CHANGE_PER_SECOND, value_parser = parse_rate)]
+    pub status_change_per_second: f64,
     /// AMD roots as GENERATION=FILE (a PEM bundle with the ARK and ASK), repeatable.
     #[arg(long = "snp-roots", value_name = "GEN=FILE")]
     pub snp_roots: Vec<String>,
@@ -262,6 +268,7 @@ impl GatewayOptions {
                 heartbeat_lease,
                 bootstrap_token: token.clone(),
                 refresh_per_second: self.status_refresh_per_second,
+                change_per_second: self.status_change_per_second,
             },
             counters,
         );
