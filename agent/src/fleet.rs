@@ -24,7 +24,9 @@
 //!
 //! Reports (heartbeats) are taken every `fleet.heartbeat_seconds` into a bounded spool
 //! and sent oldest first; the gateway acknowledges by sequence number. Model states ride
-//! along only when they changed since the last acknowledged report.
+//! along only when they changed since the last acknowledged report, and a change is
+//! reported at once (a burst gathered over [`REPORT_COALESCE`]) rather than at the next
+//! heartbeat, so that a rollout step sees a device Ready as soon as it is.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -430,7 +432,13 @@ pub struct FleetAgent {
     shared: Mutex<Shared>,
     boot: String,
     active: tokio::sync::Mutex<Option<proto::DeviceModel>>,
+    /// Model states changed since the last report was taken.
+    models_changed: tokio::sync::Notify,
 }
+
+/// How long a change of model states waits for the changes right behind it (Loading
+/// then Ready) before it is reported; also the least time between two reports.
+pub const REPORT_COALESCE: Duration = Duration::from_millis(250);
 
 impl std::fmt::Debug for FleetAgent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -459,6 +467,7 @@ impl FleetAgent {
             shared: Mutex::new(Shared::default()),
             boot: hex::encode(b),
             active: tokio::sync::Mutex::new(None),
+            models_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -493,6 +502,8 @@ impl FleetAgent {
         {
             s.models = models;
             s.models_version += 1;
+            drop(s);
+            self.models_changed.notify_one();
         }
     }
 
@@ -799,7 +810,7 @@ impl FleetAgent {
         Ok(Some(ack.desired_version))
     }
 
-    /// Reports every `heartbeat_seconds`, forever.
+    /// Reports every `heartbeat_seconds`, and when model states change, forever.
     pub async fn report_loop(self: Arc<Self>) {
         let every = Duration::from_secs(self.config.fleet.heartbeat_seconds);
         loop {
@@ -808,7 +819,16 @@ impl FleetAgent {
                 let spooled = self.shared.lock().map_or(0, |s| s.spool.len());
                 tracing::warn!(error = %e, spooled, "report not delivered; spooled");
             }
-            tokio::time::sleep(every).await;
+            self.next_report(every).await;
+        }
+    }
+
+    /// Waits for the next report: `every`, or a change of model states (and the
+    /// changes right behind it) if that comes first.
+    async fn next_report(&self, every: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = self.models_changed.notified() => tokio::time::sleep(REPORT_COALESCE).await,
         }
     }
 
@@ -966,4 +986,54 @@ pub async fn run(
     control.abort();
     result??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn agent() -> (Arc<FleetAgent>, tempfile::TempDir) {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("agent.toml"),
+            "[device]\nname = \"till-1\"\n[gateway]\nurl = \"https://gw:8443\"\nbootstrap_token = \"s3cret-token-value\"\n",
+        )
+        .unwrap();
+        let config = crate::config::load(d.path(), Vec::new()).unwrap();
+        (FleetAgent::new(config, Serving::new()), d)
+    }
+
+    fn models(state: &str) -> Vec<proto::ModelReport> {
+        vec![proto::ModelReport {
+            model: "retail/smollm2".into(),
+            revision: "0123456789abcdef".into(),
+            state: state.into(),
+            message: None,
+            load_millis: None,
+        }]
+    }
+
+    #[tokio::test]
+    async fn a_change_of_model_states_is_reported_before_the_next_heartbeat() {
+        let (a, _dir) = agent();
+        let every = Duration::from_secs(2);
+        // Nothing changed: the next report waits for the heartbeat.
+        let started = std::time::Instant::now();
+        a.next_report(every).await;
+        assert!(started.elapsed() >= every, "{:?}", started.elapsed());
+        // Two changes in a row: one report, after the coalescing wait.
+        a.set_models(models("Loading"));
+        a.set_models(models("Ready"));
+        let started = std::time::Instant::now();
+        a.next_report(every).await;
+        let waited = started.elapsed();
+        assert!(waited >= REPORT_COALESCE && waited < every, "{waited:?}");
+        // The same states again are no change: back to the heartbeat.
+        a.set_models(models("Ready"));
+        let started = std::time::Instant::now();
+        a.next_report(every).await;
+        assert!(started.elapsed() >= every, "{:?}", started.elapsed());
+    }
 }

@@ -30,7 +30,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use clap::{Parser, ValueEnum};
 use edgefleet_agent::attest::dev::DevAttester;
-use edgefleet_agent::fleet::DeviceClient;
+use edgefleet_agent::fleet::{DeviceClient, REPORT_COALESCE};
 use edgefleet_agent::gateway_client::GatewayClient;
 use edgefleet_proto as proto;
 use edgefleet_trust::attestation::service::{ChallengeRequest, Evidence, EvidenceRequest};
@@ -228,6 +228,9 @@ async fn device(shared: Arc<Shared>, name: String) {
     };
     let boot = format!("{name}-{}", std::process::id());
     let models: Arc<Mutex<Option<Vec<proto::ModelReport>>>> = Arc::default();
+    // As the agent does, a change of model states is reported at once, not at the next
+    // heartbeat.
+    let report_now = Arc::new(tokio::sync::Notify::new());
     // Heartbeats, stopped with this task.
     struct AbortOnDrop(tokio::task::JoinHandle<()>);
     impl Drop for AbortOnDrop {
@@ -236,8 +239,13 @@ async fn device(shared: Arc<Shared>, name: String) {
         }
     }
     let _hb = AbortOnDrop({
-        let (shared, client, models, name) =
-            (shared.clone(), client.clone(), models.clone(), name.clone());
+        let (shared, client, models, name, report_now) = (
+            shared.clone(),
+            client.clone(),
+            models.clone(),
+            name.clone(),
+            report_now.clone(),
+        );
         let boot = boot.clone();
         tokio::spawn(async move {
             let every = Duration::from_secs(shared.cli.heartbeat_seconds);
@@ -276,7 +284,10 @@ async fn device(shared: Arc<Shared>, name: String) {
                         fail(&shared, "report", e).await;
                     }
                 }
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = report_now.notified() => tokio::time::sleep(REPORT_COALESCE).await,
+                }
             }
         })
     });
@@ -317,6 +328,7 @@ async fn device(shared: Arc<Shared>, name: String) {
                         })
                         .collect(),
                 );
+                report_now.notify_one();
                 version = Some(state.version);
             }
             Ok(None) => {

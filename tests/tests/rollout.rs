@@ -687,7 +687,11 @@ async fn the_rollout_plans_on_reported_states_before_any_status_write() {
     ));
     let dir = tempfile::tempdir().unwrap();
     let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
-    apply_model(&client, &model_manifest(&digest, &bundle, &public_key, 1024)).await;
+    apply_model(
+        &client,
+        &model_manifest(&digest, &bundle, &public_key, 1024),
+    )
+    .await;
     let rev = eventually("till-a assigned", || async {
         assignment(&client, "till-a").await
     })
@@ -698,7 +702,12 @@ async fn the_rollout_plans_on_reported_states_before_any_status_write() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(assignment(&client, "till-b").await, None);
     assert_eq!(
-        model(&client).await.status.unwrap().ready_devices.as_deref(),
+        model(&client)
+            .await
+            .status
+            .unwrap()
+            .ready_devices
+            .as_deref(),
         Some("0/2")
     );
     // Ready on the revision, in memory only: the rollout moves on, and reaches all,
