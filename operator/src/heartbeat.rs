@@ -15,6 +15,9 @@
 //!   are bounded by the budget however many devices there are and however often they
 //!   heartbeat; with more devices, `lastHeartbeatTime` is refreshed less often (about
 //!   every N / budget seconds), which is why the sweep does not rely on it alone.
+//! - The gateway's report writes that carry a change of model states take a token from
+//!   a second budget ([`Heartbeats::try_change`]); the states themselves are kept in
+//!   memory ([`Heartbeats::reported`]) for the reconciler, which does not wait for them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
