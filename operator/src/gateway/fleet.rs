@@ -941,7 +941,11 @@ async fn report(
                 inference: None,
                 // A write of the previous boot may still be in flight.
                 writing: d.writing,
-                pending_change: true,
+                // The new boot is recorded with the first refresh (`last_write` is None,
+                // so one is due at once, within the refresh budget): a fleet connecting
+                // at once does not cost a change write per device. Model states that
+                // differ from the recorded ones are a change.
+                pending_change: false,
             };
         }
         for r in &batch.reports {
