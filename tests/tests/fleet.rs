@@ -558,10 +558,18 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
         .join(s.plugin_digest.trim_start_matches("sha256:"));
     let meta = std::fs::symlink_metadata(&mirrored).unwrap();
     assert!(meta.is_file() && meta.len() == s.plugin_size, "{meta:?}");
-    for d in devices(c).await {
+    // The rollout plans on the reports in the gateway's memory; the device statuses
+    // follow within the change budget.
+    let want = vec![(rev1.clone(), "Ready".to_owned())];
+    let ds = eventually(&s, "the statuses of all three say Ready", 30, || async {
+        let ds = devices(c).await;
+        ds.iter().all(|d| reported(d) == want).then_some(ds)
+    })
+    .await;
+    for d in ds {
         assert_eq!(
             reported(&d),
-            vec![(rev1.clone(), "Ready".to_owned())],
+            want,
             "{}",
             d.metadata.name.clone().unwrap_or_default()
         );
@@ -687,9 +695,20 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
         done.then_some(())
     })
     .await;
-    for d in devices(c).await {
-        assert_eq!(reported(&d), vec![(rev2.clone(), "Ready".to_owned())]);
-    }
+    let want = vec![(rev2.clone(), "Ready".to_owned())];
+    eventually(
+        &s,
+        "the statuses say the new revision Ready",
+        30,
+        || async {
+            devices(c)
+                .await
+                .iter()
+                .all(|d| reported(d) == want)
+                .then_some(())
+        },
+    )
+    .await;
 
     // A revision its first device cannot load (a plugin importing sockets it is not
     // granted) fails that device's health gate: the rollout halts and moves it back.
@@ -755,9 +774,16 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
         model(c).await.is_none().then_some(())
     })
     .await;
-    for d in devices(c).await {
-        assert!(reported(&d).is_empty(), "{:?}", reported(&d));
-    }
+    // The finalizer is released on the reports in the gateway's memory; the statuses
+    // follow.
+    eventually(&s, "the statuses say nothing is loaded", 30, || async {
+        devices(c)
+            .await
+            .iter()
+            .all(|d| reported(d).is_empty())
+            .then_some(())
+    })
+    .await;
     for (name, port, _) in &s.agents {
         let (code, body) = chat(*port).await;
         assert_eq!(code, 503, "{name} still serves: {body}");
