@@ -146,6 +146,27 @@ impl DeviceCache {
     }
 }
 
+/// A device watch cache kept elsewhere (the gateway's), for the reconciler to plan on
+/// instead of watching the fleet a second time.
+#[derive(Debug)]
+pub struct SharedDevices {
+    /// The cache (managed fields stripped).
+    pub store: Store<EdgeDevice>,
+    /// The highest resourceVersion the cache has applied.
+    pub seen: Arc<AtomicU64>,
+    /// Ticks once per device event the cache has applied.
+    pub changes: tokio::sync::watch::Receiver<u64>,
+}
+
+/// Where the reconciler gets what devices are and report, beyond its own watch.
+#[derive(Debug, Default)]
+pub struct Sources {
+    /// Model states devices reported to this replica's gateway ([`crate::reported`]).
+    pub reported: Option<crate::reported::Reported>,
+    /// The gateway's device cache; without it the reconciler watches devices itself.
+    pub devices: Option<SharedDevices>,
+}
+
 /// What reconciles share.
 pub struct Context {
     client: Client,
@@ -489,34 +510,43 @@ fn rand_jitter() -> u32 {
 /// Runs the EdgeModel controller until the process is asked to stop (bundles given by
 /// URI are not fetched).
 pub async fn run(client: Client) {
-    run_with(client, Arc::default(), None, None).await;
+    run_with(client, Arc::default(), None, Sources::default()).await;
 }
 
-/// [`run`], recording into `metrics`, fetching URI bundles with `bundles`, and
-/// planning on the model states devices report to this replica's gateway (`reported`;
-/// without it, on the recorded `EdgeDevice.status` alone).
-pub async fn run_with(
-    client: Client,
-    metrics: Arc<crate::metrics::Metrics>,
-    bundles: Option<crate::bundles::BundleFetcher>,
-    reported: Option<crate::reported::Reported>,
-) {
-    let models: Api<EdgeModel> = Api::all(client.clone());
-    let devices_api: Api<EdgeDevice> = Api::all(client.clone());
-    // The device cache, and the trigger: every device event (once the cache holds it)
-    // reconciles every model, since a device change can change any model's candidates
-    // and counts.
+/// The device cache and its trigger: every device event (once the cache holds it)
+/// reconciles every model, since a device change can change any model's candidates
+/// and counts. From `shared` when given, else from a watch of this reconciler's own.
+fn device_cache(
+    client: &Client,
+    shared: Option<SharedDevices>,
+) -> (DeviceCache, futures::stream::BoxStream<'static, ()>) {
+    if let Some(shared) = shared {
+        let cache = DeviceCache {
+            store: shared.store,
+            seen: shared.seen,
+            written: Arc::default(),
+        };
+        let ticks = futures::stream::unfold(shared.changes, |mut rx| async move {
+            rx.changed().await.ok()?;
+            rx.borrow_and_update();
+            Some(((), rx))
+        });
+        return (cache, ticks.boxed());
+    }
     let (store, writer) = reflector::store();
-    let devices = DeviceCache {
+    let cache = DeviceCache {
         store,
         seen: Arc::default(),
         written: Arc::default(),
     };
-    let seen = devices.seen.clone();
-    let device_events = reflector::reflector(
+    let seen = cache.seen.clone();
+    let events = reflector::reflector(
         writer,
-        watcher(devices_api, watcher::Config::default())
-            .modify(|d: &mut EdgeDevice| d.managed_fields_mut().clear()),
+        watcher(
+            Api::<EdgeDevice>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .modify(|d: &mut EdgeDevice| d.managed_fields_mut().clear()),
     )
     .default_backoff()
     .touched_objects()
@@ -535,6 +565,22 @@ pub async fn run_with(
         };
         futures::future::ready(trigger)
     });
+    (cache, events.boxed())
+}
+
+/// [`run`], recording into `metrics`, fetching URI bundles with `bundles`, and
+/// planning on `sources`: the gateway's device cache and the model states devices
+/// report to it, when this replica runs one (without them, on a watch of its own and
+/// the recorded `EdgeDevice.status` alone).
+pub async fn run_with(
+    client: Client,
+    metrics: Arc<crate::metrics::Metrics>,
+    bundles: Option<crate::bundles::BundleFetcher>,
+    sources: Sources,
+) {
+    let models: Api<EdgeModel> = Api::all(client.clone());
+    let (devices, device_events) = device_cache(&client, sources.devices);
+    let reported = sources.reported;
     let ctx = Arc::new(Context {
         client: client.clone(),
         devices,

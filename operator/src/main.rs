@@ -128,10 +128,16 @@ async fn main() -> anyhow::Result<()> {
             let gateway = gateway
                 .start(client.clone(), lease, metrics.gateway.clone())
                 .await?;
+            let mut sources = edgefleet_operator::edgemodel::Sources::default();
             let gateway = match gateway {
-                Some((h, g)) => {
+                Some((h, devices, g)) => {
                     // Liveness from the gateway's memory of heartbeats, sweeping over its
-                    // cache rather than listing the fleet.
+                    // cache rather than listing the fleet; the reconciler plans on the
+                    // same cache, with the model states devices report to the gateway.
+                    sources = edgefleet_operator::edgemodel::Sources {
+                        reported: Some(h.reported()),
+                        devices: Some(devices),
+                    };
                     heartbeats = h;
                     Some(g)
                 }
@@ -143,11 +149,9 @@ async fn main() -> anyhow::Result<()> {
                     None => std::future::pending().await,
                 }
             };
-            // The reconciler plans on the model states devices report to this gateway.
-            let reported = heartbeats.reported();
             tokio::select! {
                 r = gateway => anyhow::bail!("the device gateway stopped: {r:?}"),
-                () = edgefleet_operator::edgemodel::run_with(client, metrics, bundles, Some(reported)) => {}
+                () = edgefleet_operator::edgemodel::run_with(client, metrics, bundles, sources) => {}
                 () = heartbeats.expire_loop() => {}
                 () = election.hold() => anyhow::bail!("lost the operator lease; exiting so that this replica restarts as a candidate"),
             }

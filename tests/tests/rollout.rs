@@ -683,7 +683,10 @@ async fn the_rollout_plans_on_reported_states_before_any_status_write() {
         client.clone(),
         Default::default(),
         None,
-        Some(memory.clone()),
+        edgefleet_operator::edgemodel::Sources {
+            reported: Some(memory.clone()),
+            devices: None,
+        },
     ));
     let dir = tempfile::tempdir().unwrap();
     let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
@@ -738,7 +741,10 @@ async fn the_rollout_plans_on_reported_states_before_any_status_write() {
         client.clone(),
         Default::default(),
         None,
-        Some(Reported::default()),
+        edgefleet_operator::edgemodel::Sources {
+            reported: Some(Reported::default()),
+            devices: None,
+        },
     ));
     eventually("0/2 from the recorded status", || async {
         (model(&client).await.status?.ready_devices.as_deref() == Some("0/2")).then_some(())
@@ -838,7 +844,7 @@ async fn a_bundle_given_by_uri_is_fetched_over_https_and_verified() {
         client.clone(),
         Default::default(),
         Some(fetcher),
-        None,
+        Default::default(),
     ));
     let by_uri = |uri: String| {
         let mut m = model_manifest(&digest, "{}", &public_key, 1024);

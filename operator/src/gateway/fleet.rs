@@ -174,6 +174,10 @@ struct Inner {
     models_changed: tokio::sync::watch::Sender<u64>,
     heartbeats: Heartbeats,
     deliveries: Mutex<HashMap<String, Delivery>>,
+    /// The highest resourceVersion the device cache has applied, and a tick per device
+    /// event: what the EdgeModel reconciler needs to plan on this cache too.
+    devices_seen: Arc<std::sync::atomic::AtomicU64>,
+    devices_changed: tokio::sync::watch::Sender<u64>,
     writes: Arc<tokio::sync::Semaphore>,
     config: FleetConfig,
     counters: Arc<FleetCounters>,
@@ -230,6 +234,8 @@ impl Fleet {
             notify: Mutex::new(HashMap::new()),
             models_changed,
             deliveries: Mutex::new(HashMap::new()),
+            devices_seen: Arc::default(),
+            devices_changed: tokio::sync::watch::channel(0).0,
             config,
             counters,
         });
@@ -238,9 +244,11 @@ impl Fleet {
             let fleet = fleet.clone();
             async move {
                 let cfg = watcher::Config::default();
+                // Managed fields are of no use here, and the largest part of a device.
                 let device_events = reflector::reflector(
                     device_writer,
-                    watcher(Api::<EdgeDevice>::all(client.clone()), cfg.clone()),
+                    watcher(Api::<EdgeDevice>::all(client.clone()), cfg.clone())
+                        .modify(|d: &mut EdgeDevice| d.managed_fields_mut().clear()),
                 )
                 .default_backoff()
                 .touched_objects();
@@ -253,6 +261,21 @@ impl Fleet {
                 let devices = device_events.for_each(|e| {
                     match e {
                         Ok(d) => {
+                            if let Some(rv) = d
+                                .metadata
+                                .resource_version
+                                .as_deref()
+                                .and_then(|v| v.parse().ok())
+                            {
+                                fleet
+                                    .inner
+                                    .devices_seen
+                                    .fetch_max(rv, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            fleet
+                                .inner
+                                .devices_changed
+                                .send_modify(|n| *n = n.wrapping_add(1));
                             let digest = device_digest(&d);
                             let name = d.name_any();
                             if seen_devices.get(&name) != Some(&digest) {
@@ -302,6 +325,16 @@ impl Fleet {
     /// The watch cache of EdgeDevices (for sweeps that would otherwise list the fleet).
     pub fn device_cache(&self) -> Store<EdgeDevice> {
         self.inner.devices.clone()
+    }
+
+    /// The device cache as the EdgeModel reconciler plans on it, so that the leader
+    /// keeps one copy of the fleet rather than two.
+    pub fn shared_devices(&self) -> crate::edgemodel::SharedDevices {
+        crate::edgemodel::SharedDevices {
+            store: self.inner.devices.clone(),
+            seen: self.inner.devices_seen.clone(),
+            changes: self.inner.devices_changed.subscribe(),
+        }
     }
 
     /// Waits until both watch caches hold their first listing.

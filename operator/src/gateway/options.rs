@@ -148,9 +148,9 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 impl GatewayOptions {
-    /// Builds the gateway and returns its liveness (for the leader's expiry sweep) and
-    /// the future that serves it (and keeps its caches and the lapse sweep), or `None`
-    /// without `--gateway-addr`.
+    /// Builds the gateway and returns its liveness (for the leader's expiry sweep), its
+    /// device cache (for the EdgeModel reconciler) and the future that serves it (and
+    /// keeps its caches and the lapse sweep), or `None` without `--gateway-addr`.
     pub async fn start(
         &self,
         client: kube::Client,
@@ -159,6 +159,7 @@ impl GatewayOptions {
     ) -> anyhow::Result<
         Option<(
             crate::heartbeat::Heartbeats,
+            crate::edgemodel::SharedDevices,
             impl std::future::Future<Output = anyhow::Result<()>> + use<>,
         )>,
     > {
@@ -278,7 +279,8 @@ impl GatewayOptions {
         let router = gateway.clone().router().merge(fleet.clone().router());
         let listener = super::listen(addr).with_context(|| format!("binding {addr}"))?;
         let heartbeats = fleet.heartbeats();
-        Ok(Some((heartbeats, async move {
+        let shared = fleet.shared_devices();
+        Ok(Some((heartbeats, shared, async move {
             let caches = tokio::spawn(caches);
             let lapse = tokio::spawn(gateway.lapse_loop());
             fleet
