@@ -663,4 +663,43 @@ mod tests {
             Some("7")
         );
     }
+
+    #[tokio::test]
+    async fn a_shared_cache_triggers_per_event_and_answers_for_what_it_has_seen() {
+        let (store, mut writer) = reflector::store::<EdgeDevice>();
+        let seen: Arc<AtomicU64> = Arc::default();
+        let (tick, changes) = tokio::sync::watch::channel(0u64);
+        // Never contacted: a shared cache needs no watch of its own.
+        let client =
+            Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let (cache, mut triggers) = device_cache(
+            &client,
+            Some(SharedDevices {
+                store,
+                seen: seen.clone(),
+                changes,
+            }),
+        );
+        let short = Duration::from_millis(100);
+        // Nothing happened: no trigger, and an unfilled cache is not planned on.
+        assert!(tokio::time::timeout(short, triggers.next()).await.is_err());
+        assert!(!cache.caught_up_within(short).await);
+        // The owner applies events, notes their resourceVersion, and ticks.
+        writer.apply_watcher_event(&Event::Init);
+        writer.apply_watcher_event(&Event::InitApply(device("a", 3)));
+        writer.apply_watcher_event(&Event::InitDone);
+        seen.fetch_max(3, Ordering::SeqCst);
+        tick.send_modify(|n| *n += 1);
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(5), triggers.next()).await,
+            Ok(Some(()))
+        );
+        assert!(cache.caught_up_within(short).await);
+        assert_eq!(cache.devices().len(), 1);
+        // This reconciler's own write is waited for through the owner's progress.
+        cache.note_write(&device("a", 5));
+        assert!(!cache.caught_up_within(short).await);
+        seen.fetch_max(5, Ordering::SeqCst);
+        assert!(cache.caught_up_within(short).await);
+    }
 }
