@@ -238,10 +238,14 @@ async fn device(shared: Arc<Shared>, name: String) {
             self.0.abort();
         }
     }
+    // The device's current client: a storm replaces it, and the heartbeats follow (as
+    // the agent's reports use its current session), so that a device holds one
+    // connection, not its old one for reports beside a new one for the long-poll.
+    let current = Arc::new(std::sync::Mutex::new(client.clone()));
     let _hb = AbortOnDrop({
-        let (shared, client, models, name, report_now) = (
+        let (shared, current, models, name, report_now) = (
             shared.clone(),
-            client.clone(),
+            current.clone(),
             models.clone(),
             name.clone(),
             report_now.clone(),
@@ -269,6 +273,10 @@ async fn device(shared: Arc<Shared>, name: String) {
                         }),
                     }],
                     dropped: 0,
+                };
+                let client = match current.lock() {
+                    Ok(c) => c.clone(),
+                    Err(_) => return,
                 };
                 let started = Instant::now();
                 match client.report(&batch).await {
@@ -302,6 +310,9 @@ async fn device(shared: Arc<Shared>, name: String) {
             _ = storm.changed() => {
                 // Drop every connection and come back at once.
                 client = client.reconnect();
+                if let Ok(mut c) = current.lock() {
+                    *c = client.clone();
+                }
                 version = None;
                 continue;
             }
