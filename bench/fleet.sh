@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Fleet SLIs with the simulator: for each N, a fresh control plane and one operator
 # replica (release build) per scenario — rollout (completion time, cloud→edge latency),
-# storm (reconnect recovery), steady (heartbeat round trip, at heartbeats every 5 s and
+# storm (reconnect recovery), outage (a storm whose old connections the gateway must find
+# and close itself), churn (a tenth of the fleet replaced per round: newcomers' time to
+# their first poll), steady (heartbeat round trip, at heartbeats every 5 s and
 # 10 s under the same 60 s lease, to show API-server writes do not follow the heartbeat
 # rate) — with the operator's CPU,
 # RSS and file descriptors and the API server's writes/s. Writes
 # $EDGEFLEET_CACHE/bench/fleet/results.jsonl, a Markdown table and bench/fleet.png.
 # Usage: bench/fleet.sh [N ...]   (default: 1000 5000 10000)
-#   FLEET_SCENARIOS="rollout storm steady:10 steady:5" (the default) picks the runs.
+#   FLEET_SCENARIOS="rollout storm outage churn steady:10 steady:5" (the default) picks
+#   the runs.
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 cd "$EDGEFLEET_ROOT"
 ensure_apt "${APT_PACKAGES[@]}"
@@ -33,9 +36,10 @@ run() {  # N SCENARIO HEARTBEAT DURATION
   fi
 }
 for n in "${sizes[@]}"; do
-  for sc in ${FLEET_SCENARIOS:-rollout storm steady:10 steady:5}; do
+  for sc in ${FLEET_SCENARIOS:-rollout storm outage churn steady:10 steady:5}; do
     case $sc in
       steady:*) run "$n" steady "${sc#steady:}" 60 ;;
+      churn) run "$n" churn 10 60 ;;
       *) run "$n" "$sc" 10 0 ;;
     esac
   done

@@ -28,19 +28,22 @@ def fmt(v, digits=1):
     return "—" if v is None else f"{v:,.{digits}f}"
 
 
-print("| N | connect s | rollout s | cloud→edge p50 / p99 ms | heartbeat p50 / p99 ms (10 s) | storm recovery s | writes/s at 10 s / 5 s heartbeats (60 s lease) | operator CPU cores (steady) | operator peak RSS MiB | operator fds (steady run, peak) |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| N | connect s | rollout s | cloud→edge p50 / p99 ms | heartbeat p50 / p99 ms (10 s) | storm recovery s | outage recovery s (operator peak fds) | churn join p50 / p99 ms | writes/s at 10 s / 5 s heartbeats (60 s lease) | operator CPU cores (steady) | operator peak RSS MiB | operator fds (steady run, peak) |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 ns = sorted(by)
 for n in ns:
     ro, st, s10, s30 = ("rollout", 10), ("storm", 10), ("steady", 10), ("steady", 5)
+    ou, ch = ("outage", 10), ("churn", 10)
     print(
         f"| {n:,} | {fmt(get(n, ro, 'connect_seconds'))} | {fmt(get(n, ro, 'rollout_seconds'))} "
         f"| {fmt(get(n, ro, 'cloud_to_edge_ms', 'p50'), 0)} / {fmt(get(n, ro, 'cloud_to_edge_ms', 'p99'), 0)} "
         f"| {fmt(get(n, s10, 'heartbeat_rtt_ms', 'p50'))} / {fmt(get(n, s10, 'heartbeat_rtt_ms', 'p99'))} "
         f"| {fmt(get(n, st, 'storm_recovery_seconds'))} "
+        f"| {fmt(get(n, ou, 'storm_recovery_seconds'))} ({fmt(get(n, ou, 'operator', 'peak_fds'), 0)}) "
+        f"| {fmt(get(n, ch, 'churn_join_ms', 'p50'), 0)} / {fmt(get(n, ch, 'churn_join_ms', 'p99'), 0)} "
         f"| {fmt(get(n, s10, 'scenario_api_writes_per_second'))} / {fmt(get(n, s30, 'scenario_api_writes_per_second'))} "
         f"| {fmt(get(n, s10, 'scenario_operator_cpu_cores'), 2)} "
-        f"| {fmt(max(filter(None, [get(n, k, 'operator', 'peak_rss_mib') for k in (ro, st, s10, s30)]), default=None), 0)} "
+        f"| {fmt(max(filter(None, [get(n, k, 'operator', 'peak_rss_mib') for k in (ro, st, ou, ch, s10, s30)]), default=None), 0)} "
         f"| {fmt(get(n, s10, 'operator', 'peak_fds'), 0)} |"
     )
 

@@ -7,7 +7,8 @@
 //! - `rollout_devices{model,count}`: each EdgeModel's targeted, updated and ready
 //!   devices, and `rollout_step{model}`;
 //! - `gateway_connected_devices`, `gateway_refusals_total{reason}`,
-//!   `gateway_report_writes_total` and `gateway_artifact_bytes_total`.
+//!   `gateway_report_writes_total`, `gateway_artifact_bytes_total` and
+//!   `gateway_connections_superseded_total`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -138,6 +139,11 @@ impl Default for Metrics {
             "gateway_artifact_bytes",
             "Artifact bytes served to devices",
             gateway.artifact_bytes.clone(),
+        );
+        registry.register(
+            "gateway_connections_superseded",
+            "Device connections the gateway closed because the device opened a newer one",
+            gateway.superseded.clone(),
         );
         Self {
             registry,

@@ -16,7 +16,12 @@
 //!   (from the apply to its long-poll answering).
 //! - `storm`: every device drops its connections at once and reconnects; recovery is
 //!   until every device has answered a desired-state poll again.
-//! - `churn`: a tenth of the devices leave and as many new ones enrol, per round.
+//! - `outage`: a storm after a network outage the gateway did not see: every device
+//!   reconnects at once, but its old connection is left open and unused (as when the
+//!   path broke without a close reaching the gateway), so the gateway must find and
+//!   close the old connections itself.
+//! - `churn`: a tenth of the devices leave and as many new ones enrol, per round; the
+//!   time from a newcomer's start to its first answered poll is measured.
 //!
 //! The summary is one JSON object on stdout.
 
@@ -41,6 +46,7 @@ enum Scenario {
     Steady,
     Rollout,
     Storm,
+    Outage,
     Churn,
 }
 
@@ -102,6 +108,8 @@ struct Record {
     seen: BTreeMap<String, (Instant, String)>,
     /// Per device: when it last completed a poll (for storms).
     polled: BTreeMap<String, Instant>,
+    /// Per device: when it first completed a poll (for churn).
+    first_polled: BTreeMap<String, Instant>,
     failures: BTreeMap<String, u64>,
     connect_retries: BTreeMap<String, u64>,
     attested: u64,
@@ -302,13 +310,18 @@ async fn device(shared: Arc<Shared>, name: String) {
     // The desired-state stream; a storm replaces the client's connections.
     let mut storm = shared.storm.subscribe();
     let mut client = client;
+    // In an outage the old connections stay open, never used again.
+    let mut abandoned = Vec::new();
     let mut version: Option<String> = None;
     loop {
         let poll = client.desired(version.as_deref(), Duration::from_secs(30));
         let result = tokio::select! {
             r = poll => r,
             _ = storm.changed() => {
-                // Drop every connection and come back at once.
+                // Drop every connection (or, in an outage, leave it) and come back at once.
+                if shared.cli.scenario == Scenario::Outage {
+                    abandoned.push(client.clone());
+                }
                 client = client.reconnect();
                 if let Ok(mut c) = current.lock() {
                     *c = client.clone();
@@ -324,6 +337,9 @@ async fn device(shared: Arc<Shared>, name: String) {
                     r.seen
                         .insert(name.clone(), (Instant::now(), state.version.clone()));
                     r.polled.insert(name.clone(), Instant::now());
+                    r.first_polled
+                        .entry(name.clone())
+                        .or_insert_with(Instant::now);
                 }
                 // Simulated download, verification and load: Ready at once.
                 *models.lock().await = Some(
@@ -343,12 +359,11 @@ async fn device(shared: Arc<Shared>, name: String) {
                 version = Some(state.version);
             }
             Ok(None) => {
-                shared
-                    .record
-                    .lock()
-                    .await
-                    .polled
-                    .insert(name.clone(), Instant::now());
+                let mut r = shared.record.lock().await;
+                r.polled.insert(name.clone(), Instant::now());
+                r.first_polled
+                    .entry(name.clone())
+                    .or_insert_with(Instant::now);
             }
             Err(e) => {
                 fail(&shared, "desired", chain(&e)).await;
@@ -455,6 +470,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Steady | Scenario::Churn => {
             let end = Instant::now() + Duration::from_secs(shared.cli.duration);
             let mut round = 0;
+            let mut joined: BTreeMap<String, Instant> = BTreeMap::new();
             while Instant::now() < end {
                 tokio::time::sleep(Duration::from_secs(shared.cli.heartbeat_seconds.max(1))).await;
                 if shared.cli.scenario == Scenario::Churn {
@@ -467,11 +483,26 @@ async fn main() -> anyhow::Result<()> {
                     }
                     for i in 0..n / 10 {
                         let name = format!("{}-r{round}-{i:05}", shared.cli.prefix);
+                        joined.insert(name.clone(), Instant::now());
                         tasks.insert(name.clone(), tokio::spawn(device(shared.clone(), name)));
                     }
                 }
             }
-            out["churn_rounds"] = serde_json::json!(round);
+            if shared.cli.scenario == Scenario::Churn {
+                // Newcomers of the last round get one more heartbeat to come in.
+                tokio::time::sleep(Duration::from_secs(shared.cli.heartbeat_seconds.max(1))).await;
+                let r = shared.record.lock().await;
+                let mut join_ms: Vec<f64> = joined
+                    .iter()
+                    .filter_map(|(name, t0)| {
+                        let t = r.first_polled.get(name)?;
+                        Some(t.saturating_duration_since(*t0).as_secs_f64() * 1000.0)
+                    })
+                    .collect();
+                out["churn_rounds"] = serde_json::json!(round);
+                out["churn_started"] = serde_json::json!(joined.len());
+                out["churn_join_ms"] = summary_ms(&mut join_ms);
+            }
         }
         Scenario::Rollout => {
             let path = shared
@@ -527,7 +558,7 @@ async fn main() -> anyhow::Result<()> {
             out["all_devices_saw_change_seconds"] = serde_json::json!(devices_seen);
             out["cloud_to_edge_ms"] = summary_ms(&mut latencies);
         }
-        Scenario::Storm => {
+        Scenario::Storm | Scenario::Outage => {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let t0 = Instant::now();
             shared.storm.send_modify(|v| *v += 1);

@@ -259,7 +259,10 @@ async fn the_chart_grants_every_call_the_operator_makes() {
     )];
     let cert = params.self_signed(&key).unwrap();
     let router = fleet.clone().router().layer(axum::Extension(
-        edgefleet_operator::gateway::fleet::PeerCertificate(Some(Arc::new(cert.der().to_vec()))),
+        edgefleet_operator::gateway::fleet::PeerCertificate(
+            Some(Arc::new(cert.der().to_vec())),
+            None,
+        ),
     ));
     let call = |method: &str, path: &str, token: bool, body: serde_json::Value| {
         let mut req = http::Request::builder()

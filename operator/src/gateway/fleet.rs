@@ -61,9 +61,25 @@ use crate::heartbeat::Heartbeats;
 pub const REPORT_MANAGER: &str = "edgefleet-gateway-reports";
 
 /// The client certificate of a connection (leaf, DER), put into each request by the
-/// TLS accept loop.
+/// TLS accept loop, with the connection's slot in the gateway's connection table (a
+/// request identified as a device claims the connection for it).
 #[derive(Debug, Clone, Default)]
-pub struct PeerCertificate(pub Option<Arc<Vec<u8>>>);
+pub struct PeerCertificate(
+    pub Option<Arc<Vec<u8>>>,
+    pub Option<Arc<super::connections::Slot>>,
+);
+
+/// The device a client certificate names: `edgefleet://device/NAME` among its subject
+/// alternative names, as the attestation service issues it.
+pub fn certificate_device(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
+    let san = cert.subject_alternative_name().ok().flatten()?;
+    san.value.general_names.iter().find_map(|g| match g {
+        x509_parser::extensions::GeneralName::URI(u) => {
+            u.strip_prefix("edgefleet://device/").map(str::to_owned)
+        }
+        _ => None,
+    })
+}
 
 /// Who is approved at enrolment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +180,8 @@ pub struct FleetCounters {
     pub change_deferred: prometheus_client::metrics::counter::Counter,
     /// Artifact bytes sent.
     pub artifact_bytes: prometheus_client::metrics::counter::Counter,
+    /// Device connections closed because the device opened a newer one.
+    pub superseded: prometheus_client::metrics::counter::Counter,
 }
 
 struct Inner {
@@ -396,6 +414,9 @@ impl Fleet {
         let result = match Self::certified_key(peer, name) {
             Ok(fingerprint) => match self.device(name).await {
                 Ok(Ok(device)) if device.spec.facts.agent_key_fingerprint == fingerprint => {
+                    if let Some(slot) = &peer.1 {
+                        slot.claim(name);
+                    }
                     Ok(device)
                 }
                 Ok(Ok(_)) => Err(refuse(
@@ -452,25 +473,13 @@ impl Fleet {
                 format!("unparsable client certificate: {e}"),
             )
         })?;
-        let named = cert
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .and_then(|san| {
-                san.value.general_names.iter().find_map(|g| match g {
-                    x509_parser::extensions::GeneralName::URI(u) => {
-                        u.strip_prefix("edgefleet://device/").map(str::to_owned)
-                    }
-                    _ => None,
-                })
-            })
-            .ok_or_else(|| {
-                refuse(
-                    StatusCode::FORBIDDEN,
-                    "BadClientCertificate",
-                    "the client certificate names no device",
-                )
-            })?;
+        let named = certificate_device(&cert).ok_or_else(|| {
+            refuse(
+                StatusCode::FORBIDDEN,
+                "BadClientCertificate",
+                "the client certificate names no device",
+            )
+        })?;
         if named != name {
             return Err(refuse(
                 StatusCode::FORBIDDEN,

@@ -26,7 +26,9 @@ use sha2::Digest as _;
 use time::OffsetDateTime;
 
 use crate::device_status::{DeviceStatus, StatusError};
+pub use connections::{ConnectionOptions, DeviceConnections};
 
+pub mod connections;
 pub mod fleet;
 pub mod mirror;
 pub mod options;
@@ -300,17 +302,47 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpList
     socket.listen(ACCEPT_BACKLOG)
 }
 
-/// Serves `router` over HTTPS on `listener` until the future is dropped. Each request
-/// carries the connection's client certificate, if any, as a
-/// [`fleet::PeerCertificate`] extension (verifying it is `tls`'s business: the device
-/// API needs a client verifier that trusts the device CA and allows anonymous clients,
-/// who may only enrol and attest).
+/// Serves `router` over HTTPS on `listener` until the future is dropped, with the
+/// default [`ConnectionOptions`] and a connection table of its own (see
+/// [`serve_with`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
     router: Router,
 ) -> std::io::Result<()> {
+    serve_with(
+        listener,
+        tls,
+        router,
+        ConnectionOptions::default(),
+        Arc::default(),
+    )
+    .await
+}
+
+/// Serves `router` over HTTPS on `listener` until the future is dropped. Each request
+/// carries the connection's client certificate, if any, as a
+/// [`fleet::PeerCertificate`] extension (verifying it is `tls`'s business: the device
+/// API needs a client verifier that trusts the device CA and allows anonymous clients,
+/// who may only enrol and attest). A connection whose request the device API identifies
+/// as a device is kept in `connections`, one HTTP/2 connection per device, and every
+/// connection's peer is checked as `options` say (the [`connections`] module).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    options: ConnectionOptions,
+    connections: Arc<DeviceConnections>,
+) -> std::io::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(options.keepalive_idle)
+        .keep_alive_timeout(options.keepalive_timeout);
+    let builder = Arc::new(builder);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -321,8 +353,13 @@ pub async fn serve(
                 continue;
             }
         };
+        if let Err(e) = options.apply_tcp(&tcp) {
+            tracing::debug!(%peer, error = %e, "setting TCP keepalive");
+        }
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let builder = builder.clone();
+        let connections = connections.clone();
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
@@ -335,19 +372,41 @@ pub async fn serve(
                     return;
                 }
             };
-            let cert = stream
-                .get_ref()
-                .1
+            let session = stream.get_ref().1;
+            let cert = session
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| Arc::new(c.to_vec()));
-            let service = router.layer(axum::Extension(fleet::PeerCertificate(cert)));
+            let http2 = session.alpn_protocol() == Some(b"h2".as_slice());
+            // Only a connection with a certificate can be claimed for a device (by a
+            // request that `Fleet::identify` accepts).
+            let slot = cert
+                .is_some()
+                .then(|| connections::Slot::new(connections.clone(), http2));
+            let service = router.layer(axum::Extension(fleet::PeerCertificate(cert, slot.clone())));
             let service = hyper_util::service::TowerToHyperService::new(service);
-            if let Err(e) =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await
-            {
+            let connection =
+                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let superseded = async {
+                match &slot {
+                    Some(slot) => slot.superseded().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = superseded => {
+                    tracing::debug!(%peer, "connection superseded by the device's newer one");
+                    // GOAWAY; requests in flight get a grace period, then it is dropped.
+                    connection.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(connections::SUPERSEDED_GRACE, connection.as_mut()).await {
+                        Ok(ended) => ended,
+                        Err(_) => return,
+                    }
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
         });

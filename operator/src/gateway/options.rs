@@ -11,7 +11,7 @@ use edgefleet_trust::attestation::service::{AttestationService, ServiceConfig};
 use edgefleet_trust::attestation::snp::SnpRoots;
 
 use super::fleet::{Approval, Fleet, FleetConfig, FleetCounters};
-use super::{Gateway, serve, server_tls};
+use super::{Gateway, serve_with, server_tls};
 use crate::device_status::DeviceStatus;
 
 /// Gateway options. Without `--gateway-addr` the operator runs no gateway.
@@ -127,6 +127,14 @@ pub struct GatewayOptions {
     /// for all of those labels).
     #[arg(long, default_value = "manual", value_parser = Approval::parse)]
     pub approval: Approval,
+    /// Seconds a device connection may stay quiet before the gateway checks that its
+    /// peer is still there (an HTTP/2 ping; TCP keepalive for HTTP/1.1). 0: never
+    /// check, and a vanished device's connection is held until TCP gives up.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub device_keepalive_seconds: u64,
+    /// Seconds the peer has to answer that check before its connection is closed.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub device_keepalive_timeout_seconds: u64,
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
@@ -260,6 +268,7 @@ impl GatewayOptions {
                 None
             }
         };
+        let superseded = counters.superseded.clone();
         let (fleet, caches) = Fleet::new(
             client.clone(),
             FleetConfig {
@@ -278,6 +287,12 @@ impl GatewayOptions {
             Gateway::new(Arc::new(service), devices, &token).map_err(|e| anyhow::anyhow!(e))?;
         let router = gateway.clone().router().merge(fleet.clone().router());
         let listener = super::listen(addr).with_context(|| format!("binding {addr}"))?;
+        let connection_options = super::ConnectionOptions {
+            keepalive_idle: (self.device_keepalive_seconds > 0)
+                .then(|| Duration::from_secs(self.device_keepalive_seconds)),
+            keepalive_timeout: Duration::from_secs(self.device_keepalive_timeout_seconds),
+        };
+        let connections = Arc::new(super::DeviceConnections::new(superseded));
         let heartbeats = fleet.heartbeats();
         let shared = fleet.shared_devices();
         Ok(Some((heartbeats, shared, async move {
@@ -288,7 +303,14 @@ impl GatewayOptions {
                 .await
                 .map_err(|e| anyhow::anyhow!("gateway caches: {e}"))?;
             tracing::info!(%addr, "device gateway serving");
-            let result = serve(listener, Arc::new(tls), router).await;
+            let result = serve_with(
+                listener,
+                Arc::new(tls),
+                router,
+                connection_options,
+                connections,
+            )
+            .await;
             caches.abort();
             lapse.abort();
             result.context("device gateway")

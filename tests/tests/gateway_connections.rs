@@ -1,0 +1,331 @@
+//! The gateway's device connections over real TLS sockets on loopback: a device's new
+//! HTTP/2 connection closes its older ones and no other device's, but only once a
+//! request on it is identified as the device; HTTP/1.1 connections are capped per
+//! device; a peer that stops answering pings is closed, and one that answers is kept.
+//! The clients are raw TLS sockets speaking just enough HTTP/2 to see what the server
+//! does with the connection. The route stands in for the device API: it claims the
+//! connection as `Fleet::identify` does after checking the certificate's name and key
+//! (that check is tested with the fleet, `tests/fleet.rs`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgefleet_e2e::fleet::Ca;
+use edgefleet_operator::gateway::{self, ConnectionOptions, DeviceConnections};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_rustls::client::TlsStream;
+
+struct Server {
+    addr: std::net::SocketAddr,
+    gateway_ca: String,
+    device_ca: Ca,
+    connections: Arc<DeviceConnections>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+async fn server(options: ConnectionOptions) -> Server {
+    let gateway_ca = Ca::new("gateway CA").unwrap();
+    let device_ca = Ca::new("device CA").unwrap();
+    let (cert, key) = gateway_ca.issue(vec!["127.0.0.1".into()]).unwrap();
+    let tls = gateway::server_tls(
+        vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+        &[CertificateDer::from_pem_slice(device_ca.pem.as_bytes()).unwrap()],
+    )
+    .unwrap();
+    let router = axum::Router::new().route(
+        "/v1/devices/{name}/desired",
+        axum::routing::get(
+            |axum::extract::Path(name): axum::extract::Path<String>,
+             axum::Extension(peer): axum::Extension<gateway::fleet::PeerCertificate>| async move {
+                if let Some(slot) = &peer.1 {
+                    slot.claim(&name);
+                }
+                "{}"
+            },
+        ),
+    );
+    let listener = gateway::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(DeviceConnections::default());
+    let task = tokio::spawn({
+        let connections = connections.clone();
+        async move {
+            gateway::serve_with(listener, Arc::new(tls), router, options, connections)
+                .await
+                .unwrap();
+        }
+    });
+    Server {
+        addr,
+        gateway_ca: gateway_ca.pem,
+        device_ca,
+        connections,
+        _task: task,
+    }
+}
+
+/// A client certificate for `device` from `ca`, as the attestation service issues it.
+fn device_identity(ca: &Ca, device: &str) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("edgefleet://device/{device}").try_into().unwrap(),
+    )];
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = p
+        .signed_by(&key, &rcgen::Issuer::from_params(&ca.params, &ca.key))
+        .unwrap();
+    (
+        cert.der().clone(),
+        PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+}
+
+/// A TLS connection as `device` (None: anonymous) offering only `alpn`, with the HTTP/2
+/// client preface and an empty SETTINGS frame already sent for `h2`.
+async fn connect(
+    s: &Server,
+    device: Option<&str>,
+    alpn: &[u8],
+) -> TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(s.gateway_ca.as_bytes()).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match device {
+        Some(d) => {
+            let (cert, key) = device_identity(&s.device_ca, d);
+            builder.with_client_auth_cert(vec![cert], key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
+    if alpn == b"h2" {
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        tls.write_all(&frame(4, 0, &[])).await.unwrap();
+        tls.flush().await.unwrap();
+    }
+    tls
+}
+
+/// An HTTP/2 frame on stream 0.
+fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    frame_on(0, kind, flags, payload)
+}
+
+fn frame_on(stream: u32, kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// `device`'s desired-state request on a raw connection: an HTTP/2 HEADERS frame on
+/// stream 1 (HPACK: static-table `:method GET` and `:scheme https`, literal `:path` and
+/// `:authority`), or an HTTP/1.1 request.
+async fn request_as(tls: &mut TlsStream<tokio::net::TcpStream>, device: &str) {
+    let path = format!("/v1/devices/{device}/desired");
+    if tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()) {
+        let mut block = vec![0x82, 0x87];
+        for (index, value) in [(0x04u8, path.as_str()), (0x01, "127.0.0.1")] {
+            block.push(index);
+            block.push(u8::try_from(value.len()).unwrap());
+            block.extend_from_slice(value.as_bytes());
+        }
+        // END_STREAM | END_HEADERS
+        tls.write_all(&frame_on(1, 1, 0x5, &block)).await.unwrap();
+    } else {
+        tls.write_all(format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    tls.flush().await.unwrap();
+}
+
+/// Reads (and discards) what the server sends for up to `wait`: true when the server
+/// closed the connection within it.
+async fn closed_within(tls: &mut TlsStream<tokio::net::TcpStream>, wait: Duration) -> bool {
+    let end = Instant::now() + wait;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tls.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_devices_new_http2_connection_closes_its_old_one_and_no_other() {
+    let s = server(ConnectionOptions {
+        keepalive_idle: None,
+        keepalive_timeout: Duration::from_secs(20),
+    })
+    .await;
+    let mut a1 = connect(&s, Some("till-a"), b"h2").await;
+    request_as(&mut a1, "till-a").await;
+    let mut b1 = connect(&s, Some("till-b"), b"h2").await;
+    request_as(&mut b1, "till-b").await;
+    let mut anonymous = connect(&s, None, b"h2").await;
+    // Before anything supersedes it, a1 is held open; a connection of till-a's that
+    // makes no request (a client racing two handshakes drops one unused) claims
+    // nothing and closes nothing.
+    assert!(!closed_within(&mut a1, Duration::from_millis(500)).await);
+    let mut unused = connect(&s, Some("till-a"), b"h2").await;
+    assert!(!closed_within(&mut a1, Duration::from_millis(500)).await);
+    assert!(!closed_within(&mut unused, Duration::from_millis(100)).await);
+    assert_eq!(s.connections.superseded(), 0);
+    let mut a2 = connect(&s, Some("till-a"), b"h2").await;
+    request_as(&mut a2, "till-a").await;
+    assert!(
+        closed_within(&mut a1, Duration::from_secs(5)).await,
+        "till-a's old connection is closed when its new one arrives"
+    );
+    assert!(
+        !closed_within(&mut a2, Duration::from_secs(1)).await,
+        "the new one stays"
+    );
+    assert!(
+        !closed_within(&mut b1, Duration::from_millis(200)).await,
+        "another device's stays"
+    );
+    assert!(
+        !closed_within(&mut anonymous, Duration::from_millis(200)).await,
+        "an anonymous connection is not a device's"
+    );
+    assert_eq!(s.connections.superseded(), 1);
+    assert_eq!(s.connections.held_by("till-a"), 1);
+    assert_eq!(s.connections.held_by("till-b"), 1);
+    // A connection that ends is forgotten.
+    drop(b1);
+    let start = Instant::now();
+    while s.connections.held_by("till-b") != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "till-b's closed connection is still held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_device_holds_at_most_four_http1_connections() {
+    let s = server(ConnectionOptions {
+        keepalive_idle: None,
+        keepalive_timeout: Duration::from_secs(20),
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..gateway::connections::MAX_HTTP1_PER_DEVICE {
+        let mut c = connect(&s, Some("till-a"), b"http/1.1").await;
+        request_as(&mut c, "till-a").await;
+        held.push(c);
+    }
+    let mut other = connect(&s, Some("till-b"), b"http/1.1").await;
+    request_as(&mut other, "till-b").await;
+    for c in &mut held {
+        assert!(
+            !closed_within(c, Duration::from_millis(100)).await,
+            "up to the cap, all stay"
+        );
+    }
+    let mut fifth = connect(&s, Some("till-a"), b"http/1.1").await;
+    request_as(&mut fifth, "till-a").await;
+    assert!(
+        closed_within(&mut held[0], Duration::from_secs(5)).await,
+        "the oldest is closed"
+    );
+    for c in &mut held[1..] {
+        assert!(!closed_within(c, Duration::from_millis(100)).await);
+    }
+    assert!(!closed_within(&mut fifth, Duration::from_millis(100)).await);
+    assert!(!closed_within(&mut other, Duration::from_millis(100)).await);
+    assert_eq!(s.connections.superseded(), 1);
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_closed_and_one_that_answers_is_kept() {
+    let s = server(ConnectionOptions {
+        keepalive_idle: Some(Duration::from_secs(1)),
+        keepalive_timeout: Duration::from_secs(1),
+    })
+    .await;
+    let mut silent = connect(&s, Some("till-a"), b"h2").await;
+    let mut answering = connect(&s, Some("till-b"), b"h2").await;
+    // The answering peer acknowledges SETTINGS and every PING, as an HTTP/2 client does.
+    let answered = tokio::spawn(async move {
+        let (mut pings, mut pending) = (0u32, Vec::new());
+        let end = Instant::now() + Duration::from_secs(6);
+        let mut buf = [0u8; 4096];
+        while Instant::now() < end {
+            let left = end.saturating_duration_since(Instant::now());
+            let n = match tokio::time::timeout(left, answering.read(&mut buf)).await {
+                Err(_) => break,
+                Ok(Ok(0) | Err(_)) => return Err(pings),
+                Ok(Ok(n)) => n,
+            };
+            pending.extend_from_slice(&buf[..n]);
+            while pending.len() >= 9 {
+                let len = usize::from(pending[0]) << 16
+                    | usize::from(pending[1]) << 8
+                    | usize::from(pending[2]);
+                if pending.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (pending[3], pending[4]);
+                let payload = pending[9..9 + len].to_vec();
+                pending.drain(..9 + len);
+                if kind == 4 && flags & 1 == 0 {
+                    answering.write_all(&frame(4, 1, &[])).await.unwrap();
+                }
+                if kind == 6 && flags & 1 == 0 {
+                    pings += 1;
+                    answering.write_all(&frame(6, 1, &payload)).await.unwrap();
+                }
+            }
+            answering.flush().await.unwrap();
+        }
+        Ok(pings)
+    });
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(8)).await,
+        "a peer that never answers is closed"
+    );
+    // About idle + timeout (2 s); well before TCP would give up.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    match answered.await.unwrap() {
+        Ok(pings) => assert!(
+            pings >= 2,
+            "the gateway pinged the quiet peer ({pings} pings)"
+        ),
+        Err(pings) => panic!("the answering peer was closed after {pings} pings"),
+    }
+}
