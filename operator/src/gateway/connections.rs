@@ -38,8 +38,10 @@ use tokio::sync::Notify;
 /// HTTP/1.1 connections one device may hold at once.
 pub const MAX_HTTP1_PER_DEVICE: usize = 4;
 
-/// How long requests in flight on a superseded connection may take to finish.
-pub const SUPERSEDED_GRACE: Duration = Duration::from_secs(30);
+/// How long a superseded connection may take to close after its GOAWAY: requests in
+/// flight finish meanwhile, and a peer that is gone (it never acknowledges the
+/// GOAWAY's PING) holds its descriptor this long at most.
+pub const SUPERSEDED_GRACE: Duration = Duration::from_secs(10);
 
 /// How the gateway checks that a connection's peer is still there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
