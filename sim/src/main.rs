@@ -19,7 +19,8 @@
 //! - `outage`: a storm after a network outage the gateway did not see: every device
 //!   reconnects at once, but its old connection is left open and unused (as when the
 //!   path broke without a close reaching the gateway), so the gateway must find and
-//!   close the old connections itself.
+//!   close the old connections itself; the devices stay connected 10 s after recovery,
+//!   so that the gateway's descriptors then show what it still holds.
 //! - `churn`: a tenth of the devices leave and as many new ones enrol, per round; the
 //!   time from a newcomer's start to its first answered poll is measured.
 //!
@@ -40,6 +41,9 @@ use edgefleet_agent::gateway_client::GatewayClient;
 use edgefleet_proto as proto;
 use edgefleet_trust::attestation::service::{ChallengeRequest, Evidence, EvidenceRequest};
 use tokio::sync::{Mutex, Semaphore, watch};
+
+/// Seconds the outage scenario stays connected after recovery.
+const OUTAGE_SETTLE_SECONDS: u64 = 10;
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Scenario {
@@ -581,6 +585,13 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             out["storm_recovery_seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
+            if shared.cli.scenario == Scenario::Outage {
+                // Stay connected a while, so that a harness sampling the gateway sees
+                // what it still holds of the old connections once every device is back.
+                tokio::time::sleep(Duration::from_secs(OUTAGE_SETTLE_SECONDS)).await;
+                eprintln!("SETTLED devices={n} seconds={OUTAGE_SETTLE_SECONDS}");
+                out["settle_seconds"] = serde_json::json!(OUTAGE_SETTLE_SECONDS);
+            }
         }
     }
     for t in tasks.values() {

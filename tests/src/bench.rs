@@ -55,6 +55,27 @@ fn proc_stat(pid: u32) -> ProcStat {
     }
 }
 
+/// A counter of the operator's `/metrics` (its address read from the process's
+/// `--metrics-addr` argument), or `None` when it cannot be read.
+fn operator_counter(pid: u32, name: &str) -> Option<f64> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let addr = args
+        .iter()
+        .position(|a| a == "--metrics-addr")
+        .and_then(|i| args.get(i + 1))?;
+    let out = Command::new("curl")
+        .args(["-s", &format!("http://{addr}/metrics")])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+}
+
 /// Write requests (POST, PUT, PATCH, server-side APPLY, DELETE) the API server has answered.
 fn api_writes(mut kubectl: Command) -> anyhow::Result<f64> {
     let out = kubectl.args(["get", "--raw", "/metrics"]).output()?;
@@ -162,7 +183,7 @@ pub async fn fleet_bench(
         );
         std::thread::spawn(move || {
             use std::io::BufRead as _;
-            let mut snapshot = None;
+            let (mut snapshot, mut settled_fds) = (None, None);
             for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
@@ -173,8 +194,13 @@ pub async fn fleet_bench(
                     k.envs(env.iter().map(|(a, b)| (a, b)));
                     snapshot = Some((Instant::now(), proc_stat(pid), api_writes(k).unwrap_or(0.0)));
                 }
+                // The outage scenario, a while after every device came back: what the
+                // gateway still holds of the old connections.
+                if line.starts_with("SETTLED") {
+                    settled_fds = Some(proc_stat(pid).fds);
+                }
             }
-            snapshot
+            (snapshot, settled_fds)
         })
     };
     // Sample the operator while the simulator runs.
@@ -194,7 +220,7 @@ pub async fn fleet_bench(
         (stop, handle)
     };
     let out = child.wait_with_output()?;
-    let connected = at_connected.join().ok().flatten();
+    let (connected, settled_fds) = at_connected.join().unwrap_or((None, None));
     sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
     // The peak is during the connection burst (enrolment connections beside the device
     // connections); the last sample is the steady state, one connection per device.
@@ -220,7 +246,13 @@ pub async fn fleet_bench(
         "peak_rss_mib": after.hwm_kib as f64 / 1024.0,
         "peak_fds": peak.fds,
         "fds": last_fds,
+        "fds_settled": settled_fds,
     });
+    // Connections the gateway closed because their device opened a newer one.
+    summary["superseded_connections"] = serde_json::json!(operator_counter(
+        pid,
+        "edgefleet_operator_gateway_connections_superseded_total "
+    ));
     summary["api_writes"] = serde_json::json!(writes);
     summary["api_writes_per_second"] = serde_json::json!(writes / elapsed);
     // The scenario phase alone (after every device connected).
