@@ -26,6 +26,12 @@ struct Server {
     _task: tokio::task::JoinHandle<()>,
 }
 
+/// Supersession alone: no pings, so the raw clients' silence closes nothing.
+const NO_KEEPALIVE: ConnectionOptions = ConnectionOptions {
+    keepalive_idle: None,
+    keepalive_timeout: Duration::from_secs(20),
+};
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -215,11 +221,7 @@ impl Raw {
 
 #[tokio::test]
 async fn a_devices_new_http2_connection_closes_its_old_one_and_no_other() {
-    let s = server(ConnectionOptions {
-        keepalive_idle: None,
-        keepalive_timeout: Duration::from_secs(20),
-    })
-    .await;
+    let s = server(NO_KEEPALIVE).await;
     let mut a1 = connect(&s, Some("till-a"), b"h2").await;
     a1.request_as("till-a").await;
     let mut b1 = connect(&s, Some("till-b"), b"h2").await;
@@ -268,11 +270,7 @@ async fn a_devices_new_http2_connection_closes_its_old_one_and_no_other() {
 
 #[tokio::test]
 async fn a_device_holds_at_most_four_http1_connections() {
-    let s = server(ConnectionOptions {
-        keepalive_idle: None,
-        keepalive_timeout: Duration::from_secs(20),
-    })
-    .await;
+    let s = server(NO_KEEPALIVE).await;
     let mut held = Vec::new();
     for _ in 0..gateway::connections::MAX_HTTP1_PER_DEVICE {
         let mut c = connect(&s, Some("till-a"), b"http/1.1").await;

@@ -69,18 +69,6 @@ pub struct PeerCertificate(
     pub Option<Arc<super::connections::Slot>>,
 );
 
-/// The device a client certificate names: `edgefleet://device/NAME` among its subject
-/// alternative names, as the attestation service issues it.
-pub fn certificate_device(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
-    let san = cert.subject_alternative_name().ok().flatten()?;
-    san.value.general_names.iter().find_map(|g| match g {
-        x509_parser::extensions::GeneralName::URI(u) => {
-            u.strip_prefix("edgefleet://device/").map(str::to_owned)
-        }
-        _ => None,
-    })
-}
-
 /// Who is approved at enrolment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Approval {
@@ -473,13 +461,25 @@ impl Fleet {
                 format!("unparsable client certificate: {e}"),
             )
         })?;
-        let named = certificate_device(&cert).ok_or_else(|| {
-            refuse(
-                StatusCode::FORBIDDEN,
-                "BadClientCertificate",
-                "the client certificate names no device",
-            )
-        })?;
+        let named = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .and_then(|san| {
+                san.value.general_names.iter().find_map(|g| match g {
+                    x509_parser::extensions::GeneralName::URI(u) => {
+                        u.strip_prefix("edgefleet://device/").map(str::to_owned)
+                    }
+                    _ => None,
+                })
+            })
+            .ok_or_else(|| {
+                refuse(
+                    StatusCode::FORBIDDEN,
+                    "BadClientCertificate",
+                    "the client certificate names no device",
+                )
+            })?;
         if named != name {
             return Err(refuse(
                 StatusCode::FORBIDDEN,
