@@ -2,45 +2,21 @@
 //! and the Rego appraisal policy.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod common;
+
+use std::path::Path;
+use std::time::SystemTime;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use common::{intel_root, later, milan, now, read, tpm_evidence};
 use edgefleet_trust::attestation::policy::Policy;
 use edgefleet_trust::attestation::snp::{self, SnpOptions, SnpRoots};
 use edgefleet_trust::attestation::tdx::{self, TdxOptions};
 use edgefleet_trust::attestation::tpm::{self, ClockState, TpmEvidence, TpmOptions};
-use edgefleet_trust::attestation::{AttestationError, Claims, TeeKind, pem_certificates};
+use edgefleet_trust::attestation::{AttestationError, Claims, TeeKind};
 use rstest::rstest;
 use serde_json::json;
-
-fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/attestation")
-}
-
-fn read(name: &str) -> Vec<u8> {
-    std::fs::read(dir().join(name)).unwrap()
-}
-
-/// 2026-06-01: every fixture's chain is valid then.
-fn now() -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(1_780_272_000)
-}
-
-fn later() -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(2_524_608_000) // 2050-01-01
-}
-
-fn milan() -> Vec<SnpRoots> {
-    vec![SnpRoots::from_pem("Milan", &read("trustee-milan_ask_ark_asvk.pem")).unwrap()]
-}
-
-fn intel_root() -> Vec<u8> {
-    pem_certificates(&read("intel-sgx-root.pem"))
-        .unwrap()
-        .remove(0)
-}
 
 fn flip(mut v: Vec<u8>, at: usize) -> Vec<u8> {
     v[at] ^= 0x01;
@@ -68,16 +44,41 @@ fn impostor_of(der: &[u8]) -> Vec<u8> {
 
 // ---- SEV-SNP ----------------------------------------------------------------------
 
+/// What an SNP verification takes, genuine unless a test edits it: trustee's report and
+/// VCEK, the Milan roots, at `now()`.
+struct SnpInputs {
+    report: Vec<u8>,
+    vcek: Vec<u8>,
+    roots: Vec<SnpRoots>,
+    at: SystemTime,
+}
+
+impl SnpInputs {
+    fn genuine() -> Self {
+        Self {
+            report: read("trustee-snp-report.bin"),
+            vcek: read("trustee-snp-vcek.der"),
+            roots: milan(),
+            at: now(),
+        }
+    }
+
+    fn verify(&self, options: &SnpOptions) -> Result<Claims, AttestationError> {
+        snp::verify(&self.report, &self.vcek, &self.roots, self.at, options)
+    }
+}
+
+/// SNP options that expect `report_data` to be bound.
+fn snp_bound_to(report_data: Vec<u8>) -> SnpOptions {
+    SnpOptions {
+        expected_report_data: Some(report_data),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn genuine_snp_report_verifies_into_claims() {
-    let c = snp::verify(
-        &read("trustee-snp-report.bin"),
-        &read("trustee-snp-vcek.der"),
-        &milan(),
-        now(),
-        &SnpOptions::default(),
-    )
-    .unwrap();
+    let c = SnpInputs::genuine().verify(&SnpOptions::default()).unwrap();
     assert_eq!(c.tee, TeeKind::SevSnp);
     assert!(c.hardware_genuine && !c.debug);
     assert_eq!(c.tcb["microcode"], json!(115));
@@ -90,22 +91,19 @@ fn genuine_snp_report_verifies_into_claims() {
 
 #[test]
 fn snp_debug_guest_is_rejected_unless_allowed() {
-    let roots = vec![SnpRoots::from_pem("Milan", &read("gosev-milan.testcer")).unwrap()];
-    let (report, vcek) = (read("gosev-attestation.bin"), read("gosev-vcek.der"));
-    let err = snp::verify(&report, &vcek, &roots, now(), &SnpOptions::default()).unwrap_err();
+    let gosev = SnpInputs {
+        report: read("gosev-attestation.bin"),
+        vcek: read("gosev-vcek.der"),
+        roots: vec![SnpRoots::from_pem("Milan", &read("gosev-milan.testcer")).unwrap()],
+        at: now(),
+    };
+    let err = gosev.verify(&SnpOptions::default()).unwrap_err();
     assert_eq!(err.reason(), "DebugEnabled", "{err}");
-    let c = snp::verify(
-        &report,
-        &vcek,
-        &roots,
-        now(),
-        &SnpOptions {
-            allow_debug: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    assert!(c.debug);
+    let allow_debug = SnpOptions {
+        allow_debug: true,
+        ..Default::default()
+    };
+    assert!(gosev.verify(&allow_debug).unwrap().debug);
 }
 
 #[rstest]
@@ -118,60 +116,32 @@ fn snp_debug_guest_is_rejected_unless_allowed() {
 #[case::signature_r(0x2A0, "SignatureInvalid")]
 #[case::signature_s(0x2A0 + 72 + 10, "SignatureInvalid")]
 fn each_snp_report_region_is_protected(#[case] at: usize, #[case] reason: &str) {
-    let report = flip(read("trustee-snp-report.bin"), at);
-    let err = snp::verify(
-        &report,
-        &read("trustee-snp-vcek.der"),
-        &milan(),
-        now(),
-        &SnpOptions::default(),
-    )
-    .unwrap_err();
+    let mut i = SnpInputs::genuine();
+    i.report = flip(i.report, at);
+    let err = i.verify(&SnpOptions::default()).unwrap_err();
     assert_eq!(err.reason(), reason, "{err}");
 }
 
-#[test]
-fn snp_unknown_version_is_unsupported() {
-    let mut report = read("trustee-snp-report.bin");
-    report[0] = 9;
-    let err = snp::verify(
-        &report,
-        &read("trustee-snp-vcek.der"),
-        &milan(),
-        now(),
-        &SnpOptions::default(),
-    )
-    .unwrap_err();
-    assert_eq!(err.reason(), "Unsupported", "{err}");
-}
-
-#[test]
-fn snp_chain_certificates_are_protected() {
-    // A flipped byte in the VCEK's signature.
-    let vcek = read("trustee-snp-vcek.der");
-    let n = vcek.len();
-    let err = snp::verify(
-        &read("trustee-snp-report.bin"),
-        &flip(vcek.clone(), n - 20),
-        &milan(),
-        now(),
-        &SnpOptions::default(),
-    )
-    .unwrap_err();
-    assert_eq!(err.reason(), "ChainInvalid", "{err}");
-    // A pinned ASK with a flipped signature byte.
-    let mut roots = milan();
-    let m = roots[0].ask.len();
-    roots[0].ask = flip(roots[0].ask.clone(), m - 20);
-    let err = snp::verify(
-        &read("trustee-snp-report.bin"),
-        &vcek,
-        &roots,
-        now(),
-        &SnpOptions::default(),
-    )
-    .unwrap_err();
-    assert_eq!(err.reason(), "ChainInvalid", "{err}");
+#[rstest]
+#[case::unknown_version(|i: &mut SnpInputs| i.report[0] = 9, "Unsupported")]
+#[case::truncated_report(|i: &mut SnpInputs| i.report.truncate(1000), "Truncated")]
+#[case::garbage_vcek(|i: &mut SnpInputs| i.vcek = b"not a certificate".to_vec(), "MalformedCertificate")]
+// The go-sev-guest VCEK is genuine, but for another chip and TCB.
+#[case::vcek_of_another_chip(|i: &mut SnpInputs| i.vcek = read("gosev-vcek.der"), "SignatureInvalid")]
+// A flipped byte in the VCEK's signature.
+#[case::vcek_signature(|i: &mut SnpInputs| { let n = i.vcek.len(); i.vcek[n - 20] ^= 0x01; }, "ChainInvalid")]
+// A pinned ASK with a flipped signature byte.
+#[case::ask_signature(|i: &mut SnpInputs| { let n = i.roots[0].ask.len(); i.roots[0].ask[n - 20] ^= 0x01; }, "ChainInvalid")]
+#[case::wrong_root_with_the_same_name(|i: &mut SnpInputs| i.roots[0].ark = impostor_of(&i.roots[0].ark), "ChainInvalid")]
+#[case::chain_expired(|i: &mut SnpInputs| i.at = later(), "CertificateNotValidAt")]
+fn snp_evidence_and_chain_faults_are_named(
+    #[case] fault: fn(&mut SnpInputs),
+    #[case] reason: &str,
+) {
+    let mut i = SnpInputs::genuine();
+    fault(&mut i);
+    let err = i.verify(&SnpOptions::default()).unwrap_err();
+    assert_eq!(err.reason(), reason, "{err}");
 }
 
 #[test]
@@ -197,100 +167,15 @@ fn remembered_chain_signatures_still_check_every_byte_and_the_time() {
 }
 
 #[test]
-fn snp_wrong_root_with_the_same_name_is_rejected() {
-    let mut roots = milan();
-    roots[0].ark = impostor_of(&roots[0].ark);
-    let err = snp::verify(
-        &read("trustee-snp-report.bin"),
-        &read("trustee-snp-vcek.der"),
-        &roots,
-        now(),
-        &SnpOptions::default(),
-    )
-    .unwrap_err();
-    assert_eq!(err.reason(), "ChainInvalid", "{err}");
-}
-
-#[test]
-fn snp_vcek_of_another_chip_is_rejected() {
-    // The go-sev-guest VCEK is genuine, but for another chip and TCB.
-    let err = snp::verify(
-        &read("trustee-snp-report.bin"),
-        &read("gosev-vcek.der"),
-        &milan(),
-        now(),
-        &SnpOptions::default(),
-    )
-    .unwrap_err();
-    assert_eq!(err.reason(), "SignatureInvalid", "{err}");
-}
-
-#[test]
-fn snp_chain_expires() {
-    let err = snp::verify(
-        &read("trustee-snp-report.bin"),
-        &read("trustee-snp-vcek.der"),
-        &milan(),
-        later(),
-        &SnpOptions::default(),
-    )
-    .unwrap_err();
-    assert_eq!(err.reason(), "CertificateNotValidAt", "{err}");
-}
-
-#[test]
 fn snp_report_data_must_match_the_binding() {
-    let report = read("trustee-snp-report.bin");
-    let bound = report[0x50..0x90].to_vec();
-    let c = snp::verify(
-        &report,
-        &read("trustee-snp-vcek.der"),
-        &milan(),
-        now(),
-        &SnpOptions {
-            expected_report_data: Some(bound.clone()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let i = SnpInputs::genuine();
+    let bound = i.report[0x50..0x90].to_vec();
+    let c = i.verify(&snp_bound_to(bound.clone())).unwrap();
     assert_eq!(c.key_binding, Some(hex::encode(&bound)));
     let mut other = bound;
     other[0] ^= 1;
-    let err = snp::verify(
-        &report,
-        &read("trustee-snp-vcek.der"),
-        &milan(),
-        now(),
-        &SnpOptions {
-            expected_report_data: Some(other),
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
+    let err = i.verify(&snp_bound_to(other)).unwrap_err();
     assert_eq!(err.reason(), "ReportDataMismatch");
-}
-
-#[test]
-fn snp_truncated_and_garbage_are_named() {
-    let report = read("trustee-snp-report.bin");
-    let err = snp::verify(
-        &report[..1000],
-        &read("trustee-snp-vcek.der"),
-        &milan(),
-        now(),
-        &SnpOptions::default(),
-    )
-    .unwrap_err();
-    assert_eq!(err.reason(), "Truncated");
-    let err = snp::verify(
-        &report,
-        b"not a certificate",
-        &milan(),
-        now(),
-        &SnpOptions::default(),
-    )
-    .unwrap_err();
-    assert_eq!(err.reason(), "MalformedCertificate");
 }
 
 // ---- TDX --------------------------------------------------------------------------
@@ -362,36 +247,20 @@ fn tdx_wrong_root_and_expiry_are_rejected() {
 #[test]
 fn tdx_report_data_must_match_the_binding() {
     let quote = read("trustee-tdx_quote_5.dat");
-    let bound = quote[V5_BODY + 520..V5_BODY + 584].to_vec();
-    let c = tdx::verify(
-        &quote,
-        &intel_root(),
-        now(),
-        &TdxOptions {
-            expected_report_data: Some(bound),
+    let bound_to = |report_data: Vec<u8>| {
+        let opts = TdxOptions {
+            expected_report_data: Some(report_data),
             ..Default::default()
-        },
-    )
-    .unwrap();
+        };
+        tdx::verify(&quote, &intel_root(), now(), &opts)
+    };
+    let c = bound_to(quote[V5_BODY + 520..V5_BODY + 584].to_vec()).unwrap();
     assert!(c.key_binding.is_some());
-    let err = tdx::verify(
-        &quote,
-        &intel_root(),
-        now(),
-        &TdxOptions {
-            expected_report_data: Some(vec![0; 64]),
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
+    let err = bound_to(vec![0; 64]).unwrap_err();
     assert_eq!(err.reason(), "ReportDataMismatch");
 }
 
 // ---- TPM --------------------------------------------------------------------------
-
-fn tpm_evidence() -> TpmEvidence {
-    serde_json::from_slice(&read("trustee-tpm_evidence.json")).unwrap()
-}
 
 fn tpm_nonce(e: &TpmEvidence) -> Vec<u8> {
     let msg = B64.decode(&e.tpm_quote.message).unwrap();
@@ -432,37 +301,25 @@ fn tpm_wrong_nonce_is_rejected() {
     assert_eq!(err.reason(), "ReportDataMismatch");
 }
 
-#[test]
-fn tpm_quote_and_pcr_tampering_is_caught() {
-    let mut e = tpm_evidence();
+#[rstest]
+#[case::quote(|e: &mut TpmEvidence| {
     let msg = B64.decode(&e.tpm_quote.message).unwrap();
     e.tpm_quote.message = B64.encode(flip(msg, 40));
-    assert_eq!(
-        tpm::verify(&e, &TpmOptions::default())
-            .unwrap_err()
-            .reason(),
-        "SignatureInvalid"
-    );
-
-    let mut e = tpm_evidence();
-    e.tpm_quote.pcrs[7] = "11".repeat(32);
-    assert_eq!(
-        tpm::verify(&e, &TpmOptions::default())
-            .unwrap_err()
-            .reason(),
-        "PcrDigestMismatch"
-    );
-
-    let mut e = tpm_evidence();
+}, "SignatureInvalid")]
+#[case::pcr(|e: &mut TpmEvidence| e.tpm_quote.pcrs[7] = "11".repeat(32), "PcrDigestMismatch")]
+#[case::ak(|e: &mut TpmEvidence| {
     let ak = B64.decode(&e.ak_public).unwrap();
     let n = ak.len();
     e.ak_public = B64.encode(flip(ak, n - 10));
-    assert_eq!(
-        tpm::verify(&e, &TpmOptions::default())
-            .unwrap_err()
-            .reason(),
-        "SignatureInvalid"
-    );
+}, "SignatureInvalid")]
+fn tpm_quote_and_pcr_tampering_is_caught(
+    #[case] tamper: fn(&mut TpmEvidence),
+    #[case] reason: &str,
+) {
+    let mut e = tpm_evidence();
+    tamper(&mut e);
+    let err = tpm::verify(&e, &TpmOptions::default()).unwrap_err();
+    assert_eq!(err.reason(), reason, "{err}");
 }
 
 #[rstest]
@@ -471,14 +328,14 @@ fn tpm_quote_and_pcr_tampering_is_caught() {
 #[case::clock_went_back(ClockState { clock: u64::MAX, reset_count: 2, restart_count: 0 }, "ClockRollback")]
 fn tpm_counters_must_not_go_back(#[case] previous: ClockState, #[case] reason: &str) {
     let e = tpm_evidence();
-    let err = tpm::verify(
-        &e,
-        &TpmOptions {
+    let after = |previous: ClockState| {
+        let opts = TpmOptions {
             previous: Some(previous),
             ..Default::default()
-        },
-    )
-    .unwrap_err();
+        };
+        tpm::verify(&e, &opts)
+    };
+    let err = after(previous).unwrap_err();
     assert_eq!(err.reason(), reason, "{err}");
     // An earlier state is fine.
     let earlier = ClockState {
@@ -486,14 +343,7 @@ fn tpm_counters_must_not_go_back(#[case] previous: ClockState, #[case] reason: &
         reset_count: 2,
         restart_count: 0,
     };
-    tpm::verify(
-        &e,
-        &TpmOptions {
-            previous: Some(earlier),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    after(earlier).unwrap();
 }
 
 /// Builds and signs (ECDSA P-256) a TPMS_ATTEST, to reach checks behind the signature.
@@ -572,19 +422,9 @@ fn policy() -> Policy {
 }
 
 fn snp_claims() -> Claims {
-    let report = read("trustee-snp-report.bin");
-    let bound = report[0x50..0x90].to_vec();
-    snp::verify(
-        &report,
-        &read("trustee-snp-vcek.der"),
-        &milan(),
-        now(),
-        &SnpOptions {
-            expected_report_data: Some(bound),
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    let i = SnpInputs::genuine();
+    i.verify(&snp_bound_to(i.report[0x50..0x90].to_vec()))
+        .unwrap()
 }
 
 #[rstest]

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use edgefleet_trust::model_signing::{
     Method, PinnedRoot, PrivateKey, PublicKey, SignOptions, SignatureError, SignerIdentity,
-    TrustPolicy, bundle, certs, sign, verify,
+    TrustPolicy, VerifiedModel, bundle, certs, sign, verify,
 };
 use rstest::rstest;
 use serde_json::{Value, json};
@@ -110,93 +110,54 @@ fn golden_certificate_bundles_verify(
     }
 }
 
-#[test]
-fn v1_0_1_without_its_ignore_path_has_an_extra_file() {
-    let err = verify(
-        &read(&fixtures().join("v1.0.1-ek.sig")),
-        &fixtures().join("v1.0.1-elliptic-key"),
-        &key_policy(),
-        now(),
+/// The golden bundle `sig` verified against `model` (a fixture model's name, or the
+/// absolute path of a copied one) at `at`.
+fn verify_golden(
+    sig: &str,
+    model: impl AsRef<Path>,
+    policy: &TrustPolicy,
+    at: SystemTime,
+) -> Result<VerifiedModel, SignatureError> {
+    verify(
+        &read(&fixtures().join(sig)),
+        &fixtures().join(model),
+        policy,
+        at,
         &[],
     )
-    .unwrap_err();
+}
+
+#[test]
+fn v1_0_1_without_its_ignore_path_has_an_extra_file() {
+    let err =
+        verify_golden("v1.0.1-ek.sig", "v1.0.1-elliptic-key", &key_policy(), now()).unwrap_err();
     assert!(
         matches!(&err, SignatureError::ExtraFiles(f) if f == &["ignore-me".to_owned()]),
         "{err}"
     );
 }
 
-#[test]
-fn tampered_file_is_a_digest_mismatch() {
+#[rstest]
+#[case::tampered_file(|m: &Path| std::fs::write(m.join("signme-2"), b"tampered").unwrap(), "DigestMismatch", "signme-2")]
+#[case::added_file(|m: &Path| std::fs::write(m.join("payload.bin"), b"smuggled").unwrap(), "ExtraFiles", "payload.bin")]
+#[case::removed_file(|m: &Path| std::fs::remove_file(m.join("signme-1")).unwrap(), "MissingFiles", "signme-1")]
+#[case::renamed_file(|m: &Path| std::fs::rename(m.join("signme-1"), m.join("signme-3")).unwrap(), "MissingFiles", "signme-1")]
+fn a_changed_model_is_rejected_naming_the_file(
+    #[case] change: fn(&Path),
+    #[case] reason: &str,
+    #[case] file: &str,
+) {
     let model = copy_model("v1.1.0-elliptic-key");
-    std::fs::write(model.path().join("signme-2"), b"tampered").unwrap();
-    let err = verify(
-        &read(&fixtures().join("v1.1.0-ek.sig")),
-        model.path(),
-        &key_policy(),
-        now(),
-        &[],
-    )
-    .unwrap_err();
-    assert!(
-        matches!(&err, SignatureError::DigestMismatch(f) if f == &["signme-2".to_owned()]),
-        "{err}"
-    );
-    assert_eq!(err.reason(), "DigestMismatch");
-}
-
-#[test]
-fn added_file_is_rejected() {
-    let model = copy_model("v1.1.0-elliptic-key");
-    std::fs::write(model.path().join("payload.bin"), b"smuggled").unwrap();
-    let err = verify(
-        &read(&fixtures().join("v1.1.0-ek.sig")),
-        model.path(),
-        &key_policy(),
-        now(),
-        &[],
-    )
-    .unwrap_err();
-    assert!(
-        matches!(&err, SignatureError::ExtraFiles(f) if f == &["payload.bin".to_owned()]),
-        "{err}"
-    );
-}
-
-#[test]
-fn removed_file_is_rejected() {
-    let model = copy_model("v1.1.0-elliptic-key");
-    std::fs::remove_file(model.path().join("signme-1")).unwrap();
-    let err = verify(
-        &read(&fixtures().join("v1.1.0-ek.sig")),
-        model.path(),
-        &key_policy(),
-        now(),
-        &[],
-    )
-    .unwrap_err();
-    assert!(
-        matches!(&err, SignatureError::MissingFiles(f) if f == &["signme-1".to_owned()]),
-        "{err}"
-    );
-}
-
-#[test]
-fn renamed_file_is_missing_under_its_signed_name() {
-    let model = copy_model("v1.1.0-elliptic-key");
-    std::fs::rename(model.path().join("signme-1"), model.path().join("signme-3")).unwrap();
-    let err = verify(
-        &read(&fixtures().join("v1.1.0-ek.sig")),
-        model.path(),
-        &key_policy(),
-        now(),
-        &[],
-    )
-    .unwrap_err();
-    assert!(
-        matches!(&err, SignatureError::MissingFiles(f) if f == &["signme-1".to_owned()]),
-        "{err}"
-    );
+    change(model.path());
+    let err = verify_golden("v1.1.0-ek.sig", model.path(), &key_policy(), now()).unwrap_err();
+    assert_eq!(err.reason(), reason, "{err}");
+    let named = match &err {
+        SignatureError::DigestMismatch(f)
+        | SignatureError::ExtraFiles(f)
+        | SignatureError::MissingFiles(f) => f,
+        other => panic!("expected the files named, got {other}"),
+    };
+    assert_eq!(named, &[file.to_owned()], "{err}");
 }
 
 #[test]
@@ -208,14 +169,7 @@ fn symlink_escaping_the_model_is_rejected() {
         model.path().join("signme-1"),
     )
     .unwrap();
-    let err = verify(
-        &read(&fixtures().join("v1.1.0-ek.sig")),
-        model.path(),
-        &key_policy(),
-        now(),
-        &[],
-    )
-    .unwrap_err();
+    let err = verify_golden("v1.1.0-ek.sig", model.path(), &key_policy(), now()).unwrap_err();
     assert!(matches!(err, SignatureError::Symlink(_)), "{err}");
 }
 
@@ -223,27 +177,14 @@ fn symlink_escaping_the_model_is_rejected() {
 fn another_key_is_not_trusted() {
     let other = PrivateKey::from_pem(&p384_pem()).unwrap().public_key();
     let policy = TrustPolicy::keys([("someone-else".to_owned(), other)]);
-    let err = verify(
-        &read(&fixtures().join("v1.1.0-ek.sig")),
-        &fixtures().join("v1.1.0-elliptic-key"),
-        &policy,
-        now(),
-        &[],
-    )
-    .unwrap_err();
+    let err = verify_golden("v1.1.0-ek.sig", "v1.1.0-elliptic-key", &policy, now()).unwrap_err();
     assert!(matches!(err, SignatureError::UntrustedSigner(_)), "{err}");
 }
 
 #[test]
 fn key_signed_bundle_needs_a_pinned_key_not_a_root() {
-    let err = verify(
-        &read(&fixtures().join("v1.1.0-ek.sig")),
-        &fixtures().join("v1.1.0-elliptic-key"),
-        &root_policy("intermediate-ca"),
-        now(),
-        &[],
-    )
-    .unwrap_err();
+    let policy = root_policy("intermediate-ca");
+    let err = verify_golden("v1.1.0-ek.sig", "v1.1.0-elliptic-key", &policy, now()).unwrap_err();
     assert!(matches!(err, SignatureError::UntrustedSigner(_)), "{err}");
 }
 
@@ -303,14 +244,8 @@ fn not_json_is_a_malformed_bundle() {
 
 #[test]
 fn certificate_identity_must_match_a_pin() {
-    let err = verify(
-        &read(&fixtures().join("v1.1.0-cert.sig")),
-        &fixtures().join("v1.1.0-certificate"),
-        &root_policy("release@example.com"),
-        now(),
-        &[],
-    )
-    .unwrap_err();
+    let policy = root_policy("release@example.com");
+    let err = verify_golden("v1.1.0-cert.sig", "v1.1.0-certificate", &policy, now()).unwrap_err();
     match err {
         SignatureError::IdentityMismatch { found, pinned } => {
             assert_eq!(found, ["intermediate-ca"]);
@@ -323,12 +258,12 @@ fn certificate_identity_must_match_a_pin() {
 #[test]
 fn certificates_are_checked_at_the_given_time() {
     let after_expiry = UNIX_EPOCH + Duration::from_secs(2_100_000_000); // 2036-07
-    let err = verify(
-        &read(&fixtures().join("v1.1.0-cert.sig")),
-        &fixtures().join("v1.1.0-certificate"),
-        &root_policy("intermediate-ca"),
+    let policy = root_policy("intermediate-ca");
+    let err = verify_golden(
+        "v1.1.0-cert.sig",
+        "v1.1.0-certificate",
+        &policy,
         after_expiry,
-        &[],
     )
     .unwrap_err();
     assert_eq!(err.reason(), "CertificateNotValidAt", "{err}");
@@ -336,20 +271,9 @@ fn certificates_are_checked_at_the_given_time() {
 
 #[test]
 fn a_chain_to_another_root_is_untrusted() {
-    let (root_der, _, _) = make_ca("unrelated-root");
-    let policy = TrustPolicy::roots([PinnedRoot {
-        name: "other".into(),
-        der: root_der,
-        identities: vec!["intermediate-ca".into()],
-    }]);
-    let err = verify(
-        &read(&fixtures().join("v1.1.0-cert.sig")),
-        &fixtures().join("v1.1.0-certificate"),
-        &policy,
-        now(),
-        &[],
-    )
-    .unwrap_err();
+    let other_root = root_ca("unrelated-root");
+    let policy = TrustPolicy::roots([pin("other", &other_root, "intermediate-ca")]);
+    let err = verify_golden("v1.1.0-cert.sig", "v1.1.0-certificate", &policy, now()).unwrap_err();
     assert_eq!(err.reason(), "UntrustedChain", "{err}");
 }
 
@@ -393,6 +317,20 @@ fn pem_key(alg: &'static rcgen::SignatureAlgorithm) -> PrivateKey {
     PrivateKey::from_pem(&rcgen::KeyPair::generate_for(alg).unwrap().serialize_pem()).unwrap()
 }
 
+/// A key-mode bundle of `model` signed by `key` with `method`, and a policy that trusts
+/// exactly that key.
+fn key_signed(model: &Path, key: &PrivateKey, method: Method) -> (Vec<u8>, TrustPolicy) {
+    let options = SignOptions {
+        method,
+        ignore_paths: vec![],
+    };
+    let bundle = sign(model, key, None, &options).unwrap();
+    (
+        bundle,
+        TrustPolicy::keys([("me".to_owned(), key.public_key())]),
+    )
+}
+
 #[rstest]
 #[case::p256_files(&rcgen::PKCS_ECDSA_P256_SHA256, Method::Files, 3)]
 #[case::p384_files(&rcgen::PKCS_ECDSA_P384_SHA384, Method::Files, 3)]
@@ -404,18 +342,7 @@ fn our_key_bundles_round_trip(
     #[case] resources: usize,
 ) {
     let model = model_dir();
-    let key = pem_key(alg);
-    let bundle = sign(
-        model.path(),
-        &key,
-        None,
-        &SignOptions {
-            method,
-            ignore_paths: vec![],
-        },
-    )
-    .unwrap();
-    let policy = TrustPolicy::keys([("me".to_owned(), key.public_key())]);
+    let (bundle, policy) = key_signed(model.path(), &pem_key(alg), method);
     let v = verify(&bundle, model.path(), &policy, now(), &[]).unwrap();
     assert_eq!(v.method, method);
     // `.git` is ignored; an empty file is a resource in files mode only (as in the reference).
@@ -447,8 +374,7 @@ rw==
     let key = PrivateKey::from_pem(pem).unwrap();
     assert_eq!(key.public_key().curve(), "P-521");
     let model = model_dir();
-    let bundle = sign(model.path(), &key, None, &SignOptions::default()).unwrap();
-    let policy = TrustPolicy::keys([("me".to_owned(), key.public_key())]);
+    let (bundle, policy) = key_signed(model.path(), &key, Method::Files);
     verify(&bundle, model.path(), &policy, now(), &[]).unwrap();
     let other = TrustPolicy::keys([(
         "other".to_owned(),
@@ -505,25 +431,11 @@ fn resign(bundle: &[u8], key: &PrivateKey, f: impl FnOnce(&mut Value)) -> Vec<u8
 fn signed_but_wrong_statements_are_rejected(#[case] edit: fn(&mut Value), #[case] reason: &str) {
     let model = model_dir();
     let key = pem_key(&rcgen::PKCS_ECDSA_P256_SHA256);
-    let bundle = sign(model.path(), &key, None, &SignOptions::default()).unwrap();
-    let policy = TrustPolicy::keys([("me".to_owned(), key.public_key())]);
+    let (bundle, policy) = key_signed(model.path(), &key, Method::Files);
+    let check = |b: Vec<u8>| verify(&b, model.path(), &policy, now(), &[]);
     // Re-signing without an edit still verifies, so each failure below is the edit's.
-    verify(
-        &resign(&bundle, &key, |_| {}),
-        model.path(),
-        &policy,
-        now(),
-        &[],
-    )
-    .unwrap();
-    let err = verify(
-        &resign(&bundle, &key, edit),
-        model.path(),
-        &policy,
-        now(),
-        &[],
-    )
-    .unwrap_err();
+    check(resign(&bundle, &key, |_| {})).unwrap();
+    let err = check(resign(&bundle, &key, edit)).unwrap_err();
     assert_eq!(err.reason(), reason, "{err}");
 }
 
@@ -535,17 +447,7 @@ fn signed_but_wrong_statements_are_rejected(#[case] edit: fn(&mut Value), #[case
 fn shard_size_may_be_a_whole_float(#[case] size: Value, #[case] reason: Option<&str>) {
     let model = model_dir();
     let key = pem_key(&rcgen::PKCS_ECDSA_P256_SHA256);
-    let bundle = sign(
-        model.path(),
-        &key,
-        None,
-        &SignOptions {
-            method: Method::Shards(65_536),
-            ignore_paths: vec![],
-        },
-    )
-    .unwrap();
-    let policy = TrustPolicy::keys([("me".to_owned(), key.public_key())]);
+    let (bundle, policy) = key_signed(model.path(), &key, Method::Shards(65_536));
     let edited = resign(&bundle, &key, |s| {
         s["predicate"]["serialization"]["shard_size"] = size
     });
@@ -558,35 +460,128 @@ fn shard_size_may_be_a_whole_float(#[case] size: Value, #[case] reason: Option<&
 
 // ---- certificate mode with our own PKI -------------------------------------------
 
-fn make_ca(cn: &str) -> (Vec<u8>, rcgen::CertificateParams, rcgen::KeyPair) {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
-    let cert = p.self_signed(&key).unwrap();
-    (cert.der().to_vec(), p, key)
+struct Ca {
+    der: Vec<u8>,
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
 }
 
+fn ca_params(cn: &str, constraint: rcgen::BasicConstraints) -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.is_ca = rcgen::IsCa::Ca(constraint);
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    p
+}
+
+fn root_ca(cn: &str) -> Ca {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let params = ca_params(cn, rcgen::BasicConstraints::Unconstrained);
+    let der = params.self_signed(&key).unwrap().der().to_vec();
+    Ca { der, params, key }
+}
+
+/// Issues `params` under `parent` for a fresh key on `alg`: the certificate (DER) and key.
+fn issue(
+    parent: &Ca,
+    params: &rcgen::CertificateParams,
+    alg: &'static rcgen::SignatureAlgorithm,
+) -> (Vec<u8>, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate_for(alg).unwrap();
+    let issuer = rcgen::Issuer::from_params(&parent.params, &parent.key);
+    let der = params.signed_by(&key, &issuer).unwrap().der().to_vec();
+    (der, key)
+}
+
+fn sub_ca(parent: &Ca, params: rcgen::CertificateParams) -> Ca {
+    let (der, key) = issue(parent, &params, &rcgen::PKCS_ECDSA_P256_SHA256);
+    Ca { der, params, key }
+}
+
+/// A leaf's parameters: the e-mail identity and the key usages.
+fn leaf_params(
+    email: &str,
+    ku: Vec<rcgen::KeyUsagePurpose>,
+    eku: Vec<rcgen::ExtendedKeyUsagePurpose>,
+) -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::Rfc822Name(email.try_into().unwrap())];
+    p.key_usages = ku;
+    p.extended_key_usages = eku;
+    p
+}
+
+/// Issues a leaf under `parent` for a fresh key on `alg`: its DER and its signing key.
+fn issue_leaf(
+    parent: &Ca,
+    params: &rcgen::CertificateParams,
+    alg: &'static rcgen::SignatureAlgorithm,
+) -> (Vec<u8>, PrivateKey) {
+    let (der, key) = issue(parent, params, alg);
+    (der, PrivateKey::from_pem(&key.serialize_pem()).unwrap())
+}
+
+/// A P-384 "model publisher" leaf with the given key usages.
 fn leaf(
-    ca: (&rcgen::CertificateParams, &rcgen::KeyPair),
+    ca: &Ca,
     san_email: &str,
     ku: Vec<rcgen::KeyUsagePurpose>,
     eku: Vec<rcgen::ExtendedKeyUsagePurpose>,
 ) -> (Vec<u8>, PrivateKey) {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.subject_alt_names = vec![rcgen::SanType::Rfc822Name(san_email.try_into().unwrap())];
+    let mut p = leaf_params(san_email, ku, eku);
     p.distinguished_name
         .push(rcgen::DnType::CommonName, "model publisher");
-    p.key_usages = ku;
-    p.extended_key_usages = eku;
-    let issuer = rcgen::Issuer::from_params(ca.0, ca.1);
-    let cert = p.signed_by(&key, &issuer).unwrap();
-    (
-        cert.der().to_vec(),
-        PrivateKey::from_pem(&key.serialize_pem()).unwrap(),
+    issue_leaf(ca, &p, &rcgen::PKCS_ECDSA_P384_SHA384)
+}
+
+/// A P-256 code-signing leaf, valid now or expired yesterday.
+fn signing_leaf(parent: &Ca, email: &str, expired: bool) -> (Vec<u8>, PrivateKey) {
+    let mut p = leaf_params(
+        email,
+        vec![rcgen::KeyUsagePurpose::DigitalSignature],
+        vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning],
+    );
+    if expired {
+        p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(30);
+        p.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    }
+    issue_leaf(parent, &p, &rcgen::PKCS_ECDSA_P256_SHA256)
+}
+
+/// Signs a fresh model in certificate mode with `chain` and verifies it against `roots`
+/// now: who signed, or why not.
+fn verify_chain(
+    chain: Vec<Vec<u8>>,
+    key: &PrivateKey,
+    roots: Vec<PinnedRoot>,
+) -> Result<SignerIdentity, SignatureError> {
+    let model = model_dir();
+    let bundle = sign(model.path(), key, Some(&chain), &SignOptions::default()).unwrap();
+    verify(
+        &bundle,
+        model.path(),
+        &TrustPolicy::roots(roots),
+        SystemTime::now(),
+        &[],
     )
+    .map(|v| v.signer)
+}
+
+fn pin(name: &str, ca: &Ca, id: &str) -> PinnedRoot {
+    PinnedRoot {
+        name: name.into(),
+        der: ca.der.clone(),
+        identities: vec![id.into()],
+    }
+}
+
+/// [`verify_chain`] with `root` pinned as "r" for the identity a@x.example.
+fn verify_under(
+    root: &Ca,
+    chain: Vec<Vec<u8>>,
+    key: &PrivateKey,
+) -> Result<SignerIdentity, SignatureError> {
+    verify_chain(chain, key, vec![pin("r", root, "a@x.example")])
 }
 
 #[rstest]
@@ -599,32 +594,12 @@ fn certificate_mode_checks_key_usage(
     #[case] eku: Vec<rcgen::ExtendedKeyUsagePurpose>,
     #[case] reason: Option<&str>,
 ) {
-    let (root_der, root_params, root_key) = make_ca("edgefleet test root");
-    let (leaf_der, key) = leaf(
-        (&root_params, &root_key),
-        "release@edgefleet.example",
-        ku,
-        eku,
-    );
-    let model = model_dir();
-    let bundle = sign(
-        model.path(),
-        &key,
-        Some(&[leaf_der]),
-        &SignOptions::default(),
-    )
-    .unwrap();
-    let policy = TrustPolicy::roots([PinnedRoot {
-        name: "release".into(),
-        der: root_der,
-        identities: vec!["release@edgefleet.example".into()],
-    }]);
-    match (
-        verify(&bundle, model.path(), &policy, SystemTime::now(), &[]),
-        reason,
-    ) {
-        (Ok(v), None) => assert!(
-            matches!(v.signer, SignerIdentity::Certificate { ref identity, .. } if identity == "release@edgefleet.example")
+    let root = root_ca("edgefleet test root");
+    let (leaf_der, key) = leaf(&root, "release@edgefleet.example", ku, eku);
+    let roots = vec![pin("release", &root, "release@edgefleet.example")];
+    match (verify_chain(vec![leaf_der], &key, roots), reason) {
+        (Ok(signer), None) => assert!(
+            matches!(signer, SignerIdentity::Certificate { ref identity, .. } if identity == "release@edgefleet.example")
         ),
         (Err(e), Some(r)) => assert_eq!(e.reason(), r, "{e}"),
         (other, want) => panic!("expected {want:?}, got {other:?}"),
@@ -633,9 +608,9 @@ fn certificate_mode_checks_key_usage(
 
 #[test]
 fn signing_refuses_a_key_that_is_not_the_leafs() {
-    let (_, root_params, root_key) = make_ca("root");
+    let root = root_ca("root");
     let (leaf_der, _) = leaf(
-        (&root_params, &root_key),
+        &root,
         "a@b.example",
         vec![rcgen::KeyUsagePurpose::DigitalSignature],
         vec![],
@@ -667,86 +642,6 @@ fn key_hint_matches_the_reference_pem_hash() {
 }
 
 // ---- path building ----------------------------------------------------------------
-
-struct Ca {
-    der: Vec<u8>,
-    params: rcgen::CertificateParams,
-    key: rcgen::KeyPair,
-}
-
-fn ca_params(cn: &str, constraint: rcgen::BasicConstraints) -> rcgen::CertificateParams {
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-    p.is_ca = rcgen::IsCa::Ca(constraint);
-    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
-    p
-}
-
-fn root_ca(cn: &str) -> Ca {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let params = ca_params(cn, rcgen::BasicConstraints::Unconstrained);
-    let der = params.self_signed(&key).unwrap().der().to_vec();
-    Ca { der, params, key }
-}
-
-fn sub_ca(parent: &Ca, params: rcgen::CertificateParams) -> Ca {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let der = params
-        .signed_by(
-            &key,
-            &rcgen::Issuer::from_params(&parent.params, &parent.key),
-        )
-        .unwrap()
-        .der()
-        .to_vec();
-    Ca { der, params, key }
-}
-
-fn signing_leaf(parent: &Ca, email: &str, expired: bool) -> (Vec<u8>, PrivateKey) {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.subject_alt_names = vec![rcgen::SanType::Rfc822Name(email.try_into().unwrap())];
-    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning];
-    if expired {
-        p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(30);
-        p.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
-    }
-    let der = p
-        .signed_by(
-            &key,
-            &rcgen::Issuer::from_params(&parent.params, &parent.key),
-        )
-        .unwrap()
-        .der()
-        .to_vec();
-    (der, PrivateKey::from_pem(&key.serialize_pem()).unwrap())
-}
-
-fn verify_chain(
-    chain: Vec<Vec<u8>>,
-    key: &PrivateKey,
-    roots: Vec<PinnedRoot>,
-) -> Result<SignerIdentity, SignatureError> {
-    let model = model_dir();
-    let bundle = sign(model.path(), key, Some(&chain), &SignOptions::default()).unwrap();
-    verify(
-        &bundle,
-        model.path(),
-        &TrustPolicy::roots(roots),
-        SystemTime::now(),
-        &[],
-    )
-    .map(|v| v.signer)
-}
-
-fn pin(name: &str, ca: &Ca, id: &str) -> PinnedRoot {
-    PinnedRoot {
-        name: name.into(),
-        der: ca.der.clone(),
-        identities: vec![id.into()],
-    }
-}
 
 #[test]
 fn a_root_with_the_right_name_but_another_key_is_untrusted() {
@@ -781,20 +676,10 @@ fn path_length_constraints_are_enforced() {
     );
     let (leaf, key) = signing_leaf(&int1, "a@x.example", false);
     // int1 may issue leaves directly ...
-    verify_chain(
-        vec![leaf, int1.der.clone()],
-        &key,
-        vec![pin("r", &root, "a@x.example")],
-    )
-    .unwrap();
+    verify_under(&root, vec![leaf, int1.der.clone()], &key).unwrap();
     // ... but not through another intermediate.
     let (leaf, key) = signing_leaf(&int2, "a@x.example", false);
-    let err = verify_chain(
-        vec![leaf, int2.der, int1.der],
-        &key,
-        vec![pin("r", &root, "a@x.example")],
-    )
-    .unwrap_err();
+    let err = verify_under(&root, vec![leaf, int2.der, int1.der], &key).unwrap_err();
     assert_eq!(err.reason(), "UntrustedChain", "{err}");
     assert!(err.to_string().contains("allows 0 intermediates"), "{err}");
 }
@@ -806,12 +691,7 @@ fn an_intermediate_that_is_not_a_ca_cannot_issue() {
     p.is_ca = rcgen::IsCa::ExplicitNoCa;
     let fake = sub_ca(&root, p);
     let (leaf, key) = signing_leaf(&fake, "a@x.example", false);
-    let err = verify_chain(
-        vec![leaf, fake.der],
-        &key,
-        vec![pin("r", &root, "a@x.example")],
-    )
-    .unwrap_err();
+    let err = verify_under(&root, vec![leaf, fake.der], &key).unwrap_err();
     assert_eq!(err.reason(), "UntrustedChain", "{err}");
     assert!(err.to_string().contains("is not a CA certificate"), "{err}");
 }
@@ -820,7 +700,7 @@ fn an_intermediate_that_is_not_a_ca_cannot_issue() {
 fn an_expired_leaf_under_a_valid_root_is_rejected() {
     let root = root_ca("root");
     let (leaf, key) = signing_leaf(&root, "a@x.example", true);
-    let err = verify_chain(vec![leaf], &key, vec![pin("r", &root, "a@x.example")]).unwrap_err();
+    let err = verify_under(&root, vec![leaf], &key).unwrap_err();
     assert_eq!(err.reason(), "CertificateNotValidAt", "{err}");
 }
 
@@ -846,23 +726,13 @@ fn signers_sharing_a_root_each_match_their_own_identity() {
 #[test]
 fn any_extended_key_usage_is_not_code_signing() {
     let root = root_ca("root");
-    let key_pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.subject_alt_names = vec![rcgen::SanType::Rfc822Name(
-        "a@x.example".try_into().unwrap(),
-    )];
-    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::Any];
-    let leaf = p
-        .signed_by(
-            &key_pem,
-            &rcgen::Issuer::from_params(&root.params, &root.key),
-        )
-        .unwrap()
-        .der()
-        .to_vec();
-    let key = PrivateKey::from_pem(&key_pem.serialize_pem()).unwrap();
-    let err = verify_chain(vec![leaf], &key, vec![pin("r", &root, "a@x.example")]).unwrap_err();
+    let p = leaf_params(
+        "a@x.example",
+        vec![rcgen::KeyUsagePurpose::DigitalSignature],
+        vec![rcgen::ExtendedKeyUsagePurpose::Any],
+    );
+    let (leaf, key) = issue_leaf(&root, &p, &rcgen::PKCS_ECDSA_P256_SHA256);
+    let err = verify_under(&root, vec![leaf], &key).unwrap_err();
     assert_eq!(err.reason(), "ExtendedKeyUsage", "{err}");
 }
 
@@ -870,8 +740,7 @@ fn any_extended_key_usage_is_not_code_signing() {
 fn allowed_symlinks_must_stay_inside_the_model() {
     let model = model_dir();
     let key = pem_key(&rcgen::PKCS_ECDSA_P256_SHA256);
-    let bundle = sign(model.path(), &key, None, &SignOptions::default()).unwrap();
-    let policy = TrustPolicy::keys([("me".to_owned(), key.public_key())]);
+    let (bundle, policy) = key_signed(model.path(), &key, Method::Files);
     // The signer allowed symlinks and covered `alias`, a link to a file of the model.
     let config_digest = {
         use sha2::Digest as _;

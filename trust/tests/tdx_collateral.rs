@@ -2,10 +2,12 @@
 //! TCB info and QE identity, and every way the collateral or the platform can fail it.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::{collateral_dir, intel_root, later, read as quote, when};
 use edgefleet_trust::attestation::tdx::{self, TdxOptions};
 use edgefleet_trust::attestation::tdx_collateral::{
     self, PckTcb, QuoteTcb, TcbStatus, TdxCollateral,
@@ -16,32 +18,8 @@ use p256::pkcs8::DecodePrivateKey as _;
 use rstest::rstest;
 use serde_json::{Value, json};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/attestation")
-}
-
-fn data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tdx-collateral")
-}
-
-fn intel_root() -> Vec<u8> {
-    pem_certificates(&std::fs::read(fixtures().join("intel-sgx-root.pem")).unwrap())
-        .unwrap()
-        .remove(0)
-}
-
-fn quote(name: &str) -> Vec<u8> {
-    std::fs::read(fixtures().join(name)).unwrap()
-}
-
-/// 2026-02-01T20:00:00Z: the one window where the 90c06f000000 TCB info and the QE
-/// identity are both current (see data/tdx-collateral/README.md).
-fn when() -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(1_769_976_000)
-}
-
 fn genuine() -> TdxCollateral {
-    TdxCollateral::load_dir(&data()).unwrap()
+    TdxCollateral::load_dir(&collateral_dir()).unwrap()
 }
 
 fn verify(
@@ -174,12 +152,7 @@ fn only_the_tcb_signing_certificate_under_the_pinned_root_signs() {
     let err = verify("gotdx-quote-v5.dat", c, when()).unwrap_err();
     assert_eq!(err.reason(), "ChainInvalid", "{err}");
     // After the signing certificate's end.
-    let err = verify(
-        "gotdx-quote-v5.dat",
-        genuine(),
-        UNIX_EPOCH + Duration::from_secs(2_524_608_000),
-    )
-    .unwrap_err();
+    let err = verify("gotdx-quote-v5.dat", genuine(), later()).unwrap_err();
     assert_eq!(err.reason(), "CertificateNotValidAt", "{err}");
 }
 

@@ -18,6 +18,7 @@ pub mod tdx_collateral;
 pub mod tpm;
 pub mod tpm_enrol;
 
+pub use crate::x509::NotValidAt;
 pub use claims::{Claims, TeeKind};
 
 use std::time::SystemTime;
@@ -61,17 +62,8 @@ pub enum AttestationError {
     #[error("certificate chain: {0}")]
     ChainInvalid(String),
     /// A certificate is not valid at `now`.
-    #[error("certificate {subject} is not valid at {now} (valid {not_before} to {not_after})")]
-    CertificateNotValidAt {
-        /// Subject.
-        subject: String,
-        /// Validity start.
-        not_before: String,
-        /// Validity end.
-        not_after: String,
-        /// Verification time.
-        now: String,
-    },
+    #[error(transparent)]
+    CertificateNotValidAt(NotValidAt),
     /// The reported TCB differs from the TCB the certificate was issued for.
     #[error("TCB {component}: report says {reported}, certificate says {certified}")]
     TcbMismatch {
@@ -141,7 +133,7 @@ impl AttestationError {
             AttestationError::SignatureInvalid(_) => "SignatureInvalid",
             AttestationError::MalformedCertificate { .. } => "MalformedCertificate",
             AttestationError::ChainInvalid(_) => "ChainInvalid",
-            AttestationError::CertificateNotValidAt { .. } => "CertificateNotValidAt",
+            AttestationError::CertificateNotValidAt(_) => "CertificateNotValidAt",
             AttestationError::TcbMismatch { .. } => "TcbMismatch",
             AttestationError::DebugEnabled => "DebugEnabled",
             AttestationError::ReportDataMismatch => "ReportDataMismatch",
@@ -193,12 +185,7 @@ pub(crate) fn check_validity(
     cert: &X509Certificate<'_>,
     now: ASN1Time,
 ) -> Result<(), AttestationError> {
-    crate::x509::validity_at(cert, now).map_err(|e| AttestationError::CertificateNotValidAt {
-        subject: e.subject,
-        not_before: e.not_before,
-        not_after: e.not_after,
-        now: e.now,
-    })
+    crate::x509::validity_at(cert, now).map_err(AttestationError::CertificateNotValidAt)
 }
 
 /// Checks that `child` names `issuer` as its issuer and carries its signature.

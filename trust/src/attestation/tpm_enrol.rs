@@ -37,28 +37,8 @@ pub struct AkPublic {
     pub exponent: u32,
 }
 
-fn be16(b: &[u8], at: &mut usize) -> Result<u16, AttestationError> {
-    let s = b.get(*at..*at + 2).ok_or(AttestationError::Truncated {
-        what: "TPMT_PUBLIC",
-        need: *at + 2,
-        have: b.len(),
-    })?;
-    *at += 2;
-    Ok(u16::from_be_bytes([s[0], s[1]]))
-}
-
-fn be32(b: &[u8], at: &mut usize) -> Result<u32, AttestationError> {
-    let s = b.get(*at..*at + 4).ok_or(AttestationError::Truncated {
-        what: "TPMT_PUBLIC",
-        need: *at + 4,
-        have: b.len(),
-    })?;
-    *at += 4;
-    Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-}
-
-fn tpm2b<'a>(b: &'a [u8], at: &mut usize) -> Result<&'a [u8], AttestationError> {
-    let n = usize::from(be16(b, at)?);
+/// The next `n` bytes of a TPMT_PUBLIC at `at`, which moves past them.
+fn take<'a>(b: &'a [u8], at: &mut usize, n: usize) -> Result<&'a [u8], AttestationError> {
     let s = b.get(*at..*at + n).ok_or(AttestationError::Truncated {
         what: "TPMT_PUBLIC",
         need: *at + n,
@@ -66,6 +46,21 @@ fn tpm2b<'a>(b: &'a [u8], at: &mut usize) -> Result<&'a [u8], AttestationError> 
     })?;
     *at += n;
     Ok(s)
+}
+
+fn be16(b: &[u8], at: &mut usize) -> Result<u16, AttestationError> {
+    let s = take(b, at, 2)?;
+    Ok(u16::from_be_bytes([s[0], s[1]]))
+}
+
+fn be32(b: &[u8], at: &mut usize) -> Result<u32, AttestationError> {
+    let s = take(b, at, 4)?;
+    Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn tpm2b<'a>(b: &'a [u8], at: &mut usize) -> Result<&'a [u8], AttestationError> {
+    let n = usize::from(be16(b, at)?);
+    take(b, at, n)
 }
 
 /// Parses an RSA AK's TPMT_PUBLIC and checks it is an attestation key: restricted,

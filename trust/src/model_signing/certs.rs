@@ -52,12 +52,7 @@ fn parse(der: &[u8], what: String) -> Result<X509Certificate<'_>, SignatureError
 }
 
 fn check_validity(cert: &X509Certificate<'_>, now: ASN1Time) -> Result<(), SignatureError> {
-    crate::x509::validity_at(cert, now).map_err(|e| SignatureError::CertificateNotValidAt {
-        subject: e.subject,
-        not_before: e.not_before,
-        not_after: e.not_after,
-        now: e.now,
-    })
+    crate::x509::validity_at(cert, now).map_err(SignatureError::CertificateNotValidAt)
 }
 
 fn ext_err(cert: &X509Certificate<'_>, e: impl std::fmt::Display) -> SignatureError {

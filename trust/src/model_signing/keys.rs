@@ -1,6 +1,9 @@
 //! ECDSA keys on P-256, P-384 and P-521, each with its curve-matched hash (SHA-256,
 //! SHA-384, SHA-512), as model-signing uses them.
 
+use p256::elliptic_curve::pkcs8::AssociatedOid;
+use p256::elliptic_curve::sec1::{ModulusSize, ValidatePublicKey};
+use p256::elliptic_curve::{Curve, FieldBytesSize, SecretKey};
 use p256::pkcs8::{DecodePrivateKey as _, DecodePublicKey as _, EncodePublicKey as _, LineEnding};
 use sha2::{Digest as _, Sha256};
 
@@ -130,48 +133,62 @@ impl PublicKey {
     }
 }
 
+/// How a PEM private key's DER is encoded, by its label.
+#[derive(Debug, Clone, Copy)]
+enum Encoding {
+    /// PKCS#8 `PrivateKeyInfo` (`PRIVATE KEY`).
+    Pkcs8,
+    /// SEC1 `ECPrivateKey` (`EC PRIVATE KEY`).
+    Sec1,
+}
+
+impl Encoding {
+    /// The key, when `der` is one on curve `C` in this encoding.
+    fn secret_key<C>(self, der: &[u8]) -> Option<SecretKey<C>>
+    where
+        C: AssociatedOid + Curve + ValidatePublicKey,
+        FieldBytesSize<C>: ModulusSize,
+    {
+        match self {
+            Encoding::Pkcs8 => SecretKey::<C>::from_pkcs8_der(der).ok(),
+            Encoding::Sec1 => SecretKey::<C>::from_sec1_der(der).ok(),
+        }
+    }
+}
+
 impl PrivateKey {
     /// Parses a PEM private key: PKCS#8 (`PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`).
     /// Encrypted keys are not supported.
     pub fn from_pem(pem: &str) -> Result<Self, SignatureError> {
         let (label, der) = pem_rfc7468_decode(pem)?;
-        match label.as_str() {
-            "PRIVATE KEY" => {
-                if let Ok(k) = p256::SecretKey::from_pkcs8_der(&der) {
-                    return Ok(Self::P256(k.into()));
-                }
-                if let Ok(k) = p384::SecretKey::from_pkcs8_der(&der) {
-                    return Ok(Self::P384(k.into()));
-                }
-                if let Ok(k) = p521::SecretKey::from_pkcs8_der(&der) {
-                    return Self::p521(&k);
-                }
-                Err(SignatureError::UnsupportedKey(
-                    "not an ECDSA P-256, P-384 or P-521 PKCS#8 key".into(),
-                ))
+        let (encoding, unsupported) = match label.as_str() {
+            "PRIVATE KEY" => (
+                Encoding::Pkcs8,
+                "not an ECDSA P-256, P-384 or P-521 PKCS#8 key",
+            ),
+            "EC PRIVATE KEY" => (Encoding::Sec1, "not a P-256, P-384 or P-521 SEC1 key"),
+            "ENCRYPTED PRIVATE KEY" => {
+                return Err(SignatureError::UnsupportedKey(
+                    "encrypted private keys are not supported; decrypt with `openssl pkcs8`".into(),
+                ));
             }
-            "EC PRIVATE KEY" => {
-                if let Ok(k) = p256::SecretKey::from_sec1_der(&der) {
-                    return Ok(Self::P256(k.into()));
-                }
-                if let Ok(k) = p384::SecretKey::from_sec1_der(&der) {
-                    return Ok(Self::P384(k.into()));
-                }
-                if let Ok(k) = p521::SecretKey::from_sec1_der(&der) {
-                    return Self::p521(&k);
-                }
-                Err(SignatureError::UnsupportedKey(
-                    "not a P-256, P-384 or P-521 SEC1 key".into(),
-                ))
+            other => {
+                return Err(bad_key(
+                    "private key PEM",
+                    format!("unexpected label {other:?}"),
+                ));
             }
-            "ENCRYPTED PRIVATE KEY" => Err(SignatureError::UnsupportedKey(
-                "encrypted private keys are not supported; decrypt with `openssl pkcs8`".into(),
-            )),
-            other => Err(bad_key(
-                "private key PEM",
-                format!("unexpected label {other:?}"),
-            )),
+        };
+        if let Some(k) = encoding.secret_key::<p256::NistP256>(&der) {
+            return Ok(Self::P256(k.into()));
         }
+        if let Some(k) = encoding.secret_key::<p384::NistP384>(&der) {
+            return Ok(Self::P384(k.into()));
+        }
+        if let Some(k) = encoding.secret_key::<p521::NistP521>(&der) {
+            return Self::p521(&k);
+        }
+        Err(SignatureError::UnsupportedKey(unsupported.into()))
     }
 
     fn p521(k: &p521::SecretKey) -> Result<Self, SignatureError> {
