@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use edgefleet_trust::attestation::TeeKind;
 use serde::Deserialize;
 use toml::Value;
 
@@ -33,6 +34,23 @@ pub enum ConfigError {
     /// The merged configuration does not fit the schema or fails validation.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+}
+
+/// A TEE kind that names no evidence source the agent has.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown TEE kind {0:?}: expected tpm, sev-snp, tdx or dev")]
+pub struct UnknownTeeKind(pub String);
+
+/// Parses a TEE kind as `attestation.tee` and `attest --tee` spell it: `tpm`,
+/// `sev-snp`, `tdx` or `dev`. Anything else is an error, never a fallback.
+pub fn parse_tee_kind(s: &str) -> Result<TeeKind, UnknownTeeKind> {
+    match s {
+        "tpm" => Ok(TeeKind::Tpm),
+        "sev-snp" => Ok(TeeKind::SevSnp),
+        "tdx" => Ok(TeeKind::Tdx),
+        "dev" => Ok(TeeKind::Dev),
+        other => Err(UnknownTeeKind(other.to_owned())),
+    }
 }
 
 /// A value that must not be logged.
@@ -127,6 +145,13 @@ pub struct AttestationConfig {
     pub tsm_root: PathBuf,
     /// Most seconds between attestations.
     pub interval_seconds: u64,
+}
+
+impl AttestationConfig {
+    /// `tee` parsed ([`parse_tee_kind`]).
+    pub fn tee_kind(&self) -> Result<TeeKind, UnknownTeeKind> {
+        parse_tee_kind(&self.tee)
+    }
 }
 
 /// `[serve]`.
@@ -268,10 +293,7 @@ fn validate(c: &AgentConfig) -> Result<(), ConfigError> {
     if !c.gateway.url.starts_with("https://") {
         return bad("gateway.url must be an https:// URL");
     }
-    if !matches!(
-        c.attestation.tee.as_str(),
-        "tpm" | "sev-snp" | "tdx" | "dev"
-    ) {
+    if c.attestation.tee_kind().is_err() {
         return bad("attestation.tee must be tpm, sev-snp, tdx or dev");
     }
     if c.attestation.interval_seconds < 60 {
@@ -373,6 +395,23 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("attestation.tee"), "{err}");
+    }
+
+    #[test]
+    fn tee_kinds_parse_and_an_unknown_one_is_an_error() {
+        for (text, kind) in [
+            ("tpm", TeeKind::Tpm),
+            ("sev-snp", TeeKind::SevSnp),
+            ("tdx", TeeKind::Tdx),
+            ("dev", TeeKind::Dev),
+        ] {
+            assert_eq!(parse_tee_kind(text), Ok(kind), "{text}");
+        }
+        for text in ["sgx", "", "TPM", "sev_snp"] {
+            let err = parse_tee_kind(text).unwrap_err();
+            assert_eq!(err, UnknownTeeKind(text.to_owned()));
+            assert!(err.to_string().contains("unknown TEE kind"), "{err}");
+        }
     }
 
     #[test]

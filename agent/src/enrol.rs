@@ -62,6 +62,21 @@ pub enum Source {
     Dev(DevAttester),
 }
 
+impl Source {
+    /// The evidence source of a `kind` device: the TPM at `tcti`, configfs-tsm at
+    /// `tsm_root` (SEV-SNP, TDX), or a freshly generated development key.
+    pub fn new(kind: TeeKind, tcti: String, tsm_root: PathBuf) -> Self {
+        match kind {
+            TeeKind::Tpm => Self::Tpm(TpmSource::new(tcti)),
+            TeeKind::SevSnp | TeeKind::Tdx => Self::ConfigfsTsm {
+                root: tsm_root,
+                kind,
+            },
+            TeeKind::Dev => Self::Dev(DevAttester::generate()),
+        }
+    }
+}
+
 /// A TPM opened on first use and kept, so that re-attestation reuses its AK (creating
 /// an RSA key takes seconds on a real TPM). After a failed round it is opened afresh.
 #[derive(Debug)]

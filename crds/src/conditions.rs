@@ -1,5 +1,6 @@
-//! Condition types and reasons, shared by the operator (which writes them) and by
-//! tests and tools (which read them). Values are part of the API: do not rename.
+//! Condition types, their [`Status`] values, and reasons, shared by the operator (which
+//! writes them) and by tests and tools (which read them). Values are part of the API:
+//! do not rename.
 
 /// `EdgeModel` condition: the model serves on enough targeted devices.
 pub const AVAILABLE: &str = "Available";
@@ -17,6 +18,45 @@ pub const READY: &str = "Ready";
 pub const ATTESTED: &str = "Attested";
 /// `EdgeDevice` condition: an administrator or the approval policy admitted the device.
 pub const APPROVED: &str = "Approved";
+
+/// The status of a condition. `Condition.status` is a string in the Kubernetes API;
+/// these are its three values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// The condition holds.
+    True,
+    /// The condition does not hold.
+    False,
+    /// Not known.
+    Unknown,
+}
+
+impl Status {
+    /// The status as written in `Condition.status`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::True => "True",
+            Self::False => "False",
+            Self::Unknown => "Unknown",
+        }
+    }
+
+    /// The status written as `s`, if it is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "True" => Some(Self::True),
+            "False" => Some(Self::False),
+            "Unknown" => Some(Self::Unknown),
+            _ => None,
+        }
+    }
+}
+
+impl From<bool> for Status {
+    fn from(holds: bool) -> Self {
+        if holds { Self::True } else { Self::False }
+    }
+}
 
 /// Reasons used in conditions and Events.
 pub mod reasons {
@@ -57,4 +97,19 @@ pub mod reasons {
     pub const NOT_ALL_DEVICES_READY: &str = "NotAllDevicesReady";
     /// No gate has failed.
     pub const HEALTHY: &str = "Healthy";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Status;
+
+    #[test]
+    fn statuses_read_back_as_written() {
+        for s in [Status::True, Status::False, Status::Unknown] {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(Status::from(true), Status::True);
+        assert_eq!(Status::from(false), Status::False);
+        assert_eq!(Status::parse("true"), None);
+    }
 }

@@ -21,7 +21,7 @@ pub mod model;
 
 pub use common::{Artifact, SignatureSource, TeeKind, TrustedSigner};
 pub use device::{EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus};
-pub use model::{EdgeModel, EdgeModelSpec, EdgeModelStatus};
+pub use model::{EdgeModel, EdgeModelSpec, EdgeModelStatus, ModelPhase};
 
 use kube::CustomResourceExt;
 

@@ -370,7 +370,7 @@ pub struct EdgeModelStatus {
     pub conditions: Vec<Condition>,
     /// One-word summary: Pending, Progressing, Available, Paused, Degraded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<ModelPhase>,
     /// `ready/targeted`, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_devices: Option<String>,
@@ -402,6 +402,43 @@ pub struct EdgeModelStatus {
     #[schemars(length(max = 8))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["revision"]))]
     pub revisions: Vec<RevisionTemplate>,
+}
+
+/// One-word summary: Pending, Progressing, Available, Paused, Degraded or Failed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum ModelPhase {
+    /// No approved, ready and attested device matches the selector.
+    Pending,
+    /// Devices are moving to the current revision.
+    Progressing,
+    /// Every step is done and the current revision is the stable one.
+    Available,
+    /// `spec.rollout.paused` holds the rollout where it is.
+    Paused,
+    /// The current revision failed its health gates; the rollout is halted.
+    Degraded,
+    /// The signature did not verify; nothing moves to the current revision.
+    Failed,
+}
+
+impl ModelPhase {
+    /// The phase as written in `status.phase`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Progressing => "Progressing",
+            Self::Available => "Available",
+            Self::Paused => "Paused",
+            Self::Degraded => "Degraded",
+            Self::Failed => "Failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
 }
 
 /// One revision as devices run it. Every `signature` holds its bundle inline.
@@ -462,4 +499,31 @@ pub struct DeviceCounts {
     /// Devices that reported a failure for the current revision.
     #[serde(default)]
     pub failed: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn phases_are_written_as_their_names() {
+        for phase in [
+            ModelPhase::Pending,
+            ModelPhase::Progressing,
+            ModelPhase::Available,
+            ModelPhase::Paused,
+            ModelPhase::Degraded,
+            ModelPhase::Failed,
+        ] {
+            let json = serde_json::to_value(phase).unwrap();
+            assert_eq!(json, serde_json::json!(phase.as_str()));
+            assert_eq!(serde_json::from_value::<ModelPhase>(json).unwrap(), phase);
+        }
+        let status: EdgeModelStatus =
+            serde_json::from_value(serde_json::json!({"phase": "Progressing"})).unwrap();
+        assert_eq!(status.phase, Some(ModelPhase::Progressing));
+        assert!(serde_json::from_value::<ModelPhase>(serde_json::json!("Unknown")).is_err());
+    }
 }

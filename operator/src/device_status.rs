@@ -48,7 +48,7 @@ fn attested_condition(
     generation: i64,
     now: OffsetDateTime,
 ) -> Value {
-    let status_str = if status { "True" } else { "False" };
+    let status_str = conditions::Status::from(status).as_str();
     let previous = current.and_then(|d| d.status.as_ref()).and_then(|s| {
         s.conditions
             .iter()
@@ -253,10 +253,10 @@ impl DeviceStatus {
             let Some(att) = status.attestation.as_ref() else {
                 continue;
             };
-            let attested = status
-                .conditions
-                .iter()
-                .any(|c| c.type_ == conditions::ATTESTED && c.status == "True");
+            let attested = status.conditions.iter().any(|c| {
+                c.type_ == conditions::ATTESTED
+                    && conditions::Status::parse(&c.status) == Some(conditions::Status::True)
+            });
             let expiry = serde_json::to_value(&att.expiry_time).ok().and_then(|v| {
                 v.as_str()
                     .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())

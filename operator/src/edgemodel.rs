@@ -3,7 +3,7 @@
 //! Cleanup unassigns the model from every device and waits until no ready device still
 //! reports it before the finalizer is released.
 //!
-//! Writes:
+//! Writes (module `writes`):
 //! - each device's assignment of this model, as one entry of
 //!   `EdgeDevice.spec.desiredModels` (a list map keyed by `model`) applied with
 //!   server-side apply under a field manager of this EdgeModel's own, so that models
@@ -26,19 +26,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use edgefleet_crds::device::DesiredModel;
-use edgefleet_crds::{EdgeDevice, EdgeModel};
+use edgefleet_crds::conditions::reasons;
+use edgefleet_crds::{EdgeDevice, EdgeModel, ModelPhase};
 use futures::StreamExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
-use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
+use kube::{Client, ResourceExt};
 
+use crate::device_cache::SharedDevices;
 use crate::rollout;
+
+mod writes;
+
+pub use writes::{assign, assignment_manager};
 
 /// Finalizer on every EdgeModel.
 pub const FINALIZER: &str = "edgefleet.io/unassign";
@@ -146,18 +150,6 @@ impl DeviceCache {
     }
 }
 
-/// A device watch cache kept elsewhere (the gateway's), for the reconciler to plan on
-/// instead of watching the fleet a second time.
-#[derive(Debug)]
-pub struct SharedDevices {
-    /// The cache (managed fields stripped).
-    pub store: Store<EdgeDevice>,
-    /// The highest resourceVersion the cache has applied.
-    pub seen: Arc<AtomicU64>,
-    /// Ticks once per device event the cache has applied.
-    pub changes: tokio::sync::watch::Receiver<u64>,
-}
-
 /// Where the reconciler gets what devices are and report, beyond its own watch.
 #[derive(Debug, Default)]
 pub struct Sources {
@@ -195,65 +187,6 @@ impl Context {
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context").finish_non_exhaustive()
-    }
-}
-
-/// The field manager that owns `model`'s entries in devices' `desiredModels`.
-pub fn assignment_manager(model: &EdgeModel) -> String {
-    // Field managers are at most 128 bytes; namespace and name are at most 63 + 253.
-    let key = rollout::model_key(model);
-    if key.len() <= 100 {
-        format!("edgefleet-em/{key}")
-    } else {
-        use sha2::Digest as _;
-        format!(
-            "edgefleet-em/{}",
-            hex::encode(&sha2::Sha256::digest(key.as_bytes())[..16])
-        )
-    }
-}
-
-/// Applies (or, with `None`, removes) `model`'s entry in `device`'s desiredModels;
-/// returns the device as written.
-pub async fn assign(
-    client: &Client,
-    manager: &str,
-    device: &str,
-    desired: Option<&DesiredModel>,
-) -> Result<EdgeDevice, kube::Error> {
-    let api: Api<EdgeDevice> = Api::all(client.clone());
-    let entries: Vec<&DesiredModel> = desired.into_iter().collect();
-    let patch = json!({
-        "apiVersion": "edgefleet.io/v1alpha1",
-        "kind": "EdgeDevice",
-        "metadata": {"name": device},
-        "spec": {"desiredModels": entries},
-    });
-    api.patch(device, &PatchParams::apply(manager), &Patch::Apply(&patch))
-        .await
-}
-
-async fn publish(
-    ctx: &Context,
-    model: &EdgeModel,
-    events: &[(&'static str, &'static str, String)],
-) {
-    let reference = model.object_ref(&());
-    for (kind, reason, note) in events {
-        let ev = Event {
-            type_: if *kind == "Warning" {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: (*reason).to_owned(),
-            note: Some(note.chars().take(1024).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
-            tracing::warn!(error = %e, "publishing an event");
-        }
     }
 }
 
@@ -353,21 +286,7 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
     ctx.metrics.record_devices(ready, devices.len() - ready);
     // Status (with the templates) first: the gateway serves an assignment from its
     // revision's template, so the template must exist before any device is moved.
-    if model.status.as_ref() != Some(&plan.status) {
-        let api: Api<EdgeModel> =
-            Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
-        let patch = json!({
-            "apiVersion": "edgefleet.io/v1alpha1",
-            "kind": "EdgeModel",
-            "status": plan.status,
-        });
-        api.patch_status(
-            &model.name_any(),
-            &PatchParams::apply(STATUS_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    }
+    writes::write_status(&ctx.client, &model, &plan.status).await?;
     // Assignments are independent writes (one device each): a bounded number in flight,
     // so that a rollout to a large fleet is not one round trip per device in sequence.
     let manager = assignment_manager(&model);
@@ -389,9 +308,9 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
     if let Some(e) = first_error {
         return Err(e.into());
     }
-    publish(&ctx, &model, &plan.events).await;
+    writes::publish(&ctx.recorder, &model, &plan.events).await;
     Ok(Action::requeue(
-        if plan.status.phase.as_deref() == Some("Progressing") {
+        if plan.status.phase == Some(ModelPhase::Progressing) {
             REQUEUE_PROGRESSING
         } else {
             REQUEUE_SETTLED
@@ -426,12 +345,12 @@ async fn cleanup(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Err
     if still > 0 {
         return Err(Error::StillLoaded(still));
     }
-    publish(
-        &ctx,
+    writes::publish(
+        &ctx.recorder,
         &model,
         &[(
-            "Normal",
-            "Unassigned",
+            EventType::Normal,
+            reasons::UNASSIGNED,
             format!("{key} unassigned from every device"),
         )],
     )
@@ -619,6 +538,7 @@ mod tests {
 
     use super::*;
     use kube::runtime::watcher::Event;
+    use serde_json::json;
 
     fn device(name: &str, rv: u64) -> EdgeDevice {
         let mut d: EdgeDevice = serde_json::from_value(json!({

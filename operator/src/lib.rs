@@ -2,6 +2,7 @@
 //! attestation, desired state, reports, artifacts) and the EdgeDevice status they keep.
 
 pub mod bundles;
+pub mod device_cache;
 pub mod device_status;
 pub mod edgemodel;
 pub mod gateway;

@@ -8,7 +8,10 @@
 //!   devices, and `rollout_step{model}`;
 //! - `gateway_connected_devices`, `gateway_refusals_total{reason}`,
 //!   `gateway_report_writes_total`, `gateway_artifact_bytes_total` and
-//!   `gateway_connections_superseded_total`.
+//!   `gateway_connections_superseded_total` ([`FleetCounters`], which the gateway
+//!   counts into).
+//!
+//! This module depends on no other module of the crate.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +60,26 @@ pub struct ModelLabel {
     pub model: String,
 }
 
+/// Metrics of the gateway's device API (registered in [`Metrics`]).
+#[derive(Debug, Default, Clone)]
+pub struct FleetCounters {
+    /// Refused requests by reason.
+    pub refusals: Family<ReasonLabel, Counter>,
+    /// Devices holding a desired-state long-poll open now (connected devices).
+    pub waiting: Gauge,
+    /// Status writes made for reports.
+    pub report_writes: Counter,
+    /// Refresh writes left for later because the budget was spent.
+    pub refresh_deferred: Counter,
+    /// Report writes carrying a change left for a later report because the change
+    /// budget was spent.
+    pub change_deferred: Counter,
+    /// Artifact bytes sent.
+    pub artifact_bytes: Counter,
+    /// Device connections closed because the device opened a newer one.
+    pub superseded: Counter,
+}
+
 /// The operator's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -74,7 +97,7 @@ pub struct Metrics {
     /// Rollout step by model.
     pub step: Family<ModelLabel, Gauge>,
     /// The device gateway's metrics.
-    pub gateway: Arc<crate::gateway::fleet::FleetCounters>,
+    pub gateway: Arc<FleetCounters>,
     leading: AtomicBool,
 }
 
@@ -109,7 +132,7 @@ impl Default for Metrics {
             "Rollout step reached per EdgeModel",
             step.clone(),
         );
-        let gateway = Arc::new(crate::gateway::fleet::FleetCounters::default());
+        let gateway = Arc::new(FleetCounters::default());
         registry.register(
             "gateway_connected_devices",
             "Devices holding a desired-state stream open",

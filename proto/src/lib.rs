@@ -252,8 +252,8 @@ pub struct ModelReport {
     pub model: String,
     /// Revision.
     pub revision: String,
-    /// `Pending`, `Downloading`, `Verifying`, `Loading`, `Ready`, `Draining` or `Failed`.
-    pub state: String,
+    /// Where the model is in its lifecycle.
+    pub state: ModelState,
     /// Detail (the named failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -261,6 +261,91 @@ pub struct ModelReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_millis: Option<u64>,
 }
+
+/// A model's lifecycle state on the device, as `EdgeDevice.status.models[].state`
+/// records it. On the wire it is the variant's name (`"Pending"`, …, `"Failed"`); any
+/// other string is refused at parse with [`UnknownModelState`] (its message names it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String")]
+pub enum ModelState {
+    /// Assigned, not started.
+    Pending,
+    /// Fetching the artifact.
+    Downloading,
+    /// Checking digests and signature.
+    Verifying,
+    /// Loading into llama.cpp.
+    Loading,
+    /// Serving requests.
+    Ready,
+    /// Draining in-flight requests before unloading.
+    Draining,
+    /// Download, verification or load failed; see `message`.
+    Failed,
+}
+
+impl ModelState {
+    /// Every state.
+    pub const ALL: [Self; 7] = [
+        Self::Pending,
+        Self::Downloading,
+        Self::Verifying,
+        Self::Loading,
+        Self::Ready,
+        Self::Draining,
+        Self::Failed,
+    ];
+
+    /// The state's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Downloading => "Downloading",
+            Self::Verifying => "Verifying",
+            Self::Loading => "Loading",
+            Self::Ready => "Ready",
+            Self::Draining => "Draining",
+            Self::Failed => "Failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ModelState {
+    type Err = UnknownModelState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| UnknownModelState(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for ModelState {
+    type Error = UnknownModelState;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// A model state string that is none of [`ModelState`]'s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownModelState(pub String);
+
+impl std::fmt::Display for UnknownModelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unknown model state {:?}", self.0)
+    }
+}
+
+impl std::error::Error for UnknownModelState {}
 
 /// Serving counters since the agent started.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -335,5 +420,39 @@ mod tests {
             b.version,
             DesiredState::new("d".into(), vec![model]).version
         );
+    }
+
+    /// Model states are their names on the wire, both ways.
+    #[test]
+    fn model_states_are_their_names_on_the_wire() {
+        for s in ModelState::ALL {
+            let wire = serde_json::to_value(s).unwrap_or_default();
+            assert_eq!(wire, serde_json::json!(s.as_str()));
+            assert_eq!(serde_json::from_value::<ModelState>(wire).ok(), Some(s));
+            assert_eq!(s.as_str().parse(), Ok(s));
+        }
+        let report: ModelReport = serde_json::from_value(serde_json::json!({
+            "model": "ns/m", "revision": "r1", "state": "Ready", "loadMillis": 216,
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.state, ModelState::Ready);
+    }
+
+    /// A state no version of the protocol has is refused at parse, by name.
+    #[test]
+    fn an_unknown_model_state_is_refused_by_name() {
+        let err = serde_json::from_value::<ModelReport>(serde_json::json!({
+            "model": "ns/m", "revision": "r1", "state": "Exploded",
+        }))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains(r#"unknown model state "Exploded""#), "{err}");
+        assert_eq!(
+            "ready".parse::<ModelState>(),
+            Err(UnknownModelState("ready".into()))
+        );
+        // Not a string at all.
+        assert!(serde_json::from_value::<ModelState>(serde_json::json!(3)).is_err());
     }
 }

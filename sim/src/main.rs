@@ -36,8 +36,8 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use clap::{Parser, ValueEnum};
 use edgefleet_agent::attest::dev::DevAttester;
-use edgefleet_agent::fleet::{DeviceClient, REPORT_COALESCE};
 use edgefleet_agent::gateway_client::GatewayClient;
+use edgefleet_agent::gateway_session::{DeviceClient, REPORT_COALESCE};
 use edgefleet_proto as proto;
 use edgefleet_trust::attestation::service::{ChallengeRequest, Evidence, EvidenceRequest};
 use tokio::sync::{Mutex, Semaphore, watch};
@@ -353,7 +353,7 @@ async fn device(shared: Arc<Shared>, name: String) {
                         .map(|m| proto::ModelReport {
                             model: m.model.clone(),
                             revision: m.revision.clone(),
-                            state: "Ready".into(),
+                            state: proto::ModelState::Ready,
                             message: Some("simulated device".into()),
                             load_millis: Some(0),
                         })

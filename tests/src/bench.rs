@@ -1,5 +1,5 @@
 //! `edgefleet-dev fleet-bench`: one fleet SLI run. A fresh local control plane and one
-//! operator replica (the binaries found by [`crate::fleet::binary`], so
+//! operator replica (the binaries found by [`crate::local_fleet::binary`], so
 //! `EDGEFLEET_BIN_DIR` picks release builds), then `edgefleet-sim` with one scenario,
 //! while the operator's CPU time, peak RSS and file descriptors, and the API server's
 //! write requests, are sampled. Prints one JSON object: the simulator's summary plus
@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::ControlPlane;
-use crate::fleet::{self, Proc};
+use crate::builders::{EdgeModelBuilder, Signer};
+use crate::local_fleet::{self, Proc};
 
 /// The operator's resource use, from `/proc/<pid>`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -115,12 +116,12 @@ pub async fn fleet_bench(
     std::fs::create_dir_all(dir)?;
     let cp = ControlPlane::start_in(&dir.join("control-plane")).await?;
     cp.install_crds().await?;
-    let pki = fleet::GatewayPki::write(dir, &[])?;
+    let pki = local_fleet::GatewayPki::write(dir, &[])?;
     let port = crate::free_port()?;
-    let operator = Proc(fleet::spawn_operator(
+    let operator = Proc(local_fleet::spawn_operator(
         cp.kubeconfig_path(),
         &pki,
-        &fleet::OperatorSpec {
+        &local_fleet::OperatorSpec {
             gateway_addr: format!("127.0.0.1:{port}"),
             artifact_dir: dir.join("artifacts"),
             approval: "auto:edgefleet.io/pool=sim".into(),
@@ -154,7 +155,7 @@ pub async fn fleet_bench(
     let before = proc_stat(pid);
     let writes_before = api_writes(cp.kubectl())?;
     let t0 = Instant::now();
-    let mut sim = Command::new(fleet::binary("edgefleet-sim")?);
+    let mut sim = Command::new(local_fleet::binary("edgefleet-sim")?);
     sim.args(["--gateway", &format!("https://127.0.0.1:{port}")])
         .arg("--gateway-ca")
         .arg(dir.join("gw-ca.crt"))
@@ -273,31 +274,19 @@ pub fn sim_manifest(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let file = dir.join("weights.gguf");
     std::fs::write(&file, b"GGUF simulated weights")?;
     let key = dir.join("signing-key.pem");
-    fleet::generate_signing_key(&key)?;
-    let signer =
-        edgefleet_trust::model_signing::PrivateKey::from_pem(&std::fs::read_to_string(&key)?)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let bundle = edgefleet_trust::model_signing::sign(&file, &signer, None, &Default::default())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let public = signer
-        .public_key()
-        .to_pem()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let manifest = serde_json::json!({
-        "apiVersion": "edgefleet.io/v1alpha1",
-        "kind": "EdgeModel",
-        "metadata": {"name": "sim-model", "namespace": "sim"},
-        "spec": {
-            "servedName": "sim-model",
-            "artifact": {"uri": "https://artifacts.example/weights.gguf",
-                         "digest": fleet::digest_of(&file)?, "sizeBytes": 22},
-            "signature": {"inline": String::from_utf8(bundle)?},
-            "signers": [{"name": "sim", "publicKey": public}],
-            "selector": {"matchLabels": {"edgefleet.io/pool": "sim"}},
-            "attestation": {"teeKinds": ["dev"], "policy": "dev"},
-            "rollout": {"maxUnavailable": "100%"},
-        }
-    });
+    local_fleet::generate_signing_key(&key)?;
+    let signer = Signer::from_pem(&std::fs::read_to_string(&key)?)?;
+    let manifest = EdgeModelBuilder::new("sim", "sim-model")
+        .signed(
+            "https://artifacts.example/weights.gguf",
+            &signer.artifact(&file)?,
+            "sim",
+            &signer,
+        )
+        .pool("sim")
+        .attestation(&["dev"], Some("dev"))
+        .rollout(serde_json::json!({"maxUnavailable": "100%"}))
+        .build();
     let path = dir.join("model.json");
     std::fs::write(&path, manifest.to_string())?;
     Ok(path)

@@ -10,10 +10,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use edgefleet_crds::{EdgeDevice, EdgeModel};
+use edgefleet_crds::{EdgeDevice, EdgeModel, ModelPhase};
 use kube::api::Api;
 
-use crate::fleet::{self, Proc};
+use crate::local_fleet::{self, Proc};
 use crate::{ControlPlane, cache_dir};
 
 const NS: &str = "retail";
@@ -79,14 +79,14 @@ async fn story(dir: &Path, hold: bool) -> anyhow::Result<()> {
         2,
         "operator with its device gateway (HTTPS, mTLS after attestation)",
     );
-    let pki = fleet::GatewayPki::write(dir, &[])?;
+    let pki = local_fleet::GatewayPki::write(dir, &[])?;
     let swtpm = crate::swtpm::Swtpm::start();
     let store = dir.join("artifacts");
     let gw_port = crate::free_port()?;
-    let _operator = Proc(fleet::spawn_operator(
+    let _operator = Proc(local_fleet::spawn_operator(
         cp.kubeconfig_path(),
         &pki,
-        &fleet::OperatorSpec {
+        &local_fleet::OperatorSpec {
             gateway_addr: format!("127.0.0.1:{gw_port}"),
             artifact_dir: store.clone(),
             approval: "auto:edgefleet.io/pool=retail".into(),
@@ -110,7 +110,7 @@ async fn story(dir: &Path, hold: bool) -> anyhow::Result<()> {
     for (i, name) in ["till-1", "till-2", "till-3"].iter().enumerate() {
         let port = crate::free_port()?;
         let tpm = i == 0;
-        let child = fleet::spawn_agent(&fleet::AgentSpec {
+        let child = local_fleet::spawn_agent(&local_fleet::AgentSpec {
             name: (*name).into(),
             dir: dir.join(name),
             gateway: format!("https://127.0.0.1:{gw_port}"),
@@ -157,13 +157,13 @@ async fn story(dir: &Path, hold: bool) -> anyhow::Result<()> {
     );
     let key = dir.join("signing-key.pem");
     let public = dir.join("signing-key.pub");
-    fleet::generate_signing_key(&key)?;
+    local_fleet::generate_signing_key(&key)?;
     run(Command::new("openssl")
         .args(["pkey", "-pubout", "-in"])
         .arg(&key)
         .arg("-out")
         .arg(&public))?;
-    let cli = fleet::binary("edgefleet")?;
+    let cli = local_fleet::binary("edgefleet")?;
     let model = model_path();
     let plugin = plugin_path();
     for (file, bundle) in [
@@ -178,8 +178,8 @@ async fn story(dir: &Path, hold: bool) -> anyhow::Result<()> {
             .arg(file))?;
         println!("  {} -> {}", file.display(), bundle.display());
     }
-    let (digest, size) = fleet::store_artifact(&store, &model)?;
-    let (plugin_digest, plugin_size) = fleet::store_artifact(&store, &plugin)?;
+    let (digest, size) = local_fleet::store_artifact(&store, &model)?;
+    let (plugin_digest, plugin_size) = local_fleet::store_artifact(&store, &plugin)?;
 
     step(5, "kubectl apply the EdgeModel (plugin chain: pii-redact)");
     let indent = |s: String, n: usize| {
@@ -259,7 +259,7 @@ spec:
         let st = m.status.unwrap_or_default();
         let line = format!(
             "  {:<8} ready {:<4} updated {} step {}",
-            st.phase.clone().unwrap_or_else(|| "Pending".into()),
+            st.phase.unwrap_or(ModelPhase::Pending),
             st.ready_devices.clone().unwrap_or_else(|| "0/0".into()),
             st.devices.updated,
             st.current_step.map_or(0, |s| s + 1),
@@ -268,10 +268,10 @@ spec:
             println!("{line}");
             shown = line;
         }
-        if st.phase.as_deref() == Some("Available") && st.ready_devices.as_deref() == Some("3/3") {
+        if st.phase == Some(ModelPhase::Available) && st.ready_devices.as_deref() == Some("3/3") {
             break;
         }
-        if st.phase.as_deref() == Some("Failed") || st.phase.as_deref() == Some("Degraded") {
+        if st.phase == Some(ModelPhase::Failed) || st.phase == Some(ModelPhase::Degraded) {
             bail!("the rollout stopped: {:?}", st.conditions);
         }
         if Instant::now() > deadline {

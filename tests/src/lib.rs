@@ -7,12 +7,21 @@
 //! applies the committed CRDs from `crds/generated/` (what users install, not what the
 //! types would generate now) plus Lease and Event shims, and waits until they are
 //! Established.
+//!
+//! Beside it, what the tests share: [`wait`] (polling until something holds, or failing
+//! by name), [`builders`] (the EdgeModels, EdgeDevices and signed artifacts they apply),
+//! [`local_fleet`] (operator and agent processes with their PKI and artifacts),
+//! [`netns`] (a device's own network), [`swtpm`] (a software TPM), [`pki`] (the control
+//! plane's certificates); and what `edgefleet-dev` runs: [`demo`] and [`bench`](mod@bench).
 
 pub mod bench;
+pub mod builders;
 pub mod demo;
-pub mod fleet;
+pub mod local_fleet;
+pub mod netns;
 pub mod pki;
 pub mod swtpm;
+pub mod wait;
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use edgefleet_crds::{EdgeDevice, EdgeModel};
+use edgefleet_crds::{EdgeDevice, EdgeModel, ModelPhase};
 use edgefleet_e2e::{ControlPlane, workspace_root};
 use futures::StreamExt as _;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -464,10 +464,7 @@ async fn status_writes_do_not_bump_generation_but_spec_writes_do() {
         .await
         .unwrap();
     assert_eq!(patched.metadata.generation, Some(2));
-    assert_eq!(
-        patched.status.unwrap().phase.as_deref(),
-        Some("Progressing")
-    );
+    assert_eq!(patched.status.unwrap().phase, Some(ModelPhase::Progressing));
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::process::Command;
 #[test]
 fn the_demo_rolls_out_to_three_devices_and_chats_through_the_plugin() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(edgefleet_e2e::fleet::binary("edgefleet-dev").unwrap())
+    let out = Command::new(edgefleet_e2e::local_fleet::binary("edgefleet-dev").unwrap())
         .args(["demo", "--dir"])
         .arg(dir.path().join("demo"))
         .output()

@@ -5,13 +5,14 @@
 //! The clients are raw TLS sockets speaking just enough HTTP/2 to see what the server
 //! does with the connection. The route stands in for the device API: it claims the
 //! connection as `Fleet::identify` does after checking the certificate's name and key
-//! (that check is tested with the fleet, `tests/fleet.rs`).
+//! (that check is tested with the fleet, `tests/fleet_e2e.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgefleet_e2e::fleet::Ca;
+use edgefleet_e2e::local_fleet::Ca;
+use edgefleet_e2e::wait::eventually;
 use edgefleet_operator::gateway::{self, ConnectionOptions, DeviceConnections};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -50,7 +51,7 @@ async fn server(options: ConnectionOptions) -> Server {
         "/v1/devices/{name}/desired",
         axum::routing::get(
             |axum::extract::Path(name): axum::extract::Path<String>,
-             axum::Extension(peer): axum::Extension<gateway::fleet::PeerCertificate>| async move {
+             axum::Extension(peer): axum::Extension<gateway::devices::PeerCertificate>| async move {
                 if let Some(slot) = &peer.1 {
                     slot.claim(&name);
                 }
@@ -258,14 +259,12 @@ async fn a_devices_new_http2_connection_closes_its_old_one_and_no_other() {
     assert_eq!(s.connections.held_by("till-b"), 1);
     // A connection that ends is forgotten.
     drop(b1);
-    let start = Instant::now();
-    while s.connections.held_by("till-b") != 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "till-b's closed connection is still held"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "till-b's closed connection to be forgotten",
+        Duration::from_secs(5),
+        || async { (s.connections.held_by("till-b") == 0).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test]

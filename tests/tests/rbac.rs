@@ -9,11 +9,16 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use edgefleet_e2e::builders::{DeviceStatusBuilder, EdgeDeviceBuilder, EdgeModelBuilder, Signer};
+use edgefleet_e2e::wait::eventually;
 use edgefleet_e2e::{ControlPlane, workspace_root};
 use kube::client::{Body, ClientBuilder};
 use serde_json::Value;
 
 type Calls = Arc<Mutex<BTreeSet<(String, String, String)>>>;
+
+/// How long the scenario waits for each thing the operator or the gateway does.
+const PATIENCE: Duration = Duration::from_secs(30);
 
 /// (group, resource[/subresource], verb) of a request, as RBAC sees it.
 fn rbac_of(method: &http::Method, uri: &http::Uri) -> Option<(String, String, String)> {
@@ -106,27 +111,6 @@ fn granted() -> BTreeSet<(String, String, String)> {
 
 use serde::Deserialize as _;
 
-/// A signed one-file model: (digest, inline bundle, signer public key PEM).
-fn signed(bytes: &[u8]) -> (String, String, String) {
-    use p256::pkcs8::EncodePrivateKey as _;
-    use sha2::Digest as _;
-    let dir = tempfile::tempdir().unwrap();
-    let key = p256::SecretKey::random(&mut rand_core::OsRng)
-        .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
-        .unwrap()
-        .to_string();
-    let signer = edgefleet_trust::model_signing::PrivateKey::from_pem(&key).unwrap();
-    let path = dir.path().join("model.gguf");
-    std::fs::write(&path, bytes).unwrap();
-    let bundle =
-        edgefleet_trust::model_signing::sign(&path, &signer, None, &Default::default()).unwrap();
-    (
-        format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes))),
-        String::from_utf8(bundle).unwrap(),
-        signer.public_key().to_pem().unwrap(),
-    )
-}
-
 #[tokio::test]
 async fn the_chart_grants_every_call_the_operator_makes() {
     let allowed = granted();
@@ -155,30 +139,21 @@ async fn the_chart_grants_every_call_the_operator_makes() {
     // A device and a model, driven through assignment, a heartbeat and its expiry, then
     // deletion; written with the admin client, so only the operator's calls count.
     let devices: kube::Api<edgefleet_crds::EdgeDevice> = kube::Api::all(admin.clone());
-    let device: edgefleet_crds::EdgeDevice = serde_json::from_value(serde_json::json!({
-        "apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice",
-        "metadata": {"name": "till-a", "labels": {"edgefleet.io/pool": "retail"}},
-        "spec": {"approved": true, "facts": {"arch": "x86_64", "cpuCores": 4, "memory": "8Gi",
-            "teeKinds": ["tpm"], "agentKeyFingerprint": format!("sha256:{}", "a".repeat(64))}},
-    }))
-    .unwrap();
+    let device = EdgeDeviceBuilder::new("till-a", &format!("sha256:{}", "a".repeat(64)))
+        .pool("retail")
+        .build()
+        .unwrap();
     devices.create(&Default::default(), &device).await.unwrap();
     let now = k8s_openapi::jiff::Timestamp::now();
     let later = now + k8s_openapi::jiff::SignedDuration::from_hours(1);
+    let health =
+        DeviceStatusBuilder::attestation(true, "tpm", &format!("sha256:{}", "b".repeat(64)), now)
+            .build();
     devices
         .patch_status(
             "till-a",
             &kube::api::PatchParams::apply("test-gateway"),
-            &kube::api::Patch::Apply(serde_json::json!({
-                "apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice",
-                "status": {
-                    "conditions": [{"type": "Attested", "status": "True", "reason": "T", "message": "",
-                                    "lastTransitionTime": now.to_string()}],
-                    "attestation": {"teeKind": "tpm", "allowed": true, "policy": "default",
-                        "policyHash": format!("sha256:{}", "b".repeat(64)),
-                        "verifiedTime": now.to_string(), "expiryTime": later.to_string()},
-                }
-            })),
+            &kube::api::Patch::Apply(health),
         )
         .await
         .unwrap();
@@ -186,19 +161,16 @@ async fn the_chart_grants_every_call_the_operator_makes() {
     heartbeats.record(&d, now).await.unwrap();
     let models: kube::Api<edgefleet_crds::EdgeModel> =
         kube::Api::namespaced(admin.clone(), "retail");
-    let (digest, bundle, public_key) = signed(b"GGUF model bytes");
-    let manifest = serde_json::json!({
-        "apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
-        "metadata": {"name": "smollm2-135m-instruct", "namespace": "retail"},
-        "spec": {
-            "servedName": "smollm2",
-            "artifact": {"uri": "https://artifacts.example/m.gguf", "digest": digest},
-            "signature": {"inline": bundle},
-            "signers": [{"name": "models-team", "publicKey": public_key}],
-            "selector": {"matchLabels": {"edgefleet.io/pool": "retail"}},
-            "attestation": {"teeKinds": ["tpm"]},
-        }
-    });
+    let signer = Signer::generate().unwrap();
+    let artifact = signer.artifact_of(b"GGUF model bytes").unwrap();
+    let manifest = EdgeModelBuilder::new("retail", "smollm2-135m-instruct")
+        .served_name("smollm2")
+        .artifact("https://artifacts.example/m.gguf", &artifact.digest, None)
+        .inline_signature(&artifact.bundle)
+        .signer("models-team", &signer.public_key)
+        .pool("retail")
+        .attestation(&["tpm"], None)
+        .build();
     models
         .patch(
             "smollm2-135m-instruct",
@@ -208,39 +180,43 @@ async fn the_chart_grants_every_call_the_operator_makes() {
         .await
         .unwrap();
     // The operator reconciles it: finalizer, assignment, status, events.
-    for _ in 0..100 {
-        let d = devices.get("till-a").await.unwrap();
-        if !d.spec.desired_models.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "the operator to assign till-a the model",
+        PATIENCE,
+        || async {
+            let d = devices.get("till-a").await.unwrap();
+            (!d.spec.desired_models.is_empty()).then_some(())
+        },
+    )
+    .await;
     heartbeats.expire(later).await.unwrap();
     models
         .delete("smollm2-135m-instruct", &Default::default())
         .await
         .unwrap();
-    for _ in 0..100 {
-        if models
-            .get_opt("smollm2-135m-instruct")
-            .await
-            .unwrap()
-            .is_none()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "the operator to release the deleted model",
+        PATIENCE,
+        || async {
+            models
+                .get_opt("smollm2-135m-instruct")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
     operator.abort();
 
     // The gateway: a device enrols (creating its EdgeDevice) and reports over its
     // client certificate (status writes and the heartbeat), served from watch caches.
     let store = tempfile::tempdir().unwrap();
-    let (fleet, caches) = edgefleet_operator::gateway::fleet::Fleet::new(
+    let (fleet, caches) = edgefleet_operator::gateway::devices::Fleet::new(
         client.clone(),
-        edgefleet_operator::gateway::fleet::FleetConfig {
+        edgefleet_operator::gateway::devices::FleetConfig {
             artifact_dir: store.path().to_path_buf(),
-            approval: edgefleet_operator::gateway::fleet::Approval::Auto(Default::default()),
+            approval: edgefleet_operator::gateway::devices::Approval::Auto(Default::default()),
             heartbeat_lease: Duration::from_secs(30),
             bootstrap_token: "rbac-bootstrap-token-0123".into(),
             mirror: None,
@@ -259,7 +235,7 @@ async fn the_chart_grants_every_call_the_operator_makes() {
     )];
     let cert = params.self_signed(&key).unwrap();
     let router = fleet.clone().router().layer(axum::Extension(
-        edgefleet_operator::gateway::fleet::PeerCertificate(
+        edgefleet_operator::gateway::devices::PeerCertificate(
             Some(Arc::new(cert.der().to_vec())),
             None,
         ),
@@ -291,13 +267,18 @@ async fn the_chart_grants_every_call_the_operator_makes() {
     .await
     .unwrap();
     assert_eq!(enrolled.status(), 200);
-    for _ in 0..100 {
-        if fleet_has(&devices, "till-b").await {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the enrolled till-b's EdgeDevice", PATIENCE, || async {
+        fleet_has(&devices, "till-b").await.then_some(())
+    })
+    .await;
+    // Its report is to be served from the watch cache, as the gateway serves devices.
+    let cache = fleet.device_cache();
+    eventually("till-b in the gateway's device cache", PATIENCE, || async {
+        cache
+            .get(&kube::runtime::reflector::ObjectRef::new("till-b"))
+            .map(|_| ())
+    })
+    .await;
     let reported = call(
         "POST",
         "/v1/devices/till-b/report",
@@ -308,13 +289,11 @@ async fn the_chart_grants_every_call_the_operator_makes() {
     .unwrap();
     assert_eq!(reported.status(), 200);
     // The gateway writes reports in the background.
-    for _ in 0..100 {
+    eventually("the gateway to write till-b's report", PATIENCE, || async {
         let d = devices.get("till-b").await.unwrap();
-        if d.status.and_then(|s| s.reports).is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        d.status.and_then(|s| s.reports).map(|_| ())
+    })
+    .await;
     caches.abort();
 
     let calls = calls.lock().unwrap().clone();

@@ -4,24 +4,126 @@
 //! not part of these tests yet.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use edgefleet_crds::{EdgeDevice, EdgeModel};
+use edgefleet_crds::{EdgeDevice, EdgeModel, ModelPhase};
 use edgefleet_e2e::ControlPlane;
+use edgefleet_e2e::builders::{
+    DeviceStatusBuilder, EdgeDeviceBuilder, EdgeModelBuilder, Signer, apply_edge_model,
+};
+use edgefleet_e2e::wait::eventually;
+use edgefleet_operator::edgemodel::Sources;
+use edgefleet_operator::metrics::{Metrics, ReasonLabel, ResultLabel};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
 const NS: &str = "retail";
 const KEY: &str = "retail/smollm2";
+/// How long a test waits for what the operator does.
+const PATIENCE: Duration = Duration::from_secs(30);
 
-async fn control_plane() -> (ControlPlane, Client, tokio::task::JoinHandle<()>) {
+async fn control_plane() -> (ControlPlane, Client, InProcess) {
+    let (cp, client) = cluster(&[]).await;
+    let operator = InProcess::spawn(&client, None, Sources::default());
+    (cp, client, operator)
+}
+
+/// A fresh control plane with the CRDs and the approved, attested TPM devices named,
+/// and no operator yet.
+async fn cluster(devices: &[&str]) -> (ControlPlane, Client) {
     let cp = ControlPlane::start().await.expect("control plane starts");
     cp.install_crds().await.expect("CRDs install");
     let client = cp.client().await.unwrap();
-    let operator = tokio::spawn(edgefleet_operator::edgemodel::run(client.clone()));
-    (cp, client, operator)
+    for name in devices {
+        create_device(&client, name, true, "tpm").await;
+    }
+    (cp, client)
+}
+
+/// The EdgeModel controller running in this process, and what it records.
+struct InProcess {
+    metrics: Arc<Metrics>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcess {
+    fn spawn(
+        client: &Client,
+        bundles: Option<edgefleet_operator::bundles::BundleFetcher>,
+        sources: Sources,
+    ) -> Self {
+        let metrics = Arc::<Metrics>::default();
+        let task = tokio::spawn(edgefleet_operator::edgemodel::run_with(
+            client.clone(),
+            metrics.clone(),
+            bundles,
+            sources,
+        ));
+        Self { metrics, task }
+    }
+
+    /// Reconciles finished, whatever their result.
+    fn finished(&self) -> u64 {
+        ["ok", "error"]
+            .into_iter()
+            .map(|result| {
+                self.metrics
+                    .reconciles
+                    .get_or_create(&ResultLabel {
+                        result: result.into(),
+                    })
+                    .get()
+            })
+            .sum()
+    }
+
+    /// Reconciles that failed for `reason` (an `edgemodel::Error::reason`).
+    fn failed(&self, reason: &str) -> u64 {
+        self.metrics
+            .failures
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .get()
+    }
+
+    /// Waits until a reconcile of the model that began after this call has finished, so
+    /// that what the operator has not changed by then, it decided to leave. Reconciles
+    /// of one object run one at a time, so of two that finish after this call the
+    /// second began after it. Each is started by a [`nudge`], the second once the first
+    /// has finished.
+    async fn reconciled(&self, client: &Client) {
+        let before = self.finished();
+        for n in 1..=2 {
+            nudge(client).await;
+            eventually(
+                &format!("{n} reconcile(s) to finish after the change"),
+                PATIENCE,
+                || async { (self.finished() >= before + n).then_some(()) },
+            )
+            .await;
+        }
+    }
+}
+
+/// A metadata-only change to the model (a new annotation value): a watch event, so a
+/// reconcile, with nothing changed that the operator plans on.
+async fn nudge(client: &Client) {
+    static NUDGES: AtomicU64 = AtomicU64::new(0);
+    let n = NUDGES.fetch_add(1, Ordering::Relaxed);
+    let annotation =
+        json!({"metadata": {"annotations": {"e2e.edgefleet.io/nudge": n.to_string()}}});
+    Api::<EdgeModel>::namespaced(client.clone(), NS)
+        .patch(
+            "smollm2",
+            &PatchParams::default(),
+            &Patch::Merge(&annotation),
+        )
+        .await
+        .unwrap();
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
@@ -29,100 +131,84 @@ fn hex_sha256(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
-/// A signed one-file model: (digest, inline bundle, signer public key PEM).
-fn signed_model(dir: &std::path::Path, bytes: &[u8]) -> (String, String, String) {
-    use p256::pkcs8::EncodePrivateKey as _;
-    let key = p256::SecretKey::random(&mut rand_core::OsRng)
-        .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
-        .unwrap()
-        .to_string();
-    let signer = edgefleet_trust::model_signing::PrivateKey::from_pem(&key).unwrap();
-    let path = dir.join("model.gguf");
-    std::fs::write(&path, bytes).unwrap();
-    let bundle =
-        edgefleet_trust::model_signing::sign(&path, &signer, None, &Default::default()).unwrap();
-    (
-        format!("sha256:{}", hex_sha256(bytes)),
-        String::from_utf8(bundle).unwrap(),
-        signer.public_key().to_pem().unwrap(),
+/// A one-file model signed by a fresh key.
+struct SignedModel {
+    digest: String,
+    bundle: String,
+    /// The signer's public key, PEM.
+    public_key: String,
+}
+
+fn signed_model() -> SignedModel {
+    let signer = Signer::generate().unwrap();
+    let artifact = signer.artifact_of(b"GGUF model bytes").unwrap();
+    SignedModel {
+        digest: artifact.digest,
+        bundle: artifact.bundle,
+        public_key: signer.public_key,
+    }
+}
+
+/// Applies a freshly signed model, as [`model_manifest`] with a context of 1024.
+async fn apply_signed_model(client: &Client) -> SignedModel {
+    let m = signed_model();
+    apply_model(
+        client,
+        &model_manifest(&m.digest, &m.bundle, &m.public_key, 1024),
     )
+    .await;
+    m
 }
 
 fn model_manifest(digest: &str, bundle: &str, public_key: &str, context: i32) -> Value {
-    json!({
-        "apiVersion": "edgefleet.io/v1alpha1",
-        "kind": "EdgeModel",
-        "metadata": {"name": "smollm2", "namespace": NS},
-        "spec": {
-            "servedName": "smollm2",
-            "artifact": {"uri": "https://artifacts.example/smollm2.gguf", "digest": digest, "sizeBytes": 1024},
-            "signature": {"inline": bundle},
-            "signers": [{"name": "models-team", "publicKey": public_key}],
-            "selector": {"matchLabels": {"edgefleet.io/pool": "retail"}},
-            "attestation": {"teeKinds": ["tpm"], "policy": "default"},
-            "rollout": {
-                "steps": [{"count": 1}, {"percent": 100}],
-                "maxUnavailable": 1,
-                "healthGates": {"readyTimeoutSeconds": 300, "rollbackOnFailure": true},
-            },
-            "runtime": {"contextSize": context},
-        }
-    })
+    model_builder(digest, public_key, context)
+        .inline_signature(bundle)
+        .build()
+}
+
+/// The model for the `retail` pool's TPM devices: one device first, then the rest, one
+/// at a time. Its signature is the caller's to set.
+fn model_builder(digest: &str, public_key: &str, context: i32) -> EdgeModelBuilder {
+    EdgeModelBuilder::new(NS, "smollm2")
+        .artifact("https://artifacts.example/smollm2.gguf", digest, Some(1024))
+        .signer("models-team", public_key)
+        .pool("retail")
+        .attestation(&["tpm"], Some("default"))
+        .rollout(json!({
+            "steps": [{"count": 1}, {"percent": 100}],
+            "maxUnavailable": 1,
+            "healthGates": {"readyTimeoutSeconds": 300, "rollbackOnFailure": true},
+        }))
+        .runtime(json!({"contextSize": context}))
 }
 
 async fn create_device(client: &Client, name: &str, approved: bool, tee: &str) {
     let devices: Api<EdgeDevice> = Api::all(client.clone());
-    let d: EdgeDevice = serde_json::from_value(json!({
-        "apiVersion": "edgefleet.io/v1alpha1",
-        "kind": "EdgeDevice",
-        "metadata": {"name": name, "labels": {"edgefleet.io/pool": "retail"}},
-        "spec": {
-            "approved": approved,
-            "facts": {
-                "arch": "x86_64", "cpuCores": 4, "memory": "8Gi", "teeKinds": [tee],
-                "agentKeyFingerprint": format!("sha256:{}", hex_sha256(name.as_bytes())),
-            },
-        }
-    }))
-    .unwrap();
+    let d = EdgeDeviceBuilder::new(name, &format!("sha256:{}", hex_sha256(name.as_bytes())))
+        .pool("retail")
+        .approved(approved)
+        .tee(tee)
+        .build()
+        .unwrap();
     devices.create(&PostParams::default(), &d).await.unwrap();
     set_health(client, name, true, true, tee).await;
 }
 
 /// Writes readiness and attestation as the gateway would.
 async fn set_health(client: &Client, name: &str, ready: bool, attested: bool, tee: &str) {
-    let devices: Api<EdgeDevice> = Api::all(client.clone());
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let later = now + k8s_openapi::jiff::SignedDuration::from_hours(1);
-    let cond = |t: &str, ok: bool| {
-        json!({"type": t, "status": if ok { "True" } else { "False" }, "reason": "Test",
-               "message": "", "lastTransitionTime": now.to_string()})
-    };
-    let patch = json!({
-        "apiVersion": "edgefleet.io/v1alpha1",
-        "kind": "EdgeDevice",
-        "status": {
-            "conditions": [cond("Ready", ready), cond("Attested", attested)],
-            "attestation": {
-                "teeKind": tee, "allowed": attested, "policy": "default",
-                "policyHash": format!("sha256:{}", hex_sha256(b"policy")),
-                "verifiedTime": now.to_string(), "expiryTime": later.to_string(),
-            },
-        }
-    });
-    devices
-        .patch_status(
-            name,
-            &PatchParams::apply("test-gateway").force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .unwrap();
+    let patch = DeviceStatusBuilder::attestation(
+        attested,
+        tee,
+        &format!("sha256:{}", hex_sha256(b"policy")),
+        k8s_openapi::jiff::Timestamp::now(),
+    )
+    .ready(ready)
+    .build();
+    apply_status(client, name, "test-gateway", &patch).await;
 }
 
 /// Writes the device's report of the model (as the agent would, through the gateway).
 async fn report(client: &Client, name: &str, revision: Option<&str>, state: &str) {
-    let devices: Api<EdgeDevice> = Api::all(client.clone());
     let models: Vec<Value> = revision
         .map(|r| json!({"model": KEY, "revision": r, "state": state}))
         .into_iter()
@@ -132,11 +218,16 @@ async fn report(client: &Client, name: &str, revision: Option<&str>, state: &str
         "kind": "EdgeDevice",
         "status": {"models": models},
     });
-    devices
+    apply_status(client, name, "test-agent-report", &patch).await;
+}
+
+/// Server-side applies `patch` to device `name`'s status as `manager`.
+async fn apply_status(client: &Client, name: &str, manager: &str, patch: &Value) {
+    Api::<EdgeDevice>::all(client.clone())
         .patch_status(
             name,
-            &PatchParams::apply("test-agent-report").force(),
-            &Patch::Apply(&patch),
+            &PatchParams::apply(manager).force(),
+            &Patch::Apply(patch),
         )
         .await
         .unwrap();
@@ -160,23 +251,9 @@ async fn model(client: &Client) -> EdgeModel {
     models.get("smollm2").await.unwrap()
 }
 
-/// Polls `check` until it returns Some, for at most 30 s.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let started = std::time::Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// Some when the model's status counts `want` (`ready/targeted`) ready devices.
+async fn ready_devices_are(client: &Client, want: &str) -> Option<()> {
+    (model(client).await.status?.ready_devices.as_deref() == Some(want)).then_some(())
 }
 
 fn condition(m: &EdgeModel, kind: &str) -> Option<(String, String, String)> {
@@ -189,15 +266,7 @@ fn condition(m: &EdgeModel, kind: &str) -> Option<(String, String, String)> {
 }
 
 async fn apply_model(client: &Client, manifest: &Value) {
-    let models: Api<EdgeModel> = Api::namespaced(client.clone(), NS);
-    models
-        .patch(
-            "smollm2",
-            &PatchParams::apply("e2e").force(),
-            &Patch::Apply(manifest),
-        )
-        .await
-        .unwrap();
+    apply_edge_model(client, manifest).await.unwrap();
 }
 
 #[tokio::test]
@@ -208,23 +277,17 @@ async fn a_rollout_moves_step_by_step_and_reaches_all_candidates() {
     }
     create_device(&client, "till-unapproved", false, "tpm").await;
     create_device(&client, "till-dev-key", true, "dev").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
-    apply_model(
-        &client,
-        &model_manifest(&digest, &bundle, &public_key, 1024),
-    )
-    .await;
+    apply_signed_model(&client).await;
 
     // Step 1: one device (the first by name) gets the revision.
-    let rev = eventually("step 1 assignment", || async {
+    let rev = eventually("step 1 assignment", PATIENCE, || async {
         assignment(&client, "till-a").await
     })
     .await;
     let m = model(&client).await;
     let status = m.status.clone().unwrap();
     assert_eq!(status.current_revision.as_deref(), Some(rev.as_str()));
-    assert_eq!(status.phase.as_deref(), Some("Progressing"));
+    assert_eq!(status.phase, Some(ModelPhase::Progressing));
     assert_eq!(status.devices.targeted, 4, "{status:?}"); // the dev-key device is approved but not attested as accepted
     assert_eq!(status.devices.attested, 3, "{status:?}");
     assert_eq!(condition(&m, "SignatureVerified").unwrap().0, "True");
@@ -235,7 +298,7 @@ async fn a_rollout_moves_step_by_step_and_reaches_all_candidates() {
 
     // The device loads it: step 2 starts, one device at a time (maxUnavailable 1).
     report(&client, "till-a", Some(&rev), "Ready").await;
-    eventually("till-b assigned", || async {
+    eventually("till-b assigned", PATIENCE, || async {
         (assignment(&client, "till-b").await.as_deref() == Some(rev.as_str())).then_some(())
     })
     .await;
@@ -245,14 +308,14 @@ async fn a_rollout_moves_step_by_step_and_reaches_all_candidates() {
         "maxUnavailable 1"
     );
     report(&client, "till-b", Some(&rev), "Ready").await;
-    eventually("till-c assigned", || async {
+    eventually("till-c assigned", PATIENCE, || async {
         assignment(&client, "till-c").await.filter(|r| *r == rev)
     })
     .await;
     report(&client, "till-c", Some(&rev), "Ready").await;
-    let m = eventually("Available", || async {
+    let m = eventually("Available", PATIENCE, || async {
         let m = model(&client).await;
-        (m.status.as_ref()?.phase.as_deref() == Some("Available")).then_some(m)
+        (m.status.as_ref()?.phase == Some(ModelPhase::Available)).then_some(m)
     })
     .await;
     let status = m.status.clone().unwrap();
@@ -269,7 +332,7 @@ async fn a_rollout_moves_step_by_step_and_reaches_all_candidates() {
 
     // Revocation: a device whose attestation fails loses the model.
     set_health(&client, "till-b", true, false, "tpm").await;
-    eventually("till-b unassigned", || async {
+    eventually("till-b unassigned", PATIENCE, || async {
         assignment(&client, "till-b").await.is_none().then_some(())
     })
     .await;
@@ -281,58 +344,44 @@ async fn a_rollout_moves_step_by_step_and_reaches_all_candidates() {
 
 /// A signed model rolled out: what signed it, and the revision the devices run.
 struct RolledOut {
-    digest: String,
-    bundle: String,
-    public_key: String,
+    model: SignedModel,
     rev: String,
-    _dir: tempfile::TempDir,
 }
 
 /// Applies a freshly signed model and brings it to `Available` on `devices`, each
 /// reporting the revision Ready once it is assigned (in name order, as the rollout
 /// moves them).
 async fn roll_out(client: &Client, devices: &[&str]) -> RolledOut {
-    let dir = tempfile::tempdir().unwrap();
-    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
-    apply_model(client, &model_manifest(&digest, &bundle, &public_key, 1024)).await;
+    let signed = apply_signed_model(client).await;
     let mut rev = String::new();
     for device in devices {
-        rev = eventually("assigned", || async { assignment(client, device).await }).await;
+        rev = eventually("assigned", PATIENCE, || async {
+            assignment(client, device).await
+        })
+        .await;
         report(client, device, Some(&rev), "Ready").await;
     }
-    eventually("Available", || async {
-        (model(client).await.status?.phase.as_deref() == Some("Available")).then_some(())
+    eventually("Available", PATIENCE, || async {
+        (model(client).await.status?.phase == Some(ModelPhase::Available)).then_some(())
     })
     .await;
-    RolledOut {
-        digest,
-        bundle,
-        public_key,
-        rev,
-        _dir: dir,
-    }
+    RolledOut { model: signed, rev }
 }
 
 #[tokio::test]
 async fn a_bad_signature_halts_and_devices_keep_the_old_revision() {
-    let (_cp, client, _operator) = control_plane().await;
+    let (_cp, client, operator) = control_plane().await;
     create_device(&client, "till-a", true, "tpm").await;
-    let RolledOut {
-        digest,
-        bundle,
-        public_key,
-        rev,
-        _dir: dir,
-    } = roll_out(&client, &["till-a"]).await;
+    let RolledOut { model: signed, rev } = roll_out(&client, &["till-a"]).await;
 
     // A new artifact whose digest the bundle does not sign.
     let tampered = format!("sha256:{}", hex_sha256(b"other bytes"));
     apply_model(
         &client,
-        &model_manifest(&tampered, &bundle, &public_key, 1024),
+        &model_manifest(&tampered, &signed.bundle, &signed.public_key, 1024),
     )
     .await;
-    let (status, reason, message) = eventually("SignatureInvalid", || async {
+    let (status, reason, message) = eventually("SignatureInvalid", PATIENCE, || async {
         condition(&model(&client).await, "SignatureVerified").filter(|c| c.0 == "False")
     })
     .await;
@@ -342,26 +391,27 @@ async fn a_bad_signature_halts_and_devices_keep_the_old_revision() {
     );
     assert!(message.contains("DigestMismatch"), "{message}");
     let m = model(&client).await;
-    assert_eq!(m.status.as_ref().unwrap().phase.as_deref(), Some("Failed"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(m.status.as_ref().unwrap().phase, Some(ModelPhase::Failed));
+    operator.reconciled(&client).await;
     assert_eq!(
         assignment(&client, "till-a").await.as_deref(),
         Some(rev.as_str())
     );
 
     // Signed by someone else: also refused, naming the reason.
-    let (_, foreign_bundle, _) = signed_model(dir.path(), b"GGUF model bytes");
+    let foreign_bundle = signed_model().bundle;
     apply_model(
         &client,
-        &model_manifest(&digest, &foreign_bundle, &public_key, 2048),
+        &model_manifest(&signed.digest, &foreign_bundle, &signed.public_key, 2048),
     )
     .await;
-    let (_, reason, message) = eventually("UntrustedSigner", || async {
+    let (_, reason, message) = eventually("UntrustedSigner", PATIENCE, || async {
         condition(&model(&client).await, "SignatureVerified")
             .filter(|c| c.0 == "False" && c.2.contains("UntrustedSigner"))
     })
     .await;
     assert_eq!(reason, "SignatureInvalid", "{message}");
+    operator.reconciled(&client).await;
     assert_eq!(
         assignment(&client, "till-a").await.as_deref(),
         Some(rev.as_str())
@@ -389,7 +439,8 @@ impl Operator {
         let port = edgefleet_e2e::free_port().unwrap();
         Self(
             std::process::Command::new(operator_binary())
-                .args(["run", "--lease-seconds", "3", "--identity", identity])
+                .args(["run", "--lease-seconds", &LEASE.as_secs().to_string()])
+                .args(["--identity", identity])
                 .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
                 .env("KUBECONFIG", cp.kubeconfig_path())
                 .stdout(std::process::Stdio::null())
@@ -422,25 +473,18 @@ impl Drop for Operator {
 
 #[tokio::test]
 async fn a_killed_operator_resumes_the_rollout_where_it_stopped() {
-    let cp = ControlPlane::start().await.expect("control plane starts");
-    cp.install_crds().await.expect("CRDs install");
-    let client = cp.client().await.unwrap();
-    for name in ["till-a", "till-b", "till-c"] {
-        create_device(&client, name, true, "tpm").await;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
-    apply_model(
-        &client,
-        &model_manifest(&digest, &bundle, &public_key, 1024),
-    )
-    .await;
+    let (cp, client) = cluster(&["till-a", "till-b", "till-c"]).await;
+    apply_signed_model(&client).await;
 
     let first = Operator::start(&cp);
-    let rev = eventually("step 1", || async { assignment(&client, "till-a").await }).await;
+    let rev = eventually("step 1", PATIENCE, || async {
+        assignment(&client, "till-a").await
+    })
+    .await;
     drop(first); // killed mid-rollout
     report(&client, "till-a", Some(&rev), "Ready").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Nothing to wait for: the operator is killed and reaped (its Drop waits for it),
+    // so nothing is left that could move the rollout on.
     assert_eq!(
         assignment(&client, "till-b").await,
         None,
@@ -448,7 +492,7 @@ async fn a_killed_operator_resumes_the_rollout_where_it_stopped() {
     );
 
     let _second = Operator::start(&cp);
-    eventually("step 2 resumes", || async {
+    eventually("step 2 resumes", PATIENCE, || async {
         assignment(&client, "till-b").await.filter(|r| *r == rev)
     })
     .await;
@@ -461,44 +505,63 @@ async fn a_killed_operator_resumes_the_rollout_where_it_stopped() {
     assert_eq!(status.current_revision.as_deref(), Some(rev.as_str()));
     assert_eq!(status.current_step, Some(1));
     report(&client, "till-b", Some(&rev), "Ready").await;
-    eventually("till-c", || async { assignment(&client, "till-c").await }).await;
-    report(&client, "till-c", Some(&rev), "Ready").await;
-    eventually("Available", || async {
-        (model(&client).await.status?.ready_devices.as_deref() == Some("3/3")).then_some(())
+    eventually("till-c", PATIENCE, || async {
+        assignment(&client, "till-c").await
     })
     .await;
+    report(&client, "till-c", Some(&rev), "Ready").await;
+    eventually("Available", PATIENCE, || ready_devices_are(&client, "3/3")).await;
+}
+
+/// The operator's Lease, as `--lease-seconds 3` makes it.
+const LEASE: Duration = Duration::from_secs(3);
+
+async fn lease(client: &Client) -> Option<k8s_openapi::api::coordination::v1::LeaseSpec> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "edgefleet-system");
+    leases.get_opt("edgefleet-operator").await.unwrap()?.spec
 }
 
 async fn lease_holder(client: &Client) -> Option<(String, i32)> {
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(client.clone(), "edgefleet-system");
-    let spec = leases.get_opt("edgefleet-operator").await.unwrap()?.spec?;
+    let spec = lease(client).await?;
     Some((spec.holder_identity?, spec.lease_transitions.unwrap_or(0)))
 }
 
 #[tokio::test]
 async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
-    let cp = ControlPlane::start().await.expect("control plane starts");
-    cp.install_crds().await.expect("CRDs install");
-    let client = cp.client().await.unwrap();
-    for name in ["till-a", "till-b"] {
-        create_device(&client, name, true, "tpm").await;
-    }
+    let (cp, client) = cluster(&["till-a", "till-b"]).await;
     let first = Operator::named(&cp, "op-1");
-    eventually("op-1 leads", || async {
+    eventually("op-1 leads", PATIENCE, || async {
         lease_holder(&client).await.filter(|(h, _)| h == "op-1")
     })
     .await;
     let second = Operator::named(&cp, "op-2");
-    let dir = tempfile::tempdir().unwrap();
-    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
-    apply_model(
-        &client,
-        &model_manifest(&digest, &bundle, &public_key, 1024),
+    apply_signed_model(&client).await;
+    let rev = eventually("step 1", PATIENCE, || async {
+        assignment(&client, "till-a").await
+    })
+    .await;
+    // From when op-2 stands by, until op-1 renews the Lease a whole Lease duration later,
+    // op-2 has been a candidate for longer than the Lease lasts: had it been able to
+    // take a renewed Lease, it would hold it by then.
+    eventually("op-2 standing by", PATIENCE, || async {
+        (second.get("/readyz").1 == "standby").then_some(())
+    })
+    .await;
+    let standing_by = k8s_openapi::jiff::Timestamp::now();
+    let lease_duration = k8s_openapi::jiff::SignedDuration::try_from(LEASE).unwrap();
+    eventually(
+        "a renewal of the Lease a Lease duration after op-2 stood by, or a new holder",
+        PATIENCE,
+        || async {
+            let spec = lease(&client).await?;
+            let renewed = spec.renew_time?.0;
+            (spec.holder_identity.as_deref() != Some("op-1")
+                || renewed > standing_by + lease_duration)
+                .then_some(())
+        },
     )
     .await;
-    let rev = eventually("step 1", || async { assignment(&client, "till-a").await }).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
         lease_holder(&client).await.map(|(h, _)| h).as_deref(),
         Some("op-1"),
@@ -522,16 +585,16 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
 
     drop(first); // the leader dies
     report(&client, "till-a", Some(&rev), "Ready").await;
-    let (_, transitions) = eventually("op-2 takes over", || async {
+    let (_, transitions) = eventually("op-2 takes over", PATIENCE, || async {
         lease_holder(&client).await.filter(|(h, _)| h == "op-2")
     })
     .await;
     assert!(transitions >= 1, "{transitions}");
-    eventually("op-2 leads", || async {
+    eventually("op-2 leads", PATIENCE, || async {
         (second.get("/readyz").1 == "leading").then_some(())
     })
     .await;
-    eventually("the new leader continues the rollout", || async {
+    eventually("the new leader continues the rollout", PATIENCE, || async {
         assignment(&client, "till-b").await.filter(|r| *r == rev)
     })
     .await;
@@ -543,10 +606,7 @@ async fn a_silent_device_goes_not_ready_but_keeps_serving_what_it_has() {
     let (_cp, client, _operator) = control_plane().await;
     create_device(&client, "till-a", true, "tpm").await;
     let rev = roll_out(&client, &["till-a"]).await.rev;
-    eventually("1/1", || async {
-        (model(&client).await.status?.ready_devices.as_deref() == Some("1/1")).then_some(())
-    })
-    .await;
+    eventually("1/1", PATIENCE, || ready_devices_are(&client, "1/1")).await;
 
     let devices: Api<EdgeDevice> = Api::all(client.clone());
     let lease = Duration::from_secs(2);
@@ -594,10 +654,7 @@ async fn a_silent_device_goes_not_ready_but_keeps_serving_what_it_has() {
         (ready.status.as_str(), ready.reason.as_str()),
         ("False", "HeartbeatExpired")
     );
-    eventually("0/1", || async {
-        (model(&client).await.status?.ready_devices.as_deref() == Some("0/1")).then_some(())
-    })
-    .await;
+    eventually("0/1", PATIENCE, || ready_devices_are(&client, "0/1")).await;
     assert_eq!(
         assignment(&client, "till-a").await.as_deref(),
         Some(rev.as_str())
@@ -605,10 +662,7 @@ async fn a_silent_device_goes_not_ready_but_keeps_serving_what_it_has() {
 
     // Back: one heartbeat makes it Ready again, and the count recovers.
     assert!(hb.record(&d, later).await.unwrap());
-    eventually("1/1 again", || async {
-        (model(&client).await.status?.ready_devices.as_deref() == Some("1/1")).then_some(())
-    })
-    .await;
+    eventually("1/1 again", PATIENCE, || ready_devices_are(&client, "1/1")).await;
     assert_eq!(
         assignment(&client, "till-a").await.as_deref(),
         Some(rev.as_str())
@@ -672,37 +726,25 @@ fn reported(revision: &str, state: &str) -> Vec<edgefleet_crds::device::LoadedMo
 #[tokio::test]
 async fn the_rollout_plans_on_reported_states_before_any_status_write() {
     use edgefleet_operator::reported::Reported;
-    let cp = ControlPlane::start().await.expect("control plane starts");
-    cp.install_crds().await.expect("CRDs install");
-    let client = cp.client().await.unwrap();
-    for name in ["till-a", "till-b"] {
-        create_device(&client, name, true, "tpm").await;
-    }
+    let (_cp, client) = cluster(&["till-a", "till-b"]).await;
     let memory = Reported::default();
-    let operator = tokio::spawn(edgefleet_operator::edgemodel::run_with(
-        client.clone(),
-        Default::default(),
+    let operator = InProcess::spawn(
+        &client,
         None,
-        edgefleet_operator::edgemodel::Sources {
+        Sources {
             reported: Some(memory.clone()),
             devices: None,
         },
-    ));
-    let dir = tempfile::tempdir().unwrap();
-    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
-    apply_model(
-        &client,
-        &model_manifest(&digest, &bundle, &public_key, 1024),
-    )
-    .await;
-    let rev = eventually("till-a assigned", || async {
+    );
+    apply_signed_model(&client).await;
+    let rev = eventually("till-a assigned", PATIENCE, || async {
         assignment(&client, "till-a").await
     })
     .await;
     // Step 1 is one device: till-b waits until till-a is Ready on the revision.
     // A report of another revision is not that.
     memory.note("till-a", &reported("0000000000000000", "Ready"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    operator.reconciled(&client).await;
     assert_eq!(assignment(&client, "till-b").await, None);
     assert_eq!(
         model(&client)
@@ -716,14 +758,14 @@ async fn the_rollout_plans_on_reported_states_before_any_status_write() {
     // Ready on the revision, in memory only: the rollout moves on, and reaches all,
     // while neither device's recorded status says anything of the model.
     memory.note("till-a", &reported(&rev, "Ready"));
-    eventually("till-b assigned", || async {
+    eventually("till-b assigned", PATIENCE, || async {
         assignment(&client, "till-b").await
     })
     .await;
     memory.note("till-b", &reported(&rev, "Ready"));
-    eventually("Available from memory", || async {
+    eventually("Available from memory", PATIENCE, || async {
         let status = model(&client).await.status?;
-        (status.phase.as_deref() == Some("Available")
+        (status.phase == Some(ModelPhase::Available)
             && status.ready_devices.as_deref() == Some("2/2"))
         .then_some(())
     })
@@ -736,23 +778,22 @@ async fn the_rollout_plans_on_reported_states_before_any_status_write() {
 
     // A replica without that memory (a new leader) plans on the recorded status: no
     // device is Ready there, until a status write says so.
-    operator.abort();
-    let _successor = tokio::spawn(edgefleet_operator::edgemodel::run_with(
-        client.clone(),
-        Default::default(),
+    operator.task.abort();
+    let _successor = InProcess::spawn(
+        &client,
         None,
-        edgefleet_operator::edgemodel::Sources {
+        Sources {
             reported: Some(Reported::default()),
             devices: None,
         },
-    ));
-    eventually("0/2 from the recorded status", || async {
-        (model(&client).await.status?.ready_devices.as_deref() == Some("0/2")).then_some(())
+    );
+    eventually("0/2 from the recorded status", PATIENCE, || {
+        ready_devices_are(&client, "0/2")
     })
     .await;
     report(&client, "till-a", Some(&rev), "Ready").await;
-    eventually("1/2 once till-a's status is written", || async {
-        (model(&client).await.status?.ready_devices.as_deref() == Some("1/2")).then_some(())
+    eventually("1/2 once till-a's status is written", PATIENCE, || {
+        ready_devices_are(&client, "1/2")
     })
     .await;
 }
@@ -762,7 +803,7 @@ async fn an_https_artifact_enters_the_store_only_with_its_digest() {
     use edgefleet_operator::gateway::mirror::{Mirror, MirrorState};
     let good = "GGUF model bytes ".repeat(4096);
     let hex = hex_sha256(good.as_bytes());
-    let (url, ca) = edgefleet_e2e::fleet::https_files(vec![
+    let (url, ca) = edgefleet_e2e::local_fleet::https_files(vec![
         ("/good.gguf", good.clone()),
         ("/tampered.gguf", good.replacen("model", "modal", 1)),
     ])
@@ -794,7 +835,8 @@ async fn an_https_artifact_enters_the_store_only_with_its_digest() {
         .unwrap_err();
     assert!(err.contains("only https://"), "{err}");
     // A server the roots do not vouch for.
-    let (_, other_ca) = edgefleet_e2e::fleet::https_files(Vec::<(&str, Vec<u8>)>::new()).unwrap();
+    let (_, other_ca) =
+        edgefleet_e2e::local_fleet::https_files(Vec::<(&str, Vec<u8>)>::new()).unwrap();
     let stranger = Mirror::new(dir.path(), other_ca.as_bytes()).unwrap();
     assert!(
         stranger
@@ -808,12 +850,13 @@ async fn an_https_artifact_enters_the_store_only_with_its_digest() {
         mirror.ensure(&hex, &format!("{url}/tampered.gguf"), size),
         MirrorState::Fetching
     );
-    let failed = loop {
+    let failed = eventually("the background fetch to fail", PATIENCE, || async {
         match mirror.ensure(&hex, &format!("{url}/tampered.gguf"), size) {
-            MirrorState::Fetching => tokio::time::sleep(Duration::from_millis(50)).await,
-            MirrorState::Failed(why) => break why,
+            MirrorState::Fetching => None,
+            MirrorState::Failed(why) => Some(why),
         }
-    };
+    })
+    .await;
     assert!(failed.contains("digest mismatch"), "{failed}");
     // The genuine file: into the store under its digest, nothing else.
     assert_eq!(
@@ -829,51 +872,53 @@ async fn an_https_artifact_enters_the_store_only_with_its_digest() {
 
 #[tokio::test]
 async fn a_bundle_given_by_uri_is_fetched_over_https_and_verified() {
-    let cp = ControlPlane::start().await.expect("control plane starts");
-    cp.install_crds().await.expect("CRDs install");
-    let client = cp.client().await.unwrap();
-    create_device(&client, "till-a", true, "tpm").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (digest, bundle, public_key) = signed_model(dir.path(), b"GGUF model bytes");
-    let (_, foreign, _) = signed_model(dir.path(), b"GGUF model bytes");
-    let (base, ca_pem) =
-        edgefleet_e2e::fleet::https_files(vec![("/good.sig", bundle), ("/foreign.sig", foreign)])
-            .unwrap();
+    let (_cp, client) = cluster(&["till-a"]).await;
+    let SignedModel {
+        digest,
+        bundle,
+        public_key,
+    } = signed_model();
+    let foreign = signed_model().bundle;
+    let (base, ca_pem) = edgefleet_e2e::local_fleet::https_files(vec![
+        ("/good.sig", bundle),
+        ("/foreign.sig", foreign),
+    ])
+    .unwrap();
     let fetcher = edgefleet_operator::bundles::BundleFetcher::new(ca_pem.as_bytes()).unwrap();
-    let _operator = tokio::spawn(edgefleet_operator::edgemodel::run_with(
-        client.clone(),
-        Default::default(),
-        Some(fetcher),
-        Default::default(),
-    ));
+    let operator = InProcess::spawn(&client, Some(fetcher), Sources::default());
     let by_uri = |uri: String| {
-        let mut m = model_manifest(&digest, "{}", &public_key, 1024);
-        m["spec"]["signature"] = json!({"uri": uri});
-        m
+        model_builder(&digest, &public_key, 1024)
+            .signature_uri(&uri)
+            .build()
     };
 
     // Not there: nothing is assigned, and the condition says why.
     apply_model(&client, &by_uri(format!("{base}/missing.sig"))).await;
-    let (_, reason, message) = eventually("SignatureNotFetched", || async {
+    let (_, reason, message) = eventually("SignatureNotFetched", PATIENCE, || async {
         condition(&model(&client).await, "SignatureVerified").filter(|c| c.0 == "False")
     })
     .await;
     assert_eq!(reason, "SignatureNotFetched", "{message}");
     assert!(message.contains("404"), "{message}");
+    operator.reconciled(&client).await;
     assert_eq!(assignment(&client, "till-a").await, None);
 
     // Signed by someone else: fetched, and refused by name.
     apply_model(&client, &by_uri(format!("{base}/foreign.sig"))).await;
-    eventually("UntrustedSigner", || async {
+    eventually("UntrustedSigner", PATIENCE, || async {
         condition(&model(&client).await, "SignatureVerified")
             .filter(|c| c.1 == "SignatureInvalid" && c.2.contains("UntrustedSigner"))
     })
     .await;
+    operator.reconciled(&client).await;
     assert_eq!(assignment(&client, "till-a").await, None);
 
     // The right bundle: verified, and the device gets the model.
     apply_model(&client, &by_uri(format!("{base}/good.sig"))).await;
-    eventually("assigned", || async { assignment(&client, "till-a").await }).await;
+    eventually("assigned", PATIENCE, || async {
+        assignment(&client, "till-a").await
+    })
+    .await;
     let (status, reason, _) = condition(&model(&client).await, "SignatureVerified").unwrap();
     assert_eq!(
         (status.as_str(), reason.as_str()),
@@ -883,25 +928,22 @@ async fn a_bundle_given_by_uri_is_fetched_over_https_and_verified() {
 
 #[tokio::test]
 async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
-    let (_cp, client, _operator) = control_plane().await;
+    let (_cp, client, operator) = control_plane().await;
     for name in ["till-a", "till-b"] {
         create_device(&client, name, true, "tpm").await;
     }
     let RolledOut {
-        digest,
-        bundle,
-        public_key,
+        model: signed,
         rev: stable,
-        ..
     } = roll_out(&client, &["till-a", "till-b"]).await;
 
     // A new revision (another context size); the canary fails to load it.
     apply_model(
         &client,
-        &model_manifest(&digest, &bundle, &public_key, 2048),
+        &model_manifest(&signed.digest, &signed.bundle, &signed.public_key, 2048),
     )
     .await;
-    let next = eventually("canary on the new revision", || async {
+    let next = eventually("canary on the new revision", PATIENCE, || async {
         assignment(&client, "till-a").await.filter(|r| *r != stable)
     })
     .await;
@@ -910,7 +952,7 @@ async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
         Some(stable.as_str())
     );
     report(&client, "till-a", Some(&next), "Failed").await;
-    eventually("rolled back", || async {
+    eventually("rolled back", PATIENCE, || async {
         (assignment(&client, "till-a").await.as_deref() == Some(stable.as_str())).then_some(())
     })
     .await;
@@ -921,10 +963,7 @@ async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
         ("True", "HealthGateFailed")
     );
     assert!(message.contains("till-a"), "{message}");
-    assert_eq!(
-        m.status.as_ref().unwrap().phase.as_deref(),
-        Some("Degraded")
-    );
+    assert_eq!(m.status.as_ref().unwrap().phase, Some(ModelPhase::Degraded));
     assert_eq!(
         m.status.as_ref().unwrap().failed_revision.as_deref(),
         Some(next.as_str())
@@ -933,24 +972,30 @@ async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
 
     // Deletion: assignments go first; the finalizer waits for the devices' reports.
     let models: Api<EdgeModel> = Api::namespaced(client.clone(), NS);
+    let still_loaded = operator.failed("StillLoaded");
     models
         .delete("smollm2", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("unassigned everywhere", || async {
+    eventually("unassigned everywhere", PATIENCE, || async {
         (assignment(&client, "till-a").await.is_none()
             && assignment(&client, "till-b").await.is_none())
         .then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The cleanup that unassigned them finds the devices still reporting the model,
+    // and fails for that: the finalizer stays.
+    eventually("a cleanup to wait for the devices", PATIENCE, || async {
+        (operator.failed("StillLoaded") > still_loaded).then_some(())
+    })
+    .await;
     assert!(
         models.get_opt("smollm2").await.unwrap().is_some(),
         "released before the devices unloaded"
     );
     report(&client, "till-a", None, "Ready").await;
     report(&client, "till-b", None, "Ready").await;
-    eventually("finalizer released", || async {
+    eventually("finalizer released", PATIENCE, || async {
         models
             .get_opt("smollm2")
             .await

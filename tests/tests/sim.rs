@@ -8,7 +8,7 @@
 use std::process::Command;
 
 use edgefleet_e2e::ControlPlane;
-use edgefleet_e2e::fleet::{self, Proc};
+use edgefleet_e2e::local_fleet::{self, Proc};
 
 #[tokio::test]
 async fn a_thousand_simulated_devices_connect_heartbeat_and_take_a_rollout() {
@@ -16,13 +16,13 @@ async fn a_thousand_simulated_devices_connect_heartbeat_and_take_a_rollout() {
     cp.install_crds().await.expect("CRDs install");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pki = fleet::GatewayPki::write(d, &[]).unwrap();
+    let pki = local_fleet::GatewayPki::write(d, &[]).unwrap();
     let port = edgefleet_e2e::free_port().unwrap();
     let _operator = Proc(
-        fleet::spawn_operator(
+        local_fleet::spawn_operator(
             cp.kubeconfig_path(),
             &pki,
-            &fleet::OperatorSpec {
+            &local_fleet::OperatorSpec {
                 gateway_addr: format!("127.0.0.1:{port}"),
                 artifact_dir: d.join("artifacts"),
                 approval: "auto:edgefleet.io/pool=sim".into(),
@@ -36,7 +36,7 @@ async fn a_thousand_simulated_devices_connect_heartbeat_and_take_a_rollout() {
         .unwrap(),
     );
     let manifest = edgefleet_e2e::bench::sim_manifest(d).unwrap();
-    let out = Command::new(fleet::binary("edgefleet-sim").unwrap())
+    let out = Command::new(local_fleet::binary("edgefleet-sim").unwrap())
         .args(["--gateway", &format!("https://127.0.0.1:{port}")])
         .arg("--gateway-ca")
         .arg(d.join("gw-ca.crt"))

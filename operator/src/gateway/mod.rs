@@ -7,15 +7,17 @@
 //!   allowed, the device's client certificate.
 //!
 //! Verification and policy evaluation are CPU work and run on blocking threads.
-//! Errors are JSON `{"reason": "...", "message": "..."}` naming what failed: 4xx for the
-//! request's fault, 5xx for ours; nothing is skipped silently.
+//! Errors are JSON `{"reason": "...", "message": "..."}` naming what failed ([`error`]):
+//! 4xx for the request's fault, 5xx for ours; nothing is skipped silently.
+//!
+//! The device API (enrolment, desired state, reports, artifacts) is in [`devices`];
+//! this module also holds the TLS configuration and the accept loop both are served on.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use edgefleet_trust::attestation::service::{
@@ -25,11 +27,14 @@ use serde_json::json;
 use sha2::Digest as _;
 use time::OffsetDateTime;
 
-use crate::device_status::{DeviceStatus, StatusError};
+use crate::device_status::DeviceStatus;
 pub use connections::{ConnectionOptions, DeviceConnections};
+pub use error::{ApiError, Reason};
+use error::{authorize, json_body};
 
 pub mod connections;
-pub mod fleet;
+pub mod devices;
+pub mod error;
 pub mod mirror;
 pub mod options;
 
@@ -46,44 +51,6 @@ pub struct Gateway {
     verifying: Arc<tokio::sync::Semaphore>,
     devices: DeviceStatus,
     bootstrap_token: Arc<str>,
-}
-
-/// An API error: status code, reason, message.
-#[derive(Debug)]
-pub struct ApiError(StatusCode, &'static str, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        tracing::warn!(reason = self.1, message = %self.2, "gateway request rejected");
-        (self.0, Json(json!({"reason": self.1, "message": self.2}))).into_response()
-    }
-}
-
-impl From<ServiceError> for ApiError {
-    fn from(e: ServiceError) -> Self {
-        let code = match &e {
-            ServiceError::Issue(_) | ServiceError::Policy(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ServiceError::Busy => StatusCode::SERVICE_UNAVAILABLE,
-            ServiceError::UnknownNonce => StatusCode::UNAUTHORIZED,
-            _ => StatusCode::FORBIDDEN,
-        };
-        ApiError(code, e.reason(), e.to_string())
-    }
-}
-
-impl From<StatusError> for ApiError {
-    fn from(e: StatusError) -> Self {
-        match &e {
-            StatusError::UnknownDevice(_) => {
-                ApiError(StatusCode::NOT_FOUND, "UnknownDevice", e.to_string())
-            }
-            StatusError::Kube { .. } => ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "StatusWriteFailed",
-                e.to_string(),
-            ),
-        }
-    }
 }
 
 impl Gateway {
@@ -117,26 +84,6 @@ impl Gateway {
             .with_state(self)
     }
 
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let given = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if edgefleet_trust::attestation::service::constant_time_eq(
-            given.as_bytes(),
-            self.bootstrap_token.as_bytes(),
-        ) {
-            Ok(())
-        } else {
-            Err(ApiError(
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
-                "missing or wrong bootstrap token".into(),
-            ))
-        }
-    }
-
     /// Sweeps lapsed attestations every [`LAPSE_SWEEP_INTERVAL`] until the task is dropped.
     pub async fn lapse_loop(self) {
         let mut tick = tokio::time::interval(LAPSE_SWEEP_INTERVAL);
@@ -151,22 +98,12 @@ impl Gateway {
     }
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            format!("request body: {e}"),
-        )
-    })
-}
-
 async fn challenge(
     State(gw): State<Gateway>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    gw.authorize(&headers)?;
+    authorize(&headers, &gw.bootstrap_token)?;
     let req: ChallengeRequest = json_body(&body)?;
     let device = gw.devices.get(&req.device).await?;
     // The key must be the one the device enrolled with, and the evidence kind one it has.
@@ -175,40 +112,46 @@ async fn challenge(
         req.agent_public_key.trim(),
     )
     .map_err(|e| {
-        ApiError(
+        ApiError::new(
             StatusCode::BAD_REQUEST,
-            "BadRequest",
+            Reason::BadRequest,
             format!("agent_public_key: {e}"),
         )
     })?;
     let fingerprint = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&key)));
     if fingerprint != device.spec.facts.agent_key_fingerprint {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "KeyMismatch",
+            Reason::KeyMismatch,
             format!("the key is not the one {} enrolled with", req.device),
         ));
     }
     let tee: edgefleet_crds::TeeKind = serde_json::from_value(json!(req.tee))
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()))?;
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, Reason::BadRequest, e.to_string()))?;
     if !device.spec.facts.tee_kinds.is_empty() && !device.spec.facts.tee_kinds.contains(&tee) {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "TeeKindMismatch",
+            Reason::TeeKindMismatch,
             format!("{} did not enrol with {tee:?} evidence", req.device),
         ));
     }
     let service = gw.service.clone();
     let _permit = gw.verifying.acquire().await.map_err(|e| {
-        ApiError(
+        ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "ShuttingDown",
+            Reason::ShuttingDown,
             e.to_string(),
         )
     })?;
     let challenge = tokio::task::spawn_blocking(move || service.challenge(&req, SystemTime::now()))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))??;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Reason::Internal,
+                e.to_string(),
+            )
+        })??;
     Ok(Json(json!(challenge)))
 }
 
@@ -217,7 +160,7 @@ async fn evidence(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    gw.authorize(&headers)?;
+    authorize(&headers, &gw.bootstrap_token)?;
     let req: EvidenceRequest = json_body(&body)?;
     let device = gw.devices.get(&req.device).await?;
     let service = gw.service.clone();
@@ -239,15 +182,21 @@ async fn evidence(
     }
     let now = SystemTime::now();
     let permit = gw.verifying.acquire().await.map_err(|e| {
-        ApiError(
+        ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "ShuttingDown",
+            Reason::ShuttingDown,
             e.to_string(),
         )
     })?;
     let outcome = tokio::task::spawn_blocking(move || service.evidence(&req, now))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Reason::Internal,
+                e.to_string(),
+            )
+        })?;
     drop(permit);
     let verified = OffsetDateTime::now_utc();
     match outcome {
@@ -322,7 +271,7 @@ pub async fn serve(
 
 /// Serves `router` over HTTPS on `listener` until the future is dropped. Each request
 /// carries the connection's client certificate, if any, as a
-/// [`fleet::PeerCertificate`] extension (verifying it is `tls`'s business: the device
+/// [`devices::PeerCertificate`] extension (verifying it is `tls`'s business: the device
 /// API needs a client verifier that trusts the device CA and allows anonymous clients,
 /// who may only enrol and attest). A connection whose request the device API identifies
 /// as a device is kept in `connections`, one HTTP/2 connection per device, and every
@@ -383,7 +332,10 @@ pub async fn serve_with(
             let slot = cert
                 .is_some()
                 .then(|| connections::Slot::new(connections.clone(), http2));
-            let service = router.layer(axum::Extension(fleet::PeerCertificate(cert, slot.clone())));
+            let service = router.layer(axum::Extension(devices::PeerCertificate(
+                cert,
+                slot.clone(),
+            )));
             let service = hyper_util::service::TowerToHyperService::new(service);
             let connection =
                 builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);

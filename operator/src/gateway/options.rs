@@ -10,9 +10,10 @@ use edgefleet_trust::attestation::policy::Policy;
 use edgefleet_trust::attestation::service::{AttestationService, ServiceConfig};
 use edgefleet_trust::attestation::snp::SnpRoots;
 
-use super::fleet::{Approval, Fleet, FleetConfig, FleetCounters};
+use super::devices::{Approval, Fleet, FleetConfig};
 use super::{Gateway, serve_with, server_tls};
 use crate::device_status::DeviceStatus;
+use crate::metrics::FleetCounters;
 
 /// Gateway options. Without `--gateway-addr` the operator runs no gateway.
 #[derive(Debug, Clone, clap::Args)]
@@ -167,7 +168,7 @@ impl GatewayOptions {
     ) -> anyhow::Result<
         Option<(
             crate::heartbeat::Heartbeats,
-            crate::edgemodel::SharedDevices,
+            crate::device_cache::SharedDevices,
             impl std::future::Future<Output = anyhow::Result<()>> + use<>,
         )>,
     > {

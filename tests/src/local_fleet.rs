@@ -1,6 +1,8 @@
-//! A whole fleet on one machine, for the end-to-end tests and `edgefleet-dev demo`: the
-//! gateway PKI, the operator process with its gateway, agent processes (optionally in
-//! network namespaces), and model signing.
+//! The processes and files of a whole fleet on one machine, for the end-to-end tests,
+//! the benchmarks and `edgefleet-dev demo`: the workspace's built binaries, the gateway
+//! PKI, the operator process with its gateway, agent processes (optionally in a network
+//! namespace, [`crate::netns`]), the content-addressed artifact store, an HTTPS file
+//! server, and a publisher's signing key made with `openssl`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -295,7 +297,7 @@ impl Drop for Proc {
 
 /// SHA-256 of a file as `sha256:<hex>`.
 pub fn digest_of(path: &Path) -> Result<String, HarnessError> {
-    edgefleet_agent::fleet::file_sha256(path)
+    edgefleet_agent::activation::file_sha256(path)
         .map(|h| format!("sha256:{h}"))
         .map_err(|e| err(format!("{}: {e}", path.display())))
 }

@@ -10,16 +10,17 @@
 //! keep serving; deletion unloads everywhere before the finalizer goes.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use edgefleet_crds::{EdgeDevice, EdgeModel};
-use edgefleet_e2e::fleet::{self, Proc};
+use edgefleet_crds::{EdgeDevice, EdgeModel, ModelPhase};
+use edgefleet_e2e::builders::{EdgeModelBuilder, SignedArtifact, Signer, apply_edge_model};
+use edgefleet_e2e::local_fleet::{self, Proc};
+use edgefleet_e2e::netns::Netns;
+use edgefleet_e2e::wait::eventually;
 use edgefleet_e2e::{ControlPlane, cache_dir, free_port};
 use kube::Client;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use serde_json::{Value, json};
 
 const NS: &str = "fleet";
@@ -38,143 +39,7 @@ fn plugin_file(name: &str) -> PathBuf {
 }
 
 fn sha256_file(p: &Path) -> String {
-    fleet::digest_of(p).unwrap()
-}
-
-/// A signer key and the bundle of `file` signed with it.
-fn sign(file: &Path, key_pem: &str) -> String {
-    let signer = edgefleet_trust::model_signing::PrivateKey::from_pem(key_pem).unwrap();
-    String::from_utf8(
-        edgefleet_trust::model_signing::sign(file, &signer, None, &Default::default()).unwrap(),
-    )
-    .unwrap()
-}
-
-fn new_key() -> (String, String) {
-    use p256::pkcs8::EncodePrivateKey as _;
-    let key = p256::SecretKey::random(&mut rand_core::OsRng)
-        .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
-        .unwrap()
-        .to_string();
-    let public = edgefleet_trust::model_signing::PrivateKey::from_pem(&key)
-        .unwrap()
-        .public_key()
-        .to_pem()
-        .unwrap();
-    (key, public)
-}
-
-/// A network namespace with a veth pair to the host: the device's own network, which
-/// a test can cut (link down) and slow (tc).
-struct Netns {
-    name: String,
-    host_if: String,
-    host_ip: String,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Netns {
-    fn create() -> Self {
-        let id = std::process::id() % 10000;
-        let subnet = std::process::id() % 250;
-        let name = format!("ef{id}");
-        let host_if = format!("efh{id}");
-        let dev_if = format!("efd{id}");
-        let host_ip = format!("10.213.{subnet}.1");
-        let dev_ip = format!("10.213.{subnet}.2");
-        ip(&["netns", "add", &name]);
-        ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", &dev_if,
-        ]);
-        ip(&["link", "set", &dev_if, "netns", &name]);
-        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
-        ip(&["link", "set", &host_if, "up"]);
-        for args in [
-            vec!["addr", "add", &format!("{dev_ip}/30"), "dev", &dev_if],
-            vec!["link", "set", &dev_if, "up"],
-            vec!["link", "set", "lo", "up"],
-        ] {
-            let mut a = vec!["netns", "exec", &name, "ip"];
-            a.extend(args.iter().map(|s| &**s));
-            ip(&a);
-        }
-        Self {
-            name,
-            host_if,
-            host_ip,
-        }
-    }
-
-    /// Cuts (false) or restores (true) the device's link to the host.
-    fn link(&self, up: bool) {
-        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }]);
-    }
-
-    /// Limits host→device traffic (downloads) to `rate`, or lifts the limit.
-    fn shape(&self, rate: Option<&str>) {
-        let mut c = Command::new("tc");
-        match rate {
-            Some(r) => c.args([
-                "qdisc",
-                "replace",
-                "dev",
-                &self.host_if,
-                "root",
-                "tbf",
-                "rate",
-                r,
-                "burst",
-                "64kb",
-                "latency",
-                "500ms",
-            ]),
-            None => c.args(["qdisc", "del", "dev", &self.host_if, "root"]),
-        };
-        assert!(c.status().unwrap().success());
-    }
-
-    /// GET or POST from inside the device's network (its local clients).
-    fn curl(&self, url: &str, body: Option<&str>) -> (u16, String) {
-        let mut c = Command::new("ip");
-        c.args([
-            "netns",
-            "exec",
-            &self.name,
-            "curl",
-            "-s",
-            "-m",
-            "60",
-            "-w",
-            "\n%{http_code}",
-        ]);
-        if let Some(b) = body {
-            c.args(["-H", "content-type: application/json", "-d", b]);
-        }
-        let out = c.arg(url).output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-        (code.parse().unwrap_or(0), body.to_owned())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .status();
-    }
+    local_fleet::digest_of(p).unwrap()
 }
 
 struct Setup {
@@ -182,22 +47,61 @@ struct Setup {
     client: Client,
     dir: tempfile::TempDir,
     gateway: String,
-    gateway_ca: fleet::Ca,
+    gateway_ca: local_fleet::Ca,
     device_ca_pem: String,
     agents: Vec<(String, u16, Proc)>,
     _operator: Proc,
     model: PathBuf,
-    digest: String,
-    size: u64,
-    signer_public: String,
-    bundle: String,
-    plugin_digest: String,
-    plugin_size: u64,
+    /// Who signed the model and the plugins.
+    signer: Signer,
+    /// The model as the EdgeModel names it.
+    artifact: SignedArtifact,
+    plugin: SignedArtifact,
     /// Where the gateway mirrors the plugin from.
     plugin_uri: String,
-    plugin_bundle: String,
     /// A plugin that imports sockets it is never granted: devices refuse to load it.
-    bad_plugin: (String, u64, String),
+    bad_plugin: SignedArtifact,
+}
+
+impl Setup {
+    /// The end of each process's log and the resources as they stand.
+    fn diagnostics(&self) -> String {
+        let logs: String = ["operator", "dev-1", "dev-2", "dev-3"]
+            .iter()
+            .map(|n| {
+                let text = std::fs::read_to_string(self.dir.path().join(format!("{n}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(25).collect();
+                format!(
+                    "--- {n}\n{}\n",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect();
+        let state = self
+            .cp
+            .kubectl()
+            .args(["get", "em,ed", "-A", "-o", "yaml"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let state: String = state
+            .lines()
+            .filter(|l| !l.contains("inline:") && !l.trim_start().starts_with('"') && l.len() < 200)
+            .collect::<Vec<_>>()
+            .join("\n");
+        format!("{logs}\n{state}")
+    }
+}
+
+impl Drop for Setup {
+    /// A failing test (a wait that timed out, an assertion) shows the processes' logs
+    /// and the resources beside its panic message.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.diagnostics());
+        }
+    }
 }
 
 async fn setup() -> Setup {
@@ -213,7 +117,7 @@ async fn setup_with(netns: Option<&Netns>) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
 
-    let pki = fleet::GatewayPki::write(
+    let pki = local_fleet::GatewayPki::write(
         d,
         &netns.map(|n| vec![n.host_ip.clone()]).unwrap_or_default(),
     )
@@ -222,31 +126,37 @@ async fn setup_with(netns: Option<&Netns>) -> Setup {
     // The artifact store: the model and the plugin, by digest.
     let store = d.join("artifacts");
     let model = model_file();
-    let (digest, size) = fleet::store_artifact(&store, &model).unwrap();
+    let (digest, size) = local_fleet::store_artifact(&store, &model).unwrap();
     // The plugin is not in the store: the gateway mirrors it from its https:// URI (a
     // server whose CA only the operator is told to trust) when the model's templates
     // name it, checking its digest on the way in.
     let plugin = plugin_file("pii_redact.wasm");
     let plugin_bytes = std::fs::read(&plugin).unwrap();
-    let plugin_digest = fleet::digest_of(&plugin).unwrap();
-    let plugin_size = plugin_bytes.len() as u64;
     let (plugin_host, plugin_ca) =
-        fleet::https_files(vec![("/pii_redact.wasm", plugin_bytes)]).unwrap();
+        local_fleet::https_files(vec![("/pii_redact.wasm", plugin_bytes)]).unwrap();
     let plugin_ca_file = d.join("plugin-host-ca.pem");
     std::fs::write(&plugin_ca_file, plugin_ca).unwrap();
-    let (signer_key, signer_public) = new_key();
-    let bundle = sign(&model, &signer_key);
-    let plugin_bundle = sign(&plugin, &signer_key);
+    let signer = Signer::generate().unwrap();
+    let artifact = SignedArtifact {
+        digest,
+        size,
+        bundle: signer.sign(&model).unwrap(),
+    };
+    let plugin = signer.artifact(&plugin).unwrap();
     let bad = plugin_file("hostile_net.wasm");
-    let (bad_digest, bad_size) = fleet::store_artifact(&store, &bad).unwrap();
-    let bad_plugin = (bad_digest, bad_size, sign(&bad, &signer_key));
+    let (digest, size) = local_fleet::store_artifact(&store, &bad).unwrap();
+    let bad_plugin = SignedArtifact {
+        digest,
+        size,
+        bundle: signer.sign(&bad).unwrap(),
+    };
 
     let port = free_port().unwrap();
     let gateway = format!("https://127.0.0.1:{port}");
-    let operator = fleet::spawn_operator(
+    let operator = local_fleet::spawn_operator(
         cp.kubeconfig_path(),
         &pki,
-        &fleet::OperatorSpec {
+        &local_fleet::OperatorSpec {
             gateway_addr: if netns.is_some() {
                 format!("0.0.0.0:{port}")
             } else {
@@ -286,14 +196,10 @@ async fn setup_with(netns: Option<&Netns>) -> Setup {
         agents,
         _operator: Proc(operator),
         model,
-        digest,
-        size,
-        signer_public,
-        bundle,
-        plugin_digest,
-        plugin_size,
+        signer,
+        artifact,
+        plugin,
         plugin_uri: format!("{plugin_host}/pii_redact.wasm"),
-        plugin_bundle,
         bad_plugin,
         dir,
     }
@@ -313,7 +219,7 @@ fn start_agent_in(
     netns: Option<&Netns>,
 ) -> (u16, Proc) {
     let port = port.unwrap_or_else(|| free_port().unwrap());
-    let child = fleet::spawn_agent(&fleet::AgentSpec {
+    let child = local_fleet::spawn_agent(&local_fleet::AgentSpec {
         name: name.into(),
         dir: d.join(name),
         gateway: gateway.into(),
@@ -329,98 +235,50 @@ fn start_agent_in(
     (port, Proc(child))
 }
 
+/// The EdgeModel of the fleet: the model with `bundle` as its signature, one device
+/// first (then `pause` seconds), then the rest, through the pii-redact plugin.
+fn edge_model(s: &Setup, bundle: &str, context: i32, pause: i32) -> EdgeModelBuilder {
+    EdgeModelBuilder::new(NS, "smollm2")
+        .artifact(
+            "https://artifacts.example/smollm2.gguf",
+            &s.artifact.digest,
+            Some(s.artifact.size),
+        )
+        .inline_signature(bundle)
+        .signer("models-team", &s.signer.public_key)
+        .pool("e2e")
+        .attestation(&["dev"], Some("dev"))
+        .rollout(json!({
+            "steps": [{"count": 1, "pauseSeconds": pause}, {"percent": 100}],
+            "maxUnavailable": 1,
+            "healthGates": {"readyTimeoutSeconds": 120, "rollbackOnFailure": true},
+        }))
+        .runtime(json!({"contextSize": context, "threads": 1, "parallelSlots": 1}))
+        .plugin("pii-redact", &s.plugin_uri, &s.plugin, plugin_limits())
+}
+
+fn plugin_limits() -> Value {
+    json!({"deadlineMillis": 200, "memoryBytes": 33554432})
+}
+
 fn manifest(s: &Setup, bundle: &str, context: i32, pause: i32) -> Value {
-    json!({
-        "apiVersion": "edgefleet.io/v1alpha1",
-        "kind": "EdgeModel",
-        "metadata": {"name": "smollm2", "namespace": NS},
-        "spec": {
-            "servedName": "smollm2",
-            "artifact": {"uri": "https://artifacts.example/smollm2.gguf", "digest": s.digest, "sizeBytes": s.size},
-            "signature": {"inline": bundle},
-            "signers": [{"name": "models-team", "publicKey": s.signer_public}],
-            "selector": {"matchLabels": {"edgefleet.io/pool": "e2e"}},
-            "attestation": {"teeKinds": ["dev"], "policy": "dev"},
-            "rollout": {
-                "steps": [{"count": 1, "pauseSeconds": pause}, {"percent": 100}],
-                "maxUnavailable": 1,
-                "healthGates": {"readyTimeoutSeconds": 120, "rollbackOnFailure": true},
-            },
-            "runtime": {"contextSize": context, "threads": 1, "parallelSlots": 1},
-            "plugins": [{
-                "name": "pii-redact",
-                "artifact": {"uri": s.plugin_uri, "digest": s.plugin_digest, "sizeBytes": s.plugin_size},
-                "signature": {"inline": s.plugin_bundle},
-                "limits": {"deadlineMillis": 200, "memoryBytes": 33554432},
-            }],
-        }
-    })
+    edge_model(s, bundle, context, pause).build()
 }
 
 /// The manifest with the socket-importing plugin added to the chain.
 fn manifest_with_bad_plugin(s: &Setup, context: i32) -> Value {
-    let mut m = manifest(s, &s.bundle, context, 0);
-    let (digest, size, bundle) = &s.bad_plugin;
-    m["spec"]["plugins"].as_array_mut().unwrap().push(json!({
-        "name": "hostile-net",
-        "artifact": {"uri": "https://artifacts.example/hostile_net.wasm", "digest": digest, "sizeBytes": size},
-        "signature": {"inline": bundle},
-        "limits": {"deadlineMillis": 200, "memoryBytes": 33554432},
-    }));
-    m
+    edge_model(s, &s.artifact.bundle, context, 0)
+        .plugin(
+            "hostile-net",
+            "https://artifacts.example/hostile_net.wasm",
+            &s.bad_plugin,
+            plugin_limits(),
+        )
+        .build()
 }
 
 async fn apply(client: &Client, m: &Value) {
-    Api::<EdgeModel>::namespaced(client.clone(), NS)
-        .patch(
-            "smollm2",
-            &PatchParams::apply("e2e").force(),
-            &Patch::Apply(m),
-        )
-        .await
-        .unwrap();
-}
-
-async fn eventually<T, F, Fut>(s: &Setup, what: &str, secs: u64, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let started = std::time::Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if started.elapsed() > Duration::from_secs(secs) {
-            let logs: String = ["operator", "dev-1", "dev-2", "dev-3"]
-                .iter()
-                .map(|n| {
-                    let text = std::fs::read_to_string(s.dir.path().join(format!("{n}.log")))
-                        .unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(25).collect();
-                    format!(
-                        "--- {n}\n{}\n",
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    )
-                })
-                .collect();
-            let state =
-                s.cp.kubectl()
-                    .args(["get", "em,ed", "-A", "-o", "yaml"])
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default();
-            let state: String = state
-                .lines()
-                .filter(|l| {
-                    !l.contains("inline:") && !l.trim_start().starts_with('"') && l.len() < 200
-                })
-                .collect::<Vec<_>>()
-                .join("\n");
-            panic!("timed out waiting for {what}\n{logs}\n{state}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    apply_edge_model(client, m).await.unwrap();
 }
 
 async fn model(client: &Client) -> Option<EdgeModel> {
@@ -428,6 +286,31 @@ async fn model(client: &Client) -> Option<EdgeModel> {
         .get_opt("smollm2")
         .await
         .unwrap()
+}
+
+/// The reason and message of the model's condition `kind`, while its status is `status`.
+async fn model_condition(c: &Client, kind: &str, status: &str) -> Option<(String, String)> {
+    let st = model(c).await?.status?;
+    st.conditions
+        .iter()
+        .find(|x| x.type_ == kind && x.status == status)
+        .map(|x| (x.reason.clone(), x.message.clone()))
+}
+
+/// Whether the operator has published an Event on the model with `reason`, noting (the
+/// beginning of) `message`.
+async fn published(c: &Client, reason: &str, message: &str) -> bool {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .any(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("smollm2")
+                && e.reason.as_deref() == Some(reason)
+                && e.note.as_deref().is_some_and(|n| message.starts_with(n))
+        })
 }
 
 fn reported(d: &EdgeDevice) -> Vec<(String, String)> {
@@ -440,6 +323,12 @@ fn reported(d: &EdgeDevice) -> Vec<(String, String)> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The devices, once the status of every one reports `want` as (revision, state).
+async fn all_reporting(c: &Client, want: &[(String, String)]) -> Option<Vec<EdgeDevice>> {
+    let ds = devices(c).await;
+    ds.iter().all(|d| reported(d) == want).then_some(ds)
 }
 
 async fn devices(client: &Client) -> Vec<EdgeDevice> {
@@ -520,23 +409,27 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
     let c = &s.client;
 
     // Enrolment creates approved EdgeDevices; attestation makes them Attested.
-    eventually(&s, "three enrolled, attested devices", 60, || async {
-        let ds = devices(c).await;
-        let ok = ds.len() == 3
-            && ds.iter().all(|d| {
-                d.spec.approved
-                    && edgefleet_operator::rollout::condition_true(d, "Attested")
-                    && d.spec.facts.tee_kinds == vec![edgefleet_crds::TeeKind::Dev]
-            });
-        ok.then_some(())
-    })
+    eventually(
+        "three enrolled, attested devices",
+        Duration::from_secs(60),
+        || async {
+            let ds = devices(c).await;
+            let ok = ds.len() == 3
+                && ds.iter().all(|d| {
+                    d.spec.approved
+                        && edgefleet_operator::rollout::condition_true(d, "Attested")
+                        && d.spec.facts.tee_kinds == vec![edgefleet_crds::TeeKind::Dev]
+                });
+            ok.then_some(())
+        },
+    )
     .await;
 
-    apply(c, &manifest(&s, &s.bundle, 1024, 0)).await;
-    let rev1 = eventually(&s, "3/3 ready", 180, || async {
+    apply(c, &manifest(&s, &s.artifact.bundle, 1024, 0)).await;
+    let rev1 = eventually("3/3 ready", Duration::from_secs(180), || async {
         let m = model(c).await?;
         let st = m.status?;
-        (st.ready_devices.as_deref() == Some("3/3") && st.phase.as_deref() == Some("Available"))
+        (st.ready_devices.as_deref() == Some("3/3") && st.phase == Some(ModelPhase::Available))
             .then_some(st.current_revision?)
     })
     .await;
@@ -555,16 +448,17 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
         .dir
         .path()
         .join("artifacts")
-        .join(s.plugin_digest.trim_start_matches("sha256:"));
+        .join(s.plugin.digest.trim_start_matches("sha256:"));
     let meta = std::fs::symlink_metadata(&mirrored).unwrap();
-    assert!(meta.is_file() && meta.len() == s.plugin_size, "{meta:?}");
+    assert!(meta.is_file() && meta.len() == s.plugin.size, "{meta:?}");
     // The rollout plans on the reports in the gateway's memory; the device statuses
     // follow within the change budget.
     let want = vec![(rev1.clone(), "Ready".to_owned())];
-    let ds = eventually(&s, "the statuses of all three say Ready", 30, || async {
-        let ds = devices(c).await;
-        ds.iter().all(|d| reported(d) == want).then_some(ds)
-    })
+    let ds = eventually(
+        "the statuses of all three say Ready",
+        Duration::from_secs(30),
+        || all_reporting(c, &want),
+    )
     .await;
     for d in ds {
         assert_eq!(
@@ -586,15 +480,19 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
     let gateway_port = s.gateway.rsplit(':').next().unwrap().to_owned();
     for (name, _, proc_) in &s.agents {
         let pid = format!("pid={},", proc_.0.id());
-        eventually(&s, &format!("{name} on one connection"), 30, || async {
-            let out = std::process::Command::new("ss")
-                .args(["-Htnp", "state", "established"])
-                .arg(format!("dport = :{gateway_port}"))
-                .output()
-                .ok()?;
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            (text.lines().filter(|l| l.contains(&pid)).count() == 1).then_some(())
-        })
+        eventually(
+            &format!("{name} on one connection"),
+            Duration::from_secs(30),
+            || async {
+                let out = std::process::Command::new("ss")
+                    .args(["-Htnp", "state", "established"])
+                    .arg(format!("dport = :{gateway_port}"))
+                    .output()
+                    .ok()?;
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                (text.lines().filter(|l| l.contains(&pid)).count() == 1).then_some(())
+            },
+        )
         .await;
     }
     for (name, port, _) in &s.agents {
@@ -640,7 +538,7 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
     );
     let artifact = |digest: &str| format!("{}/v1/devices/dev-1/artifacts/{digest}", s.gateway);
     let head = dev1
-        .get(artifact(&s.digest))
+        .get(artifact(&s.artifact.digest))
         .header("Range", "bytes=0-3")
         .send()
         .await
@@ -648,7 +546,7 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
     assert_eq!(head.status().as_u16(), 206);
     assert_eq!(
         head.headers()["content-range"].to_str().unwrap(),
-        format!("bytes 0-3/{}", s.size)
+        format!("bytes 0-3/{}", s.artifact.size)
     );
     assert_eq!(&head.bytes().await.unwrap()[..], b"GGUF");
     let unassigned = format!("sha256:{}", "ab".repeat(32));
@@ -657,7 +555,7 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
         (403, "NotAssigned".into())
     );
     // A certificate naming dev-1 from a CA the gateway does not trust: no handshake.
-    let foreign_ca = fleet::Ca::new("somebody else's CA").unwrap();
+    let foreign_ca = local_fleet::Ca::new("somebody else's CA").unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     p.subject_alt_names = vec![rcgen::SanType::URI(
@@ -675,11 +573,10 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
     assert!(!s.device_ca_pem.is_empty());
 
     // A new revision rolls out one device first, then the rest.
-    apply(c, &manifest(&s, &s.bundle, 1536, 4)).await;
+    apply(c, &manifest(&s, &s.artifact.bundle, 1536, 4)).await;
     let rev2 = eventually(
-        &s,
         "step 1: one device on the new revision",
-        120,
+        Duration::from_secs(120),
         || async {
             let st = model(c).await?.status?;
             let rev = st.current_revision.clone()?;
@@ -687,45 +584,39 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
         },
     )
     .await;
-    eventually(&s, "the new revision on 3/3", 180, || async {
-        let st = model(c).await?.status?;
-        let done = st.ready_devices.as_deref() == Some("3/3")
-            && st.stable_revision.as_deref() == Some(rev2.as_str())
-            && st.current_step == Some(1);
-        done.then_some(())
-    })
+    eventually(
+        "the new revision on 3/3",
+        Duration::from_secs(180),
+        || async {
+            let st = model(c).await?.status?;
+            let done = st.ready_devices.as_deref() == Some("3/3")
+                && st.stable_revision.as_deref() == Some(rev2.as_str())
+                && st.current_step == Some(1);
+            done.then_some(())
+        },
+    )
     .await;
     let want = vec![(rev2.clone(), "Ready".to_owned())];
     eventually(
-        &s,
         "the statuses say the new revision Ready",
-        30,
-        || async {
-            devices(c)
-                .await
-                .iter()
-                .all(|d| reported(d) == want)
-                .then_some(())
-        },
+        Duration::from_secs(30),
+        || all_reporting(c, &want),
     )
     .await;
 
     // A revision its first device cannot load (a plugin importing sockets it is not
     // granted) fails that device's health gate: the rollout halts and moves it back.
     apply(c, &manifest_with_bad_plugin(&s, 1536)).await;
-    let (reason, msg) = eventually(&s, "Degraded by the failed device", 120, || async {
-        let st = model(c).await?.status?;
-        st.conditions
-            .iter()
-            .find(|c| c.type_ == "Degraded" && c.status == "True")
-            .map(|c| (c.reason.clone(), c.message.clone()))
-    })
+    let (reason, msg) = eventually(
+        "Degraded by the failed device",
+        Duration::from_secs(120),
+        || model_condition(c, "Degraded", "True"),
+    )
     .await;
     assert_eq!(reason, "HealthGateFailed", "{msg}");
     eventually(
-        &s,
         "every device back on the stable revision, Ready",
-        60,
+        Duration::from_secs(60),
         || async {
             let ds = devices(c).await;
             let back = ds.iter().all(|d| {
@@ -745,19 +636,21 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
     assert_eq!(code, 200, "dev-1 kept serving the stable revision");
 
     // A revision signed by a stranger halts with SignatureInvalid; devices keep rev2.
-    let (stranger, _) = new_key();
-    let bad = sign(&s.model, &stranger);
+    let bad = Signer::generate().unwrap().sign(&s.model).unwrap();
     apply(c, &manifest(&s, &bad, 2048, 0)).await;
-    let (reason, msg) = eventually(&s, "SignatureVerified False", 60, || async {
-        let st = model(c).await?.status?;
-        st.conditions
-            .iter()
-            .find(|c| c.type_ == "SignatureVerified" && c.status == "False")
-            .map(|c| (c.reason.clone(), c.message.clone()))
+    let (reason, msg) = eventually("SignatureVerified False", Duration::from_secs(60), || {
+        model_condition(c, "SignatureVerified", "False")
     })
     .await;
     assert_eq!(reason, "SignatureInvalid", "{msg}");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The reconcile that wrote the condition publishes its Event after its assignment
+    // writes: once the Event is there, the operator has decided what the devices run.
+    eventually(
+        "the SignatureInvalid Event",
+        Duration::from_secs(30),
+        || async { published(c, "SignatureInvalid", &msg).await.then_some(()) },
+    )
+    .await;
     for d in devices(c).await {
         assert_eq!(reported(&d), vec![(rev2.clone(), "Ready".to_owned())]);
         assert!(d.spec.desired_models.iter().all(|m| m.revision == rev2));
@@ -770,19 +663,17 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
         .delete("smollm2", &DeleteParams::default())
         .await
         .unwrap();
-    eventually(&s, "the EdgeModel gone", 90, || async {
+    eventually("the EdgeModel gone", Duration::from_secs(90), || async {
         model(c).await.is_none().then_some(())
     })
     .await;
     // The finalizer is released on the reports in the gateway's memory; the statuses
     // follow.
-    eventually(&s, "the statuses say nothing is loaded", 30, || async {
-        devices(c)
-            .await
-            .iter()
-            .all(|d| reported(d).is_empty())
-            .then_some(())
-    })
+    eventually(
+        "the statuses say nothing is loaded",
+        Duration::from_secs(30),
+        || all_reporting(c, &[]),
+    )
     .await;
     for (name, port, _) in &s.agents {
         let (code, body) = chat(*port).await;
@@ -814,26 +705,30 @@ async fn a_partitioned_device_resumes_its_download_keeps_serving_and_converges()
         net.host_ip,
         s.gateway.rsplit(':').next().unwrap()
     );
-    apply(&c, &manifest(&s, &s.bundle, 1024, 0)).await;
+    apply(&c, &manifest(&s, &s.artifact.bundle, 1024, 0)).await;
 
     // Kill dev-3 in the middle of its download; it resumes where it stopped.
     let partial = s
         .dir
         .path()
         .join("dev-3/state/artifacts")
-        .join(format!("{}.partial", &s.digest[7..]));
-    let had = eventually(&s, "dev-3 part-way through its download", 180, || async {
-        let n = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
-        (n > 8 << 20).then_some(n)
-    })
+        .join(format!("{}.partial", &s.artifact.digest[7..]));
+    let had = eventually(
+        "dev-3 part-way through its download",
+        Duration::from_secs(180),
+        || async {
+            let n = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+            (n > 8 << 20).then_some(n)
+        },
+    )
     .await;
     let (_, port3, proc3) = s.agents.pop().unwrap();
     drop(proc3);
-    assert!(had < s.size, "the download was complete already");
+    assert!(had < s.artifact.size, "the download was complete already");
     net.shape(None);
     let (_, proc3) = start_agent_in(s.dir.path(), "dev-3", &gateway3, Some(port3), Some(&net));
     s.agents.push(("dev-3".into(), port3, proc3));
-    let rev1 = eventually(&s, "3/3 ready", 180, || async {
+    let rev1 = eventually("3/3 ready", Duration::from_secs(180), || async {
         let st = model(&c).await?.status?;
         (st.ready_devices.as_deref() == Some("3/3")).then_some(st.current_revision?)
     })
@@ -849,15 +744,15 @@ async fn a_partitioned_device_resumes_its_download_keeps_serving_and_converges()
             &s.dir
                 .path()
                 .join("dev-3/state/artifacts")
-                .join(&s.digest[7..])
+                .join(&s.artifact.digest[7..])
         ),
-        s.digest
+        s.artifact.digest
     );
 
     // Partition dev-3: it goes NotReady after the lease, and keeps serving locally.
     net.link(false);
     let local = format!("http://127.0.0.1:{port3}/v1/chat/completions");
-    eventually(&s, "dev-3 NotReady", 60, || async {
+    eventually("dev-3 NotReady", Duration::from_secs(60), || async {
         let ds = devices(&c).await;
         let d = device_named(&ds, "dev-3");
         (!edgefleet_operator::rollout::condition_true(d, "Ready")).then_some(())
@@ -872,26 +767,35 @@ async fn a_partitioned_device_resumes_its_download_keeps_serving_and_converges()
     let (_, proc3) = start_agent_in(s.dir.path(), "dev-3", &gateway3, Some(port3), Some(&net));
     s.agents.push(("dev-3".into(), port3, proc3));
     let ready = format!("http://127.0.0.1:{port3}/readyz");
-    eventually(&s, "dev-3 ready offline", 60, || async {
+    eventually("dev-3 ready offline", Duration::from_secs(60), || async {
         (net.curl(&ready, None).0 == 200).then_some(())
     })
     .await;
     let (code, body) = net.curl(&local, Some(CHAT));
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("Paris"), "{body}");
+    // Kept a fixed wait: cut off, the agent takes a report into its spool every second
+    // (heartbeat_seconds = 1) without a gateway client, so it neither logs nor exposes
+    // the spool; these seconds are what gives it reports to deliver on healing, which
+    // the checks below (nothing missing, nothing dropped) are about.
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     // Heal: it reconnects, delivers its spooled reports, and converges without
     // reloading the model it already runs.
     let before = log_of(&s, "dev-3").matches("activating").count();
     net.link(true);
-    eventually(&s, "dev-3 Ready again with all its reports", 60, || async {
-        let ds = devices(&c).await;
-        let d = device_named(&ds, "dev-3");
-        let r = d.status.as_ref()?.reports.clone()?;
-        let ok = edgefleet_operator::rollout::condition_true(d, "Ready") && r.last_sequence >= 5;
-        ok.then_some(r)
-    })
+    eventually(
+        "dev-3 Ready again with all its reports",
+        Duration::from_secs(60),
+        || async {
+            let ds = devices(&c).await;
+            let d = device_named(&ds, "dev-3");
+            let r = d.status.as_ref()?.reports.clone()?;
+            let ok =
+                edgefleet_operator::rollout::condition_true(d, "Ready") && r.last_sequence >= 5;
+            ok.then_some(r)
+        },
+    )
     .await;
     let ds = devices(&c).await;
     let r = device_named(&ds, "dev-3")

@@ -1,0 +1,144 @@
+//! Activating a model: the one path by which both the fleet agent
+//! ([`crate::gateway_session`]) and the standalone `serve` command
+//! ([`crate::standalone`]) put a verified model, behind its verified plugins, into
+//! service. Each caller first checks its artifacts in its own way (the fleet against
+//! the desired state's signers and digests, standalone against a local public key),
+//! then takes the same two steps:
+//!
+//! 1. [`prepare`]: compile and check the plugins (a bad plugin fails here, before the
+//!    model loads);
+//! 2. [`Prepared::serve`]: load the model with llama.cpp on a blocking thread, put the
+//!    plugins in front of it (their `infer` runs on it), and swap both into
+//!    [`Serving`] at once; requests in flight finish on what they started on.
+//!
+//! Also here: [`ActivateError`], the named reasons the fleet reports, [`verify`]
+//! (signature checks against a desired model's signers) and [`store`] (artifacts and the
+//! last-known-good record on disk).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::plugins::{LoadedPlugin, PluginError, PluginRuntime, PluginSpec};
+use crate::serve::{EngineSubPrompt, Serving};
+
+pub mod store;
+pub mod verify;
+
+pub use store::file_sha256;
+pub use verify::{trust_policy, verify_file};
+
+/// Why activating a model failed; the name goes into the report.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The download failed.
+    #[error("DownloadFailed: {0}")]
+    Download(String),
+    /// The file's SHA-256 is not the expected digest.
+    #[error("DigestMismatch: {0}")]
+    Digest(String),
+    /// The file grew beyond its declared size.
+    #[error("TooLarge: {0}")]
+    TooLarge(String),
+    /// The signature bundle does not verify.
+    #[error("SignatureInvalid: {0}")]
+    Signature(String),
+    /// llama.cpp refused the model.
+    #[error("LoadFailed: {0}")]
+    Load(String),
+    /// A plugin was refused.
+    #[error("PluginRefused: {0}")]
+    Plugin(String),
+    /// Local storage failed.
+    #[error("StateDirectory: {0}")]
+    State(String),
+}
+
+/// Why one of the two shared steps failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The plugin runtime did not start.
+    #[error("{0}")]
+    Runtime(PluginError),
+    /// A plugin was refused.
+    #[error("refusing plugin {plugin:?}: {}: {error}", error.reason())]
+    Plugin {
+        /// Its name.
+        plugin: String,
+        /// Why.
+        error: PluginError,
+    },
+    /// llama.cpp refused the model.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The loading task ended abnormally.
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl From<LoadError> for ActivateError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Runtime(e) => Self::Plugin(e.to_string()),
+            LoadError::Plugin { plugin, error } => {
+                Self::Plugin(format!("{plugin}: {}: {error}", error.reason()))
+            }
+            LoadError::Engine(e) => Self::Load(e.to_string()),
+            LoadError::Task(e) => Self::Load(e.to_string()),
+        }
+    }
+}
+
+/// CPU threads per slot when none are configured: one fewer than the available cores,
+/// at least one, so that serving does not preempt llama.cpp's threads.
+pub fn default_threads() -> i32 {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() as i32 - 1).max(1))
+}
+
+/// Plugins compiled and checked, waiting for their model ([`Prepared::serve`]).
+#[derive(Debug)]
+pub struct Prepared {
+    plugins: Option<(PluginRuntime, Vec<LoadedPlugin>)>,
+}
+
+/// Step one: compiles and checks `plugins`, in chain order, with compiled code cached
+/// under `cache` (none: no disk cache). No plugins: nothing to compile.
+pub fn prepare(plugins: Vec<PluginSpec>, cache: Option<&Path>) -> Result<Prepared, LoadError> {
+    if plugins.is_empty() {
+        return Ok(Prepared { plugins: None });
+    }
+    let runtime = PluginRuntime::new(cache).map_err(LoadError::Runtime)?;
+    let mut loaded = Vec::new();
+    for spec in plugins {
+        let name = spec.name.clone();
+        let started = std::time::Instant::now();
+        loaded.push(runtime.load(spec).map_err(|error| LoadError::Plugin {
+            plugin: name.clone(),
+            error,
+        })?);
+        tracing::info!(plugin = %name, ms = started.elapsed().as_millis() as u64, "plugin loaded");
+    }
+    Ok(Prepared {
+        plugins: Some((runtime, loaded)),
+    })
+}
+
+impl Prepared {
+    /// Step two: loads the model in `config` on a blocking thread, chains the plugins in
+    /// front of it (their `infer` import runs on it), and serves both through `serving`
+    /// from now on. Returns the engine now served.
+    pub async fn serve(
+        self,
+        serving: &Serving,
+        config: EngineConfig,
+    ) -> Result<Arc<Engine>, LoadError> {
+        let engine = tokio::task::spawn_blocking(move || Engine::load(config)).await??;
+        let engine = Arc::new(engine);
+        let chain = self.plugins.map(|(runtime, loaded)| {
+            let infer = EngineSubPrompt::new(&engine, tokio::runtime::Handle::current());
+            runtime.chain(loaded, Some(infer), Default::default())
+        });
+        serving.install_with_plugins(engine.clone(), chain);
+        Ok(engine)
+    }
+}

@@ -1,0 +1,122 @@
+//! The connection to the gateway: enrol (bootstrap token), attest (evidence → client
+//! certificate), then long-poll the desired state over mTLS and converge, until it is
+//! time to attest again; reconnect with capped, jittered backoff when the session ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgefleet_proto as proto;
+
+use super::{DeviceClient, FleetAgent, facts};
+use crate::enrol::{EnrolError, Source, attest_once};
+use crate::gateway_client::GatewayClient;
+
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 4];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    let frac = f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX);
+    // Between half and the whole of `d`, so that a fleet does not reconnect in step.
+    d.mul_f64(0.5 + frac / 2.0)
+}
+
+impl FleetAgent {
+    /// Enrols, attests and follows the desired state, reconnecting with capped,
+    /// jittered backoff, forever.
+    pub async fn control_loop(self: Arc<Self>, mut source: Source) {
+        let cfg = &self.config;
+        let max = Duration::from_secs(cfg.fleet.backoff_max_seconds);
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            match self.connected(&mut source).await {
+                Ok(()) => backoff = Duration::from_secs(1),
+                Err(e) => {
+                    let wait = jitter(backoff);
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "gateway session ended");
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(max);
+                }
+            }
+        }
+    }
+
+    async fn connected(&self, source: &mut Source) -> Result<(), EnrolError> {
+        let cfg = &self.config;
+        let ca = std::fs::read(&cfg.gateway.ca).map_err(|e| EnrolError::State {
+            path: cfg.gateway.ca.clone(),
+            source: e,
+        })?;
+        let bootstrap =
+            GatewayClient::new(&cfg.gateway.url, &ca, cfg.gateway.bootstrap_token.expose())?;
+        let key = crate::enrol::agent_key(self.state_dir())?;
+        let enrolled = bootstrap
+            .enrol(&proto::EnrolRequest {
+                device: cfg.device.name.clone(),
+                agent_public_key: base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    rcgen::PublicKeyData::subject_public_key_info(&key),
+                ),
+                facts: facts(&cfg.attestation.tee),
+                labels: cfg.device.labels.clone(),
+            })
+            .await?;
+        if !enrolled.approved {
+            return Err(EnrolError::Invalid(format!(
+                "{} is enrolled but not approved yet",
+                enrolled.device
+            )));
+        }
+        let appraisal = attest_once(&bootstrap, &cfg.device.name, source, self.state_dir()).await?;
+        if !appraisal.decision.allow {
+            return Err(EnrolError::Invalid(format!(
+                "the attestation policy denied this device: {:?}",
+                appraisal.decision.deny
+            )));
+        }
+        let cert = std::fs::read(self.state_dir().join("agent-cert.pem")).map_err(|e| {
+            EnrolError::State {
+                path: self.state_dir().join("agent-cert.pem"),
+                source: e,
+            }
+        })?;
+        let wait = Duration::from_secs(cfg.fleet.poll_wait_seconds.min(proto::MAX_WAIT_SECONDS));
+        let client = DeviceClient::new(
+            &cfg.gateway.url,
+            &ca,
+            &cert,
+            key.serialize_pem().as_bytes(),
+            &cfg.device.name,
+            wait + Duration::from_secs(15),
+        )?;
+        if let Ok(mut s) = self.shared.lock() {
+            s.client = Some(client.clone());
+        }
+        tracing::info!(device = %cfg.device.name, "connected to the gateway");
+        // Re-attest at two thirds of the result's lifetime.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let reattest = tokio::time::Instant::now()
+            + Duration::from_secs(((appraisal.expires_at - now).max(3) * 2 / 3) as u64)
+                .min(Duration::from_secs(cfg.attestation.interval_seconds));
+        let _ = self.flush().await;
+        let mut version: Option<String> = None;
+        while tokio::time::Instant::now() < reattest {
+            match client.desired(version.as_deref(), wait).await {
+                Ok(Some(desired)) => {
+                    tracing::info!(version = %desired.version, models = desired.models.len(), "desired state");
+                    self.converge(&client, &desired).await;
+                    version = Some(desired.version);
+                    let _ = self.flush().await;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if let Ok(mut s) = self.shared.lock() {
+                        s.client = None;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+}

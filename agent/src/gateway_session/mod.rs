@@ -1,0 +1,187 @@
+//! Fleet mode (`edgefleet-agent run`): enrol → attest → stream desired state → download
+//! → verify → load → serve → report, and keep serving whatever happens to the gateway.
+//!
+//! ```text
+//!             ┌────────────── start ───────────────┐
+//!             ▼                                    │ last-known-good on disk:
+//!   ┌──────────────────┐  verified again, loaded   │ serve it before the gateway answers
+//!   │ Offline (serving │◄──────────────────────────┘
+//!   │ what it has)     │◄───────────── gateway unreachable / refused ─────────┐
+//!   └────────┬─────────┘  (reports spool, capped jittered backoff)            │
+//!            │ enrol (bootstrap token) → attest (evidence → client cert)      │
+//!            ▼                                                                │
+//!   ┌──────────────────┐  desired == active: nothing restarts                │
+//!   │ Connected        │─────────────────────────────────────────────────────┤
+//!   │ (long-poll, mTLS)│                                                      │
+//!   └────────┬─────────┘                                                      │
+//!            │ new desired state                                              │
+//!            ▼                                                                │
+//!   Downloading (Range resume, size bound) → Verifying (digest, signature)    │
+//!     → Loading (llama.cpp, plugins) → Ready (activated atomically, recorded  │
+//!     as last-known-good)  ── any failure: Failed(reason), keep serving the   │
+//!                             previous model ─────────────────────────────────┘
+//! ```
+//!
+//! Reports (heartbeats) are taken every `fleet.heartbeat_seconds` into a bounded spool
+//! and sent oldest first; the gateway acknowledges by sequence number. Model states ride
+//! along only when they changed since the last acknowledged report, and a change is
+//! reported at once (a burst gathered over [`REPORT_COALESCE`]) rather than at the next
+//! heartbeat, so that a rollout step sees a device Ready as soon as it is.
+//!
+//! Here: the [`FleetAgent`] (its shared state and model states), [`facts`] and [`run`].
+//! By what it does: `client` (the device API over mTLS), `control` (enrol, attest,
+//! long-poll, reconnect), `converge` (desired state → activation, last-known-good),
+//! `download` (resumable artifact downloads) and `reports` (the spool and heartbeats).
+//! Loading the model itself is [`crate::activation`]'s, shared with standalone `serve`.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgefleet_proto as proto;
+
+use crate::config::AgentConfig;
+use crate::enrol::Source;
+use crate::serve::Serving;
+
+mod client;
+mod control;
+mod converge;
+mod download;
+mod reports;
+
+pub use client::{DeviceClient, FETCHING_PATIENCE, FETCHING_POLL};
+pub use download::fetch;
+
+#[derive(Debug, Default)]
+struct Shared {
+    models: Vec<proto::ModelReport>,
+    /// Bumped whenever `models` changes.
+    models_version: u64,
+    /// `models_version` of the last acknowledged report that carried models.
+    acked_models_version: Option<u64>,
+    spool: VecDeque<(proto::Report, Option<u64>)>,
+    seq: u64,
+    dropped: u64,
+    client: Option<DeviceClient>,
+}
+
+/// The fleet agent: what it serves, its model states and report spool, and the
+/// gateway session's client while connected.
+pub struct FleetAgent {
+    config: AgentConfig,
+    serving: Arc<Serving>,
+    shared: Mutex<Shared>,
+    boot: String,
+    active: tokio::sync::Mutex<Option<proto::DeviceModel>>,
+    /// Model states changed since the last report was taken.
+    models_changed: tokio::sync::Notify,
+}
+
+/// How long a change of model states waits for the changes right behind it (Loading
+/// then Ready) before it is reported; also the least time between two reports.
+pub const REPORT_COALESCE: Duration = Duration::from_millis(250);
+
+impl std::fmt::Debug for FleetAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetAgent")
+            .field("boot", &self.boot)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FleetAgent {
+    /// An agent with `config`, serving through `serving`.
+    pub fn new(config: AgentConfig, serving: Arc<Serving>) -> Arc<Self> {
+        let mut b = [0u8; 8];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+        Arc::new(Self {
+            config,
+            serving,
+            shared: Mutex::new(Shared::default()),
+            boot: hex::encode(b),
+            active: tokio::sync::Mutex::new(None),
+            models_changed: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn state_dir(&self) -> &Path {
+        &self.config.state_dir
+    }
+
+    fn set_model_state(
+        &self,
+        m: &proto::DeviceModel,
+        state: proto::ModelState,
+        message: Option<String>,
+        load_millis: Option<u64>,
+    ) {
+        let report = proto::ModelReport {
+            model: m.model.clone(),
+            revision: m.revision.clone(),
+            state,
+            message,
+            load_millis,
+        };
+        self.set_models(vec![report]);
+    }
+
+    fn set_models(&self, models: Vec<proto::ModelReport>) {
+        if let Ok(mut s) = self.shared.lock()
+            && s.models != models
+        {
+            s.models = models;
+            s.models_version += 1;
+            drop(s);
+            self.models_changed.notify_one();
+        }
+    }
+}
+
+/// What this machine is.
+pub fn facts(tee: &str) -> proto::Facts {
+    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(1 << 30, |kb| kb * 1024);
+    proto::Facts {
+        arch: std::env::consts::ARCH.to_owned(),
+        cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        memory_bytes,
+        accelerators: vec![],
+        tee_kinds: vec![tee.to_owned()],
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+/// Runs the agent in fleet mode: serve first (the last-known-good model, if any), then
+/// connect. Returns when the server stops (SIGTERM, SIGINT).
+pub async fn run(
+    config: AgentConfig,
+    source: Source,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.serve.listen).await?;
+    let serving = Serving::new();
+    let listen = config.serve.listen;
+    let server = crate::serve::spawn(listener, serving.clone(), shutdown);
+    let _watchdog = crate::systemd::spawn_watchdog();
+    let agent = FleetAgent::new(config, serving.clone());
+    agent.restore().await;
+    if agent.active.lock().await.is_none() {
+        serving.set_no_model();
+    }
+    crate::systemd::ready(&format!("agent listening on {listen}"));
+    let reports = tokio::spawn(agent.clone().report_loop());
+    let control = tokio::spawn(agent.clone().control_loop(source));
+    let result = server.await;
+    reports.abort();
+    control.abort();
+    result??;
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! Reports (heartbeats): taken every `fleet.heartbeat_seconds`, or at once (after
+//! [`REPORT_COALESCE`]) when model states change, into a bounded spool, and sent oldest
+//! first; the gateway acknowledges by sequence number.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgefleet_proto as proto;
+
+use super::{FleetAgent, REPORT_COALESCE};
+use crate::gateway_client::GatewayError;
+
+impl FleetAgent {
+    fn inference(&self) -> Option<proto::Inference> {
+        let e = self.serving.current_engine()?;
+        let s = e.stats();
+        use std::sync::atomic::Ordering::Relaxed;
+        let micros = s.generation_micros.load(Relaxed);
+        let tokens = s.generated_tokens.load(Relaxed);
+        Some(proto::Inference {
+            requests_total: s.requests.load(Relaxed),
+            errors_total: s.failures.load(Relaxed),
+            tokens_per_second: if micros == 0 {
+                0.0
+            } else {
+                tokens as f64 * 1e6 / micros as f64
+            },
+        })
+    }
+
+    /// Takes a report into the spool (dropping the oldest beyond the bound).
+    fn take_report(&self) {
+        let inference = self.inference();
+        let Ok(mut s) = self.shared.lock() else {
+            return;
+        };
+        s.seq += 1;
+        let changed = s.acked_models_version != Some(s.models_version);
+        let report = proto::Report {
+            seq: s.seq,
+            boot: self.boot.clone(),
+            time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+            models: changed.then(|| s.models.clone()),
+            inference,
+        };
+        let version = changed.then_some(s.models_version);
+        s.spool.push_back((report, version));
+        while s.spool.len() > self.config.fleet.spool_max {
+            s.spool.pop_front();
+            s.dropped += 1;
+        }
+    }
+
+    /// Sends the spool; returns the gateway's desired-state version on success.
+    pub(super) async fn flush(&self) -> Result<Option<String>, GatewayError> {
+        let (client, batch) = {
+            let Ok(s) = self.shared.lock() else {
+                return Ok(None);
+            };
+            let Some(client) = s.client.clone() else {
+                return Ok(None);
+            };
+            let reports: Vec<proto::Report> = s
+                .spool
+                .iter()
+                .take(proto::MAX_BATCH)
+                .map(|(r, _)| r.clone())
+                .collect();
+            (
+                client,
+                proto::ReportBatch {
+                    reports,
+                    dropped: s.dropped,
+                },
+            )
+        };
+        if batch.reports.is_empty() {
+            return Ok(None);
+        }
+        let ack = client.report(&batch).await?;
+        if let Ok(mut s) = self.shared.lock() {
+            while s.spool.front().is_some_and(|(r, _)| r.seq <= ack.acked) {
+                if let Some((_, Some(v))) = s.spool.pop_front() {
+                    s.acked_models_version = Some(v);
+                }
+            }
+            // A later report must carry the models again if this one's were lost.
+        }
+        if ack.gaps > 0 {
+            tracing::warn!(
+                gaps = ack.gaps,
+                "the gateway is missing reports of this boot"
+            );
+        }
+        Ok(Some(ack.desired_version))
+    }
+
+    /// Reports every `heartbeat_seconds`, and when model states change, forever.
+    pub async fn report_loop(self: Arc<Self>) {
+        let every = Duration::from_secs(self.config.fleet.heartbeat_seconds);
+        loop {
+            self.take_report();
+            if let Err(e) = self.flush().await {
+                let spooled = self.shared.lock().map_or(0, |s| s.spool.len());
+                tracing::warn!(error = %e, spooled, "report not delivered; spooled");
+            }
+            self.next_report(every).await;
+        }
+    }
+
+    /// Waits for the next report: `every`, or a change of model states (and the
+    /// changes right behind it) if that comes first.
+    async fn next_report(&self, every: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = self.models_changed.notified() => tokio::time::sleep(REPORT_COALESCE).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::serve::Serving;
+
+    fn agent() -> (Arc<FleetAgent>, tempfile::TempDir) {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("agent.toml"),
+            "[device]\nname = \"till-1\"\n[gateway]\nurl = \"https://gw:8443\"\nbootstrap_token = \"s3cret-token-value\"\n",
+        )
+        .unwrap();
+        let config = crate::config::load(d.path(), Vec::new()).unwrap();
+        (FleetAgent::new(config, Serving::new()), d)
+    }
+
+    fn models(state: proto::ModelState) -> Vec<proto::ModelReport> {
+        vec![proto::ModelReport {
+            model: "retail/smollm2".into(),
+            revision: "0123456789abcdef".into(),
+            state,
+            message: None,
+            load_millis: None,
+        }]
+    }
+
+    #[tokio::test]
+    async fn a_change_of_model_states_is_reported_before_the_next_heartbeat() {
+        let (a, _dir) = agent();
+        let every = Duration::from_secs(2);
+        // Nothing changed: the next report waits for the heartbeat.
+        let started = std::time::Instant::now();
+        a.next_report(every).await;
+        assert!(started.elapsed() >= every, "{:?}", started.elapsed());
+        // Two changes in a row: one report, after the coalescing wait.
+        a.set_models(models(proto::ModelState::Loading));
+        a.set_models(models(proto::ModelState::Ready));
+        let started = std::time::Instant::now();
+        a.next_report(every).await;
+        let waited = started.elapsed();
+        assert!(waited >= REPORT_COALESCE && waited < every, "{waited:?}");
+        // The same states again are no change: back to the heartbeat.
+        a.set_models(models(proto::ModelState::Ready));
+        let started = std::time::Instant::now();
+        a.next_report(every).await;
+        assert!(started.elapsed() >= every, "{:?}", started.elapsed());
+    }
+}

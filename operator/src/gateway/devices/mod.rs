@@ -1,0 +1,274 @@
+//! The gateway's device API: enrolment (bootstrap token), then, over mTLS with the
+//! certificate attestation issued, the desired-state long-poll, reports (heartbeats with
+//! model-state deltas, spooled while offline) and artifact downloads with `Range`.
+//! The messages are in [`edgefleet_proto`]. One module per thing a device asks for:
+//!
+//! - `identity`: who a request may act as. rustls checks the client certificate's
+//!   chain to the device CA and its validity. A request for `/v1/devices/{name}/…` must
+//!   then carry a certificate naming `{name}` (SAN URI `edgefleet://device/{name}`)
+//!   whose key is the one the EdgeDevice enrolled with. Anything else is refused by
+//!   name, logged and counted (`Impersonation`, `KeyMismatch`,
+//!   `ClientCertificateRequired`).
+//! - `enrol`: `POST /v1/enrol` creates the EdgeDevice, approved or not by the
+//!   [`Approval`] policy.
+//! - `desired`: the desired-state long-poll.
+//! - `report`: heartbeats with model states, and the status writes they cost.
+//! - `artifacts`: artifact downloads, and mirroring assigned artifacts into the store.
+//!
+//! This module holds the [`Fleet`] itself: its settings, its watch caches (reflectors)
+//! of EdgeDevices and EdgeModels, which wake a waiting poll when its own device's
+//! relevant fields or a model's templates change, and its routes. The device cache is
+//! shared with the EdgeModel reconciler ([`crate::device_cache`]).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use edgefleet_crds::{EdgeDevice, EdgeModel};
+use futures::StreamExt as _;
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Client, ResourceExt as _};
+use serde_json::json;
+use sha2::Digest as _;
+
+use crate::device_cache::{DeviceFeed, SharedDevices};
+use crate::gateway::error::Reason;
+use crate::heartbeat::Heartbeats;
+use crate::metrics::FleetCounters;
+
+mod artifacts;
+mod desired;
+mod enrol;
+mod identity;
+mod report;
+
+pub use artifacts::{Unsatisfiable, parse_range};
+pub use desired::DesiredQuery;
+pub use enrol::{Approval, valid_name};
+pub use identity::PeerCertificate;
+pub use report::{MAX_CONCURRENT_WRITES, REPORT_MANAGER};
+
+/// Settings of the device API.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Content-addressed artifact store: files named by their SHA-256 (hex).
+    pub artifact_dir: PathBuf,
+    /// Fetches assigned `https://` artifacts missing from the store
+    /// ([`crate::gateway::mirror`]).
+    pub mirror: Option<crate::gateway::mirror::Mirror>,
+    /// Approval at enrolment.
+    pub approval: Approval,
+    /// The heartbeat lease (reports write status at most every third of it, unless
+    /// model states change).
+    pub heartbeat_lease: Duration,
+    /// Token devices enrol with.
+    pub bootstrap_token: String,
+    /// Refresh writes per second, fleet-wide (see the `report` module).
+    pub refresh_per_second: f64,
+    /// Report writes that carry a change, per second, fleet-wide (see the `report` module).
+    pub change_per_second: f64,
+}
+
+struct Inner {
+    client: Client,
+    devices: Store<EdgeDevice>,
+    models: Store<EdgeModel>,
+    notify: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+    models_changed: tokio::sync::watch::Sender<u64>,
+    heartbeats: Heartbeats,
+    deliveries: Mutex<HashMap<String, report::Delivery>>,
+    /// What the EdgeModel reconciler needs to plan on the device cache too.
+    device_feed: DeviceFeed,
+    writes: Arc<tokio::sync::Semaphore>,
+    config: FleetConfig,
+    counters: Arc<FleetCounters>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The device API. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    inner: Arc<Inner>,
+}
+
+/// What of a device the desired state depends on.
+fn device_digest(d: &EdgeDevice) -> String {
+    let attestation = d.status.as_ref().and_then(|s| s.attestation.as_ref());
+    let body = json!({
+        "spec": d.spec,
+        "allowed": attestation.map(|a| a.allowed),
+        "expiry": attestation.map(|a| a.expiry_time.0.to_string()),
+    });
+    hex::encode(sha2::Sha256::digest(body.to_string().as_bytes()))
+}
+
+impl Fleet {
+    /// The API over `client`, and the future that keeps its watch caches (run it for as
+    /// long as the API serves). Wait for [`Fleet::ready`] before serving.
+    pub fn new(
+        client: Client,
+        config: FleetConfig,
+        counters: Arc<FleetCounters>,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
+        let (devices, device_writer) = reflector::store();
+        let (models, model_writer) = reflector::store();
+        let (models_changed, _) = tokio::sync::watch::channel(0u64);
+        let inner = Arc::new(Inner {
+            heartbeats: Heartbeats::new(client.clone(), config.heartbeat_lease)
+                .with_refresh_rate(config.refresh_per_second)
+                .with_change_rate(config.change_per_second),
+            writes: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_WRITES)),
+            client: client.clone(),
+            devices,
+            models,
+            notify: Mutex::new(HashMap::new()),
+            models_changed,
+            deliveries: Mutex::new(HashMap::new()),
+            device_feed: DeviceFeed::default(),
+            config,
+            counters,
+        });
+        let fleet = Self { inner };
+        let driver = {
+            let fleet = fleet.clone();
+            async move {
+                let cfg = watcher::Config::default();
+                // Managed fields are of no use here, and the largest part of a device.
+                let device_events = reflector::reflector(
+                    device_writer,
+                    watcher(Api::<EdgeDevice>::all(client.clone()), cfg.clone())
+                        .modify(|d: &mut EdgeDevice| d.managed_fields_mut().clear()),
+                )
+                .default_backoff()
+                .touched_objects();
+                let model_events =
+                    reflector::reflector(model_writer, watcher(Api::<EdgeModel>::all(client), cfg))
+                        .default_backoff()
+                        .touched_objects();
+                let mut seen_devices: HashMap<String, String> = HashMap::new();
+                let mut seen_models: HashMap<String, String> = HashMap::new();
+                let devices = device_events.for_each(|e| {
+                    match e {
+                        Ok(d) => {
+                            fleet.inner.device_feed.applied(&d);
+                            let digest = device_digest(&d);
+                            let name = d.name_any();
+                            if seen_devices.get(&name) != Some(&digest) {
+                                seen_devices.insert(name.clone(), digest);
+                                fleet.wake(&name);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "watching EdgeDevices"),
+                    }
+                    futures::future::ready(())
+                });
+                let models = model_events.for_each(|e| {
+                    match e {
+                        Ok(m) => {
+                            let revisions = m
+                                .status
+                                .as_ref()
+                                .map(|s| serde_json::to_string(&s.revisions).unwrap_or_default())
+                                .unwrap_or_default();
+                            let key = crate::rollout::model_key(&m);
+                            let digest = hex::encode(sha2::Sha256::digest(revisions.as_bytes()));
+                            if seen_models.get(&key) != Some(&digest) {
+                                seen_models.insert(key, digest);
+                                fleet.prefetch(&m);
+                                fleet.inner.models_changed.send_modify(|n| *n += 1);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "watching EdgeModels"),
+                    }
+                    futures::future::ready(())
+                });
+                futures::future::join(devices, models).await;
+            }
+        };
+        (fleet, driver)
+    }
+
+    /// Liveness as this gateway sees it: sharing its memory of heartbeats and its write
+    /// budget, sweeping over its cache. The leader runs [`Heartbeats::expire_loop`] on it.
+    pub fn heartbeats(&self) -> Heartbeats {
+        self.inner
+            .heartbeats
+            .clone()
+            .with_cache(self.device_cache())
+    }
+
+    /// The watch cache of EdgeDevices (for sweeps that would otherwise list the fleet).
+    pub fn device_cache(&self) -> Store<EdgeDevice> {
+        self.inner.devices.clone()
+    }
+
+    /// The device cache as the EdgeModel reconciler plans on it, so that the leader
+    /// keeps one copy of the fleet rather than two.
+    pub fn shared_devices(&self) -> SharedDevices {
+        self.inner.device_feed.share(self.inner.devices.clone())
+    }
+
+    /// Waits until both watch caches hold their first listing.
+    pub async fn ready(&self) -> Result<(), String> {
+        self.inner
+            .devices
+            .wait_until_ready()
+            .await
+            .map_err(|e| e.to_string())?;
+        self.inner
+            .models
+            .wait_until_ready()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn wake(&self, device: &str) {
+        if let Ok(map) = self.inner.notify.lock()
+            && let Some(n) = map.get(device)
+        {
+            n.notify_waiters();
+        }
+    }
+
+    fn notifier(&self, device: &str) -> Arc<tokio::sync::Notify> {
+        match self.inner.notify.lock() {
+            Ok(mut map) => map.entry(device.to_owned()).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    fn count_refusal(&self, reason: Reason) {
+        self.inner
+            .counters
+            .refusals
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: reason.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// The routes (merge them into the gateway's router).
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/v1/enrol", post(enrol::enrol))
+            .route("/v1/devices/{name}/desired", get(desired::desired))
+            .route("/v1/devices/{name}/report", post(report::report))
+            .route(
+                "/v1/devices/{name}/artifacts/{digest}",
+                get(artifacts::artifact),
+            )
+            .with_state(self)
+    }
+}

@@ -1,0 +1,252 @@
+//! The gateway's refusals: [`ApiError`] (status, named [`Reason`], message), answered
+//! as JSON `{"reason": "...", "message": "..."}`, and the two checks both of its APIs
+//! share: the bootstrap token ([`authorize`]) and JSON request bodies ([`json_body`]).
+//!
+//! A reason's name is on the wire and in the `gateway_refusals_total{reason}` metric
+//! label, so [`Reason::as_str`] must never change for an existing reason.
+
+use axum::Json;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use edgefleet_trust::attestation::service::ServiceError;
+use serde_json::json;
+
+use crate::device_status::StatusError;
+
+/// Why the gateway refused a request (the `reason` of its answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The body (or a field of it) is not what the endpoint takes.
+    BadRequest,
+    /// Missing or wrong bootstrap token.
+    Unauthorized,
+    /// No EdgeDevice of that name.
+    UnknownDevice,
+    /// Writing the EdgeDevice's status failed.
+    StatusWriteFailed,
+    /// The key is not the one the device enrolled with.
+    KeyMismatch,
+    /// The evidence kind is not one the device enrolled with.
+    TeeKindMismatch,
+    /// The gateway is shutting down.
+    ShuttingDown,
+    /// A fault of the gateway's own.
+    Internal,
+    /// The Kubernetes API failed.
+    KubeApi,
+    /// A device endpoint was called without a client certificate.
+    ClientCertificateRequired,
+    /// The client certificate is unparsable or names no device.
+    BadClientCertificate,
+    /// The client certificate names another device.
+    Impersonation,
+    /// The device name is enrolled with another key.
+    AlreadyEnrolled,
+    /// The API server refused the EdgeDevice as invalid.
+    Invalid,
+    /// An assigned revision's template has not reached the cache yet.
+    RevisionPending,
+    /// More reports in one batch than [`edgefleet_proto::MAX_BATCH`].
+    BatchTooLarge,
+    /// An assigned artifact is being mirrored into the store.
+    ArtifactFetching,
+    /// Mirroring an assigned artifact failed.
+    ArtifactMirrorFailed,
+    /// An assigned artifact is not in the store and cannot be mirrored.
+    ArtifactNotInStore,
+    /// The artifact path names no `sha256:<64 lowercase hex>` digest.
+    BadDigest,
+    /// The artifact is not part of what the device is assigned.
+    NotAssigned,
+    /// The attestation service's own reason ([`ServiceError::reason`]).
+    Attestation(&'static str),
+}
+
+impl Reason {
+    /// The reason's name, as answered and counted.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "BadRequest",
+            Self::Unauthorized => "Unauthorized",
+            Self::UnknownDevice => "UnknownDevice",
+            Self::StatusWriteFailed => "StatusWriteFailed",
+            Self::KeyMismatch => "KeyMismatch",
+            Self::TeeKindMismatch => "TeeKindMismatch",
+            Self::ShuttingDown => "ShuttingDown",
+            Self::Internal => "Internal",
+            Self::KubeApi => "KubeApi",
+            Self::ClientCertificateRequired => "ClientCertificateRequired",
+            Self::BadClientCertificate => "BadClientCertificate",
+            Self::Impersonation => "Impersonation",
+            Self::AlreadyEnrolled => "AlreadyEnrolled",
+            Self::Invalid => "Invalid",
+            Self::RevisionPending => "RevisionPending",
+            Self::BatchTooLarge => "BatchTooLarge",
+            Self::ArtifactFetching => "ArtifactFetching",
+            Self::ArtifactMirrorFailed => "ArtifactMirrorFailed",
+            Self::ArtifactNotInStore => "ArtifactNotInStore",
+            Self::BadDigest => "BadDigest",
+            Self::NotAssigned => "NotAssigned",
+            Self::Attestation(reason) => reason,
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An API error: status code, reason, message.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, Reason, String);
+
+impl ApiError {
+    /// A refusal with `status`, `reason` and `message`.
+    pub fn new(status: StatusCode, reason: Reason, message: impl Into<String>) -> Self {
+        Self(status, reason, message.into())
+    }
+
+    /// The status code answered.
+    pub fn status(&self) -> StatusCode {
+        self.0
+    }
+
+    /// The named reason.
+    pub fn reason(&self) -> Reason {
+        self.1
+    }
+
+    /// The detail.
+    pub fn message(&self) -> &str {
+        &self.2
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let reason = self.1.as_str();
+        tracing::warn!(reason, message = %self.2, "gateway request rejected");
+        (self.0, Json(json!({"reason": reason, "message": self.2}))).into_response()
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let code = match &e {
+            ServiceError::Issue(_) | ServiceError::Policy(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServiceError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ServiceError::UnknownNonce => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::FORBIDDEN,
+        };
+        ApiError(code, Reason::Attestation(e.reason()), e.to_string())
+    }
+}
+
+impl From<StatusError> for ApiError {
+    fn from(e: StatusError) -> Self {
+        match &e {
+            StatusError::UnknownDevice(_) => {
+                ApiError(StatusCode::NOT_FOUND, Reason::UnknownDevice, e.to_string())
+            }
+            StatusError::Kube { .. } => ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Reason::StatusWriteFailed,
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+/// Checks the request's `Authorization: Bearer` against the bootstrap token (in
+/// constant time), for the endpoints a device calls before it has a certificate.
+pub(crate) fn authorize(headers: &HeaderMap, bootstrap_token: &str) -> Result<(), ApiError> {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if edgefleet_trust::attestation::service::constant_time_eq(
+        given.as_bytes(),
+        bootstrap_token.as_bytes(),
+    ) {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            Reason::Unauthorized,
+            "missing or wrong bootstrap token".into(),
+        ))
+    }
+}
+
+/// The request body as `T`, or a 400 `BadRequest` naming what is wrong with it.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            Reason::BadRequest,
+            format!("request body: {e}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names are on the wire and in metric labels: they are the variants' names.
+    #[test]
+    fn reasons_keep_their_names() {
+        for r in [
+            Reason::BadRequest,
+            Reason::Unauthorized,
+            Reason::UnknownDevice,
+            Reason::StatusWriteFailed,
+            Reason::KeyMismatch,
+            Reason::TeeKindMismatch,
+            Reason::ShuttingDown,
+            Reason::Internal,
+            Reason::KubeApi,
+            Reason::ClientCertificateRequired,
+            Reason::BadClientCertificate,
+            Reason::Impersonation,
+            Reason::AlreadyEnrolled,
+            Reason::Invalid,
+            Reason::RevisionPending,
+            Reason::BatchTooLarge,
+            Reason::ArtifactFetching,
+            Reason::ArtifactMirrorFailed,
+            Reason::ArtifactNotInStore,
+            Reason::BadDigest,
+            Reason::NotAssigned,
+        ] {
+            assert_eq!(r.as_str(), format!("{r:?}"));
+        }
+        assert_eq!(Reason::Attestation("UnknownNonce").as_str(), "UnknownNonce");
+    }
+
+    #[test]
+    fn only_the_bootstrap_token_is_authorized() {
+        let token = "0123456789abcdef";
+        let mut headers = HeaderMap::new();
+        let refused = authorize(&headers, token)
+            .err()
+            .map(|e| (e.status(), e.reason()));
+        assert_eq!(
+            refused,
+            Some((StatusCode::UNAUTHORIZED, Reason::Unauthorized))
+        );
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            axum::http::HeaderValue::from_static("Bearer 0123456789abcdeX"),
+        );
+        assert!(authorize(&headers, token).is_err());
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            axum::http::HeaderValue::from_static("Bearer 0123456789abcdef"),
+        );
+        assert!(authorize(&headers, token).is_ok());
+    }
+}

@@ -1,0 +1,128 @@
+//! Test fixtures for the rollout steps: EdgeDevices and a spec in the shapes the steps
+//! read (conditions, attestation, assignment, reported state, serving statistics).
+
+#![allow(clippy::unwrap_used)]
+
+use edgefleet_crds::conditions as cond;
+use edgefleet_crds::device::{
+    AttestationSummary, DesiredModel, EdgeDeviceStatus, InferenceStats, LoadedModel, ModelState,
+};
+use edgefleet_crds::{EdgeDevice, EdgeModelSpec, TeeKind};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+/// The model key the fixtures assign and report.
+pub const KEY: &str = "ns/m";
+
+/// A fixed "now".
+pub fn now() -> Timestamp {
+    Timestamp::from_second(1_700_000_000).unwrap()
+}
+
+/// `seconds` before [`now`].
+pub fn ago(seconds: i64) -> Time {
+    Time(now() - SignedDuration::from_secs(seconds))
+}
+
+/// A spec with `selector` (matchLabels) and the default attestation requirement.
+pub fn spec(selector: serde_json::Value) -> EdgeModelSpec {
+    serde_json::from_value(serde_json::json!({
+        "servedName": "m",
+        "artifact": {"uri": "https://x/m.gguf", "digest": format!("sha256:{}", "a".repeat(64))},
+        "signature": {"inline": "{}"},
+        "signers": [{"name": "s", "publicKey": "k"}],
+        "selector": {"matchLabels": selector},
+    }))
+    .unwrap()
+}
+
+/// An approved device with 1 GiB of memory, labelled `site=a`, and no status.
+pub fn device(name: &str) -> EdgeDevice {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice",
+        "metadata": {"name": name, "labels": {"site": "a"}},
+        "spec": {"approved": true, "facts": {"arch": "x86_64", "cpuCores": 1, "memory": "1Gi",
+            "agentKeyFingerprint": format!("sha256:{}", "0".repeat(64))}},
+    }))
+    .unwrap()
+}
+
+fn status(d: &mut EdgeDevice) -> &mut EdgeDeviceStatus {
+    d.status.get_or_insert_with(EdgeDeviceStatus::default)
+}
+
+/// `d` with condition `kind` True.
+pub fn with_condition(mut d: EdgeDevice, kind: &str) -> EdgeDevice {
+    status(&mut d).conditions.push(Condition {
+        type_: kind.to_owned(),
+        status: "True".into(),
+        reason: "Test".into(),
+        message: String::new(),
+        observed_generation: None,
+        last_transition_time: ago(1000),
+    });
+    d
+}
+
+/// `d`, `Ready`.
+pub fn online(d: EdgeDevice) -> EdgeDevice {
+    with_condition(d, cond::READY)
+}
+
+/// `d`, attested with TPM evidence under the default policy until an hour after
+/// [`now`].
+pub fn attested(d: EdgeDevice) -> EdgeDevice {
+    let mut d = with_condition(d, cond::ATTESTED);
+    status(&mut d).attestation = Some(AttestationSummary {
+        tee_kind: TeeKind::Tpm,
+        allowed: true,
+        policy: "default".into(),
+        policy_hash: "sha256:00".into(),
+        measurements_digest: None,
+        measurements: Default::default(),
+        verified_time: ago(60),
+        expiry_time: Time(now() + SignedDuration::from_secs(3600)),
+        message: None,
+        tpm_clock: None,
+    });
+    d
+}
+
+/// `d`, assigned [`KEY`] at revision `rev`.
+pub fn on(mut d: EdgeDevice, rev: &str) -> EdgeDevice {
+    d.spec.desired_models.push(DesiredModel {
+        model: KEY.into(),
+        revision: rev.into(),
+        variant: None,
+    });
+    d
+}
+
+/// `d`, reporting [`KEY`] at revision `rev` in `state`.
+pub fn reporting(mut d: EdgeDevice, rev: &str, state: ModelState) -> EdgeDevice {
+    status(&mut d).models.push(LoadedModel {
+        model: KEY.into(),
+        revision: rev.into(),
+        state,
+        message: None,
+        load_millis: None,
+    });
+    d
+}
+
+/// `d`, reporting `requests` requests of which `errors` failed, at `tokens_per_second`.
+pub fn serving(
+    mut d: EdgeDevice,
+    tokens_per_second: f64,
+    requests: i64,
+    errors: i64,
+) -> EdgeDevice {
+    status(&mut d).inference = Some(InferenceStats {
+        tokens_per_second,
+        latency_p50_millis: None,
+        latency_p99_millis: None,
+        requests_total: requests,
+        errors_total: errors,
+    });
+    d
+}

@@ -1,0 +1,217 @@
+//! Health gates: how the devices assigned the new revision do on it ([`Health`]), and
+//! whether that fails the step ([`gate_failure`]): a device reported the revision
+//! `Failed`, a device was not `Ready` within `readyTimeoutSeconds` of the step's start,
+//! or a ready device reports an error rate or speed outside the gates.
+
+use std::collections::BTreeMap;
+
+use edgefleet_crds::device::ModelState;
+use edgefleet_crds::model::HealthGates;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use super::assign::Fleet;
+
+/// The candidates assigned the new revision, and their health on it (names in name
+/// order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health<'a> {
+    /// Candidates assigned the revision.
+    pub updated: Vec<&'a String>,
+    /// Of those, the ones that report it `Failed`.
+    pub failed: Vec<&'a String>,
+    /// Of those, the ones that report it `Ready` and are `Ready` themselves.
+    pub ready: Vec<&'a String>,
+}
+
+/// The health of the `candidates` on revision `rev`.
+pub fn health<'a>(
+    fleet: &Fleet<'_>,
+    candidates: &'a BTreeMap<String, Option<String>>,
+    rev: &str,
+) -> Health<'a> {
+    let updated: Vec<&String> = candidates.keys().filter(|n| fleet.on(n, rev)).collect();
+    let failed: Vec<&String> = updated
+        .iter()
+        .copied()
+        .filter(|n| fleet.state(n, rev) == Some(ModelState::Failed))
+        .collect();
+    let ready: Vec<&String> = updated
+        .iter()
+        .copied()
+        .filter(|n| fleet.state(n, rev) == Some(ModelState::Ready) && fleet.online(n))
+        .collect();
+    Health {
+        updated,
+        failed,
+        ready,
+    }
+}
+
+/// Why the devices on the new revision fail the gates, if they do. `step_started` is
+/// when the current step started (its ready timeout runs from then).
+pub fn gate_failure(
+    health: &Health<'_>,
+    fleet: &Fleet<'_>,
+    gates: &HealthGates,
+    step_started: Option<&Time>,
+    now: Timestamp,
+) -> Option<String> {
+    let Health {
+        updated,
+        failed,
+        ready,
+    } = health;
+    if let Some(name) = failed.first() {
+        return Some(format!("{name} reported the revision Failed"));
+    }
+    if let Some(started) = step_started {
+        let waited = now.duration_since(started.0).as_secs();
+        if waited > i64::from(gates.ready_timeout_seconds)
+            && let Some(slow) = updated.iter().find(|n| !ready.contains(n))
+        {
+            return Some(format!(
+                "{slow} was not ready within {} s",
+                gates.ready_timeout_seconds
+            ));
+        }
+    }
+    for name in ready {
+        let Some(stats) = fleet
+            .device(name.as_str())
+            .and_then(|d| d.status.as_ref())
+            .and_then(|s| s.inference.as_ref())
+        else {
+            continue;
+        };
+        if let Some(max) = gates.max_error_rate_percent
+            && stats.requests_total > 0
+        {
+            let rate = stats.errors_total as f64 * 100.0 / stats.requests_total as f64;
+            if rate > f64::from(max) {
+                return Some(format!("{name} error rate {rate:.1}% is above {max}%"));
+            }
+        }
+        if let Some(min) = gates.min_tokens_per_second
+            && stats.requests_total > 0
+            && stats.tokens_per_second < f64::from(min)
+        {
+            return Some(format!(
+                "{name} generates {:.1} tokens/s, below {min}",
+                stats.tokens_per_second
+            ));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::fixtures::{KEY, ago, device, now, on, online, reporting, serving};
+    use edgefleet_crds::EdgeDevice;
+
+    const REV: &str = "r2";
+
+    fn candidates(devices: &[EdgeDevice]) -> BTreeMap<String, Option<String>> {
+        devices
+            .iter()
+            .map(|d| (d.metadata.name.clone().unwrap_or_default(), None))
+            .collect()
+    }
+
+    fn judge(devices: &[EdgeDevice], gates: &HealthGates, started: Option<Time>) -> Option<String> {
+        let fleet = Fleet::new(KEY, devices);
+        let candidates = candidates(devices);
+        let health = health(&fleet, &candidates, REV);
+        gate_failure(&health, &fleet, gates, started.as_ref(), now())
+    }
+
+    #[test]
+    fn health_counts_only_ready_devices_that_are_online() {
+        let devices = [
+            online(reporting(on(device("a"), REV), REV, ModelState::Ready)),
+            reporting(on(device("b"), REV), REV, ModelState::Ready),
+            online(reporting(on(device("c"), REV), REV, ModelState::Failed)),
+            online(reporting(on(device("d"), "r1"), "r1", ModelState::Ready)),
+        ];
+        let fleet = Fleet::new(KEY, &devices);
+        let candidates = candidates(&devices);
+        let h = health(&fleet, &candidates, REV);
+        let names = |v: &[&String]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(names(&h.updated), ["a", "b", "c"]);
+        assert_eq!(names(&h.failed), ["c"]);
+        assert_eq!(names(&h.ready), ["a"]);
+    }
+
+    #[test]
+    fn a_failed_report_fails_the_gate_before_anything_else() {
+        let gates = HealthGates {
+            max_error_rate_percent: Some(1),
+            ..HealthGates::default()
+        };
+        let devices = [
+            online(serving(
+                reporting(on(device("a"), REV), REV, ModelState::Ready),
+                50.0,
+                100,
+                50,
+            )),
+            online(reporting(on(device("b"), REV), REV, ModelState::Failed)),
+        ];
+        assert_eq!(
+            judge(&devices, &gates, Some(ago(10_000))).as_deref(),
+            Some("b reported the revision Failed")
+        );
+    }
+
+    #[test]
+    fn a_device_not_ready_fails_only_after_the_ready_timeout() {
+        let gates = HealthGates::default();
+        let devices = [
+            online(reporting(on(device("a"), REV), REV, ModelState::Ready)),
+            online(reporting(on(device("b"), REV), REV, ModelState::Loading)),
+        ];
+        let timeout = i64::from(gates.ready_timeout_seconds);
+        assert_eq!(judge(&devices, &gates, None), None);
+        assert_eq!(judge(&devices, &gates, Some(ago(timeout))), None);
+        assert_eq!(
+            judge(&devices, &gates, Some(ago(timeout + 1))).as_deref(),
+            Some("b was not ready within 600 s")
+        );
+    }
+
+    #[test]
+    fn error_rate_and_speed_are_judged_on_ready_devices_that_served() {
+        let gates = HealthGates {
+            max_error_rate_percent: Some(5),
+            min_tokens_per_second: Some(10),
+            ..HealthGates::default()
+        };
+        let ready = |name: &str| online(reporting(on(device(name), REV), REV, ModelState::Ready));
+        // Within the gates, or nothing served yet.
+        let fine = [
+            serving(ready("a"), 20.0, 100, 5),
+            serving(ready("b"), 0.0, 0, 0),
+        ];
+        assert_eq!(judge(&fine, &gates, None), None);
+        let erring = [serving(ready("a"), 20.0, 100, 6)];
+        assert_eq!(
+            judge(&erring, &gates, None).as_deref(),
+            Some("a error rate 6.0% is above 5%")
+        );
+        let slow = [serving(ready("a"), 9.5, 100, 0)];
+        assert_eq!(
+            judge(&slow, &gates, None).as_deref(),
+            Some("a generates 9.5 tokens/s, below 10")
+        );
+        // A device that is not ready on the revision is not judged by its statistics.
+        let offline = [serving(
+            reporting(on(device("a"), REV), REV, ModelState::Ready),
+            1.0,
+            100,
+            90,
+        )];
+        assert_eq!(judge(&offline, &gates, None), None);
+    }
+}
