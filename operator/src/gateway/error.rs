@@ -108,6 +108,16 @@ impl ApiError {
         Self(status, reason, message.into())
     }
 
+    /// A 500 `Internal`: a failure of the gateway itself (I/O, a task that died), not of
+    /// the request.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Reason::Internal,
+            e.to_string(),
+        )
+    }
+
     /// The status code answered.
     pub fn status(&self) -> StatusCode {
         self.0

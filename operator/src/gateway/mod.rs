@@ -145,13 +145,7 @@ async fn challenge(
     })?;
     let challenge = tokio::task::spawn_blocking(move || service.challenge(&req, SystemTime::now()))
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Reason::Internal,
-                e.to_string(),
-            )
-        })??;
+        .map_err(ApiError::internal)??;
     Ok(Json(json!(challenge)))
 }
 
@@ -190,13 +184,7 @@ async fn evidence(
     })?;
     let outcome = tokio::task::spawn_blocking(move || service.evidence(&req, now))
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Reason::Internal,
-                e.to_string(),
-            )
-        })?;
+        .map_err(ApiError::internal)?;
     drop(permit);
     let verified = OffsetDateTime::now_utc();
     match outcome {

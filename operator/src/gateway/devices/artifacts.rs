@@ -201,17 +201,7 @@ pub(super) async fn artifact(
         Ok(f) => f,
         Err(e) => return Err(missing_artifact(&fleet, &device, &digest, hex_digest, e)),
     };
-    let len = file
-        .metadata()
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Reason::Internal,
-                e.to_string(),
-            )
-        })?
-        .len();
+    let len = file.metadata().await.map_err(ApiError::internal)?.len();
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, start, end) = match parse_range(range, len) {
         Ok(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
@@ -227,13 +217,7 @@ pub(super) async fn artifact(
     let count = if len == 0 { 0 } else { end - start + 1 };
     file.seek(std::io::SeekFrom::Start(start))
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Reason::Internal,
-                e.to_string(),
-            )
-        })?;
+        .map_err(ApiError::internal)?;
     let counters = fleet.inner.counters.clone();
     let stream = tokio_util::io::ReaderStream::with_capacity(file.take(count), 256 << 10).map(
         move |chunk| {
