@@ -3,30 +3,15 @@
 //! "loading" until a model is installed. Uses the real SmolLM2 model (twice).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use std::path::PathBuf;
-
 use edgefleet_agent::engine::{Engine, EngineConfig};
 use edgefleet_agent::serve::{Serving, router};
 use serde_json::json;
 
-fn model() -> PathBuf {
-    let cache = std::env::var_os("EDGEFLEET_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/edgefleet"));
-    let p = std::env::var_os("EDGEFLEET_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(
-        p.exists(),
-        "{} missing: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
+mod common;
 
 fn engine(name: &str) -> Engine {
     Engine::load(EngineConfig {
-        model_path: model(),
+        model_path: common::model(),
         served_name: name.into(),
         context_size: 512,
         threads: 1,

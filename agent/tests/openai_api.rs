@@ -3,42 +3,14 @@
 //! scripts/fetch-model.sh).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn cache() -> PathBuf {
-    std::env::var_os("EDGEFLEET_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/edgefleet"))
-}
-
-fn model() -> PathBuf {
-    let p = std::env::var_os("EDGEFLEET_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(
-        p.exists(),
-        "{} missing: run scripts/fetch-model.sh (scripts/test does)",
-        p.display()
-    );
-    p
-}
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("EDGEFLEET_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache().join("venv/bin/python"));
-    assert!(
-        p.exists(),
-        "{} missing: run scripts/test, which installs the openai client",
-        p.display()
-    );
-    p
-}
+mod common;
+use common::{free_port, model, python};
 
 struct Server {
     child: Child,
@@ -53,11 +25,7 @@ impl Drop for Server {
 }
 
 fn start(extra: &[&str]) -> Server {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
         .args([
             "serve",
@@ -115,12 +83,16 @@ fn client(server: &Server, scenario: &str) -> Value {
         .unwrap_or_else(|e| panic!("{scenario}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn metric(server: &Server, name: &str) -> f64 {
+fn metrics_text(server: &Server) -> String {
     let out = Command::new("curl")
         .args(["-sf", &format!("{}/metrics", server.base)])
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn metric(server: &Server, name: &str) -> f64 {
+    metrics_text(server)
         .lines()
         .find_map(|l| {
             l.strip_prefix(&format!("{name} "))
@@ -198,11 +170,7 @@ fn a_client_that_disconnects_stops_its_generation() {
 
 #[test]
 fn without_a_model_the_agent_is_healthy_but_not_ready() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         // scripts/test exports the model's path, which `--model` would pick up.
@@ -292,32 +260,11 @@ fn serve_refuses_an_unsigned_or_untrusted_model() {
 
     // Signed by one key, verified against another: refused before loading.
     let dir = tempfile::tempdir().unwrap();
-    let signer = edgefleet_trust::model_signing::PrivateKey::from_pem(&p256_pem()).unwrap();
-    let bundle =
-        edgefleet_trust::model_signing::sign(&model(), &signer, None, &Default::default()).unwrap();
-    std::fs::write(dir.path().join("model.sig"), bundle).unwrap();
-    let other = edgefleet_trust::model_signing::PrivateKey::from_pem(&p256_pem()).unwrap();
-    std::fs::write(
-        dir.path().join("other.pub"),
-        other.public_key().to_pem().unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("signer.pub"),
-        signer.public_key().to_pem().unwrap(),
-    )
-    .unwrap();
-    let run = |key: &str| {
-        Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
-            .args(["serve", "--listen", "192.0.2.1:80", "--model"])
-            .arg(model())
-            .arg("--bundle")
-            .arg(dir.path().join("model.sig"))
-            .arg("--public-key")
-            .arg(dir.path().join(key))
-            .output()
-            .unwrap()
-    };
+    let signer = new_key();
+    sign(&model(), &signer, &dir.path().join("model.sig"));
+    write_public_key(dir.path(), "other.pub", &new_key());
+    write_public_key(dir.path(), "signer.pub", &signer);
+    let run = |key: &str| serve_signed(dir.path(), key).output().unwrap();
     let out = run("other.pub");
     assert!(!out.status.success());
     assert!(
@@ -332,24 +279,7 @@ fn serve_refuses_an_unsigned_or_untrusted_model() {
 }
 
 fn plugin(name: &str) -> String {
-    let dir = std::env::var_os("EDGEFLEET_PLUGINS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache().join("target-wasm/wasm32-wasip2/release"));
-    let p = dir.join(format!("{name}.wasm"));
-    assert!(
-        p.exists(),
-        "{} missing: scripts/test builds the plugins",
-        p.display()
-    );
-    p.to_string_lossy().into_owned()
-}
-
-fn metrics_text(server: &Server) -> String {
-    let out = Command::new("curl")
-        .args(["-sf", &format!("{}/metrics", server.base)])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()
+    common::plugin(name).to_string_lossy().into_owned()
 }
 
 #[test]
@@ -474,36 +404,19 @@ fn serve_refuses_a_plugin_that_is_not_a_component_or_imports_too_much() {
 #[test]
 fn signed_serving_verifies_each_plugin_too() {
     let dir = tempfile::tempdir().unwrap();
-    let signer = edgefleet_trust::model_signing::PrivateKey::from_pem(&p256_pem()).unwrap();
-    let other = edgefleet_trust::model_signing::PrivateKey::from_pem(&p256_pem()).unwrap();
-    std::fs::write(
-        dir.path().join("model.sig"),
-        edgefleet_trust::model_signing::sign(&model(), &signer, None, &Default::default()).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("signer.pub"),
-        signer.public_key().to_pem().unwrap(),
-    )
-    .unwrap();
+    let signer = new_key();
+    let other = new_key();
+    sign(&model(), &signer, &dir.path().join("model.sig"));
+    write_public_key(dir.path(), "signer.pub", &signer);
     let wasm = dir.path().join("passthrough.wasm");
     std::fs::copy(plugin("passthrough"), &wasm).unwrap();
-    let run = |plugin_signer: Option<&edgefleet_trust::model_signing::PrivateKey>| {
+    let run = |plugin_signer: Option<&SigningKey>| {
         let sig = dir.path().join("passthrough.wasm.sig");
         let _ = std::fs::remove_file(&sig);
         if let Some(k) = plugin_signer {
-            let bundle =
-                edgefleet_trust::model_signing::sign(&wasm, k, None, &Default::default()).unwrap();
-            std::fs::write(&sig, bundle).unwrap();
+            sign(&wasm, k, &sig);
         }
-        // A TEST-NET address: startup gets past every check, then cannot bind.
-        Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
-            .args(["serve", "--listen", "192.0.2.1:80", "--model"])
-            .arg(model())
-            .arg("--bundle")
-            .arg(dir.path().join("model.sig"))
-            .arg("--public-key")
-            .arg(dir.path().join("signer.pub"))
+        serve_signed(dir.path(), "signer.pub")
             .arg("--plugin")
             .arg(&wasm)
             .output()
@@ -516,23 +429,50 @@ fn signed_serving_verifies_each_plugin_too() {
             String::from_utf8_lossy(&o.stderr)
         )
     };
-    let unsigned = run(None);
-    assert!(!unsigned.status.success());
-    assert!(
-        err(&unsigned).contains("passthrough.wasm.sig"),
-        "{}",
-        err(&unsigned)
-    );
-    let foreign = run(Some(&other));
-    assert!(!foreign.status.success());
-    assert!(
-        err(&foreign).contains("UntrustedSigner"),
-        "{}",
-        err(&foreign)
-    );
+    // Unsigned, the missing bundle is named; signed by another key, the signer is refused.
+    for (plugin_signer, refused) in [
+        (None, "passthrough.wasm.sig"),
+        (Some(&other), "UntrustedSigner"),
+    ] {
+        let out = run(plugin_signer);
+        assert!(!out.status.success(), "{refused}: {}", err(&out));
+        assert!(err(&out).contains(refused), "{}", err(&out));
+    }
     let good = run(Some(&signer));
     assert!(!err(&good).contains("refusing"), "{}", err(&good));
     assert!(err(&good).contains("plugin loaded"), "{}", err(&good));
+}
+
+type SigningKey = edgefleet_trust::model_signing::PrivateKey;
+
+/// A fresh P-256 signing key.
+fn new_key() -> SigningKey {
+    SigningKey::from_pem(&p256_pem()).unwrap()
+}
+
+/// Writes `key`'s public half to `dir/name`.
+fn write_public_key(dir: &Path, name: &str, key: &SigningKey) {
+    std::fs::write(dir.join(name), key.public_key().to_pem().unwrap()).unwrap();
+}
+
+/// Signs `path` (a model, or a plugin) with `key` into the model-signing bundle `sig`.
+fn sign(path: &Path, key: &SigningKey, sig: &Path) {
+    let bundle =
+        edgefleet_trust::model_signing::sign(path, key, None, &Default::default()).unwrap();
+    std::fs::write(sig, bundle).unwrap();
+}
+
+/// `serve` of the model signed into `dir/model.sig`, trusting `dir/<public_key>`. On a
+/// TEST-NET address: startup gets past every check, then cannot bind.
+fn serve_signed(dir: &Path, public_key: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"));
+    cmd.args(["serve", "--listen", "192.0.2.1:80", "--model"])
+        .arg(model())
+        .arg("--bundle")
+        .arg(dir.join("model.sig"))
+        .arg("--public-key")
+        .arg(dir.join(public_key));
+    cmd
 }
 
 fn p256_pem() -> String {

@@ -12,31 +12,14 @@ use std::time::{Duration, Instant};
 
 use edgefleet_agent::engine::ChatMessage;
 use edgefleet_agent::plugins::{
-    Chain, ChainError, Grants, Limits, MAX_INFER_CALLS, PluginError, PluginMetrics, PluginRequest,
-    PluginRuntime, PluginSpec, RequestOutcome, SubPrompt,
+    Chain, ChainError, ChainRun, Grants, Limits, MAX_INFER_CALLS, PluginError, PluginMetrics,
+    PluginRequest, PluginRuntime, PluginSpec, RequestOutcome, SubPrompt,
 };
 
-fn plugins_dir() -> PathBuf {
-    let dir = std::env::var_os("EDGEFLEET_PLUGINS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("EDGEFLEET_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/edgefleet")
-                });
-            cache.join("target-wasm/wasm32-wasip2/release")
-        });
-    assert!(
-        dir.join("passthrough.wasm").exists(),
-        "{} has no plugins: scripts/test builds them (cargo build --target wasm32-wasip2 in plugins/)",
-        dir.display()
-    );
-    dir
-}
+mod common;
 
 fn wasm(name: &str) -> Vec<u8> {
-    std::fs::read(plugins_dir().join(format!("{name}.wasm"))).unwrap()
+    std::fs::read(common::plugin(name)).unwrap()
 }
 
 fn spec(name: &str, config: &[(&str, &str)], limits: Limits) -> PluginSpec {
@@ -89,6 +72,11 @@ fn build_chain(specs: Vec<PluginSpec>) -> (Chain, Arc<CountingInfer>) {
     (chain, infer)
 }
 
+/// A chain of the one plugin `name`, configured with `config`, 100 ms per call.
+fn chain_of(name: &str, config: &[(&str, &str)]) -> Chain {
+    build_chain(vec![spec(name, config, deadline(100))]).0
+}
+
 fn request(text: &str) -> PluginRequest {
     PluginRequest {
         messages: vec![ChatMessage {
@@ -109,9 +97,16 @@ fn proceed(outcome: Result<RequestOutcome, ChainError>) -> Vec<ChatMessage> {
     }
 }
 
+/// A run of `chain` whose request `req` has proceeded, ready for the answer.
+fn answering(chain: &Chain, req: &PluginRequest) -> ChainRun {
+    let mut run = chain.start();
+    proceed(run.on_request(req));
+    run
+}
+
 #[test]
 fn pii_redact_redacts_requests_answers_and_streams() {
-    let (chain, _) = build_chain(vec![spec("pii_redact", &[], deadline(100))]);
+    let chain = chain_of("pii_redact", &[]);
     let mut run = chain.start();
     let msgs = proceed(run.on_request(&request(
         "I am jane.doe@example.com, call me on +44 20 7946 0958",
@@ -123,8 +118,7 @@ fn pii_redact_redacts_requests_answers_and_streams() {
     );
 
     // Streamed: an address split across chunks never reaches the client whole or in part.
-    let mut run = chain.start();
-    proceed(run.on_request(&request("hi")));
+    let mut run = answering(&chain, &request("hi"));
     let mut out = String::new();
     for piece in [
         "Mail ",
@@ -142,21 +136,15 @@ fn pii_redact_redacts_requests_answers_and_streams() {
 
     // Each request gets a fresh instance: text held back in one stream is not seen by
     // another request.
-    let mut first = chain.start();
-    proceed(first.on_request(&request("hi")));
+    let mut first = answering(&chain, &request("hi"));
     assert_eq!(first.on_chunk("secret@exam".into()).unwrap(), "");
-    let mut second = chain.start();
-    proceed(second.on_request(&request("hi")));
+    let mut second = answering(&chain, &request("hi"));
     assert_eq!(second.on_stream_end().unwrap(), "");
 }
 
 #[test]
 fn pii_redact_config_switches_kinds_off() {
-    let (chain, _) = build_chain(vec![spec(
-        "pii_redact",
-        &[("phone", "false")],
-        deadline(100),
-    )]);
+    let chain = chain_of("pii_redact", &[("phone", "false")]);
     let msgs = proceed(
         chain
             .start()
@@ -167,18 +155,14 @@ fn pii_redact_config_switches_kinds_off() {
 
 #[test]
 fn system_prompt_prepends_and_refuses_without_config() {
-    let (chain, _) = build_chain(vec![spec(
-        "system_prompt",
-        &[("prompt", "Answer in French.")],
-        deadline(100),
-    )]);
+    let chain = chain_of("system_prompt", &[("prompt", "Answer in French.")]);
     let msgs = proceed(chain.start().on_request(&request("hello")));
     assert_eq!(msgs.len(), 2);
     assert_eq!(msgs[0].role, "system");
     assert_eq!(msgs[0].content, "Answer in French.");
     assert_eq!(msgs[1].content, "hello");
 
-    let (unconfigured, _) = build_chain(vec![spec("system_prompt", &[], deadline(100))]);
+    let unconfigured = chain_of("system_prompt", &[]);
     match unconfigured.start().on_request(&request("hello")) {
         Err(ChainError::Rejected { plugin, reason, .. }) => {
             assert_eq!(plugin, "system-prompt");
@@ -190,18 +174,16 @@ fn system_prompt_prepends_and_refuses_without_config() {
 
 #[test]
 fn json_guard_refuses_non_json_answers_only_in_json_mode() {
-    let (chain, _) = build_chain(vec![spec("json_guard", &[], deadline(100))]);
+    let chain = chain_of("json_guard", &[]);
     let mut json_req = request("give me json");
     json_req.json_mode = true;
 
-    let mut run = chain.start();
-    proceed(run.on_request(&json_req));
+    let mut run = answering(&chain, &json_req);
     assert_eq!(
         run.on_response("```json\n{\"a\": 1}\n```".into()).unwrap(),
         "{\"a\": 1}"
     );
-    let mut run = chain.start();
-    proceed(run.on_request(&json_req));
+    let mut run = answering(&chain, &json_req);
     match run.on_response("Sure! Here it is: {\"a\": 1}".into()) {
         Err(ChainError::Rejected { plugin, reason, .. }) => {
             assert_eq!(plugin, "json-guard");
@@ -213,22 +195,18 @@ fn json_guard_refuses_non_json_answers_only_in_json_mode() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     // Not asked for JSON: prose passes.
-    let mut run = chain.start();
-    let plain = request("hi");
-    proceed(run.on_request(&plain));
+    let mut run = answering(&chain, &request("hi"));
     assert_eq!(
         run.on_response("Hello there".into()).unwrap(),
         "Hello there"
     );
 
     // Streamed JSON is held back and checked whole.
-    let mut run = chain.start();
-    proceed(run.on_request(&json_req));
+    let mut run = answering(&chain, &json_req);
     assert_eq!(run.on_chunk("{\"a\":".into()).unwrap(), "");
     assert_eq!(run.on_chunk(" 2}".into()).unwrap(), "");
     assert_eq!(run.on_stream_end().unwrap(), "{\"a\": 2}");
-    let mut run = chain.start();
-    proceed(run.on_request(&json_req));
+    let mut run = answering(&chain, &json_req);
     assert_eq!(run.on_chunk("{\"a\":".into()).unwrap(), "");
     assert!(matches!(
         run.on_stream_end(),
@@ -258,8 +236,7 @@ fn chain_runs_in_order_and_stream_flushes_pass_later_plugins() {
     ]);
     let mut req = request("json please");
     req.json_mode = true;
-    let mut run = chain.start();
-    proceed(run.on_request(&req));
+    let mut run = answering(&chain, &req);
     assert_eq!(
         run.on_chunk("{\"mail\": \"x@example.com\"".into()).unwrap(),
         ""
@@ -274,6 +251,20 @@ fn hostile(mode: &str, limits: Limits) -> (Chain, Arc<CountingInfer>) {
         &[("mode", mode), ("trigger", "EVIL")],
         limits,
     )])
+}
+
+/// Loads `hostile` in `mode` and has a triggering request fail with `want`, as
+/// `expect_failure` checks it.
+fn hostile_fails(mode: &str, limits: Limits, want: &str) -> (PluginError, Duration) {
+    let (chain, _) = hostile(mode, limits);
+    expect_failure(&chain, want)
+}
+
+/// As `hostile_fails` with a 100 ms deadline, and the error's message mentions `detail`.
+#[track_caller]
+fn hostile_error_mentions(mode: &str, want: &str, detail: &str) {
+    let (error, _) = hostile_fails(mode, deadline(100), want);
+    assert!(error.to_string().contains(detail), "{error}");
 }
 
 fn expect_failure(chain: &Chain, want: &str) -> (PluginError, Duration) {
@@ -296,8 +287,7 @@ fn expect_failure(chain: &Chain, want: &str) -> (PluginError, Duration) {
 
 #[test]
 fn endless_loop_stops_at_the_deadline() {
-    let (chain, _) = hostile("loop", deadline(50));
-    let (error, took) = expect_failure(&chain, "Deadline");
+    let (error, took) = hostile_fails("loop", deadline(50), "Deadline");
     assert_eq!(error, PluginError::Deadline(50));
     assert!(took >= Duration::from_millis(50), "{took:?}");
     assert!(took < Duration::from_millis(1000), "{took:?}");
@@ -310,31 +300,26 @@ fn endless_loop_runs_out_of_fuel() {
         deadline: None,
         memory_bytes: 32 << 20,
     };
-    let (chain, _) = hostile("loop", limits);
-    let (error, took) = expect_failure(&chain, "OutOfFuel");
+    let (error, took) = hostile_fails("loop", limits, "OutOfFuel");
     assert_eq!(error, PluginError::OutOfFuel(50_000_000));
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
 #[test]
 fn allocation_past_the_cap_is_refused() {
-    let (chain, _) = hostile("alloc", deadline(2000));
-    let (error, took) = expect_failure(&chain, "MemoryLimit");
+    let (error, took) = hostile_fails("alloc", deadline(2000), "MemoryLimit");
     assert_eq!(error, PluginError::MemoryLimit(32 << 20));
     assert!(took < Duration::from_millis(2000), "{took:?}");
 }
 
 #[test]
 fn trap_is_named() {
-    let (chain, _) = hostile("trap", deadline(100));
-    let (error, _) = expect_failure(&chain, "Trap");
-    assert!(error.to_string().contains("unreachable"), "{error}");
+    hostile_error_mentions("trap", "Trap", "unreachable");
 }
 
 #[test]
 fn invalid_utf8_is_refused() {
-    let (chain, _) = hostile("bad-utf8", deadline(100));
-    expect_failure(&chain, "InvalidUtf8");
+    hostile_fails("bad-utf8", deadline(100), "InvalidUtf8");
 }
 
 #[test]
@@ -358,9 +343,7 @@ fn aliased_output_is_stopped_before_the_host_copies_it() {
 
 #[test]
 fn messages_the_api_would_refuse_are_invalid_output() {
-    let (chain, _) = hostile("bad-role", deadline(100));
-    let (error, _) = expect_failure(&chain, "InvalidOutput");
-    assert!(error.to_string().contains("\"tool\""), "{error}");
+    hostile_error_mentions("bad-role", "InvalidOutput", "\"tool\"");
 }
 
 #[test]
@@ -373,22 +356,19 @@ fn a_later_plugin_sees_the_request_as_redacted_in_its_response_hook() {
             deadline(100),
         ),
     ]);
-    let mut run = chain.start();
-    proceed(run.on_request(&request("mail me at jane@example.com")));
+    let mut run = answering(&chain, &request("mail me at jane@example.com"));
     let answer = run.on_response("model answer".into()).unwrap();
     assert_eq!(answer, "mail me at [EMAIL]");
 }
 
 #[test]
 fn misbehaving_response_hook_fails_the_answer() {
-    let (chain, _) = build_chain(vec![spec(
+    let chain = chain_of(
         "hostile",
         &[("mode", "trap"), ("hook", "response"), ("trigger", "EVIL")],
-        deadline(100),
-    )]);
+    );
     let req = request("EVIL");
-    let mut run = chain.start();
-    proceed(run.on_request(&req));
+    let mut run = answering(&chain, &req);
     match run.on_response("answer".into()) {
         Err(ChainError::Failed { error, .. }) => assert_eq!(error.reason(), "Trap"),
         other => panic!("expected a trap, got {other:?}"),

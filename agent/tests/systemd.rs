@@ -3,11 +3,12 @@
 //! `systemd-analyze verify` sees it, and the packaged default configuration.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
 
 struct Agent(Child);
 
@@ -24,11 +25,7 @@ fn start(dir: &Path, watchdog_usec: Option<&str>) -> (Agent, UnixDatagram) {
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"));
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .env("NOTIFY_SOCKET", &sock_path)

@@ -10,6 +10,9 @@ use std::process::{Command, Output};
 
 use rstest::rstest;
 
+mod common;
+use common::{assert_exit, assert_says, edgefleet, text};
+
 fn python() -> PathBuf {
     let p = std::env::var_os("EDGEFLEET_PYTHON")
         .map(PathBuf::from)
@@ -33,13 +36,6 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/model-signing")
 }
 
-fn edgefleet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgefleet"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 /// Runs the reference CLI: `python -m model_signing …`.
 fn reference(args: &[&str]) -> Output {
     Command::new(python())
@@ -60,16 +56,13 @@ fn reference_api(code: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+/// `edgefleet model verify --bundle <bundle> <options…> <model>`.
+fn verify(bundle: &str, options: &[&str], model: &str) -> Output {
+    edgefleet(&[&["model", "verify", "--bundle", bundle], options, &[model]].concat())
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
 }
 
 /// One day ago until 30 days from now.
@@ -152,6 +145,75 @@ impl Setup {
         self.dir.path().join(name)
     }
 
+    /// `edgefleet model sign --key <key> <options…> model -o <sig>`, `key` in the setup,
+    /// which must succeed.
+    #[track_caller]
+    fn sign_ours(&self, sig: &Path, key: &str, options: &[&str]) -> Output {
+        let (key, model) = (self.p(key), self.p("model"));
+        let args = [
+            &["model", "sign", "--key", s(&key)],
+            options,
+            &[s(&model), "-o", s(sig)],
+        ];
+        let out = edgefleet(&args.concat());
+        assert!(out.status.success(), "{}", text(&out));
+        out
+    }
+
+    /// `edgefleet model verify --bundle <sig> <options…> model`.
+    fn verify_ours(&self, sig: &Path, options: &[&str]) -> Output {
+        verify(s(sig), options, s(&self.p("model")))
+    }
+
+    /// `verify_ours`, trusting the setup's public key.
+    fn verify_ours_with_key(&self, sig: &Path) -> Output {
+        self.verify_ours(sig, &["--public-key", s(&self.p("pub.pem"))])
+    }
+
+    /// `verify_ours`, trusting the setup's root and pinning `identity`.
+    fn verify_ours_as(&self, sig: &Path, identity: &str, options: &[&str]) -> Output {
+        let root = self.p("root.pem");
+        self.verify_ours(
+            sig,
+            &[&["--root", s(&root), "--identity", identity], options].concat(),
+        )
+    }
+
+    /// `python -m model_signing <action> <mode> --signature <sig> <options…> model`.
+    fn reference_cli(&self, [action, mode]: [&str; 2], sig: &Path, options: &[&str]) -> Output {
+        let model = self.p("model");
+        reference(
+            &[
+                &[action, mode, "--signature", s(sig)],
+                options,
+                &[s(&model)],
+            ]
+            .concat(),
+        )
+    }
+
+    /// The reference's `verify key`, trusting the setup's public key.
+    fn reference_verify_key(&self, sig: &Path) -> Output {
+        self.reference_cli(
+            ["verify", "key"],
+            sig,
+            &["--public_key", s(&self.p("pub.pem"))],
+        )
+    }
+
+    /// The reference API's key verification of 1 MB shards, trusting the setup's public key.
+    fn reference_verify_shards(&self, sig: &Path) -> Output {
+        reference_api(
+            PY_VERIFY_SHARDS,
+            &[
+                s(&self.p("pub.pem")),
+                s(sig),
+                s(&self.p("model")),
+                "1000000",
+            ],
+        )
+    }
+
     fn tamper(&self) {
         let path = self.p("model/model.gguf");
         let mut data = std::fs::read(&path).unwrap();
@@ -181,49 +243,19 @@ print("reference: verified")
 fn reference_key_signature_verifies_here_and_tampering_is_caught() {
     let t = Setup::new();
     let sig = t.p("ref.sig");
-    let out = reference(&[
-        "sign",
-        "key",
-        "--signature",
-        s(&sig),
-        "--private_key",
-        s(&t.p("key.pem")),
-        s(&t.p("model")),
-    ]);
+    let out = t.reference_cli(
+        ["sign", "key"],
+        &sig,
+        &["--private_key", s(&t.p("key.pem"))],
+    );
     assert!(out.status.success(), "reference sign: {}", text(&out));
 
-    let out = edgefleet(&[
-        "model",
-        "verify",
-        "--bundle",
-        s(&sig),
-        "--public-key",
-        s(&t.p("pub.pem")),
-        s(&t.p("model")),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("verified") && text(&out).contains("3 resources (files)"),
-        "{}",
-        text(&out)
-    );
+    let out = t.verify_ours_with_key(&sig);
+    assert_exit(&out, 0, &["verified", "3 resources (files)"]);
 
     t.tamper();
-    let out = edgefleet(&[
-        "model",
-        "verify",
-        "--bundle",
-        s(&sig),
-        "--public-key",
-        s(&t.p("pub.pem")),
-        s(&t.p("model")),
-    ]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        text(&out).contains("DigestMismatch") && text(&out).contains("model.gguf"),
-        "{}",
-        text(&out)
-    );
+    let out = t.verify_ours_with_key(&sig);
+    assert_exit(&out, 1, &["DigestMismatch", "model.gguf"]);
 }
 
 #[test]
@@ -236,101 +268,45 @@ fn reference_shard_signature_verifies_here_and_the_wrong_key_is_refused() {
     );
     assert!(out.status.success(), "reference sign: {}", text(&out));
 
-    let out = edgefleet(&[
-        "model",
-        "verify",
-        "--bundle",
-        s(&sig),
-        "--public-key",
-        s(&t.p("pub.pem")),
-        s(&t.p("model")),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    let out = t.verify_ours_with_key(&sig);
     // 2.5 MB in 1 MB shards, plus two small files.
-    assert!(
-        text(&out).contains("5 resources (shards of 1000000 bytes)"),
-        "{}",
-        text(&out)
-    );
+    assert_exit(&out, 0, &["5 resources (shards of 1000000 bytes)"]);
 
-    let out = edgefleet(&[
-        "model",
-        "verify",
-        "--bundle",
-        s(&sig),
-        "--public-key",
-        s(&fixtures().join("keys/signing-key-pub.pem")),
-        s(&t.p("model")),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("UntrustedSigner"), "{}", text(&out));
+    let other_key = fixtures().join("keys/signing-key-pub.pem");
+    let out = t.verify_ours(&sig, &["--public-key", s(&other_key)]);
+    assert_exit(&out, 1, &["UntrustedSigner"]);
 }
 
 #[test]
 fn reference_certificate_signature_verifies_here_with_an_identity_pin() {
     let t = Setup::new();
     let sig = t.p("ref-cert.sig");
-    let out = reference(&[
-        "sign",
-        "certificate",
-        "--signature",
-        s(&sig),
-        "--private_key",
-        s(&t.p("leaf-key.pem")),
-        "--signing_certificate",
-        s(&t.p("leaf.pem")),
-        "--certificate_chain",
-        s(&t.p("chain.pem")),
-        s(&t.p("model")),
-    ]);
+    let (key, cert, chain) = (t.p("leaf-key.pem"), t.p("leaf.pem"), t.p("chain.pem"));
+    let out = t.reference_cli(
+        ["sign", "certificate"],
+        &sig,
+        &[
+            "--private_key",
+            s(&key),
+            "--signing_certificate",
+            s(&cert),
+            "--certificate_chain",
+            s(&chain),
+        ],
+    );
     assert!(out.status.success(), "reference sign: {}", text(&out));
 
-    let verify = |identity: &str| {
-        edgefleet(&[
-            "model",
-            "verify",
-            "--bundle",
-            s(&sig),
-            "--root",
-            s(&t.p("root.pem")),
-            "--identity",
-            identity,
-            s(&t.p("model")),
-        ])
-    };
-    let out = verify("release@edgefleet.example");
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("(release@edgefleet.example)"),
-        "{}",
-        text(&out)
-    );
+    let out = t.verify_ours_as(&sig, "release@edgefleet.example", &[]);
+    assert_exit(&out, 0, &["(release@edgefleet.example)"]);
 
-    let out = verify("someone-else@edgefleet.example");
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("IdentityMismatch"), "{}", text(&out));
+    let out = t.verify_ours_as(&sig, "someone-else@edgefleet.example", &[]);
+    assert_exit(&out, 1, &["IdentityMismatch"]);
 
     // Certificates are checked at --now: the chain is valid from yesterday for 30 days.
     for when in ["2000-01-01T00:00:00Z", "2099-01-01T00:00:00Z"] {
-        let out = edgefleet(&[
-            "model",
-            "verify",
-            "--bundle",
-            s(&sig),
-            "--root",
-            s(&t.p("root.pem")),
-            "--identity",
-            "release@edgefleet.example",
-            "--now",
-            when,
-            s(&t.p("model")),
-        ]);
+        let out = t.verify_ours_as(&sig, "release@edgefleet.example", &["--now", when]);
         assert_eq!(out.status.code(), Some(1), "{when}: {}", text(&out));
-        assert!(
-            text(&out).contains("CertificateNotValidAt"),
-            "{}",
-            text(&out)
-        );
+        assert_says(&out, &["CertificateNotValidAt"]);
     }
 }
 
@@ -338,186 +314,76 @@ fn reference_certificate_signature_verifies_here_with_an_identity_pin() {
 fn our_key_signature_verifies_in_the_reference_and_tampering_is_caught_there() {
     let t = Setup::new();
     let sig = t.p("ours.sig");
-    let out = edgefleet(&[
-        "model",
-        "sign",
-        "--key",
-        s(&t.p("key.pem")),
-        s(&t.p("model")),
-        "-o",
-        s(&sig),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    t.sign_ours(&sig, "key.pem", &[]);
 
-    let out = reference(&[
-        "verify",
-        "key",
-        "--signature",
-        s(&sig),
-        "--public_key",
-        s(&t.p("pub.pem")),
-        s(&t.p("model")),
-    ]);
+    let out = t.reference_verify_key(&sig);
     assert!(out.status.success(), "reference verify: {}", text(&out));
 
     t.tamper();
-    let out = reference(&[
-        "verify",
-        "key",
-        "--signature",
-        s(&sig),
-        "--public_key",
-        s(&t.p("pub.pem")),
-        s(&t.p("model")),
-    ]);
+    let out = t.reference_verify_key(&sig);
     assert!(
         !out.status.success(),
         "the reference accepted a tampered model: {}",
         text(&out)
     );
-    assert!(
-        text(&out).contains("Hash mismatch for") && text(&out).contains("model.gguf"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, &["Hash mismatch for", "model.gguf"]);
 }
 
 #[test]
 fn our_shard_signature_verifies_in_the_reference() {
     let t = Setup::new();
     let sig = t.p("ours-shards.sig");
-    let out = edgefleet(&[
-        "model",
-        "sign",
-        "--key",
-        s(&t.p("key.pem")),
-        "--shard-size",
-        "1000000",
-        s(&t.p("model")),
-        "-o",
-        s(&sig),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    let out = reference_api(
-        PY_VERIFY_SHARDS,
-        &[s(&t.p("pub.pem")), s(&sig), s(&t.p("model")), "1000000"],
-    );
+    t.sign_ours(&sig, "key.pem", &["--shard-size", "1000000"]);
+    let out = t.reference_verify_shards(&sig);
     assert!(out.status.success(), "reference verify: {}", text(&out));
-    assert!(text(&out).contains("reference: verified"));
+    assert_says(&out, &["reference: verified"]);
 
     t.tamper();
-    let out = reference_api(
-        PY_VERIFY_SHARDS,
-        &[s(&t.p("pub.pem")), s(&sig), s(&t.p("model")), "1000000"],
-    );
+    let out = t.reference_verify_shards(&sig);
     assert!(
         !out.status.success(),
         "the reference accepted a tampered model"
     );
-    assert!(
-        text(&out).contains("Hash mismatch for")
-            && text(&out).contains("model.gguf:1000000:2000000"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, &["Hash mismatch for", "model.gguf:1000000:2000000"]);
 }
 
 #[test]
 fn our_certificate_signature_verifies_in_the_reference_and_here() {
     let t = Setup::new();
     let sig = t.p("ours-cert.sig");
-    let out = edgefleet(&[
-        "model",
-        "sign",
-        "--key",
-        s(&t.p("leaf-key.pem")),
-        "--cert",
-        s(&t.p("leaf.pem")),
-        "--chain",
-        s(&t.p("chain.pem")),
-        s(&t.p("model")),
-        "-o",
-        s(&sig),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("certificate mode, P-384 key"),
-        "{}",
-        text(&out)
+    let (cert, chain) = (t.p("leaf.pem"), t.p("chain.pem"));
+    let out = t.sign_ours(
+        &sig,
+        "leaf-key.pem",
+        &["--cert", s(&cert), "--chain", s(&chain)],
     );
+    assert_says(&out, &["certificate mode, P-384 key"]);
 
-    let out = reference(&[
-        "verify",
-        "certificate",
-        "--signature",
-        s(&sig),
-        "--certificate_chain",
-        s(&t.p("root.pem")),
-        s(&t.p("model")),
-    ]);
+    let root = t.p("root.pem");
+    let out = t.reference_cli(
+        ["verify", "certificate"],
+        &sig,
+        &["--certificate_chain", s(&root)],
+    );
     assert!(out.status.success(), "reference verify: {}", text(&out));
 
-    let out = edgefleet(&[
-        "model",
-        "verify",
-        "--bundle",
-        s(&sig),
-        "--root",
-        s(&t.p("root.pem")),
-        "--identity",
-        "release@edgefleet.example",
-        s(&t.p("model")),
-    ]);
+    let out = t.verify_ours_as(&sig, "release@edgefleet.example", &[]);
     assert!(out.status.success(), "{}", text(&out));
 
     // Pinning the intermediate's key as if it were a plain key does not trust a chain.
-    let out = edgefleet(&[
-        "model",
-        "verify",
-        "--bundle",
-        s(&sig),
-        "--public-key",
-        s(&t.p("pub.pem")),
-        s(&t.p("model")),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("UntrustedSigner"), "{}", text(&out));
+    let out = t.verify_ours_with_key(&sig);
+    assert_exit(&out, 1, &["UntrustedSigner"]);
 }
 
 #[test]
 fn a_bundle_inside_the_model_directory_is_not_part_of_the_model() {
     let t = Setup::new();
     let sig = t.p("model/model.sig");
-    let out = edgefleet(&[
-        "model",
-        "sign",
-        "--key",
-        s(&t.p("key.pem")),
-        s(&t.p("model")),
-        "-o",
-        s(&sig),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    let out = edgefleet(&[
-        "model",
-        "verify",
-        "--bundle",
-        s(&sig),
-        "--public-key",
-        s(&t.p("pub.pem")),
-        s(&t.p("model")),
-    ]);
+    t.sign_ours(&sig, "key.pem", &[]);
+    let out = t.verify_ours_with_key(&sig);
     assert!(out.status.success(), "{}", text(&out));
     // The reference agrees, given the same ignore rule.
-    let out = reference(&[
-        "verify",
-        "key",
-        "--signature",
-        s(&sig),
-        "--public_key",
-        s(&t.p("pub.pem")),
-        s(&t.p("model")),
-    ]);
+    let out = t.reference_verify_key(&sig);
     assert!(out.status.success(), "reference verify: {}", text(&out));
 }
 
@@ -528,43 +394,21 @@ fn a_bundle_inside_the_model_directory_is_not_part_of_the_model() {
 #[case::zero_shard(&["model", "sign", "--key", "k", "--shard-size", "0", "m", "-o", "o"], "--shard-size")]
 fn usage_errors_exit_2_and_say_why(#[case] args: &[&str], #[case] expected: &str) {
     let out = edgefleet(args);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains(expected), "{}", text(&out));
+    assert_exit(&out, 2, &[expected]);
 }
 
 #[test]
 fn missing_files_and_bad_times_are_named() {
-    let out = edgefleet(&[
-        "model",
-        "verify",
-        "--bundle",
-        "/nonexistent.sig",
-        "--public-key",
-        s(&fixtures().join("keys/signing-key-pub.pem")),
-        s(&fixtures().join("v1.1.0-elliptic-key")),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out).contains("reading /nonexistent.sig"),
-        "{}",
-        text(&out)
-    );
+    let key = fixtures().join("keys/signing-key-pub.pem");
+    let model = fixtures().join("v1.1.0-elliptic-key");
+    let out = verify("/nonexistent.sig", &["--public-key", s(&key)], s(&model));
+    assert_exit(&out, 1, &["reading /nonexistent.sig"]);
 
-    let out = edgefleet(&[
-        "model",
-        "verify",
-        "--bundle",
-        s(&fixtures().join("v1.1.0-ek.sig")),
-        "--public-key",
-        s(&fixtures().join("keys/signing-key-pub.pem")),
-        "--now",
-        "yesterday",
-        s(&fixtures().join("v1.1.0-elliptic-key")),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out).contains("not an RFC 3339 time"),
-        "{}",
-        text(&out)
+    let bundle = fixtures().join("v1.1.0-ek.sig");
+    let out = verify(
+        s(&bundle),
+        &["--public-key", s(&key), "--now", "yesterday"],
+        s(&model),
     );
+    assert_exit(&out, 1, &["not an RFC 3339 time"]);
 }
