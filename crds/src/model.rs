@@ -419,6 +419,12 @@ pub enum ModelPhase {
     Degraded,
     /// The signature did not verify; nothing moves to the current revision.
     Failed,
+    /// A phase this version does not know (written by a newer operator). Read only, so
+    /// that one such object cannot stall the watches of every EdgeModel; never written,
+    /// and not in the schema.
+    #[serde(other)]
+    #[schemars(skip)]
+    Unknown,
 }
 
 impl ModelPhase {
@@ -431,6 +437,7 @@ impl ModelPhase {
             Self::Paused => "Paused",
             Self::Degraded => "Degraded",
             Self::Failed => "Failed",
+            Self::Unknown => "Unknown",
         }
     }
 }
@@ -524,6 +531,14 @@ mod tests {
         let status: EdgeModelStatus =
             serde_json::from_value(serde_json::json!({"phase": "Progressing"})).unwrap();
         assert_eq!(status.phase, Some(ModelPhase::Progressing));
-        assert!(serde_json::from_value::<ModelPhase>(serde_json::json!("Unknown")).is_err());
+        // A phase from a newer operator reads as Unknown instead of failing the object
+        // (and with it every watch of EdgeModels); the schema does not offer it.
+        assert_eq!(
+            serde_json::from_value::<ModelPhase>(serde_json::json!("Rebalancing")).unwrap(),
+            ModelPhase::Unknown
+        );
+        let schema = serde_json::to_string(&schemars::schema_for!(ModelPhase)).unwrap();
+        assert!(schema.contains("\"Failed\""), "{schema}");
+        assert!(!schema.contains("Unknown"), "{schema}");
     }
 }

@@ -2,7 +2,7 @@
 //! served from a content-addressed directory (`<dir>/<sha256 hex>`), only to a device
 //! whose desired state names that digest. An assigned `https://` artifact missing from
 //! the store is mirrored into it ([`crate::gateway::mirror`]), ahead of time when an
-//! EdgeModel's templates name it ([`Fleet::prefetch`]).
+//! EdgeModel's templates name it (`Fleet::prefetch`).
 
 use axum::Extension;
 use axum::extract::{Path, State};
