@@ -45,6 +45,11 @@ if [ "$1" = configure ]; then
     if getent group tss >/dev/null; then adduser edgefleet tss >/dev/null; fi
     chown root:edgefleet /etc/edgefleet/agent.env
     chmod 0640 /etc/edgefleet/agent.env
+    # The bootstrap token: root's only (systemd reads it for LoadCredential=). Created
+    # empty so that the unit starts before one is written; never overwritten.
+    if [ ! -e /etc/edgefleet/bootstrap-token ]; then
+        install -m 0600 -o root -g root /dev/null /etc/edgefleet/bootstrap-token
+    fi
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload
         systemctl enable edgefleet-agent.service >/dev/null

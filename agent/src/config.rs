@@ -4,6 +4,11 @@
 //! Later layers override earlier ones key by key. The result is checked against the
 //! typed structure (unknown keys are errors, naming the file) and validated. Secrets
 //! never appear in `Debug` output.
+//!
+//! Also here: the device owner's plugin allowlist (`[plugins]`, [`PluginsSection`]),
+//! and reading the bootstrap token from a file only its owner can read
+//! (`gateway.bootstrap_token_file`, or systemd's `$CREDENTIALS_DIRECTORY/bootstrap-token`;
+//! [`read_token_file`]).
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +39,46 @@ pub enum ConfigError {
     /// The merged configuration does not fit the schema or fails validation.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// The bootstrap token file can be read by group or others.
+    #[error(
+        "TokenFileTooOpen: {} has mode {mode:04o}; the bootstrap token file must be readable by its owner only (chmod 0600)",
+        path.display()
+    )]
+    TokenFileTooOpen {
+        /// File.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Both an inline token and a token file are configured.
+    #[error(
+        "TokenConflict: set gateway.bootstrap_token_file (or the systemd credential) or gateway.bootstrap_token, not both"
+    )]
+    TokenConflict,
+}
+
+/// The systemd credential name the bootstrap token is loaded as
+/// (`LoadCredential=bootstrap-token:/etc/edgefleet/bootstrap-token`).
+pub const TOKEN_CREDENTIAL: &str = "bootstrap-token";
+
+/// Reads a bootstrap token file, refusing one that group or others may read
+/// ([`ConfigError::TokenFileTooOpen`]). Surrounding whitespace is trimmed.
+pub fn read_token_file(path: &Path) -> Result<Secret, ConfigError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let read = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read)?;
+    let mode = file.metadata().map_err(read)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::TokenFileTooOpen {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let text = std::io::read_to_string(file).map_err(read)?;
+    Ok(Secret(text.trim().to_owned()))
 }
 
 /// A TEE kind that names no evidence source the agent has.
@@ -58,6 +103,11 @@ pub fn parse_tee_kind(s: &str) -> Result<TeeKind, UnknownTeeKind> {
 pub struct Secret(String);
 
 impl Secret {
+    /// A secret holding `value`.
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
     /// The secret itself.
     pub fn expose(&self) -> &str {
         &self.0
@@ -90,6 +140,32 @@ pub struct AgentConfig {
     pub serve: ServeConfig,
     /// Talking to the fleet.
     pub fleet: FleetSection,
+    /// What the device owner lets plugins have.
+    pub plugins: PluginsSection,
+    /// The directory the configuration was read from (not a key: set by [`load`]).
+    #[serde(skip)]
+    pub config_dir: PathBuf,
+}
+
+/// `[plugins]`: the device owner's allowlist. A plugin whose EdgeModel grants ask for
+/// more is refused at activation (`PluginGrantDenied`), never run with less. The
+/// default is nothing at all.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsSection {
+    /// Host directories plugins may be granted read-only (the directory or one inside
+    /// it). The agent's hard deny list applies on top (see `crate::activation::consent`).
+    #[serde(default)]
+    pub allow_read_dirs: Vec<PathBuf>,
+    /// Whether plugins may be granted the network.
+    #[serde(default)]
+    pub allow_network: bool,
+    /// Names of environment variables plugins may be granted.
+    #[serde(default)]
+    pub allow_env: Vec<String>,
+    /// Whether plugins may be granted the real clocks.
+    #[serde(default)]
+    pub allow_clocks: bool,
 }
 
 /// `[fleet]`.
@@ -128,9 +204,16 @@ pub struct GatewayConfig {
     pub url: String,
     /// PEM CA of the gateway's certificate.
     pub ca: PathBuf,
-    /// Bootstrap token for enrolment.
+    /// Bootstrap token for enrolment. Set by [`load`] from `bootstrap_token_file` or
+    /// the systemd credential; an inline value still works (tests, demos) but puts the
+    /// secret in a config file or the environment.
     #[serde(default)]
     pub bootstrap_token: Secret,
+    /// File holding the bootstrap token, mode 0600 or stricter. Unset, the agent reads
+    /// `$CREDENTIALS_DIRECTORY/bootstrap-token` (systemd `LoadCredential=`) when it
+    /// exists; after [`load`] this names the file the token was read from.
+    #[serde(default)]
+    pub bootstrap_token_file: Option<PathBuf>,
 }
 
 /// `[attestation]`.
@@ -196,6 +279,11 @@ heartbeat_seconds = 10
 spool_max = 256
 poll_wait_seconds = 30
 backoff_max_seconds = 30
+[plugins]
+allow_read_dirs = []
+allow_network = false
+allow_env = []
+allow_clocks = false
 "#;
 
 fn parse(layer: &str, text: &str) -> Result<toml::Table, ConfigError> {
@@ -223,6 +311,11 @@ pub fn load(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<AgentConfig, ConfigError> {
     let mut merged = parse("built-in defaults", DEFAULTS)?;
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let credentials = env
+        .iter()
+        .find(|(k, _)| k == "CREDENTIALS_DIRECTORY")
+        .map(|(_, v)| PathBuf::from(v));
     let mut files = vec![dir.join("agent.toml")];
     let dropins = dir.join("agent.d");
     if let Ok(entries) = std::fs::read_dir(&dropins) {
@@ -278,11 +371,32 @@ pub fn load(
         }
         merge(&mut merged, layer);
     }
-    let config: AgentConfig = Value::Table(merged)
+    let mut config: AgentConfig = Value::Table(merged)
         .try_into()
         .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+    config.config_dir = dir.to_owned();
     validate(&config)?;
+    resolve_token(&mut config.gateway, credentials.as_deref())?;
     Ok(config)
+}
+
+/// Reads the bootstrap token from `bootstrap_token_file`, else from the systemd
+/// credential in `credentials` when it exists, else keeps the inline value.
+fn resolve_token(g: &mut GatewayConfig, credentials: Option<&Path>) -> Result<(), ConfigError> {
+    let file = g.bootstrap_token_file.clone().or_else(|| {
+        credentials
+            .map(|d| d.join(TOKEN_CREDENTIAL))
+            .filter(|p| p.exists())
+    });
+    let Some(file) = file else {
+        return Ok(());
+    };
+    if !g.bootstrap_token.expose().is_empty() {
+        return Err(ConfigError::TokenConflict);
+    }
+    g.bootstrap_token = read_token_file(&file)?;
+    g.bootstrap_token_file = Some(file);
+    Ok(())
 }
 
 fn validate(c: &AgentConfig) -> Result<(), ConfigError> {
@@ -307,6 +421,30 @@ fn validate(c: &AgentConfig) -> Result<(), ConfigError> {
     }
     if c.serve.parallel_slots == 0 || c.serve.queue_depth == 0 || c.serve.context_size < 128 {
         return bad("serve needs parallel_slots >= 1, queue_depth >= 1 and context_size >= 128");
+    }
+    for dir in &c.plugins.allow_read_dirs {
+        let plain = dir.components().all(|part| {
+            matches!(
+                part,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        });
+        if !dir.is_absolute() || !plain {
+            return Err(ConfigError::Invalid(format!(
+                "plugins.allow_read_dirs: {} must be an absolute path without `.` or `..`",
+                dir.display()
+            )));
+        }
+    }
+    if let Some(bad_name) = c
+        .plugins
+        .allow_env
+        .iter()
+        .find(|n| n.is_empty() || n.contains(['=', '\0']))
+    {
+        return Err(ConfigError::Invalid(format!(
+            "plugins.allow_env: {bad_name:?} is not an environment variable name"
+        )));
     }
     Ok(())
 }
@@ -412,6 +550,116 @@ mod tests {
             assert_eq!(err, UnknownTeeKind(text.to_owned()));
             assert!(err.to_string().contains("unknown TEE kind"), "{err}");
         }
+    }
+
+    const NO_TOKEN: &str = "[device]\nname = \"till-1\"\n[gateway]\nurl = \"https://gw:8443\"\n";
+
+    fn token_file(dir: &Path, name: &str, mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let p = dir.join(name);
+        std::fs::write(&p, "file-token-0123456789\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    #[test]
+    fn the_token_file_must_be_private_to_its_owner() {
+        let secrets = tempfile::tempdir().unwrap();
+        let open = token_file(secrets.path(), "open", 0o644);
+        let d = dir(&[(
+            "agent.toml",
+            &format!("{NO_TOKEN}bootstrap_token_file = \"{}\"\n", open.display()),
+        )]);
+        let err = load(d.path(), []).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::TokenFileTooOpen { mode: 0o644, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("TokenFileTooOpen: "), "{err}");
+        for mode in [0o640, 0o604] {
+            let p = token_file(secrets.path(), &format!("m{mode:o}"), mode);
+            assert!(matches!(
+                read_token_file(&p),
+                Err(ConfigError::TokenFileTooOpen { .. })
+            ));
+        }
+
+        let private = token_file(secrets.path(), "private", 0o600);
+        let d = dir(&[(
+            "agent.toml",
+            &format!(
+                "{NO_TOKEN}bootstrap_token_file = \"{}\"\n",
+                private.display()
+            ),
+        )]);
+        let c = load(d.path(), []).unwrap();
+        assert_eq!(c.gateway.bootstrap_token.expose(), "file-token-0123456789");
+        assert!(
+            !format!("{c:?}").contains("file-token"),
+            "Debug must not show it"
+        );
+
+        // A token inline and a token file: which one is meant is not guessed.
+        let d = dir(&[(
+            "agent.toml",
+            &format!("{BASE}bootstrap_token_file = \"{}\"\n", private.display()),
+        )]);
+        assert!(matches!(
+            load(d.path(), []).unwrap_err(),
+            ConfigError::TokenConflict
+        ));
+    }
+
+    #[test]
+    fn the_token_is_read_from_the_systemd_credential() {
+        let creds = tempfile::tempdir().unwrap();
+        let d = dir(&[("agent.toml", NO_TOKEN)]);
+        let env = || {
+            [(
+                "CREDENTIALS_DIRECTORY".to_owned(),
+                creds.path().display().to_string(),
+            )]
+        };
+        // No credential of that name: no token, and no error.
+        let c = load(d.path(), env()).unwrap();
+        assert_eq!(c.gateway.bootstrap_token.expose(), "");
+        assert_eq!(c.gateway.bootstrap_token_file, None);
+        // systemd writes credentials 0400.
+        let p = token_file(creds.path(), TOKEN_CREDENTIAL, 0o400);
+        let c = load(d.path(), env()).unwrap();
+        assert_eq!(c.gateway.bootstrap_token.expose(), "file-token-0123456789");
+        assert_eq!(c.gateway.bootstrap_token_file, Some(p));
+        assert_eq!(c.config_dir, d.path());
+    }
+
+    #[test]
+    fn the_plugin_allowlist_defaults_to_nothing_and_is_validated() {
+        let d = dir(&[("agent.toml", BASE)]);
+        assert_eq!(
+            load(d.path(), []).unwrap().plugins,
+            PluginsSection::default()
+        );
+        let d = dir(&[(
+            "agent.toml",
+            &format!(
+                "{BASE}[plugins]\nallow_read_dirs = [\"/srv/shop-data\"]\nallow_network = true\nallow_env = [\"SHOP_ID\"]\n"
+            ),
+        )]);
+        let p = load(d.path(), []).unwrap().plugins;
+        assert_eq!(p.allow_read_dirs, vec![PathBuf::from("/srv/shop-data")]);
+        assert!(p.allow_network && !p.allow_clocks);
+        assert_eq!(p.allow_env, vec!["SHOP_ID".to_owned()]);
+        for bad in ["srv/data", "/srv/../etc"] {
+            let d = dir(&[(
+                "agent.toml",
+                &format!("{BASE}[plugins]\nallow_read_dirs = [\"{bad}\"]\n"),
+            )]);
+            let err = load(d.path(), []).unwrap_err().to_string();
+            assert!(err.contains("plugins.allow_read_dirs"), "{bad}: {err}");
+        }
+        let d = dir(&[("agent.toml", &format!("{BASE}[plugins]\nallow_fs = true\n"))]);
+        let err = load(d.path(), []).unwrap_err().to_string();
+        assert!(err.contains("unknown field `allow_fs`"), "{err}");
     }
 
     #[test]

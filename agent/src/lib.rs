@@ -8,7 +8,8 @@
 //!   state, converge, report, and keep serving through gateway outages.
 //! - [`standalone`]: `serve`: one model from local files, no operator.
 //! - [`activation`]: the one path both of them take to put a verified model (and its
-//!   plugins) into service, plus signature checks and the artifact store on disk.
+//!   plugins) into service, plus the device owner's consent to plugin grants
+//!   (allowlist and deny list), signature checks and the artifact store on disk.
 //! - [`serve`]: the OpenAI-compatible API over whatever is being served.
 //! - [`engine`]: llama.cpp behind a bounded queue.
 //! - [`plugins`]: the wasmtime plugin sandbox and the per-request plugin chain.

@@ -2,6 +2,11 @@
 //! chain, from local files, with no operator or gateway. The files are checked against
 //! a local public key (or, with `--allow-unsigned`, not at all), then put into service
 //! through the same [`crate::activation`] steps the fleet agent takes.
+//!
+//! Plugins here get no grants (there are no flags for them), and pass the same consent
+//! check as in fleet mode with an empty allowlist and the standard deny list (plus the
+//! plugin cache): a device that needs grants for its plugins runs in fleet mode with
+//! an `agent.toml` `[plugins]` allowlist.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -172,7 +177,10 @@ pub async fn serve(
             grants: Default::default(),
         });
     }
-    let prepared = activation::prepare(specs, plugin_cache.as_deref())?;
+    // Standalone, the person running the command is both the device owner and the
+    // source of the plugins: no grants are given, and none is allowed.
+    let policy = activation::GrantPolicy::new(Default::default(), plugin_cache.clone());
+    let prepared = activation::prepare(specs, plugin_cache.as_deref(), &policy)?;
     let _watchdog = crate::systemd::spawn_watchdog();
     // Listen first: /healthz answers and /readyz says "loading" until the model is in.
     let listener = tokio::net::TcpListener::bind(listen).await?;

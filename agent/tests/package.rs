@@ -67,11 +67,24 @@ fn the_package_installs_into_a_scratch_root() {
     assert_eq!(
         std::fs::metadata(&env).unwrap().permissions().mode() & 0o077,
         0,
-        "agent.env holds the bootstrap token"
+        "agent.env is private to the agent"
+    );
+    // The bootstrap token never sits in the environment: not in agent.env, and the unit
+    // hands it over as a credential.
+    let env_text = std::fs::read_to_string(&env).unwrap();
+    assert!(
+        !env_text
+            .lines()
+            .any(|l| !l.trim_start().starts_with('#') && l.contains("TOKEN")),
+        "{env_text}"
     );
     let unit =
         std::fs::read_to_string(root.join("lib/systemd/system/edgefleet-agent.service")).unwrap();
     assert!(unit.contains("ExecStart=/usr/bin/edgefleet-agent run --config-dir /etc/edgefleet"));
+    assert!(
+        unit.contains("LoadCredential=bootstrap-token:/etc/edgefleet/bootstrap-token"),
+        "{unit}"
+    );
 
     // The installed binary reads the installed configuration.
     let check = |name: Option<&str>| {

@@ -475,3 +475,191 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     }
     out
 }
+
+// --- The device owner's consent to plugin grants (`[plugins]` in agent.toml). ---
+
+mod consent {
+    use std::io::Read as _;
+    use std::net::TcpListener;
+
+    use edgefleet_agent::activation::{self, ActivateError, GrantPolicy, LoadError};
+    use edgefleet_agent::config::PluginsSection;
+
+    use super::*;
+
+    const CANARY: &str = "canary-7f3a9c-device-private-key";
+
+    /// A directory holding the canary file, and a local listener the plugin is told to
+    /// send it to.
+    struct Bait {
+        dir: tempfile::TempDir,
+        listener: TcpListener,
+    }
+
+    impl Bait {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("canary"), CANARY).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            Self { dir, listener }
+        }
+
+        fn path(&self) -> String {
+            self.dir.path().display().to_string()
+        }
+
+        /// `exfiltrate`, asking for the canary's directory and the network.
+        fn spec(&self) -> PluginSpec {
+            let mut s = spec(
+                "exfiltrate",
+                &[
+                    ("file", &format!("{}/canary", self.path())),
+                    ("addr", &self.listener.local_addr().unwrap().to_string()),
+                ],
+                deadline(2000),
+            );
+            // Its sockets need the clocks too.
+            s.grants = Grants {
+                network: true,
+                clocks: true,
+                read_only_dirs: vec![(self.dir.path().to_owned(), self.path())],
+                ..Grants::default()
+            };
+            s
+        }
+
+        /// What reached the listener (nothing: `None`).
+        fn received(&self) -> Option<String> {
+            let (mut s, _) = self.listener.accept().ok()?;
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut got = String::new();
+            s.read_to_string(&mut got).unwrap();
+            Some(got)
+        }
+    }
+
+    fn allowing(dirs: &[&std::path::Path], network: bool) -> PluginsSection {
+        PluginsSection {
+            allow_read_dirs: dirs.iter().map(|d| d.to_path_buf()).collect(),
+            allow_network: network,
+            allow_clocks: network,
+            ..PluginsSection::default()
+        }
+    }
+
+    #[test]
+    fn a_plugin_granted_more_than_the_device_allows_is_never_run() {
+        let bait = Bait::new();
+        let policy = GrantPolicy::new(PluginsSection::default(), []);
+        let err = activation::prepare(vec![bait.spec()], None, &policy).unwrap_err();
+        assert!(matches!(err, LoadError::GrantDenied(_)), "{err:?}");
+        let reported = ActivateError::from(err).to_string();
+        assert!(
+            reported.starts_with("PluginGrantDenied: exfiltrate: network: "),
+            "{reported}"
+        );
+        // Only the network allowed: the directory is refused, by name.
+        let policy = GrantPolicy::new(allowing(&[], true), []);
+        let err = activation::prepare(vec![bait.spec()], None, &policy).unwrap_err();
+        let reported = ActivateError::from(err).to_string();
+        assert!(
+            reported.starts_with(&format!(
+                "PluginGrantDenied: exfiltrate: readOnlyDirs {}: ",
+                bait.path()
+            )),
+            "{reported}"
+        );
+        assert!(!reported.contains(CANARY), "{reported}");
+        // Never instantiated: nothing was sent anywhere.
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(bait.received(), None);
+    }
+
+    #[test]
+    fn the_same_grants_are_accepted_when_the_owner_allows_them() {
+        let bait = Bait::new();
+        let policy = GrantPolicy::new(allowing(&[bait.dir.path()], true), []);
+        activation::prepare(vec![bait.spec()], None, &policy).unwrap();
+        // Run it, to show what the refusal above prevented: it reads the canary and
+        // sends it away.
+        let mut specs = vec![bait.spec()];
+        activation::check_grants(&mut specs, &policy).unwrap();
+        let (chain, _) = build_chain(specs);
+        match chain.start().on_request(&request("hi")) {
+            Err(ChainError::Rejected { reason, .. }) => {
+                assert!(reason.contains(CANARY), "{reason}");
+            }
+            other => panic!("expected the plugin's report, got {other:?}"),
+        }
+        assert_eq!(bait.received().as_deref(), Some(CANARY));
+    }
+
+    #[test]
+    fn the_deny_list_holds_even_when_the_owner_allows_everything() {
+        let root = tempfile::tempdir().unwrap();
+        let (state, conf, ok) = (
+            root.path().join("state"),
+            root.path().join("conf"),
+            root.path().join("ok"),
+        );
+        for d in [&state, &conf, &ok] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::create_dir_all(state.join("artifacts")).unwrap();
+        std::fs::write(
+            conf.join("agent.toml"),
+            format!(
+                "state_dir = \"{}\"\n[device]\nname = \"till-1\"\n[gateway]\nurl = \"https://gw:8443\"\n[plugins]\nallow_read_dirs = [\"/\"]\n",
+                state.display()
+            ),
+        )
+        .unwrap();
+        let config = edgefleet_agent::config::load(&conf, Vec::new()).unwrap();
+        let policy = GrantPolicy::for_device(&config);
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&state, &link).unwrap();
+        let link_to_conf = ok.join("innocent");
+        std::os::unix::fs::symlink(&conf, &link_to_conf).unwrap();
+        let refused = [
+            "/".to_owned(),
+            "/etc".to_owned(),
+            "/etc/edgefleet".to_owned(),
+            "/proc/self".to_owned(),
+            "/sys".to_owned(),
+            "/dev".to_owned(),
+            "/var/lib".to_owned(),
+            "/run/credentials".to_owned(),
+            state.display().to_string(),
+            state.join("artifacts").display().to_string(),
+            conf.display().to_string(),
+            root.path().display().to_string(),
+            link.display().to_string(),
+            link.join("artifacts").display().to_string(),
+            link_to_conf.display().to_string(),
+        ];
+        for dir in &refused {
+            let mut s = spec("exfiltrate", &[], deadline(100));
+            s.grants.read_only_dirs = vec![(PathBuf::from(dir), dir.clone())];
+            let err = activation::prepare(vec![s], None, &policy).unwrap_err();
+            let reported = ActivateError::from(err).to_string();
+            assert!(
+                reported.starts_with(&format!(
+                    "PluginGrantDenied: exfiltrate: readOnlyDirs {dir}: "
+                )),
+                "{dir}: {reported}"
+            );
+        }
+        // A directory clear of the deny list is allowed under `/`, resolved.
+        let mut s = spec("exfiltrate", &[], deadline(100));
+        let ok_dir = ok.display().to_string();
+        s.grants.read_only_dirs = vec![(ok.clone(), ok_dir.clone())];
+        let mut specs = vec![s];
+        activation::check_grants(&mut specs, &policy).unwrap();
+        assert_eq!(
+            specs[0].grants.read_only_dirs,
+            vec![(std::fs::canonicalize(&ok).unwrap(), ok_dir)]
+        );
+    }
+}

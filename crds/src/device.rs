@@ -140,6 +140,12 @@ pub struct EdgeDeviceStatus {
     /// The latest attestation result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attestation: Option<AttestationSummary>,
+    /// The hardware the device's evidence is pinned to, recorded by the gateway at the
+    /// first allowed attestation. Evidence from other hardware is refused
+    /// (`HardwareMismatch`) until an administrator clears this field (or deletes the
+    /// EdgeDevice) to re-key the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware_identity: Option<HardwareIdentity>,
     /// Models on the device and their state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<LoadedModel>,
@@ -190,6 +196,11 @@ pub struct AttestationSummary {
     pub verified_time: Time,
     /// When the result lapses unless the device attests again.
     pub expiry_time: Time,
+    /// The end of the device's attestation lease: after its last allowed attestation,
+    /// the agent serves until then without attesting again, and then stops serving
+    /// (`AttestationLeaseExpired`) until it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_expiry_time: Option<Time>,
     /// Why the policy denied, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -198,6 +209,63 @@ pub struct AttestationSummary {
     /// a rollback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm_clock: Option<TpmClock>,
+}
+
+/// What pins a device's evidence to its hardware. Written once, by the gateway under its
+/// own field manager; it cannot be changed, only removed (which re-keys the device).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf")
+    .message("hardwareIdentity cannot be changed; remove it to re-key the device"))]
+pub struct HardwareIdentity {
+    /// Evidence kind; a different kind is a different identity.
+    pub kind: TeeKind,
+    /// TPM: `sha256:<hex>` of the EK's SubjectPublicKeyInfo (DER). Compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 71))]
+    pub ek_public_key_digest: Option<String>,
+    /// SEV-SNP: the report's CHIP_ID, hex. Compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub chip_id: Option<String>,
+    /// SEV-SNP: the reported TCB at enrolment. Recorded, not compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcb_at_enrolment: Option<SnpTcb>,
+    /// TDX: `ppid:<hex>` (the PCK certificate's PPID), or `pck:sha256:<hex>` of the PCK
+    /// certificate when it carries no PPID. Compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 80))]
+    pub platform_id: Option<String>,
+    /// TDX: the platform's FMSPC, hex. Recorded, not compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 12))]
+    pub fmspc: Option<String>,
+    /// dev: `sha256:<hex>` of the development key. Recorded, not compared (the dev
+    /// attester proves no hardware; only the kind is pinned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 71))]
+    pub dev_key_digest: Option<String>,
+    /// When the identity was recorded.
+    #[schemars(extend("maxLength" = 64))]
+    pub recorded_time: Time,
+}
+
+/// An SEV-SNP TCB version's security patch levels.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnpTcb {
+    /// Boot loader SPL.
+    #[schemars(range(min = 0, max = 255))]
+    pub bootloader: i32,
+    /// TEE (PSP OS) SPL.
+    #[schemars(range(min = 0, max = 255))]
+    pub tee: i32,
+    /// SNP firmware SPL.
+    #[schemars(range(min = 0, max = 255))]
+    pub snp: i32,
+    /// Microcode SPL.
+    #[schemars(range(min = 0, max = 255))]
+    pub microcode: i32,
 }
 
 /// A TPM's clock and counters.

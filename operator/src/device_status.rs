@@ -2,6 +2,8 @@
 //! `Attested` condition, under the `edgefleet-gateway` field manager with server-side
 //! apply (conditions are a map keyed by type, so the operator's own conditions stay its
 //! own). A lapsed attestation turns `Attested` False, which stops model assignment.
+//! The hardware identity is written apart, under a manager of its own
+//! ([`crate::device_identity`]).
 
 use edgefleet_crds::conditions::{self, reasons};
 use edgefleet_crds::device::EdgeDevice;
@@ -70,6 +72,16 @@ fn attested_condition(
     })
 }
 
+/// The ends of an allowed appraisal: of the attestation result, and of the device's
+/// attestation lease (how long it may serve without attesting again).
+#[derive(Debug, Clone, Copy)]
+pub struct Expiries {
+    /// When the result lapses unless the device attests again.
+    pub result: OffsetDateTime,
+    /// When the device must stop serving unless it attests again.
+    pub lease: OffsetDateTime,
+}
+
 /// A status patch with `condition`, re-asserting the attestation summary this manager
 /// already owns so that server-side apply keeps it.
 fn with_kept_attestation(device: &EdgeDevice, condition: Value) -> Value {
@@ -103,7 +115,7 @@ pub async fn all_devices(
 /// The gateway's view of EdgeDevices.
 #[derive(Debug, Clone)]
 pub struct DeviceStatus {
-    api: Api<EdgeDevice>,
+    pub(crate) api: Api<EdgeDevice>,
     cache: Option<kube::runtime::reflector::Store<EdgeDevice>>,
 }
 
@@ -154,6 +166,8 @@ impl DeviceStatus {
     }
 
     /// Records an appraisal: the attestation summary and `Attested`.
+    /// `ends`: when the result lapses, and when the device's attestation lease ends
+    /// (written only for an allowed appraisal; a denied one keeps the stored end).
     pub async fn record_decision(
         &self,
         device: &EdgeDevice,
@@ -161,8 +175,12 @@ impl DeviceStatus {
         decision: &Decision,
         tpm_clock: Option<&ClockState>,
         verified: OffsetDateTime,
-        expires: OffsetDateTime,
+        ends: Expiries,
     ) -> Result<(), StatusError> {
+        let Expiries {
+            result: expires,
+            lease: lease_expires,
+        } = ends;
         let name = device.metadata.name.clone().unwrap_or_default();
         let generation = device.metadata.generation.unwrap_or(0);
         let measurements: serde_json::Map<String, Value> = claims
@@ -211,6 +229,18 @@ impl DeviceStatus {
         });
         if let Some(clock) = clock {
             status["attestation"]["tpmClock"] = clock;
+        }
+        // The device may serve until then without attesting again; a denied appraisal
+        // renews nothing, so the stored end stays.
+        let stored_lease = device
+            .status
+            .as_ref()
+            .and_then(|s| s.attestation.as_ref())
+            .and_then(|a| a.lease_expiry_time.as_ref());
+        if decision.allow {
+            status["attestation"]["leaseExpiryTime"] = json!(rfc3339(lease_expires));
+        } else if let Some(t) = stored_lease {
+            status["attestation"]["leaseExpiryTime"] = json!(t);
         }
         self.apply(&name, status).await
     }

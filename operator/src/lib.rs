@@ -3,6 +3,7 @@
 
 pub mod bundles;
 pub mod device_cache;
+pub mod device_identity;
 pub mod device_status;
 pub mod edgemodel;
 pub mod gateway;

@@ -64,9 +64,19 @@ pub struct EnrolResponse {
     pub device: String,
     /// Whether this request created the EdgeDevice (false: it existed with this key).
     pub created: bool,
-    /// Whether the device is approved (by policy or by an administrator).
+    /// Whether the device is approved (by policy or by an administrator). An agent told
+    /// `false` stops serving until it is approved again.
     pub approved: bool,
+    /// The attestation lease, in seconds: how long after its last successful attestation
+    /// a device may go on serving (its last-known-good model) without attesting again.
+    /// Absent from older gateways: the agent then keeps its previous lease, or the
+    /// default of [`DEFAULT_ATTESTATION_LEASE_SECONDS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation_lease_seconds: Option<u64>,
 }
+
+/// The attestation lease when the gateway names none: 24 hours.
+pub const DEFAULT_ATTESTATION_LEASE_SECONDS: u64 = 86_400;
 
 /// Everything a device should run, as of `version`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

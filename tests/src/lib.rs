@@ -12,10 +12,11 @@
 //! by name), [`builders`] (the EdgeModels, EdgeDevices and signed artifacts they apply),
 //! [`local_fleet`] (operator and agent processes with their PKI and artifacts),
 //! [`netns`] (a device's own network), [`swtpm`] (a software TPM), [`pki`] (the control
-//! plane's certificates); and what `edgefleet-dev` runs: [`demo`] and [`bench`](mod@bench).
+//! plane's certificates), [`chart`] (the Helm chart's operator as a local process); and what `edgefleet-dev` runs: [`demo`] and [`bench`](mod@bench).
 
 pub mod bench;
 pub mod builders;
+pub mod chart;
 pub mod demo;
 pub mod local_fleet;
 pub mod netns;

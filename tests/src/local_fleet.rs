@@ -148,6 +148,17 @@ pub fn spawn_operator(
     pki: &GatewayPki,
     spec: &OperatorSpec,
 ) -> Result<Child, HarnessError> {
+    spawn_operator_with(kubeconfig, pki, spec, &[])
+}
+
+/// [`spawn_operator`] with `extra` arguments after the others (for example
+/// `--attestation-lease-seconds=20`).
+pub fn spawn_operator_with(
+    kubeconfig: &Path,
+    pki: &GatewayPki,
+    spec: &OperatorSpec,
+    extra: &[&str],
+) -> Result<Child, HarnessError> {
     let d = &pki.dir;
     let metrics = crate::free_port()?;
     let log = std::fs::File::create(&spec.log).map_err(err)?;
@@ -186,6 +197,7 @@ pub fn spawn_operator(
     for ca in &spec.ek_intermediates {
         cmd.arg("--ek-intermediate").arg(ca);
     }
+    cmd.args(extra);
     cmd.env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info,kube=warn")
         .stdout(log.try_clone().map_err(err)?)

@@ -222,6 +222,7 @@ async fn the_chart_grants_every_call_the_operator_makes() {
             mirror: None,
             refresh_per_second: edgefleet_operator::heartbeat::DEFAULT_REFRESH_PER_SECOND,
             change_per_second: edgefleet_operator::heartbeat::DEFAULT_CHANGE_PER_SECOND,
+            attestation_lease: std::time::Duration::from_secs(86_400),
         },
         Arc::default(),
     );

@@ -5,13 +5,16 @@
 //! the desired state's signers and digests, standalone against a local public key),
 //! then takes the same two steps:
 //!
-//! 1. [`prepare`]: compile and check the plugins (a bad plugin fails here, before the
-//!    model loads);
+//! 1. [`prepare`]: check every plugin's grants against the device owner's consent
+//!    ([`consent::GrantPolicy`]: a grant beyond the allowlist, or on the deny list,
+//!    refuses the plugin before any of it is compiled or run), then compile and check
+//!    the plugins (a bad plugin fails here, before the model loads);
 //! 2. [`Prepared::serve`]: load the model with llama.cpp on a blocking thread, put the
 //!    plugins in front of it (their `infer` runs on it), and swap both into
 //!    [`Serving`] at once; requests in flight finish on what they started on.
 //!
-//! Also here: [`ActivateError`], the named reasons the fleet reports, [`verify`]
+//! Also here: [`ActivateError`], the named reasons the fleet reports, [`consent`] (the
+//! plugin grant allowlist and deny list), [`verify`]
 //! (signature checks against a desired model's signers) and [`store`] (artifacts and the
 //! last-known-good record on disk).
 
@@ -22,8 +25,11 @@ use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::plugins::{LoadedPlugin, PluginError, PluginRuntime, PluginSpec};
 use crate::serve::{EngineSubPrompt, Serving};
 
+pub mod consent;
 pub mod store;
 pub mod verify;
+
+pub use consent::{GrantDenied, GrantPolicy};
 
 pub use store::file_sha256;
 pub use verify::{trust_policy, verify_file};
@@ -49,6 +55,9 @@ pub enum ActivateError {
     /// A plugin was refused.
     #[error("PluginRefused: {0}")]
     Plugin(String),
+    /// A plugin asked for a grant the device owner did not allow.
+    #[error("PluginGrantDenied: {0}")]
+    GrantDenied(#[from] GrantDenied),
     /// Local storage failed.
     #[error("StateDirectory: {0}")]
     State(String),
@@ -60,6 +69,9 @@ pub enum LoadError {
     /// The plugin runtime did not start.
     #[error("{0}")]
     Runtime(PluginError),
+    /// A plugin asked for a grant the device does not allow.
+    #[error("PluginGrantDenied: {0}")]
+    GrantDenied(#[from] GrantDenied),
     /// A plugin was refused.
     #[error("refusing plugin {plugin:?}: {}: {error}", error.reason())]
     Plugin {
@@ -80,6 +92,7 @@ impl From<LoadError> for ActivateError {
     fn from(e: LoadError) -> Self {
         match e {
             LoadError::Runtime(e) => Self::Plugin(e.to_string()),
+            LoadError::GrantDenied(e) => Self::GrantDenied(e),
             LoadError::Plugin { plugin, error } => {
                 Self::Plugin(format!("{plugin}: {}: {error}", error.reason()))
             }
@@ -101,12 +114,34 @@ pub struct Prepared {
     plugins: Option<(PluginRuntime, Vec<LoadedPlugin>)>,
 }
 
-/// Step one: compiles and checks `plugins`, in chain order, with compiled code cached
-/// under `cache` (none: no disk cache). No plugins: nothing to compile.
-pub fn prepare(plugins: Vec<PluginSpec>, cache: Option<&Path>) -> Result<Prepared, LoadError> {
+/// Refuses any of `plugins` whose grants `policy` does not allow (and logs it); gives
+/// the others their checked grants (directories resolved).
+pub fn check_grants(plugins: &mut [PluginSpec], policy: &GrantPolicy) -> Result<(), GrantDenied> {
+    for spec in plugins {
+        match policy.check(&spec.name, &spec.grants) {
+            Ok(grants) => spec.grants = grants,
+            Err(e) => {
+                tracing::warn!(plugin = %e.plugin, grant = %e.grant, why = %e.why, "PluginGrantDenied: refusing the plugin");
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Step one: checks every plugin's grants against `policy` ([`check_grants`]; nothing
+/// is compiled or run when one is refused), then compiles and checks `plugins`, in
+/// chain order, with compiled code cached under `cache` (none: no disk cache). No
+/// plugins: nothing to compile.
+pub fn prepare(
+    mut plugins: Vec<PluginSpec>,
+    cache: Option<&Path>,
+    policy: &GrantPolicy,
+) -> Result<Prepared, LoadError> {
     if plugins.is_empty() {
         return Ok(Prepared { plugins: None });
     }
+    check_grants(&mut plugins, policy)?;
     let runtime = PluginRuntime::new(cache).map_err(LoadError::Runtime)?;
     let mut loaded = Vec::new();
     for spec in plugins {

@@ -1,6 +1,8 @@
 //! The connection to the gateway: enrol (bootstrap token), attest (evidence → client
 //! certificate), then long-poll the desired state over mTLS and converge, until it is
-//! time to attest again; reconnect with capped, jittered backoff when the session ends.
+//! time to attest again (within two thirds of the attestation lease); reconnect with
+//! capped, jittered backoff when the session ends. An enrolment answered "not approved"
+//! stops serving; each allowed attestation renews the attestation lease.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +62,12 @@ impl FleetAgent {
             })
             .await?;
         if !enrolled.approved {
+            // Revoked (or never approved): nothing is served until the gateway says so.
+            self.stop_serving(
+                "NotApproved",
+                "the gateway says this device is not approved",
+            )
+            .await;
             return Err(EnrolError::Invalid(format!(
                 "{} is enrolled but not approved yet",
                 enrolled.device
@@ -72,6 +80,11 @@ impl FleetAgent {
                 appraisal.decision.deny
             )));
         }
+        let lease_seconds = enrolled
+            .attestation_lease_seconds
+            .unwrap_or(proto::DEFAULT_ATTESTATION_LEASE_SECONDS)
+            .max(1);
+        self.renew_lease(lease_seconds);
         let cert = std::fs::read(self.state_dir().join("agent-cert.pem")).map_err(|e| {
             EnrolError::State {
                 path: self.state_dir().join("agent-cert.pem"),
@@ -91,17 +104,21 @@ impl FleetAgent {
             s.client = Some(client.clone());
         }
         tracing::info!(device = %cfg.device.name, "connected to the gateway");
-        // Re-attest at two thirds of the result's lifetime.
+        // Re-attest at two thirds of the result's lifetime, and of the attestation lease.
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         let reattest = tokio::time::Instant::now()
             + Duration::from_secs(((appraisal.expires_at - now).max(3) * 2 / 3) as u64)
-                .min(Duration::from_secs(cfg.attestation.interval_seconds));
+                .min(Duration::from_secs(cfg.attestation.interval_seconds))
+                .min(Duration::from_secs((lease_seconds * 2 / 3).max(1)));
         let _ = self.flush().await;
         let mut version: Option<String> = None;
         while tokio::time::Instant::now() < reattest {
-            match client.desired(version.as_deref(), wait).await {
+            // A long-poll ends by the time to re-attest, so that the lease is renewed.
+            let left = reattest.saturating_duration_since(tokio::time::Instant::now());
+            let poll = wait.min(left).max(Duration::from_secs(1));
+            match client.desired(version.as_deref(), poll).await {
                 Ok(Some(desired)) => {
                     tracing::info!(version = %desired.version, models = desired.models.len(), "desired state");
                     self.converge(&client, &desired).await;

@@ -1,8 +1,12 @@
 //! Bringing the device to its desired state: [`FleetAgent::converge`] on each new
-//! desired state, [`FleetAgent::restore`] of the last-known-good model at start, and the
-//! fleet's activation of one model: fetch (or find on disk), verify against the desired
-//! state's signers and digests, then the shared [`crate::activation`] steps, then
-//! record it as last-known-good. Each step is reported as the model's state.
+//! desired state, [`FleetAgent::restore`] of the last-known-good model at start (only
+//! within the recorded attestation lease), and the
+//! fleet's activation of one model: check its plugins' grants against the device
+//! owner's allowlist (before anything is downloaded), fetch (or find on disk), verify
+//! against the desired state's signers and digests, then the shared
+//! [`crate::activation`] steps, then record it as last-known-good. Each step is
+//! reported as the model's state; a refused grant fails the model with
+//! `PluginGrantDenied: <plugin>: <grant>: <why>`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,7 +17,24 @@ use sha2::Digest as _;
 use super::download::fetch;
 use super::{DeviceClient, FleetAgent};
 use crate::activation::store::{self, artifacts_dir};
-use crate::activation::{self, ActivateError, trust_policy, verify_file};
+use crate::activation::{self, ActivateError, GrantPolicy, trust_policy, verify_file};
+use crate::plugins::Grants;
+
+/// The grants a desired plugin asks for, as the sandbox takes them (each directory is
+/// seen by the plugin at the path it was asked for).
+fn asked_grants(p: &proto::DevicePlugin) -> Grants {
+    Grants {
+        env: p.grants.env.clone(),
+        clocks: p.grants.clocks,
+        read_only_dirs: p
+            .grants
+            .read_only_dirs
+            .iter()
+            .map(|d| (PathBuf::from(d), d.clone()))
+            .collect(),
+        network: p.grants.network,
+    }
+}
 
 impl FleetAgent {
     /// Serves the last-known-good model, if one is recorded and still verifies.
@@ -21,6 +42,19 @@ impl FleetAgent {
         let Some(m) = store::last_known_good(self.state_dir()).await else {
             return;
         };
+        if self.lease_expired() {
+            tracing::warn!(model = %m.model, revision = %m.revision, reason = super::LEASE_EXPIRED, "{}: the last-known-good model is not served before the next successful attestation", super::LEASE_EXPIRED);
+            self.set_model_state(
+                &m,
+                proto::ModelState::Failed,
+                Some(format!(
+                    "{}: no successful attestation within the attestation lease",
+                    super::LEASE_EXPIRED
+                )),
+                None,
+            );
+            return;
+        }
         tracing::info!(model = %m.model, revision = %m.revision, "restoring the last-known-good model");
         match self.activate(None, &m).await {
             Ok(()) => {}
@@ -38,6 +72,14 @@ impl FleetAgent {
         client: Option<&DeviceClient>,
         m: &proto::DeviceModel,
     ) -> Result<(), ActivateError> {
+        // The device owner's consent first: a refused grant downloads nothing.
+        let grants = GrantPolicy::for_device(&self.config);
+        for p in &m.plugins {
+            if let Err(e) = grants.check(&p.name, &asked_grants(p)) {
+                tracing::warn!(plugin = %e.plugin, grant = %e.grant, why = %e.why, "PluginGrantDenied: refusing the plugin");
+                return Err(e.into());
+            }
+        }
         let dir = artifacts_dir(self.state_dir());
         let policy = trust_policy(&m.signers)?;
         let get = |a: proto::ArtifactRef| {
@@ -99,21 +141,12 @@ impl FleetAgent {
                     memory_bytes: p.memory_bytes,
                 },
                 config: p.config.clone(),
-                grants: crate::plugins::Grants {
-                    env: p.grants.env.clone(),
-                    clocks: p.grants.clocks,
-                    read_only_dirs: p
-                        .grants
-                        .read_only_dirs
-                        .iter()
-                        .map(|d| (PathBuf::from(d), d.clone()))
-                        .collect(),
-                    network: p.grants.network,
-                },
+                grants: asked_grants(p),
             });
         }
         self.set_model_state(m, proto::ModelState::Loading, None, None);
-        let prepared = activation::prepare(specs, self.config.fleet.plugin_cache.as_deref())?;
+        let prepared =
+            activation::prepare(specs, self.config.fleet.plugin_cache.as_deref(), &grants)?;
         let serve = &self.config.serve;
         let threads = m
             .runtime
@@ -174,5 +207,91 @@ impl FleetAgent {
             tracing::warn!(model = %want.model, revision = %want.revision, error = %e, "activation failed; serving what was served before");
             self.set_model_state(want, proto::ModelState::Failed, Some(e.to_string()), None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::serve::Serving;
+
+    /// A recorded model whose one plugin asks for `grants`; its artifacts are not on
+    /// disk, so anything past the grant check would fail with another reason.
+    fn model_asking(grants: serde_json::Value) -> proto::DeviceModel {
+        let art =
+            serde_json::json!({ "digest": format!("sha256:{}", "0".repeat(64)), "path": "x" });
+        serde_json::from_value(serde_json::json!({
+            "model": "retail/smollm2", "revision": "r1", "servedName": "smollm2",
+            "artifact": art, "bundle": "{}", "signers": [],
+            "runtime": { "contextSize": 512, "gpuLayers": 0, "parallelSlots": 1, "queueDepth": 1 },
+            "plugins": [{ "name": "exfiltrate", "artifact": art, "bundle": "{}",
+                          "memoryBytes": 1048576, "grants": grants }],
+            "port": 8080,
+        }))
+        .unwrap()
+    }
+
+    async fn restored(allow: &str, grants: serde_json::Value) -> proto::ModelReport {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(
+            d.path().join("agent.toml"),
+            format!(
+                "state_dir = \"{}\"\n[device]\nname = \"till-1\"\n[gateway]\nurl = \"https://gw:8443\"\n[plugins]\n{allow}\n",
+                state.display()
+            ),
+        )
+        .unwrap();
+        let config = crate::config::load(d.path(), Vec::new()).unwrap();
+        let m = model_asking(grants);
+        store::record_last_known_good(&state, &m).await.unwrap();
+        use crate::gateway_session::lease::{Lease, record, unix_now};
+        record(&state, &Lease::granted(unix_now(), 600)).unwrap();
+        let agent = FleetAgent::new(config, Serving::new());
+        agent.restore().await;
+        let models = agent.shared.lock().unwrap().models.clone();
+        models.into_iter().next().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_grant_the_owner_did_not_allow_fails_the_model_with_its_reason() {
+        let canary = tempfile::tempdir().unwrap();
+        let dir = canary.path().display().to_string();
+        let r = restored(
+            "",
+            serde_json::json!({ "readOnlyDirs": [dir], "network": true }),
+        )
+        .await;
+        assert_eq!(r.state, proto::ModelState::Failed);
+        let msg = r.message.unwrap();
+        assert!(
+            msg.starts_with("PluginGrantDenied: exfiltrate: network:"),
+            "{msg}"
+        );
+
+        let r = restored(
+            "allow_network = true",
+            serde_json::json!({ "readOnlyDirs": ["/etc"], "network": true }),
+        )
+        .await;
+        let msg = r.message.unwrap();
+        assert!(
+            msg.starts_with("PluginGrantDenied: exfiltrate: readOnlyDirs /etc:"),
+            "{msg}"
+        );
+
+        // Allowed: the grant check passes and activation goes on to the (missing)
+        // artifacts, failing for that reason instead.
+        let r = restored(
+            &format!("allow_network = true\nallow_read_dirs = [\"{dir}\"]"),
+            serde_json::json!({ "readOnlyDirs": [dir], "network": true }),
+        )
+        .await;
+        assert_eq!(r.state, proto::ModelState::Failed);
+        let msg = r.message.unwrap();
+        assert!(!msg.contains("PluginGrantDenied"), "{msg}");
     }
 }

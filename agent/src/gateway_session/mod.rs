@@ -22,6 +22,13 @@
 //!                             previous model ─────────────────────────────────┘
 //! ```
 //!
+//! Revocation: an enrolment answered "not approved" stops serving at once (the
+//! agent keeps asking); a desired state without models unloads; and the attestation
+//! lease bounds how long the device serves without a successful attestation: at its
+//! end (offline, or refused) the model is unloaded, reported `Failed` with
+//! `AttestationLeaseExpired`, and served again only after the next successful
+//! attestation. At start, a last-known-good is served only within the recorded lease.
+//!
 //! Reports (heartbeats) are taken every `fleet.heartbeat_seconds` into a bounded spool
 //! and sent oldest first; the gateway acknowledges by sequence number. Model states ride
 //! along only when they changed since the last acknowledged report, and a change is
@@ -31,7 +38,8 @@
 //! Here: the [`FleetAgent`] (its shared state and model states), [`facts`] and [`run`].
 //! By what it does: `client` (the device API over mTLS), `control` (enrol, attest,
 //! long-poll, reconnect), `converge` (desired state → activation, last-known-good),
-//! `download` (resumable artifact downloads) and `reports` (the spool and heartbeats).
+//! `download` (resumable artifact downloads), `lease` (the attestation lease) and
+//! `reports` (the spool and heartbeats).
 //! Loading the model itself is [`crate::activation`]'s, shared with standalone `serve`.
 
 use std::collections::VecDeque;
@@ -49,10 +57,12 @@ mod client;
 mod control;
 mod converge;
 mod download;
+mod lease;
 mod reports;
 
 pub use client::{DeviceClient, FETCHING_PATIENCE, FETCHING_POLL};
 pub use download::fetch;
+pub use lease::{LEASE_EXPIRED, Lease};
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -77,6 +87,8 @@ pub struct FleetAgent {
     active: tokio::sync::Mutex<Option<proto::DeviceModel>>,
     /// Model states changed since the last report was taken.
     models_changed: tokio::sync::Notify,
+    /// The attestation lease (see the `lease` module).
+    lease: Mutex<lease::LeaseState>,
 }
 
 /// How long a change of model states waits for the changes right behind it (Loading
@@ -103,6 +115,7 @@ impl FleetAgent {
             boot: hex::encode(b),
             active: tokio::sync::Mutex::new(None),
             models_changed: tokio::sync::Notify::new(),
+            lease: Mutex::default(),
         })
     }
 
@@ -125,6 +138,24 @@ impl FleetAgent {
             load_millis,
         };
         self.set_models(vec![report]);
+    }
+
+    /// Stops serving (the API answers as with no model), keeping the last-known-good on
+    /// disk for when the device may serve again; the model is reported `Failed` with
+    /// `reason: why`.
+    async fn stop_serving(&self, reason: &str, why: &str) {
+        let Some(m) = self.active.lock().await.take() else {
+            return;
+        };
+        self.serving.uninstall();
+        tracing::warn!(model = %m.model, revision = %m.revision, reason, "{reason}: {why}; stopped serving");
+        self.set_model_state(
+            &m,
+            proto::ModelState::Failed,
+            Some(format!("{reason}: {why}")),
+            None,
+        );
+        crate::systemd::status(&format!("serving no model ({reason})"));
     }
 
     fn set_models(&self, models: Vec<proto::ModelReport>) {
@@ -179,9 +210,11 @@ pub async fn run(
     crate::systemd::ready(&format!("agent listening on {listen}"));
     let reports = tokio::spawn(agent.clone().report_loop());
     let control = tokio::spawn(agent.clone().control_loop(source));
+    let lease = tokio::spawn(agent.clone().lease_loop());
     let result = server.await;
     reports.abort();
     control.abort();
+    lease.abort();
     result??;
     Ok(())
 }

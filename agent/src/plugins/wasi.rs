@@ -55,7 +55,11 @@ pub(super) fn wasi_ctx(grants: &Grants) -> Result<WasiCtx, PluginError> {
             .map_err(|e| PluginError::Instantiate(format!("preopening {}: {e}", host.display())))?;
     }
     if grants.network {
-        b.inherit_network().allow_ip_name_lookup(true);
+        // wasmtime-wasi allows no TCP or UDP by default, whatever the address check.
+        b.inherit_network()
+            .allow_tcp(true)
+            .allow_udp(true)
+            .allow_ip_name_lookup(true);
     } else {
         b.allow_tcp(false)
             .allow_udp(false)

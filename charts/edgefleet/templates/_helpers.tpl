@@ -17,3 +17,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Release.Name }}-bootstrap-token
 {{- end -}}
 {{- end -}}
+{{- /* Non-empty when any attestation root is set (the roots ConfigMap is rendered). */ -}}
+{{- define "edgefleet.hasRoots" -}}
+{{- $a := .Values.attestation -}}
+{{- $snp := false -}}
+{{- range $_, $pem := $a.snp.roots }}{{ if $pem }}{{ $snp = true }}{{ end }}{{ end -}}
+{{- if or $a.tpm.ekCaBundle $a.tpm.ekIntermediates $a.tdx.sgxRootCa $snp -}}true{{- end -}}
+{{- end -}}

@@ -2,9 +2,13 @@
 //!
 //! - `POST /v1/attestation/challenge` (bootstrap token): a single-use nonce, the report
 //!   data to bind, and for TPMs a credential challenge. Unknown devices get 404.
-//! - `POST /v1/attestation/evidence` (bootstrap token): verify, appraise, record the
-//!   decision in `EdgeDevice.status`, and return the signed attestation result and, when
-//!   allowed, the device's client certificate.
+//! - `POST /v1/attestation/evidence` (bootstrap token): verify, appraise, compare the
+//!   evidence's hardware identity with the one recorded in `EdgeDevice.status` (recording
+//!   it at the first allowed attestation, [`crate::device_identity`]), record the
+//!   decision, and return the signed attestation result and, when allowed, the device's
+//!   client certificate. Evidence from other hardware is refused (`HardwareMismatch`,
+//!   403) before any result is signed or certificate issued, and is counted and
+//!   published as a Warning event on the EdgeDevice.
 //!
 //! Verification and policy evaluation are CPU work and run on blocking threads.
 //! Errors are JSON `{"reason": "...", "message": "..."}` naming what failed ([`error`]):
@@ -23,11 +27,14 @@ use axum::{Json, Router};
 use edgefleet_trust::attestation::service::{
     AttestationService, ChallengeRequest, EvidenceRequest, ServiceError,
 };
+use kube::runtime::events::{Event, EventType, Recorder};
 use serde_json::json;
 use sha2::Digest as _;
 use time::OffsetDateTime;
 
+use crate::device_identity::{self, Pinned};
 use crate::device_status::DeviceStatus;
+use crate::metrics::FleetCounters;
 pub use connections::{ConnectionOptions, DeviceConnections};
 pub use error::{ApiError, Reason};
 use error::{authorize, json_body};
@@ -51,6 +58,21 @@ pub struct Gateway {
     verifying: Arc<tokio::sync::Semaphore>,
     devices: DeviceStatus,
     bootstrap_token: Arc<str>,
+    counters: Arc<FleetCounters>,
+    events: Events,
+    /// The attestation lease devices are told at enrolment; its end after each allowed
+    /// appraisal is written to `status.attestation.leaseExpiryTime`.
+    attestation_lease: Duration,
+}
+
+/// Where the gateway publishes events about EdgeDevices, if anywhere.
+#[derive(Clone, Default)]
+struct Events(Option<Recorder>);
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Events").field(&self.0.is_some()).finish()
+    }
 }
 
 impl Gateway {
@@ -71,7 +93,64 @@ impl Gateway {
             verifying: Arc::new(tokio::sync::Semaphore::new(workers)),
             devices,
             bootstrap_token: bootstrap_token.into(),
+            counters: Arc::default(),
+            events: Events::default(),
+            attestation_lease: Duration::from_secs(
+                edgefleet_proto::DEFAULT_ATTESTATION_LEASE_SECONDS,
+            ),
         })
+    }
+
+    /// Counts the attestation API's refusals in `counters` (`gateway_refusals_total`).
+    pub fn with_counters(mut self, counters: Arc<FleetCounters>) -> Self {
+        self.counters = counters;
+        self
+    }
+
+    /// Publishes events about EdgeDevices (a `HardwareMismatch`, a recorded hardware
+    /// identity) with `recorder`.
+    pub fn with_events(mut self, recorder: Recorder) -> Self {
+        self.events = Events(Some(recorder));
+        self
+    }
+
+    /// The attestation lease devices serve under (shown in EdgeDevice status).
+    pub fn with_attestation_lease(mut self, lease: Duration) -> Self {
+        self.attestation_lease = lease;
+        self
+    }
+
+    fn count_refusal(&self, reason: Reason) {
+        self.counters
+            .refusals
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: reason.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// Publishes an event on `device`; a failure is logged, not returned.
+    async fn publish(
+        &self,
+        device: &edgefleet_crds::EdgeDevice,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let Some(recorder) = &self.events.0 else {
+            return;
+        };
+        let ev = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note.chars().take(1024).collect()),
+            action: "Attest".into(),
+            secondary: None,
+        };
+        let reference = kube::Resource::object_ref(device, &());
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            tracing::warn!(error = %e, "publishing an event");
+        }
     }
 
     /// The HTTP routes.
@@ -103,8 +182,20 @@ async fn challenge(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&headers, &gw.bootstrap_token)?;
-    let req: ChallengeRequest = json_body(&body)?;
+    let result = challenge_inner(&gw, &headers, &body).await;
+    if let Err(e) = &result {
+        gw.count_refusal(e.reason());
+    }
+    result
+}
+
+async fn challenge_inner(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(headers, &gw.bootstrap_token)?;
+    let req: ChallengeRequest = json_body(body)?;
     let device = gw.devices.get(&req.device).await?;
     // The key must be the one the device enrolled with, and the evidence kind one it has.
     let key = base64::Engine::decode(
@@ -154,19 +245,37 @@ async fn evidence(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&headers, &gw.bootstrap_token)?;
-    let req: EvidenceRequest = json_body(&body)?;
+    let result = evidence_inner(&gw, &headers, &body).await;
+    if let Err(e) = &result {
+        gw.count_refusal(e.reason());
+    }
+    result
+}
+
+async fn evidence_inner(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(headers, &gw.bootstrap_token)?;
+    let req: EvidenceRequest = json_body(body)?;
     let device = gw.devices.get(&req.device).await?;
     let service = gw.service.clone();
-    // The last allowed TPM clock survives gateway restarts in the device's status.
+    let recorded = device_identity::recorded(&device);
+    // The last allowed TPM clock survives gateway restarts in the device's status; it is
+    // the clock of the TPM whose EK the device's hardware identity records.
     if let Some(c) = device
         .status
         .as_ref()
         .and_then(|s| s.attestation.as_ref())
         .and_then(|a| a.tpm_clock)
+        && let Some(ek) = recorded
+            .as_ref()
+            .and_then(|r| r.ek_public_key_digest.as_deref())
     {
         service.remember_tpm_clock(
             &req.device,
+            ek,
             edgefleet_trust::attestation::tpm::ClockState {
                 clock: u64::try_from(c.clock).unwrap_or(0),
                 reset_count: u32::try_from(c.reset_count).unwrap_or(u32::MAX),
@@ -182,11 +291,39 @@ async fn evidence(
             e.to_string(),
         )
     })?;
-    let outcome = tokio::task::spawn_blocking(move || service.evidence(&req, now))
+    let verifier = service.clone();
+    let pinned = recorded.clone();
+    let outcome = tokio::task::spawn_blocking(move || verifier.verify(&req, now, pinned.as_ref()))
         .await
         .map_err(ApiError::internal)?;
     drop(permit);
     let verified = OffsetDateTime::now_utc();
+    // The evidence must come from the hardware the device's first allowed evidence came
+    // from (the service compared it with the recorded identity); a device without one
+    // records it now. Nothing is signed or issued before that is settled.
+    let outcome = match outcome {
+        Ok(v) if recorded.is_none() && v.decision.allow => {
+            match pin_hardware(gw, &device, &v, verified).await? {
+                Ok(()) => Ok(v),
+                Err(mismatch) => Err(ServiceError::HardwareMismatch(mismatch)),
+            }
+        }
+        other => other,
+    };
+    if let Err(ServiceError::HardwareMismatch(mismatch)) = &outcome {
+        tracing::warn!(device = %device.metadata.name.as_deref().unwrap_or_default(), %mismatch, "evidence from other hardware refused");
+        gw.publish(
+            &device,
+            EventType::Warning,
+            mismatch.reason(),
+            mismatch.to_string(),
+        )
+        .await;
+    }
+    let outcome = match outcome {
+        Ok(v) => service.conclude(v, now),
+        Err(e) => Err(e),
+    };
     match outcome {
         Ok(appraisal) => {
             let expires =
@@ -198,7 +335,10 @@ async fn evidence(
                     &appraisal.decision,
                     appraisal.tpm_clock.as_ref(),
                     verified,
-                    expires,
+                    crate::device_status::Expiries {
+                        result: expires,
+                        lease: verified + gw.attestation_lease,
+                    },
                 )
                 .await?;
             Ok(Json(json!(appraisal)))
@@ -209,7 +349,9 @@ async fn evidence(
             // CSRs) could come from anyone holding the bootstrap token.
             if matches!(
                 e,
-                ServiceError::Evidence(_) | ServiceError::CredentialMismatch
+                ServiceError::Evidence(_)
+                    | ServiceError::CredentialMismatch
+                    | ServiceError::HardwareMismatch(_)
             ) {
                 gw.devices
                     .record_failure(&device, &format!("{}: {e}", e.reason()), verified)
@@ -217,6 +359,42 @@ async fn evidence(
             }
             Err(e.into())
         }
+    }
+}
+
+/// Records the verified evidence's hardware identity on `device`, which has none
+/// (trust on first use, logged loudly and published as an event). When another writer
+/// recorded one first, the evidence is compared with that: `Ok(Err(_))` is evidence from
+/// other hardware; `Err(_)` is a failed status write.
+async fn pin_hardware(
+    gw: &Gateway,
+    device: &edgefleet_crds::EdgeDevice,
+    verified: &edgefleet_trust::attestation::service::Verified,
+    now: OffsetDateTime,
+) -> Result<Result<(), edgefleet_trust::attestation::identity::HardwareMismatch>, ApiError> {
+    let presented = &verified.hardware_identity;
+    match gw
+        .devices
+        .pin_hardware_identity(device, presented, now)
+        .await?
+    {
+        Pinned::Recorded => {
+            tracing::warn!(
+                device = %verified.device,
+                identity = ?presented,
+                "trust on first use: recorded the device's hardware identity; evidence from \
+                 other hardware is refused until an administrator clears it"
+            );
+            gw.publish(
+                device,
+                EventType::Normal,
+                "HardwareIdentityRecorded",
+                format!("trust on first use: {presented:?}"),
+            )
+            .await;
+            Ok(Ok(()))
+        }
+        Pinned::Existing(recorded) => Ok(presented.check(&recorded)),
     }
 }
 

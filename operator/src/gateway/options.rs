@@ -136,6 +136,16 @@ pub struct GatewayOptions {
     /// Seconds the peer has to answer that check before its connection is closed.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub device_keepalive_timeout_seconds: u64,
+    /// The attestation lease, in seconds: how long a device may go on serving (offline,
+    /// or refused by the gateway) after its last successful attestation. At its end the
+    /// agent unloads its model (`AttestationLeaseExpired`) until it attests again.
+    #[arg(
+        long,
+        env = "EDGEFLEET_ATTESTATION_LEASE_SECONDS",
+        default_value_t = edgefleet_proto::DEFAULT_ATTESTATION_LEASE_SECONDS,
+        value_parser = clap::value_parser!(u64).range(10..=2_592_000)
+    )]
+    pub attestation_lease_seconds: u64,
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
@@ -270,6 +280,7 @@ impl GatewayOptions {
             }
         };
         let superseded = counters.superseded.clone();
+        let refusals = counters.clone();
         let (fleet, caches) = Fleet::new(
             client.clone(),
             FleetConfig {
@@ -280,12 +291,23 @@ impl GatewayOptions {
                 bootstrap_token: token.clone(),
                 refresh_per_second: self.status_refresh_per_second,
                 change_per_second: self.status_change_per_second,
+                attestation_lease: Duration::from_secs(self.attestation_lease_seconds),
             },
             counters,
         );
+        let recorder = kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "edgefleet-gateway".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
         let devices = DeviceStatus::new(client).with_cache(fleet.device_cache());
-        let gateway =
-            Gateway::new(Arc::new(service), devices, &token).map_err(|e| anyhow::anyhow!(e))?;
+        let gateway = Gateway::new(Arc::new(service), devices, &token)
+            .map_err(|e| anyhow::anyhow!(e))?
+            .with_counters(refusals)
+            .with_events(recorder)
+            .with_attestation_lease(Duration::from_secs(self.attestation_lease_seconds));
         let router = gateway.clone().router().merge(fleet.clone().router());
         let listener = super::listen(addr).with_context(|| format!("binding {addr}"))?;
         let connection_options = super::ConnectionOptions {

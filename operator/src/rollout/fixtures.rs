@@ -84,6 +84,7 @@ pub fn attested(d: EdgeDevice) -> EdgeDevice {
         expiry_time: Time(now() + SignedDuration::from_secs(3600)),
         message: None,
         tpm_clock: None,
+        lease_expiry_time: None,
     });
     d
 }

@@ -13,7 +13,8 @@
 //!   "report_data": "<hex>",            // what the attester bound into the evidence
 //!   "key_binding": "<hex>",            // the binding the verifier expected, when checked
 //!   "signer": "<hex or name>",         // attesting key identity (chip id, PCK, AK)
-//!   "platform": { "<name>": "<value>" }      // further facts: policy bits, product, vmpl
+//!   "platform": { "<name>": "<value>" }      // further facts: policy bits, product, vmpl,
+//!                                      // the TDX PCK certificate's "ppid"
 //! }
 //! ```
 

@@ -1,6 +1,7 @@
 //! Device attestation: verifiers for AMD SEV-SNP reports, Intel TDX quotes and TPM 2.0
-//! quotes, each turning genuine evidence into normalized [`Claims`], and the Rego
-//! appraisal that decides on them ([`policy`]).
+//! quotes, each turning genuine evidence into normalized [`Claims`], the Rego
+//! appraisal that decides on them ([`policy`]), and the hardware identity that pins a
+//! device's evidence to its hardware ([`identity`]).
 //!
 //! Every verifier takes an explicit `now` for certificate validity, so recorded
 //! evidence verifies the same way forever and expiry is testable.
@@ -9,6 +10,7 @@ pub mod binding;
 pub mod claims;
 mod der;
 pub mod dev;
+pub mod identity;
 pub mod policy;
 pub mod result;
 pub mod service;

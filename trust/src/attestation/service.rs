@@ -4,6 +4,11 @@
 //! a signed attestation result, and the device's short-lived client certificate —
 //! issued only when the policy allows, for the key in the device's CSR, which must be
 //! the key the evidence binds.
+//!
+//! [`AttestationService::evidence`] is two steps, which the gateway runs apart so that
+//! it can compare the evidence's [`HardwareIdentity`] with the device's recorded one in
+//! between: [`AttestationService::verify`] (verification and appraisal) and
+//! [`AttestationService::conclude`] (the signed result and the certificate).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,6 +22,7 @@ use sha2::{Digest as _, Sha256};
 use x509_parser::prelude::FromDer as _;
 
 use super::dev::{self, DevEvidence};
+use super::identity::{HardwareIdentity, HardwareMismatch};
 use super::policy::{Decision, Policy, PolicyError};
 use super::snp::{self, SnpOptions, SnpRoots};
 use super::tdx::{self, TdxOptions};
@@ -60,6 +66,9 @@ pub enum ServiceError {
     /// Too many challenges are outstanding.
     #[error("too many outstanding challenges; retry later")]
     Busy,
+    /// The evidence comes from other hardware than the device's recorded identity.
+    #[error(transparent)]
+    HardwareMismatch(#[from] HardwareMismatch),
 }
 
 impl ServiceError {
@@ -75,6 +84,7 @@ impl ServiceError {
             ServiceError::Policy(_) => "PolicyError",
             ServiceError::Issue(_) => "IssueFailed",
             ServiceError::Busy => "Busy",
+            ServiceError::HardwareMismatch(m) => m.reason(),
         }
     }
 }
@@ -206,6 +216,26 @@ pub struct Appraisal {
     /// TPM clock state to compare with at the next attestation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm_clock: Option<ClockState>,
+    /// The hardware the evidence came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware_identity: Option<HardwareIdentity>,
+}
+
+/// Evidence that verified and was appraised, before the result is signed and the
+/// certificate issued ([`AttestationService::conclude`]).
+#[derive(Debug)]
+pub struct Verified {
+    /// The device.
+    pub device: String,
+    /// The policy's decision.
+    pub decision: Decision,
+    /// The verified claims.
+    pub claims: Claims,
+    /// The hardware the evidence came from.
+    pub hardware_identity: HardwareIdentity,
+    /// TPM clock state of the quote.
+    pub tpm_clock: Option<ClockState>,
+    agent_key: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -214,7 +244,17 @@ struct Pending {
     agent_key: Vec<u8>,
     tee: TeeKind,
     expires: SystemTime,
-    tpm: Option<(Vec<u8>, [u8; 32])>, // AK SPKI DER, credential secret
+    tpm: Option<PendingTpm>,
+}
+
+#[derive(Debug)]
+struct PendingTpm {
+    /// The AK's SubjectPublicKeyInfo (DER).
+    ak_spki: Vec<u8>,
+    /// The EK's SubjectPublicKeyInfo (DER), from the verified EK certificate.
+    ek_spki: Vec<u8>,
+    /// The credential's secret.
+    secret: [u8; 32],
 }
 
 /// The service. Cheap to share behind an `Arc`.
@@ -222,7 +262,9 @@ pub struct AttestationService {
     config: ServiceConfig,
     policy: Policy,
     pending: Mutex<HashMap<Vec<u8>, Pending>>,
-    tpm_clocks: Mutex<HashMap<String, ClockState>>,
+    /// The last allowed TPM clock state by device and EK digest: a clock belongs to one
+    /// TPM, so another TPM of the same device (after re-keying) starts afresh.
+    tpm_clocks: Mutex<HashMap<(String, String), ClockState>>,
     result_key: p256::ecdsa::SigningKey,
     ca_issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     ca_cert_pem: String,
@@ -329,7 +371,11 @@ impl AttestationService {
                 let (id_object, encrypted) =
                     tpm_enrol::make_credential(&ek_spki, &ak.name, &secret)?;
                 (
-                    Some((tpm_enrol::ak_spki_der(&ak)?, secret)),
+                    Some(PendingTpm {
+                        ak_spki: tpm_enrol::ak_spki_der(&ak)?,
+                        ek_spki,
+                        secret,
+                    }),
                     Some(CredentialChallenge {
                         id_object: B64.encode(id_object),
                         encrypted_secret: B64.encode(encrypted),
@@ -371,12 +417,28 @@ impl AttestationService {
     }
 
     /// Verifies evidence against its challenge, appraises it, and issues the result (and,
-    /// when allowed, the certificate). The nonce is consumed whatever the outcome.
+    /// when allowed, the certificate): [`Self::verify`], then [`Self::conclude`]. The
+    /// nonce is consumed whatever the outcome.
     pub fn evidence(
         &self,
         req: &EvidenceRequest,
         now: SystemTime,
     ) -> Result<Appraisal, ServiceError> {
+        let verified = self.verify(req, now, None)?;
+        self.conclude(verified, now)
+    }
+
+    /// Verifies evidence against its challenge and appraises it; signs nothing and
+    /// issues nothing. The nonce is consumed whatever the outcome. With the device's
+    /// `recorded` hardware identity, evidence from other hardware is refused
+    /// ([`ServiceError::HardwareMismatch`]); a TPM's EK is compared before its quote, so
+    /// that another TPM is named as such rather than judged by this one's clock.
+    pub fn verify(
+        &self,
+        req: &EvidenceRequest,
+        now: SystemTime,
+        recorded: Option<&HardwareIdentity>,
+    ) -> Result<Verified, ServiceError> {
         let nonce = b64("nonce", &req.nonce)?;
         let pending = self
             .pending
@@ -409,7 +471,7 @@ impl AttestationService {
             ));
         }
 
-        let (claims, tpm_clock) = match (&req.evidence, pending.tee) {
+        let (claims, tpm_clock, ek_spki) = match (&req.evidence, pending.tee) {
             (Evidence::SevSnp { report, vcek }, TeeKind::SevSnp) => {
                 let opts = SnpOptions {
                     allow_debug: false,
@@ -423,6 +485,7 @@ impl AttestationService {
                         now,
                         &opts,
                     )?,
+                    None,
                     None,
                 )
             }
@@ -445,7 +508,11 @@ impl AttestationService {
                     expected_report_data: Some(expected.to_vec()),
                     collateral,
                 };
-                (tdx::verify(&b64("quote", quote)?, root, now, &opts)?, None)
+                (
+                    tdx::verify(&b64("quote", quote)?, root, now, &opts)?,
+                    None,
+                    None,
+                )
             }
             (
                 Evidence::Tpm {
@@ -454,34 +521,40 @@ impl AttestationService {
                 },
                 TeeKind::Tpm,
             ) => {
-                let (ak_spki, secret) = pending
+                let enrolled = pending
                     .tpm
                     .as_ref()
                     .ok_or(ServiceError::CredentialMismatch)?;
                 let answered = b64("credential", credential)?;
-                if !constant_time_eq(&answered, secret) {
+                if !constant_time_eq(&answered, &enrolled.secret) {
                     return Err(ServiceError::CredentialMismatch);
                 }
-                if b64("ak_public", &evidence.ak_public)? != *ak_spki {
+                if b64("ak_public", &evidence.ak_public)? != enrolled.ak_spki {
                     return Err(ServiceError::ChallengeMismatch(
                         "the quote is signed by another AK than the enrolled one".into(),
                     ));
                 }
-                let previous = self
-                    .tpm_clocks
-                    .lock()
-                    .ok()
-                    .and_then(|m| m.get(&req.device).copied());
+                let ek = HardwareIdentity::of_ek(&enrolled.ek_spki);
+                if let Some(recorded) = recorded {
+                    ek.check(recorded)?;
+                }
+                let previous = self.tpm_clocks.lock().ok().and_then(|m| {
+                    m.get(&(
+                        req.device.clone(),
+                        ek.ek_public_key_digest.unwrap_or_default(),
+                    ))
+                    .copied()
+                });
                 let opts = TpmOptions {
                     expected_nonce: Some(binding::tpm_qualifying_data(&expected).to_vec()),
                     previous,
                     ak_trusted: true,
                 };
                 let (claims, clock) = tpm::verify(evidence, &opts)?;
-                (claims, Some(clock))
+                (claims, Some(clock), Some(enrolled.ek_spki.as_slice()))
             }
             (Evidence::Dev { evidence }, TeeKind::Dev) => {
-                (dev::verify(evidence, Some(&expected))?, None)
+                (dev::verify(evidence, Some(&expected))?, None, None)
             }
             _ => {
                 return Err(ServiceError::ChallengeMismatch(
@@ -490,30 +563,60 @@ impl AttestationService {
             }
         };
         let decision = self.policy.evaluate(&claims)?;
+        let hardware_identity = HardwareIdentity::of(&claims, ek_spki);
+        if let Some(recorded) = recorded {
+            hardware_identity.check(recorded)?;
+        }
+        Ok(Verified {
+            device: req.device.clone(),
+            decision,
+            claims,
+            hardware_identity,
+            tpm_clock,
+            agent_key: pending.agent_key,
+        })
+    }
+
+    /// Signs the attestation result of `verified` and, when the policy allowed it,
+    /// issues the device's certificate; an allowed TPM quote moves the device's
+    /// remembered TPM clock forward.
+    pub fn conclude(&self, verified: Verified, now: SystemTime) -> Result<Appraisal, ServiceError> {
+        let Verified {
+            device,
+            decision,
+            claims,
+            hardware_identity,
+            tpm_clock,
+            agent_key,
+        } = verified;
         // Only an allowed quote moves the device's TPM clock state forward.
         if decision.allow
-            && let (Some(clock), Ok(mut clocks)) = (tpm_clock, self.tpm_clocks.lock())
+            && let (Some(clock), Some(ek), Ok(mut clocks)) = (
+                tpm_clock,
+                hardware_identity.ek_public_key_digest.clone(),
+                self.tpm_clocks.lock(),
+            )
         {
-            clocks.insert(req.device.clone(), clock);
+            clocks.insert((device.clone(), ek), clock);
         }
         let expires_at = unix(now + self.config.result_ttl);
         let result = super::result::sign(
             &self.result_key,
             &json!({
                 "iss": "edgefleet-gateway",
-                "sub": req.device,
+                "sub": device,
                 "iat": unix(now),
                 "exp": expires_at,
                 "ear.status": if decision.allow { "affirming" } else { "contraindicated" },
                 "ear.appraisal-policy-id": format!("{}@{}", decision.policy, decision.policy_hash),
                 "edgefleet.tee": claims.tee,
                 "edgefleet.measurements": claims.measurements_digest(),
-                "edgefleet.key": hex::encode(Sha256::digest(&pending.agent_key)),
+                "edgefleet.key": hex::encode(Sha256::digest(&agent_key)),
                 "edgefleet.deny": decision.deny,
             }),
         );
         let certificate = if decision.allow {
-            Some(self.issue(&pending.agent_key, &req.device, now)?)
+            Some(self.issue(&agent_key, &device, now)?)
         } else {
             None
         };
@@ -524,16 +627,20 @@ impl AttestationService {
             certificate,
             expires_at,
             tpm_clock,
+            hardware_identity: Some(hardware_identity),
         })
     }
 
-    /// Seeds the device's TPM clock state from storage (the EdgeDevice status), so that
-    /// rollback is caught across gateway restarts and replicas. Keeps whichever of the
-    /// remembered and the stored state is further along.
-    pub fn remember_tpm_clock(&self, device: &str, stored: ClockState) {
+    /// Seeds the TPM clock state of the device's TPM whose EK digest is
+    /// `ek_public_key_digest` (its recorded hardware identity) from storage (the
+    /// EdgeDevice status), so that rollback is caught across gateway restarts and
+    /// replicas. Keeps whichever of the remembered and the stored state is further along.
+    pub fn remember_tpm_clock(&self, device: &str, ek_public_key_digest: &str, stored: ClockState) {
         let key = |c: &ClockState| (c.reset_count, c.restart_count, c.clock);
         if let Ok(mut clocks) = self.tpm_clocks.lock() {
-            let entry = clocks.entry(device.to_owned()).or_insert(stored);
+            let entry = clocks
+                .entry((device.to_owned(), ek_public_key_digest.to_owned()))
+                .or_insert(stored);
             if key(&stored) > key(entry) {
                 *entry = stored;
             }

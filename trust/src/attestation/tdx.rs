@@ -276,6 +276,9 @@ pub fn verify(
     platform.insert("xfam".into(), json!(hex::encode(b.slice(128, 8)?)));
     platform.insert("qe_vendor_id".into(), json!(hex::encode(q.slice(12, 16)?)));
     platform.insert("pck_subject".into(), json!(leaf.subject().to_string()));
+    if let Some(ppid) = tdx_collateral::pck_ppid(&leaf) {
+        platform.insert("ppid".into(), json!(ppid));
+    }
 
     Ok(Claims {
         tee: TeeKind::Tdx,

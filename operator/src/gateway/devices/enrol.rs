@@ -144,6 +144,7 @@ pub(super) async fn enrol(
                 device: req.device.clone(),
                 created: false,
                 approved: d.spec.approved,
+                attestation_lease_seconds: Some(fleet.inner.config.attestation_lease.as_secs()),
             }))
         } else {
             fleet.count_refusal(Reason::AlreadyEnrolled);
@@ -188,6 +189,7 @@ pub(super) async fn enrol(
                 device: req.device.clone(),
                 created: true,
                 approved,
+                attestation_lease_seconds: Some(fleet.inner.config.attestation_lease.as_secs()),
             }))
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {

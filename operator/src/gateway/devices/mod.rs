@@ -72,6 +72,9 @@ pub struct FleetConfig {
     pub refresh_per_second: f64,
     /// Report writes that carry a change, per second, fleet-wide (see the `report` module).
     pub change_per_second: f64,
+    /// The attestation lease told to devices at enrolment: how long after its last
+    /// successful attestation a device may serve without attesting again.
+    pub attestation_lease: Duration,
 }
 
 struct Inner {

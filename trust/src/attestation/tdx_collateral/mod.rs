@@ -53,7 +53,7 @@ use serde::Deserialize;
 use super::AttestationError;
 
 pub use evaluation::evaluate;
-pub use pck::{PckTcb, pck_tcb};
+pub use pck::{PckTcb, pck_ppid, pck_tcb};
 pub use status::TcbStatus;
 
 /// The collateral for a set of platforms: TCB info per FMSPC, the TD QE identity and the

@@ -1,5 +1,6 @@
 //! The TCB a PCK certificate was issued for ([`PckTcb`]): FMSPC, PCE ID, SGX component
-//! SVNs and PCE SVN, read from Intel's SGX extension with a small DER reader.
+//! SVNs and PCE SVN, read from Intel's SGX extension with a small DER reader; and the
+//! platform's PPID from the same extension ([`pck_ppid`]).
 
 use x509_parser::certificate::X509Certificate;
 
@@ -65,6 +66,23 @@ fn sgx_entries<'a>(seq: &'a [u8], prefix: &[u8]) -> Option<Vec<(u8, &'a [u8])>> 
         body = rest;
     }
     Some(out)
+}
+
+/// The PPID (Platform Provisioning ID, 16 bytes, lower-case hex) in a PCK certificate's
+/// SGX extension: what names the platform across TCB levels and PCK certificates.
+/// `None` when the extension or the PPID is missing or malformed.
+pub fn pck_ppid(pck: &X509Certificate<'_>) -> Option<String> {
+    let ext = pck
+        .extensions()
+        .iter()
+        .find(|e| e.oid.to_id_string() == OID_SGX_EXTENSIONS)?;
+    sgx_entries(ext.value, SGX_OID_BODY)?
+        .iter()
+        .find(|(arc, _)| *arc == 1)
+        .and_then(|(_, value)| match tlv(value) {
+            Some((0x04, body, _)) if body.len() == 16 => Some(hex::encode(body)),
+            _ => None,
+        })
 }
 
 /// Reads the FMSPC, PCE ID and TCB from a PCK certificate's SGX extension.
