@@ -12,6 +12,13 @@
 //!   reads the winner's, and the API server refuses to change a recorded identity;
 //! - an enrolled name cannot be taken by another token holder with another key
 //!   (`AlreadyEnrolled`).
+//!
+//! Module `revocation` (real operator and agent processes): a device stops serving when
+//! unapproved while connected, when restarted while unapproved (`NotApproved`), when its
+//! model was deleted while it was down, and at the end of its attestation lease while
+//! offline (`AttestationLeaseExpired`). Module `chart`: the real operator started with
+//! the arguments and files `helm template` renders; a swtpm device attests with the EK CA
+//! from chart values and is refused `ChainInvalid` without it.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
 use std::sync::Arc;
