@@ -120,3 +120,45 @@ impl Swtpm {
             .remove(0)
     }
 }
+
+/// The evidence a TPM device answers `challenge` with, as the agent does: activate the
+/// gateway's credential with the EK, quote with the AK over the challenge's report data.
+/// Test code: a TPM or challenge that cannot do this fails the test.
+pub fn tpm_evidence(
+    tpm: &mut edgefleet_agent::attest::tpm::TpmAttester,
+    challenge: edgefleet_trust::attestation::service::Challenge,
+    device: &str,
+    csr: String,
+) -> edgefleet_trust::attestation::service::EvidenceRequest {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as B64;
+    let cred = challenge
+        .credential
+        .clone()
+        .expect("a TPM challenge carries a credential");
+    let secret = tpm
+        .activate_credential(
+            &B64.decode(&cred.id_object).expect("id_object is base64"),
+            &B64.decode(&cred.encrypted_secret)
+                .expect("encrypted_secret is base64"),
+        )
+        .expect("the TPM activates its credential");
+    let rd: [u8; 64] = hex::decode(&challenge.report_data)
+        .expect("report data is hex")
+        .try_into()
+        .expect("report data is 64 bytes");
+    let quote = tpm
+        .quote(&edgefleet_trust::attestation::binding::tpm_qualifying_data(
+            &rd,
+        ))
+        .expect("the TPM quotes");
+    edgefleet_trust::attestation::service::EvidenceRequest {
+        device: device.to_owned(),
+        nonce: challenge.nonce,
+        csr,
+        evidence: edgefleet_trust::attestation::service::Evidence::Tpm {
+            evidence: quote,
+            credential: B64.encode(secret),
+        },
+    }
+}

@@ -163,31 +163,7 @@ async fn tpm_round(
     csr: String,
 ) -> EvidenceRequest {
     let challenge = s.client.challenge(ask).await.unwrap();
-    let cred = challenge.credential.clone().unwrap();
-    let secret = tpm
-        .activate_credential(
-            &B64.decode(&cred.id_object).unwrap(),
-            &B64.decode(&cred.encrypted_secret).unwrap(),
-        )
-        .unwrap();
-    let rd: [u8; 64] = hex::decode(&challenge.report_data)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let quote = tpm
-        .quote(&edgefleet_trust::attestation::binding::tpm_qualifying_data(
-            &rd,
-        ))
-        .unwrap();
-    EvidenceRequest {
-        device: ask.device.clone(),
-        nonce: challenge.nonce,
-        csr,
-        evidence: Evidence::Tpm {
-            evidence: quote,
-            credential: B64.encode(secret),
-        },
-    }
+    edgefleet_e2e::swtpm::tpm_evidence(tpm, challenge, &ask.device, csr)
 }
 
 fn attested_condition(d: &EdgeDevice) -> (String, String) {

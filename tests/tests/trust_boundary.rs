@@ -236,32 +236,13 @@ async fn tpm_round(
         }),
     };
     let challenge = s.client.challenge(&ask).await.unwrap();
-    let cred = challenge.credential.clone().unwrap();
-    let secret = attester
-        .activate_credential(
-            &B64.decode(&cred.id_object).unwrap(),
-            &B64.decode(&cred.encrypted_secret).unwrap(),
-        )
-        .unwrap();
-    let rd: [u8; 64] = hex::decode(&challenge.report_data)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let quote = attester
-        .quote(&edgefleet_trust::attestation::binding::tpm_qualifying_data(
-            &rd,
-        ))
-        .unwrap();
     s.client
-        .evidence(&EvidenceRequest {
-            device: DEVICE.into(),
-            nonce: challenge.nonce,
-            csr: csr(&s.agent),
-            evidence: Evidence::Tpm {
-                evidence: quote,
-                credential: B64.encode(secret),
-            },
-        })
+        .evidence(&edgefleet_e2e::swtpm::tpm_evidence(
+            &mut attester,
+            challenge,
+            DEVICE,
+            csr(&s.agent),
+        ))
         .await
 }
 
