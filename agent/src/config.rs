@@ -142,6 +142,9 @@ pub struct AgentConfig {
     pub fleet: FleetSection,
     /// What the device owner lets plugins have.
     pub plugins: PluginsSection,
+    /// The device's own trust roots (`[trust]`, see `crate::activation::pins`).
+    #[serde(default)]
+    pub trust: crate::activation::pins::TrustSection,
     /// The directory the configuration was read from (not a key: set by [`load`]).
     #[serde(skip)]
     pub config_dir: PathBuf,

@@ -88,18 +88,38 @@ pub struct DesiredState {
     pub device: String,
     /// Models to run, each at one revision.
     pub models: Vec<DeviceModel>,
+    /// Every signer the cluster's trust policy (`EdgeTrustPolicy`) holds. An agent whose
+    /// local trust directory is empty pins this set at first contact (trust on first
+    /// use); an agent with local pins ignores it. Empty from gateways that predate it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_signers: Vec<Signer>,
 }
 
 impl DesiredState {
     /// Builds the state with its version: 16 hex digits of SHA-256 over the models.
     pub fn new(device: String, models: Vec<DeviceModel>) -> Self {
+        Self::with_trusted_signers(device, models, Vec::new())
+    }
+
+    /// [`DesiredState::new`] with the cluster's trusted signers; the version covers them
+    /// too, so that a changed trust policy reaches the device.
+    pub fn with_trusted_signers(
+        device: String,
+        models: Vec<DeviceModel>,
+        trusted_signers: Vec<Signer>,
+    ) -> Self {
         use sha2::Digest as _;
-        let body = serde_json::to_vec(&models).unwrap_or_default();
-        let version = hex::encode(&sha2::Sha256::digest(&body)[..8]);
+        let mut h = sha2::Sha256::new();
+        h.update(serde_json::to_vec(&models).unwrap_or_default());
+        if !trusted_signers.is_empty() {
+            h.update(serde_json::to_vec(&trusted_signers).unwrap_or_default());
+        }
+        let version = hex::encode(&h.finalize()[..8]);
         Self {
             version,
             device,
             models,
+            trusted_signers,
         }
     }
 }
@@ -267,9 +287,23 @@ pub struct ModelReport {
     /// Detail (the named failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// With `Failed`: the named reason. A local refusal ([`LOCAL_REFUSALS`]: the device's
+    /// owner did not consent to a plugin grant, or the device does not hold the signer's
+    /// root) excludes only this device from the rollout; it never fails the revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Load time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_millis: Option<u64>,
+}
+
+/// Reasons a device refuses a model on its own authority (`ModelReport::reason`): the
+/// operator excludes that device and counts it, and the rollout goes on without it.
+pub const LOCAL_REFUSALS: [&str; 2] = ["PluginGrantDenied", "UntrustedSigner"];
+
+/// Whether `reason` is one of [`LOCAL_REFUSALS`].
+pub fn is_local_refusal(reason: &str) -> bool {
+    LOCAL_REFUSALS.contains(&reason)
 }
 
 /// A model's lifecycle state on the device, as `EdgeDevice.status.models[].state`

@@ -355,6 +355,7 @@ async fn device(shared: Arc<Shared>, name: String) {
                             revision: m.revision.clone(),
                             state: proto::ModelState::Ready,
                             message: Some("simulated device".into()),
+                            reason: None,
                             load_millis: Some(0),
                         })
                         .collect(),

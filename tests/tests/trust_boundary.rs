@@ -1260,3 +1260,12 @@ mod chart {
         assert_eq!(super::rejected(refused), (403, "ChainInvalid".to_owned()));
     }
 }
+
+#[path = "trust_boundary/tokens.rs"]
+mod tokens;
+
+#[path = "trust_boundary/policy.rs"]
+mod policy;
+
+#[path = "trust_boundary/pins.rs"]
+mod pins;

@@ -52,11 +52,12 @@ pub struct GrantPolicy {
 
 impl GrantPolicy {
     /// The policy of a fleet device: its `[plugins]` allowlist, and the deny list
-    /// ([`ALWAYS_DENIED`], its state and config directories, the token file and the
-    /// systemd credentials directory).
+    /// ([`ALWAYS_DENIED`], its state and config directories, the token file, its trust
+    /// pin directory and the systemd credentials directory).
     pub fn for_device(config: &AgentConfig) -> Self {
         let mut extra = vec![config.state_dir.clone(), config.config_dir.clone()];
         extra.extend(config.gateway.bootstrap_token_file.clone());
+        extra.push(config.trust.dir(&config.config_dir));
         extra.extend(std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from));
         Self::new(config.plugins.clone(), extra)
     }

@@ -26,6 +26,7 @@ use crate::plugins::{LoadedPlugin, PluginError, PluginRuntime, PluginSpec};
 use crate::serve::{EngineSubPrompt, Serving};
 
 pub mod consent;
+pub mod pins;
 pub mod store;
 pub mod verify;
 
@@ -58,6 +59,9 @@ pub enum ActivateError {
     /// A plugin asked for a grant the device owner did not allow.
     #[error("PluginGrantDenied: {0}")]
     GrantDenied(#[from] GrantDenied),
+    /// None of the model's signers is among the device's own trust roots.
+    #[error("{0}")]
+    Untrusted(#[from] pins::Untrusted),
     /// Local storage failed.
     #[error("StateDirectory: {0}")]
     State(String),

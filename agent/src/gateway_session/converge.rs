@@ -2,11 +2,14 @@
 //! desired state, [`FleetAgent::restore`] of the last-known-good model at start (only
 //! within the recorded attestation lease), and the
 //! fleet's activation of one model: check its plugins' grants against the device
-//! owner's allowlist (before anything is downloaded), fetch (or find on disk), verify
-//! against the desired state's signers and digests, then the shared
+//! owner's allowlist and narrow its signers to the device's own trust roots
+//! ([`crate::activation::pins`]; both before anything is downloaded), fetch (or find on
+//! disk), verify against those signers and the digests, then the shared
 //! [`crate::activation`] steps, then record it as last-known-good. Each step is
 //! reported as the model's state; a refused grant fails the model with
-//! `PluginGrantDenied: <plugin>: <grant>: <why>`.
+//! `PluginGrantDenied: <plugin>: <grant>: <why>`, a signer the device does not hold with
+//! `UntrustedSigner: …` (both local refusals: the operator excludes only this device).
+//! An unpinned device pins the desired state's `trustedSigners` at first contact.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -80,8 +83,17 @@ impl FleetAgent {
                 return Err(e.into());
             }
         }
+        // The device's own roots next: the gateway's signers narrowed to what it pins.
+        let signers = self
+            .pins
+            .lock()
+            .await
+            .intersect(&m.signers)
+            .inspect_err(|e| {
+                tracing::warn!(model = %m.model, revision = %m.revision, "{e}");
+            })?;
         let dir = artifacts_dir(self.state_dir());
-        let policy = trust_policy(&m.signers)?;
+        let policy = trust_policy(&signers)?;
         let get = |a: proto::ArtifactRef| {
             let dir = dir.clone();
             async move {
@@ -178,6 +190,16 @@ impl FleetAgent {
 
     /// Brings the device to `desired`. Nothing restarts when it already runs it.
     pub async fn converge(&self, client: &DeviceClient, desired: &proto::DesiredState) {
+        // An unpinned device pins the cluster's set the first time it sees one.
+        if let Err(e) = self
+            .pins
+            .lock()
+            .await
+            .pin_first_use(&desired.trusted_signers)
+            .await
+        {
+            tracing::error!(error = %e, "pinning the cluster's signers at first use");
+        }
         let current = self.active.lock().await.clone();
         let Some(want) = desired.models.first() else {
             if let Some(c) = current {
@@ -250,7 +272,7 @@ mod tests {
         store::record_last_known_good(&state, &m).await.unwrap();
         use crate::gateway_session::lease::{Lease, record, unix_now};
         record(&state, &Lease::granted(unix_now(), 600)).unwrap();
-        let agent = FleetAgent::new(config, Serving::new());
+        let agent = FleetAgent::new(config, Serving::new()).unwrap();
         agent.restore().await;
         let models = agent.shared.lock().unwrap().models.clone();
         models.into_iter().next().unwrap()

@@ -49,6 +49,7 @@ use std::time::Duration;
 
 use edgefleet_proto as proto;
 
+use crate::activation::pins::{LocalPins, PinError, PinSource};
 use crate::config::AgentConfig;
 use crate::enrol::Source;
 use crate::serve::Serving;
@@ -89,6 +90,8 @@ pub struct FleetAgent {
     models_changed: tokio::sync::Notify,
     /// The attestation lease (see the `lease` module).
     lease: Mutex<lease::LeaseState>,
+    /// The device's own trust roots, which the gateway's signers are narrowed to.
+    pins: tokio::sync::Mutex<LocalPins>,
 }
 
 /// How long a change of model states waits for the changes right behind it (Loading
@@ -104,11 +107,24 @@ impl std::fmt::Debug for FleetAgent {
 }
 
 impl FleetAgent {
-    /// An agent with `config`, serving through `serving`.
-    pub fn new(config: AgentConfig, serving: Arc<Serving>) -> Arc<Self> {
+    /// An agent with `config`, serving through `serving`. `Err` when the device's trust
+    /// pins cannot be read ([`LocalPins::load`]).
+    pub fn new(config: AgentConfig, serving: Arc<Serving>) -> Result<Arc<Self>, PinError> {
+        let pins = LocalPins::load(&config)?;
+        match pins.source() {
+            PinSource::Unpinned if config.trust.first_use => tracing::warn!(
+                dir = %config.trust.dir(&config.config_dir).display(),
+                "no provisioned trust roots: the cluster's signers will be pinned at first contact (trust on first use)"
+            ),
+            PinSource::Unpinned => tracing::warn!(
+                dir = %config.trust.dir(&config.config_dir).display(),
+                "no provisioned trust roots and first use is off: every model is refused until the directory is provisioned"
+            ),
+            source => tracing::info!(?source, signers = pins.len(), "trust roots pinned"),
+        }
         let mut b = [0u8; 8];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             config,
             serving,
             shared: Mutex::new(Shared::default()),
@@ -116,7 +132,8 @@ impl FleetAgent {
             active: tokio::sync::Mutex::new(None),
             models_changed: tokio::sync::Notify::new(),
             lease: Mutex::default(),
-        })
+            pins: tokio::sync::Mutex::new(pins),
+        }))
     }
 
     fn state_dir(&self) -> &Path {
@@ -130,11 +147,21 @@ impl FleetAgent {
         message: Option<String>,
         load_millis: Option<u64>,
     ) {
+        // Failures are named `Reason: detail`; the name travels on its own too, so that
+        // the operator can tell a local refusal from a failure.
+        let reason = message
+            .as_deref()
+            .filter(|_| state == proto::ModelState::Failed)
+            .and_then(|m| m.split_once(':'))
+            .map(|(r, _)| r)
+            .filter(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .map(str::to_owned);
         let report = proto::ModelReport {
             model: m.model.clone(),
             revision: m.revision.clone(),
             state,
             message,
+            reason,
             load_millis,
         };
         self.set_models(vec![report]);
@@ -202,7 +229,7 @@ pub async fn run(
     let listen = config.serve.listen;
     let server = crate::serve::spawn(listener, serving.clone(), shutdown);
     let _watchdog = crate::systemd::spawn_watchdog();
-    let agent = FleetAgent::new(config, serving.clone());
+    let agent = FleetAgent::new(config, serving.clone())?;
     agent.restore().await;
     if agent.active.lock().await.is_none() {
         serving.set_no_model();

@@ -135,7 +135,7 @@ mod tests {
         )
         .unwrap();
         let config = crate::config::load(d.path(), Vec::new()).unwrap();
-        (FleetAgent::new(config, Serving::new()), d)
+        (FleetAgent::new(config, Serving::new()).unwrap(), d)
     }
 
     fn models(state: proto::ModelState) -> Vec<proto::ModelReport> {
@@ -144,6 +144,7 @@ mod tests {
             revision: "0123456789abcdef".into(),
             state,
             message: None,
+            reason: None,
             load_millis: None,
         }]
     }

@@ -1,0 +1,1 @@
+//! The agent's local trust pins (`/etc/edgefleet/trust`, first-use pinning).
