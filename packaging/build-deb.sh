@@ -17,6 +17,7 @@ install -D -m 0644 "$here/edgefleet-agent.service" "$stage/lib/systemd/system/ed
 install -D -m 0644 "$here/agent.toml" "$stage/etc/edgefleet/agent.toml"
 install -D -m 0600 "$here/agent.env" "$stage/etc/edgefleet/agent.env"
 install -d -m 0755 "$stage/etc/edgefleet/agent.d"
+install -d -m 0755 "$stage/etc/edgefleet/trust"
 install -d "$stage/DEBIAN"
 cat > "$stage/DEBIAN/control" <<CONTROL
 Package: edgefleet-agent
@@ -45,11 +46,9 @@ if [ "$1" = configure ]; then
     if getent group tss >/dev/null; then adduser edgefleet tss >/dev/null; fi
     chown root:edgefleet /etc/edgefleet/agent.env
     chmod 0640 /etc/edgefleet/agent.env
-    # The bootstrap token: root's only (systemd reads it for LoadCredential=). Created
-    # empty so that the unit starts before one is written; never overwritten.
-    if [ ! -e /etc/edgefleet/bootstrap-token ]; then
-        install -m 0600 -o root -g root /dev/null /etc/edgefleet/bootstrap-token
-    fi
+    # The state directory, where the installer writes the bootstrap token (the agent
+    # deletes it after enrolment); systemd's StateDirectory= keeps it 0700.
+    install -d -m 0700 -o edgefleet -g edgefleet /var/lib/edgefleet
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload
         systemctl enable edgefleet-agent.service >/dev/null

@@ -41,7 +41,8 @@ enum Cmd {
     },
     /// Serve a model standalone on the OpenAI-compatible API (no operator).
     Serve(ServeArgs),
-    /// Attest to the gateway and store the client certificate it issues.
+    /// Attest to the gateway and store the client certificate it issues (the device must
+    /// be enrolled; attestation needs its key and evidence, no bootstrap token).
     Attest {
         /// Gateway URL, e.g. https://gateway.edgefleet.svc:8443.
         #[arg(long, env = "EDGEFLEET_GATEWAY")]
@@ -49,18 +50,6 @@ enum Cmd {
         /// PEM CA that issued the gateway's certificate.
         #[arg(long, env = "EDGEFLEET_GATEWAY_CA")]
         gateway_ca: PathBuf,
-        /// Bootstrap token (prefer --bootstrap-token-file: a value here or in the
-        /// environment is visible to other processes of the same user).
-        #[arg(
-            long,
-            env = "EDGEFLEET_BOOTSTRAP_TOKEN",
-            hide_env_values = true,
-            required_unless_present = "bootstrap_token_file"
-        )]
-        bootstrap_token: Option<String>,
-        /// File holding the bootstrap token, readable by its owner only (mode 0600).
-        #[arg(long, conflicts_with = "bootstrap_token")]
-        bootstrap_token_file: Option<PathBuf>,
         /// This device's name (its EdgeDevice).
         #[arg(long, env = "EDGEFLEET_DEVICE")]
         device: String,
@@ -123,8 +112,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Attest {
             gateway,
             gateway_ca,
-            bootstrap_token,
-            bootstrap_token_file,
             device,
             tee,
             tcti,
@@ -134,11 +121,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let ca = std::fs::read(&gateway_ca)
                 .with_context(|| format!("reading {}", gateway_ca.display()))?;
-            let token = match bootstrap_token_file {
-                Some(file) => crate::config::read_token_file(&file)?,
-                None => crate::config::Secret::new(bootstrap_token.unwrap_or_default()),
-            };
-            let client = GatewayClient::new(&gateway, &ca, token.expose())?;
+            let client = GatewayClient::new(&gateway, &ca, "")?;
             let mut source = Source::new(tee, tcti, tsm_root);
             if interval == 0 {
                 let a = attest_once(&client, &device, &mut source, &state_dir).await?;
@@ -198,8 +181,6 @@ mod tests {
                 "https://gw:8443",
                 "--gateway-ca",
                 "/ca.pem",
-                "--bootstrap-token",
-                "t",
                 "--device",
                 "till-1",
                 "--tee",

@@ -6,9 +6,10 @@
 //! never appear in `Debug` output.
 //!
 //! Also here: the device owner's plugin allowlist (`[plugins]`, [`PluginsSection`]),
-//! and reading the bootstrap token from a file only its owner can read
+//! and (in `token`) the bootstrap token: read from a file only its owner can read
 //! (`gateway.bootstrap_token_file`, or systemd's `$CREDENTIALS_DIRECTORY/bootstrap-token`;
-//! [`read_token_file`]).
+//! [`read_token_file`]), needed only until the first enrolment and then deleted when
+//! `gateway.delete_token_after_enrol` is set ([`delete_token_after_enrol`]).
 
 use std::path::{Path, PathBuf};
 
@@ -57,29 +58,9 @@ pub enum ConfigError {
     TokenConflict,
 }
 
-/// The systemd credential name the bootstrap token is loaded as
-/// (`LoadCredential=bootstrap-token:/etc/edgefleet/bootstrap-token`).
-pub const TOKEN_CREDENTIAL: &str = "bootstrap-token";
+mod token;
 
-/// Reads a bootstrap token file, refusing one that group or others may read
-/// ([`ConfigError::TokenFileTooOpen`]). Surrounding whitespace is trimmed.
-pub fn read_token_file(path: &Path) -> Result<Secret, ConfigError> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let read = |source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(read)?;
-    let mode = file.metadata().map_err(read)?.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(ConfigError::TokenFileTooOpen {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    let text = std::io::read_to_string(file).map_err(read)?;
-    Ok(Secret(text.trim().to_owned()))
-}
+pub use token::{TOKEN_CREDENTIAL, delete_token_after_enrol, read_token_file};
 
 /// A TEE kind that names no evidence source the agent has.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -194,7 +175,10 @@ pub struct FleetSection {
 pub struct DeviceConfig {
     /// EdgeDevice name.
     pub name: String,
-    /// Labels asked for at enrolment (the approval policy decides).
+    /// Labels asked for at the first enrolment: bare names (`zone = "front"`), stored
+    /// by the gateway under the device-owned prefix `device.edgefleet.io/`. Other
+    /// prefixes are refused (`LabelNotDeviceOwned`): administrators set those, on the
+    /// bootstrap token.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
 }
@@ -212,11 +196,20 @@ pub struct GatewayConfig {
     /// secret in a config file or the environment.
     #[serde(default)]
     pub bootstrap_token: Secret,
-    /// File holding the bootstrap token, mode 0600 or stricter. Unset, the agent reads
+    /// File holding the bootstrap token, mode 0600 or stricter; missing, the agent has
+    /// no token (an enrolled device needs none). Unset, the agent reads
     /// `$CREDENTIALS_DIRECTORY/bootstrap-token` (systemd `LoadCredential=`) when it
     /// exists; after [`load`] this names the file the token was read from.
     #[serde(default)]
     pub bootstrap_token_file: Option<PathBuf>,
+    /// Delete `bootstrap_token_file` once the device is enrolled (the token serves only
+    /// the first enrolment). Never the systemd credential's copy.
+    #[serde(default)]
+    pub delete_token_after_enrol: bool,
+    /// Whether the token was read from the systemd credential (not a key: set by
+    /// [`load`]).
+    #[serde(skip)]
+    pub token_is_credential: bool,
 }
 
 /// `[attestation]`.
@@ -379,27 +372,8 @@ pub fn load(
         .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
     config.config_dir = dir.to_owned();
     validate(&config)?;
-    resolve_token(&mut config.gateway, credentials.as_deref())?;
+    token::resolve_token(&mut config.gateway, credentials.as_deref())?;
     Ok(config)
-}
-
-/// Reads the bootstrap token from `bootstrap_token_file`, else from the systemd
-/// credential in `credentials` when it exists, else keeps the inline value.
-fn resolve_token(g: &mut GatewayConfig, credentials: Option<&Path>) -> Result<(), ConfigError> {
-    let file = g.bootstrap_token_file.clone().or_else(|| {
-        credentials
-            .map(|d| d.join(TOKEN_CREDENTIAL))
-            .filter(|p| p.exists())
-    });
-    let Some(file) = file else {
-        return Ok(());
-    };
-    if !g.bootstrap_token.expose().is_empty() {
-        return Err(ConfigError::TokenConflict);
-    }
-    g.bootstrap_token = read_token_file(&file)?;
-    g.bootstrap_token_file = Some(file);
-    Ok(())
 }
 
 fn validate(c: &AgentConfig) -> Result<(), ConfigError> {
@@ -456,7 +430,7 @@ fn validate(c: &AgentConfig) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
 
-    fn dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    pub(super) fn dir(files: &[(&str, &str)]) -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
         for (name, text) in files {
             let p = d.path().join(name);
@@ -466,7 +440,7 @@ mod tests {
         d
     }
 
-    const BASE: &str = "[device]\nname = \"till-1\"\n[gateway]\nurl = \"https://gw:8443\"\nbootstrap_token = \"s3cret-token-value\"\n";
+    pub(super) const BASE: &str = "[device]\nname = \"till-1\"\n[gateway]\nurl = \"https://gw:8443\"\nbootstrap_token = \"s3cret-token-value\"\n";
 
     #[test]
     fn layers_override_in_order_and_secrets_are_redacted() {
@@ -553,86 +527,6 @@ mod tests {
             assert_eq!(err, UnknownTeeKind(text.to_owned()));
             assert!(err.to_string().contains("unknown TEE kind"), "{err}");
         }
-    }
-
-    const NO_TOKEN: &str = "[device]\nname = \"till-1\"\n[gateway]\nurl = \"https://gw:8443\"\n";
-
-    fn token_file(dir: &Path, name: &str, mode: u32) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt as _;
-        let p = dir.join(name);
-        std::fs::write(&p, "file-token-0123456789\n").unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-        p
-    }
-
-    #[test]
-    fn the_token_file_must_be_private_to_its_owner() {
-        let secrets = tempfile::tempdir().unwrap();
-        let open = token_file(secrets.path(), "open", 0o644);
-        let d = dir(&[(
-            "agent.toml",
-            &format!("{NO_TOKEN}bootstrap_token_file = \"{}\"\n", open.display()),
-        )]);
-        let err = load(d.path(), []).unwrap_err();
-        assert!(
-            matches!(err, ConfigError::TokenFileTooOpen { mode: 0o644, .. }),
-            "{err}"
-        );
-        assert!(err.to_string().starts_with("TokenFileTooOpen: "), "{err}");
-        for mode in [0o640, 0o604] {
-            let p = token_file(secrets.path(), &format!("m{mode:o}"), mode);
-            assert!(matches!(
-                read_token_file(&p),
-                Err(ConfigError::TokenFileTooOpen { .. })
-            ));
-        }
-
-        let private = token_file(secrets.path(), "private", 0o600);
-        let d = dir(&[(
-            "agent.toml",
-            &format!(
-                "{NO_TOKEN}bootstrap_token_file = \"{}\"\n",
-                private.display()
-            ),
-        )]);
-        let c = load(d.path(), []).unwrap();
-        assert_eq!(c.gateway.bootstrap_token.expose(), "file-token-0123456789");
-        assert!(
-            !format!("{c:?}").contains("file-token"),
-            "Debug must not show it"
-        );
-
-        // A token inline and a token file: which one is meant is not guessed.
-        let d = dir(&[(
-            "agent.toml",
-            &format!("{BASE}bootstrap_token_file = \"{}\"\n", private.display()),
-        )]);
-        assert!(matches!(
-            load(d.path(), []).unwrap_err(),
-            ConfigError::TokenConflict
-        ));
-    }
-
-    #[test]
-    fn the_token_is_read_from_the_systemd_credential() {
-        let creds = tempfile::tempdir().unwrap();
-        let d = dir(&[("agent.toml", NO_TOKEN)]);
-        let env = || {
-            [(
-                "CREDENTIALS_DIRECTORY".to_owned(),
-                creds.path().display().to_string(),
-            )]
-        };
-        // No credential of that name: no token, and no error.
-        let c = load(d.path(), env()).unwrap();
-        assert_eq!(c.gateway.bootstrap_token.expose(), "");
-        assert_eq!(c.gateway.bootstrap_token_file, None);
-        // systemd writes credentials 0400.
-        let p = token_file(creds.path(), TOKEN_CREDENTIAL, 0o400);
-        let c = load(d.path(), env()).unwrap();
-        assert_eq!(c.gateway.bootstrap_token.expose(), "file-token-0123456789");
-        assert_eq!(c.gateway.bootstrap_token_file, Some(p));
-        assert_eq!(c.config_dir, d.path());
     }
 
     #[test]

@@ -44,6 +44,13 @@ pub enum EnrolError {
     /// Something the round needs is missing or malformed.
     #[error("{0}")]
     Invalid(String),
+    /// The device is not enrolled and the agent has no bootstrap token to enrol it.
+    #[error(
+        "NoBootstrapToken: {0} is not enrolled and this agent has no bootstrap token; write one \
+         (`edgefleet token create`) to gateway.bootstrap_token_file (mode 0600) or the systemd \
+         credential `bootstrap-token`"
+    )]
+    NoBootstrapToken(String),
 }
 
 /// Where evidence comes from.

@@ -1,4 +1,6 @@
-//! The agent's client for the gateway's attestation API (HTTPS, gateway CA pinned).
+//! The agent's client for the gateway's enrolment and attestation API (HTTPS, gateway
+//! CA pinned). The bootstrap token is sent only with an enrolment, and only when one is
+//! configured: attestation is authenticated by the device's key and evidence.
 
 use std::sync::Arc;
 
@@ -50,7 +52,7 @@ pub struct GatewayClient {
 
 impl GatewayClient {
     /// A client for `base` (`https://host:port`) trusting only `ca_pem`, presenting the
-    /// bootstrap `token`.
+    /// bootstrap `token` when it enrols (an empty token: none).
     pub fn new(base: &str, ca_pem: &[u8], token: &str) -> Result<Self, GatewayError> {
         let roots = roots(ca_pem)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -77,14 +79,13 @@ impl GatewayClient {
         &self,
         path: &str,
         body: &T,
+        with_token: bool,
     ) -> Result<R, GatewayError> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await?;
+        let mut request = self.http.post(format!("{}{path}", self.base));
+        if with_token && !self.token.is_empty() {
+            request = request.bearer_auth(&self.token);
+        }
+        let resp = request.json(body).send().await?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp.json().await?);
@@ -97,27 +98,33 @@ impl GatewayClient {
         })
     }
 
-    /// Enrols the device (idempotent for the same key).
+    /// Enrols the device (idempotent for the same key; only a new device needs the
+    /// token).
     pub async fn enrol(
         &self,
         req: &edgefleet_proto::EnrolRequest,
     ) -> Result<edgefleet_proto::EnrolResponse, GatewayError> {
-        self.post("/v1/enrol", req).await
+        self.post("/v1/enrol", req, true).await
+    }
+
+    /// Whether the client holds a bootstrap token.
+    pub fn has_token(&self) -> bool {
+        !self.token.is_empty()
     }
 
     /// Asks for a challenge.
     pub async fn challenge(&self, req: &ChallengeRequest) -> Result<Challenge, GatewayError> {
-        self.post("/v1/attestation/challenge", req).await
+        self.post("/v1/attestation/challenge", req, false).await
     }
 
     /// Posts any JSON as a challenge request (for tools and tests of the gateway's
     /// input validation).
     pub async fn challenge_raw(&self, body: &serde_json::Value) -> Result<Challenge, GatewayError> {
-        self.post("/v1/attestation/challenge", body).await
+        self.post("/v1/attestation/challenge", body, false).await
     }
 
     /// Sends evidence.
     pub async fn evidence(&self, req: &EvidenceRequest) -> Result<Appraisal, GatewayError> {
-        self.post("/v1/attestation/evidence", req).await
+        self.post("/v1/attestation/evidence", req, false).await
     }
 }

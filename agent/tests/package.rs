@@ -69,8 +69,8 @@ fn the_package_installs_into_a_scratch_root() {
         0,
         "agent.env is private to the agent"
     );
-    // The bootstrap token never sits in the environment: not in agent.env, and the unit
-    // hands it over as a credential.
+    // The bootstrap token never sits in the environment: not in agent.env, nor in the
+    // unit; agent.toml names its file in the state directory, deleted after enrolment.
     let env_text = std::fs::read_to_string(&env).unwrap();
     assert!(
         !env_text
@@ -82,8 +82,16 @@ fn the_package_installs_into_a_scratch_root() {
         std::fs::read_to_string(root.join("lib/systemd/system/edgefleet-agent.service")).unwrap();
     assert!(unit.contains("ExecStart=/usr/bin/edgefleet-agent run --config-dir /etc/edgefleet"));
     assert!(
-        unit.contains("LoadCredential=bootstrap-token:/etc/edgefleet/bootstrap-token"),
+        !unit
+            .lines()
+            .any(|l| !l.trim_start().starts_with('#') && l.contains("TOKEN")),
         "{unit}"
+    );
+    let toml = std::fs::read_to_string(root.join("etc/edgefleet/agent.toml")).unwrap();
+    assert!(
+        toml.contains("bootstrap_token_file = \"/var/lib/edgefleet/bootstrap-token\"")
+            && toml.contains("delete_token_after_enrol = true"),
+        "{toml}"
     );
 
     // The installed binary reads the installed configuration.

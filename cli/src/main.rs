@@ -1,7 +1,9 @@
-//! `edgefleet`, the user command line.
+//! `edgefleet`, the user command line: `model` (`model.rs`), `evidence` and `policy`
+//! (`attest.rs`), `token` (`token.rs`).
 
 mod attest;
 mod model;
+mod token;
 
 use std::process::ExitCode;
 
@@ -29,6 +31,9 @@ enum Command {
     /// Evaluate attestation policies.
     #[command(subcommand)]
     Policy(attest::PolicyCommand),
+    /// Enrolment tokens (EdgeBootstrapToken) on the cluster of the current kubeconfig.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
 }
 
 /// What a command prints, and whether it succeeded.
@@ -59,6 +64,7 @@ fn main() -> ExitCode {
         Command::Model(cmd) => model::run(cmd).map(Outcome::ok),
         Command::Evidence(cmd) => attest::evidence(cmd),
         Command::Policy(cmd) => attest::policy(cmd),
+        Command::Token(cmd) => token::run(cmd).map(Outcome::ok),
     };
     match result {
         Ok(out) => {

@@ -45,15 +45,19 @@ pub struct SignatureSource {
     pub uri: Option<String>,
 }
 
-/// One identity trusted to sign the artifact: either a pinned public key, or a pinned
-/// certificate root together with the identities a leaf certificate may carry.
+/// One identity trusted to sign the artifact, picked from the cluster's
+/// `EdgeTrustPolicy` signers granted to the EdgeModel's namespace: either by name alone
+/// (`{name}`), or in full, a pinned public key or a pinned certificate root with the
+/// identities a leaf certificate may carry, which must equal the policy's signer of that
+/// name (a certificate root may narrow its identities to a subset). In a revision
+/// template (`status.revisions`) it is always in full: the policy's signer it resolved to.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.publicKey) != has(self.certificateRoot)")
-    .message("a signer has exactly one of publicKey and certificateRoot"))]
+#[x_kube(validation = Rule::new("!(has(self.publicKey) && has(self.certificateRoot))")
+    .message("a signer has at most one of publicKey and certificateRoot"))]
 #[x_kube(validation = Rule::new("!has(self.certificateRoot) || (has(self.identities) && size(self.identities) > 0)")
     .message("a certificateRoot signer must pin at least one identity"))]
-#[x_kube(validation = Rule::new("!has(self.publicKey) || !has(self.identities)")
+#[x_kube(validation = Rule::new("!has(self.identities) || has(self.certificateRoot)")
     .message("identities apply only to certificateRoot signers"))]
 pub struct TrustedSigner {
     /// A short name for the signer, shown in `kubectl get em` and in events.

@@ -97,6 +97,18 @@ pub mod reasons {
     pub const NOT_ALL_DEVICES_READY: &str = "NotAllDevicesReady";
     /// No gate has failed.
     pub const HEALTHY: &str = "Healthy";
+    /// A signer the EdgeModel names is not granted to its namespace by any
+    /// EdgeTrustPolicy, or differs from the policy's signer of that name.
+    pub const UNTRUSTED_SIGNER: &str = "UntrustedSigner";
+    /// A kept revision's signers no longer resolve under the trust policies: its
+    /// devices were unassigned (or moved to a revision that still resolves).
+    pub const REVISION_WITHDRAWN: &str = "RevisionWithdrawn";
+    /// A device refused the model on its own authority (a local refusal such as
+    /// `PluginGrantDenied`): it is excluded, and the rollout goes on without it.
+    pub const DEVICE_REFUSED: &str = "DeviceRefused";
+    /// No device pool that an EdgeTrustPolicy binds to the model's namespace holds a
+    /// device the selector matches.
+    pub const NO_POOL: &str = "NoDevicePool";
 }
 
 #[cfg(test)]

@@ -296,6 +296,10 @@ pub struct LoadedModel {
     /// Detail, for example the verification error of a Failed model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// With `Failed`: the named reason. A local refusal (`PluginGrantDenied`,
+    /// `UntrustedSigner`) excludes only this device from the model's rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Milliseconds llama.cpp took to load the model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_millis: Option<i64>,

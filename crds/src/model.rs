@@ -67,7 +67,10 @@ pub struct EdgeModelSpec {
     /// OpenSSF model-signing v1.0 bundle over the artifact. Devices and the operator
     /// refuse the artifact unless it verifies against `signers`.
     pub signature: SignatureSource,
-    /// Identities trusted to sign this model. At least one.
+    /// Identities trusted to sign this model (and its variants and plugins), picked from
+    /// the EdgeTrustPolicy signers granted to this namespace: by name alone, or in full
+    /// (which must equal the policy's signer). At least one. A signer the policies do not
+    /// grant here refuses the revision (`SignatureVerified=False`, `UntrustedSigner`).
     #[schemars(length(max = 8))]
     pub signers: Vec<TrustedSigner>,
     /// Alternative builds of the same model (for example other quantisations) with the
@@ -402,6 +405,29 @@ pub struct EdgeModelStatus {
     #[schemars(length(max = 8))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["revision"]))]
     pub revisions: Vec<RevisionTemplate>,
+    /// Devices that refused the current revision on their own authority (a local
+    /// refusal such as `PluginGrantDenied`): excluded from the rollout, each announced
+    /// once by a `DeviceRefused` event. At most 128 are listed; `devices.refused` counts
+    /// them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["device"]))]
+    pub refusals: Vec<Refusal>,
+}
+
+/// A device's local refusal of a revision.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Refusal {
+    /// The device.
+    #[schemars(length(max = 253))]
+    pub device: String,
+    /// The revision it refused.
+    #[schemars(length(max = 64))]
+    pub revision: String,
+    /// The named reason (`PluginGrantDenied`, `UntrustedSigner`).
+    #[schemars(length(max = 63))]
+    pub reason: String,
 }
 
 /// One-word summary: Pending, Progressing, Available, Paused, Degraded or Failed.
@@ -506,6 +532,10 @@ pub struct DeviceCounts {
     /// Devices that reported a failure for the current revision.
     #[serde(default)]
     pub failed: i32,
+    /// Devices that refused the current revision on their own authority (excluded from
+    /// the rollout, not failures).
+    #[serde(default)]
+    pub refused: i32,
 }
 
 #[cfg(test)]

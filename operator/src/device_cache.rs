@@ -2,7 +2,8 @@
 //! another plans on (the EdgeModel reconciler), so that the leader holds one copy of
 //! the fleet rather than two: [`DeviceFeed`] is the keeper's side, noting each event
 //! the cache applied; [`SharedDevices`] is the reader's side, the cache with how far
-//! it has seen and a tick per event.
+//! it has seen and a tick per event (and the keeper's trust-policy cache, shared the
+//! same way).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,8 @@ pub struct SharedDevices {
     pub seen: Arc<AtomicU64>,
     /// Ticks once per device event the cache has applied.
     pub changes: tokio::sync::watch::Receiver<u64>,
+    /// The keeper's EdgeTrustPolicy cache too, when it keeps one.
+    pub policies: Option<crate::trust_policy::TrustPolicies>,
 }
 
 /// The keeper's side of a shared device cache: the highest resourceVersion the cache
@@ -60,6 +63,7 @@ impl DeviceFeed {
             store,
             seen: self.seen.clone(),
             changes: self.changed.subscribe(),
+            policies: None,
         }
     }
 }

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use edgefleet_crds::conditions::reasons;
 use edgefleet_crds::{EdgeDevice, EdgeModel, ModelPhase};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
@@ -39,7 +39,9 @@ use kube::{Client, ResourceExt};
 
 use crate::device_cache::SharedDevices;
 use crate::rollout;
+use crate::trust_policy::TrustPolicies;
 
+mod verify;
 mod writes;
 
 pub use writes::{assign, assignment_manager};
@@ -155,7 +157,8 @@ impl DeviceCache {
 pub struct Sources {
     /// Model states devices reported to this replica's gateway ([`crate::reported`]).
     pub reported: Option<crate::reported::Reported>,
-    /// The gateway's device cache; without it the reconciler watches devices itself.
+    /// The gateway's device cache (and its trust-policy cache); without it the
+    /// reconciler watches devices and policies itself.
     pub devices: Option<SharedDevices>,
 }
 
@@ -170,6 +173,8 @@ pub struct Context {
     bundles: Option<crate::bundles::BundleFetcher>,
     /// Model states devices reported to this replica's gateway ([`crate::reported`]).
     reported: Option<crate::reported::Reported>,
+    /// The cluster's EdgeTrustPolicies.
+    policies: TrustPolicies,
 }
 
 impl Context {
@@ -204,54 +209,20 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
         tracing::warn!("the device cache is behind this reconciler's writes; trying again");
         return Ok(Action::requeue(BACKOFF_MIN));
     }
+    if !ctx.policies.ready(CACHE_WAIT).await {
+        tracing::warn!("the EdgeTrustPolicy cache is not filled yet; trying again");
+        return Ok(Action::requeue(BACKOFF_MIN));
+    }
     let devices = ctx.devices();
-    // Every bundle given by URI (the model's, its variants', its plugins'), fetched once.
-    let mut uris: Vec<&str> = Vec::new();
-    uris.extend(model.spec.signature.uri.as_deref());
-    for v in model.spec.variants.iter().flatten() {
-        uris.extend(v.signature.uri.as_deref());
-    }
-    for p in model.spec.plugins.iter().flatten() {
-        uris.extend(p.signature.uri.as_deref());
-    }
-    let mut fetched: std::collections::BTreeMap<String, Result<String, String>> =
-        std::collections::BTreeMap::new();
-    for uri in uris {
-        if !fetched.contains_key(uri) {
-            let r = match &ctx.bundles {
-                Some(fetcher) => fetcher.fetch(uri).await,
-                None => Err("the operator has no bundle CA roots".into()),
-            };
-            fetched.insert(uri.to_owned(), r);
-        }
-    }
-    let model_bundle = match (&model.spec.signature.uri, &ctx.bundles) {
-        (Some(uri), Some(_)) if model.spec.signature.inline.is_none() => fetched.get(uri),
-        _ => None,
+    let verified = verify::verify(&model, ctx.bundles.as_ref(), &ctx.policies.policies()).await;
+    let trust = rollout::Trust {
+        signature: &verified.signature,
+        pools: &verified.pools,
+        withdrawn: &verified.withdrawn,
     };
-    let mut signature = rollout::check_signature(
-        &model.spec,
-        model_bundle.map(|r| r.as_deref().map_err(String::as_str)),
-        std::time::SystemTime::now(),
-    );
-    let rev = rollout::revision(&model.spec);
-    let template = match rollout::template(&model.spec, &rev, |uri| {
-        fetched.get(uri).and_then(|r| r.as_ref().ok()).cloned()
-    }) {
-        Ok(t) => Some(t),
-        Err(why) => {
-            if signature.is_ok() {
-                signature = Err((
-                    edgefleet_crds::conditions::reasons::SIGNATURE_NOT_FETCHED,
-                    why,
-                ));
-            }
-            None
-        }
-    };
-    let mut plan = rollout::plan(&model, &devices, &signature, now);
+    let mut plan = rollout::plan(&model, &devices, &trust, now);
     // Keep what devices may run: the current and stable revisions, and any revision a
-    // device stays assigned after this plan.
+    // device stays assigned after this plan; never a withdrawn one.
     let key = rollout::model_key(&model);
     let mut keep: std::collections::BTreeSet<String> = [
         plan.status.current_revision.clone(),
@@ -272,9 +243,10 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
         };
         keep.extend(after.map(|a| a.revision));
     }
+    keep.retain(|r| !verified.withdrawn.contains_key(r));
     plan.status.revisions = rollout::keep_templates(
-        &plan.status.revisions,
-        template.filter(|_| signature.is_ok()),
+        &verified.kept,
+        verified.template.filter(|_| verified.signature.is_ok()),
         &keep,
     );
     let model = Arc::new(model);
@@ -498,6 +470,15 @@ pub async fn run_with(
     sources: Sources,
 ) {
     let models: Api<EdgeModel> = Api::all(client.clone());
+    // The gateway's policy cache when it shares one, else a watch of this reconciler's.
+    let shared = sources.devices.as_ref().and_then(|d| d.policies.clone());
+    let (policies, keep_policies) = match shared {
+        Some(p) => (p, futures::future::pending().boxed()),
+        None => {
+            let (p, driver) = TrustPolicies::watch(client.clone());
+            (p, driver.boxed())
+        }
+    };
     let (devices, device_events) = device_cache(&client, sources.devices);
     let reported = sources.reported;
     let ctx = Arc::new(Context {
@@ -514,22 +495,28 @@ pub async fn run_with(
         metrics,
         bundles,
         reported: reported.clone(),
+        policies: policies.clone(),
     });
     let reports = match reported {
         Some(r) => r.changes().boxed(),
         None => futures::stream::pending().boxed(),
     };
-    Controller::new(models, watcher::Config::default())
+    // A policy change re-plans every model: a revision may be withdrawn, a pool bound.
+    let controller = Controller::new(models, watcher::Config::default())
         .reconcile_all_on(device_events)
         .reconcile_all_on(reports)
+        .reconcile_all_on(policies.changes())
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "reconcile");
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        () = controller => {}
+        () = keep_policies => {}
+    }
 }
 
 #[cfg(test)]
@@ -598,6 +585,7 @@ mod tests {
                 store,
                 seen: seen.clone(),
                 changes,
+                policies: None,
             }),
         );
         let short = Duration::from_millis(100);

@@ -1,5 +1,6 @@
 //! The edgefleet operator: the EdgeModel reconciler, the device gateway (enrolment,
-//! attestation, desired state, reports, artifacts) and the EdgeDevice status they keep.
+//! attestation, desired state, reports, artifacts), the EdgeDevice status they keep, and
+//! the cluster's trust policies they apply.
 
 pub mod bundles;
 pub mod device_cache;
@@ -12,3 +13,4 @@ pub mod leader;
 pub mod metrics;
 pub mod reported;
 pub mod rollout;
+pub mod trust_policy;

@@ -101,6 +101,7 @@ mod tests {
             revision: revision.into(),
             state,
             message: None,
+            reason: None,
             load_millis: None,
         }
     }

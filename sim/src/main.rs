@@ -66,7 +66,8 @@ struct Cli {
     /// PEM CA of the gateway's certificate.
     #[arg(long)]
     gateway_ca: PathBuf,
-    /// File with the bootstrap token.
+    /// File with the bootstrap token the devices enrol with (an EdgeBootstrapToken
+    /// with enough usages, whose labels the devices get).
     #[arg(long)]
     token_file: PathBuf,
     /// Number of devices.
@@ -75,7 +76,8 @@ struct Cli {
     /// Device name prefix (names are PREFIX-00001 …).
     #[arg(long, default_value = "sim")]
     prefix: String,
-    /// Labels every device asks for, KEY=VALUE (repeatable).
+    /// Labels every device asks for, KEY=VALUE (repeatable): bare names, which the
+    /// gateway stores under device.edgefleet.io/.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
     /// Seconds between heartbeats.

@@ -152,6 +152,10 @@ pub async fn fleet_bench(
         std::thread::sleep(Duration::from_millis(100));
     }
     let manifest = sim_manifest(dir)?;
+    trust_sim(&cp.client().await?, &manifest).await?;
+    // The simulated devices enrol with the pool's token, which labels them.
+    let token = local_fleet::create_pool_token(&cp.client().await?, "sim").await?;
+    std::fs::write(dir.join("sim-token"), token)?;
     let before = proc_stat(pid);
     let writes_before = api_writes(cp.kubectl())?;
     let t0 = Instant::now();
@@ -160,11 +164,11 @@ pub async fn fleet_bench(
         .arg("--gateway-ca")
         .arg(dir.join("gw-ca.crt"))
         .arg("--token-file")
-        .arg(dir.join("token"))
+        .arg(dir.join("sim-token"))
         .args(["--devices", &devices.to_string()])
         .args(["--heartbeat-seconds", &heartbeat.to_string()])
         .args(["--scenario", scenario, "--duration", &duration.to_string()])
-        .args(["--label", "edgefleet.io/pool=sim", "--timeout", "1800"])
+        .args(["--timeout", "1800"])
         .arg("--apply")
         .arg(&manifest)
         .env("KUBECONFIG", cp.kubeconfig_path())
@@ -266,6 +270,16 @@ pub async fn fleet_bench(
     summary["wall_seconds"] = serde_json::json!(elapsed);
     drop(operator);
     Ok(summary)
+}
+
+/// What the cluster's administrator trusts for the simulated fleet: every device in a
+/// pool bound to every namespace, and the signer of the model at `manifest` (written by
+/// [`sim_manifest`]) for its namespace.
+pub async fn trust_sim(client: &kube::Client, manifest: &Path) -> anyhow::Result<()> {
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest)?)?;
+    crate::builders::allow_all_pools(client).await?;
+    crate::builders::trust_signers_of(client, &manifest).await?;
+    Ok(())
 }
 
 /// A signed stand-in artifact and an EdgeModel rolling it out to every simulated device

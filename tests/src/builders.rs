@@ -5,13 +5,15 @@
 //!   names of a signed file (digest, size, bundle);
 //! - [`EdgeModelBuilder`], an EdgeModel manifest, and [`apply_edge_model`], its
 //!   server-side apply;
+//! - what a cluster administrator trusts: [`trust_signer`] (or [`trust_signers_of`] a
+//!   manifest), [`allow_all_pools`], [`bind_pool`], [`apply_trust_policy`];
 //! - [`EdgeDeviceBuilder`], an EdgeDevice as enrolment creates it, and
 //!   [`DeviceStatusBuilder`], the readiness and attestation the gateway writes into its
 //!   status.
 
 use std::path::Path;
 
-use edgefleet_crds::{EdgeDevice, EdgeModel};
+use edgefleet_crds::{EdgeDevice, EdgeModel, EdgeTrustPolicy};
 use edgefleet_trust::model_signing::{self, PrivateKey};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams};
@@ -156,6 +158,11 @@ impl EdgeModelBuilder {
         self.push("signers", json!({"name": name, "publicKey": public_key}))
     }
 
+    /// One more entry of `spec.signers`: the trust policy's signer `name`, by name alone.
+    pub fn signer_named(self, name: &str) -> Self {
+        self.push("signers", json!({"name": name}))
+    }
+
     /// The artifact at `uri` as `artifact` names it (with its size), its bundle inline,
     /// and `signer` trusted as `signer_name`.
     pub fn signed(
@@ -236,6 +243,116 @@ pub async fn apply_edge_model(
             context: format!("applying EdgeModel {namespace}/{name}"),
             source,
         })
+}
+
+/// Server-side applies the EdgeTrustPolicy `name` with `spec`, as the field manager
+/// `e2e` (what a cluster administrator does).
+pub async fn apply_trust_policy(
+    client: &kube::Client,
+    name: &str,
+    spec: Value,
+) -> Result<EdgeTrustPolicy, HarnessError> {
+    let manifest = json!({
+        "apiVersion": API_VERSION, "kind": "EdgeTrustPolicy",
+        "metadata": {"name": name}, "spec": spec,
+    });
+    Api::<EdgeTrustPolicy>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&manifest),
+        )
+        .await
+        .map_err(|source| HarnessError::Kube {
+            context: format!("applying EdgeTrustPolicy {name}"),
+            source,
+        })
+}
+
+/// The name of the policy [`trust_signer`] writes for signer `name` with `public_key`:
+/// one per key, so that trusting a new key never withdraws what an earlier one signed.
+pub fn signer_policy_name(name: &str, public_key: &str) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let key: String = public_key.chars().filter(|c| !c.is_whitespace()).collect();
+    // A fixed-key hash: the same key gives the same name in every run.
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    let digest = format!("{:012x}", h.finish() & 0xffff_ffff_ffff);
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    format!("signer-{name}-{digest}")
+}
+
+/// Trusts the signer `name` holding `public_key` (PEM) for EdgeModels in `namespaces`
+/// (names or globs): an EdgeTrustPolicy of its own ([`signer_policy_name`]).
+pub async fn trust_signer(
+    client: &kube::Client,
+    name: &str,
+    public_key: &str,
+    namespaces: &[&str],
+) -> Result<EdgeTrustPolicy, HarnessError> {
+    apply_trust_policy(
+        client,
+        &signer_policy_name(name, public_key),
+        json!({"signers": [{"name": name, "publicKey": public_key, "namespaces": namespaces}]}),
+    )
+    .await
+}
+
+/// Trusts every signer `manifest` (an EdgeModel) names by its public key, for the
+/// manifest's namespace: what a cluster administrator does for a publisher they trust.
+pub async fn trust_signers_of(client: &kube::Client, manifest: &Value) -> Result<(), HarnessError> {
+    let namespace = manifest["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default");
+    for s in manifest["spec"]["signers"].as_array().into_iter().flatten() {
+        if let (Some(name), Some(key)) = (s["name"].as_str(), s["publicKey"].as_str()) {
+            trust_signer(client, name, key, &[namespace]).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The EdgeTrustPolicy name of [`allow_all_pools`].
+pub const ALL_POOLS_POLICY: &str = "all-devices-all-namespaces";
+
+/// Binds one device pool holding every device to every namespace: what a cluster with
+/// one team does.
+pub async fn allow_all_pools(client: &kube::Client) -> Result<EdgeTrustPolicy, HarnessError> {
+    apply_trust_policy(
+        client,
+        ALL_POOLS_POLICY,
+        json!({"devicePools": [{"name": "all", "selector": {}, "namespaces": ["*"]}]}),
+    )
+    .await
+}
+
+/// Binds the device pool `pool` (the devices an administrator labelled
+/// [`POOL_LABEL`]`=pool`) to `namespaces`, in the EdgeTrustPolicy `pool-<pool>`.
+pub async fn bind_pool(
+    client: &kube::Client,
+    pool: &str,
+    namespaces: &[&str],
+) -> Result<EdgeTrustPolicy, HarnessError> {
+    apply_trust_policy(
+        client,
+        &format!("pool-{pool}"),
+        json!({"devicePools": [{
+            "name": pool,
+            "selector": {"matchLabels": {POOL_LABEL: pool}},
+            "namespaces": namespaces,
+        }]}),
+    )
+    .await
 }
 
 /// An EdgeDevice as enrolment creates it: an approved x86_64 machine with 4 cores and

@@ -106,6 +106,13 @@ async fn story(dir: &Path, hold: bool) -> anyhow::Result<()> {
         3,
         "three devices: till-1 (software TPM), till-2 and till-3 (dev key)",
     );
+    // The devices enrol with an enrolment token (EdgeBootstrapToken) that gives them the
+    // administrator's label edgefleet.io/pool=retail; only its hash is stored.
+    let token = local_fleet::create_pool_token(&client, "retail").await?;
+    println!(
+        "  enrolment token {}.**************** (EdgeBootstrapToken, label edgefleet.io/pool=retail)",
+        token.split('.').next().unwrap_or_default()
+    );
     let mut agents = Vec::new();
     for (i, name) in ["till-1", "till-2", "till-3"].iter().enumerate() {
         let port = crate::free_port()?;
@@ -181,13 +188,45 @@ async fn story(dir: &Path, hold: bool) -> anyhow::Result<()> {
     let (digest, size) = local_fleet::store_artifact(&store, &model)?;
     let (plugin_digest, plugin_size) = local_fleet::store_artifact(&store, &plugin)?;
 
-    step(5, "kubectl apply the EdgeModel (plugin chain: pii-redact)");
+    step(
+        5,
+        "kubectl apply the EdgeTrustPolicy (the cluster trusts demo-signer for retail) and the EdgeModel (plugin chain: pii-redact)",
+    );
     let indent = |s: String, n: usize| {
         s.lines()
             .map(|l| format!("{}{l}", " ".repeat(n)))
             .collect::<Vec<_>>()
             .join("\n")
     };
+    // The cluster's owner decides which signers and which devices the namespace may use;
+    // the EdgeModel then names its signer only.
+    let policy = format!(
+        r#"apiVersion: edgefleet.io/v1alpha1
+kind: EdgeTrustPolicy
+metadata:
+  name: demo
+spec:
+  signers:
+    - name: demo-signer
+      publicKey: |
+{public_key}
+      namespaces: [{NS}]
+  devicePools:
+    - name: stores
+      selector: {{}}
+      namespaces: [{NS}]
+"#,
+        public_key = indent(std::fs::read_to_string(&public)?, 8),
+    );
+    let policy_path = dir.join("edgetrustpolicy.yaml");
+    std::fs::write(&policy_path, policy)?;
+    print!(
+        "{}",
+        run(cp
+            .kubectl()
+            .args(["apply", "--server-side", "--field-manager=kubectl", "-f"])
+            .arg(&policy_path))?
+    );
     let manifest = format!(
         r#"apiVersion: edgefleet.io/v1alpha1
 kind: EdgeModel
@@ -205,8 +244,6 @@ spec:
 {bundle}
   signers:
     - name: demo-signer
-      publicKey: |
-{public_key}
   selector:
     matchLabels:
       edgefleet.io/pool: retail
@@ -237,7 +274,6 @@ spec:
         requests: "false"
 "#,
         bundle = indent(std::fs::read_to_string(dir.join("model.sig"))?, 6),
-        public_key = indent(std::fs::read_to_string(&public)?, 8),
         plugin_bundle = indent(std::fs::read_to_string(dir.join("pii_redact.sig"))?, 10),
     );
     let manifest_path = dir.join("edgemodel.yaml");

@@ -1,8 +1,10 @@
 //! The processes and files of a whole fleet on one machine, for the end-to-end tests,
 //! the benchmarks and `edgefleet-dev demo`: the workspace's built binaries, the gateway
 //! PKI, the operator process with its gateway, agent processes (optionally in a network
-//! namespace, [`crate::netns`]), the content-addressed artifact store, an HTTPS file
-//! server, and a publisher's signing key made with `openssl`.
+//! namespace, [`crate::netns`]), the enrolment token of each pool (an
+//! `EdgeBootstrapToken` giving its devices `edgefleet.io/pool=<pool>`), the
+//! content-addressed artifact store, an HTTPS file server, and a publisher's signing key
+//! made with `openssl`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,8 +15,52 @@ fn err(what: impl std::fmt::Display) -> HarnessError {
     HarnessError::Setup(what.to_string())
 }
 
-/// The token agents enrol with in local fleets.
+/// The shared lab token the local operator is started with (`--bootstrap-token-file`).
+/// Local agents enrol with their pool's token instead ([`pool_token`]).
 pub const BOOTSTRAP_TOKEN: &str = "fleet-bootstrap-token-0123456789";
+
+/// The label key a pool's token gives its devices (EdgeModel selectors match it).
+pub const POOL_LABEL: &str = "edgefleet.io/pool";
+
+/// The enrolment token of `pool` in local fleets, `<id>.<secret>`: derived from the
+/// pool's name, so that every agent of the pool (and a restarted one) knows it without
+/// being told. For local fleets only: anyone who knows the pool's name knows it.
+pub fn pool_token(pool: &str) -> String {
+    let digest = edgefleet_trust::attestation::identity::sha256_digest(
+        format!("edgefleet local fleet pool {pool}").as_bytes(),
+    );
+    let hex = digest.trim_start_matches("sha256:");
+    format!("{}.{}", &hex[..6], &hex[6..22])
+}
+
+/// Creates `pool`'s `EdgeBootstrapToken` ([`pool_token`]; a million usages, any device
+/// name, a day long, giving `edgefleet.io/pool=<pool>`) unless it exists; returns the
+/// token.
+pub async fn create_pool_token(client: &kube::Client, pool: &str) -> Result<String, HarnessError> {
+    use edgefleet_crds::{EdgeBootstrapToken, EdgeBootstrapTokenSpec};
+    let token = pool_token(pool);
+    let (id, secret) = token.split_once('.').ok_or_else(|| err("pool token"))?;
+    let expires = k8s_openapi::jiff::Timestamp::now()
+        .checked_add(std::time::Duration::from_secs(86_400))
+        .map_err(err)?;
+    let object = EdgeBootstrapToken::new(
+        id,
+        EdgeBootstrapTokenSpec {
+            secret_hash: edgefleet_trust::attestation::identity::sha256_digest(secret.as_bytes()),
+            expiration_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(expires),
+            usage_limit: 1_000_000,
+            device_name_pattern: "*".into(),
+            device_labels: [(POOL_LABEL.to_owned(), pool.to_owned())].into(),
+            description: Some(format!("local fleet pool {pool}")),
+        },
+    );
+    let api: kube::Api<EdgeBootstrapToken> = kube::Api::all(client.clone());
+    match api.create(&Default::default(), &object).await {
+        Ok(_) => Ok(token),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(token),
+        Err(e) => Err(err(format!("creating the token of pool {pool}: {e}"))),
+    }
+}
 
 /// A built binary of the workspace: in `EDGEFLEET_BIN_DIR` when set (benchmarks point it
 /// at release builds), else beside the running executable (`target/debug`), or one
@@ -152,7 +198,8 @@ pub fn spawn_operator(
 }
 
 /// [`spawn_operator`] with `extra` arguments after the others (for example
-/// `--attestation-lease-seconds=20`).
+/// `--attestation-lease-seconds=20`, or `--result-ttl-seconds=60` for shorter-lived
+/// certificates than the default 600 s).
 pub fn spawn_operator_with(
     kubeconfig: &Path,
     pki: &GatewayPki,
@@ -184,7 +231,7 @@ pub fn spawn_operator_with(
         .arg(crate::workspace_root().join("policies/attestation.rego"))
         .arg("--policy-data")
         .arg(crate::workspace_root().join("policies/dev.json"))
-        .args(["--policy-name", "dev", "--result-ttl-seconds", "600"])
+        .args(["--policy-name", "dev"])
         .arg("--artifact-dir")
         .arg(&spec.artifact_dir)
         .args(["--approval", &spec.approval]);
@@ -196,6 +243,10 @@ pub fn spawn_operator_with(
     }
     for ca in &spec.ek_intermediates {
         cmd.arg("--ek-intermediate").arg(ca);
+    }
+    // Certificates live 10 minutes unless `extra` says otherwise.
+    if !extra.iter().any(|a| a.starts_with("--result-ttl-seconds")) {
+        cmd.args(["--result-ttl-seconds", "600"]);
     }
     cmd.args(extra);
     cmd.env("KUBECONFIG", kubeconfig)
@@ -225,7 +276,8 @@ pub struct AgentSpec {
     pub tcti: Option<String>,
     /// Network namespace to run in.
     pub netns: Option<String>,
-    /// Its `edgefleet.io/pool` label.
+    /// Its pool: it enrols with the pool's token ([`pool_token`]; create it with
+    /// [`create_pool_token`]), which gives it the `edgefleet.io/pool` label.
     pub pool: String,
     /// Log file (appended to).
     pub log: PathBuf,
@@ -246,11 +298,10 @@ pub fn spawn_agent(a: &AgentSpec) -> Result<Child, HarnessError> {
             r#"state_dir = "{state}"
 [device]
 name = "{name}"
-labels = {{ "edgefleet.io/pool" = "{pool}" }}
 [gateway]
 url = "{gateway}"
 ca = "{ca}"
-bootstrap_token = "{BOOTSTRAP_TOKEN}"
+bootstrap_token = "{token}"
 [attestation]
 tee = "{tee}"
 {tcti}interval_seconds = 300
@@ -264,7 +315,7 @@ backoff_max_seconds = 2
 "#,
             state = a.dir.join("state").display(),
             name = a.name,
-            pool = a.pool,
+            token = pool_token(&a.pool),
             gateway = a.gateway,
             ca = a.gateway_ca.display(),
             tee = a.tee,

@@ -159,7 +159,9 @@ async fn the_server_fills_in_schema_defaults() {
 #[case::no_signers("no signers", |m: &mut Value| m["spec"]["signers"] = json!([]),
     "spec.signers must name at least one trusted signer")]
 #[case::signer_key_and_root("key and root", |m: &mut Value| m["spec"]["signers"][0]["certificateRoot"] = json!("-----BEGIN CERTIFICATE-----"),
-    "a signer has exactly one of publicKey and certificateRoot")]
+    "a signer has at most one of publicKey and certificateRoot")]
+#[case::bare_signer_with_identities("a name with identities", |m: &mut Value| m["spec"]["signers"] = json!([{"name": "ci", "identities": ["ci@example.com"]}]),
+    "identities apply only to certificateRoot signers")]
 #[case::root_without_identity("root, no identity", |m: &mut Value| m["spec"]["signers"] = json!([{"name": "ca", "certificateRoot": "-----BEGIN CERTIFICATE-----"}]),
     "a certificateRoot signer must pin at least one identity")]
 #[case::signature_inline_and_uri("inline and uri", |m: &mut Value| m["spec"]["signature"]["inline"] = json!("{}"),

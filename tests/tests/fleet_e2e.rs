@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgefleet_crds::{EdgeDevice, EdgeModel, ModelPhase};
-use edgefleet_e2e::builders::{EdgeModelBuilder, SignedArtifact, Signer, apply_edge_model};
+use edgefleet_e2e::builders::{
+    EdgeModelBuilder, SignedArtifact, Signer, allow_all_pools, apply_edge_model, trust_signers_of,
+};
 use edgefleet_e2e::local_fleet::{self, Proc};
 use edgefleet_e2e::netns::Netns;
 use edgefleet_e2e::wait::eventually;
@@ -114,6 +116,7 @@ async fn setup_with(netns: Option<&Netns>) -> Setup {
     let cp = ControlPlane::start().await.expect("control plane starts");
     cp.install_crds().await.expect("CRDs install");
     let client = cp.client().await.unwrap();
+    allow_all_pools(&client).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
 
@@ -172,6 +175,9 @@ async fn setup_with(netns: Option<&Netns>) -> Setup {
         },
     )
     .unwrap();
+    local_fleet::create_pool_token(&client, "e2e")
+        .await
+        .unwrap();
     let mut agents = Vec::new();
     for i in 1..=3 {
         let name = format!("dev-{i}");
@@ -277,7 +283,9 @@ fn manifest_with_bad_plugin(s: &Setup, context: i32) -> Value {
         .build()
 }
 
+/// Applies `m`, its signers trusted for the namespace first.
 async fn apply(client: &Client, m: &Value) {
+    trust_signers_of(client, m).await.unwrap();
     apply_edge_model(client, m).await.unwrap();
 }
 

@@ -110,9 +110,7 @@ async fn setup() -> Setup {
         )
         .unwrap();
     let devices = DeviceStatus::new(kube);
-    let router = Gateway::new(Arc::new(service), devices.clone(), TOKEN)
-        .unwrap()
-        .router();
+    let router = Gateway::new(Arc::new(service), devices.clone()).router();
     let listener = edgefleet_operator::gateway::listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let url = format!(
         "https://127.0.0.1:{}",
@@ -198,10 +196,16 @@ async fn a_tpm_device_attests_over_https_and_its_status_shows_it() {
     // An unknown device gets no challenge.
     let (status, reason) = rejected(s.client.challenge(&ask("intruder-1")).await.unwrap_err());
     assert_eq!((status, reason.as_str()), (404, "UnknownDevice"));
-    // Nor does a caller without the bootstrap token.
-    let stranger = GatewayClient::new(&s.url, s.ca_pem.as_bytes(), "not-the-token").unwrap();
-    let (status, reason) = rejected(stranger.challenge(&ask(device)).await.unwrap_err());
-    assert_eq!((status, reason.as_str()), (401, "Unauthorized"));
+    // Nor does a caller with another key than the one the device enrolled with (no
+    // bootstrap token is asked for: the enrolled key and the evidence authenticate).
+    let stranger = GatewayClient::new(&s.url, s.ca_pem.as_bytes(), "").unwrap();
+    let thief = rcgen::KeyPair::generate().unwrap();
+    let foreign = ChallengeRequest {
+        agent_public_key: B64.encode(rcgen::PublicKeyData::subject_public_key_info(&thief)),
+        ..ask(device)
+    };
+    let (status, reason) = rejected(stranger.challenge(&foreign).await.unwrap_err());
+    assert_eq!((status, reason.as_str()), (403, "KeyMismatch"));
 
     let req = tpm_round(&s, &mut tpm, &ask(device), csr).await;
     let appraisal = s.client.evidence(&req).await.unwrap();

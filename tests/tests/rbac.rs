@@ -9,7 +9,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgefleet_e2e::builders::{DeviceStatusBuilder, EdgeDeviceBuilder, EdgeModelBuilder, Signer};
+use edgefleet_e2e::builders::{
+    DeviceStatusBuilder, EdgeDeviceBuilder, EdgeModelBuilder, Signer, allow_all_pools,
+    trust_signers_of,
+};
 use edgefleet_e2e::wait::eventually;
 use edgefleet_e2e::{ControlPlane, workspace_root};
 use kube::client::{Body, ClientBuilder};
@@ -171,6 +174,8 @@ async fn the_chart_grants_every_call_the_operator_makes() {
         .pool("retail")
         .attestation(&["tpm"], None)
         .build();
+    allow_all_pools(&admin).await.unwrap();
+    trust_signers_of(&admin, &manifest).await.unwrap();
     models
         .patch(
             "smollm2-135m-instruct",
@@ -218,7 +223,7 @@ async fn the_chart_grants_every_call_the_operator_makes() {
             artifact_dir: store.path().to_path_buf(),
             approval: edgefleet_operator::gateway::devices::Approval::Auto(Default::default()),
             heartbeat_lease: Duration::from_secs(30),
-            bootstrap_token: "rbac-bootstrap-token-0123".into(),
+            bootstrap_token: Some("rbac-bootstrap-token-0123".into()),
             mirror: None,
             refresh_per_second: edgefleet_operator::heartbeat::DEFAULT_REFRESH_PER_SECOND,
             change_per_second: edgefleet_operator::heartbeat::DEFAULT_CHANGE_PER_SECOND,
@@ -228,6 +233,11 @@ async fn the_chart_grants_every_call_the_operator_makes() {
     );
     let caches = tokio::spawn(caches);
     fleet.ready().await.unwrap();
+    // It enrols with an EdgeBootstrapToken, which the gateway reads and counts.
+    let token = edgefleet_e2e::local_fleet::create_pool_token(&admin, "rbac")
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {token}");
     let key = rcgen::KeyPair::generate().unwrap();
     let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -247,7 +257,7 @@ async fn the_chart_grants_every_call_the_operator_makes() {
             .uri(path)
             .header("content-type", "application/json");
         if token {
-            req = req.header("authorization", "Bearer rbac-bootstrap-token-0123");
+            req = req.header("authorization", bearer.as_str());
         }
         tower::ServiceExt::oneshot(
             router.clone(),
@@ -310,6 +320,8 @@ async fn the_chart_grants_every_call_the_operator_makes() {
         ("events.k8s.io", "events", "create"),
         ("edgefleet.io", "edgedevices", "create"),
         ("edgefleet.io", "edgedevices", "watch"),
+        ("edgefleet.io", "edgebootstraptokens", "get"),
+        ("edgefleet.io", "edgebootstraptokens/status", "update"),
     ] {
         let e = (
             expected.0.to_owned(),

@@ -11,7 +11,8 @@ use std::time::Duration;
 use edgefleet_crds::{EdgeDevice, EdgeModel, ModelPhase};
 use edgefleet_e2e::ControlPlane;
 use edgefleet_e2e::builders::{
-    DeviceStatusBuilder, EdgeDeviceBuilder, EdgeModelBuilder, Signer, apply_edge_model,
+    DeviceStatusBuilder, EdgeDeviceBuilder, EdgeModelBuilder, Signer, allow_all_pools,
+    apply_edge_model, trust_signers_of,
 };
 use edgefleet_e2e::wait::eventually;
 use edgefleet_operator::edgemodel::Sources;
@@ -31,12 +32,13 @@ async fn control_plane() -> (ControlPlane, Client, InProcess) {
     (cp, client, operator)
 }
 
-/// A fresh control plane with the CRDs and the approved, attested TPM devices named,
-/// and no operator yet.
+/// A fresh control plane with the CRDs, a trust policy binding every device to every
+/// namespace, and the approved, attested TPM devices named, and no operator yet.
 async fn cluster(devices: &[&str]) -> (ControlPlane, Client) {
     let cp = ControlPlane::start().await.expect("control plane starts");
     cp.install_crds().await.expect("CRDs install");
     let client = cp.client().await.unwrap();
+    allow_all_pools(&client).await.unwrap();
     for name in devices {
         create_device(&client, name, true, "tpm").await;
     }
@@ -265,7 +267,10 @@ fn condition(m: &EdgeModel, kind: &str) -> Option<(String, String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
+/// Applies `manifest`, its signers trusted for the namespace first (as the cluster's
+/// administrator would for a publisher they trust).
 async fn apply_model(client: &Client, manifest: &Value) {
+    trust_signers_of(client, manifest).await.unwrap();
     apply_edge_model(client, manifest).await.unwrap();
 }
 

@@ -36,12 +36,20 @@ async fn a_thousand_simulated_devices_connect_heartbeat_and_take_a_rollout() {
         .unwrap(),
     );
     let manifest = edgefleet_e2e::bench::sim_manifest(d).unwrap();
+    // The simulated devices enrol with the pool's token, which labels them.
+    let token = local_fleet::create_pool_token(&cp.client().await.unwrap(), "sim")
+        .await
+        .unwrap();
+    std::fs::write(d.join("sim-token"), token).unwrap();
+    edgefleet_e2e::bench::trust_sim(&cp.client().await.unwrap(), &manifest)
+        .await
+        .unwrap();
     let out = Command::new(local_fleet::binary("edgefleet-sim").unwrap())
         .args(["--gateway", &format!("https://127.0.0.1:{port}")])
         .arg("--gateway-ca")
         .arg(d.join("gw-ca.crt"))
         .arg("--token-file")
-        .arg(d.join("token"))
+        .arg(d.join("sim-token"))
         .args([
             "--devices",
             "1000",
@@ -50,7 +58,7 @@ async fn a_thousand_simulated_devices_connect_heartbeat_and_take_a_rollout() {
             "--scenario",
             "rollout",
         ])
-        .args(["--label", "edgefleet.io/pool=sim", "--timeout", "240"])
+        .args(["--timeout", "240"])
         .arg("--apply")
         .arg(&manifest)
         .env("KUBECONFIG", cp.kubeconfig_path())

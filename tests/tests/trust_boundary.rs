@@ -19,6 +19,9 @@
 //! offline (`AttestationLeaseExpired`). Module `chart`: the real operator started with
 //! the arguments and files `helm template` renders; a swtpm device attests with the EK CA
 //! from chart values and is refused `ChainInvalid` without it.
+//! Module `tokens`: enrolment tokens (`EdgeBootstrapToken`): each refusal by name,
+//! usages and labels, device-owned labels, attesting without a token, and a real agent
+//! coming back after its certificate lapsed with its token deleted.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
 use std::sync::Arc;
@@ -144,7 +147,7 @@ async fn setup() -> Setup {
             mirror: None,
             approval: Approval::Auto(Default::default()),
             heartbeat_lease: Duration::from_secs(30),
-            bootstrap_token: TOKEN.into(),
+            bootstrap_token: Some(TOKEN.into()),
             refresh_per_second: edgefleet_operator::heartbeat::DEFAULT_REFRESH_PER_SECOND,
             change_per_second: edgefleet_operator::heartbeat::DEFAULT_CHANGE_PER_SECOND,
             attestation_lease: std::time::Duration::from_secs(86_400),
@@ -161,8 +164,7 @@ async fn setup() -> Setup {
             instance: None,
         },
     );
-    let router = Gateway::new(Arc::new(service), devices.clone(), TOKEN)
-        .unwrap()
+    let router = Gateway::new(Arc::new(service), devices.clone())
         .with_counters(counters.clone())
         .with_events(recorder)
         .router()
@@ -604,7 +606,9 @@ mod revocation {
     use std::time::{Duration, Instant};
 
     use edgefleet_crds::device::EdgeDevice;
-    use edgefleet_e2e::builders::{EdgeModelBuilder, Signer, apply_edge_model};
+    use edgefleet_e2e::builders::{
+        EdgeModelBuilder, Signer, allow_all_pools, apply_edge_model, trust_signers_of,
+    };
     use edgefleet_e2e::local_fleet::{self, Proc};
     use edgefleet_e2e::netns::Netns;
     use edgefleet_e2e::wait::eventually;
@@ -708,6 +712,9 @@ mod revocation {
         let host = netns.map_or("127.0.0.1".to_owned(), |n| n.host_ip.clone());
         let gateway = format!("https://{host}:{gw_port}");
         let port = free_port().unwrap();
+        local_fleet::create_pool_token(&client, "rev")
+            .await
+            .unwrap();
         let agent = start_agent(d, &gateway, port, netns);
         let manifest = EdgeModelBuilder::new(NS, "smollm2")
             .artifact(
@@ -722,6 +729,8 @@ mod revocation {
             .rollout(json!({"steps": [{"percent": 100}], "maxUnavailable": 1}))
             .runtime(json!({"contextSize": 512, "threads": 1, "parallelSlots": 1}))
             .build();
+        allow_all_pools(&client).await.unwrap();
+        trust_signers_of(&client, &manifest).await.unwrap();
         apply_edge_model(&client, &manifest).await.unwrap();
         let f = Fleet {
             _cp: cp,
@@ -1108,6 +1117,9 @@ mod chart {
                 .then_some(())
         })
         .await;
+        local_fleet::create_pool_token(&client, "chart")
+            .await
+            .unwrap();
         let agent = Proc(
             local_fleet::spawn_agent(&local_fleet::AgentSpec {
                 name: AGENT.into(),

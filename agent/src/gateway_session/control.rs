@@ -1,5 +1,8 @@
-//! The connection to the gateway: enrol (bootstrap token), attest (evidence → client
-//! certificate), then long-poll the desired state over mTLS and converge, until it is
+//! The connection to the gateway: enrol (a bootstrap token only for the first
+//! enrolment; the configured token file is deleted after it when
+//! `gateway.delete_token_after_enrol` is set), attest (the device's key and evidence →
+//! client certificate; no token, so a device whose certificate lapsed while it was
+//! offline comes back the same way), then long-poll the desired state over mTLS and converge, until it is
 //! time to attest again (within two thirds of the attestation lease); reconnect with
 //! capped, jittered backoff when the session ends. An enrolment answered "not approved"
 //! stops serving; each allowed attestation renews the attestation lease.
@@ -11,7 +14,7 @@ use edgefleet_proto as proto;
 
 use super::{DeviceClient, FleetAgent, facts};
 use crate::enrol::{EnrolError, Source, attest_once};
-use crate::gateway_client::GatewayClient;
+use crate::gateway_client::{GatewayClient, GatewayError};
 
 fn jitter(d: Duration) -> Duration {
     let mut b = [0u8; 4];
@@ -60,7 +63,17 @@ impl FleetAgent {
                 facts: facts(&cfg.attestation.tee),
                 labels: cfg.device.labels.clone(),
             })
-            .await?;
+            .await
+            .map_err(|e| match e {
+                GatewayError::Rejected { reason, .. }
+                    if reason == "TokenRequired" && !bootstrap.has_token() =>
+                {
+                    EnrolError::NoBootstrapToken(cfg.device.name.clone())
+                }
+                e => e.into(),
+            })?;
+        // Enrolled: the token has served its purpose.
+        crate::config::delete_token_after_enrol(&cfg.gateway);
         if !enrolled.approved {
             // Revoked (or never approved): nothing is served until the gateway says so.
             self.stop_serving(

@@ -1,12 +1,13 @@
 //! The gateway's refusals: [`ApiError`] (status, named [`Reason`], message), answered
-//! as JSON `{"reason": "...", "message": "..."}`, and the two checks both of its APIs
-//! share: the bootstrap token ([`authorize`]) and JSON request bodies ([`json_body`]).
+//! as JSON `{"reason": "...", "message": "..."}`, and the check of JSON request bodies
+//! both of its APIs share ([`json_body`]). Enrolment tokens are checked in
+//! `devices/tokens.rs`.
 //!
 //! A reason's name is on the wire and in the `gateway_refusals_total{reason}` metric
 //! label, so [`Reason::as_str`] must never change for an existing reason.
 
 use axum::Json;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use edgefleet_trust::attestation::service::ServiceError;
 use serde_json::json;
@@ -18,8 +19,19 @@ use crate::device_status::StatusError;
 pub enum Reason {
     /// The body (or a field of it) is not what the endpoint takes.
     BadRequest,
-    /// Missing or wrong bootstrap token.
-    Unauthorized,
+    /// A new device asked to enrol without a bootstrap token.
+    TokenRequired,
+    /// The bootstrap token is not known: no token of that id, a wrong secret, or a
+    /// malformed token (one answer for all, so that ids cannot be probed).
+    UnknownToken,
+    /// The bootstrap token is past its expiration time.
+    TokenExpired,
+    /// The bootstrap token has enrolled as many devices as its usage limit.
+    TokenUsedUp,
+    /// The bootstrap token does not allow this device name.
+    DeviceNameNotAllowed,
+    /// A label the device asked for is not under the device-owned prefix.
+    LabelNotDeviceOwned,
     /// No EdgeDevice of that name.
     UnknownDevice,
     /// Writing the EdgeDevice's status failed.
@@ -67,7 +79,12 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::BadRequest => "BadRequest",
-            Self::Unauthorized => "Unauthorized",
+            Self::TokenRequired => "TokenRequired",
+            Self::UnknownToken => "UnknownToken",
+            Self::TokenExpired => "TokenExpired",
+            Self::TokenUsedUp => "TokenUsedUp",
+            Self::DeviceNameNotAllowed => "DeviceNameNotAllowed",
+            Self::LabelNotDeviceOwned => "LabelNotDeviceOwned",
             Self::UnknownDevice => "UnknownDevice",
             Self::StatusWriteFailed => "StatusWriteFailed",
             Self::KeyMismatch => "KeyMismatch",
@@ -169,28 +186,6 @@ impl From<StatusError> for ApiError {
     }
 }
 
-/// Checks the request's `Authorization: Bearer` against the bootstrap token (in
-/// constant time), for the endpoints a device calls before it has a certificate.
-pub(crate) fn authorize(headers: &HeaderMap, bootstrap_token: &str) -> Result<(), ApiError> {
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if edgefleet_trust::attestation::service::constant_time_eq(
-        given.as_bytes(),
-        bootstrap_token.as_bytes(),
-    ) {
-        Ok(())
-    } else {
-        Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            Reason::Unauthorized,
-            "missing or wrong bootstrap token".into(),
-        ))
-    }
-}
-
 /// The request body as `T`, or a 400 `BadRequest` naming what is wrong with it.
 pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
@@ -211,7 +206,12 @@ mod tests {
     fn reasons_keep_their_names() {
         for r in [
             Reason::BadRequest,
-            Reason::Unauthorized,
+            Reason::TokenRequired,
+            Reason::UnknownToken,
+            Reason::TokenExpired,
+            Reason::TokenUsedUp,
+            Reason::DeviceNameNotAllowed,
+            Reason::LabelNotDeviceOwned,
             Reason::UnknownDevice,
             Reason::StatusWriteFailed,
             Reason::KeyMismatch,
@@ -235,28 +235,5 @@ mod tests {
             assert_eq!(r.as_str(), format!("{r:?}"));
         }
         assert_eq!(Reason::Attestation("UnknownNonce").as_str(), "UnknownNonce");
-    }
-
-    #[test]
-    fn only_the_bootstrap_token_is_authorized() {
-        let token = "0123456789abcdef";
-        let mut headers = HeaderMap::new();
-        let refused = authorize(&headers, token)
-            .err()
-            .map(|e| (e.status(), e.reason()));
-        assert_eq!(
-            refused,
-            Some((StatusCode::UNAUTHORIZED, Reason::Unauthorized))
-        );
-        headers.insert(
-            axum::http::header::AUTHORIZATION,
-            axum::http::HeaderValue::from_static("Bearer 0123456789abcdeX"),
-        );
-        assert!(authorize(&headers, token).is_err());
-        headers.insert(
-            axum::http::header::AUTHORIZATION,
-            axum::http::HeaderValue::from_static("Bearer 0123456789abcdef"),
-        );
-        assert!(authorize(&headers, token).is_ok());
     }
 }

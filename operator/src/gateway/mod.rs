@@ -1,14 +1,19 @@
 //! The device gateway's attestation API over HTTPS (axum on rustls).
 //!
-//! - `POST /v1/attestation/challenge` (bootstrap token): a single-use nonce, the report
-//!   data to bind, and for TPMs a credential challenge. Unknown devices get 404.
-//! - `POST /v1/attestation/evidence` (bootstrap token): verify, appraise, compare the
-//!   evidence's hardware identity with the one recorded in `EdgeDevice.status` (recording
-//!   it at the first allowed attestation, [`crate::device_identity`]), record the
-//!   decision, and return the signed attestation result and, when allowed, the device's
-//!   client certificate. Evidence from other hardware is refused (`HardwareMismatch`,
-//!   403) before any result is signed or certificate issued, and is counted and
-//!   published as a Warning event on the EdgeDevice.
+//! - `POST /v1/attestation/challenge`: a single-use nonce, the report data to bind, and
+//!   for TPMs a credential challenge. Unknown devices get 404, a key other than the one
+//!   the device enrolled with 403 `KeyMismatch`. No bootstrap token is asked for: the
+//!   token serves only the first enrolment.
+//! - `POST /v1/attestation/evidence`: the CSR must be signed by the enrolled key named
+//!   in the challenge (possession of the device's key), the evidence must bind the
+//!   challenge's nonce, that key and the device name (no replay), and come from the
+//!   hardware recorded in `EdgeDevice.status` ([`crate::device_identity`], recorded at
+//!   the first allowed attestation). Then the gateway records the decision and returns
+//!   the signed attestation result and, when allowed, the device's client certificate.
+//!   Evidence from other hardware is refused (`HardwareMismatch`, 403) before any
+//!   result is signed or certificate issued, and is counted and published as a Warning
+//!   event on the EdgeDevice. So a device whose certificate lapsed (offline longer
+//!   than its life) comes back by attesting again, with its key and its hardware.
 //!
 //! Verification and policy evaluation are CPU work and run on blocking threads.
 //! Errors are JSON `{"reason": "...", "message": "..."}` naming what failed ([`error`]):
@@ -21,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use edgefleet_trust::attestation::service::{
@@ -36,8 +41,8 @@ use crate::device_identity::{self, Pinned};
 use crate::device_status::DeviceStatus;
 use crate::metrics::FleetCounters;
 pub use connections::{ConnectionOptions, DeviceConnections};
+use error::json_body;
 pub use error::{ApiError, Reason};
-use error::{authorize, json_body};
 
 pub mod connections;
 pub mod devices;
@@ -57,7 +62,6 @@ pub struct Gateway {
     /// Bounds the verifications running at once (each is CPU work on a blocking thread).
     verifying: Arc<tokio::sync::Semaphore>,
     devices: DeviceStatus,
-    bootstrap_token: Arc<str>,
     counters: Arc<FleetCounters>,
     events: Events,
     /// The attestation lease devices are told at enrolment; its end after each allowed
@@ -76,29 +80,20 @@ impl std::fmt::Debug for Events {
 }
 
 impl Gateway {
-    /// A gateway over `service`, writing status through `devices`, admitting requests
-    /// that carry `bootstrap_token` (at least 16 characters: an empty token would admit
-    /// everyone).
-    pub fn new(
-        service: Arc<AttestationService>,
-        devices: DeviceStatus,
-        bootstrap_token: &str,
-    ) -> Result<Self, String> {
-        if bootstrap_token.len() < 16 {
-            return Err("the bootstrap token must be at least 16 characters".into());
-        }
+    /// A gateway over `service`, writing status through `devices`. Its requests are
+    /// authenticated by the device's enrolled key and evidence, not by a token.
+    pub fn new(service: Arc<AttestationService>, devices: DeviceStatus) -> Self {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-        Ok(Self {
+        Self {
             service,
             verifying: Arc::new(tokio::sync::Semaphore::new(workers)),
             devices,
-            bootstrap_token: bootstrap_token.into(),
             counters: Arc::default(),
             events: Events::default(),
             attestation_lease: Duration::from_secs(
                 edgefleet_proto::DEFAULT_ATTESTATION_LEASE_SECONDS,
             ),
-        })
+        }
     }
 
     /// Counts the attestation API's refusals in `counters` (`gateway_refusals_total`).
@@ -179,22 +174,16 @@ impl Gateway {
 
 async fn challenge(
     State(gw): State<Gateway>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let result = challenge_inner(&gw, &headers, &body).await;
+    let result = challenge_inner(&gw, &body).await;
     if let Err(e) = &result {
         gw.count_refusal(e.reason());
     }
     result
 }
 
-async fn challenge_inner(
-    gw: &Gateway,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(headers, &gw.bootstrap_token)?;
+async fn challenge_inner(gw: &Gateway, body: &[u8]) -> Result<Json<serde_json::Value>, ApiError> {
     let req: ChallengeRequest = json_body(body)?;
     let device = gw.devices.get(&req.device).await?;
     // The key must be the one the device enrolled with, and the evidence kind one it has.
@@ -242,22 +231,16 @@ async fn challenge_inner(
 
 async fn evidence(
     State(gw): State<Gateway>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let result = evidence_inner(&gw, &headers, &body).await;
+    let result = evidence_inner(&gw, &body).await;
     if let Err(e) = &result {
         gw.count_refusal(e.reason());
     }
     result
 }
 
-async fn evidence_inner(
-    gw: &Gateway,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(headers, &gw.bootstrap_token)?;
+async fn evidence_inner(gw: &Gateway, body: &[u8]) -> Result<Json<serde_json::Value>, ApiError> {
     let req: EvidenceRequest = json_body(body)?;
     let device = gw.devices.get(&req.device).await?;
     let service = gw.service.clone();
@@ -346,7 +329,7 @@ async fn evidence_inner(
         Err(e) => {
             // Only failures after the CSR proved possession of the device's key say
             // something about the device; anything earlier (replays, mismatches, bad
-            // CSRs) could come from anyone holding the bootstrap token.
+            // CSRs) could come from anyone who knows the device's public key.
             if matches!(
                 e,
                 ServiceError::Evidence(_)

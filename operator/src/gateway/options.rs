@@ -49,13 +49,12 @@ pub struct GatewayOptions {
         default_value = "/etc/edgefleet/device-ca/tls.key"
     )]
     pub device_ca_key: PathBuf,
-    /// File holding the bootstrap token devices enrol with (at least 16 characters).
-    #[arg(
-        long,
-        env = "EDGEFLEET_BOOTSTRAP_TOKEN_FILE",
-        default_value = "/etc/edgefleet/bootstrap/token"
-    )]
-    pub bootstrap_token_file: PathBuf,
+    /// File holding a shared lab token (at least 16 characters) that enrols any device
+    /// name and never expires, besides the `EdgeBootstrapToken`s (prefer those: they
+    /// expire, count usages and allow only the names they name). Without it, only
+    /// `EdgeBootstrapToken`s enrol devices; an empty file is the same.
+    #[arg(long, env = "EDGEFLEET_BOOTSTRAP_TOKEN_FILE")]
+    pub bootstrap_token_file: Option<PathBuf>,
     /// The Rego appraisal policy.
     #[arg(
         long,
@@ -185,10 +184,30 @@ impl GatewayOptions {
         let Some(addr) = self.gateway_addr else {
             return Ok(None);
         };
-        let token = String::from_utf8(read(&self.bootstrap_token_file)?)
-            .context("the bootstrap token is not UTF-8")?
-            .trim()
-            .to_owned();
+        let token = match &self.bootstrap_token_file {
+            Some(file) => {
+                let token = String::from_utf8(read(file)?)
+                    .context("the bootstrap token is not UTF-8")?
+                    .trim()
+                    .to_owned();
+                if !token.is_empty() && token.len() < super::devices::MIN_SHARED_TOKEN_LEN {
+                    anyhow::bail!(
+                        "{}: the shared bootstrap token must be at least {} characters",
+                        file.display(),
+                        super::devices::MIN_SHARED_TOKEN_LEN
+                    );
+                }
+                if !token.is_empty() {
+                    tracing::warn!(
+                        file = %file.display(),
+                        "a shared bootstrap token enrols any device name and never expires; \
+                         prefer EdgeBootstrapTokens (edgefleet token create)"
+                    );
+                }
+                (!token.is_empty()).then_some(token)
+            }
+            None => None,
+        };
         let rego = String::from_utf8(read(&self.policy)?).context("policy is not UTF-8")?;
         let data =
             String::from_utf8(read(&self.policy_data)?).context("policy data is not UTF-8")?;
@@ -288,7 +307,7 @@ impl GatewayOptions {
                 mirror,
                 approval: self.approval.clone(),
                 heartbeat_lease,
-                bootstrap_token: token.clone(),
+                bootstrap_token: token,
                 refresh_per_second: self.status_refresh_per_second,
                 change_per_second: self.status_change_per_second,
                 attestation_lease: Duration::from_secs(self.attestation_lease_seconds),
@@ -303,8 +322,7 @@ impl GatewayOptions {
             },
         );
         let devices = DeviceStatus::new(client).with_cache(fleet.device_cache());
-        let gateway = Gateway::new(Arc::new(service), devices, &token)
-            .map_err(|e| anyhow::anyhow!(e))?
+        let gateway = Gateway::new(Arc::new(service), devices)
             .with_counters(refusals)
             .with_events(recorder)
             .with_attestation_lease(Duration::from_secs(self.attestation_lease_seconds));

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use edgefleet_crds::EdgeDevice;
 use edgefleet_crds::conditions::{self as cond, reasons};
-use edgefleet_crds::device::{DesiredModel, ModelState};
+use edgefleet_crds::device::{DesiredModel, LoadedModel, ModelState};
 use kube::ResourceExt;
 use kube::runtime::events::EventType;
 
@@ -71,6 +71,16 @@ impl<'a> Fleet<'a> {
     /// What `name` reports for the model at revision `rev`.
     pub fn state(&self, name: &str, rev: &str) -> Option<ModelState> {
         self.device(name).and_then(|d| reported(d, self.key, rev))
+    }
+
+    /// `name`'s whole report of the model at revision `rev`.
+    pub fn report(&self, name: &str, rev: &str) -> Option<&'a LoadedModel> {
+        self.device(name)?
+            .status
+            .as_ref()?
+            .models
+            .iter()
+            .find(|m| m.model == self.key && m.revision == rev)
     }
 
     /// Whether `name` is `Ready` (its heartbeat lease holds).

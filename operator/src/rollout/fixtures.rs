@@ -106,6 +106,20 @@ pub fn reporting(mut d: EdgeDevice, rev: &str, state: ModelState) -> EdgeDevice 
         revision: rev.into(),
         state,
         message: None,
+        reason: None,
+        load_millis: None,
+    });
+    d
+}
+
+/// `d`, reporting [`KEY`] at revision `rev` `Failed` with `reason`.
+pub fn refusing(mut d: EdgeDevice, rev: &str, reason: &str) -> EdgeDevice {
+    status(&mut d).models.push(LoadedModel {
+        model: KEY.into(),
+        revision: rev.into(),
+        state: ModelState::Failed,
+        message: Some(format!("{reason}: refused")),
+        reason: Some(reason.into()),
         load_millis: None,
     });
     d

@@ -22,9 +22,14 @@
 //!   `readyTimeoutSeconds` of the step's start, or reports an error rate or speed
 //!   outside the gates fails the step: the rollout halts (`Degraded`) and devices on the
 //!   new revision are moved back to the stable one when `rollbackOnFailure` is set.
-//! - **Signature**: the bundle must verify against `spec.signers` and, for a single-file
-//!   model, name the artifact's digest. Otherwise nothing moves to the new revision and
-//!   `SignatureVerified` is False with reason `SignatureInvalid`.
+//! - **Signature**: `spec.signers` must resolve under the trust policies (reason
+//!   `UntrustedSigner` otherwise), and the bundle must verify against the resolved
+//!   signers and, for a single-file model, name the artifact's digest. Otherwise nothing
+//!   moves to the new revision and `SignatureVerified` is False with the reason.
+//! - **Trust boundary** ([`trust`]): only devices in a pool bound to the model's
+//!   namespace are candidates; devices on a withdrawn revision (its signers no longer
+//!   granted) move to a stable revision that holds, or lose the model; a device's local
+//!   refusal of the current revision excludes it alone, counted, never a gate failure.
 //!
 //! [`plan`] composes named steps, each a pure function in a module of its own:
 //! [`select`] the candidates, [`assign::revoke`] the devices that stopped being
@@ -42,6 +47,7 @@ pub mod gates;
 pub mod report;
 pub mod revision;
 pub mod select;
+pub mod trust;
 
 use edgefleet_crds::conditions::{self as cond, Status, reasons};
 use edgefleet_crds::{EdgeDevice, EdgeModel, EdgeModelStatus, ModelPhase};
@@ -52,8 +58,10 @@ use kube::runtime::events::EventType;
 
 pub use advance::{max_unavailable, step_targets};
 pub use assign::Assignments;
+pub use revision::verify_template;
 pub use revision::{check_signature, keep_templates, revision, template};
 pub use select::{Excluded, candidate, condition_true, quantity_bytes};
+pub use trust::Trust;
 
 use advance::{Outcome, Progress, StepState, Verdict};
 use assign::Fleet;
@@ -82,14 +90,11 @@ pub struct Plan {
     pub events: Vec<Event>,
 }
 
-/// Plans `model` over `devices` at `now`. `signature` is the result of
-/// [`check_signature`] for the model's current spec.
-pub fn plan(
-    model: &EdgeModel,
-    devices: &[EdgeDevice],
-    signature: &Result<(), (&'static str, String)>,
-    now: Timestamp,
-) -> Plan {
+/// Plans `model` over `devices` at `now`, within what the trust policies allow
+/// (`trust`: the signature check with the resolved signers, the bound device pools and
+/// the withdrawn revisions).
+pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: Timestamp) -> Plan {
+    let signature = trust.signature;
     let key = model_key(model);
     let spec = &model.spec;
     let previous = model.status.clone().unwrap_or_default();
@@ -111,14 +116,39 @@ pub fn plan(
             format!("rolling out revision {rev}"),
         ));
     }
+    // A withdrawn stable revision is no rollback target.
+    if status
+        .stable_revision
+        .as_ref()
+        .is_some_and(|s| trust.withdrawn.contains_key(s))
+    {
+        status.stable_revision = None;
+    }
     let stable = status.stable_revision.clone();
 
-    // Select, and revoke the model from devices that are no longer candidates.
-    let selection = select::select(spec, devices, now);
-    let candidates = &selection.candidates;
+    // Select, revoke the model from devices that are no longer candidates, withdraw
+    // revisions no longer trusted, and set aside the devices that refused this one.
+    let mut selection = select::select(spec, devices, trust.pools, now);
     let fleet = Fleet::new(&key, devices);
+    let refused = trust::refused(&fleet, &selection.candidates, &rev);
     let (mut assignments, revoked) = assign::revoke(&fleet, &selection);
     events.extend(revoked);
+    let (withdrawn, withdrawals) = trust::withdraw(
+        &fleet,
+        &selection.candidates,
+        trust.withdrawn,
+        stable.as_deref(),
+        devices.iter().map(ResourceExt::name_any),
+    );
+    assignments.extend(withdrawn);
+    events.extend(withdrawals);
+    selection
+        .candidates
+        .retain(|name, _| !refused.contains_key(name));
+    let (listed, refusals) = trust::refusal_events(&refused, &rev, &previous.refusals);
+    status.refusals = listed;
+    events.extend(refusals);
+    let candidates = &selection.candidates;
 
     // Judge the gates on the devices already on the new revision.
     let n = candidates.len();
@@ -183,7 +213,7 @@ pub fn plan(
             back_to_stable(&mut assignments);
             Outcome::settled(ModelPhase::Failed)
         }
-        Verdict::NoCandidates => Outcome::no_candidates(),
+        Verdict::NoCandidates => no_candidates(model, &selection, trust),
         Verdict::Advance => {
             // Is the current step done (all its devices ready, pause elapsed)?
             let progress = Progress {
@@ -248,6 +278,7 @@ pub fn plan(
     status.devices.updated = i32::try_from(counts.updated).unwrap_or(i32::MAX);
     status.devices.ready = i32::try_from(counts.ready).unwrap_or(i32::MAX);
     status.devices.failed = i32::try_from(counts.failed).unwrap_or(i32::MAX);
+    status.devices.refused = i32::try_from(refused.len()).unwrap_or(i32::MAX);
     status.ready_devices = Some(format!("{}/{targeted}", counts.ready));
     status.phase = Some(outcome.phase);
     events.extend(report::signature_event(signature, &previous.conditions));
@@ -255,6 +286,7 @@ pub fn plan(
         signature,
         ready: counts.ready,
         targeted,
+        refused: refused.len(),
         generation,
         previous: &previous.conditions,
     };
@@ -264,4 +296,27 @@ pub fn plan(
         status,
         events,
     }
+}
+
+/// Why there is no candidate: no device pool is bound to the namespace, none of the
+/// devices the selector matches is in one, or none qualifies.
+fn no_candidates(model: &EdgeModel, selection: &select::Selection, trust: &Trust<'_>) -> Outcome {
+    let ns = model.namespace().unwrap_or_default();
+    let outside = selection
+        .excluded
+        .values()
+        .filter(|e| **e == Excluded::NotInNamespacePool)
+        .count();
+    let mut outcome = Outcome::no_candidates();
+    if trust.pools.is_empty() {
+        outcome.progressing_reason = reasons::NO_POOL;
+        outcome.progressing_message =
+            format!("no EdgeTrustPolicy binds a device pool to namespace {ns}");
+    } else if outside > 0 && selection.targeted == 0 {
+        outcome.progressing_reason = reasons::NO_POOL;
+        outcome.progressing_message = format!(
+            "the selector matches {outside} device(s), none in a device pool bound to namespace {ns}"
+        );
+    }
+    outcome
 }

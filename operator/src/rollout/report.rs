@@ -121,6 +121,8 @@ pub struct Observed<'a> {
     pub ready: usize,
     /// Devices targeted.
     pub targeted: i32,
+    /// Of those, the ones that refused the current revision on their own authority.
+    pub refused: usize,
     /// The `metadata.generation` described.
     pub generation: Option<i64>,
     /// The conditions before this plan.
@@ -133,6 +135,7 @@ pub fn conditions(outcome: Outcome, observed: &Observed<'_>, now: Timestamp) -> 
         signature,
         ready,
         targeted,
+        refused,
         generation,
         previous,
     } = *observed;
@@ -143,7 +146,14 @@ pub fn conditions(outcome: Outcome, observed: &Observed<'_>, now: Timestamp) -> 
         ),
         Err((reason, msg)) => (*reason, msg.clone()),
     };
-    let available = targeted > 0 && i32::try_from(ready).is_ok_and(|r| r == targeted);
+    // Devices that refused the revision are not waited for.
+    let serving = i64::from(targeted) - i64::try_from(refused).unwrap_or(i64::MAX);
+    let available = serving > 0 && i64::try_from(ready).is_ok_and(|r| r == serving);
+    let refusals = if refused > 0 {
+        format!(" ({refused} refused it)")
+    } else {
+        String::new()
+    };
     let Outcome {
         phase,
         progressing,
@@ -160,7 +170,7 @@ pub fn conditions(outcome: Outcome, observed: &Observed<'_>, now: Timestamp) -> 
             } else {
                 reasons::NOT_ALL_DEVICES_READY
             },
-            format!("{ready} of {targeted} targeted devices ready"),
+            format!("{ready} of {targeted} targeted devices ready{refusals}"),
             generation,
             previous,
             now,

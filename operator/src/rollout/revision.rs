@@ -1,6 +1,9 @@
 //! What a revision is: the digest of what devices run ([`revision`]), the check of its
-//! signature bundle against the trusted signers ([`check_signature`]), and the
-//! self-contained template devices are served from ([`template`], [`keep_templates`]).
+//! signature bundle against the trusted signers ([`check_signature`]; the signers are
+//! `spec.signers` as the trust policies resolve them), the self-contained template
+//! devices are served from ([`template`], [`keep_templates`]), and the check of every
+//! bundle in a template against its signers ([`verify_template`]), by which a kept
+//! revision stays or is withdrawn when the trust policies change.
 
 use std::collections::BTreeMap;
 
@@ -24,11 +27,13 @@ pub fn revision(spec: &EdgeModelSpec) -> String {
     hex::encode(&digest[..8])
 }
 
-/// Checks the signature bundle against the signers, and that it names the artifact.
-/// `fetched` is the bundle fetched from `signature.uri` (or why it could not be); an
-/// inline bundle is used as it is. `Err` carries the condition reason and message.
+/// Checks the signature bundle against `signers` (the resolved `spec.signers`), and
+/// that it names the artifact. `fetched` is the bundle fetched from `signature.uri` (or
+/// why it could not be); an inline bundle is used as it is. `Err` carries the condition
+/// reason and message.
 pub fn check_signature(
     spec: &EdgeModelSpec,
+    signers: &[TrustedSigner],
     fetched: Option<Result<&str, &str>>,
     now: std::time::SystemTime,
 ) -> Result<(), (&'static str, String)> {
@@ -49,7 +54,7 @@ pub fn check_signature(
             ));
         }
     };
-    let policy = trust_policy(&spec.signers).map_err(|e| (reasons::SIGNATURE_INVALID, e))?;
+    let policy = trust_policy(signers).map_err(|e| (reasons::SIGNATURE_INVALID, e))?;
     let (_, _, predicate) = ms::verify_bundle(inline.as_bytes(), &policy, now)
         .map_err(|e| (reasons::SIGNATURE_INVALID, format!("{}: {e}", e.reason())))?;
     let want = spec
@@ -90,11 +95,38 @@ fn trust_policy(
     Ok(edgefleet_trust::model_signing::TrustPolicy { signers })
 }
 
-/// What `spec` runs at revision `rev`, with every signature bundle resolved by
-/// `resolve` (given a `signature.uri`; inline bundles are used as they are). `Err` names
-/// the first bundle that is not available.
+/// Verifies every bundle of `t` (the model's, its variants', its plugins') against
+/// `t.signers`; `Err` names the first that does not verify. Digests are the devices'
+/// to check.
+pub fn verify_template(t: &RevisionTemplate, now: std::time::SystemTime) -> Result<(), String> {
+    use edgefleet_trust::model_signing as ms;
+    let policy = trust_policy(&t.signers)?;
+    let bundles = std::iter::once(("the model".to_owned(), &t.signature))
+        .chain(
+            t.variants
+                .iter()
+                .map(|v| (format!("variant {}", v.name), &v.signature)),
+        )
+        .chain(
+            t.plugins
+                .iter()
+                .map(|p| (format!("plugin {}", p.name), &p.signature)),
+        );
+    for (what, s) in bundles {
+        let bundle = s.inline.as_deref().unwrap_or_default();
+        ms::verify_bundle(bundle.as_bytes(), &policy, now)
+            .map_err(|e| format!("{what}: {}: {e}", e.reason()))?;
+    }
+    Ok(())
+}
+
+/// What `spec` runs at revision `rev`, verified against `signers` (the resolved
+/// `spec.signers`), with every signature bundle resolved by `resolve` (given a
+/// `signature.uri`; inline bundles are used as they are). `Err` names the first bundle
+/// that is not available.
 pub fn template(
     spec: &EdgeModelSpec,
+    signers: &[TrustedSigner],
     rev: &str,
     resolve: impl Fn(&str) -> Option<String>,
 ) -> Result<RevisionTemplate, String> {
@@ -128,7 +160,7 @@ pub fn template(
         artifact: spec.artifact.clone(),
         signature: inline("the model", &spec.signature)?,
         variants,
-        signers: spec.signers.clone(),
+        signers: signers.to_vec(),
         runtime: spec.runtime.clone(),
         plugins,
         port: spec.port,

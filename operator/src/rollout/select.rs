@@ -1,8 +1,8 @@
 //! Selection: which devices may run the model at all (the candidates), which variant
-//! each gets, and why the others are excluded. A candidate is selected, approved,
-//! `Attested` under the required policy with an unexpired, allowed result of an
-//! accepted evidence kind, and has the memory its variant (or the default artifact)
-//! needs.
+//! each gets, and why the others are excluded. A candidate is selected, in a device
+//! pool an EdgeTrustPolicy binds to the model's namespace, approved, `Attested` under
+//! the required policy with an unexpired, allowed result of an accepted evidence kind,
+//! and has the memory its variant (or the default artifact) needs.
 
 use std::collections::BTreeMap;
 
@@ -10,6 +10,7 @@ use edgefleet_crds::conditions::{self as cond, Status};
 use edgefleet_crds::model::ModelVariant;
 use edgefleet_crds::{EdgeDevice, EdgeModelSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
@@ -45,6 +46,9 @@ pub fn quantity_bytes(q: &Quantity) -> Option<u128> {
 pub enum Excluded {
     /// The selector does not match.
     NotSelected,
+    /// The selector matches, but the device is in no device pool that an
+    /// EdgeTrustPolicy binds to the model's namespace.
+    NotInNamespacePool,
     /// Not approved.
     NotApproved,
     /// No allowed, unexpired attestation of an accepted kind under the policy.
@@ -63,14 +67,19 @@ pub fn condition_true(device: &EdgeDevice, kind: &str) -> bool {
 }
 
 /// The variant a device gets (`None`: the default artifact), or why it gets nothing.
+/// `pools` are the selectors of the device pools bound to the model's namespace.
 pub fn candidate(
     spec: &EdgeModelSpec,
     selector: &Selector,
+    pools: &[Selector],
     device: &EdgeDevice,
     now: Timestamp,
 ) -> Result<Option<String>, Excluded> {
     if !selector.matches(device.labels()) {
         return Err(Excluded::NotSelected);
+    }
+    if !pools.iter().any(|p| p.matches(device.labels())) {
+        return Err(Excluded::NotInNamespacePool);
     }
     if !device.spec.approved {
         return Err(Excluded::NotApproved);
@@ -120,20 +129,32 @@ pub struct Selection {
     /// artifact).
     pub candidates: BTreeMap<String, Option<String>>,
     /// Devices the model targets: the candidates, and the approved devices the selector
-    /// matches that are not candidates (not attested, or too little memory).
+    /// matches in a bound pool that are not candidates (not attested, or too little
+    /// memory).
     pub targeted: i32,
     /// Why each device that is not a candidate is excluded.
     pub excluded: BTreeMap<String, Excluded>,
 }
 
-/// Selects the candidates for `spec` among `devices` at `now`. A selector that does
-/// not parse selects no device.
-pub fn select(spec: &EdgeModelSpec, devices: &[EdgeDevice], now: Timestamp) -> Selection {
+/// Selects the candidates for `spec` among `devices` at `now`, within the device pools
+/// `pools` (the selectors of the pools bound to the model's namespace). A selector
+/// that does not parse selects no device; a pool whose selector does not parse holds
+/// none.
+pub fn select(
+    spec: &EdgeModelSpec,
+    devices: &[EdgeDevice],
+    pools: &[LabelSelector],
+    now: Timestamp,
+) -> Selection {
     let selector: Result<Selector, _> = spec.selector.clone().try_into();
+    let pools: Vec<Selector> = pools
+        .iter()
+        .filter_map(|p| p.clone().try_into().ok())
+        .collect();
     let mut selection = Selection::default();
     for d in devices {
         let result = match &selector {
-            Ok(sel) => candidate(spec, sel, d, now),
+            Ok(sel) => candidate(spec, sel, &pools, d, now),
             Err(_) => Err(Excluded::NotSelected),
         };
         match result {
@@ -142,7 +163,8 @@ pub fn select(spec: &EdgeModelSpec, devices: &[EdgeDevice], now: Timestamp) -> S
                 selection.candidates.insert(d.name_any(), variant);
             }
             Err(e) => {
-                if !matches!(e, Excluded::NotSelected) && d.spec.approved {
+                let outside = matches!(e, Excluded::NotSelected | Excluded::NotInNamespacePool);
+                if !outside && d.spec.approved {
                     selection.targeted += 1;
                 }
                 selection.excluded.insert(d.name_any(), e);
@@ -192,7 +214,7 @@ mod tests {
             unapproved,
             small,
         ];
-        let s = select(&spec, &devices, now());
+        let s = select(&spec, &devices, &[LabelSelector::default()], now());
         assert_eq!(s.candidates, BTreeMap::from([("a".to_owned(), None)]));
         // The approved devices the selector matches count as targeted, candidates or not.
         assert_eq!(s.targeted, 3);
@@ -203,5 +225,55 @@ mod tests {
             s.excluded["unattested"],
             Excluded::NotAttested("no attestation".into())
         );
+    }
+
+    #[test]
+    fn only_devices_in_a_pool_bound_to_the_namespace_are_candidates() {
+        use crate::rollout::fixtures::{attested, device, now, spec};
+        let mut store = attested(device("store"));
+        store
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert("pool".into(), "stores".into());
+        let lab = attested(device("lab"));
+        let devices = [store, lab];
+        let spec = spec(serde_json::json!({"site": "a"}));
+        let pool = |labels: serde_json::Value| -> LabelSelector {
+            serde_json::from_value(serde_json::json!({"matchLabels": labels})).unwrap()
+        };
+        let bad: LabelSelector = serde_json::from_value(serde_json::json!({
+            "matchExpressions": [{"key": "pool", "operator": "Bogus"}]
+        }))
+        .unwrap();
+        // (pools bound to the namespace, candidates, devices excluded NotInNamespacePool)
+        let cases: [(Vec<LabelSelector>, &[&str], &[&str]); 5] = [
+            (vec![LabelSelector::default()], &["lab", "store"], &[]),
+            (
+                vec![pool(serde_json::json!({"pool": "stores"}))],
+                &["store"],
+                &["lab"],
+            ),
+            (vec![], &[], &["lab", "store"]),
+            (vec![bad], &[], &["lab", "store"]),
+            (
+                vec![
+                    pool(serde_json::json!({"pool": "elsewhere"})),
+                    pool(serde_json::json!({"site": "a"})),
+                ],
+                &["lab", "store"],
+                &[],
+            ),
+        ];
+        for (pools, want, outside) in cases {
+            let s = select(&spec, &devices, &pools, now());
+            let got: Vec<&str> = s.candidates.keys().map(String::as_str).collect();
+            assert_eq!(got, want, "{pools:?}");
+            for name in outside {
+                assert_eq!(s.excluded[*name], Excluded::NotInNamespacePool, "{pools:?}");
+            }
+            // Devices outside every bound pool are not targeted either.
+            assert_eq!(s.targeted, i32::try_from(want.len()).unwrap());
+        }
     }
 }

@@ -2,7 +2,9 @@
 //! state, its `spec.desiredModels` each resolved through its EdgeModel's
 //! `status.revisions` template, answered at once when it differs from `V`, else held
 //! until it changes or `N` seconds pass (304). Only approved devices with an allowed,
-//! unexpired attestation get models.
+//! unexpired attestation get models. Every device is told every signer of the
+//! EdgeTrustPolicies (`trustedSigners`): an agent with no local pins pins that set at
+//! first contact; the signers of each model are those its revision resolved to.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +43,13 @@ impl Fleet {
                 models.push(self.device_model(&name, d)?);
             }
         }
-        Ok(proto::DesiredState::new(name, models))
+        let trusted = crate::trust_policy::all_signers(&self.inner.policies.policies())
+            .iter()
+            .map(signer)
+            .collect();
+        Ok(proto::DesiredState::with_trusted_signers(
+            name, models, trusted,
+        ))
     }
 
     /// The EdgeModel (from the cache) whose template `d` names.
@@ -84,16 +92,7 @@ impl Fleet {
             served_name: t.served_name.clone(),
             artifact: art(artifact),
             bundle: signature.inline.clone().unwrap_or_default(),
-            signers: t
-                .signers
-                .iter()
-                .map(|s| proto::Signer {
-                    name: s.name.clone(),
-                    public_key: s.public_key.clone(),
-                    certificate_root: s.certificate_root.clone(),
-                    identities: s.identities.clone().unwrap_or_default(),
-                })
-                .collect(),
+            signers: t.signers.iter().map(signer).collect(),
             runtime: proto::Runtime {
                 context_size: pos(t.runtime.context_size),
                 threads: t.runtime.threads.map(pos),
@@ -126,6 +125,16 @@ impl Fleet {
                 .collect(),
             port: u16::try_from(t.port).unwrap_or(8080),
         })
+    }
+}
+
+/// A signer as devices receive it.
+fn signer(s: &edgefleet_crds::TrustedSigner) -> proto::Signer {
+    proto::Signer {
+        name: s.name.clone(),
+        public_key: s.public_key.clone(),
+        certificate_root: s.certificate_root.clone(),
+        identities: s.identities.clone().unwrap_or_default(),
     }
 }
 

@@ -1,7 +1,11 @@
-//! `POST /v1/enrol` (bootstrap token): a device asks to join the fleet with its name,
-//! facts, labels and identity key; the gateway creates its EdgeDevice, approved when
-//! the [`Approval`] policy says so. Enrolling again with the same key is answered from
-//! the existing EdgeDevice; another key for the same name is refused.
+//! `POST /v1/enrol`: a device asks to join the fleet with its name, facts, labels and
+//! identity key. A new device needs a bootstrap token (`tokens`), which allows its name
+//! and gives it the administrator's labels; one usage of the token is counted. The
+//! labels the device asks for itself are stored under the device-owned prefix
+//! `device.edgefleet.io/` (any other prefix is refused `LabelNotDeviceOwned`). The
+//! gateway creates the EdgeDevice, annotated with the token's id and approved when the
+//! [`Approval`] policy says so. Enrolling again with the same key needs no token and is
+//! answered from the existing EdgeDevice; another key for the same name is refused.
 
 use std::collections::BTreeMap;
 
@@ -17,15 +21,19 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use sha2::Digest as _;
 
+use edgefleet_crds::token::TOKEN_ANNOTATION;
+use edgefleet_crds::trust_policy::DEVICE_LABEL_PREFIX;
+
 use super::Fleet;
-use crate::gateway::error::{ApiError, Reason, authorize, json_body};
+use crate::gateway::error::{ApiError, Reason, json_body};
 
 /// Who is approved at enrolment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Approval {
     /// An administrator sets `spec.approved`.
     Manual,
-    /// Devices whose requested labels include all of these (none: every device).
+    /// Devices whose labels at enrolment (the token's, and the device's own under
+    /// `device.edgefleet.io/`) include all of these (none: every device).
     Auto(BTreeMap<String, String>),
 }
 
@@ -85,14 +93,74 @@ fn valid_label(k: &str, v: &str) -> bool {
     (prefix.is_empty() || valid_name(prefix)) && !name.is_empty() && part(name) && part(v)
 }
 
+/// The labels a device asked for, as stored: bare names and names already under
+/// [`DEVICE_LABEL_PREFIX`] go under it; a key with any other prefix is refused
+/// (`LabelNotDeviceOwned`), since only administrators set those.
+pub fn device_owned_labels(
+    asked: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, String> {
+    asked
+        .iter()
+        .map(|(k, v)| match k.rsplit_once('/') {
+            None => Ok((format!("{DEVICE_LABEL_PREFIX}{k}"), v.clone())),
+            Some(_) if k.starts_with(DEVICE_LABEL_PREFIX) => Ok((k.clone(), v.clone())),
+            Some(_) => Err(format!(
+                "label {k}: a device may ask only for bare label names, stored under \
+                 {DEVICE_LABEL_PREFIX}; other prefixes are set by administrators (on the \
+                 bootstrap token's deviceLabels)"
+            )),
+        })
+        .collect()
+}
+
 pub(super) async fn enrol(
     State(fleet): State<Fleet>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<proto::EnrolResponse>, ApiError> {
-    authorize(&headers, &fleet.inner.config.bootstrap_token)
-        .inspect_err(|e| fleet.count_refusal(e.reason()))?;
-    let req: proto::EnrolRequest = json_body(&body)?;
+    let result = enrol_inner(&fleet, &headers, &body).await;
+    if let Err(e) = &result {
+        fleet.count_refusal(e.reason());
+    }
+    result
+}
+
+/// The answer to a device that is enrolled already. With its own key it needs no token
+/// (its token may be used up or deleted by now): the answer tells it its approval and
+/// lease. Another key for the name is refused, to the holder of a valid token only.
+async fn existing(
+    fleet: &Fleet,
+    headers: &HeaderMap,
+    name: &str,
+    fingerprint: &str,
+    d: EdgeDevice,
+) -> Result<Json<proto::EnrolResponse>, ApiError> {
+    if d.spec.facts.agent_key_fingerprint == fingerprint {
+        return Ok(Json(proto::EnrolResponse {
+            device: name.to_owned(),
+            created: false,
+            approved: d.spec.approved,
+            attestation_lease_seconds: Some(fleet.inner.config.attestation_lease.as_secs()),
+        }));
+    }
+    fleet
+        .inner
+        .tokens
+        .check(&fleet.inner.client, headers, name)
+        .await?;
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        Reason::AlreadyEnrolled,
+        format!("{name} is enrolled with another key; delete the EdgeDevice to enrol it again"),
+    ))
+}
+
+async fn enrol_inner(
+    fleet: &Fleet,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Json<proto::EnrolResponse>, ApiError> {
+    let req: proto::EnrolRequest = json_body(body)?;
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, Reason::BadRequest, m);
     if !valid_name(&req.device) {
         return Err(bad(format!("{:?} is not a valid device name", req.device)));
@@ -130,7 +198,8 @@ pub(super) async fn enrol(
         ));
     }
     let fingerprint = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&key)));
-    let api: Api<EdgeDevice> = Api::all(fleet.inner.client.clone());
+    let client = &fleet.inner.client;
+    let api: Api<EdgeDevice> = Api::all(client.clone());
     let kube_err = |e: kube::Error| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -138,31 +207,31 @@ pub(super) async fn enrol(
             e.to_string(),
         )
     };
-    let existing = |d: EdgeDevice| {
-        if d.spec.facts.agent_key_fingerprint == fingerprint {
-            Ok(Json(proto::EnrolResponse {
-                device: req.device.clone(),
-                created: false,
-                approved: d.spec.approved,
-                attestation_lease_seconds: Some(fleet.inner.config.attestation_lease.as_secs()),
-            }))
-        } else {
-            fleet.count_refusal(Reason::AlreadyEnrolled);
-            Err(ApiError::new(
-                StatusCode::CONFLICT,
-                Reason::AlreadyEnrolled,
-                format!(
-                    "{} is enrolled with another key; delete the EdgeDevice to enrol it again",
-                    req.device
-                ),
-            ))
-        }
-    };
     // The cache answers for devices enrolled a while ago; a new one costs only the create.
     if let Some(d) = fleet.inner.devices.get(&ObjectRef::new(&req.device)) {
-        return existing((*d).clone());
+        return existing(fleet, headers, &req.device, &fingerprint, (*d).clone()).await;
     }
-    let approved = fleet.inner.config.approval.approves(&req.labels);
+    let asked = device_owned_labels(&req.labels)
+        .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, Reason::LabelNotDeviceOwned, m))?;
+    let admission = fleet
+        .inner
+        .tokens
+        .check(client, headers, &req.device)
+        .await?;
+    // Written after the check, read before the create: a device enrolled meanwhile (by a
+    // request the cache has not seen yet) is answered as enrolled, using no token.
+    if let Some(d) = api.get_opt(&req.device).await.map_err(kube_err)? {
+        return existing(fleet, headers, &req.device, &fingerprint, d).await;
+    }
+    let admission = fleet
+        .inner
+        .tokens
+        .consume(client, headers, admission, &req.device)
+        .await?;
+    // The token's labels are the administrator's and win over what the device asked.
+    let mut labels = asked;
+    labels.extend(admission.labels());
+    let approved = fleet.inner.config.approval.approves(&labels);
     let mut device = EdgeDevice::new(
         &req.device,
         EdgeDeviceSpec {
@@ -179,12 +248,23 @@ pub(super) async fn enrol(
             desired_models: vec![],
         },
     );
-    device.metadata.labels = Some(req.labels.clone());
-    match api.create(&PostParams::default(), &device).await {
+    device.metadata.labels = Some(labels);
+    if let Some(id) = admission.id() {
+        device.metadata.annotations = Some([(TOKEN_ANNOTATION.to_owned(), id)].into());
+    }
+    let created = api.create(&PostParams::default(), &device).await;
+    if created.is_err() {
+        fleet
+            .inner
+            .tokens
+            .give_back(client, &admission, &req.device)
+            .await;
+    }
+    match created {
         Ok(_) => {
             // A new device of an old name: nothing it reported before applies.
             fleet.inner.heartbeats.reported().forget(&req.device);
-            tracing::info!(device = %req.device, approved, "device enrolled");
+            tracing::info!(device = %req.device, approved, token = ?admission.id(), "device enrolled");
             Ok(Json(proto::EnrolResponse {
                 device: req.device.clone(),
                 created: true,
@@ -195,7 +275,7 @@ pub(super) async fn enrol(
         Err(kube::Error::Api(s)) if s.code == 409 => {
             // Enrolled concurrently: the same key is the same device.
             let d = api.get(&req.device).await.map_err(kube_err)?;
-            existing(d)
+            existing(fleet, headers, &req.device, &fingerprint, d).await
         }
         Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -241,5 +321,28 @@ mod tests {
         assert!(valid_label("edgefleet.io/pool", "retail"));
         assert!(!valid_label("edgefleet.io/pool", "re tail"));
         assert!(!valid_label("Bad_Prefix/x", "y"));
+    }
+
+    #[test]
+    fn a_device_asks_only_for_device_owned_labels() {
+        let asked = |pairs: &[(&str, &str)]| {
+            device_owned_labels(
+                &pairs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            )
+        };
+        assert_eq!(
+            asked(&[("zone", "front"), ("device.edgefleet.io/gpu", "none")]).unwrap(),
+            BTreeMap::from([
+                ("device.edgefleet.io/gpu".to_owned(), "none".to_owned()),
+                ("device.edgefleet.io/zone".to_owned(), "front".to_owned()),
+            ])
+        );
+        let refused = asked(&[("edgefleet.io/pool", "retail")]).unwrap_err();
+        assert!(refused.contains("edgefleet.io/pool"), "{refused}");
+        assert!(asked(&[("example.com/x", "y")]).is_err());
+        assert!(asked(&[]).unwrap().is_empty());
     }
 }

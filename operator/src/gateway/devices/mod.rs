@@ -1,4 +1,4 @@
-//! The gateway's device API: enrolment (bootstrap token), then, over mTLS with the
+//! The gateway's device API: enrolment (a bootstrap token for a new device), then, over mTLS with the
 //! certificate attestation issued, the desired-state long-poll, reports (heartbeats with
 //! model-state deltas, spooled while offline) and artifact downloads with `Range`.
 //! The messages are in [`edgefleet_proto`]. One module per thing a device asks for:
@@ -10,14 +10,15 @@
 //!   name, logged and counted (`Impersonation`, `KeyMismatch`,
 //!   `ClientCertificateRequired`).
 //! - `enrol`: `POST /v1/enrol` creates the EdgeDevice, approved or not by the
-//!   [`Approval`] policy.
+//!   [`Approval`] policy; `tokens`: the bootstrap token a new device needs
+//!   (`EdgeBootstrapToken`s, or the optional shared lab token).
 //! - `desired`: the desired-state long-poll.
 //! - `report`: heartbeats with model states, and the status writes they cost.
 //! - `artifacts`: artifact downloads, and mirroring assigned artifacts into the store.
 //!
 //! This module holds the [`Fleet`] itself: its settings, its watch caches (reflectors)
-//! of EdgeDevices and EdgeModels, which wake a waiting poll when its own device's
-//! relevant fields or a model's templates change, and its routes. The device cache is
+//! of EdgeDevices, EdgeModels and EdgeTrustPolicies, which wake a waiting poll when its
+//! own device's relevant fields, a model's templates or a policy change, and its routes. The device cache is
 //! shared with the EdgeModel reconciler ([`crate::device_cache`]).
 
 use std::collections::HashMap;
@@ -46,12 +47,14 @@ mod desired;
 mod enrol;
 mod identity;
 mod report;
+mod tokens;
 
 pub use artifacts::{Unsatisfiable, parse_range};
 pub use desired::DesiredQuery;
 pub use enrol::{Approval, valid_name};
 pub use identity::PeerCertificate;
 pub use report::{MAX_CONCURRENT_WRITES, REPORT_MANAGER};
+pub use tokens::MIN_SHARED_TOKEN_LEN;
 
 /// Settings of the device API.
 #[derive(Debug, Clone)]
@@ -66,8 +69,10 @@ pub struct FleetConfig {
     /// The heartbeat lease (reports write status at most every third of it, unless
     /// model states change).
     pub heartbeat_lease: Duration,
-    /// Token devices enrol with.
-    pub bootstrap_token: String,
+    /// The shared lab token (any device name, never expires), if any: new devices
+    /// enrol with it or with an `EdgeBootstrapToken`. At least
+    /// [`MIN_SHARED_TOKEN_LEN`] characters, or it admits nothing.
+    pub bootstrap_token: Option<String>,
     /// Refresh writes per second, fleet-wide (see the `report` module).
     pub refresh_per_second: f64,
     /// Report writes that carry a change, per second, fleet-wide (see the `report` module).
@@ -87,8 +92,11 @@ struct Inner {
     deliveries: Mutex<HashMap<String, report::Delivery>>,
     /// What the EdgeModel reconciler needs to plan on the device cache too.
     device_feed: DeviceFeed,
+    /// The EdgeTrustPolicies (their signers go to devices), shared with the reconciler.
+    policies: crate::trust_policy::TrustPolicies,
     writes: Arc<tokio::sync::Semaphore>,
     config: FleetConfig,
+    tokens: tokens::Tokens,
     counters: Arc<FleetCounters>,
 }
 
@@ -128,7 +136,10 @@ impl Fleet {
         let (devices, device_writer) = reflector::store();
         let (models, model_writer) = reflector::store();
         let (models_changed, _) = tokio::sync::watch::channel(0u64);
+        let (policies, keep_policies) = crate::trust_policy::TrustPolicies::watch(client.clone());
+        let policy_changes = policies.changes();
         let inner = Arc::new(Inner {
+            policies,
             heartbeats: Heartbeats::new(client.clone(), config.heartbeat_lease)
                 .with_refresh_rate(config.refresh_per_second)
                 .with_change_rate(config.change_per_second),
@@ -140,6 +151,7 @@ impl Fleet {
             models_changed,
             deliveries: Mutex::new(HashMap::new()),
             device_feed: DeviceFeed::default(),
+            tokens: tokens::Tokens::new(config.bootstrap_token.clone()),
             config,
             counters,
         });
@@ -197,7 +209,12 @@ impl Fleet {
                     }
                     futures::future::ready(())
                 });
-                futures::future::join(devices, models).await;
+                // A policy change changes every device's trusted signers.
+                let policies = policy_changes.for_each(|()| {
+                    fleet.inner.models_changed.send_modify(|n| *n += 1);
+                    futures::future::ready(())
+                });
+                futures::future::join4(devices, models, policies, keep_policies).await;
             }
         };
         (fleet, driver)
@@ -220,11 +237,16 @@ impl Fleet {
     /// The device cache as the EdgeModel reconciler plans on it, so that the leader
     /// keeps one copy of the fleet rather than two.
     pub fn shared_devices(&self) -> SharedDevices {
-        self.inner.device_feed.share(self.inner.devices.clone())
+        let mut shared = self.inner.device_feed.share(self.inner.devices.clone());
+        shared.policies = Some(self.inner.policies.clone());
+        shared
     }
 
-    /// Waits until both watch caches hold their first listing.
+    /// Waits until the watch caches hold their first listing.
     pub async fn ready(&self) -> Result<(), String> {
+        if !self.inner.policies.ready(Duration::from_secs(300)).await {
+            return Err("the EdgeTrustPolicy cache did not fill".into());
+        }
         self.inner
             .devices
             .wait_until_ready()

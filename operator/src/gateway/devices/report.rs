@@ -106,6 +106,7 @@ pub(super) async fn report(
                     revision: m.revision.chars().take(64).collect(),
                     state: model_state(m.state),
                     message: m.message.as_ref().map(|s| s.chars().take(1024).collect()),
+                    reason: m.reason.as_ref().map(|s| s.chars().take(63).collect()),
                     load_millis: m.load_millis.and_then(|v| i64::try_from(v).ok()),
                 });
             }
