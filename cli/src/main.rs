@@ -1,7 +1,8 @@
 //! `edgefleet`, the user command line: `model` (`model.rs`), `evidence` and `policy`
-//! (`attest.rs`), `token` (`token.rs`).
+//! (`attest.rs`), `token` (`token.rs`), `device` (`device.rs`).
 
 mod attest;
+mod device;
 mod model;
 mod token;
 
@@ -34,6 +35,9 @@ enum Command {
     /// Enrolment tokens (EdgeBootstrapToken) on the cluster of the current kubeconfig.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Devices (EdgeDevice) on the cluster of the current kubeconfig: re-keying.
+    #[command(subcommand)]
+    Device(device::DeviceCommand),
 }
 
 /// What a command prints, and whether it succeeded.
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
         Command::Evidence(cmd) => attest::evidence(cmd),
         Command::Policy(cmd) => attest::policy(cmd),
         Command::Token(cmd) => token::run(cmd).map(Outcome::ok),
+        Command::Device(cmd) => device::run(cmd).map(Outcome::ok),
     };
     match result {
         Ok(out) => {

@@ -117,7 +117,8 @@ pub fn generate() -> (String, String) {
     (random_chars(TOKEN_ID_LEN), random_chars(TOKEN_SECRET_LEN))
 }
 
-async fn client() -> anyhow::Result<kube::Client> {
+/// A client for the cluster of the current kubeconfig.
+pub(crate) async fn client() -> anyhow::Result<kube::Client> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     kube::Client::try_default()
         .await

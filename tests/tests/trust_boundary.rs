@@ -6,8 +6,9 @@
 //!   digest) in `status.hardwareIdentity`; the same name and the same agent key attesting
 //!   from TPM B are refused `HardwareMismatch` with no certificate, counted, published as
 //!   a Warning event, and A's identity stays; so is a fall-back to `dev` evidence;
-//! - after the administrator clears the identity (the documented `kubectl patch`), B is
-//!   accepted and recorded;
+//! - after the administrator clears the identity (`edgefleet device reset`, which
+//!   refuses an unknown name and a device with nothing recorded), B is accepted and
+//!   recorded;
 //! - two writers racing to record different identities: only the first wins, the other
 //!   reads the winner's, and the API server refuses to change a recorded identity;
 //! - an enrolled name cannot be taken by another token holder with another key
@@ -397,26 +398,40 @@ async fn a_device_is_pinned_to_its_first_tpm_until_an_admin_clears_it() {
         Some(ek_a.as_str())
     );
 
-    // The administrator re-keys the device: the command docs/fleet.md gives.
-    let out =
-        s.cp.kubectl()
-            .args([
-                "patch",
-                "edgedevice",
-                DEVICE,
-                "--subresource=status",
-                "--type=json",
-                "-p",
-                r#"[{"op":"remove","path":"/status/hardwareIdentity"}]"#,
-            ])
+    // The administrator re-keys the device with `edgefleet device reset`; a name with no
+    // EdgeDevice is refused by name and changes nothing.
+    let reset = |name: &str| {
+        let out = std::process::Command::new(edgefleet_e2e::local_fleet::binary("edgefleet").unwrap())
+            .args(["device", "reset", name])
+            .env("KUBECONFIG", s.cp.kubeconfig_path())
             .output()
             .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = reset("store-999-nobody");
+    assert!(!ok);
+    assert!(err.contains("no EdgeDevice store-999-nobody"), "{err}");
+    assert_eq!(
+        recorded_ek(&device(&s).await).as_deref(),
+        Some(ek_a.as_str())
+    );
+    let (ok, out, err) = reset(DEVICE);
+    assert!(ok, "{err}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        out.contains(&format!("reset the hardware identity of {DEVICE}")) && out.contains(&ek_a),
+        "{out}"
     );
     assert_eq!(device(&s).await.status.unwrap().hardware_identity, None);
+    let (ok, _, err) = reset(DEVICE);
+    assert!(!ok);
+    assert!(
+        err.contains("has no recorded hardware identity: nothing to reset"),
+        "{err}"
+    );
 
     // Now B is accepted, and is the device's hardware from here on.
     let b = tpm_round(&s, &s.tpm_b).await.unwrap();
