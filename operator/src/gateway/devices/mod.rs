@@ -56,8 +56,8 @@ pub use identity::PeerCertificate;
 pub use report::{MAX_CONCURRENT_WRITES, REPORT_MANAGER};
 pub use tokens::MIN_SHARED_TOKEN_LEN;
 
-/// Settings of the device API.
-#[derive(Debug, Clone)]
+/// Settings of the device API. Its `Debug` never shows the shared token.
+#[derive(Clone)]
 pub struct FleetConfig {
     /// Content-addressed artifact store: files named by their SHA-256 (hex).
     pub artifact_dir: PathBuf,
@@ -80,6 +80,24 @@ pub struct FleetConfig {
     /// The attestation lease told to devices at enrolment: how long after its last
     /// successful attestation a device may serve without attesting again.
     pub attestation_lease: Duration,
+}
+
+impl std::fmt::Debug for FleetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetConfig")
+            .field("artifact_dir", &self.artifact_dir)
+            .field("mirror", &self.mirror)
+            .field("approval", &self.approval)
+            .field("heartbeat_lease", &self.heartbeat_lease)
+            .field(
+                "bootstrap_token",
+                &self.bootstrap_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("refresh_per_second", &self.refresh_per_second)
+            .field("change_per_second", &self.change_per_second)
+            .field("attestation_lease", &self.attestation_lease)
+            .finish()
+    }
 }
 
 struct Inner {
@@ -295,5 +313,29 @@ impl Fleet {
                 get(artifacts::artifact),
             )
             .with_state(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_debug_form_of_the_settings_never_shows_the_shared_token() {
+        let mut config = FleetConfig {
+            artifact_dir: PathBuf::from("/var/lib/edgefleet/artifacts"),
+            mirror: None,
+            approval: Approval::Manual,
+            heartbeat_lease: Duration::from_secs(30),
+            bootstrap_token: Some("lab-token-that-must-not-leak-0123".into()),
+            refresh_per_second: 10.0,
+            change_per_second: 10.0,
+            attestation_lease: Duration::from_secs(86_400),
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("lab-token-that-must-not-leak"), "{shown}");
+        assert!(shown.contains("bootstrap_token: Some(\"<redacted>\")"), "{shown}");
+        config.bootstrap_token = None;
+        assert!(format!("{config:?}").contains("bootstrap_token: None"));
     }
 }
