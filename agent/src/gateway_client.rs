@@ -42,12 +42,21 @@ pub fn roots(ca_pem: &[u8]) -> Result<rustls::RootCertStore, GatewayError> {
     Ok(roots)
 }
 
-/// A gateway client.
-#[derive(Debug, Clone)]
+/// A gateway client. Its `Debug` never shows the token.
+#[derive(Clone)]
 pub struct GatewayClient {
     http: reqwest::Client,
     base: String,
     token: String,
+}
+
+impl std::fmt::Debug for GatewayClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayClient")
+            .field("base", &self.base)
+            .field("has_token", &!self.token.is_empty())
+            .finish_non_exhaustive()
+    }
 }
 
 impl GatewayClient {

@@ -401,11 +401,12 @@ async fn a_device_is_pinned_to_its_first_tpm_until_an_admin_clears_it() {
     // The administrator re-keys the device with `edgefleet device reset`; a name with no
     // EdgeDevice is refused by name and changes nothing.
     let reset = |name: &str| {
-        let out = std::process::Command::new(edgefleet_e2e::local_fleet::binary("edgefleet").unwrap())
-            .args(["device", "reset", name])
-            .env("KUBECONFIG", s.cp.kubeconfig_path())
-            .output()
-            .unwrap();
+        let out =
+            std::process::Command::new(edgefleet_e2e::local_fleet::binary("edgefleet").unwrap())
+                .args(["device", "reset", name])
+                .env("KUBECONFIG", s.cp.kubeconfig_path())
+                .output()
+                .unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -1066,7 +1067,7 @@ mod chart {
         let mut v = json!({
             "gateway": {
                 "approval": "auto",
-                "bootstrapToken": {"existingSecret": "fleet-token"}
+                "bootstrapToken": {"shared": true, "existingSecret": "fleet-token"}
             }
         });
         if !roots.is_null() {

@@ -238,8 +238,9 @@ impl LocalPins {
 
     /// Pins `cluster` (the gateway's whole trusted set) when nothing is pinned yet and
     /// first use is allowed: written to the first-use file, logged as a warning. True
-    /// when it pinned; an already pinned device, an empty `cluster`, a signer that does
-    /// not parse, or `first_use = false` pin nothing.
+    /// when it pinned; an already pinned device, an empty `cluster` (or one none of whose
+    /// signers parses), or `first_use = false` pin nothing. A signer that does not parse
+    /// is left out of the pins, with a warning.
     pub async fn pin_first_use(&mut self, cluster: &[proto::Signer]) -> Result<bool, PinError> {
         let Some(file) = self.first_use.clone() else {
             return Ok(false);
@@ -247,20 +248,27 @@ impl LocalPins {
         if self.source != PinSource::Unpinned || cluster.is_empty() {
             return Ok(false);
         }
-        let pins = cluster
-            .iter()
-            .map(|s| {
-                material(s)
-                    .map(|material| Pin {
-                        signer: s.clone(),
-                        material,
-                    })
-                    .map_err(|why| PinError::Invalid {
-                        path: file.clone(),
-                        why: format!("the gateway's signer {why}"),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        // A signer that does not parse is left out (and named), so that one bad entry in
+        // the cluster's policies does not leave every new device unpinned.
+        let mut pins = Vec::new();
+        for s in cluster {
+            match material(s) {
+                Ok(material) => pins.push(Pin {
+                    signer: s.clone(),
+                    material,
+                }),
+                Err(why) => tracing::warn!(
+                    signer = %s.name,
+                    why = %why,
+                    "trust on first use: leaving out a signer of the cluster that does not parse"
+                ),
+            }
+        }
+        if pins.is_empty() {
+            return Ok(false);
+        }
+        let cluster: Vec<proto::Signer> = pins.iter().map(|p| p.signer.clone()).collect();
+        let cluster = cluster.as_slice();
         let io = |source| PinError::Io {
             path: file.clone(),
             source,
@@ -352,6 +360,27 @@ impl LocalPins {
     }
 }
 
+/// Whether any of `served` (the signers of a revision this device serves) is among
+/// `cluster` (the cluster's whole trusted set, as the gateway sent it), matched as
+/// [`LocalPins::intersect`] matches. Signers of `cluster` that do not parse match
+/// nothing.
+pub fn still_trusted(served: &[proto::Signer], cluster: &[proto::Signer]) -> bool {
+    let set = LocalPins {
+        pins: cluster
+            .iter()
+            .filter_map(|s| {
+                material(s).ok().map(|material| Pin {
+                    signer: s.clone(),
+                    material,
+                })
+            })
+            .collect(),
+        source: PinSource::Unpinned,
+        first_use: None,
+    };
+    set.intersect(served).is_ok()
+}
+
 fn same_key(a: &PublicKey, b: &PublicKey) -> bool {
     match (a.to_spki_der(), b.to_spki_der()) {
         (Ok(a), Ok(b)) => a == b,
@@ -419,6 +448,49 @@ mod tests {
             vec![signer("a", a)]
         );
         assert!(again.intersect(&[signer("b", b)]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_cluster_signer_that_does_not_parse_is_left_out_of_the_first_use_pins() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = config(tmp.path(), true);
+        let mut pins = LocalPins::load(&c).unwrap();
+        let bad = signer(
+            "typo",
+            "-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n",
+        );
+        // Only a bad signer: nothing is pinned, the device stays unpinned.
+        assert!(
+            !pins
+                .pin_first_use(std::slice::from_ref(&bad))
+                .await
+                .unwrap()
+        );
+        assert_eq!(pins.source(), &PinSource::Unpinned);
+        // A bad signer beside a good one: the good one is pinned, the bad one is not.
+        assert!(pins.pin_first_use(&[bad, signer("a", A)]).await.unwrap());
+        assert_eq!(pins.len(), 1);
+        assert!(pins.intersect(&[signer("a", A)]).is_ok());
+        let kept: Vec<proto::Signer> = serde_json::from_slice(
+            &std::fs::read(tmp.path().join("state/trust/first-use.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(kept, vec![signer("a", A)]);
+    }
+
+    #[test]
+    fn a_served_revision_is_still_trusted_only_while_the_cluster_holds_one_of_its_keys() {
+        let served = [signer("models-team", A)];
+        assert!(still_trusted(
+            &served,
+            &[signer("b", B), signer("renamed", A)]
+        ));
+        assert!(
+            !still_trusted(&served, &[signer("models-team", B)]),
+            "same name, other key"
+        );
+        assert!(!still_trusted(&served, &[]));
+        assert!(!still_trusted(&served, &[signer("x", "not a pem")]));
     }
 
     #[tokio::test]

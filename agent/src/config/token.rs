@@ -1,7 +1,8 @@
 //! The bootstrap token on the device. It is read from a file only its owner can read:
 //! `gateway.bootstrap_token_file`, or systemd's `$CREDENTIALS_DIRECTORY/bootstrap-token`
 //! (a group- or world-readable file is refused, `TokenFileTooOpen`; an inline token and
-//! a file together are `TokenConflict`). The token serves only the device's first
+//! an existing file together are `TokenConflict`; with the file missing, an inline
+//! token is used, so that an upgraded device still starts). The token serves only the device's first
 //! enrolment: a configured file that is missing means no token, and with
 //! `gateway.delete_token_after_enrol` the agent deletes that file once it is enrolled
 //! (never the systemd credential's copy, which systemd owns).
@@ -10,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use super::{ConfigError, GatewayConfig, Secret};
 
-/// The systemd credential name the bootstrap token is loaded as
-/// (`LoadCredential=bootstrap-token:/etc/edgefleet/bootstrap-token`).
+/// The systemd credential name the bootstrap token is read as, for a unit that adds
+/// `LoadCredential=bootstrap-token:<file>` (the packaged unit does not: it names a file).
 pub const TOKEN_CREDENTIAL: &str = "bootstrap-token";
 
 /// Reads a bootstrap token file, refusing one that group or others may read
@@ -49,11 +50,14 @@ pub(super) fn resolve_token(
         (None, Some(c)) => (c, true),
         (None, None) => return Ok(()),
     };
-    if !g.bootstrap_token.expose().is_empty() {
-        return Err(ConfigError::TokenConflict);
-    }
+    // A missing token file is no token. An inline token (say, the environment an
+    // earlier package told owners to set) is then kept, not refused: the agent must
+    // still start after an upgrade that added the file setting.
     if !is_credential && !file.exists() {
         return Ok(());
+    }
+    if !g.bootstrap_token.expose().is_empty() {
+        return Err(ConfigError::TokenConflict);
     }
     g.bootstrap_token = read_token_file(&file)?;
     g.bootstrap_token_file = Some(file);
@@ -147,6 +151,19 @@ mod tests {
             load(d.path(), []).unwrap_err(),
             ConfigError::TokenConflict
         ));
+        // The same with the file missing (a device upgraded from a package that had the
+        // token in the environment): the inline token is used, the agent starts.
+        let missing = secrets.path().join("missing");
+        let d = dir(&[(
+            "agent.toml",
+            &format!("{BASE}bootstrap_token_file = \"{}\"\n", missing.display()),
+        )]);
+        let c = load(d.path(), []).unwrap();
+        assert!(!c.gateway.bootstrap_token.expose().is_empty());
+        assert_eq!(
+            c.gateway.bootstrap_token_file.as_deref(),
+            Some(missing.as_path())
+        );
     }
 
     #[test]

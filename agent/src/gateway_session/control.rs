@@ -1,6 +1,6 @@
 //! The connection to the gateway: enrol (a bootstrap token only for the first
-//! enrolment; the configured token file is deleted after it when
-//! `gateway.delete_token_after_enrol` is set), attest (the device's key and evidence →
+//! enrolment: once the gateway answered one, the process never sends it again, and the
+//! configured token file is deleted when `gateway.delete_token_after_enrol` is set), attest (the device's key and evidence →
 //! client certificate; no token, so a device whose certificate lapsed while it was
 //! offline comes back the same way), then long-poll the desired state over mTLS and converge, until it is
 //! time to attest again (within two thirds of the attestation lease); reconnect with
@@ -50,8 +50,14 @@ impl FleetAgent {
             path: cfg.gateway.ca.clone(),
             source: e,
         })?;
-        let bootstrap =
-            GatewayClient::new(&cfg.gateway.url, &ca, cfg.gateway.bootstrap_token.expose())?;
+        // The token serves the first enrolment only: once enrolled, this process asks
+        // with its key alone.
+        let token = if self.enrolled.load(std::sync::atomic::Ordering::Relaxed) {
+            ""
+        } else {
+            cfg.gateway.bootstrap_token.expose()
+        };
+        let bootstrap = GatewayClient::new(&cfg.gateway.url, &ca, token)?;
         let key = crate::enrol::agent_key(self.state_dir())?;
         let enrolled = bootstrap
             .enrol(&proto::EnrolRequest {
@@ -73,6 +79,8 @@ impl FleetAgent {
                 e => e.into(),
             })?;
         // Enrolled: the token has served its purpose.
+        self.enrolled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         crate::config::delete_token_after_enrol(&cfg.gateway);
         if !enrolled.approved {
             // Revoked (or never approved): nothing is served until the gateway says so.

@@ -200,7 +200,28 @@ impl FleetAgent {
         {
             tracing::error!(error = %e, "pinning the cluster's signers at first use");
         }
-        let current = self.active.lock().await.clone();
+        let mut current = self.active.lock().await.clone();
+        // What this device serves must still be vouched for by the cluster, whether or
+        // not it is what the gateway assigns: a revision kept after the device refused
+        // its successor, or restored as last-known-good, stops being served once the
+        // cluster trusts none of its signers (the signer was removed from every
+        // EdgeTrustPolicy). An empty set (no policy, or a gateway that sends none) is
+        // left to the gateway's unassignment.
+        if let Some(c) = current.as_ref().filter(|c| {
+            !desired.trusted_signers.is_empty()
+                && !crate::activation::pins::still_trusted(&c.signers, &desired.trusted_signers)
+        }) {
+            tracing::warn!(
+                model = %c.model,
+                revision = %c.revision,
+                "SignerWithdrawn: the cluster trusts none of the served revision's signers any more; unloading it"
+            );
+            self.serving.uninstall();
+            store::forget_last_known_good(self.state_dir()).await;
+            *self.active.lock().await = None;
+            crate::systemd::status("serving no model");
+            current = None;
+        }
         let Some(want) = desired.models.first() else {
             if let Some(c) = current {
                 tracing::info!(model = %c.model, "unassigned; unloading");
@@ -315,5 +336,89 @@ mod tests {
         assert_eq!(r.state, proto::ModelState::Failed);
         let msg = r.message.unwrap();
         assert!(!msg.contains("PluginGrantDenied"), "{msg}");
+    }
+
+    const KEY_A: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEapxR2CK3oM+d9JePZz6HpWSsy77H\np0UQGha2jnt32/VjZs3dx3aUJOVxUVZKiAgs71XBzOUCkRsKcVMqkUlT/w==\n-----END PUBLIC KEY-----\n";
+    const KEY_B: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEWqep+ntKqtGvIlvRREqF3VzddSes\nwKrO9gjU/JC4q1NFJgMrxSyyOOcuNvqo8R93bXPuV7uKd0mR/f0ZWzLTOw==\n-----END PUBLIC KEY-----\n";
+
+    fn key_signer(name: &str, pem: &str) -> proto::Signer {
+        serde_json::from_value(serde_json::json!({ "name": name, "publicKey": pem })).unwrap()
+    }
+
+    /// A revision this device serves although the gateway no longer assigns it (the
+    /// device refused its successor): kept while the cluster trusts one of its signers,
+    /// unloaded (and forgotten as last-known-good) once it trusts none.
+    #[tokio::test]
+    async fn a_served_revision_whose_signers_the_cluster_dropped_is_unloaded() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(
+            d.path().join("agent.toml"),
+            format!(
+                "state_dir = \"{}\"\n[device]\nname = \"till-1\"\n[gateway]\nurl = \"https://gw:8443\"\n",
+                state.display()
+            ),
+        )
+        .unwrap();
+        let config = crate::config::load(d.path(), Vec::new()).unwrap();
+        let agent = FleetAgent::new(config, Serving::new()).unwrap();
+        let mut served = model_asking(serde_json::json!({}));
+        served.plugins.clear();
+        served.signers = vec![key_signer("models-team", KEY_A)];
+        store::record_last_known_good(&state, &served)
+            .await
+            .unwrap();
+        *agent.active.lock().await = Some(served.clone());
+        // Its successor asks for a grant this device does not allow: refused locally,
+        // before anything is fetched (the client is never used).
+        let mut successor = model_asking(serde_json::json!({ "network": true }));
+        successor.revision = "r2".into();
+        successor.signers = served.signers.clone();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["till-1".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let client = DeviceClient::new(
+            "https://127.0.0.1:9",
+            cert.pem().as_bytes(),
+            cert.pem().as_bytes(),
+            key.serialize_pem().as_bytes(),
+            "till-1",
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
+        let desired = |trusted: Vec<proto::Signer>| {
+            proto::DesiredState::with_trusted_signers(
+                "till-1".into(),
+                vec![successor.clone()],
+                trusted,
+            )
+        };
+
+        // The cluster still trusts its key (under another name, beside another key):
+        // the device refuses r2 and keeps serving r1.
+        agent
+            .converge(
+                &client,
+                &desired(vec![key_signer("b", KEY_B), key_signer("renamed", KEY_A)]),
+            )
+            .await;
+        assert_eq!(agent.active.lock().await.as_ref(), Some(&served));
+        let r2 = agent.shared.lock().unwrap().models.clone();
+        assert_eq!(r2.len(), 1);
+        assert_eq!(r2[0].reason.as_deref(), Some("PluginGrantDenied"));
+        assert!(store::last_known_good(&state).await.is_some());
+
+        // The key is removed from every policy: r1 is unloaded and forgotten.
+        agent
+            .converge(&client, &desired(vec![key_signer("other", KEY_B)]))
+            .await;
+        assert_eq!(agent.active.lock().await.as_ref(), None);
+        assert!(
+            store::last_known_good(&state).await.is_none(),
+            "forgotten as last-known-good"
+        );
     }
 }

@@ -92,6 +92,10 @@ pub struct FleetAgent {
     lease: Mutex<lease::LeaseState>,
     /// The device's own trust roots, which the gateway's signers are narrowed to.
     pins: tokio::sync::Mutex<LocalPins>,
+    /// Set once the gateway answered an enrolment: from then on this process sends no
+    /// bootstrap token, so a device an administrator deleted is not re-enrolled by the
+    /// token it still holds in memory (a new one, in a restarted agent, enrols it).
+    enrolled: std::sync::atomic::AtomicBool,
 }
 
 /// How long a change of model states waits for the changes right behind it (Loading
@@ -133,6 +137,7 @@ impl FleetAgent {
             models_changed: tokio::sync::Notify::new(),
             lease: Mutex::default(),
             pins: tokio::sync::Mutex::new(pins),
+            enrolled: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 

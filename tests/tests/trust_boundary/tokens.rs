@@ -550,5 +550,54 @@ mod processes {
         )
         .await;
         assert!(devices.get_opt("tok-2").await.unwrap().is_none());
+
+        // A device the administrator deleted is not enrolled again by the token its
+        // running agent read at start, even with usages left: the token served the
+        // first enrolment only.
+        let (ok, out, err) = edgefleet(
+            &cp,
+            &[
+                "token",
+                "create",
+                "--usages",
+                "2",
+                "--names",
+                "tok-3",
+                "--label",
+                "edgefleet.io/pool=tok",
+            ],
+        );
+        assert!(ok, "{err}");
+        let (id3, _) = edgefleet_crds::token::parse_token(out.trim()).unwrap();
+        let id3 = id3.to_owned();
+        let file3 = d.join("tok-3/token");
+        std::fs::create_dir_all(d.join("tok-3")).unwrap();
+        std::fs::write(&file3, out.trim()).unwrap();
+        std::fs::set_permissions(
+            &file3,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+        )
+        .unwrap();
+        let _tok3 = agent(d, "tok-3", &gateway);
+        eventually("tok-3 attested", Duration::from_secs(90), || async {
+            attested_at(&devices.get_opt("tok-3").await.ok()??)
+        })
+        .await;
+        devices.delete("tok-3", &Default::default()).await.unwrap();
+        eventually(
+            "tok-3 says NoBootstrapToken",
+            Duration::from_secs(90),
+            || async { log("tok-3").contains("NoBootstrapToken").then_some(()) },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(devices.get_opt("tok-3").await.unwrap().is_none());
+        let usages = Api::<EdgeBootstrapToken>::all(client.clone())
+            .get(&id3)
+            .await
+            .unwrap()
+            .status
+            .map_or(0, |s| s.usages);
+        assert_eq!(usages, 1, "the deleted device used the token again");
     }
 }

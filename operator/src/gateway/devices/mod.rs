@@ -334,7 +334,10 @@ mod tests {
         };
         let shown = format!("{config:?}");
         assert!(!shown.contains("lab-token-that-must-not-leak"), "{shown}");
-        assert!(shown.contains("bootstrap_token: Some(\"<redacted>\")"), "{shown}");
+        assert!(
+            shown.contains("bootstrap_token: Some(\"<redacted>\")"),
+            "{shown}"
+        );
         config.bootstrap_token = None;
         assert!(format!("{config:?}").contains("bootstrap_token: None"));
     }

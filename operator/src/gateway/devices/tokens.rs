@@ -63,13 +63,21 @@ impl Admission {
 
 /// The enrolment tokens a gateway admits: the shared lab token, if any, and the
 /// `EdgeBootstrapToken`s in the cluster.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(super) struct Tokens {
     shared: Option<String>,
     /// One lock per token id, so that one gateway counts a token's usages in turn,
     /// holding the token as this gateway last wrote it (a usage is written on that,
     /// not on a read from before the previous usage, which would only conflict).
     counting: Mutex<HashMap<String, Counting>>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("shared", &self.shared.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
 }
 
 fn refused(status: StatusCode, reason: Reason, message: impl Into<String>) -> ApiError {
