@@ -13,7 +13,17 @@ fn root() -> &'static Path {
 #[test]
 fn committed_crds_match_the_types() {
     let crds = generated_crds().unwrap();
-    assert_eq!(crds.len(), 2);
+    let mut names: Vec<&str> = crds.iter().map(|c| c.file_name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "edgebootstraptokens.edgefleet.io.yaml",
+            "edgedevices.edgefleet.io.yaml",
+            "edgemodels.edgefleet.io.yaml",
+            "edgetrustpolicies.edgefleet.io.yaml",
+        ]
+    );
     for crd in crds {
         let path = root().join("crds/generated").join(&crd.file_name);
         let committed = std::fs::read_to_string(&path)
@@ -77,6 +87,14 @@ fn examples_parse_as_typed_resources() {
     .unwrap();
     assert!(device.spec.approved);
     assert_eq!(device.spec.facts.cpu_cores, 4);
+    let policy: edgefleet_crds::EdgeTrustPolicy = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("examples/edgetrustpolicy.yaml")).unwrap(),
+    )
+    .unwrap();
+    // The signer and pool the example EdgeModel needs.
+    assert_eq!(policy.spec.signers[0].name, "models-team");
+    assert_eq!(policy.spec.signers[0].namespaces, ["retail"]);
+    assert_eq!(policy.spec.device_pools[0].namespaces, ["retail"]);
 }
 
 #[test]
