@@ -762,6 +762,14 @@ mod revocation {
             (get(netns, &ready).await.0 == 200).then_some(())
         })
         .await;
+        // The agent answers as soon as the model is installed and records it as
+        // last-known-good right after; the tests that restart it need that record.
+        eventually(
+            "the model recorded as last-known-good",
+            Duration::from_secs(30),
+            || async { f.log().contains("converge: serving").then_some(()) },
+        )
+        .await;
         f
     }
 
