@@ -78,6 +78,8 @@ pub struct FleetCounters {
     pub artifact_bytes: Counter,
     /// Device connections closed because the device opened a newer one.
     pub superseded: Counter,
+    /// Unidentified connections closed because newer ones went over the cap.
+    pub unidentified_evicted: Counter,
 }
 
 /// The operator's metrics.
@@ -167,6 +169,11 @@ impl Default for Metrics {
             "gateway_connections_superseded",
             "Device connections the gateway closed because the device opened a newer one",
             gateway.superseded.clone(),
+        );
+        registry.register(
+            "gateway_unidentified_evicted",
+            "Connections no device had claimed, closed because newer ones went over the cap (a flood, or many devices enrolling at once)",
+            gateway.unidentified_evicted.clone(),
         );
         Self {
             registry,

@@ -139,6 +139,57 @@ fn dev_evidence_verifies_but_the_default_policy_refuses_it() {
 }
 
 #[test]
+fn a_device_asking_in_a_loop_replaces_its_own_oldest_challenges_only() {
+    use edgefleet_trust::attestation::service::MAX_PENDING_PER_DEVICE;
+    let svc = service(vec![], vec![]);
+    let (key, csr) = agent_key();
+    let dev = DevAttester::generate();
+    let ask = |device: &str| {
+        svc.challenge(
+            &ChallengeRequest {
+                device: device.into(),
+                agent_public_key: key.clone(),
+                tee: TeeKind::Dev,
+                tpm: None,
+            },
+            now(),
+        )
+        .unwrap()
+    };
+    let answer = |c: &edgefleet_trust::attestation::service::Challenge, device: &str| {
+        let rd: [u8; 64] = hex::decode(&c.report_data).unwrap().try_into().unwrap();
+        svc.evidence(
+            &EvidenceRequest {
+                device: device.into(),
+                nonce: c.nonce.clone(),
+                csr: csr.clone(),
+                evidence: Evidence::Dev {
+                    evidence: dev.evidence(&rd).unwrap(),
+                },
+            },
+            now(),
+        )
+    };
+    let other = ask("till-b");
+    let flood: Vec<_> = (0..1000).map(|_| ask("till-a")).collect();
+    // Only till-a's newest challenges are kept; the oldest is gone.
+    assert_eq!(
+        answer(&flood[0], "till-a").unwrap_err().reason(),
+        "UnknownNonce"
+    );
+    assert_eq!(
+        answer(&flood[1000 - MAX_PENDING_PER_DEVICE - 1], "till-a")
+            .unwrap_err()
+            .reason(),
+        "UnknownNonce"
+    );
+    answer(&flood[1000 - MAX_PENDING_PER_DEVICE], "till-a").unwrap();
+    answer(&flood[999], "till-a").unwrap();
+    // Another device's challenge was never touched.
+    answer(&other, "till-b").unwrap();
+}
+
+#[test]
 fn challenges_expire_and_bind_device_and_key() {
     let svc = service(vec![], vec![]);
     let (key, csr) = agent_key();

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use edgefleet_e2e::local_fleet::Ca;
 use edgefleet_e2e::wait::eventually;
+use edgefleet_operator::gateway::unidentified::UnidentifiedLimits;
 use edgefleet_operator::gateway::{self, ConnectionOptions, DeviceConnections};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -31,6 +32,10 @@ struct Server {
 const NO_KEEPALIVE: ConnectionOptions = ConnectionOptions {
     keepalive_idle: None,
     keepalive_timeout: Duration::from_secs(20),
+    unidentified: UnidentifiedLimits {
+        cap: 4096,
+        lifetime: Duration::from_secs(60),
+    },
 };
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -303,6 +308,7 @@ async fn a_peer_that_stops_answering_pings_is_closed_and_one_that_answers_is_kep
     let s = server(ConnectionOptions {
         keepalive_idle: Some(Duration::from_secs(1)),
         keepalive_timeout: Duration::from_secs(1),
+        ..NO_KEEPALIVE
     })
     .await;
     let mut silent = connect(&s, Some("till-a"), b"h2").await;
@@ -325,4 +331,118 @@ async fn a_peer_that_stops_answering_pings_is_closed_and_one_that_answers_is_kep
         pings >= 2,
         "the gateway pinged the quiet peer ({pings} pings)"
     );
+}
+
+/// `options` with these limits on unidentified connections.
+fn limited(cap: usize, lifetime: Duration) -> ConnectionOptions {
+    ConnectionOptions {
+        unidentified: UnidentifiedLimits { cap, lifetime },
+        ..NO_KEEPALIVE
+    }
+}
+
+/// An HTTP/1.1 response's status line, read within `wait`.
+async fn http1_status(raw: &mut Raw, wait: Duration) -> Option<String> {
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(wait, raw.tls.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn http1_headers_that_drip_are_cut_off() {
+    let s = server(limited(2048, Duration::from_secs(600))).await;
+    let mut drip = connect(&s, None, b"http/1.1").await;
+    drip.tls
+        .write_all(b"GET /v1/devices/x/desired HTTP/1.1\r\nhost: 12")
+        .await
+        .unwrap();
+    drip.tls.flush().await.unwrap();
+    let started = Instant::now();
+    let header_timeout = gateway::unidentified::HEADER_READ_TIMEOUT;
+    assert!(
+        drip.closed_within(header_timeout + Duration::from_secs(5))
+            .await,
+        "a client that never finishes its headers is cut off"
+    );
+    assert!(started.elapsed() >= header_timeout - Duration::from_secs(1));
+    // A client that sends its request in time is answered on the same kind of
+    // connection.
+    let mut prompt = connect(&s, None, b"http/1.1").await;
+    prompt
+        .tls
+        .write_all(b"GET /v1/devices/x/desired HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        http1_status(&mut prompt, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+}
+
+#[tokio::test]
+async fn an_unidentified_connection_ends_at_its_lifetime_and_a_devices_stays() {
+    let s = server(limited(2048, Duration::from_secs(2))).await;
+    let mut anonymous = connect(&s, None, b"h2").await;
+    let mut device = connect(&s, Some("till-a"), b"h2").await;
+    device.request_as("till-a").await;
+    // A device's connection with a certificate but no request yet is not identified.
+    let mut unclaimed = connect(&s, Some("till-b"), b"h2").await;
+    assert!(anonymous.closed_within(Duration::from_secs(6)).await);
+    assert!(unclaimed.closed_within(Duration::from_secs(1)).await);
+    assert!(
+        !device.closed_within(Duration::from_secs(3)).await,
+        "an identified device's connection has no lifetime"
+    );
+}
+
+#[tokio::test]
+async fn a_flood_of_junk_connections_evicts_itself_and_keeps_no_device_out() {
+    let cap = 32;
+    let s = server(limited(cap, Duration::from_secs(600))).await;
+    let mut device = connect(&s, Some("till-a"), b"h2").await;
+    device.request_as("till-a").await;
+    assert!(!device.closed_within(Duration::from_millis(300)).await);
+    // 100 connections that never start TLS, held open.
+    let mut junk = Vec::new();
+    for _ in 0..100 {
+        junk.push(tokio::net::TcpStream::connect(s.addr).await.unwrap());
+    }
+    let evictions = s.connections.evictions();
+    eventually(
+        "the oldest junk evicted down to the cap",
+        Duration::from_secs(10),
+        || async { (evictions.get() == 100 - cap as u64).then_some(()) },
+    )
+    .await;
+    // The first junk connections are the ones closed.
+    let mut buf = [0u8; 16];
+    let first = tokio::time::timeout(Duration::from_secs(2), junk[0].read(&mut buf)).await;
+    assert!(matches!(first, Ok(Ok(0) | Err(_))), "{first:?}");
+    let last = tokio::time::timeout(Duration::from_millis(300), junk[99].read(&mut buf)).await;
+    assert!(last.is_err(), "the newest junk is still held: {last:?}");
+    // A fresh client gets through at once, and the identified device was never evicted.
+    let started = Instant::now();
+    let mut fresh = connect(&s, None, b"http/1.1").await;
+    fresh
+        .tls
+        .write_all(b"GET /v1/devices/new/desired HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        http1_status(&mut fresh, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(!device.closed_within(Duration::from_millis(300)).await);
+    assert_eq!(s.connections.held_by("till-a"), 1);
 }

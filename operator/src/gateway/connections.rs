@@ -25,7 +25,9 @@
 //!   HTTP/1.1. Agents report every heartbeat, so a live device is rarely pinged.
 //!
 //! Anonymous connections (enrolment and attestation, before a device has a certificate)
-//! are not tracked: each carries one short request, and the agent keeps none idle.
+//! are not tracked here: each carries a few short requests, and the agent keeps none
+//! idle. Until a connection is claimed it is bounded by [`super::unidentified`] (a
+//! lifetime, and a cap that evicts the oldest).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +52,8 @@ pub struct ConnectionOptions {
     pub keepalive_idle: Option<Duration>,
     /// How long the check may go unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
+    /// Limits on connections no device has claimed yet ([`super::unidentified`]).
+    pub unidentified: super::unidentified::UnidentifiedLimits,
 }
 
 impl Default for ConnectionOptions {
@@ -57,6 +61,7 @@ impl Default for ConnectionOptions {
         Self {
             keepalive_idle: Some(Duration::from_secs(60)),
             keepalive_timeout: Duration::from_secs(20),
+            unidentified: super::unidentified::UnidentifiedLimits::default(),
         }
     }
 }
@@ -95,6 +100,7 @@ pub struct DeviceConnections {
     next: AtomicU64,
     held: Mutex<HashMap<String, Vec<Held>>>,
     superseded: Counter,
+    evicted: Counter,
 }
 
 /// A connection's entry in [`DeviceConnections`]; dropping it forgets the connection.
@@ -168,6 +174,18 @@ impl DeviceConnections {
     pub fn superseded(&self) -> u64 {
         self.superseded.get()
     }
+
+    /// Counting unidentified connections evicted by newer ones in `evicted` (the
+    /// `gateway_unidentified_evicted_total` metric).
+    pub fn with_evictions(mut self, evicted: Counter) -> Self {
+        self.evicted = evicted;
+        self
+    }
+
+    /// The counter of evicted unidentified connections.
+    pub fn evictions(&self) -> Counter {
+        self.evicted.clone()
+    }
 }
 
 /// One connection's side of the table: created with the connection, claimed for a
@@ -178,16 +196,28 @@ pub struct Slot {
     http2: bool,
     close: Arc<Notify>,
     held: std::sync::OnceLock<Registration>,
+    pass: Option<Arc<super::unidentified::Pass>>,
 }
 
 impl Slot {
     /// The slot of a new connection; `http2` as its ALPN negotiated.
     pub fn new(connections: Arc<DeviceConnections>, http2: bool) -> Arc<Self> {
+        Self::admitted(connections, http2, None)
+    }
+
+    /// [`Slot::new`] for a connection holding `pass` among the unidentified: claiming
+    /// it for a device also marks it identified.
+    pub fn admitted(
+        connections: Arc<DeviceConnections>,
+        http2: bool,
+        pass: Option<Arc<super::unidentified::Pass>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             connections,
             http2,
             close: Arc::default(),
             held: std::sync::OnceLock::new(),
+            pass,
         })
     }
 
@@ -195,6 +225,9 @@ impl Slot {
     /// connections it supersedes. Call only after identifying the request as `device`.
     pub fn claim(&self, device: &str) {
         self.held.get_or_init(|| {
+            if let Some(p) = &self.pass {
+                p.identified();
+            }
             self.connections
                 .register(device, self.http2, self.close.clone())
         });

@@ -49,6 +49,7 @@ pub mod devices;
 pub mod error;
 pub mod mirror;
 pub mod options;
+pub mod unidentified;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -435,12 +436,19 @@ pub async fn serve_with(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // HTTP/1 headers must arrive in time (hyper enforces it only with a timer).
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(unidentified::HEADER_READ_TIMEOUT);
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(options.keepalive_idle)
         .keep_alive_timeout(options.keepalive_timeout);
     let builder = Arc::new(builder);
+    let unidentified =
+        unidentified::Unidentified::new(options.unidentified, connections.evictions());
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -458,15 +466,24 @@ pub async fn serve_with(
         let router = router.clone();
         let builder = builder.clone();
         let connections = connections.clone();
+        // Every connection starts unidentified: bounded in number and lifetime.
+        let pass = unidentified.admit();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::info!(%peer, error = %e, "TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(%peer, "TLS handshake timed out");
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            let stream = tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
+                () = pass.must_close() => {
+                    tracing::debug!(%peer, "evicted during its TLS handshake");
                     return;
                 }
             };
@@ -478,9 +495,9 @@ pub async fn serve_with(
             let http2 = session.alpn_protocol() == Some(b"h2".as_slice());
             // Only a connection with a certificate can be claimed for a device (by a
             // request that `Fleet::identify` accepts).
-            let slot = cert
-                .is_some()
-                .then(|| connections::Slot::new(connections.clone(), http2));
+            let slot = cert.is_some().then(|| {
+                connections::Slot::admitted(connections.clone(), http2, Some(pass.clone()))
+            });
             let service = router.layer(axum::Extension(devices::PeerCertificate(
                 cert,
                 slot.clone(),
@@ -505,6 +522,11 @@ pub async fn serve_with(
                         Ok(ended) => ended,
                         Err(_) => return,
                     }
+                }
+                () = pass.must_close() => {
+                    // Unidentified past its lifetime, or evicted by a newer connection.
+                    tracing::debug!(%peer, "closing an unidentified connection");
+                    return;
                 }
             };
             if let Err(e) = ended {

@@ -135,6 +135,14 @@ pub struct GatewayOptions {
     /// Seconds the peer has to answer that check before its connection is closed.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub device_keepalive_timeout_seconds: u64,
+    /// Connections no device has claimed yet (TLS handshakes, enrolment, attestation)
+    /// held at once; a new one beyond it closes the oldest, so a flood of slow or junk
+    /// connections cannot keep devices out. Identified devices never count.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+    pub unidentified_connections: u64,
+    /// Seconds a connection may stay unclaimed by a device before it is closed.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(5..=3600))]
+    pub unidentified_lifetime_seconds: u64,
     /// The attestation lease, in seconds: how long a device may go on serving (offline,
     /// or refused by the gateway) after its last successful attestation. At its end the
     /// agent unloads its model (`AttestationLeaseExpired`) until it attests again.
@@ -299,6 +307,7 @@ impl GatewayOptions {
             }
         };
         let superseded = counters.superseded.clone();
+        let evicted = counters.unidentified_evicted.clone();
         let refusals = counters.clone();
         let (fleet, caches) = Fleet::new(
             client.clone(),
@@ -332,8 +341,13 @@ impl GatewayOptions {
             keepalive_idle: (self.device_keepalive_seconds > 0)
                 .then(|| Duration::from_secs(self.device_keepalive_seconds)),
             keepalive_timeout: Duration::from_secs(self.device_keepalive_timeout_seconds),
+            unidentified: super::unidentified::UnidentifiedLimits {
+                cap: usize::try_from(self.unidentified_connections).unwrap_or(usize::MAX),
+                lifetime: Duration::from_secs(self.unidentified_lifetime_seconds),
+            },
         };
-        let connections = Arc::new(super::DeviceConnections::new(superseded));
+        let connections =
+            Arc::new(super::DeviceConnections::new(superseded).with_evictions(evicted));
         let heartbeats = fleet.heartbeats();
         let shared = fleet.shared_devices();
         Ok(Some((heartbeats, shared, async move {

@@ -33,6 +33,10 @@ use super::{AttestationError, Claims, TeeKind, binding, tpm_enrol};
 pub const MAX_NONCE_TTL: Duration = Duration::from_secs(60);
 /// Most challenges outstanding at once; more are refused until some are used or expire.
 pub const MAX_PENDING: usize = 100_000;
+/// Most challenges one device name may have outstanding: asking again beyond it
+/// replaces that device's oldest, so one device (or a holder of its key) asking in a
+/// loop cannot fill the table and turn it into a fleet-wide `Busy`.
+pub const MAX_PENDING_PER_DEVICE: usize = 4;
 /// Largest agent public key accepted.
 const MAX_KEY_BYTES: usize = 2048;
 
@@ -244,6 +248,8 @@ struct Pending {
     agent_key: Vec<u8>,
     tee: TeeKind,
     expires: SystemTime,
+    /// Order of issue (for replacing a device's oldest).
+    seq: u64,
     tpm: Option<PendingTpm>,
 }
 
@@ -262,6 +268,7 @@ pub struct AttestationService {
     config: ServiceConfig,
     policy: Policy,
     pending: Mutex<HashMap<Vec<u8>, Pending>>,
+    issued: std::sync::atomic::AtomicU64,
     /// The last allowed TPM clock state by device and EK digest: a clock belongs to one
     /// TPM, so another TPM of the same device (after re-keying) starts afresh.
     tpm_clocks: Mutex<HashMap<(String, String), ClockState>>,
@@ -309,6 +316,7 @@ impl AttestationService {
             config,
             policy,
             pending: Mutex::new(HashMap::new()),
+            issued: std::sync::atomic::AtomicU64::new(0),
             tpm_clocks: Mutex::new(HashMap::new()),
             result_key,
             ca_issuer,
@@ -395,6 +403,17 @@ impl AttestationService {
             .lock()
             .map_err(|_| ServiceError::Issue("lock poisoned".into()))?;
         pending.retain(|_, p| p.expires > now);
+        let mut mine: Vec<(u64, Vec<u8>)> = pending
+            .iter()
+            .filter(|(_, p)| p.device == req.device)
+            .map(|(n, p)| (p.seq, n.clone()))
+            .collect();
+        if mine.len() >= MAX_PENDING_PER_DEVICE {
+            mine.sort_unstable();
+            for (_, oldest) in &mine[..=mine.len() - MAX_PENDING_PER_DEVICE] {
+                pending.remove(oldest);
+            }
+        }
         if pending.len() >= MAX_PENDING {
             return Err(ServiceError::Busy);
         }
@@ -405,6 +424,9 @@ impl AttestationService {
                 agent_key,
                 tee: req.tee,
                 expires: now + self.config.nonce_ttl,
+                seq: self
+                    .issued
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 tpm,
             },
         );
