@@ -121,9 +121,7 @@ impl FleetAgent {
             &cfg.device.name,
             wait + Duration::from_secs(15),
         )?;
-        if let Ok(mut s) = self.shared.lock() {
-            s.client = Some(client.clone());
-        }
+        self.begin_session(client.clone());
         tracing::info!(device = %cfg.device.name, "connected to the gateway");
         // Re-attest at two thirds of the result's lifetime, and of the attestation lease.
         let now = std::time::SystemTime::now()

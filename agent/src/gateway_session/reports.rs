@@ -53,6 +53,18 @@ impl FleetAgent {
         }
     }
 
+    /// Starts reporting through `client`, a new session's. The next report carries the
+    /// model states again even if an earlier session's gateway acknowledged them: that
+    /// gateway may have acknowledged without writing them (a leader that failed over),
+    /// and the one answering now may never have seen them.
+    pub(super) fn begin_session(&self, client: super::DeviceClient) {
+        if let Ok(mut s) = self.shared.lock() {
+            s.client = Some(client);
+            s.acked_models_version = None;
+        }
+        self.models_changed.notify_one();
+    }
+
     /// Sends the spool; returns the gateway's desired-state version on success.
     pub(super) async fn flush(&self) -> Result<Option<String>, GatewayError> {
         let (client, batch) = {
@@ -169,5 +181,47 @@ mod tests {
         let started = std::time::Instant::now();
         a.next_report(every).await;
         assert!(started.elapsed() >= every, "{:?}", started.elapsed());
+    }
+
+    fn client() -> super::super::DeviceClient {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["till-1".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        super::super::DeviceClient::new(
+            "https://127.0.0.1:9",
+            cert.pem().as_bytes(),
+            cert.pem().as_bytes(),
+            key.serialize_pem().as_bytes(),
+            "till-1",
+            Duration::from_secs(1),
+        )
+        .unwrap()
+    }
+
+    /// The models of the report just taken.
+    fn next_models(agent: &FleetAgent) -> Option<Vec<proto::ModelReport>> {
+        agent.take_report();
+        let s = agent.shared.lock().unwrap();
+        s.spool.back().unwrap().0.models.clone()
+    }
+
+    #[tokio::test]
+    async fn a_new_session_reports_the_model_states_again_even_if_acknowledged() {
+        let (a, _dir) = agent();
+        let ready = models(proto::ModelState::Ready);
+        a.set_models(ready.clone());
+        assert_eq!(next_models(&a), Some(ready.clone()));
+        // The gateway acknowledged them: later reports leave them out.
+        {
+            let mut s = a.shared.lock().unwrap();
+            let v = s.models_version;
+            s.acked_models_version = Some(v);
+        }
+        assert_eq!(next_models(&a), None);
+        // A new session (a reconnect, another replica, a new leader): carried again.
+        a.begin_session(client());
+        assert_eq!(next_models(&a), Some(ready));
     }
 }
