@@ -150,8 +150,13 @@ struct Job {
 pub struct Stats {
     /// Requests completed.
     pub requests: AtomicU64,
-    /// Requests failed.
+    /// Requests failed on the server's side (llama.cpp errors): what error-rate gates
+    /// judge.
     pub failures: AtomicU64,
+    /// Requests refused as the client's mistake (a prompt that does not fit the
+    /// context): answered 400, never counted as failures, so that no API user can fail
+    /// a fleet's rollout by sending long prompts.
+    pub rejected: AtomicU64,
     /// Generations stopped because the client went away.
     pub cancelled: AtomicU64,
     /// Tokens generated.
@@ -407,7 +412,11 @@ fn worker(
                 }
             }
             Err(e) => {
-                stats.failures.fetch_add(1, Ordering::Relaxed);
+                let counter = match e {
+                    EngineError::Invalid(_) => &stats.rejected,
+                    EngineError::Load(_) | EngineError::Inference(_) => &stats.failures,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 let _ = job.events.send(Event::Failed(e.to_string()));
             }
         }

@@ -234,6 +234,12 @@ fn malformed_requests_get_400_naming_the_field() {
         assert_eq!(r[field]["type"], "invalid_request_error");
     }
     assert_eq!(r["model"]["status"], 404, "{r}");
+    // A prompt that does not fit the context is the client's mistake: 400, counted as
+    // rejected, never as a failure (which the fleet's error-rate gate judges).
+    assert_eq!(r["context"]["status"], 400, "{r}");
+    assert_eq!(r["context"]["param"], "max_tokens", "{r}");
+    assert_eq!(metric(&s, "edgefleet_request_failures_total"), 0.0);
+    assert_eq!(metric(&s, "edgefleet_requests_rejected_total"), 1.0);
     // The server is still healthy afterwards.
     assert!(
         client(&s, "non-stream")["content"]

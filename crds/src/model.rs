@@ -211,7 +211,9 @@ pub struct HealthGates {
     #[serde(default = "default_ready_timeout")]
     #[schemars(range(min = 1, max = 86400))]
     pub ready_timeout_seconds: i32,
-    /// Highest error rate allowed, in percent of requests (0–100).
+    /// Highest error rate allowed, in percent of requests (0–100). Errors are the
+    /// server's failures (llama.cpp errors); a request refused as the client's mistake
+    /// (a prompt that does not fit the context) is not one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 100").message("maxErrorRatePercent must be between 0 and 100"))]
     pub max_error_rate_percent: Option<i32>,

@@ -96,10 +96,14 @@ impl IntoResponse for ApiError {
 }
 
 /// A generation that failed: 400 on `max_tokens` when the request does not fit the
-/// context, 500 otherwise.
+/// context, 400 on `messages` when llama.cpp cannot take a message (an interior NUL),
+/// 500 otherwise.
 pub(super) fn failed(message: String) -> ApiError {
     if message.contains("exceeds the context") {
         return ApiError::bad("max_tokens", message);
+    }
+    if message.starts_with("messages: ") {
+        return ApiError::bad("messages", message);
     }
     ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
 }

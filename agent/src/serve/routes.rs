@@ -50,6 +50,7 @@ pub(super) async fn metrics(State(serving): State<Arc<Serving>>) -> Result<Respo
     let body = format!(
         "# TYPE edgefleet_requests_total counter\nedgefleet_requests_total {}\n\
          # TYPE edgefleet_request_failures_total counter\nedgefleet_request_failures_total {}\n\
+         # TYPE edgefleet_requests_rejected_total counter\nedgefleet_requests_rejected_total {}\n\
          # TYPE edgefleet_generations_cancelled_total counter\nedgefleet_generations_cancelled_total {}\n\
          # TYPE edgefleet_generated_tokens_total counter\nedgefleet_generated_tokens_total {generated}\n\
          # TYPE edgefleet_prompt_tokens_total counter\nedgefleet_prompt_tokens_total {}\n\
@@ -60,6 +61,7 @@ pub(super) async fn metrics(State(serving): State<Arc<Serving>>) -> Result<Respo
          # TYPE edgefleet_model_load_seconds gauge\nedgefleet_model_load_seconds {:.3}\n",
         s.requests.load(Ordering::Relaxed),
         s.failures.load(Ordering::Relaxed),
+        s.rejected.load(Ordering::Relaxed),
         s.cancelled.load(Ordering::Relaxed),
         s.prompt_tokens.load(Ordering::Relaxed),
         generated as f64 * 1e6 / micros as f64,
