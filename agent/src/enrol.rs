@@ -123,17 +123,10 @@ pub fn agent_key(state: &Path) -> Result<rcgen::KeyPair, EnrolError> {
         Ok(pem) => rcgen::KeyPair::from_pem(&pem)
             .map_err(|e| EnrolError::Invalid(format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
             std::fs::create_dir_all(state).map_err(state_err(state))?;
             let key = rcgen::KeyPair::generate().map_err(|e| EnrolError::Invalid(e.to_string()))?;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(state_err(&path))?;
-            f.write_all(key.serialize_pem().as_bytes())
+            // Whole or not at all: a torn key would leave a device that never attests.
+            crate::durable::write(&path, key.serialize_pem().as_bytes(), 0o600)
                 .map_err(state_err(&path))?;
             Ok(key)
         }
@@ -273,9 +266,7 @@ pub async fn attest_once(
     }
     if let Some(cert) = &appraisal.certificate {
         let path = state.join("agent-cert.pem");
-        let tmp = state.join(".agent-cert.pem.partial");
-        std::fs::write(&tmp, cert).map_err(state_err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(state_err(&path))?;
+        crate::durable::write(&path, cert.as_bytes(), 0o644).map_err(state_err(&path))?;
     }
     Ok(appraisal)
 }

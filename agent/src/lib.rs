@@ -22,6 +22,7 @@ pub mod activation;
 pub mod attest;
 pub mod cli;
 pub mod config;
+pub mod durable;
 pub mod engine;
 pub mod enrol;
 pub mod gateway_client;

@@ -14,6 +14,8 @@ async fn main() -> anyhow::Result<ExitCode> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,llama-cpp-2=warn".into()),
         )
+        // Colours only on a terminal: plain text in journald and in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     edgefleet_agent::cli::run(Cli::parse()).await
 }

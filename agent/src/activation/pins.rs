@@ -280,9 +280,9 @@ impl LocalPins {
         if let Some(parent) = file.parent() {
             tokio::fs::create_dir_all(parent).await.map_err(io)?;
         }
-        let tmp = file.with_extension("json.tmp");
-        tokio::fs::write(&tmp, &body).await.map_err(io)?;
-        tokio::fs::rename(&tmp, &file).await.map_err(io)?;
+        crate::durable::write_async(&file, body, 0o644)
+            .await
+            .map_err(io)?;
         let names: Vec<&str> = cluster.iter().map(|s| s.name.as_str()).collect();
         tracing::warn!(
             file = %file.display(),

@@ -75,17 +75,13 @@ pub async fn last_known_good(state_dir: &Path) -> Option<proto::DeviceModel> {
     }
 }
 
-/// Records `m` as last-known-good, atomically (a temporary file renamed into place).
+/// Records `m` as last-known-good, durably ([`crate::durable`]).
 pub async fn record_last_known_good(
     state_dir: &Path,
     m: &proto::DeviceModel,
 ) -> Result<(), ActivateError> {
     let record = serde_json::to_vec_pretty(m).map_err(|e| ActivateError::State(e.to_string()))?;
-    let tmp = state_dir.join(".active.json.partial");
-    tokio::fs::write(&tmp, record)
-        .await
-        .map_err(|e| ActivateError::State(e.to_string()))?;
-    tokio::fs::rename(&tmp, last_known_good_path(state_dir))
+    crate::durable::write_async(&last_known_good_path(state_dir), record, 0o644)
         .await
         .map_err(|e| ActivateError::State(e.to_string()))
 }

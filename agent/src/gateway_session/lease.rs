@@ -85,12 +85,10 @@ pub fn load(state: &Path) -> Option<Lease> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Records `lease` (atomically: written aside, then renamed).
+/// Records `lease` durably ([`crate::durable`]).
 pub fn record(state: &Path, lease: &Lease) -> std::io::Result<()> {
-    let tmp = state.join(format!(".{LEASE_FILE}.partial"));
     let bytes = serde_json::to_vec(lease).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, state.join(LEASE_FILE))
+    crate::durable::write(&state.join(LEASE_FILE), &bytes, 0o644)
 }
 
 /// The lease as the running agent holds it.

@@ -75,6 +75,8 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,kube_client::client::builder=off".into()),
         )
+        // Colours only on a terminal: plain text in journald and in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let (apply, dir, hold) = match Cli::parse().command {
         Cmd::Up { apply, dir, hold } => (apply, dir, hold),
