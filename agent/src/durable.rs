@@ -7,10 +7,12 @@
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Replaces `path` with `bytes` durably ([module docs](self)); the file gets `mode`
-/// (for example 0o600 for a key) from its creation, never a wider one in between.
-pub fn write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+/// A temporary name beside `path` no other writer uses (this process's id and a
+/// counter), so that two writers of the same file never touch each other's.
+fn aside(path: &Path) -> std::io::Result<(std::path::PathBuf, &Path)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -20,24 +22,54 @@ pub fn write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
         .ok_or_else(|| std::io::Error::other(format!("{}: not a file path", path.display())))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
-    tmp_name.push(".partial");
-    let tmp = dir.join(tmp_name);
-    // A partial file a crash left behind is replaced.
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    tmp_name.push(format!(
+        ".{}.{}.partial",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    Ok((dir.join(tmp_name), dir))
+}
+
+/// Writes `bytes` to a new file at `tmp` with `mode`, flushed to disk.
+fn write_flushed(tmp: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
+        .open(tmp)?;
+    let written = f.write_all(bytes).and_then(|()| f.sync_all());
+    if written.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    written
+}
+
+/// Replaces `path` with `bytes` durably ([module docs](self)); the file gets `mode`
+/// (for example 0o600 for a key) from its creation, never a wider one in between.
+pub fn write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let (tmp, dir) = aside(path)?;
+    write_flushed(&tmp, bytes, mode)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Creates `path` with `bytes` durably unless it exists: `Ok(false)`, and nothing is
+/// written, when another writer created it first (the file appears whole or not at
+/// all, and is never replaced).
+pub fn create(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<bool> {
+    let (tmp, dir) = aside(path)?;
+    write_flushed(&tmp, bytes, mode)?;
+    // A hard link fails if the name exists: the no-clobber form of a rename.
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => std::fs::File::open(dir)?.sync_all().map(|()| true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// [`write`] off the async runtime's threads.
@@ -61,7 +93,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let key = d.path().join("agent-key.pem");
         // A partial file from a crash during an earlier write, and an old version.
-        std::fs::write(d.path().join(".agent-key.pem.partial"), b"torn").unwrap();
+        let torn = d.path().join(".agent-key.pem.1.0.partial");
+        std::fs::write(&torn, b"torn").unwrap();
         std::fs::write(&key, b"old").unwrap();
         write(&key, b"new key", 0o600).unwrap();
         assert_eq!(std::fs::read(&key).unwrap(), b"new key");
@@ -69,11 +102,57 @@ mod tests {
             std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        let left: Vec<_> = std::fs::read_dir(d.path())
+        let mut left: Vec<_> = std::fs::read_dir(d.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(left, [std::ffi::OsString::from("agent-key.pem")]);
+        left.sort();
+        // Only the crash's leftover stays beside it (never read as the file).
+        assert_eq!(
+            left,
+            [
+                std::ffi::OsString::from(".agent-key.pem.1.0.partial"),
+                std::ffi::OsString::from("agent-key.pem"),
+            ]
+        );
+    }
+
+    #[test]
+    fn concurrent_writers_each_leave_a_whole_file() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("active.json");
+        let a = vec![b'a'; 256 * 1024];
+        let b = vec![b'b'; 256 * 1024];
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..10 {
+                        write(&file, &a, 0o644).unwrap();
+                    }
+                });
+                s.spawn(|| {
+                    for _ in 0..10 {
+                        write(&file, &b, 0o644).unwrap();
+                    }
+                });
+            }
+        });
+        let got = std::fs::read(&file).unwrap();
+        assert!(got == a || got == b, "a torn file of {} bytes", got.len());
+    }
+
+    #[test]
+    fn create_never_replaces_and_the_first_writer_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("agent-key.pem");
+        assert!(create(&key, b"first", 0o600).unwrap());
+        assert!(!create(&key, b"second", 0o600).unwrap());
+        assert_eq!(std::fs::read(&key).unwrap(), b"first");
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "no partial left"
+        );
     }
 
     #[test]
@@ -81,14 +160,24 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let file = d.path().join("active.json");
         std::fs::write(&file, b"old").unwrap();
-        // The temporary name is taken by a directory that cannot be removed as a file.
-        std::fs::create_dir(d.path().join(".active.json.partial")).unwrap();
-        assert!(write(&file, b"new", 0o644).is_err());
-        assert_eq!(std::fs::read(&file).unwrap(), b"old");
+        // The directory cannot be written.
+        let ro = d.path().join("ro");
+        std::fs::create_dir(&ro).unwrap();
+        std::fs::write(ro.join("active.json"), b"old").unwrap();
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o500)).unwrap();
+        let refused = write(&ro.join("active.json"), b"new", 0o644);
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o700)).unwrap();
+        // (root may write anyway; then the new content is whole)
+        let now = std::fs::read(ro.join("active.json")).unwrap();
+        assert!(
+            (refused.is_err() && now == b"old") || (refused.is_ok() && now == b"new"),
+            "{refused:?} {now:?}"
+        );
         assert!(
             write(Path::new("/"), b"x", 0o644).is_err(),
             "not a file path"
         );
+        assert_eq!(std::fs::read(&file).unwrap(), b"old");
     }
 
     #[tokio::test]

@@ -125,10 +125,15 @@ pub fn agent_key(state: &Path) -> Result<rcgen::KeyPair, EnrolError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(state).map_err(state_err(state))?;
             let key = rcgen::KeyPair::generate().map_err(|e| EnrolError::Invalid(e.to_string()))?;
-            // Whole or not at all: a torn key would leave a device that never attests.
-            crate::durable::write(&path, key.serialize_pem().as_bytes(), 0o600)
-                .map_err(state_err(&path))?;
-            Ok(key)
+            // Whole or not at all (a torn key would leave a device that never attests),
+            // and never replacing a key another process created meanwhile.
+            if crate::durable::create(&path, key.serialize_pem().as_bytes(), 0o600)
+                .map_err(state_err(&path))?
+            {
+                Ok(key)
+            } else {
+                agent_key(state)
+            }
         }
         Err(e) => Err(EnrolError::State { path, source: e }),
     }

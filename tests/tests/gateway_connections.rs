@@ -35,6 +35,7 @@ const NO_KEEPALIVE: ConnectionOptions = ConnectionOptions {
     unidentified: UnidentifiedLimits {
         cap: 4096,
         lifetime: Duration::from_secs(60),
+        header_read_timeout: gateway::unidentified::HEADER_READ_TIMEOUT,
     },
 };
 
@@ -336,7 +337,11 @@ async fn a_peer_that_stops_answering_pings_is_closed_and_one_that_answers_is_kep
 /// `options` with these limits on unidentified connections.
 fn limited(cap: usize, lifetime: Duration) -> ConnectionOptions {
     ConnectionOptions {
-        unidentified: UnidentifiedLimits { cap, lifetime },
+        unidentified: UnidentifiedLimits {
+            cap,
+            lifetime,
+            ..NO_KEEPALIVE.unidentified
+        },
         ..NO_KEEPALIVE
     }
 }
@@ -356,7 +361,10 @@ async fn http1_status(raw: &mut Raw, wait: Duration) -> Option<String> {
 
 #[tokio::test]
 async fn http1_headers_that_drip_are_cut_off() {
-    let s = server(limited(2048, Duration::from_secs(600))).await;
+    let header_timeout = Duration::from_secs(3);
+    let mut options = limited(2048, Duration::from_secs(600));
+    options.unidentified.header_read_timeout = header_timeout;
+    let s = server(options).await;
     let mut drip = connect(&s, None, b"http/1.1").await;
     drip.tls
         .write_all(b"GET /v1/devices/x/desired HTTP/1.1\r\nhost: 12")
@@ -364,7 +372,6 @@ async fn http1_headers_that_drip_are_cut_off() {
         .unwrap();
     drip.tls.flush().await.unwrap();
     let started = Instant::now();
-    let header_timeout = gateway::unidentified::HEADER_READ_TIMEOUT;
     assert!(
         drip.closed_within(header_timeout + Duration::from_secs(5))
             .await,
@@ -385,6 +392,9 @@ async fn http1_headers_that_drip_are_cut_off() {
             .as_deref(),
         Some("HTTP/1.1 200 OK")
     );
+    // The default leaves a keep-alive connection idle between a device's requests
+    // (heartbeats up to 30 s) alone.
+    assert!(gateway::unidentified::HEADER_READ_TIMEOUT >= Duration::from_secs(60));
 }
 
 #[tokio::test]

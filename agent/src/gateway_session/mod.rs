@@ -72,6 +72,9 @@ struct Shared {
     models_version: u64,
     /// `models_version` of the last acknowledged report that carried models.
     acked_models_version: Option<u64>,
+    /// Bumped at every new gateway session: an acknowledgement from an earlier
+    /// session's gateway, arriving late, does not count.
+    session: u64,
     spool: VecDeque<(proto::Report, Option<u64>)>,
     seq: u64,
     dropped: u64,

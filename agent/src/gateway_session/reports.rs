@@ -61,13 +61,14 @@ impl FleetAgent {
         if let Ok(mut s) = self.shared.lock() {
             s.client = Some(client);
             s.acked_models_version = None;
+            s.session += 1;
         }
         self.models_changed.notify_one();
     }
 
     /// Sends the spool; returns the gateway's desired-state version on success.
     pub(super) async fn flush(&self) -> Result<Option<String>, GatewayError> {
-        let (client, batch) = {
+        let (client, batch, session) = {
             let Ok(s) = self.shared.lock() else {
                 return Ok(None);
             };
@@ -86,20 +87,14 @@ impl FleetAgent {
                     reports,
                     dropped: s.dropped,
                 },
+                s.session,
             )
         };
         if batch.reports.is_empty() {
             return Ok(None);
         }
         let ack = client.report(&batch).await?;
-        if let Ok(mut s) = self.shared.lock() {
-            while s.spool.front().is_some_and(|(r, _)| r.seq <= ack.acked) {
-                if let Some((_, Some(v))) = s.spool.pop_front() {
-                    s.acked_models_version = Some(v);
-                }
-            }
-            // A later report must carry the models again if this one's were lost.
-        }
+        self.acknowledged(ack.acked, session);
         if ack.gaps > 0 {
             tracing::warn!(
                 gaps = ack.gaps,
@@ -107,6 +102,23 @@ impl FleetAgent {
             );
         }
         Ok(Some(ack.desired_version))
+    }
+
+    /// The gateway of `session` acknowledged the reports up to `acked`: they leave the
+    /// spool, and their model states count as delivered only if that session is still
+    /// the current one (a late answer from an earlier gateway does not stop the new
+    /// one from being told).
+    fn acknowledged(&self, acked: u64, session: u64) {
+        if let Ok(mut s) = self.shared.lock() {
+            let current = s.session == session;
+            while s.spool.front().is_some_and(|(r, _)| r.seq <= acked) {
+                if let Some((_, Some(v))) = s.spool.pop_front()
+                    && current
+                {
+                    s.acked_models_version = Some(v);
+                }
+            }
+        }
     }
 
     /// Reports every `heartbeat_seconds`, and when model states change, forever.
@@ -214,14 +226,23 @@ mod tests {
         a.set_models(ready.clone());
         assert_eq!(next_models(&a), Some(ready.clone()));
         // The gateway acknowledged them: later reports leave them out.
-        {
-            let mut s = a.shared.lock().unwrap();
-            let v = s.models_version;
-            s.acked_models_version = Some(v);
-        }
+        let session = a.shared.lock().unwrap().session;
+        let seq = a.shared.lock().unwrap().seq;
+        a.acknowledged(seq, session);
         assert_eq!(next_models(&a), None);
         // A new session (a reconnect, another replica, a new leader): carried again.
         a.begin_session(client());
-        assert_eq!(next_models(&a), Some(ready));
+        assert_eq!(next_models(&a), Some(ready.clone()));
+        // A late acknowledgement from the earlier session's gateway does not count.
+        let seq = a.shared.lock().unwrap().seq;
+        a.acknowledged(seq, session);
+        assert_eq!(next_models(&a), Some(ready.clone()));
+        // The current session's does.
+        let (seq, session) = {
+            let s = a.shared.lock().unwrap();
+            (s.seq, s.session)
+        };
+        a.acknowledged(seq, session);
+        assert_eq!(next_models(&a), None);
     }
 }

@@ -224,10 +224,14 @@ impl Slot {
     /// Makes the connection `device`'s (once; later calls do nothing), closing the
     /// connections it supersedes. Call only after identifying the request as `device`.
     pub fn claim(&self, device: &str) {
+        // A connection evicted before its first request was identified is closing:
+        // it must not supersede the device's other connections.
+        if let Some(p) = &self.pass
+            && !p.identified()
+        {
+            return;
+        }
         self.held.get_or_init(|| {
-            if let Some(p) = &self.pass {
-                p.identified();
-            }
             self.connections
                 .register(device, self.http2, self.close.clone())
         });

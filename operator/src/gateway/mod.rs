@@ -440,7 +440,7 @@ pub async fn serve_with(
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(unidentified::HEADER_READ_TIMEOUT);
+        .header_read_timeout(options.unidentified.header_read_timeout);
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())

@@ -344,6 +344,7 @@ impl GatewayOptions {
             unidentified: super::unidentified::UnidentifiedLimits {
                 cap: usize::try_from(self.unidentified_connections).unwrap_or(usize::MAX),
                 lifetime: Duration::from_secs(self.unidentified_lifetime_seconds),
+                ..super::unidentified::UnidentifiedLimits::default()
             },
         };
         let connections =

@@ -6,14 +6,16 @@
 //! when it ends. While here it is subject to two limits:
 //!
 //! - **A lifetime.** An unidentified connection lives at most `lifetime` (enrolment and
-//!   attestation are a few short requests; a TLS handshake has its own, shorter limit,
-//!   and HTTP/1 headers must arrive within [`HEADER_READ_TIMEOUT`]). Identified device
-//!   connections are exempt: they hold a long-poll for good.
+//!   attestation are a few short requests; a TLS handshake has its own, shorter limit),
+//!   counted from its admission. Identified device connections are exempt: they hold a
+//!   long-poll for good. HTTP/1 headers, on any connection, must arrive within
+//!   `header_read_timeout` ([`HEADER_READ_TIMEOUT`] by default).
 //! - **A cap with eviction.** At most `cap` connections are unidentified at once. A
 //!   new one beyond the cap evicts the *oldest* unidentified connection rather than
 //!   being refused, so a flood of slow or junk connections cannot keep a fresh device
-//!   out: the flood's connections are older than the device's, and the device's
-//!   enrolment takes well under a second. Identified connections never count against
+//!   out: the flood's connections are older than the device's, and the agent opens a
+//!   fresh connection for each of its few enrolment and attestation requests (its TPM
+//!   works between them, not on an open connection). Identified connections never count against
 //!   the cap, because many devices may share one NAT address. The default (4096, the
 //!   accept backlog) is above what a reconnect storm holds mid-handshake on these
 //!   machines; an evicted device retries with its jittered backoff.
@@ -26,8 +28,11 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
-/// Longest an HTTP/1 client may take to send a request's headers.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest an HTTP/1 client may take to send a request's headers, by default. hyper
+/// also applies it to a keep-alive connection idle between requests, so it must be
+/// well above the longest gap between a device's requests (its heartbeat, at most
+/// 30 s at scale); an unidentified connection is held far less by its lifetime.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How many connections may be unidentified at once, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +41,9 @@ pub struct UnidentifiedLimits {
     pub cap: usize,
     /// Longest a connection may stay unidentified.
     pub lifetime: Duration,
+    /// Longest an HTTP/1 client may take to send a request's headers (on every
+    /// connection, identified or not).
+    pub header_read_timeout: Duration,
 }
 
 impl Default for UnidentifiedLimits {
@@ -43,6 +51,7 @@ impl Default for UnidentifiedLimits {
         Self {
             cap: 4096,
             lifetime: Duration::from_secs(60),
+            header_read_timeout: HEADER_READ_TIMEOUT,
         }
     }
 }
@@ -111,6 +120,7 @@ impl Unidentified {
             id,
             evict,
             identified: AtomicBool::new(false),
+            admitted: tokio::time::Instant::now(),
         })
     }
 
@@ -128,12 +138,14 @@ impl Unidentified {
         self.len() == 0
     }
 
-    fn leave(&self, id: u64) {
+    /// Removes `id`; whether it was still there (not evicted).
+    fn leave(&self, id: u64) -> bool {
         self.table
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .live
-            .remove(&id);
+            .remove(&id)
+            .is_some()
     }
 }
 
@@ -144,22 +156,37 @@ pub struct Pass {
     id: u64,
     evict: Arc<Notify>,
     identified: AtomicBool,
+    admitted: tokio::time::Instant,
 }
 
 impl Pass {
     /// The connection was identified as a device's: it leaves the table, and neither
-    /// the lifetime nor the cap applies to it any more.
-    pub fn identified(&self) {
-        if !self.identified.swap(true, Ordering::AcqRel) {
-            self.table.leave(self.id);
+    /// the lifetime nor the cap applies to it any more. False when it had already been
+    /// evicted (it is closing: the caller must not treat it as the device's).
+    pub fn identified(&self) -> bool {
+        // Under the table's lock, so that an eviction and an identification never both
+        // succeed.
+        let mut t = self
+            .table
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.identified.load(Ordering::Acquire) {
+            return true;
         }
+        let live = t.live.remove(&self.id).is_some();
+        if live {
+            self.identified.store(true, Ordering::Release);
+        }
+        live
     }
 
     /// Resolves when the connection must close: evicted by a newer one, or unidentified
-    /// for longer than the lifetime. Never resolves once it is identified.
+    /// for longer than the lifetime since its admission. Never resolves once it is
+    /// identified.
     pub async fn must_close(&self) {
         let lifetime = async {
-            tokio::time::sleep(self.table.limits.lifetime).await;
+            tokio::time::sleep_until(self.admitted + self.table.limits.lifetime).await;
             if self.identified.load(Ordering::Acquire) {
                 std::future::pending::<()>().await;
             }
@@ -173,7 +200,7 @@ impl Pass {
 
 impl Drop for Pass {
     fn drop(&mut self) {
-        self.table.leave(self.id);
+        let _ = self.table.leave(self.id);
     }
 }
 
@@ -188,6 +215,7 @@ mod tests {
             UnidentifiedLimits {
                 cap,
                 lifetime: Duration::from_millis(lifetime_ms),
+                ..UnidentifiedLimits::default()
             },
             Counter::default(),
         )
@@ -211,9 +239,12 @@ mod tests {
         assert!(!closes_within(&b, 50).await);
         assert!(!closes_within(&c, 50).await);
         assert_eq!(t.evicted.get(), 1);
+        // An evicted connection cannot be identified any more (it is closing).
+        assert!(!a.identified());
         // An identified connection leaves, and no longer counts: two new ones fit
         // beside c, and b (identified) is never evicted.
-        b.identified();
+        assert!(b.identified());
+        assert!(b.identified(), "once identified, always");
         assert_eq!(t.len(), 1);
         let d = t.admit();
         assert!(!closes_within(&b, 50).await);
@@ -233,7 +264,7 @@ mod tests {
         let t = table(8, 100);
         let anonymous = t.admit();
         let device = t.admit();
-        device.identified();
+        assert!(device.identified());
         assert!(closes_within(&anonymous, 1_000).await);
         assert!(!closes_within(&device, 400).await);
     }
