@@ -45,12 +45,27 @@ proptest! {
             // unsigned `keyid` hint may change (a flip of `keyid` to ` eyid` passed a
             // stricter check of the whole envelope, rightly: DSSE does not sign it).
             Ok(_) => {
-                let signed = |b: &[u8]| -> serde_json::Value {
-                    let v: serde_json::Value = serde_json::from_slice(b).unwrap();
+                let signed = |b: &[u8]| -> Option<serde_json::Value> {
+                    let v: serde_json::Value = serde_json::from_slice(b).ok()?;
                     let env = &v["dsseEnvelope"];
-                    serde_json::json!([env["payload"], env["payloadType"], env["signatures"][0]["sig"]])
+                    Some(serde_json::json!([env["payload"], env["payloadType"], env["signatures"][0]["sig"]]))
                 };
-                prop_assert_eq!(signed(&bundle), signed(&original));
+                let want = signed(&original).unwrap();
+                match signed(&bundle) {
+                    Some(got) => prop_assert_eq!(got, want),
+                    // A strict parser refuses the edited text (say, a lone surrogate
+                    // escape in a field the verifier skips unread): then what is
+                    // signed must still be in it, byte for byte.
+                    None => {
+                        for part in want.as_array().unwrap() {
+                            let literal = serde_json::to_string(part).unwrap();
+                            prop_assert!(
+                                bundle.windows(literal.len()).any(|w| w == literal.as_bytes()),
+                                "a signed part changed: {}", literal
+                            );
+                        }
+                    }
+                }
             }
             Err(e) => prop_assert!(!e.reason().is_empty()),
         }
