@@ -3,6 +3,7 @@
 //! configured: attestation is authenticated by the device's key and evidence.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use edgefleet_trust::attestation::service::{
     Appraisal, Challenge, ChallengeRequest, EvidenceRequest,
@@ -59,10 +60,29 @@ impl std::fmt::Debug for GatewayClient {
     }
 }
 
+/// Longest an enrolment or attestation request may take, from connecting to the last
+/// byte of the answer: a gateway (or a network) that accepts and never answers must not
+/// hold the agent's session for good.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest a TCP connect to the gateway may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl GatewayClient {
     /// A client for `base` (`https://host:port`) trusting only `ca_pem`, presenting the
-    /// bootstrap `token` when it enrols (an empty token: none).
+    /// bootstrap `token` when it enrols (an empty token: none); each request ends
+    /// within [`REQUEST_TIMEOUT`].
     pub fn new(base: &str, ca_pem: &[u8], token: &str) -> Result<Self, GatewayError> {
+        Self::with_timeout(base, ca_pem, token, REQUEST_TIMEOUT)
+    }
+
+    /// [`GatewayClient::new`] with requests ending within `timeout`.
+    pub fn with_timeout(
+        base: &str,
+        ca_pem: &[u8],
+        token: &str,
+        timeout: Duration,
+    ) -> Result<Self, GatewayError> {
         let roots = roots(ca_pem)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -76,6 +96,8 @@ impl GatewayClient {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .pool_max_idle_per_host(0)
+            .connect_timeout(CONNECT_TIMEOUT.min(timeout))
+            .timeout(timeout)
             .build()?;
         Ok(Self {
             http,
@@ -135,5 +157,53 @@ impl GatewayClient {
     /// Sends evidence.
     pub async fn evidence(&self, req: &EvidenceRequest) -> Result<Appraisal, GatewayError> {
         self.post("/v1/attestation/evidence", req, false).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A gateway that accepts the connection and never answers (not even the TLS
+    /// handshake): the request fails as unreachable within its timeout.
+    #[tokio::test]
+    async fn a_gateway_that_never_answers_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                sockets.push(s);
+            }
+        });
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let client = GatewayClient::with_timeout(
+            &format!("https://{addr}"),
+            ca.pem().as_bytes(),
+            "",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let enrol = edgefleet_proto::EnrolRequest {
+            device: "till-1".into(),
+            agent_public_key: String::new(),
+            facts: crate::gateway_session::facts("dev"),
+            labels: Default::default(),
+        };
+        let request = client.enrol(&enrol);
+        // Without a timeout of its own the request would wait here for good.
+        let err = tokio::time::timeout(Duration::from_secs(20), request)
+            .await
+            .unwrap_or_else(|_| panic!("the request did not end by its own timeout"))
+            .unwrap_err();
+        assert!(matches!(err, GatewayError::Transport(_)), "{err}");
+        held.abort();
+        assert!(REQUEST_TIMEOUT >= Duration::from_secs(30));
     }
 }
