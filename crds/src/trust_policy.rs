@@ -207,27 +207,10 @@ impl PoolSelector {
 }
 
 /// Whether namespace `ns` matches `pattern`: a name, or a glob where `*` stands for any
-/// run of characters (`*`, `team-*`, `*-prod`).
+/// run of characters (`*`, `team-*`, `*-prod`); the same glob as a token's device name
+/// pattern ([`crate::token::name_matches`]).
 pub fn namespace_matches(pattern: &str, ns: &str) -> bool {
-    let mut parts = pattern.split('*');
-    let Some(first) = parts.next() else {
-        return false;
-    };
-    let Some(mut rest) = ns.strip_prefix(first) else {
-        return false;
-    };
-    let parts: Vec<&str> = parts.collect();
-    let Some((last, middle)) = parts.split_last() else {
-        // No `*`: the whole name.
-        return rest.is_empty();
-    };
-    for part in middle {
-        match rest.find(part) {
-            Some(i) => rest = &rest[i + part.len()..],
-            None => return false,
-        }
-    }
-    rest.len() >= last.len() && rest.ends_with(last)
+    crate::token::name_matches(pattern, ns)
 }
 
 #[cfg(test)]
