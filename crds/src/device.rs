@@ -65,12 +65,6 @@ pub struct EdgeDeviceSpec {
     /// Set by an administrator, or by the operator's approval policy at enrolment.
     #[serde(default)]
     pub approved: bool,
-    /// Models the operator wants on this device. Written by the operator only: a list
-    /// map keyed by `model`, each entry owned (server-side apply) by its EdgeModel.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["model"]))]
-    pub desired_models: Vec<DesiredModel>,
 }
 
 /// What a device is. `agentKeyFingerprint` is fixed at enrolment.
@@ -108,7 +102,8 @@ pub struct DeviceFacts {
     pub agent_key_fingerprint: String,
 }
 
-/// A model assignment, written by the operator.
+/// A model assignment: what the gateway tells a device to run, derived from the
+/// EdgeModel's status and the device ([`crate::EdgeModelStatus::revision_for`]).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DesiredModel {

@@ -395,6 +395,16 @@ pub struct EdgeModelStatus {
     /// timeout and, once they are ready, of its pause.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_started_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// How far the current revision has rolled out: a candidate device whose rank for
+    /// this model ([`device_rank`]) is below this number runs `currentRevision`; the
+    /// others run `stableRevision` (or nothing before a first rollout completes). 0 when
+    /// a rollout starts and after a rollback, 2^48 (every device) once it is complete.
+    /// Devices derive what they run from this one number, so an advance is one status
+    /// write whatever the fleet's size, and a device joining or leaving never changes
+    /// another device's revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 281_474_976_710_656_i64))]
+    pub rollout_rank: Option<i64>,
     /// A revision that failed its health gates; it is not retried until the spec
     /// changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -415,6 +425,54 @@ pub struct EdgeModelStatus {
     #[schemars(length(max = 128))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["device"]))]
     pub refusals: Vec<Refusal>,
+}
+
+/// `status.rolloutRank` that puts every device in the rollout's range (ranks are 48-bit
+/// numbers, exact in any JSON reader, with ties improbable even among millions of
+/// devices).
+pub const RANK_ALL: i64 = 1 << 48;
+
+/// The rank of `device` for the EdgeModel with UID `model_uid`: the first six bytes
+/// of SHA-256(`model_uid` NUL `device`) as a number in [0, 2^48). Stable for the
+/// life of the EdgeModel, independent of the other devices, and spread evenly, so
+/// that a threshold over ranks takes a fair sample of the fleet and a re-created
+/// EdgeModel samples afresh.
+pub fn device_rank(model_uid: &str, device: &str) -> i64 {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(model_uid.as_bytes());
+    h.update([0u8]);
+    h.update(device.as_bytes());
+    let d = h.finalize();
+    i64::from_be_bytes([0, 0, d[0], d[1], d[2], d[3], d[4], d[5]])
+}
+
+/// The revision a candidate of rank `rank` runs when `current` has rolled out to the
+/// ranks below `rollout_rank`: `current` there, `stable` elsewhere.
+pub fn derived_revision<'a>(
+    current: Option<&'a str>,
+    stable: Option<&'a str>,
+    rollout_rank: Option<i64>,
+    rank: i64,
+) -> Option<&'a str> {
+    current
+        .filter(|_| rank < rollout_rank.unwrap_or(0))
+        .or(stable)
+}
+
+impl EdgeModelStatus {
+    /// The revision a candidate device of rank `rank` ([`device_rank`]) runs: the
+    /// current one below `rolloutRank`, else the stable one; only a revision whose
+    /// template this status holds (a revision withdrawn or not verified has none).
+    pub fn revision_for(&self, rank: i64) -> Option<&str> {
+        let held = |r: &&str| self.revisions.iter().any(|t| t.revision == *r);
+        derived_revision(
+            self.current_revision.as_deref().filter(held),
+            self.stable_revision.as_deref().filter(held),
+            self.rollout_rank,
+            rank,
+        )
+    }
 }
 
 /// A device's local refusal of a revision.
@@ -572,5 +630,59 @@ mod tests {
         let schema = serde_json::to_string(&schemars::schema_for!(ModelPhase)).unwrap();
         assert!(schema.contains("\"Failed\""), "{schema}");
         assert!(!schema.contains("Unknown"), "{schema}");
+    }
+
+    #[test]
+    fn ranks_are_stable_48_bit_and_differ_per_model() {
+        let r = device_rank("uid-1", "till-a");
+        assert_eq!(r, device_rank("uid-1", "till-a"));
+        assert!((0..RANK_ALL).contains(&r));
+        assert_ne!(r, device_rank("uid-2", "till-a"));
+        assert_ne!(r, device_rank("uid-1", "till-b"));
+        // The separator keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(device_rank("ab", "c"), device_rank("a", "bc"));
+        // Spread: of 10,000 devices, about half rank below the middle.
+        let low = (0..10_000)
+            .filter(|i| device_rank("uid-1", &format!("d{i}")) < RANK_ALL / 2)
+            .count();
+        assert!((4_700..5_300).contains(&low), "{low}");
+    }
+
+    #[test]
+    fn a_device_runs_the_current_revision_below_the_rollout_rank_and_the_stable_above() {
+        let template = |rev: &str| -> RevisionTemplate {
+            serde_json::from_value(serde_json::json!({
+                "revision": rev, "servedName": "m",
+                "artifact": {"uri": "https://x/m.gguf", "digest": format!("sha256:{}", "a".repeat(64))},
+                "signature": {"inline": "{}"}, "signers": [{"name": "s", "publicKey": "k"}],
+                "runtime": {}, "port": 8080,
+            }))
+            .unwrap()
+        };
+        let mut s = EdgeModelStatus {
+            current_revision: Some("r2".into()),
+            stable_revision: Some("r1".into()),
+            rollout_rank: Some(100),
+            revisions: vec![template("r1"), template("r2")],
+            ..EdgeModelStatus::default()
+        };
+        assert_eq!(s.revision_for(99), Some("r2"));
+        assert_eq!(s.revision_for(100), Some("r1"));
+        // No rank yet: nobody is in range.
+        s.rollout_rank = None;
+        assert_eq!(s.revision_for(0), Some("r1"));
+        s.rollout_rank = Some(RANK_ALL);
+        assert_eq!(s.revision_for(RANK_ALL - 1), Some("r2"));
+        // A revision without its template (withdrawn, unverified) is never served.
+        s.revisions = vec![template("r1")];
+        assert_eq!(s.revision_for(0), Some("r1"));
+        s.revisions = vec![template("r2")];
+        s.rollout_rank = Some(100);
+        assert_eq!(s.revision_for(100), None);
+        // Before a first rollout completes, devices above the rank run nothing.
+        s.stable_revision = None;
+        s.revisions = vec![template("r2")];
+        assert_eq!(s.revision_for(5), Some("r2"));
+        assert_eq!(s.revision_for(500), None);
     }
 }

@@ -4,26 +4,21 @@
 //! reports it before the finalizer is released.
 //!
 //! Writes (module `writes`):
-//! - each device's assignment of this model, as one entry of
-//!   `EdgeDevice.spec.desiredModels` (a list map keyed by `model`) applied with
-//!   server-side apply under a field manager of this EdgeModel's own, so that models
-//!   never overwrite each other's entries and removing the entry is applying none;
 //! - the EdgeModel status, with server-side apply under [`STATUS_MANAGER`], only when it
-//!   changed (no no-op patches);
+//!   changed (no no-op patches). Nothing is written per device: the status holds the
+//!   rollout position (`rolloutRank`) every device derives its revision from
+//!   ([`rollout::desired`]), so a step of a rollout to any number of devices is one
+//!   write;
 //! - Events for rollout steps, gate failures, rollbacks, revocations and signature
 //!   failures.
 //!
 //! Reads: the EdgeModel itself is read fresh; devices come from a watch cache (a
 //! reflector, managed fields stripped), because listing a large fleet on every
-//! reconcile is what stops a rollout from scaling. A reconcile must still never plan
-//! on a cache that has not seen this reconciler's own writes (that would undo a
-//! rollback, or move more devices than `maxUnavailable` allows), so each device write
-//! records the resourceVersion it produced and a reconcile first waits until the cache
-//! has seen that far ([`DeviceCache::caught_up`]; resourceVersions of one etcd are
-//! ordered, and a watch delivers them in order).
+//! reconcile is what stops a rollout from scaling. A reconcile never plans on a cache
+//! that is not filled yet ([`DeviceCache::caught_up`]). The planner writes no device,
+//! so it never has to wait for its own device writes to come back through the watch.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use edgefleet_crds::conditions::reasons;
@@ -44,8 +39,6 @@ use crate::trust_policy::TrustPolicies;
 mod verify;
 mod writes;
 
-pub use writes::{assign, assignment_manager};
-
 /// Finalizer on every EdgeModel.
 pub const FINALIZER: &str = "edgefleet.io/unassign";
 /// Field manager of EdgeModel status writes.
@@ -54,8 +47,6 @@ pub const STATUS_MANAGER: &str = "edgefleet-operator";
 pub const REQUEUE_PROGRESSING: Duration = Duration::from_secs(5);
 /// Requeue when settled (attestation expiry is checked at least this often).
 pub const REQUEUE_SETTLED: Duration = Duration::from_secs(60);
-/// Assignment writes in flight at once.
-pub const ASSIGN_CONCURRENCY: usize = 16;
 /// Backoff bounds of failed reconciles.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Upper bound of the backoff.
@@ -73,8 +64,8 @@ pub enum Error {
     /// Deletion waits for devices that still report the model.
     #[error("{0} device(s) still report the model; waiting before releasing the finalizer")]
     StillLoaded(usize),
-    /// The device cache has not yet seen this reconciler's own writes.
-    #[error("the device cache has not caught up with this reconciler's writes")]
+    /// The device cache is not filled yet.
+    #[error("the device cache is not filled yet")]
     CacheBehind,
 }
 
@@ -100,50 +91,23 @@ impl Error {
 /// it gives up and requeues.
 pub const CACHE_WAIT: Duration = Duration::from_secs(10);
 
-/// The device watch cache, and how far it has seen against how far this reconciler
-/// has written.
+/// The device watch cache.
 #[derive(Clone, Debug)]
 pub struct DeviceCache {
     store: Store<EdgeDevice>,
-    /// The highest resourceVersion among the events the cache has applied.
-    seen: Arc<AtomicU64>,
-    /// The highest resourceVersion this reconciler's device writes produced.
-    written: Arc<AtomicU64>,
-}
-
-fn resource_version(d: &EdgeDevice) -> Option<u64> {
-    d.metadata.resource_version.as_deref()?.parse().ok()
 }
 
 impl DeviceCache {
-    fn note_write(&self, d: &EdgeDevice) {
-        if let Some(rv) = resource_version(d) {
-            self.written.fetch_max(rv, Ordering::SeqCst);
-        }
-    }
-
-    /// Waits until the cache is filled and has seen every device write of this
-    /// reconciler; false when that takes longer than [`CACHE_WAIT`].
+    /// Waits until the cache is filled; false when that takes longer than
+    /// [`CACHE_WAIT`].
     pub async fn caught_up(&self) -> bool {
         self.caught_up_within(CACHE_WAIT).await
     }
 
     async fn caught_up_within(&self, wait: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + wait;
-        if tokio::time::timeout_at(deadline, self.store.wait_until_ready())
+        tokio::time::timeout(wait, self.store.wait_until_ready())
             .await
-            .is_err()
-        {
-            return false;
-        }
-        let target = self.written.load(Ordering::SeqCst);
-        while self.seen.load(Ordering::SeqCst) < target {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        true
+            .is_ok()
     }
 
     /// Every device in the cache.
@@ -206,7 +170,7 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
         return Ok(Action::await_change());
     };
     if !ctx.devices.caught_up().await {
-        tracing::warn!("the device cache is behind this reconciler's writes; trying again");
+        tracing::warn!("the device cache is not filled yet; trying again");
         return Ok(Action::requeue(BACKOFF_MIN));
     }
     if !ctx.policies.ready(CACHE_WAIT).await {
@@ -221,8 +185,8 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
         withdrawn: &verified.withdrawn,
     };
     let mut plan = rollout::plan(&model, &devices, &trust, now);
-    // Keep what devices may run: the current and stable revisions, and any revision a
-    // device stays assigned after this plan; never a withdrawn one.
+    // Keep what devices may run: the current and stable revisions, never a withdrawn
+    // one (devices derive nothing else).
     let key = rollout::model_key(&model);
     let mut keep: std::collections::BTreeSet<String> = [
         plan.status.current_revision.clone(),
@@ -231,18 +195,6 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
     .into_iter()
     .flatten()
     .collect();
-    for d in &devices {
-        let after = match plan.assignments.get(&d.name_any()) {
-            Some(a) => a.clone(),
-            None => d
-                .spec
-                .desired_models
-                .iter()
-                .find(|m| m.model == key)
-                .cloned(),
-        };
-        keep.extend(after.map(|a| a.revision));
-    }
     keep.retain(|r| !verified.withdrawn.contains_key(r));
     plan.status.revisions = rollout::keep_templates(
         &verified.kept,
@@ -256,30 +208,8 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
         .filter(|d| rollout::condition_true(d, edgefleet_crds::conditions::READY))
         .count();
     ctx.metrics.record_devices(ready, devices.len() - ready);
-    // Status (with the templates) first: the gateway serves an assignment from its
-    // revision's template, so the template must exist before any device is moved.
+    // One write, whatever the fleet's size: devices derive what they run from it.
     writes::write_status(&ctx.client, &model, &plan.status).await?;
-    // Assignments are independent writes (one device each): a bounded number in flight,
-    // so that a rollout to a large fleet is not one round trip per device in sequence.
-    let manager = assignment_manager(&model);
-    let mut writes = futures::stream::iter(plan.assignments.clone())
-        .map(|(device, desired)| {
-            let (client, manager) = (ctx.client.clone(), manager.clone());
-            async move { assign(&client, &manager, &device, desired.as_ref()).await }
-        })
-        .buffer_unordered(ASSIGN_CONCURRENCY);
-    let mut first_error = None;
-    while let Some(r) = writes.next().await {
-        match r {
-            Ok(d) => ctx.devices.note_write(&d),
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(e) = first_error {
-        return Err(e.into());
-    }
     writes::publish(&ctx.recorder, &model, &plan.events).await;
     Ok(Action::requeue(
         if plan.status.phase == Some(ModelPhase::Progressing) {
@@ -291,18 +221,15 @@ async fn apply(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error
 }
 
 async fn cleanup(model: Arc<EdgeModel>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // A model being deleted is derived onto no device (`rollout::desired`); wait until
+    // no ready device still reports it.
     let key = rollout::model_key(&model);
-    let manager = assignment_manager(&model);
     let mut still = 0;
     // An error, not a requeue: a cleanup that returns Ok releases the finalizer.
     if !ctx.devices.caught_up().await {
         return Err(Error::CacheBehind);
     }
     for device in ctx.devices() {
-        if device.spec.desired_models.iter().any(|d| d.model == key) {
-            let written = assign(&ctx.client, &manager, &device.name_any(), None).await?;
-            ctx.devices.note_write(&written);
-        }
         let ready = rollout::condition_true(&device, edgefleet_crds::conditions::READY);
         let reports = device
             .status
@@ -414,8 +341,6 @@ fn device_cache(
     if let Some(shared) = shared {
         let cache = DeviceCache {
             store: shared.store,
-            seen: shared.seen,
-            written: Arc::default(),
         };
         let ticks = futures::stream::unfold(shared.changes, |mut rx| async move {
             rx.changed().await.ok()?;
@@ -425,12 +350,7 @@ fn device_cache(
         return (cache, ticks.boxed());
     }
     let (store, writer) = reflector::store();
-    let cache = DeviceCache {
-        store,
-        seen: Arc::default(),
-        written: Arc::default(),
-    };
-    let seen = cache.seen.clone();
+    let cache = DeviceCache { store };
     let events = reflector::reflector(
         writer,
         watcher(
@@ -443,12 +363,7 @@ fn device_cache(
     .touched_objects()
     .filter_map(move |r| {
         let trigger = match r {
-            Ok(d) => {
-                if let Some(rv) = resource_version(&d) {
-                    seen.fetch_max(rv, Ordering::SeqCst);
-                }
-                Some(())
-            }
+            Ok(_) => Some(()),
             Err(e) => {
                 tracing::warn!(error = %e, "watching EdgeDevices");
                 None
@@ -540,41 +455,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_reconcile_waits_for_the_cache_to_see_its_own_writes() {
+    async fn a_reconcile_waits_for_the_cache_to_be_filled() {
         let (store, mut writer) = reflector::store::<EdgeDevice>();
-        let cache = DeviceCache {
-            store,
-            seen: Arc::default(),
-            written: Arc::default(),
-        };
+        let cache = DeviceCache { store };
         let short = Duration::from_millis(100);
         // Not filled yet: never plan on an empty cache.
         assert!(!cache.caught_up_within(short).await);
         writer.apply_watcher_event(&Event::Init);
         writer.apply_watcher_event(&Event::InitApply(device("a", 3)));
-        writer.apply_watcher_event(&Event::InitDone);
-        cache.seen.fetch_max(3, Ordering::SeqCst);
-        assert!(cache.caught_up_within(short).await);
-        // This reconciler wrote device a at resourceVersion 7: behind until the watch
-        // delivers it.
-        cache.note_write(&device("a", 7));
         assert!(!cache.caught_up_within(short).await);
-        let c = cache.clone();
-        let waiter = tokio::spawn(async move { c.caught_up_within(Duration::from_secs(5)).await });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        writer.apply_watcher_event(&Event::Apply(device("a", 7)));
-        cache.seen.fetch_max(7, Ordering::SeqCst);
-        assert!(waiter.await.unwrap());
-        assert_eq!(
-            cache.devices()[0].metadata.resource_version.as_deref(),
-            Some("7")
-        );
+        writer.apply_watcher_event(&Event::InitDone);
+        assert!(cache.caught_up_within(short).await);
+        assert_eq!(cache.devices().len(), 1);
     }
 
     #[tokio::test]
-    async fn a_shared_cache_triggers_per_event_and_answers_for_what_it_has_seen() {
+    async fn a_shared_cache_triggers_per_event() {
         let (store, mut writer) = reflector::store::<EdgeDevice>();
-        let seen: Arc<AtomicU64> = Arc::default();
         let (tick, changes) = tokio::sync::watch::channel(0u64);
         // Never contacted: a shared cache needs no watch of its own.
         let client =
@@ -583,7 +480,7 @@ mod tests {
             &client,
             Some(SharedDevices {
                 store,
-                seen: seen.clone(),
+                seen: Arc::default(),
                 changes,
                 policies: None,
             }),
@@ -592,11 +489,10 @@ mod tests {
         // Nothing happened: no trigger, and an unfilled cache is not planned on.
         assert!(tokio::time::timeout(short, triggers.next()).await.is_err());
         assert!(!cache.caught_up_within(short).await);
-        // The owner applies events, notes their resourceVersion, and ticks.
+        // The owner applies events and ticks.
         writer.apply_watcher_event(&Event::Init);
         writer.apply_watcher_event(&Event::InitApply(device("a", 3)));
         writer.apply_watcher_event(&Event::InitDone);
-        seen.fetch_max(3, Ordering::SeqCst);
         tick.send_modify(|n| *n += 1);
         assert_eq!(
             tokio::time::timeout(Duration::from_secs(5), triggers.next()).await,
@@ -604,10 +500,5 @@ mod tests {
         );
         assert!(cache.caught_up_within(short).await);
         assert_eq!(cache.devices().len(), 1);
-        // This reconciler's own write is waited for through the owner's progress.
-        cache.note_write(&device("a", 5));
-        assert!(!cache.caught_up_within(short).await);
-        seen.fetch_max(5, Ordering::SeqCst);
-        assert!(cache.caught_up_within(short).await);
     }
 }

@@ -203,6 +203,18 @@ impl Outcome {
         }
     }
 
+    /// None of the `candidates` is online: nothing moves, nothing is judged.
+    pub fn waiting(candidates: usize) -> Self {
+        Self {
+            progressing: true,
+            progressing_reason: reasons::ROLLING_OUT,
+            progressing_message: format!(
+                "waiting: none of the {candidates} candidate device(s) is online"
+            ),
+            ..Self::settled(ModelPhase::Progressing)
+        }
+    }
+
     /// Paused at `step` of `steps`.
     pub fn paused(step: usize, steps: usize) -> Self {
         Self {

@@ -1,40 +1,46 @@
-//! Assignment: which devices' entries of this model change, and to what. The fleet as
-//! one model sees it ([`Fleet`]: what each device is assigned and reports), and the
-//! steps that produce assignment changes: revocation of devices that stopped being
-//! candidates, rollback to the stable revision, moving devices to the new revision
-//! within the unavailability budget, and giving the stable revision to candidates the
-//! rollout has not reached. Each step returns only the changes (entries that differ
-//! from what the device has); the plan merges them.
+//! Assignment, derived: a candidate runs the current revision when its rank for the
+//! model ([`device_rank`]) is below `status.rolloutRank`, and the stable revision
+//! otherwise ([`edgefleet_crds::model::derived_revision`]). Nothing is written per
+//! device: the gateway derives each device's desired state from the EdgeModel status
+//! the same way, so an advance, a rollback or a revocation is one status write.
+//!
+//! [`Fleet`] is the fleet as one model sees it: what each device runs by derivation
+//! before this plan, and what it reports. [`advance_rank`] moves the rollout over more
+//! devices, in rank order, within the unavailability budget.
 
 use std::collections::BTreeMap;
 
 use edgefleet_crds::EdgeDevice;
-use edgefleet_crds::conditions::{self as cond, reasons};
-use edgefleet_crds::device::{DesiredModel, LoadedModel, ModelState};
+use edgefleet_crds::conditions as cond;
+use edgefleet_crds::device::{LoadedModel, ModelState};
+use edgefleet_crds::model::{RANK_ALL, derived_revision, device_rank};
 use kube::ResourceExt;
-use kube::runtime::events::EventType;
 
-use super::Event;
 use super::gates::Health;
-use super::select::{Selection, condition_true};
+use super::select::condition_true;
 
-/// For each device whose assignment of the model must change: the new one (`None`
-/// removes it).
-pub type Assignments = BTreeMap<String, Option<DesiredModel>>;
-
-/// What a device reports for `model` at `revision`.
-fn reported(device: &EdgeDevice, model: &str, revision: &str) -> Option<ModelState> {
-    device
-        .status
-        .as_ref()?
-        .models
-        .iter()
-        .find(|m| m.model == model && m.revision == revision)
-        .map(|m| m.state)
+/// Where a rollout stands: the revisions and the rank below which devices run the
+/// current one (the EdgeModel status fields of the same names).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position {
+    /// `status.currentRevision`.
+    pub current: Option<String>,
+    /// `status.stableRevision`.
+    pub stable: Option<String>,
+    /// `status.rolloutRank`.
+    pub rank: i64,
 }
 
-fn assigned<'a>(device: &'a EdgeDevice, model: &str) -> Option<&'a DesiredModel> {
-    device.spec.desired_models.iter().find(|d| d.model == model)
+impl Position {
+    /// The revision a candidate of `rank` runs.
+    pub fn revision(&self, rank: i64) -> Option<&str> {
+        derived_revision(
+            self.current.as_deref(),
+            self.stable.as_deref(),
+            Some(self.rank),
+            rank,
+        )
+    }
 }
 
 /// The devices by name, as the model `key` (`namespace/name`) sees them.
@@ -42,14 +48,46 @@ fn assigned<'a>(device: &'a EdgeDevice, model: &str) -> Option<&'a DesiredModel>
 pub struct Fleet<'a> {
     key: &'a str,
     by_name: BTreeMap<String, &'a EdgeDevice>,
+    /// Each candidate's rank for the model.
+    ranks: BTreeMap<String, i64>,
+    /// What each candidate runs before this plan.
+    before: BTreeMap<String, String>,
 }
 
 impl<'a> Fleet<'a> {
-    /// `devices` as the model `key` sees them.
-    pub fn new(key: &'a str, devices: &'a [EdgeDevice]) -> Self {
+    /// `devices` as the model `key` with UID `uid` sees them, the `candidates` at the
+    /// rollout `position`.
+    pub fn new<'c>(
+        key: &'a str,
+        uid: &str,
+        devices: &'a [EdgeDevice],
+        candidates: impl IntoIterator<Item = &'c String>,
+        position: &Position,
+    ) -> Self {
+        let ranks: BTreeMap<String, i64> = candidates
+            .into_iter()
+            .map(|n| (n.clone(), device_rank(uid, n)))
+            .collect();
+        let before = ranks
+            .iter()
+            .filter_map(|(n, r)| Some((n.clone(), position.revision(*r)?.to_owned())))
+            .collect();
+        Self::with(key, devices, ranks, before)
+    }
+
+    /// `devices` where each device in `before` runs the revision it names (tests, and
+    /// steps that need no ranks).
+    pub fn with(
+        key: &'a str,
+        devices: &'a [EdgeDevice],
+        ranks: BTreeMap<String, i64>,
+        before: BTreeMap<String, String>,
+    ) -> Self {
         Self {
             key,
             by_name: devices.iter().map(|d| (d.name_any(), d)).collect(),
+            ranks,
+            before,
         }
     }
 
@@ -58,29 +96,39 @@ impl<'a> Fleet<'a> {
         self.by_name.get(name).copied()
     }
 
-    /// The model's entry in `name`'s desiredModels.
-    pub fn assigned(&self, name: &str) -> Option<&'a DesiredModel> {
-        self.device(name).and_then(|d| assigned(d, self.key))
+    /// `name`'s rank (0 for a device that is not a candidate).
+    pub fn rank(&self, name: &str) -> i64 {
+        self.ranks.get(name).copied().unwrap_or(0)
     }
 
-    /// Whether `name` is assigned revision `rev`.
+    /// Whether `name` is a candidate.
+    pub fn is_candidate(&self, name: &str) -> bool {
+        self.ranks.contains_key(name)
+    }
+
+    /// Whether candidate `name` runs revision `rev` before this plan.
     pub fn on(&self, name: &str, rev: &str) -> bool {
-        self.assigned(name).is_some_and(|a| a.revision == rev)
+        self.before.get(name).is_some_and(|r| r == rev)
     }
 
     /// What `name` reports for the model at revision `rev`.
     pub fn state(&self, name: &str, rev: &str) -> Option<ModelState> {
-        self.device(name).and_then(|d| reported(d, self.key, rev))
+        self.report(name, rev).map(|m| m.state)
     }
 
     /// `name`'s whole report of the model at revision `rev`.
     pub fn report(&self, name: &str, rev: &str) -> Option<&'a LoadedModel> {
-        self.device(name)?
-            .status
-            .as_ref()?
-            .models
+        self.reports(name).find(|m| m.revision == rev)
+    }
+
+    /// `name`'s reports of the model, at any revision.
+    pub fn reports(&self, name: &str) -> impl Iterator<Item = &'a LoadedModel> + use<'a, '_> {
+        self.device(name)
+            .and_then(|d| d.status.as_ref())
+            .map(|s| s.models.as_slice())
+            .unwrap_or_default()
             .iter()
-            .find(|m| m.model == self.key && m.revision == rev)
+            .filter(|m| m.model == self.key)
     }
 
     /// Whether `name` is `Ready` (its heartbeat lease holds).
@@ -89,118 +137,127 @@ impl<'a> Fleet<'a> {
             .is_some_and(|d| condition_true(d, cond::READY))
     }
 
-    /// The entry that assigns revision `rev` (with `variant`).
-    pub fn desired(&self, rev: &str, variant: &Option<String>) -> DesiredModel {
-        DesiredModel {
-            model: self.key.to_owned(),
-            revision: rev.to_owned(),
-            variant: variant.clone(),
-        }
-    }
-
-    /// Records `desired` for `name` in `changes` when it differs from what the device
-    /// has.
-    pub fn want(&self, changes: &mut Assignments, name: &str, desired: Option<DesiredModel>) {
-        let current = self.assigned(name).cloned();
-        if current != desired {
-            changes.insert(name.to_owned(), desired);
-        }
-    }
-
-    /// The revision `name` is assigned once `assignments` are applied.
-    pub fn after(&self, assignments: &Assignments, name: &str) -> Option<String> {
-        match assignments.get(name) {
-            Some(a) => a.as_ref().map(|a| a.revision.clone()),
-            None => self.assigned(name).map(|a| a.revision.clone()),
-        }
+    /// The names of the devices.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.by_name.keys()
     }
 }
 
-/// Revocation: devices that are assigned the model but are no longer candidates lose
-/// it, each with a warning that says why.
-pub fn revoke(fleet: &Fleet<'_>, selection: &Selection) -> (Assignments, Vec<Event>) {
-    let mut changes = Assignments::new();
-    let mut events = Vec::new();
-    for (name, d) in &fleet.by_name {
-        if !selection.candidates.contains_key(name) && assigned(d, fleet.key).is_some() {
-            let why = selection
-                .excluded
-                .get(name)
-                .map_or_else(String::new, |e| format!("{e:?}"));
-            events.push((
-                EventType::Warning,
-                reasons::UNASSIGNED,
-                format!("{name} no longer qualifies ({why}); model unassigned"),
-            ));
-            fleet.want(&mut changes, name, None);
-        }
-    }
-    (changes, events)
-}
-
-/// Rollback: the candidates on `rev` move back to `stable`. `None` when there is no
-/// stable revision other than `rev` (then nothing moves).
-pub fn back_to_stable(
-    fleet: &Fleet<'_>,
-    candidates: &BTreeMap<String, Option<String>>,
-    stable: Option<&str>,
-    rev: &str,
-) -> Option<(String, Assignments)> {
-    let stable = stable.filter(|s| *s != rev)?;
-    let mut changes = Assignments::new();
-    for (name, variant) in candidates {
-        if fleet.on(name, rev) {
-            fleet.want(&mut changes, name, Some(fleet.desired(stable, variant)));
-        }
-    }
-    Some((stable.to_owned(), changes))
-}
-
-/// Moves more candidates to `rev`, in name order, until `target` devices are on it or
-/// `budget` devices would be not ready at once. Only `Ready` devices move.
-pub fn move_devices(
+/// The new `rolloutRank`: the rollout moves over more `candidates` in rank order until
+/// `target` online devices run `rev`, or `budget` online devices would be updating at
+/// once. An offline device the rank passes neither counts toward the target nor uses
+/// the budget: it gets the revision when it comes back. Once every candidate is
+/// passed the rank is [`RANK_ALL`], so devices that join later get the revision too.
+pub fn advance_rank(
     fleet: &Fleet<'_>,
     candidates: &BTreeMap<String, Option<String>>,
     health: &Health<'_>,
-    rev: &str,
+    rank: i64,
     target: usize,
     budget: usize,
-) -> Assignments {
-    let mut changes = Assignments::new();
-    let unavailable = health.updated.len() - health.ready.len();
+) -> i64 {
+    let online_updated = health.updated.len() - health.offline.len();
+    let unavailable = online_updated - health.ready.len();
     let mut room = budget.saturating_sub(unavailable);
-    let mut moving = health.updated.len();
-    for (name, variant) in candidates {
+    let mut moving = online_updated;
+    let mut waiting: Vec<(i64, &String)> = candidates
+        .keys()
+        .map(|n| (fleet.rank(n), n))
+        .filter(|(r, _)| *r >= rank)
+        .collect();
+    waiting.sort();
+    let mut last_taken = None;
+    for (r, name) in waiting {
+        if !fleet.online(name) {
+            continue;
+        }
         if moving >= target || room == 0 {
-            break;
+            // A device that shares the last taken device's rank comes along (ranks
+            // are 48-bit: ties are rare, and this keeps the rank strictly advancing).
+            return match last_taken {
+                None => rank,
+                Some(t) if t == r => r + 1,
+                Some(_) => r,
+            };
         }
-        if !fleet.on(name, rev) && fleet.online(name) {
-            fleet.want(&mut changes, name, Some(fleet.desired(rev, variant)));
-            moving += 1;
-            room -= 1;
-        }
+        moving += 1;
+        room -= 1;
+        last_taken = Some(r);
     }
-    changes
+    RANK_ALL
 }
 
-/// Candidates outside the rollout's reach so far (assigned nothing, not moving to `rev`
-/// in `assignments`, and `Ready`) get the `stable` revision.
-pub fn fill_stable(
-    fleet: &Fleet<'_>,
-    candidates: &BTreeMap<String, Option<String>>,
-    assignments: &Assignments,
-    stable: &str,
-    rev: &str,
-) -> Assignments {
-    let mut changes = Assignments::new();
-    for (name, variant) in candidates {
-        let on_any = fleet.assigned(name);
-        let moving_now = assignments
-            .get(name)
-            .is_some_and(|a| a.as_ref().is_some_and(|a| a.revision == rev));
-        if on_any.is_none() && !moving_now && stable != rev && fleet.online(name) {
-            fleet.want(&mut changes, name, Some(fleet.desired(stable, variant)));
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::fixtures::{KEY, device, online, reporting};
+
+    fn fleet_of<'a>(devices: &'a [EdgeDevice], names: &'a BTreeMap<String, Option<String>>) -> Fleet<'a> {
+        Fleet::new(KEY, "uid", devices, names.keys(), &Position::default())
     }
-    changes
+
+    #[test]
+    fn the_rank_moves_over_online_devices_in_rank_order_within_the_budget() {
+        let devices: Vec<EdgeDevice> = (0..6)
+            .map(|i| {
+                let d = device(&format!("d{i}"));
+                if i == 2 { d } else { online(d) }
+            })
+            .collect();
+        let names: BTreeMap<String, Option<String>> =
+            devices.iter().map(|d| (d.name_any(), None)).collect();
+        let fleet = fleet_of(&devices, &names);
+        let mut by_rank: Vec<(i64, String)> =
+            names.keys().map(|n| (fleet.rank(n), n.clone())).collect();
+        by_rank.sort();
+        let online_in_order: Vec<&(i64, String)> =
+            by_rank.iter().filter(|(_, n)| n != "d2").collect();
+        let health = Health::default();
+        // Target 2, budget 5: the rank stops at the third online device.
+        let r = advance_rank(&fleet, &names, &health, 0, 2, 5);
+        assert_eq!(r, online_in_order[2].0);
+        let below: Vec<&String> = names.keys().filter(|n| fleet.rank(n) < r).collect();
+        let online_below = below.iter().filter(|n| n.as_str() != "d2").count();
+        assert_eq!(online_below, 2, "{below:?}");
+        // Budget 1 stops after one device, whatever the target.
+        let r1 = advance_rank(&fleet, &names, &health, 0, 5, 1);
+        assert_eq!(r1, online_in_order[1].0);
+        // Every candidate passed: RANK_ALL.
+        assert_eq!(advance_rank(&fleet, &names, &health, 0, 6, 6), RANK_ALL);
+        // Nothing to move: the rank stays where it is (never goes back).
+        let held = advance_rank(&fleet, &names, &health, r, 0, 5);
+        assert_eq!(held, r);
+    }
+
+    #[test]
+    fn updating_devices_use_the_budget_and_offline_ones_do_not() {
+        let devices = [
+            online(reporting(device("a"), "r2", ModelState::Loading)),
+            reporting(device("b"), "r2", ModelState::Ready),
+            online(device("c")),
+            online(device("d")),
+        ];
+        // a and b are on the revision already; c and d wait.
+        let names: BTreeMap<String, Option<String>> =
+            ["c", "d"].map(|n| (n.to_owned(), None)).into();
+        let fleet = fleet_of(&devices, &names);
+        let (a, b) = (&"a".to_owned(), &"b".to_owned());
+        let health = Health {
+            updated: vec![a, b],
+            failed: vec![],
+            ready: vec![],
+            offline: vec![b],
+        };
+        let start = 0;
+        // Budget 1 is used by a (online, loading): nothing moves.
+        assert_eq!(advance_rank(&fleet, &names, &health, start, 4, 1), start);
+        // Budget 2: one more online device moves; offline b used none of it.
+        let r = advance_rank(&fleet, &names, &health, start, 4, 2);
+        let moved: Vec<&String> = names
+            .keys()
+            .filter(|n| (start..r).contains(&fleet.rank(n)))
+            .collect();
+        assert_eq!(moved.len(), 1, "{moved:?}");
+        assert!(["c", "d"].contains(&moved[0].as_str()));
+    }
 }

@@ -5,8 +5,10 @@
 
 use edgefleet_crds::conditions as cond;
 use edgefleet_crds::device::{
-    AttestationSummary, DesiredModel, EdgeDeviceStatus, InferenceStats, LoadedModel, ModelState,
+    AttestationSummary, EdgeDeviceStatus, InferenceStats, LoadedModel, ModelState,
 };
+
+use super::assign::Fleet;
 use edgefleet_crds::{EdgeDevice, EdgeModelSpec, TeeKind};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -89,14 +91,41 @@ pub fn attested(d: EdgeDevice) -> EdgeDevice {
     d
 }
 
-/// `d`, assigned [`KEY`] at revision `rev`.
+/// The annotation [`on`] sets for [`fleet`].
+const ON: &str = "test.edgefleet.io/on";
+
+/// `d`, running [`KEY`] at revision `rev` before the plan (for [`fleet`]).
 pub fn on(mut d: EdgeDevice, rev: &str) -> EdgeDevice {
-    d.spec.desired_models.push(DesiredModel {
-        model: KEY.into(),
-        revision: rev.into(),
-        variant: None,
-    });
+    d.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(ON.into(), rev.into());
     d
+}
+
+/// `devices` as model [`KEY`] sees them, each running what [`on`] set.
+pub fn fleet(devices: &[EdgeDevice]) -> Fleet<'_> {
+    let before = devices
+        .iter()
+        .filter_map(|d| {
+            let rev = d.metadata.annotations.as_ref()?.get(ON)?;
+            Some((d.metadata.name.clone()?, rev.clone()))
+        })
+        .collect();
+    Fleet::with(KEY, devices, Default::default(), before)
+}
+
+/// The `rolloutRank` that puts exactly the devices `on` (of model UID `uid`) below it
+/// and the `off` ones above: panics when their ranks interleave (pick other names).
+pub fn rank_between(uid: &str, on: &[&str], off: &[&str]) -> i64 {
+    use edgefleet_crds::model::device_rank;
+    let top = on.iter().map(|n| device_rank(uid, n)).max().map_or(0, |r| r + 1);
+    let bottom = off.iter().map(|n| device_rank(uid, n)).min();
+    assert!(
+        bottom.is_none_or(|b| b >= top),
+        "the ranks of {on:?} and {off:?} interleave; choose other names"
+    );
+    top
 }
 
 /// `d`, reporting [`KEY`] at revision `rev` in `state`.

@@ -1,7 +1,9 @@
-//! Health gates: how the devices assigned the new revision do on it ([`Health`]), and
+//! Health gates: how the devices on the new revision do on it ([`Health`]), and
 //! whether that fails the step ([`gate_failure`]): a device reported the revision
-//! `Failed`, a device was not `Ready` within `readyTimeoutSeconds` of the step's start,
-//! or a ready device reports an error rate or speed outside the gates.
+//! `Failed`, an online device was not `Ready` on it within `readyTimeoutSeconds` of the
+//! step's start, or a ready device reports an error rate or speed outside the gates.
+//! A device that is offline (its heartbeat lease ran out) is neither ready nor failing:
+//! nothing it says is news about the revision.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +24,8 @@ pub struct Health<'a> {
     pub failed: Vec<&'a String>,
     /// Of those, the ones that report it `Ready` and are `Ready` themselves.
     pub ready: Vec<&'a String>,
+    /// Of those on it, the ones that are not `Ready` themselves (offline).
+    pub offline: Vec<&'a String>,
 }
 
 /// The health of the `candidates` on revision `rev`.
@@ -41,10 +45,16 @@ pub fn health<'a>(
         .copied()
         .filter(|n| fleet.state(n, rev) == Some(ModelState::Ready) && fleet.online(n))
         .collect();
+    let offline: Vec<&String> = updated
+        .iter()
+        .copied()
+        .filter(|n| !fleet.online(n))
+        .collect();
     Health {
         updated,
         failed,
         ready,
+        offline,
     }
 }
 
@@ -61,6 +71,7 @@ pub fn gate_failure(
         updated,
         failed,
         ready,
+        offline,
     } = health;
     if let Some(name) = failed.first() {
         return Some(format!("{name} reported the revision Failed"));
@@ -68,7 +79,9 @@ pub fn gate_failure(
     if let Some(started) = step_started {
         let waited = now.duration_since(started.0).as_secs();
         if waited > i64::from(gates.ready_timeout_seconds)
-            && let Some(slow) = updated.iter().find(|n| !ready.contains(n))
+            && let Some(slow) = updated
+                .iter()
+                .find(|n| !ready.contains(n) && !offline.contains(n))
         {
             return Some(format!(
                 "{slow} was not ready within {} s",
@@ -108,7 +121,7 @@ pub fn gate_failure(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollout::fixtures::{KEY, ago, device, now, on, online, reporting, serving};
+    use crate::rollout::fixtures::{ago, device, fleet, now, on, online, reporting, serving};
     use edgefleet_crds::EdgeDevice;
 
     const REV: &str = "r2";
@@ -121,7 +134,7 @@ mod tests {
     }
 
     fn judge(devices: &[EdgeDevice], gates: &HealthGates, started: Option<Time>) -> Option<String> {
-        let fleet = Fleet::new(KEY, devices);
+        let fleet = fleet(devices);
         let candidates = candidates(devices);
         let health = health(&fleet, &candidates, REV);
         gate_failure(&health, &fleet, gates, started.as_ref(), now())
@@ -135,13 +148,14 @@ mod tests {
             online(reporting(on(device("c"), REV), REV, ModelState::Failed)),
             online(reporting(on(device("d"), "r1"), "r1", ModelState::Ready)),
         ];
-        let fleet = Fleet::new(KEY, &devices);
+        let fleet = fleet(&devices);
         let candidates = candidates(&devices);
         let h = health(&fleet, &candidates, REV);
         let names = |v: &[&String]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(names(&h.updated), ["a", "b", "c"]);
         assert_eq!(names(&h.failed), ["c"]);
         assert_eq!(names(&h.ready), ["a"]);
+        assert_eq!(names(&h.offline), ["b"]);
     }
 
     #[test]
@@ -179,6 +193,13 @@ mod tests {
             judge(&devices, &gates, Some(ago(timeout + 1))).as_deref(),
             Some("b was not ready within 600 s")
         );
+        // Offline (lost power, say): not ready, but not failing either.
+        let devices = [
+            online(reporting(on(device("a"), REV), REV, ModelState::Ready)),
+            reporting(on(device("b"), REV), REV, ModelState::Loading),
+            on(device("c"), REV),
+        ];
+        assert_eq!(judge(&devices, &gates, Some(ago(timeout * 10))), None);
     }
 
     #[test]

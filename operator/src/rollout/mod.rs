@@ -1,43 +1,52 @@
 //! The EdgeModel rollout, as a pure function: from an EdgeModel and the EdgeDevices,
-//! which devices should run which revision, and the status that describes it. The
-//! reconciler (`crate::edgemodel`) applies the result; everything here is unit-tested
-//! without an API server.
+//! where the rollout stands and the status that describes it. The reconciler
+//! (`crate::edgemodel`) writes the result; everything here is unit-tested without an
+//! API server.
 //!
+//! - **Derived assignment** ([`assign`]): nothing is written per device. Each device
+//!   has a stable rank for the model (a hash of the model's UID and the device's name);
+//!   a candidate runs `currentRevision` when its rank is below `status.rolloutRank`,
+//!   `stableRevision` otherwise. The gateway derives every device's desired state the
+//!   same way, so an advance, a rollback or a revocation is one EdgeModel status write
+//!   whatever the fleet's size, and a device that joins or leaves never changes another
+//!   device's revision.
 //! - **Revision**: a digest of everything the device runs (artifact, signature,
 //!   variants, runtime settings, plugins, port). A spec change that alters it starts a
-//!   new rollout at step 0.
+//!   new rollout at step 0 with `rolloutRank` 0 (devices on an unfinished earlier
+//!   revision go back to the stable one).
 //! - **Candidates**: devices the selector matches that are approved and `Attested`
 //!   under the required policy with an unexpired, allowed result of an accepted evidence
-//!   kind, and that have the memory the chosen variant needs. Devices that stop being
-//!   candidates lose the assignment (this is how a failed or lapsed attestation revokes
-//!   models). A candidate that is not `Ready` (its heartbeat lease ran out, for example
-//!   behind a network partition) keeps what it has — it goes on serving locally — but
-//!   is moved to nothing new until it is back.
-//! - **Steps**: cumulative targets (count or percent of candidates). Devices move to the
-//!   new revision in name order, at most `maxUnavailable` not-yet-ready at a time. A step
-//!   is done when its devices are all `Ready` on the revision and within the health
-//!   gates for its pause; then the next step starts. The last step makes the revision
-//!   stable.
-//! - **Gates**: a device that reports the revision `Failed`, is not `Ready` within
-//!   `readyTimeoutSeconds` of the step's start, or reports an error rate or speed
-//!   outside the gates fails the step: the rollout halts (`Degraded`) and devices on the
-//!   new revision are moved back to the stable one when `rollbackOnFailure` is set.
+//!   kind, and that have the memory the chosen variant needs. A device that stops being
+//!   a candidate derives nothing (this is how a failed or lapsed attestation revokes
+//!   models).
+//! - **Steps**: cumulative targets (count or percent of the online candidates). The
+//!   rank moves over devices in rank order, at most `maxUnavailable` online devices
+//!   updating at a time. A device that is offline (not `Ready`: its heartbeat lease ran
+//!   out) neither counts toward a step nor uses the budget nor fails a gate; the rank
+//!   passes it, and it gets the revision when it comes back. A step is done when its
+//!   online devices are `Ready` on the revision and within the health gates for its
+//!   pause; then the next step starts. The last step makes the revision stable.
+//! - **Gates**: an online device that reports the revision `Failed`, is not `Ready`
+//!   within `readyTimeoutSeconds` of the step's start, or reports an error rate or
+//!   speed outside the gates fails the step: the rollout halts (`Degraded`) and, when
+//!   `rollbackOnFailure` is set, the rank goes back to 0 (every device on the stable
+//!   revision). Once the revision is stable, gates are no longer judged: a device's
+//!   trouble is counted, never a rollback.
 //! - **Signature**: `spec.signers` must resolve under the trust policies (reason
 //!   `UntrustedSigner` otherwise), and the bundle must verify against the resolved
-//!   signers and, for a single-file model, name the artifact's digest. Otherwise nothing
-//!   moves to the new revision and `SignatureVerified` is False with the reason.
+//!   signers and, for a single-file model, name the artifact's digest. Otherwise the
+//!   rank is 0 and `SignatureVerified` is False with the reason.
 //! - **Trust boundary** ([`trust`]): only devices in a pool bound to the model's
-//!   namespace are candidates; devices on a withdrawn revision (its signers no longer
-//!   granted) move to a stable revision that holds, or lose the model; a device's local
-//!   refusal of the current revision excludes it alone, counted, never a gate failure.
+//!   namespace are candidates; a withdrawn revision (its signers no longer granted)
+//!   loses its template, so its devices derive a stable revision that holds, or
+//!   nothing; a device's local refusal of the current revision excludes it alone,
+//!   counted, never a gate failure.
 //!
 //! [`plan`] composes named steps, each a pure function in a module of its own:
-//! [`select`] the candidates, [`assign::revoke`] the devices that stopped being
-//! candidates, judge the [`gates`], reach a [`advance::verdict`] and advance the step
-//! ([`advance`]), [`assign`] devices (roll back, move within the budget, fill with the
-//! stable revision), and [`report`] the counts and conditions.
-//! [`revision`](mod@revision) holds what a revision is: its digest, signature check and
-//! template.
+//! [`select`] the candidates, judge the [`gates`], reach a [`advance::verdict`] and
+//! advance the step ([`advance`]), move the rank ([`assign::advance_rank`]), and
+//! [`report`] the counts and conditions. [`revision`](mod@revision) holds what a
+//! revision is: its digest, signature check and template.
 
 pub mod advance;
 pub mod assign;
@@ -57,7 +66,7 @@ use kube::ResourceExt;
 use kube::runtime::events::EventType;
 
 pub use advance::{max_unavailable, step_targets};
-pub use assign::Assignments;
+pub use assign::Position;
 pub use revision::verify_template;
 pub use revision::{check_signature, keep_templates, revision, template};
 pub use select::{Excluded, candidate, condition_true, quantity_bytes};
@@ -65,6 +74,7 @@ pub use trust::Trust;
 
 use advance::{Outcome, Progress, StepState, Verdict};
 use assign::Fleet;
+use edgefleet_crds::model::RANK_ALL;
 
 /// `namespace/name` of an EdgeModel: its key in device assignments and reports.
 pub fn model_key(model: &EdgeModel) -> String {
@@ -78,16 +88,67 @@ pub fn model_key(model: &EdgeModel) -> String {
 /// An event to publish: its type, reason and message.
 pub type Event = (EventType, &'static str, String);
 
-/// The outcome of planning one EdgeModel.
+/// The outcome of planning one EdgeModel: the status to write (it holds the rollout
+/// position every device derives its revision from), and the events.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    /// For each device whose assignment of this model must change: the new one (`None`
-    /// removes it).
-    pub assignments: Assignments,
     /// The status to write.
     pub status: EdgeModelStatus,
     /// Events to publish, in order.
     pub events: Vec<Event>,
+}
+
+/// The revision `device` derives from `status` of the model with UID `uid`, when it is
+/// a candidate (templates not considered: [`EdgeModelStatus::revision_for`] adds them).
+pub fn revision_after(status: &EdgeModelStatus, uid: &str, device: &str) -> Option<String> {
+    edgefleet_crds::model::derived_revision(
+        status.current_revision.as_deref(),
+        status.stable_revision.as_deref(),
+        status.rollout_rank,
+        edgefleet_crds::model::device_rank(uid, device),
+    )
+    .map(str::to_owned)
+}
+
+/// What `device` runs of `model` now: nothing unless it is a candidate (`pools`: the
+/// selectors of the device pools bound to the model's namespace) and the model is not
+/// being deleted; else the revision it derives from the model's status (one whose
+/// template the status holds), with its variant. The gateway serves this.
+pub fn desired(
+    model: &EdgeModel,
+    device: &EdgeDevice,
+    pools: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector],
+    now: Timestamp,
+) -> Option<edgefleet_crds::device::DesiredModel> {
+    if model.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = model.status.as_ref()?;
+    let selector: kube::core::Selector = model.spec.selector.clone().try_into().ok()?;
+    let pools: Vec<kube::core::Selector> = pools
+        .iter()
+        .filter_map(|p| p.clone().try_into().ok())
+        .collect();
+    candidate(&model.spec, &selector, &pools, device, now).ok()?;
+    let uid = model.metadata.uid.as_deref().unwrap_or_default();
+    let rank = edgefleet_crds::model::device_rank(uid, &device.name_any());
+    let revision = status.revision_for(rank)?;
+    // The variant from the revision's own template (the stable revision may come from
+    // an earlier spec): the first whose memory need the device meets.
+    let memory = quantity_bytes(&device.spec.facts.memory).unwrap_or(0);
+    let variant = status
+        .revisions
+        .iter()
+        .find(|t| t.revision == revision)?
+        .variants
+        .iter()
+        .find(|v| quantity_bytes(&v.min_memory).is_some_and(|m| m <= memory))
+        .map(|v| v.name.clone());
+    Some(edgefleet_crds::device::DesiredModel {
+        model: model_key(model),
+        revision: revision.to_owned(),
+        variant,
+    })
 }
 
 /// Plans `model` over `devices` at `now`, within what the trust policies allow
@@ -96,6 +157,7 @@ pub struct Plan {
 pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: Timestamp) -> Plan {
     let signature = trust.signature;
     let key = model_key(model);
+    let uid = model.metadata.uid.clone().unwrap_or_default();
     let spec = &model.spec;
     let previous = model.status.clone().unwrap_or_default();
     let generation = model.metadata.generation;
@@ -104,12 +166,13 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
     let mut status = previous.clone();
     status.observed_generation = generation;
 
-    // A new revision starts a new rollout at step 0.
+    // A new revision starts a new rollout at step 0, over no device yet.
     if previous.current_revision.as_deref() != Some(rev.as_str()) {
         status.current_revision = Some(rev.clone());
         status.current_step = Some(0);
         status.step_started_time = None;
         status.failed_revision = None;
+        status.rollout_rank = Some(0);
         events.push((
             EventType::Normal,
             cond::PROGRESSING,
@@ -125,23 +188,24 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
         status.stable_revision = None;
     }
     let stable = status.stable_revision.clone();
+    let position = Position {
+        current: Some(rev.clone()),
+        stable: stable.clone(),
+        rank: status.rollout_rank.unwrap_or(0),
+    };
 
-    // Select, revoke the model from devices that are no longer candidates, withdraw
-    // revisions no longer trusted, and set aside the devices that refused this one.
+    // Select; announce the devices that no longer qualify and the withdrawn revisions
+    // (both lose the model by derivation); set aside the devices that refused this
+    // revision.
     let mut selection = select::select(spec, devices, trust.pools, now);
-    let fleet = Fleet::new(&key, devices);
+    let fleet = Fleet::new(&key, &uid, devices, selection.candidates.keys(), &position);
     let refused = trust::refused(&fleet, &selection.candidates, &rev);
-    let (mut assignments, revoked) = assign::revoke(&fleet, &selection);
-    events.extend(revoked);
-    let (withdrawn, withdrawals) = trust::withdraw(
+    events.extend(revocation_events(&fleet, &selection));
+    events.extend(trust::withdrawal_events(
         &fleet,
-        &selection.candidates,
         trust.withdrawn,
         stable.as_deref(),
-        devices.iter().map(ResourceExt::name_any),
-    );
-    assignments.extend(withdrawn);
-    events.extend(withdrawals);
+    ));
     selection
         .candidates
         .retain(|name, _| !refused.contains_key(name));
@@ -150,30 +214,35 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
     events.extend(refusals);
     let candidates = &selection.candidates;
 
-    // Judge the gates on the devices already on the new revision.
+    // Judge the gates on the devices already on the new revision; once it is the stable
+    // revision, a device's trouble is counted, never a reason to roll back.
     let n = candidates.len();
-    let targets = step_targets(spec.rollout.steps.as_deref(), n);
+    let online = candidates.keys().filter(|c| fleet.online(c)).count();
+    let targets = step_targets(spec.rollout.steps.as_deref(), online);
     let last_step = targets.len().saturating_sub(1);
     let mut step = usize::try_from(status.current_step.unwrap_or(0))
         .unwrap_or(0)
         .min(last_step);
     let gates = &spec.rollout.health_gates;
     let health = gates::health(&fleet, candidates, &rev);
+    let completed = stable.as_deref() == Some(rev.as_str());
     let gate_failure = gates::gate_failure(
         &health,
         &fleet,
         gates,
         status.step_started_time.as_ref(),
         now,
-    );
+    )
+    .filter(|_| !completed);
     let failed_before = status.failed_revision.as_deref() == Some(rev.as_str());
     let verdict = advance::verdict(gate_failure, signature.is_ok(), failed_before, n);
 
-    // Moves the devices on `rev` back to the stable revision; says to which.
-    let back_to_stable = |assignments: &mut Assignments| {
-        let (stable, changes) =
-            assign::back_to_stable(&fleet, candidates, stable.as_deref(), &rev)?;
-        assignments.extend(changes);
+    // Rolling back is moving the rank to 0, when there is a stable revision to go back
+    // to; says which.
+    let mut rank = position.rank;
+    let back_to_stable = |rank: &mut i64| {
+        let stable = stable.clone().filter(|s| *s != rev)?;
+        *rank = 0;
         Some(stable)
     };
     let outcome = match verdict {
@@ -182,7 +251,7 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
             status.failed_revision = Some(rev.clone());
             events.push((EventType::Warning, reasons::HEALTH_GATE_FAILED, why.clone()));
             if gates.rollback_on_failure
-                && let Some(stable) = back_to_stable(&mut assignments)
+                && let Some(stable) = back_to_stable(&mut rank)
             {
                 events.push((
                     EventType::Warning,
@@ -202,26 +271,27 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
                 })
                 .map(|c| c.message.clone());
             if gates.rollback_on_failure {
-                back_to_stable(&mut assignments);
+                back_to_stable(&mut rank);
             }
             Outcome::degraded(first.unwrap_or_else(|| {
                 format!("revision {rev} failed its health gates; change the spec to roll out again")
             }))
         }
         Verdict::SignatureInvalid => {
-            // Nothing moves to the unverified revision; devices keep the stable one.
-            back_to_stable(&mut assignments);
+            // Nothing runs the unverified revision; devices keep the stable one.
+            rank = 0;
             Outcome::settled(ModelPhase::Failed)
         }
         Verdict::NoCandidates => no_candidates(model, &selection, trust),
+        Verdict::Advance if online == 0 => Outcome::waiting(n),
         Verdict::Advance => {
-            // Is the current step done (all its devices ready, pause elapsed)?
+            // Is the current step done (its online devices ready, pause elapsed)?
             let progress = Progress {
                 targets: &targets,
                 steps: spec.rollout.steps.as_deref(),
                 paused: spec.rollout.paused,
-                candidates: n,
-                updated: health.updated.len(),
+                candidates: online,
+                updated: health.updated.len() - health.offline.len(),
                 ready: health.ready.len(),
             };
             let started = status.step_started_time.clone();
@@ -234,18 +304,19 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
                     .map(|msg| (EventType::Normal, cond::PROGRESSING, msg)),
             );
             let target = targets[step];
-            let outcome = if spec.rollout.paused {
+            if spec.rollout.paused {
                 Outcome::paused(step, targets.len())
             } else {
-                // Move more devices, in name order, within the unavailability budget.
-                let budget = max_unavailable(spec.rollout.max_unavailable.as_ref(), n);
-                let moved = assign::move_devices(&fleet, candidates, &health, &rev, target, budget);
-                if !moved.is_empty() && status.step_started_time.is_none() {
+                // Move the rank over more devices, within the unavailability budget.
+                let budget = max_unavailable(spec.rollout.max_unavailable.as_ref(), online);
+                let moved = assign::advance_rank(&fleet, candidates, &health, rank, target, budget);
+                if moved > rank && status.step_started_time.is_none() {
                     status.step_started_time = Some(Time(now));
                 }
-                assignments.extend(moved);
+                rank = moved;
                 if advance::complete(step, &targets, health.ready.len()) {
-                    if stable.as_deref() != Some(rev.as_str()) {
+                    rank = RANK_ALL;
+                    if !completed {
                         status.stable_revision = Some(rev.clone());
                         events.push((
                             EventType::Normal,
@@ -257,21 +328,20 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
                 } else {
                     Outcome::progressing(step, targets.len(), health.ready.len(), target, &rev)
                 }
-            };
-            // Candidates outside the rollout's reach so far keep (or get) the stable
-            // revision.
-            if let Some(stable) = status.stable_revision.clone() {
-                let filled = assign::fill_stable(&fleet, candidates, &assignments, &stable, &rev);
-                assignments.extend(filled);
             }
-            outcome
         }
     };
     status.current_step = Some(i32::try_from(step).unwrap_or(i32::MAX));
+    status.rollout_rank = Some(rank);
 
-    // Counts and conditions, after this plan's assignments.
+    // Counts and conditions, at the position this plan writes.
+    let after = Position {
+        current: Some(rev.clone()),
+        stable: status.stable_revision.clone(),
+        rank,
+    };
     let serving = report::serving_revision(outcome.phase, stable.as_deref(), &rev);
-    let counts = report::counts(&fleet, candidates, &assignments, &rev, &serving);
+    let counts = report::counts(&fleet, candidates, &after, &rev, &serving);
     let targeted = selection.targeted;
     status.devices.targeted = targeted;
     status.devices.attested = i32::try_from(n).unwrap_or(i32::MAX);
@@ -291,11 +361,28 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
         previous: &previous.conditions,
     };
     status.conditions = report::conditions(outcome, &observed, now);
-    Plan {
-        assignments,
-        status,
-        events,
-    }
+    Plan { status, events }
+}
+
+/// A warning for each online device that is no longer a candidate but still reports
+/// the model: it derives nothing now, and unloads the model at its next poll.
+fn revocation_events(fleet: &Fleet<'_>, selection: &select::Selection) -> Vec<Event> {
+    fleet
+        .names()
+        .filter(|name| !selection.candidates.contains_key(*name))
+        .filter(|name| fleet.online(name) && fleet.reports(name).next().is_some())
+        .map(|name| {
+            let why = selection
+                .excluded
+                .get(name)
+                .map_or_else(String::new, |e| format!("{e:?}"));
+            (
+                EventType::Warning,
+                reasons::UNASSIGNED,
+                format!("{name} no longer qualifies ({why}); model unassigned"),
+            )
+        })
+        .collect()
 }
 
 /// Why there is no candidate: no device pool is bound to the namespace, none of the

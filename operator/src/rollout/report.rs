@@ -14,7 +14,7 @@ use kube::runtime::events::EventType;
 
 use super::Event;
 use super::advance::Outcome;
-use super::assign::{Assignments, Fleet};
+use super::assign::{Fleet, Position};
 
 /// The revision whose readiness counts: the stable one (else the current one) while
 /// the rollout is halted (`Degraded`) or refused (`Failed`), otherwise the current one.
@@ -26,27 +26,27 @@ pub fn serving_revision(phase: ModelPhase, stable: Option<&str>, rev: &str) -> S
     }
 }
 
-/// Candidates by state, once the plan's assignments are applied.
+/// Candidates by state, at the rollout position the plan writes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
-    /// Assigned the current revision.
+    /// Deriving the current revision.
     pub updated: usize,
-    /// `Ready` on the serving revision, assigned it, and `Ready` themselves.
+    /// `Ready` on the serving revision, deriving it, and `Ready` themselves.
     pub ready: usize,
     /// Reporting the current revision `Failed`.
     pub failed: usize,
 }
 
-/// Counts the `candidates` after `assignments`, on the current revision `rev` and the
+/// Counts the `candidates` at position `after`, on the current revision `rev` and the
 /// `serving` revision ([`serving_revision`]).
 pub fn counts(
     fleet: &Fleet<'_>,
     candidates: &BTreeMap<String, Option<String>>,
-    assignments: &Assignments,
+    after: &Position,
     rev: &str,
     serving: &str,
 ) -> Counts {
-    let after = |name: &str| fleet.after(assignments, name);
+    let after = |name: &str| after.revision(fleet.rank(name)).map(str::to_owned);
     let updated = candidates
         .keys()
         .filter(|n| after(n).as_deref() == Some(rev))

@@ -1,13 +1,13 @@
 //! The trust boundary's steps of a rollout:
 //!
-//! - [`withdraw`]: devices assigned a revision whose signers the trust policies no
-//!   longer grant (a *withdrawn* revision) move to the stable revision when it still
-//!   holds and they are candidates, and lose the model otherwise; one Warning event
-//!   (`RevisionWithdrawn`) names each withdrawn revision.
+//! - withdrawal: a revision whose signers the trust policies no longer grant (a
+//!   *withdrawn* revision) loses its template, so devices on it derive the stable
+//!   revision when it still holds and they are candidates, and nothing otherwise;
+//!   [`withdrawal_events`] names each withdrawn revision once (`RevisionWithdrawn`).
 //! - [`refused`]: candidates that report the current revision `Failed` with a local
 //!   refusal reason ([`edgefleet_proto::LOCAL_REFUSALS`]: the device's owner refused a
-//!   plugin grant, or the device does not hold the signer's root). The plan keeps their
-//!   assignment (they serve nothing of it, and would only refuse again), takes them out
+//!   plugin grant, or the device does not hold the signer's root). They keep deriving
+//!   the revision (they serve nothing of it, and would only refuse again), taken out
 //!   of the rollout (no gate failure, no step counts them), and counts them;
 //!   [`refusal_events`] announces each once (`DeviceRefused`).
 
@@ -19,7 +19,7 @@ use edgefleet_crds::model::Refusal;
 use kube::runtime::events::EventType;
 
 use super::Event;
-use super::assign::{Assignments, Fleet};
+use super::assign::Fleet;
 
 /// At most this many refusals are listed in `status.refusals`.
 pub const MAX_LISTED_REFUSALS: usize = 128;
@@ -37,41 +37,29 @@ pub struct Trust<'a> {
     pub withdrawn: &'a BTreeMap<String, String>,
 }
 
-/// Moves the devices assigned a `withdrawn` revision to `stable` (when it is not
-/// withdrawn itself and the device is a candidate), or unassigns them.
-pub fn withdraw(
+/// One Warning event (`RevisionWithdrawn`) per `withdrawn` revision, saying where the
+/// devices that report it go: to `stable` (when it is not withdrawn itself and the
+/// device is a candidate), or nowhere. The plan itself moves nobody: a withdrawn
+/// revision has no template, so no device derives it.
+pub fn withdrawal_events(
     fleet: &Fleet<'_>,
-    candidates: &BTreeMap<String, Option<String>>,
     withdrawn: &BTreeMap<String, String>,
     stable: Option<&str>,
-    devices: impl Iterator<Item = String>,
-) -> (Assignments, Vec<Event>) {
+) -> Vec<Event> {
     let stable = stable.filter(|s| !withdrawn.contains_key(*s));
-    let mut changes = Assignments::new();
-    let mut moved: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
-    for name in devices {
-        let Some(rev) = fleet.assigned(&name).map(|a| a.revision.clone()) else {
-            continue;
-        };
-        let Some((rev, _)) = withdrawn.get_key_value(&rev) else {
-            continue;
-        };
-        let to = match (stable, candidates.get(&name)) {
-            (Some(stable), Some(variant)) => Some(fleet.desired(stable, variant)),
-            _ => None,
-        };
-        let counts = moved.entry(rev).or_default();
-        if to.is_some() {
-            counts.0 += 1;
-        } else {
-            counts.1 += 1;
-        }
-        fleet.want(&mut changes, &name, to);
-    }
-    let events = withdrawn
+    withdrawn
         .iter()
         .map(|(rev, why)| {
-            let (to_stable, unassigned) = moved.get(rev.as_str()).copied().unwrap_or_default();
+            let (mut to_stable, mut unassigned) = (0, 0);
+            for name in fleet.names() {
+                if fleet.report(name, rev).is_some() {
+                    if stable.is_some() && fleet.is_candidate(name) {
+                        to_stable += 1;
+                    } else {
+                        unassigned += 1;
+                    }
+                }
+            }
             let devices = match stable {
                 Some(s) if to_stable > 0 => format!(
                     "; {to_stable} device(s) moved to revision {s}, {unassigned} unassigned"
@@ -84,8 +72,7 @@ pub fn withdraw(
                 format!("revision {rev} withdrawn: {why}{devices}"),
             )
         })
-        .collect();
-    (changes, events)
+        .collect()
 }
 
 /// The candidates that refused revision `rev` on their own authority, with the reason.
@@ -143,7 +130,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::rollout::fixtures::{KEY, device, on, online, refusing, reporting};
+    use crate::rollout::fixtures::{KEY, device, fleet, on, online, rank_between, refusing, reporting};
+    use crate::rollout::revision_after;
+    use edgefleet_crds::model::RANK_ALL;
     use edgefleet_crds::{EdgeDevice, ModelPhase};
 
     fn names(devices: &[EdgeDevice]) -> BTreeMap<String, Option<String>> {
@@ -185,7 +174,7 @@ mod tests {
             ),
         ];
         let devices: Vec<EdgeDevice> = cases.iter().map(|(d, _)| d.clone()).collect();
-        let fleet = Fleet::new(KEY, &devices);
+        let fleet = fleet(&devices);
         let got = refused(&fleet, &names(&devices), "r2");
         let want: Vec<String> = cases
             .iter()
@@ -218,53 +207,46 @@ mod tests {
     }
 
     #[test]
-    fn devices_on_a_withdrawn_revision_move_to_a_stable_one_that_holds_or_lose_the_model() {
+    fn a_withdrawn_revision_is_announced_with_where_its_devices_go() {
         let devices = [
-            on(device("a"), "r1"),
-            on(device("b"), "r2"),
-            on(device("c"), "r3"),
+            reporting(device("a"), "r1", ModelState::Ready),
+            reporting(device("b"), "r2", ModelState::Ready),
+            reporting(device("c"), "r3", ModelState::Ready),
             device("d"),
         ];
-        let fleet = Fleet::new(KEY, &devices);
-        let mut candidates = names(&devices);
-        candidates.remove("c"); // no longer a candidate
+        // c is no longer a candidate.
+        let ranks = ["a", "b", "d"].map(|n| (n.to_owned(), 0)).into();
+        let fleet = Fleet::with(KEY, &devices, ranks, BTreeMap::new());
         let why = |revs: &[&str]| -> BTreeMap<String, String> {
             revs.iter()
                 .map(|r| ((*r).to_owned(), "signer gone".to_owned()))
                 .collect()
         };
-        let all = || devices.iter().map(|d| d.metadata.name.clone().unwrap());
-        let revision_of = |a: &Assignments, n: &str| a[n].as_ref().map(|d| d.revision.clone());
-
-        // r2 and r3 withdrawn, stable r1 holds: b (a candidate) moves to r1, c loses it.
-        let (a, events) = withdraw(&fleet, &candidates, &why(&["r2", "r3"]), Some("r1"), all());
-        assert_eq!(a.len(), 2, "{a:?}");
-        assert_eq!(revision_of(&a, "b").as_deref(), Some("r1"));
-        assert_eq!(revision_of(&a, "c"), None);
+        // r2 and r3 withdrawn, stable r1 holds: b (a candidate) goes to r1, c to nothing.
+        let events = withdrawal_events(&fleet, &why(&["r2", "r3"]), Some("r1"));
         assert_eq!(events.len(), 2);
         assert_eq!(events[0].1, reasons::REVISION_WITHDRAWN);
         assert_eq!(
             events[0].2,
             "revision r2 withdrawn: signer gone; 1 device(s) moved to revision r1, 0 unassigned"
         );
-
+        assert_eq!(
+            events[1].2,
+            "revision r3 withdrawn: signer gone; 1 device(s) unassigned"
+        );
         // The stable revision withdrawn too: everyone on a withdrawn revision loses it.
-        let (a, events) = withdraw(&fleet, &candidates, &why(&["r1", "r2"]), Some("r1"), all());
-        assert_eq!(a.keys().cloned().collect::<Vec<_>>(), ["a", "b"]);
-        assert!(a.values().all(Option::is_none));
+        let events = withdrawal_events(&fleet, &why(&["r1", "r2"]), Some("r1"));
         assert_eq!(
             events[0].2,
             "revision r1 withdrawn: signer gone; 1 device(s) unassigned"
         );
-
-        // Nothing withdrawn: nothing changes.
-        let (a, events) = withdraw(&fleet, &candidates, &BTreeMap::new(), Some("r1"), all());
-        assert!(a.is_empty() && events.is_empty());
+        // Nothing withdrawn: nothing to say.
+        assert!(withdrawal_events(&fleet, &BTreeMap::new(), Some("r1")).is_empty());
     }
 
     /// The fixture spec as an EdgeModel `ns/m` whose rollout of its revision has begun
-    /// (step 0), with `stable` as the stable revision.
-    fn model(stable: Option<&str>) -> (edgefleet_crds::EdgeModel, String) {
+    /// (step 0) up to `rank`, with `stable` as the stable revision.
+    fn model(stable: Option<&str>, rank: i64) -> (edgefleet_crds::EdgeModel, String) {
         let spec = crate::rollout::fixtures::spec(serde_json::json!({"site": "a"}));
         let rev = crate::rollout::revision(&spec);
         let mut m = edgefleet_crds::EdgeModel::new("m", spec);
@@ -273,6 +255,7 @@ mod tests {
             current_revision: Some(rev.clone()),
             current_step: Some(0),
             stable_revision: stable.map(str::to_owned),
+            rollout_rank: Some(rank),
             ..Default::default()
         });
         (m, rev)
@@ -295,7 +278,7 @@ mod tests {
     #[test]
     fn a_local_refusal_excludes_one_device_while_any_other_failure_fails_the_gate() {
         use crate::rollout::fixtures::attested;
-        let (m, rev) = model(None);
+        let (m, rev) = model(None, RANK_ALL);
         let all = [Default::default()];
         let ready = online(attested(reporting(
             on(device("a"), &rev),
@@ -338,8 +321,8 @@ mod tests {
                 p.events
             );
             if refused == 1 {
-                // The refusing device keeps its assignment, and only it is listed.
-                assert!(!p.assignments.contains_key("b"), "{:?}", p.assignments);
+                // The refusing device keeps its revision, and only it is listed.
+                assert_eq!(revision_after(&p.status, "", "b"), Some(rev.clone()));
                 assert_eq!(p.status.refusals[0].device, "b");
                 assert_eq!(p.status.stable_revision.as_deref(), Some(rev.as_str()));
                 let available = p
@@ -360,16 +343,16 @@ mod tests {
     #[test]
     fn a_withdrawn_stable_revision_is_no_rollback_target_and_its_devices_lose_it() {
         use crate::rollout::fixtures::attested;
-        let (m, rev) = model(Some("old"));
+        let (m, rev) = model(Some("old"), rank_between("", &["a"], &["b"]));
         let all = [Default::default()];
         let devices = [
             online(attested(reporting(
-                on(device("a"), "old"),
+                on(device("b"), "old"),
                 "old",
                 ModelState::Ready,
             ))),
             online(attested(reporting(
-                on(device("b"), &rev),
+                on(device("a"), &rev),
                 &rev,
                 ModelState::Loading,
             ))),
@@ -377,19 +360,20 @@ mod tests {
         let withdrawn = BTreeMap::from([("old".to_owned(), "signer gone".to_owned())]);
         let p = plan_with(&m, &devices, &all, &withdrawn);
         assert_eq!(p.status.stable_revision, None);
-        assert_eq!(p.assignments.get("a"), Some(&None), "{:?}", p.assignments);
+        assert_eq!(revision_after(&p.status, "", "b"), None);
+        assert_eq!(revision_after(&p.status, "", "a"), Some(rev.clone()));
         assert!(p.events.iter().any(|e| e.1 == reasons::REVISION_WITHDRAWN));
-        // Not withdrawn: a keeps the stable revision.
+        // Not withdrawn: b keeps the stable revision.
         let p = plan_with(&m, &devices, &all, &BTreeMap::new());
         assert_eq!(p.status.stable_revision.as_deref(), Some("old"));
-        assert!(!p.assignments.contains_key("a"));
+        assert_eq!(revision_after(&p.status, "", "b").as_deref(), Some("old"));
         assert!(!p.events.iter().any(|e| e.1 == reasons::REVISION_WITHDRAWN));
     }
 
     #[test]
     fn without_a_bound_pool_there_is_no_candidate_and_the_status_says_why() {
         use crate::rollout::fixtures::attested;
-        let (m, _) = model(None);
+        let (m, rev) = model(None, 0);
         let devices = [online(attested(device("a")))];
         let progressing = |p: &crate::rollout::Plan| {
             let c = p
@@ -416,11 +400,11 @@ mod tests {
             progressing(&p).1,
             "the selector matches 1 device(s), none in a device pool bound to namespace ns"
         );
-        assert!(p.assignments.is_empty());
+        assert_eq!(revision_after(&p.status, "", "a"), None);
         let p = plan_with(&m, &devices, &[Default::default()], &BTreeMap::new());
         assert_eq!(
-            p.assignments.len(),
-            1,
+            revision_after(&p.status, "", "a"),
+            Some(rev),
             "a bound pool holding the device: it is assigned"
         );
     }

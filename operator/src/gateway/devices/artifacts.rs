@@ -54,7 +54,7 @@ impl Fleet {
         device: &EdgeDevice,
         digest: &str,
     ) -> Option<edgefleet_crds::Artifact> {
-        for d in &device.spec.desired_models {
+        for d in &self.assigned(device) {
             let Ok(model) = self.model_of(d) else {
                 continue;
             };

@@ -1,8 +1,10 @@
 //! `GET /v1/devices/{name}/desired?version=V&waitSeconds=N`: the device's desired
-//! state, its `spec.desiredModels` each resolved through its EdgeModel's
-//! `status.revisions` template, answered at once when it differs from `V`, else held
-//! until it changes or `N` seconds pass (304). Only approved devices with an allowed,
-//! unexpired attestation get models. Every device is told every signer of the
+//! state, derived from every EdgeModel's status ([`crate::rollout::desired`]: the
+//! models it is a candidate of, each at the revision its rank gives, resolved through
+//! the model's `status.revisions` template), answered at once when it differs from
+//! `V`, else held until it changes or `N` seconds pass (304). Only approved devices
+//! with an allowed, unexpired attestation of an accepted kind, in a device pool bound
+//! to the model's namespace, get models. Every device is told every signer of the
 //! EdgeTrustPolicies (`trustedSigners`): an agent with no local pins pins that set at
 //! first contact; the signers of each model are those its revision resolved to.
 
@@ -26,22 +28,34 @@ use crate::gateway::error::{ApiError, Reason};
 use crate::metrics::FleetCounters;
 
 impl Fleet {
+    /// What `device` runs of each EdgeModel in the cache, derived now.
+    pub(super) fn assigned(&self, device: &EdgeDevice) -> Vec<DesiredModel> {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let policies = self.inner.policies.policies();
+        let mut pools: std::collections::HashMap<String, Vec<_>> = Default::default();
+        let mut assigned = Vec::new();
+        for model in self.inner.models.state() {
+            let ns = model.namespace().unwrap_or_default();
+            let pools = pools.entry(ns).or_insert_with_key(|ns| {
+                crate::trust_policy::Grants::new(&policies, ns)
+                    .pools()
+                    .iter()
+                    .map(|(_, p)| p.clone())
+                    .collect()
+            });
+            assigned.extend(crate::rollout::desired(&model, device, pools, now));
+        }
+        assigned.sort_by(|a, b| a.model.cmp(&b.model));
+        assigned
+    }
+
     /// The device's desired state now; `Err` while an assigned revision's template has
     /// not reached the cache yet.
     pub(super) fn desired_state(&self, device: &EdgeDevice) -> Result<proto::DesiredState, String> {
         let name = device.name_any();
-        let now = k8s_openapi::jiff::Timestamp::now();
-        let entitled = device.spec.approved
-            && device
-                .status
-                .as_ref()
-                .and_then(|s| s.attestation.as_ref())
-                .is_some_and(|a| a.allowed && a.expiry_time.0 > now);
         let mut models = Vec::new();
-        if entitled {
-            for d in &device.spec.desired_models {
-                models.push(self.device_model(&name, d)?);
-            }
+        for d in self.assigned(device) {
+            models.push(self.device_model(&name, &d)?);
         }
         let trusted = crate::trust_policy::all_signers(&self.inner.policies.policies())
             .iter()

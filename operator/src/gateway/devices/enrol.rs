@@ -245,7 +245,6 @@ async fn enrol_inner(
                 agent_key_fingerprint: fingerprint.clone(),
             },
             approved,
-            desired_models: vec![],
         },
     );
     device.metadata.labels = Some(labels);

@@ -134,11 +134,33 @@ pub struct Fleet {
 
 /// What of a device the desired state depends on.
 fn device_digest(d: &EdgeDevice) -> String {
+    // Everything a device's desired state derives from (`rollout::desired`).
     let attestation = d.status.as_ref().and_then(|s| s.attestation.as_ref());
     let body = json!({
         "spec": d.spec,
+        "labels": d.metadata.labels,
+        "attested": crate::rollout::condition_true(d, edgefleet_crds::conditions::ATTESTED),
         "allowed": attestation.map(|a| a.allowed),
+        "policy": attestation.map(|a| &a.policy),
+        "kind": attestation.map(|a| a.tee_kind),
         "expiry": attestation.map(|a| a.expiry_time.0.to_string()),
+    });
+    hex::encode(sha2::Sha256::digest(body.to_string().as_bytes()))
+}
+
+/// A digest of what devices' desired states derive from in `m` (its spec, rollout
+/// position, templates and deletion), so that a status write that only changes counts
+/// wakes no device.
+fn model_digest(m: &EdgeModel) -> String {
+    let status = m.status.as_ref();
+    let body = json!({
+        "uid": m.metadata.uid,
+        "deleting": m.metadata.deletion_timestamp.is_some(),
+        "spec": m.spec,
+        "current": status.map(|s| &s.current_revision),
+        "stable": status.map(|s| &s.stable_revision),
+        "rank": status.map(|s| s.rollout_rank),
+        "revisions": status.map(|s| &s.revisions),
     });
     hex::encode(sha2::Sha256::digest(body.to_string().as_bytes()))
 }
@@ -210,13 +232,8 @@ impl Fleet {
                 let models = model_events.for_each(|e| {
                     match e {
                         Ok(m) => {
-                            let revisions = m
-                                .status
-                                .as_ref()
-                                .map(|s| serde_json::to_string(&s.revisions).unwrap_or_default())
-                                .unwrap_or_default();
                             let key = crate::rollout::model_key(&m);
-                            let digest = hex::encode(sha2::Sha256::digest(revisions.as_bytes()));
+                            let digest = model_digest(&m);
                             if seen_models.get(&key) != Some(&digest) {
                                 seen_models.insert(key, digest);
                                 fleet.prefetch(&m);
