@@ -188,7 +188,14 @@ pub struct DeviceConfig {
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// `https://…` URL of the gateway.
+    #[serde(default)]
     pub url: String,
+    /// More gateway URLs: every operator replica serves devices, so a fleet lists them
+    /// all (or one Service URL). The agent starts at a place in the list of its own (a
+    /// hash of its name, so devices spread over the replicas) and moves to the next
+    /// one, after a jittered backoff, whenever a session fails.
+    #[serde(default)]
+    pub urls: Vec<String>,
     /// PEM CA of the gateway's certificate.
     pub ca: PathBuf,
     /// Bootstrap token for enrolment. Set by [`load`] from `bootstrap_token_file` or
@@ -210,6 +217,19 @@ pub struct GatewayConfig {
     /// [`load`]).
     #[serde(skip)]
     pub token_is_credential: bool,
+}
+
+impl GatewayConfig {
+    /// Every gateway URL, `url` first, each once.
+    pub fn endpoints(&self) -> Vec<&str> {
+        let mut all: Vec<&str> = Vec::new();
+        for u in std::iter::once(&self.url).chain(&self.urls) {
+            if !u.is_empty() && !all.contains(&u.as_str()) {
+                all.push(u);
+            }
+        }
+        all
+    }
 }
 
 /// `[attestation]`.
@@ -381,8 +401,12 @@ fn validate(c: &AgentConfig) -> Result<(), ConfigError> {
     if c.device.name.is_empty() || c.device.name.len() > 253 {
         return bad("device.name must be set (the EdgeDevice name)");
     }
-    if !c.gateway.url.starts_with("https://") {
-        return bad("gateway.url must be an https:// URL");
+    let endpoints = c.gateway.endpoints();
+    if endpoints.is_empty() || endpoints.len() > 64 {
+        return bad("gateway.url or gateway.urls must name between 1 and 64 https:// URLs");
+    }
+    if endpoints.iter().any(|u| !u.starts_with("https://")) {
+        return bad("gateway.url must be an https:// URL (and so must every gateway.urls entry)");
     }
     if c.attestation.tee_kind().is_err() {
         return bad("attestation.tee must be tpm, sev-snp, tdx or dev");
@@ -472,6 +496,41 @@ mod tests {
             !format!("{c:?}").contains("s3cret"),
             "Debug must not show secrets"
         );
+    }
+
+    #[test]
+    fn gateway_urls_list_every_replica_once_and_each_must_be_https() {
+        let with = |extra: &str| {
+            let d = dir(&[(
+                "agent.toml",
+                &BASE.replace("[gateway]\n", &format!("[gateway]\n{extra}")),
+            )]);
+            load(d.path(), [])
+        };
+        let c =
+            with("urls = [\"https://gw-2:8443\", \"https://gw:8443\", \"https://gw-3:8443\"]\n")
+                .unwrap();
+        assert_eq!(
+            c.gateway.endpoints(),
+            ["https://gw:8443", "https://gw-2:8443", "https://gw-3:8443"]
+        );
+        let err = with("urls = [\"http://gw-2:8443\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("every gateway.urls entry"), "{err}");
+        // A list alone is enough.
+        let d = dir(&[(
+            "agent.toml",
+            "[device]\nname = \"till-1\"\n[gateway]\nurls = [\"https://a:1\", \"https://b:1\"]\n",
+        )]);
+        assert_eq!(
+            load(d.path(), []).unwrap().gateway.endpoints(),
+            ["https://a:1", "https://b:1"]
+        );
+        // None at all is named.
+        let d = dir(&[("agent.toml", "[device]\nname = \"till-1\"\n[gateway]\n")]);
+        let err = load(d.path(), []).unwrap_err().to_string();
+        assert!(err.contains("between 1 and 64 https:// URLs"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!   server-side apply;
 //! - what a cluster administrator trusts: [`trust_signer`] (or [`trust_signers_of`] a
 //!   manifest), [`allow_all_pools`], [`bind_pool`], [`apply_trust_policy`];
+//! - [`assigned_revision`], what a device derives of a model;
 //! - [`EdgeDeviceBuilder`], an EdgeDevice as enrolment creates it, and
 //!   [`DeviceStatusBuilder`], the readiness and attestation the gateway writes into its
 //!   status.
@@ -334,6 +335,38 @@ pub async fn allow_all_pools(client: &kube::Client) -> Result<EdgeTrustPolicy, H
         json!({"devicePools": [{"name": "all", "selector": {}, "namespaces": ["*"]}]}),
     )
     .await
+}
+
+/// The revision of EdgeModel `namespace/model` that device `device` runs by
+/// derivation now (what the gateway tells it): read fresh from the API server, under
+/// the cluster's EdgeTrustPolicies. `None` when either is missing or the device gets
+/// nothing of the model.
+pub async fn assigned_revision(
+    client: &kube::Client,
+    namespace: &str,
+    model: &str,
+    device: &str,
+) -> Option<String> {
+    let model = Api::<EdgeModel>::namespaced(client.clone(), namespace)
+        .get_opt(model)
+        .await
+        .ok()??;
+    let device = Api::<EdgeDevice>::all(client.clone())
+        .get_opt(device)
+        .await
+        .ok()??;
+    let policies = Api::<EdgeTrustPolicy>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .ok()?
+        .items;
+    let pools: Vec<_> = edgefleet_operator::trust_policy::Grants::new(&policies, namespace)
+        .pools()
+        .iter()
+        .map(|(_, p)| p.clone())
+        .collect();
+    edgefleet_operator::rollout::desired(&model, &device, &pools, Timestamp::now())
+        .map(|d| d.revision)
 }
 
 /// Binds the device pool `pool` (the devices an administrator labelled

@@ -286,7 +286,13 @@ pub struct AgentSpec {
 /// Writes the agent's `agent.toml` (1 s heartbeats) and starts
 /// `edgefleet-agent run`.
 pub fn spawn_agent(a: &AgentSpec) -> Result<Child, HarnessError> {
+    spawn_agent_with_gateways(a, &[])
+}
+
+/// [`spawn_agent`], listing `more` gateway URLs after `a.gateway` (`gateway.urls`).
+pub fn spawn_agent_with_gateways(a: &AgentSpec, more: &[String]) -> Result<Child, HarnessError> {
     std::fs::create_dir_all(&a.dir).map_err(err)?;
+    let urls = serde_json::to_string(more).map_err(err)?;
     let tcti = a
         .tcti
         .as_ref()
@@ -300,6 +306,7 @@ pub fn spawn_agent(a: &AgentSpec) -> Result<Child, HarnessError> {
 name = "{name}"
 [gateway]
 url = "{gateway}"
+urls = {urls}
 ca = "{ca}"
 bootstrap_token = "{token}"
 [attestation]

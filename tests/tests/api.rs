@@ -237,9 +237,11 @@ async fn invalid_edgemodels_are_rejected_with_their_reason(
     "memory must be a positive quantity such as 8Gi")]
 #[case::zero_memory(|d: &mut Value| d["spec"]["facts"]["memory"] = json!("0"),
     "memory must be a positive quantity such as 8Gi")]
-#[case::duplicate_assignment(|d: &mut Value| d["spec"]["desiredModels"] = json!([
-        {"model": "retail/smollm2", "revision": "a"}, {"model": "retail/smollm2", "revision": "b"}]),
-    "duplicate entries for key [model=\"retail/smollm2\"]")]
+// Assignments are derived from the EdgeModel status now; the old field is refused by
+// name instead of being silently kept.
+#[case::removed_assignments(|d: &mut Value| d["spec"]["desiredModels"] = json!([
+        {"model": "retail/smollm2", "revision": "a"}]),
+    ".spec.desiredModels: field not declared in schema")]
 #[tokio::test]
 async fn invalid_edgedevices_are_rejected_with_their_reason(
     #[case] mutate: fn(&mut Value),
@@ -360,6 +362,40 @@ async fn kubectl_get_shows_the_printer_columns() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // The rollout position every device derives its revision from is a 48-bit rank
+    // bound: anything outside [0, 2^48] is refused by name, never stored.
+    for (rank, expected) in [
+        (
+            "-1",
+            "rolloutRank in body should be greater than or equal to 0",
+        ),
+        (
+            "281474976710657",
+            "rolloutRank in body should be less than or equal to 281474976710656",
+        ),
+    ] {
+        let patch = format!(r#"{{"status":{{"rolloutRank":{rank}}}}}"#);
+        let out = kubectl(
+            &cp,
+            &[
+                "patch",
+                "em",
+                "smollm2-135m-instruct",
+                "-n",
+                "retail",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &patch,
+            ],
+        );
+        assert!(!out.status.success(), "rolloutRank {rank} accepted");
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{}",
+            text(&out.stderr)
+        );
+    }
     let after = table(&text(&kubectl(&cp, &["get", "em", "-n", "retail"]).stdout));
     let vals: Vec<&str> = after[0].iter().take(4).map(|(_, v)| v.as_str()).collect();
     assert_eq!(

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use edgefleet_crds::{EdgeDevice, EdgeModel, ModelPhase};
 use edgefleet_e2e::builders::{
-    EdgeModelBuilder, SignedArtifact, Signer, allow_all_pools, apply_edge_model, trust_signers_of,
+    EdgeModelBuilder, SignedArtifact, Signer, allow_all_pools, apply_edge_model, assigned_revision,
+    trust_signers_of,
 };
 use edgefleet_e2e::local_fleet::{self, Proc};
 use edgefleet_e2e::netns::Netns;
@@ -612,8 +613,23 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
     )
     .await;
 
-    // A revision its first device cannot load (a plugin importing sockets it is not
-    // granted) fails that device's health gate: the rollout halts and moves it back.
+    // A revision its first device (in rank order) cannot load (a plugin importing
+    // sockets it is not granted) fails that device's health gate: the rollout halts and
+    // moves it back.
+    let uid = Api::<EdgeModel>::namespaced(c.clone(), NS)
+        .get("smollm2")
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let (first_index, first) = s
+        .agents
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _, _))| (i, name.clone()))
+        .min_by_key(|(_, name)| edgefleet_crds::model::device_rank(&uid, name))
+        .unwrap();
     apply(c, &manifest_with_bad_plugin(&s, 1536)).await;
     let (reason, msg) = eventually(
         "Degraded by the failed device",
@@ -627,21 +643,23 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
         Duration::from_secs(60),
         || async {
             let ds = devices(c).await;
-            let back = ds.iter().all(|d| {
-                d.spec.desired_models.iter().all(|m| m.revision == rev2)
-                    && reported(d) == vec![(rev2.clone(), "Ready".to_owned())]
-            });
+            let mut back = true;
+            for d in &ds {
+                let name = d.metadata.name.clone().unwrap_or_default();
+                back &= assigned_revision(c, NS, "smollm2", &name).await.as_ref() == Some(&rev2)
+                    && reported(d) == vec![(rev2.clone(), "Ready".to_owned())];
+            }
             back.then_some(())
         },
     )
     .await;
-    let log = log_of(&s, "dev-1");
+    let log = log_of(&s, &first);
     assert!(
         log.contains("PluginRefused"),
-        "dev-1 did not name the refusal:\n{log}"
+        "{first} did not name the refusal:\n{log}"
     );
-    let (code, _) = chat(s.agents[0].1).await;
-    assert_eq!(code, 200, "dev-1 kept serving the stable revision");
+    let (code, _) = chat(s.agents[first_index].1).await;
+    assert_eq!(code, 200, "{first} kept serving the stable revision");
 
     // A revision signed by a stranger halts with SignatureInvalid; devices keep rev2.
     let bad = Signer::generate().unwrap().sign(&s.model).unwrap();
@@ -661,7 +679,11 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
     .await;
     for d in devices(c).await {
         assert_eq!(reported(&d), vec![(rev2.clone(), "Ready".to_owned())]);
-        assert!(d.spec.desired_models.iter().all(|m| m.revision == rev2));
+        let name = d.metadata.name.clone().unwrap_or_default();
+        assert_eq!(
+            assigned_revision(c, NS, "smollm2", &name).await.as_ref(),
+            Some(&rev2)
+        );
     }
     let (code, _) = chat(s.agents[0].1).await;
     assert_eq!(code, 200, "still serving the verified revision");

@@ -117,8 +117,14 @@ use serde::Deserialize as _;
 #[tokio::test]
 async fn the_chart_grants_every_call_the_operator_makes() {
     let allowed = granted();
-    // The check can fail: the chart must not grant, say, deleting devices.
-    assert!(!allowed.contains(&("edgefleet.io".into(), "edgedevices".into(), "delete".into())));
+    // The check can fail: the chart must not grant, say, deleting devices, nor writing
+    // a device's spec (what a device runs is derived from the EdgeModel status).
+    for verb in ["delete", "patch", "update"] {
+        assert!(
+            !allowed.contains(&("edgefleet.io".into(), "edgedevices".into(), verb.into())),
+            "the chart grants {verb} on edgedevices"
+        );
+    }
 
     let cp = ControlPlane::start().await.expect("control plane starts");
     cp.install_crds().await.expect("CRDs install");
@@ -184,13 +190,18 @@ async fn the_chart_grants_every_call_the_operator_makes() {
         )
         .await
         .unwrap();
-    // The operator reconciles it: finalizer, assignment, status, events.
+    // The operator reconciles it: finalizer, rollout position, status, events.
     eventually(
         "the operator to assign till-a the model",
         PATIENCE,
         || async {
-            let d = devices.get("till-a").await.unwrap();
-            (!d.spec.desired_models.is_empty()).then_some(())
+            edgefleet_e2e::builders::assigned_revision(
+                &admin,
+                "retail",
+                "smollm2-135m-instruct",
+                "till-a",
+            )
+            .await
         },
     )
     .await;
@@ -313,7 +324,6 @@ async fn the_chart_grants_every_call_the_operator_makes() {
         ("edgefleet.io", "edgemodels", "patch"),
         ("edgefleet.io", "edgemodels/status", "patch"),
         ("edgefleet.io", "edgedevices", "list"),
-        ("edgefleet.io", "edgedevices", "patch"),
         ("edgefleet.io", "edgedevices/status", "patch"),
         ("coordination.k8s.io", "leases", "create"),
         ("coordination.k8s.io", "leases", "update"),

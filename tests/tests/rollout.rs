@@ -235,17 +235,18 @@ async fn apply_status(client: &Client, name: &str, manager: &str, patch: &Value)
         .unwrap();
 }
 
+/// The revision `name` derives of the model now (what the gateway would tell it).
 async fn assignment(client: &Client, name: &str) -> Option<String> {
-    let devices: Api<EdgeDevice> = Api::all(client.clone());
-    devices
-        .get(name)
-        .await
-        .unwrap()
-        .spec
-        .desired_models
-        .iter()
-        .find(|d| d.model == KEY)
-        .map(|d| d.revision.clone())
+    edgefleet_e2e::builders::assigned_revision(client, NS, "smollm2", name).await
+}
+
+/// `names` in the order the rollout reaches them: by their rank for the model (a
+/// hash of its UID and the device's name).
+async fn in_rank_order(client: &Client, names: &[&str]) -> Vec<String> {
+    let uid = model(client).await.metadata.uid.unwrap();
+    let mut names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    names.sort_by_key(|n| edgefleet_crds::model::device_rank(&uid, n));
+    names
 }
 
 async fn model(client: &Client) -> EdgeModel {
@@ -283,10 +284,12 @@ async fn a_rollout_moves_step_by_step_and_reaches_all_candidates() {
     create_device(&client, "till-unapproved", false, "tpm").await;
     create_device(&client, "till-dev-key", true, "dev").await;
     apply_signed_model(&client).await;
+    let order = in_rank_order(&client, &["till-a", "till-b", "till-c"]).await;
+    let (first, second, third) = (&order[0], &order[1], &order[2]);
 
-    // Step 1: one device (the first by name) gets the revision.
+    // Step 1: one device (the first by rank) gets the revision.
     let rev = eventually("step 1 assignment", PATIENCE, || async {
-        assignment(&client, "till-a").await
+        assignment(&client, first).await
     })
     .await;
     let m = model(&client).await;
@@ -296,28 +299,24 @@ async fn a_rollout_moves_step_by_step_and_reaches_all_candidates() {
     assert_eq!(status.devices.targeted, 4, "{status:?}"); // the dev-key device is approved but not attested as accepted
     assert_eq!(status.devices.attested, 3, "{status:?}");
     assert_eq!(condition(&m, "SignatureVerified").unwrap().0, "True");
-    assert_eq!(assignment(&client, "till-b").await, None);
+    assert_eq!(assignment(&client, second).await, None);
     assert_eq!(assignment(&client, "till-unapproved").await, None);
     assert_eq!(assignment(&client, "till-dev-key").await, None);
     assert!(m.finalizers().iter().any(|f| f == "edgefleet.io/unassign"));
 
     // The device loads it: step 2 starts, one device at a time (maxUnavailable 1).
-    report(&client, "till-a", Some(&rev), "Ready").await;
-    eventually("till-b assigned", PATIENCE, || async {
-        (assignment(&client, "till-b").await.as_deref() == Some(rev.as_str())).then_some(())
+    report(&client, first, Some(&rev), "Ready").await;
+    eventually("the second device assigned", PATIENCE, || async {
+        (assignment(&client, second).await.as_deref() == Some(rev.as_str())).then_some(())
     })
     .await;
-    assert_eq!(
-        assignment(&client, "till-c").await,
-        None,
-        "maxUnavailable 1"
-    );
-    report(&client, "till-b", Some(&rev), "Ready").await;
-    eventually("till-c assigned", PATIENCE, || async {
-        assignment(&client, "till-c").await.filter(|r| *r == rev)
+    assert_eq!(assignment(&client, third).await, None, "maxUnavailable 1");
+    report(&client, second, Some(&rev), "Ready").await;
+    eventually("the third device assigned", PATIENCE, || async {
+        assignment(&client, third).await.filter(|r| *r == rev)
     })
     .await;
-    report(&client, "till-c", Some(&rev), "Ready").await;
+    report(&client, third, Some(&rev), "Ready").await;
     let m = eventually("Available", PATIENCE, || async {
         let m = model(&client).await;
         (m.status.as_ref()?.phase == Some(ModelPhase::Available)).then_some(m)
@@ -336,13 +335,13 @@ async fn a_rollout_moves_step_by_step_and_reaches_all_candidates() {
     assert!(line.contains("3/4") && line.contains("Available"), "{line}");
 
     // Revocation: a device whose attestation fails loses the model.
-    set_health(&client, "till-b", true, false, "tpm").await;
-    eventually("till-b unassigned", PATIENCE, || async {
-        assignment(&client, "till-b").await.is_none().then_some(())
+    set_health(&client, second, true, false, "tpm").await;
+    eventually("the second device unassigned", PATIENCE, || async {
+        assignment(&client, second).await.is_none().then_some(())
     })
     .await;
     assert_eq!(
-        assignment(&client, "till-a").await.as_deref(),
+        assignment(&client, first).await.as_deref(),
         Some(rev.as_str())
     );
 }
@@ -354,12 +353,12 @@ struct RolledOut {
 }
 
 /// Applies a freshly signed model and brings it to `Available` on `devices`, each
-/// reporting the revision Ready once it is assigned (in name order, as the rollout
+/// reporting the revision Ready once it is assigned (in rank order, as the rollout
 /// moves them).
 async fn roll_out(client: &Client, devices: &[&str]) -> RolledOut {
     let signed = apply_signed_model(client).await;
     let mut rev = String::new();
-    for device in devices {
+    for device in &in_rank_order(client, devices).await {
         rev = eventually("assigned", PATIENCE, || async {
             assignment(client, device).await
         })
@@ -480,41 +479,36 @@ impl Drop for Operator {
 async fn a_killed_operator_resumes_the_rollout_where_it_stopped() {
     let (cp, client) = cluster(&["till-a", "till-b", "till-c"]).await;
     apply_signed_model(&client).await;
+    let order = in_rank_order(&client, &["till-a", "till-b", "till-c"]).await;
+    let (a, b, c) = (&order[0], &order[1], &order[2]);
 
     let first = Operator::start(&cp);
     let rev = eventually("step 1", PATIENCE, || async {
-        assignment(&client, "till-a").await
+        assignment(&client, a).await
     })
     .await;
     drop(first); // killed mid-rollout
-    report(&client, "till-a", Some(&rev), "Ready").await;
+    report(&client, a, Some(&rev), "Ready").await;
     // Nothing to wait for: the operator is killed and reaped (its Drop waits for it),
     // so nothing is left that could move the rollout on.
-    assert_eq!(
-        assignment(&client, "till-b").await,
-        None,
-        "no operator is running"
-    );
+    assert_eq!(assignment(&client, b).await, None, "no operator is running");
 
     let _second = Operator::start(&cp);
     eventually("step 2 resumes", PATIENCE, || async {
-        assignment(&client, "till-b").await.filter(|r| *r == rev)
+        assignment(&client, b).await.filter(|r| *r == rev)
     })
     .await;
     // Nothing regressed: the canary keeps its revision, the step index only grew.
-    assert_eq!(
-        assignment(&client, "till-a").await.as_deref(),
-        Some(rev.as_str())
-    );
+    assert_eq!(assignment(&client, a).await.as_deref(), Some(rev.as_str()));
     let status = model(&client).await.status.unwrap();
     assert_eq!(status.current_revision.as_deref(), Some(rev.as_str()));
     assert_eq!(status.current_step, Some(1));
-    report(&client, "till-b", Some(&rev), "Ready").await;
-    eventually("till-c", PATIENCE, || async {
-        assignment(&client, "till-c").await
+    report(&client, b, Some(&rev), "Ready").await;
+    eventually("the third device", PATIENCE, || async {
+        assignment(&client, c).await
     })
     .await;
-    report(&client, "till-c", Some(&rev), "Ready").await;
+    report(&client, c, Some(&rev), "Ready").await;
     eventually("Available", PATIENCE, || ready_devices_are(&client, "3/3")).await;
 }
 
@@ -542,8 +536,10 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
     .await;
     let second = Operator::named(&cp, "op-2");
     apply_signed_model(&client).await;
+    let order = in_rank_order(&client, &["till-a", "till-b"]).await;
+    let (a, b) = (&order[0], &order[1]);
     let rev = eventually("step 1", PATIENCE, || async {
-        assignment(&client, "till-a").await
+        assignment(&client, a).await
     })
     .await;
     // From when op-2 stands by, until op-1 renews the Lease a whole Lease duration later,
@@ -589,7 +585,7 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
     );
 
     drop(first); // the leader dies
-    report(&client, "till-a", Some(&rev), "Ready").await;
+    report(&client, a, Some(&rev), "Ready").await;
     let (_, transitions) = eventually("op-2 takes over", PATIENCE, || async {
         lease_holder(&client).await.filter(|(h, _)| h == "op-2")
     })
@@ -600,7 +596,7 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
     })
     .await;
     eventually("the new leader continues the rollout", PATIENCE, || async {
-        assignment(&client, "till-b").await.filter(|r| *r == rev)
+        assignment(&client, b).await.filter(|r| *r == rev)
     })
     .await;
 }
@@ -742,15 +738,17 @@ async fn the_rollout_plans_on_reported_states_before_any_status_write() {
         },
     );
     apply_signed_model(&client).await;
-    let rev = eventually("till-a assigned", PATIENCE, || async {
-        assignment(&client, "till-a").await
+    let order = in_rank_order(&client, &["till-a", "till-b"]).await;
+    let (a, b) = (order[0].as_str(), order[1].as_str());
+    let rev = eventually("the first device assigned", PATIENCE, || async {
+        assignment(&client, a).await
     })
     .await;
-    // Step 1 is one device: till-b waits until till-a is Ready on the revision.
+    // Step 1 is one device: the second waits until the first is Ready on the revision.
     // A report of another revision is not that.
-    memory.note("till-a", &reported("0000000000000000", "Ready"));
+    memory.note(a, &reported("0000000000000000", "Ready"));
     operator.reconciled(&client).await;
-    assert_eq!(assignment(&client, "till-b").await, None);
+    assert_eq!(assignment(&client, b).await, None);
     assert_eq!(
         model(&client)
             .await
@@ -762,12 +760,12 @@ async fn the_rollout_plans_on_reported_states_before_any_status_write() {
     );
     // Ready on the revision, in memory only: the rollout moves on, and reaches all,
     // while neither device's recorded status says anything of the model.
-    memory.note("till-a", &reported(&rev, "Ready"));
-    eventually("till-b assigned", PATIENCE, || async {
-        assignment(&client, "till-b").await
+    memory.note(a, &reported(&rev, "Ready"));
+    eventually("the second device assigned", PATIENCE, || async {
+        assignment(&client, b).await
     })
     .await;
-    memory.note("till-b", &reported(&rev, "Ready"));
+    memory.note(b, &reported(&rev, "Ready"));
     eventually("Available from memory", PATIENCE, || async {
         let status = model(&client).await.status?;
         (status.phase == Some(ModelPhase::Available)
@@ -796,10 +794,12 @@ async fn the_rollout_plans_on_reported_states_before_any_status_write() {
         ready_devices_are(&client, "0/2")
     })
     .await;
-    report(&client, "till-a", Some(&rev), "Ready").await;
-    eventually("1/2 once till-a's status is written", PATIENCE, || {
-        ready_devices_are(&client, "1/2")
-    })
+    report(&client, a, Some(&rev), "Ready").await;
+    eventually(
+        "1/2 once the first device's status is written",
+        PATIENCE,
+        || ready_devices_are(&client, "1/2"),
+    )
     .await;
 }
 
@@ -941,6 +941,10 @@ async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
         model: signed,
         rev: stable,
     } = roll_out(&client, &["till-a", "till-b"]).await;
+    // The canary is the first device by rank (the model's UID stays across spec
+    // changes, so ranks do too).
+    let order = in_rank_order(&client, &["till-a", "till-b"]).await;
+    let (a, b) = (order[0].as_str(), order[1].as_str());
 
     // A new revision (another context size); the canary fails to load it.
     apply_model(
@@ -949,16 +953,16 @@ async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
     )
     .await;
     let next = eventually("canary on the new revision", PATIENCE, || async {
-        assignment(&client, "till-a").await.filter(|r| *r != stable)
+        assignment(&client, a).await.filter(|r| *r != stable)
     })
     .await;
     assert_eq!(
-        assignment(&client, "till-b").await.as_deref(),
+        assignment(&client, b).await.as_deref(),
         Some(stable.as_str())
     );
-    report(&client, "till-a", Some(&next), "Failed").await;
+    report(&client, a, Some(&next), "Failed").await;
     eventually("rolled back", PATIENCE, || async {
-        (assignment(&client, "till-a").await.as_deref() == Some(stable.as_str())).then_some(())
+        (assignment(&client, a).await.as_deref() == Some(stable.as_str())).then_some(())
     })
     .await;
     let m = model(&client).await;
@@ -967,13 +971,13 @@ async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
         (degraded.as_str(), reason.as_str()),
         ("True", "HealthGateFailed")
     );
-    assert!(message.contains("till-a"), "{message}");
+    assert!(message.contains(a), "{message}");
     assert_eq!(m.status.as_ref().unwrap().phase, Some(ModelPhase::Degraded));
     assert_eq!(
         m.status.as_ref().unwrap().failed_revision.as_deref(),
         Some(next.as_str())
     );
-    report(&client, "till-a", Some(&stable), "Ready").await;
+    report(&client, a, Some(&stable), "Ready").await;
 
     // Deletion: assignments go first; the finalizer waits for the devices' reports.
     let models: Api<EdgeModel> = Api::namespaced(client.clone(), NS);
@@ -983,9 +987,8 @@ async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
         .await
         .unwrap();
     eventually("unassigned everywhere", PATIENCE, || async {
-        (assignment(&client, "till-a").await.is_none()
-            && assignment(&client, "till-b").await.is_none())
-        .then_some(())
+        (assignment(&client, a).await.is_none() && assignment(&client, b).await.is_none())
+            .then_some(())
     })
     .await;
     // The cleanup that unassigned them finds the devices still reporting the model,
@@ -998,8 +1001,8 @@ async fn a_failed_gate_rolls_back_and_deletion_unassigns_first() {
         models.get_opt("smollm2").await.unwrap().is_some(),
         "released before the devices unloaded"
     );
-    report(&client, "till-a", None, "Ready").await;
-    report(&client, "till-b", None, "Ready").await;
+    report(&client, a, None, "Ready").await;
+    report(&client, b, None, "Ready").await;
     eventually("finalizer released", PATIENCE, || async {
         models
             .get_opt("smollm2")

@@ -24,6 +24,16 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + frac / 2.0)
 }
 
+/// Where in a list of `n` gateways the device `name` starts: a hash of its name, so
+/// that a fleet spreads over the replicas, and a device keeps its replica across
+/// restarts.
+pub fn first_endpoint(name: &str, n: usize) -> usize {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(name.as_bytes());
+    let h = u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+    usize::try_from(h % u64::try_from(n.max(1)).unwrap_or(1)).unwrap_or(0)
+}
+
 impl FleetAgent {
     /// Enrols, attests and follows the desired state, reconnecting with capped,
     /// jittered backoff, forever.
@@ -31,20 +41,39 @@ impl FleetAgent {
         let cfg = &self.config;
         let max = Duration::from_secs(cfg.fleet.backoff_max_seconds);
         let mut backoff = Duration::from_secs(1);
+        let endpoints: Vec<String> = cfg
+            .gateway
+            .endpoints()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let mut at = first_endpoint(&cfg.device.name, endpoints.len());
+        let mut failed_in_a_row = 0usize;
         loop {
-            match self.connected(&mut source).await {
-                Ok(()) => backoff = Duration::from_secs(1),
+            let url = &endpoints[at % endpoints.len()];
+            match self.connected(&mut source, url).await {
+                Ok(()) => {
+                    backoff = Duration::from_secs(1);
+                    failed_in_a_row = 0;
+                }
                 Err(e) => {
+                    // The next replica, after a jittered wait: the one that failed may
+                    // be gone, and every replica serves every device.
+                    at = at.wrapping_add(1);
+                    failed_in_a_row += 1;
                     let wait = jitter(backoff);
-                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "gateway session ended");
+                    tracing::warn!(error = %e, gateway = %url, next = %endpoints[at % endpoints.len()], retry_in_ms = wait.as_millis() as u64, "gateway session ended");
                     tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(max);
+                    // The backoff grows each time the whole list has failed in a row.
+                    if failed_in_a_row.is_multiple_of(endpoints.len()) {
+                        backoff = (backoff * 2).min(max);
+                    }
                 }
             }
         }
     }
 
-    async fn connected(&self, source: &mut Source) -> Result<(), EnrolError> {
+    async fn connected(&self, source: &mut Source, url: &str) -> Result<(), EnrolError> {
         let cfg = &self.config;
         let ca = std::fs::read(&cfg.gateway.ca).map_err(|e| EnrolError::State {
             path: cfg.gateway.ca.clone(),
@@ -57,7 +86,7 @@ impl FleetAgent {
         } else {
             cfg.gateway.bootstrap_token.expose()
         };
-        let bootstrap = GatewayClient::new(&cfg.gateway.url, &ca, token)?;
+        let bootstrap = GatewayClient::new(url, &ca, token)?;
         let key = crate::enrol::agent_key(self.state_dir())?;
         let enrolled = bootstrap
             .enrol(&proto::EnrolRequest {
@@ -114,7 +143,7 @@ impl FleetAgent {
         })?;
         let wait = Duration::from_secs(cfg.fleet.poll_wait_seconds.min(proto::MAX_WAIT_SECONDS));
         let client = DeviceClient::new(
-            &cfg.gateway.url,
+            url,
             &ca,
             &cert,
             key.serialize_pem().as_bytes(),
@@ -154,5 +183,21 @@ impl FleetAgent {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_spread_over_the_gateways_and_keep_their_place() {
+        assert_eq!(first_endpoint("till-1", 1), 0);
+        assert_eq!(first_endpoint("till-1", 3), first_endpoint("till-1", 3));
+        let mut counts = [0usize; 4];
+        for i in 0..4000 {
+            counts[first_endpoint(&format!("till-{i}"), 4)] += 1;
+        }
+        assert!(counts.iter().all(|c| (850..1150).contains(c)), "{counts:?}");
     }
 }

@@ -192,7 +192,10 @@ mod tests {
     use super::*;
     use crate::rollout::fixtures::{KEY, device, online, reporting};
 
-    fn fleet_of<'a>(devices: &'a [EdgeDevice], names: &'a BTreeMap<String, Option<String>>) -> Fleet<'a> {
+    fn fleet_of<'a>(
+        devices: &'a [EdgeDevice],
+        names: &'a BTreeMap<String, Option<String>>,
+    ) -> Fleet<'a> {
         Fleet::new(KEY, "uid", devices, names.keys(), &Position::default())
     }
 

@@ -119,7 +119,11 @@ pub fn fleet(devices: &[EdgeDevice]) -> Fleet<'_> {
 /// and the `off` ones above: panics when their ranks interleave (pick other names).
 pub fn rank_between(uid: &str, on: &[&str], off: &[&str]) -> i64 {
     use edgefleet_crds::model::device_rank;
-    let top = on.iter().map(|n| device_rank(uid, n)).max().map_or(0, |r| r + 1);
+    let top = on
+        .iter()
+        .map(|n| device_rank(uid, n))
+        .max()
+        .map_or(0, |r| r + 1);
     let bottom = off.iter().map(|n| device_rank(uid, n)).min();
     assert!(
         bottom.is_none_or(|b| b >= top),

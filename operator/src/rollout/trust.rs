@@ -130,7 +130,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::rollout::fixtures::{KEY, device, fleet, on, online, rank_between, refusing, reporting};
+    use crate::rollout::fixtures::{
+        KEY, device, fleet, on, online, rank_between, refusing, reporting,
+    };
     use crate::rollout::revision_after;
     use edgefleet_crds::model::RANK_ALL;
     use edgefleet_crds::{EdgeDevice, ModelPhase};

@@ -99,15 +99,7 @@ fn condition(m: &EdgeModel, kind: &str) -> Option<(String, String, String)> {
 }
 
 async fn assignment(client: &Client, device: &str, ns: &str) -> Option<String> {
-    Api::<EdgeDevice>::all(client.clone())
-        .get(device)
-        .await
-        .unwrap()
-        .spec
-        .desired_models
-        .iter()
-        .find(|d| d.model == format!("{ns}/smollm2"))
-        .map(|d| d.revision.clone())
+    edgefleet_e2e::builders::assigned_revision(client, ns, "smollm2", device).await
 }
 
 /// The notes of the events on `ns/smollm2` with `reason`.
