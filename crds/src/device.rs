@@ -23,7 +23,7 @@ use crate::common::TeeKind;
     category = "edgefleet",
     status = "EdgeDeviceStatus",
     derive = "PartialEq",
-    doc = "EdgeDevice is one enrolled edge device: its facts, approval, desired models and last reported state.",
+    doc = "EdgeDevice is one enrolled edge device: its facts, approval and last reported state. What it runs is derived from the EdgeModels' status.",
     printcolumn(name = "Approved", type_ = "boolean", json_path = ".spec.approved"),
     printcolumn(
         name = "Ready",

@@ -51,7 +51,15 @@ impl FleetAgent {
         let mut failed_in_a_row = 0usize;
         loop {
             let url = &endpoints[at % endpoints.len()];
-            match self.connected(&mut source, url).await {
+            let session = self.session_number();
+            let result = self.connected(&mut source, url).await;
+            if self.session_number() != session {
+                // A session was established (then ended): the next failure starts the
+                // backoff afresh.
+                backoff = Duration::from_secs(1);
+                failed_in_a_row = 0;
+            }
+            match result {
                 Ok(()) => {
                     backoff = Duration::from_secs(1);
                     failed_in_a_row = 0;

@@ -10,7 +10,8 @@
 //!   ([`rollout::verify_template`]);
 //! - each kept revision template is reviewed: its signers that the policies no longer
 //!   grant are dropped, and a template left with no signer, or whose bundles no longer
-//!   verify against those left, is *withdrawn* (the plan moves its devices off it).
+//!   verify against those left, is *withdrawn* (its template is dropped, so no device
+//!   derives it any more).
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;

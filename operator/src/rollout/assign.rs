@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use edgefleet_crds::EdgeDevice;
 use edgefleet_crds::conditions as cond;
 use edgefleet_crds::device::{LoadedModel, ModelState};
-use edgefleet_crds::model::{RANK_ALL, derived_revision, device_rank};
+use edgefleet_crds::model::{derived_revision, device_rank};
 use kube::ResourceExt;
 
 use super::gates::Health;
@@ -131,6 +131,17 @@ impl<'a> Fleet<'a> {
             .filter(|m| m.model == self.key)
     }
 
+    /// Since when `name` has been `Ready` (its Ready condition's last transition).
+    pub fn online_since(&self, name: &str) -> Option<k8s_openapi::jiff::Timestamp> {
+        self.device(name)?
+            .status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == cond::READY)
+            .map(|c| c.last_transition_time.0)
+    }
+
     /// Whether `name` is `Ready` (its heartbeat lease holds).
     pub fn online(&self, name: &str) -> bool {
         self.device(name)
@@ -145,9 +156,11 @@ impl<'a> Fleet<'a> {
 
 /// The new `rolloutRank`: the rollout moves over more `candidates` in rank order until
 /// `target` online devices run `rev`, or `budget` online devices would be updating at
-/// once. An offline device the rank passes neither counts toward the target nor uses
-/// the budget: it gets the revision when it comes back. Once every candidate is
-/// passed the rank is [`RANK_ALL`], so devices that join later get the revision too.
+/// once. The rank stops just past the last online device it takes, so it passes only
+/// the offline devices whose ranks lie between those it takes (about the offline
+/// share of a step): those neither count toward the target nor use the budget, and get
+/// the revision when they come back. It never moves back, and only the plan's
+/// completion makes it `RANK_ALL`.
 pub fn advance_rank(
     fleet: &Fleet<'_>,
     candidates: &BTreeMap<String, Option<String>>,
@@ -172,19 +185,15 @@ pub fn advance_rank(
             continue;
         }
         if moving >= target || room == 0 {
-            // A device that shares the last taken device's rank comes along (ranks
-            // are 48-bit: ties are rare, and this keeps the rank strictly advancing).
-            return match last_taken {
-                None => rank,
-                Some(t) if t == r => r + 1,
-                Some(_) => r,
-            };
+            break;
         }
         moving += 1;
         room -= 1;
         last_taken = Some(r);
     }
-    RANK_ALL
+    // A device that shares the last taken device's rank comes along (ranks are 48-bit:
+    // ties are rare).
+    last_taken.map_or(rank, |t| (t + 1).max(rank))
 }
 
 #[cfg(test)]
@@ -216,17 +225,22 @@ mod tests {
         let online_in_order: Vec<&(i64, String)> =
             by_rank.iter().filter(|(_, n)| n != "d2").collect();
         let health = Health::default();
-        // Target 2, budget 5: the rank stops at the third online device.
+        // Target 2, budget 5: the rank stops just past the second online device.
         let r = advance_rank(&fleet, &names, &health, 0, 2, 5);
-        assert_eq!(r, online_in_order[2].0);
+        assert_eq!(r, online_in_order[1].0 + 1);
         let below: Vec<&String> = names.keys().filter(|n| fleet.rank(n) < r).collect();
         let online_below = below.iter().filter(|n| n.as_str() != "d2").count();
         assert_eq!(online_below, 2, "{below:?}");
         // Budget 1 stops after one device, whatever the target.
         let r1 = advance_rank(&fleet, &names, &health, 0, 5, 1);
-        assert_eq!(r1, online_in_order[1].0);
-        // Every candidate passed: RANK_ALL.
-        assert_eq!(advance_rank(&fleet, &names, &health, 0, 6, 6), RANK_ALL);
+        assert_eq!(r1, online_in_order[0].0 + 1);
+        // Every online candidate taken: the rank stops just past the last one, so the
+        // offline devices beyond it are not passed (RANK_ALL is the plan's completion).
+        let last_online = online_in_order.last().unwrap().0;
+        assert_eq!(
+            advance_rank(&fleet, &names, &health, 0, 6, 6),
+            last_online + 1
+        );
         // Nothing to move: the rank stays where it is (never goes back).
         let held = advance_rank(&fleet, &names, &health, r, 0, 5);
         assert_eq!(held, r);

@@ -1,9 +1,9 @@
 //! Health gates: how the devices on the new revision do on it ([`Health`]), and
 //! whether that fails the step ([`gate_failure`]): a device reported the revision
-//! `Failed`, an online device was not `Ready` on it within `readyTimeoutSeconds` of the
-//! step's start, or a ready device reports an error rate or speed outside the gates.
-//! A device that is offline (its heartbeat lease ran out) is neither ready nor failing:
-//! nothing it says is news about the revision.
+//! `Failed` (online or not: the report is about the revision), an online device was not
+//! `Ready` on it within `readyTimeoutSeconds` of the step's start (or of its return
+//! online, if later), or a ready device reports an error rate or speed outside the
+//! gates. A device that is offline (its heartbeat lease ran out) is not waited for.
 
 use std::collections::BTreeMap;
 
@@ -77,12 +77,20 @@ pub fn gate_failure(
         return Some(format!("{name} reported the revision Failed"));
     }
     if let Some(started) = step_started {
-        let waited = now.duration_since(started.0).as_secs();
-        if waited > i64::from(gates.ready_timeout_seconds)
-            && let Some(slow) = updated
-                .iter()
-                .find(|n| !ready.contains(n) && !offline.contains(n))
-        {
+        // Each online device's clock runs from the step's start, or from when it came
+        // back online if that is later: a device that returns from an outage late in a
+        // step gets the whole timeout to load.
+        let timeout = i64::from(gates.ready_timeout_seconds);
+        let slow = updated.iter().find(|n| {
+            if ready.contains(n) || offline.contains(n) {
+                return false;
+            }
+            let since = fleet
+                .online_since(n)
+                .map_or(started.0, |t| t.max(started.0));
+            now.duration_since(since).as_secs() > timeout
+        });
+        if let Some(slow) = slow {
             return Some(format!(
                 "{slow} was not ready within {} s",
                 gates.ready_timeout_seconds
@@ -200,6 +208,17 @@ mod tests {
             on(device("c"), REV),
         ];
         assert_eq!(judge(&devices, &gates, Some(ago(timeout * 10))), None);
+        // Back online a minute ago, long after the step started: its clock runs from
+        // its return.
+        let mut back = online(reporting(on(device("b"), REV), REV, ModelState::Loading));
+        back.status.as_mut().unwrap().conditions[0].last_transition_time = ago(60);
+        let devices = [back.clone()];
+        assert_eq!(judge(&devices, &gates, Some(ago(timeout * 10))), None);
+        back.status.as_mut().unwrap().conditions[0].last_transition_time = ago(timeout + 1);
+        assert_eq!(
+            judge(&[back], &gates, Some(ago(timeout * 10))).as_deref(),
+            Some("b was not ready within 600 s")
+        );
     }
 
     #[test]

@@ -134,16 +134,28 @@ pub fn desired(
     let rank = edgefleet_crds::model::device_rank(uid, &device.name_any());
     let revision = status.revision_for(rank)?;
     // The variant from the revision's own template (the stable revision may come from
-    // an earlier spec): the first whose memory need the device meets.
+    // an earlier spec), by the same memory rule as candidacy: the first variant whose
+    // memory need the device meets, else the default artifact if the device has at
+    // least its size; else nothing.
     let memory = quantity_bytes(&device.spec.facts.memory).unwrap_or(0);
-    let variant = status
-        .revisions
-        .iter()
-        .find(|t| t.revision == revision)?
+    let template = status.revisions.iter().find(|t| t.revision == revision)?;
+    let variant = match template
         .variants
         .iter()
         .find(|v| quantity_bytes(&v.min_memory).is_some_and(|m| m <= memory))
-        .map(|v| v.name.clone());
+    {
+        Some(v) => Some(v.name.clone()),
+        None => {
+            let need = template
+                .artifact
+                .size_bytes
+                .map_or(0, |b| u128::try_from(b).unwrap_or(0));
+            if memory < need {
+                return None;
+            }
+            None
+        }
+    };
     Some(edgefleet_crds::device::DesiredModel {
         model: model_key(model),
         revision: revision.to_owned(),
@@ -188,6 +200,18 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
         status.stable_revision = None;
     }
     let stable = status.stable_revision.clone();
+    // A status from before rollout ranks: a completed revision stays complete; an
+    // unfinished rollout starts again from its first step (its devices run the stable
+    // revision until the rank reaches them).
+    if status.rollout_rank.is_none() {
+        if stable.as_deref() == Some(rev.as_str()) {
+            status.rollout_rank = Some(RANK_ALL);
+        } else {
+            status.rollout_rank = Some(0);
+            status.current_step = Some(0);
+            status.step_started_time = None;
+        }
+    }
     let position = Position {
         current: Some(rev.clone()),
         stable: stable.clone(),
@@ -278,12 +302,16 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
             }))
         }
         Verdict::SignatureInvalid => {
-            // Nothing runs the unverified revision; devices keep the stable one.
+            // Nothing runs the unverified revision; devices keep the stable one. Should
+            // the signature verify again (a bundle fetched, a grant restored), the
+            // rollout starts over from its first step with a fresh clock.
             rank = 0;
+            step = 0;
+            status.step_started_time = None;
             Outcome::settled(ModelPhase::Failed)
         }
         Verdict::NoCandidates => no_candidates(model, &selection, trust),
-        Verdict::Advance if online == 0 => Outcome::waiting(n),
+        Verdict::Advance if online == 0 && !completed => Outcome::waiting(n),
         Verdict::Advance => {
             // Is the current step done (its online devices ready, pause elapsed)?
             let progress = Progress {
@@ -406,4 +434,148 @@ fn no_candidates(model: &EdgeModel, selection: &select::Selection, trust: &Trust
         );
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::rollout::fixtures::{attested, device, now, online, reporting, spec};
+    use edgefleet_crds::device::ModelState;
+    use std::collections::BTreeMap;
+
+    fn model(status: EdgeModelStatus) -> (EdgeModel, String) {
+        let spec = spec(serde_json::json!({"site": "a"}));
+        let rev = revision(&spec);
+        let mut m = EdgeModel::new("m", spec);
+        m.metadata.namespace = Some("ns".into());
+        m.status = Some(EdgeModelStatus {
+            current_revision: Some(rev.clone()),
+            ..status
+        });
+        (m, rev)
+    }
+
+    fn run(
+        m: &EdgeModel,
+        devices: &[EdgeDevice],
+        signature: Result<(), (&'static str, String)>,
+    ) -> Plan {
+        let pools = [Default::default()];
+        let withdrawn = BTreeMap::new();
+        let trust = Trust {
+            signature: &signature,
+            pools: &pools,
+            withdrawn: &withdrawn,
+        };
+        plan(m, devices, &trust, now())
+    }
+
+    #[test]
+    fn a_status_from_before_ranks_keeps_a_complete_rollout_complete() {
+        let (m, rev) = model(EdgeModelStatus::default());
+        let mut done = m.clone();
+        done.status.as_mut().unwrap().stable_revision = Some(rev.clone());
+        let devices = [online(attested(reporting(
+            device("a"),
+            &rev,
+            ModelState::Ready,
+        )))];
+        let p = run(&done, &devices, Ok(()));
+        assert_eq!(p.status.rollout_rank, Some(RANK_ALL));
+        assert_eq!(p.status.phase, Some(ModelPhase::Available));
+        // Unfinished: it starts over from the first step.
+        let mut half = m;
+        let st = half.status.as_mut().unwrap();
+        st.stable_revision = Some("old".into());
+        st.current_step = Some(3);
+        st.step_started_time = Some(crate::rollout::fixtures::ago(5000));
+        let p = run(&half, &devices, Ok(()));
+        assert_eq!(p.status.current_step, Some(0));
+        assert_ne!(p.status.rollout_rank, Some(RANK_ALL));
+    }
+
+    #[test]
+    fn an_unverified_signature_puts_every_device_back_and_restarts_the_steps() {
+        let (m, rev) = model(EdgeModelStatus {
+            stable_revision: Some("old".into()),
+            rollout_rank: Some(RANK_ALL / 2),
+            current_step: Some(1),
+            step_started_time: Some(crate::rollout::fixtures::ago(5000)),
+            ..EdgeModelStatus::default()
+        });
+        let devices = [online(attested(reporting(
+            device("a"),
+            &rev,
+            ModelState::Ready,
+        )))];
+        let p = run(&m, &devices, Err(("SignatureNotFetched", "down".into())));
+        assert_eq!(p.status.rollout_rank, Some(0));
+        assert_eq!(p.status.current_step, Some(0));
+        assert_eq!(p.status.step_started_time, None);
+        assert_eq!(p.status.phase, Some(ModelPhase::Failed));
+        assert_eq!(revision_after(&p.status, "", "a").as_deref(), Some("old"));
+    }
+
+    #[test]
+    fn a_complete_rollout_stays_available_while_every_device_is_offline() {
+        let (m, rev) = model(EdgeModelStatus::default());
+        let mut done = m;
+        let st = done.status.as_mut().unwrap();
+        st.stable_revision = Some(rev.clone());
+        st.rollout_rank = Some(RANK_ALL);
+        let devices = [attested(reporting(device("a"), &rev, ModelState::Loading))];
+        let p = run(&done, &devices, Ok(()));
+        assert_eq!(p.status.phase, Some(ModelPhase::Available));
+        assert!(!p.events.iter().any(|e| e.1 == reasons::HEALTH_GATE_FAILED));
+        // Not yet complete: it waits, naming why.
+        let mut rolling = done.clone();
+        rolling.status.as_mut().unwrap().stable_revision = None;
+        rolling.status.as_mut().unwrap().rollout_rank = Some(0);
+        let p = run(&rolling, &devices, Ok(()));
+        assert_eq!(p.status.phase, Some(ModelPhase::Progressing));
+        assert_eq!(p.status.rollout_rank, Some(0));
+    }
+
+    #[test]
+    fn the_gateway_serves_a_revision_only_to_a_device_it_fits() {
+        use edgefleet_crds::model::RevisionTemplate;
+        let (mut m, rev) = model(EdgeModelStatus {
+            rollout_rank: Some(RANK_ALL),
+            ..EdgeModelStatus::default()
+        });
+        let mut t: RevisionTemplate = serde_json::from_value(serde_json::json!({
+            "revision": rev, "servedName": "m",
+            "artifact": {"uri": "https://x/m.gguf", "digest": format!("sha256:{}", "a".repeat(64)),
+                "sizeBytes": 4_i64 << 30},
+            "signature": {"inline": "{}"}, "signers": [{"name": "s", "publicKey": "k"}],
+            "runtime": {}, "port": 8080,
+        }))
+        .unwrap();
+        m.status.as_mut().unwrap().revisions = vec![t.clone()];
+        let pools = [Default::default()];
+        // The fixture device has 1 GiB: the 4 GiB default artifact does not fit.
+        let d = online(attested(device("a")));
+        assert_eq!(desired(&m, &d, &pools, now()), None);
+        // A variant that fits is chosen from the revision's own template.
+        t.variants = serde_json::from_value(serde_json::json!([
+            {"name": "big", "minMemory": "2Gi", "artifact": {"uri": "https://x/b", "digest": format!("sha256:{}", "b".repeat(64))},
+             "signature": {"inline": "{}"}},
+            {"name": "small", "minMemory": "512Mi", "artifact": {"uri": "https://x/s", "digest": format!("sha256:{}", "c".repeat(64))},
+             "signature": {"inline": "{}"}},
+        ]))
+        .unwrap();
+        m.status.as_mut().unwrap().revisions = vec![t];
+        let got = desired(&m, &d, &pools, now()).unwrap();
+        assert_eq!(
+            (got.revision.as_str(), got.variant.as_deref()),
+            (rev.as_str(), Some("small"))
+        );
+        // Not a candidate (no bound pool): nothing.
+        assert_eq!(desired(&m, &d, &[], now()), None);
+        // Being deleted: nothing.
+        m.metadata.deletion_timestamp = Some(crate::rollout::fixtures::ago(1));
+        assert_eq!(desired(&m, &d, &pools, now()), None);
+    }
 }
