@@ -132,6 +132,12 @@ pub struct EdgeDeviceStatus {
     /// When the gateway last heard from the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_time: Option<Time>,
+    /// The gateway replica the device reports to (the operator replica's identity),
+    /// which judges its liveness. Absent once the device is marked not ready, until it
+    /// reports again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub gateway: Option<String>,
     /// The latest attestation result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attestation: Option<AttestationSummary>,
@@ -204,6 +210,13 @@ pub struct AttestationSummary {
     /// a rollback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm_clock: Option<TpmClock>,
+    /// When the challenge this result answered was issued (milliseconds since the
+    /// epoch). Challenges are stateless tokens any gateway replica can check; each is
+    /// used once because the gateway records the result only for a challenge issued
+    /// strictly after this one, on the resourceVersion it read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub challenge_issued_millis: Option<i64>,
 }
 
 /// What pins a device's evidence to its hardware. Written once, by the gateway under its

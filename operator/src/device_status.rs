@@ -26,6 +26,9 @@ pub enum StatusError {
     /// The device is not enrolled.
     #[error("unknown device {0:?}")]
     UnknownDevice(String),
+    /// The device changed since it was read (a resourceVersion precondition failed).
+    #[error("EdgeDevice {0} changed since it was read")]
+    Conflict(String),
     /// The API server refused or failed.
     #[error("writing EdgeDevice {device} status: {source}")]
     Kube {
@@ -168,6 +171,10 @@ impl DeviceStatus {
     /// Records an appraisal: the attestation summary and `Attested`.
     /// `ends`: when the result lapses, and when the device's attestation lease ends
     /// (written only for an allowed appraisal; a denied one keeps the stored end).
+    /// `challenge_issued_ms` is recorded on the condition that `device` is unchanged
+    /// since it was read (its resourceVersion): a concurrent answer to the same
+    /// challenge, on this replica or another, finds [`StatusError::Conflict`].
+    #[allow(clippy::too_many_arguments)]
     pub async fn record_decision(
         &self,
         device: &EdgeDevice,
@@ -176,12 +183,12 @@ impl DeviceStatus {
         tpm_clock: Option<&ClockState>,
         verified: OffsetDateTime,
         ends: Expiries,
+        challenge_issued_ms: u64,
     ) -> Result<(), StatusError> {
         let Expiries {
             result: expires,
             lease: lease_expires,
         } = ends;
-        let name = device.metadata.name.clone().unwrap_or_default();
         let generation = device.metadata.generation.unwrap_or(0);
         let measurements: serde_json::Map<String, Value> = claims
             .measurements
@@ -242,7 +249,37 @@ impl DeviceStatus {
         } else if let Some(t) = stored_lease {
             status["attestation"]["leaseExpiryTime"] = json!(t);
         }
-        self.apply(&name, status).await
+        status["attestation"]["challengeIssuedMillis"] =
+            json!(i64::try_from(challenge_issued_ms).unwrap_or(i64::MAX));
+        self.apply_unchanged(device, status).await
+    }
+
+    /// Applies `status` to `device` only if it still has the resourceVersion it was read
+    /// with.
+    async fn apply_unchanged(&self, device: &EdgeDevice, status: Value) -> Result<(), StatusError> {
+        let name = device.metadata.name.clone().unwrap_or_default();
+        let patch = json!({
+            "apiVersion": "edgefleet.io/v1alpha1",
+            "kind": "EdgeDevice",
+            "metadata": {"resourceVersion": device.metadata.resource_version},
+            "status": status,
+        });
+        match self
+            .api
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Err(StatusError::Conflict(name)),
+            Err(source) => Err(StatusError::Kube {
+                device: name,
+                source,
+            }),
+        }
     }
 
     /// Records evidence that did not verify.

@@ -18,6 +18,16 @@
 //! - The gateway's report writes that carry a change of model states take a token from
 //!   a second budget ([`Heartbeats::try_change`]); the states themselves are kept in
 //!   memory ([`Heartbeats::reported`]) for the reconciler, which does not wait for them.
+//!
+//! With several gateway replicas ([`Heartbeats::with_replica`], [`crate::replicas`]),
+//! each judges the devices that report to it: [`Heartbeats::record`] writes the
+//! replica's identity into `status.gateway` at once when a device arrives from another
+//! replica (not within the refresh budget, so that the replica it left stops judging
+//! it), and [`Heartbeats::expire`] sweeps only the devices whose `status.gateway` names
+//! this replica. The leader ([`Heartbeats::sweep_orphans`]) also sweeps the devices no
+//! replica holds: those with no `status.gateway`, and those of a replica whose presence
+//! Lease ran out, counting their silence from that replica's last renewal
+//! ([`watch_since`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -72,6 +82,39 @@ fn expired_since(
     // `None` orders below every `Some`: the later of the two, or whichever there is.
     let last = last.max(seen);
     ready && last.is_none_or(|t| t + lease < now)
+}
+
+/// From when `device`'s silence counts for the replica `me`, or `None` when another
+/// replica judges it (module docs). `owner` is the device's `status.gateway`;
+/// `replicas`, only on the leader, the replicas' presence renewals; `remembered` the
+/// device's last heartbeat in this replica's memory; `since` when this replica started
+/// watching.
+pub fn watch_since(
+    owner: Option<&str>,
+    me: Option<&str>,
+    replicas: Option<&HashMap<String, (Timestamp, Duration)>>,
+    remembered: Option<Timestamp>,
+    since: Timestamp,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let mine = remembered.max(Some(since));
+    match (me, owner) {
+        (None, _) => mine,
+        (Some(me), Some(o)) if o == me => mine,
+        _ => {
+            let replicas = replicas?;
+            match owner.and_then(|o| replicas.get(o).map(|r| (o, r))) {
+                None => mine,
+                Some((_, (renewed, duration))) => {
+                    if crate::replicas::alive(*renewed, *duration, now) {
+                        None
+                    } else {
+                        mine.max(Some(*renewed))
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Refresh writes per second the fleet may cost by default.
@@ -138,6 +181,26 @@ pub struct Heartbeats {
     changes: Arc<Mutex<Bucket>>,
     /// Model states as reported, in memory.
     reported: crate::reported::Reported,
+    /// This replica, when there are several ([`Heartbeats::with_replica`]); shared by
+    /// clones.
+    replica: Arc<std::sync::OnceLock<Replica>>,
+}
+
+/// A replica's identity, where replicas announce themselves, and whether it leads.
+struct Replica {
+    identity: String,
+    client: Client,
+    namespace: String,
+    orphans: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("identity", &self.identity)
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Heartbeats {
@@ -152,7 +215,32 @@ impl Heartbeats {
             refresh: Arc::new(Mutex::new(Bucket::new(DEFAULT_REFRESH_PER_SECOND))),
             changes: Arc::new(Mutex::new(Bucket::new(DEFAULT_CHANGE_PER_SECOND))),
             reported: crate::reported::Reported::default(),
+            replica: Arc::default(),
         }
+    }
+
+    /// Judges liveness as the replica `identity` among several, whose presence Leases
+    /// are in `namespace` (module docs), for this instance and every clone. Set once;
+    /// a later call changes nothing.
+    pub fn with_replica(self, identity: String, namespace: &str) -> Self {
+        let _ = self.replica.set(Replica {
+            identity,
+            client: self.api.clone().into_client(),
+            namespace: namespace.to_owned(),
+            orphans: std::sync::atomic::AtomicBool::new(false),
+        });
+        self
+    }
+
+    /// From now on (the leader), also sweeps the devices no live replica holds.
+    pub fn sweep_orphans(&self) {
+        if let Some(r) = self.replica.get() {
+            r.orphans.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn identity(&self) -> Option<&str> {
+        self.replica.get().map(|r| r.identity.as_str())
     }
 
     /// Sets the budget of report writes that carry a change (model states, dropped
@@ -203,10 +291,6 @@ impl Heartbeats {
             .unwrap_or(false)
     }
 
-    fn seen_at(&self, device: &str) -> Option<Timestamp> {
-        self.remembered(device).max(Some(self.since))
-    }
-
     /// The latest heartbeat of `device` in memory.
     fn remembered(&self, device: &str) -> Option<Timestamp> {
         self.seen.lock().ok().and_then(|s| s.get(device).copied())
@@ -221,6 +305,7 @@ impl Heartbeats {
         self
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn apply(
         &self,
         device: &EdgeDevice,
@@ -228,6 +313,7 @@ impl Heartbeats {
         reason: &str,
         message: String,
         heartbeat: Option<Timestamp>,
+        gateway: Option<&str>,
         now: Timestamp,
     ) -> Result<(), kube::Error> {
         let (previous, _) = ready_of(device);
@@ -244,6 +330,11 @@ impl Heartbeats {
         });
         if let Some(t) = heartbeat {
             st["lastHeartbeatTime"] = json!(Time(t));
+        }
+        // Omitted, the field this manager set before is removed: a device marked not
+        // ready belongs to no replica until it reports again.
+        if let Some(g) = gateway {
+            st["gateway"] = json!(g);
         }
         let patch =
             json!({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice", "status": st});
@@ -263,11 +354,15 @@ impl Heartbeats {
         self.seen(&device.name_any(), now);
         let (ready, last) = ready_of(device);
         let is_ready = ready.is_some_and(|c| c.status == "True");
+        // A device that arrives from another replica is claimed at once, so that the
+        // replica it left stops judging it.
+        let owner = device.status.as_ref().and_then(|s| s.gateway.as_deref());
+        let arrived = self.identity().is_some_and(|me| owner != Some(me));
         let coalesce = SignedDuration::try_from(self.lease / 3).unwrap_or(SignedDuration::ZERO);
-        if is_ready && last.is_some_and(|t| t + coalesce > now) {
+        if is_ready && !arrived && last.is_some_and(|t| t + coalesce > now) {
             return Ok(false);
         }
-        if is_ready && !self.try_refresh() {
+        if is_ready && !arrived && !self.try_refresh() {
             return Ok(false);
         }
         self.apply(
@@ -276,6 +371,7 @@ impl Heartbeats {
             HEARTBEAT_RECEIVED,
             "the agent heartbeats within its lease".into(),
             Some(now),
+            self.identity(),
             now,
         )
         .await?;
@@ -286,10 +382,27 @@ impl Heartbeats {
     /// the devices changed.
     pub async fn expire(&self, now: Timestamp) -> Result<Vec<String>, kube::Error> {
         let mut changed = Vec::new();
+        let replicas = match self.replica.get() {
+            Some(r) if r.orphans.load(std::sync::atomic::Ordering::SeqCst) => {
+                Some(crate::replicas::renewals(r.client.clone(), &r.namespace).await?)
+            }
+            _ => None,
+        };
         for device in crate::device_status::all_devices(&self.api, self.cache.as_ref()).await? {
             let device = device.as_ref();
             let name = device.name_any();
-            if expired_since(device, self.seen_at(&name), now, self.lease) {
+            let owner = device.status.as_ref().and_then(|s| s.gateway.as_deref());
+            let Some(since) = watch_since(
+                owner,
+                self.identity(),
+                replicas.as_ref(),
+                self.remembered(&name),
+                self.since,
+                now,
+            ) else {
+                continue;
+            };
+            if expired_since(device, Some(since), now, self.lease) {
                 let (_, recorded) = ready_of(device);
                 let last = recorded.max(self.remembered(&name));
                 // Whole seconds, as metav1.Time keeps them.
@@ -300,6 +413,7 @@ impl Heartbeats {
                     reasons::HEARTBEAT_EXPIRED,
                     format!("no heartbeat for more than {} s", self.lease.as_secs()),
                     last,
+                    None,
                     now,
                 )
                 .await?;
@@ -326,8 +440,58 @@ impl Heartbeats {
 
 #[cfg(test)]
 mod tests {
-    use super::Bucket;
+    use super::{Bucket, watch_since};
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    use std::collections::HashMap;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn each_replica_judges_its_own_devices_and_the_leader_those_of_gone_replicas() {
+        let t = |s: i64| Timestamp::from_second(1_700_000_000 + s).unwrap();
+        let now = t(100);
+        let lease = Duration::from_secs(15);
+        let replicas: HashMap<String, (Timestamp, Duration)> = [
+            ("a".to_owned(), (t(95), lease)), // alive
+            ("b".to_owned(), (t(50), lease)), // gone since 65
+        ]
+        .into();
+        let since = t(0);
+        let heard = Some(t(90));
+        // One replica (no identity): every device, as before.
+        assert_eq!(watch_since(Some("x"), None, None, heard, since, now), heard);
+        assert_eq!(watch_since(None, None, None, None, since, now), Some(since));
+        // Its own devices: from its memory.
+        assert_eq!(
+            watch_since(Some("a"), Some("a"), None, heard, since, now),
+            heard
+        );
+        // Another live replica's device: not its business, leader or not.
+        assert_eq!(
+            watch_since(Some("b"), Some("a"), None, heard, since, now),
+            None
+        );
+        assert_eq!(
+            watch_since(Some("a"), Some("c"), Some(&replicas), None, since, now),
+            None
+        );
+        // The leader takes the devices of a gone replica, from its last renewal ...
+        assert_eq!(
+            watch_since(Some("b"), Some("a"), Some(&replicas), None, since, now),
+            Some(t(50))
+        );
+        // ... those of a replica never seen, and those of none.
+        assert_eq!(
+            watch_since(Some("z"), Some("a"), Some(&replicas), None, since, now),
+            Some(since)
+        );
+        assert_eq!(
+            watch_since(None, Some("a"), Some(&replicas), None, t(10), now),
+            Some(t(10))
+        );
+        // A non-leader never sweeps those.
+        assert_eq!(watch_since(None, Some("a"), None, None, since, now), None);
+        let _ = SignedDuration::ZERO;
+    }
 
     #[test]
     fn the_budget_refills_at_its_rate_and_saves_little() {

@@ -38,6 +38,16 @@ fn service_with(
     ek_intermediates: Vec<Vec<u8>>,
     reference: Option<serde_json::Value>,
 ) -> AttestationService {
+    replicas(ek_cas, ek_intermediates, reference, 1).remove(0)
+}
+
+/// `n` services sharing one device CA, as the gateway replicas of one fleet do.
+fn replicas(
+    ek_cas: Vec<Vec<u8>>,
+    ek_intermediates: Vec<Vec<u8>>,
+    reference: Option<serde_json::Value>,
+    n: usize,
+) -> Vec<AttestationService> {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.distinguished_name
@@ -54,14 +64,18 @@ fn service_with(
         ek_cas,
         ek_intermediates,
     };
-    AttestationService::new(
-        config,
-        policy(reference),
-        p256::ecdsa::SigningKey::random(&mut rand_core::OsRng),
-        &ca_pem,
-        &ca_key.serialize_pem(),
-    )
-    .unwrap()
+    (0..n)
+        .map(|_| {
+            AttestationService::new(
+                config.clone(),
+                policy(reference.clone()),
+                p256::ecdsa::SigningKey::random(&mut rand_core::OsRng),
+                &ca_pem,
+                &ca_key.serialize_pem(),
+            )
+            .unwrap()
+        })
+        .collect()
 }
 
 /// What a TPM quotes for a challenge: SHA-256 of its report data.
@@ -131,20 +145,24 @@ fn dev_evidence_verifies_but_the_default_policy_refuses_it() {
     assert_eq!(claims["ear.status"], "contraindicated");
     assert_eq!(claims["sub"], "laptop");
 
-    // The nonce was consumed.
+    // The service keeps no record of used challenges (any replica may see the answer):
+    // a replay verifies again, naming the same challenge, and the gateway refuses it
+    // where it records the result (`gateway` tests).
+    let first = svc.verify(&req, now(), None).unwrap().challenge_issued_ms;
     assert_eq!(
-        svc.evidence(&req, now()).unwrap_err().reason(),
-        "UnknownNonce"
+        svc.verify(&req, now(), None).unwrap().challenge_issued_ms,
+        first
     );
 }
 
 #[test]
-fn a_device_asking_in_a_loop_replaces_its_own_oldest_challenges_only() {
-    use edgefleet_trust::attestation::service::MAX_PENDING_PER_DEVICE;
-    let svc = service(vec![], vec![]);
+fn a_challenge_issued_by_one_replica_is_answered_at_another_and_no_table_fills() {
+    let mut fleet = replicas(vec![], vec![], None, 2);
+    let (b, a) = (fleet.pop().unwrap(), fleet.pop().unwrap());
+    let foreign = service(vec![], vec![]);
     let (key, csr) = agent_key();
     let dev = DevAttester::generate();
-    let ask = |device: &str| {
+    let ask = |svc: &AttestationService, device: &str| {
         svc.challenge(
             &ChallengeRequest {
                 device: device.into(),
@@ -156,9 +174,11 @@ fn a_device_asking_in_a_loop_replaces_its_own_oldest_challenges_only() {
         )
         .unwrap()
     };
-    let answer = |c: &edgefleet_trust::attestation::service::Challenge, device: &str| {
+    let answer = |svc: &AttestationService,
+                  c: &edgefleet_trust::attestation::service::Challenge,
+                  device: &str| {
         let rd: [u8; 64] = hex::decode(&c.report_data).unwrap().try_into().unwrap();
-        svc.evidence(
+        svc.verify(
             &EvidenceRequest {
                 device: device.into(),
                 nonce: c.nonce.clone(),
@@ -168,25 +188,38 @@ fn a_device_asking_in_a_loop_replaces_its_own_oldest_challenges_only() {
                 },
             },
             now(),
+            None,
         )
     };
-    let other = ask("till-b");
-    let flood: Vec<_> = (0..1000).map(|_| ask("till-a")).collect();
-    // Only till-a's newest challenges are kept; the oldest is gone.
+    // Issued by a, answered at b: the fleet's replicas share the device CA.
+    let c = ask(&a, "till-a");
+    let v = answer(&b, &c, "till-a").unwrap();
+    assert_eq!(v.device, "till-a");
+    // A service with another device CA (another fleet) cannot open it.
     assert_eq!(
-        answer(&flood[0], "till-a").unwrap_err().reason(),
+        answer(&foreign, &c, "till-a").unwrap_err().reason(),
         "UnknownNonce"
     );
+    // A device asking in a loop fills nothing: every challenge stays answerable, and
+    // each names when it was issued, in order.
+    let flood: Vec<_> = (0..1000).map(|_| ask(&a, "till-a")).collect();
+    let first = answer(&a, &flood[0], "till-a").unwrap().challenge_issued_ms;
+    let last = answer(&b, &flood[999], "till-a")
+        .unwrap()
+        .challenge_issued_ms;
+    assert!(first <= last, "{first} > {last}");
+    // What a challenge seals cannot be read or changed by the device: the TPM
+    // credential secret stays hidden (see `challenge_token`), and an edited nonce is
+    // not one this fleet issued.
+    let mut edited = B64.decode(&c.nonce).unwrap();
+    let last_byte = edited.len() - 1;
+    edited[last_byte] ^= 1;
+    let mut tampered = c.clone();
+    tampered.nonce = B64.encode(edited);
     assert_eq!(
-        answer(&flood[1000 - MAX_PENDING_PER_DEVICE - 1], "till-a")
-            .unwrap_err()
-            .reason(),
+        answer(&a, &tampered, "till-a").unwrap_err().reason(),
         "UnknownNonce"
     );
-    answer(&flood[1000 - MAX_PENDING_PER_DEVICE], "till-a").unwrap();
-    answer(&flood[999], "till-a").unwrap();
-    // Another device's challenge was never touched.
-    answer(&other, "till-b").unwrap();
 }
 
 #[test]

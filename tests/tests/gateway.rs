@@ -265,8 +265,25 @@ async fn a_tpm_device_attests_over_https_and_its_status_shows_it() {
         ("True".into(), "AttestationPassed".into())
     );
 
-    // Replaying the same evidence is refused: the nonce is gone.
+    // Replaying the same evidence is refused: its challenge is recorded as answered in
+    // the device's status (challenges are stateless tokens any replica can open, so
+    // single use is enforced there, not in one process's memory).
     let (status, reason) = rejected(s.client.evidence(&req).await.unwrap_err());
+    assert_eq!((status, reason.as_str()), (409, "NonceUsed"));
+    let recorded = api
+        .get(device)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .attestation
+        .unwrap()
+        .challenge_issued_millis;
+    assert!(recorded.is_some_and(|ms| ms > 0), "{recorded:?}");
+    // A nonce this fleet never issued is not one at all.
+    let mut forged_nonce = req.clone();
+    forged_nonce.nonce = B64.encode([7u8; 64]);
+    let (status, reason) = rejected(s.client.evidence(&forged_nonce).await.unwrap_err());
     assert_eq!((status, reason.as_str()), (401, "UnknownNonce"));
 
     // An hour and more later, the attestation has lapsed.

@@ -163,8 +163,8 @@ impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         let code = match &e {
             ServiceError::Issue(_) | ServiceError::Policy(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ServiceError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ServiceError::UnknownNonce => StatusCode::UNAUTHORIZED,
+            ServiceError::NonceUsed => StatusCode::CONFLICT,
             _ => StatusCode::FORBIDDEN,
         };
         ApiError(code, Reason::Attestation(e.reason()), e.to_string())
@@ -177,7 +177,7 @@ impl From<StatusError> for ApiError {
             StatusError::UnknownDevice(_) => {
                 ApiError(StatusCode::NOT_FOUND, Reason::UnknownDevice, e.to_string())
             }
-            StatusError::Kube { .. } => ApiError(
+            StatusError::Kube { .. } | StatusError::Conflict(_) => ApiError(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Reason::StatusWriteFailed,
                 e.to_string(),

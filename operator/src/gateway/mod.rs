@@ -282,6 +282,15 @@ async fn evidence_inner(gw: &Gateway, body: &[u8]) -> Result<Json<serde_json::Va
         .map_err(ApiError::internal)?;
     drop(permit);
     let verified = OffsetDateTime::now_utc();
+    // Single use: a challenge no newer than the last one recorded for the device was
+    // answered already (here or on another replica).
+    let outcome = outcome.and_then(|v| {
+        if used(&device, v.challenge_issued_ms) {
+            Err(ServiceError::NonceUsed)
+        } else {
+            Ok(v)
+        }
+    });
     // The evidence must come from the hardware the device's first allowed evidence came
     // from (the service compared it with the recorded identity); a device without one
     // records it now. Nothing is signed or issued before that is settled.
@@ -304,6 +313,7 @@ async fn evidence_inner(gw: &Gateway, body: &[u8]) -> Result<Json<serde_json::Va
         )
         .await;
     }
+    let issued_ms = outcome.as_ref().map_or(0, |v| v.challenge_issued_ms);
     let outcome = match outcome {
         Ok(v) => service.conclude(v, now),
         Err(e) => Err(e),
@@ -312,19 +322,42 @@ async fn evidence_inner(gw: &Gateway, body: &[u8]) -> Result<Json<serde_json::Va
         Ok(appraisal) => {
             let expires =
                 OffsetDateTime::from_unix_timestamp(appraisal.expires_at).unwrap_or(verified);
-            gw.devices
-                .record_decision(
-                    &device,
-                    &appraisal.claims,
-                    &appraisal.decision,
-                    appraisal.tpm_clock.as_ref(),
-                    verified,
-                    crate::device_status::Expiries {
-                        result: expires,
-                        lease: verified + gw.attestation_lease,
-                    },
-                )
-                .await?;
+            // Recorded on the resourceVersion read: when the device changed meanwhile
+            // (a heartbeat, the hardware pin, or another answer to this challenge), read
+            // it again and decide again whether the challenge is still unused.
+            let mut current = device.clone();
+            let mut tries = 0;
+            loop {
+                let written = gw
+                    .devices
+                    .record_decision(
+                        &current,
+                        &appraisal.claims,
+                        &appraisal.decision,
+                        appraisal.tpm_clock.as_ref(),
+                        verified,
+                        crate::device_status::Expiries {
+                            result: expires,
+                            lease: verified + gw.attestation_lease,
+                        },
+                        issued_ms,
+                    )
+                    .await;
+                match written {
+                    Ok(()) => break,
+                    Err(crate::device_status::StatusError::Conflict(_)) if tries < 5 => {
+                        tries += 1;
+                        current = gw
+                            .devices
+                            .get(device.metadata.name.as_deref().unwrap_or_default())
+                            .await?;
+                        if used(&current, issued_ms) {
+                            return Err(ServiceError::NonceUsed.into());
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             Ok(Json(json!(appraisal)))
         }
         Err(e) => {
@@ -344,6 +377,17 @@ async fn evidence_inner(gw: &Gateway, body: &[u8]) -> Result<Json<serde_json::Va
             Err(e.into())
         }
     }
+}
+
+/// Whether a challenge of `device` issued at `issued_ms` is used: the device's status
+/// records an answered challenge at least as new.
+fn used(device: &edgefleet_crds::EdgeDevice, issued_ms: u64) -> bool {
+    device
+        .status
+        .as_ref()
+        .and_then(|s| s.attestation.as_ref())
+        .and_then(|a| a.challenge_issued_millis)
+        .is_some_and(|recorded| u64::try_from(recorded).unwrap_or(0) >= issued_ms)
 }
 
 /// Records the verified evidence's hardware identity on `device`, which has none

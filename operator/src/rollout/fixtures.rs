@@ -87,6 +87,7 @@ pub fn attested(d: EdgeDevice) -> EdgeDevice {
         message: None,
         tpm_clock: None,
         lease_expiry_time: None,
+        challenge_issued_millis: None,
     });
     d
 }

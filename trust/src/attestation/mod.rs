@@ -7,6 +7,7 @@
 //! evidence verifies the same way forever and expiry is testable.
 
 pub mod binding;
+pub mod challenge_token;
 pub mod claims;
 mod der;
 pub mod dev;

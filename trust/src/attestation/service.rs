@@ -1,5 +1,7 @@
-//! The gateway's attestation service, without transport or Kubernetes: single-use
-//! challenges with a short TTL, evidence verification for each TEE kind against the
+//! The gateway's attestation service, without transport or Kubernetes: stateless
+//! challenges with a short TTL (each nonce a sealed token, [`super::challenge_token`],
+//! that any replica holding the device CA key can open; single use is enforced where
+//! the result lands, by the gateway), evidence verification for each TEE kind against the
 //! binding of {nonce, agent key, device}, TPM credential activation, Rego appraisal,
 //! a signed attestation result, and the device's short-lived client certificate —
 //! issued only when the policy allows, for the key in the device's CSR, which must be
@@ -12,6 +14,8 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+
+use super::challenge_token::{Sealed, SealedTpm, Sealer};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -31,21 +35,19 @@ use super::{AttestationError, Claims, TeeKind, binding, tpm_enrol};
 
 /// Longest challenge lifetime accepted in configuration.
 pub const MAX_NONCE_TTL: Duration = Duration::from_secs(60);
-/// Most challenges outstanding at once; more are refused until some are used or expire.
-pub const MAX_PENDING: usize = 100_000;
-/// Most challenges one device name may have outstanding: asking again beyond it
-/// replaces that device's oldest, so one device (or a holder of its key) asking in a
-/// loop cannot fill the table and turn it into a fleet-wide `Busy`.
-pub const MAX_PENDING_PER_DEVICE: usize = 4;
 /// Largest agent public key accepted.
 const MAX_KEY_BYTES: usize = 2048;
 
 /// Errors of the service, each a named rejection.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    /// The nonce was never issued, already used, or expired.
-    #[error("unknown, used or expired nonce")]
+    /// The nonce was never issued by this fleet, was altered, or expired.
+    #[error("unknown or expired nonce")]
     UnknownNonce,
+    /// The nonce was already answered (recorded in the device's status), or a newer
+    /// challenge of the device was.
+    #[error("the challenge was already used")]
+    NonceUsed,
     /// The evidence request names another device or key than the challenge.
     #[error("the request does not match its challenge: {0}")]
     ChallengeMismatch(String),
@@ -67,9 +69,6 @@ pub enum ServiceError {
     /// Certificate issuance failed.
     #[error("issuing the certificate: {0}")]
     Issue(String),
-    /// Too many challenges are outstanding.
-    #[error("too many outstanding challenges; retry later")]
-    Busy,
     /// The evidence comes from other hardware than the device's recorded identity.
     #[error(transparent)]
     HardwareMismatch(#[from] HardwareMismatch),
@@ -80,6 +79,7 @@ impl ServiceError {
     pub fn reason(&self) -> &'static str {
         match self {
             ServiceError::UnknownNonce => "UnknownNonce",
+            ServiceError::NonceUsed => "NonceUsed",
             ServiceError::ChallengeMismatch(_) => "ChallengeMismatch",
             ServiceError::BadRequest(_) => "BadRequest",
             ServiceError::Evidence(e) => e.reason(),
@@ -87,7 +87,6 @@ impl ServiceError {
             ServiceError::Csr(_) => "InvalidCsr",
             ServiceError::Policy(_) => "PolicyError",
             ServiceError::Issue(_) => "IssueFailed",
-            ServiceError::Busy => "Busy",
             ServiceError::HardwareMismatch(m) => m.reason(),
         }
     }
@@ -239,36 +238,17 @@ pub struct Verified {
     pub hardware_identity: HardwareIdentity,
     /// TPM clock state of the quote.
     pub tpm_clock: Option<ClockState>,
+    /// When the answered challenge was issued (milliseconds since the epoch): the
+    /// gateway records it and accepts only a strictly newer challenge of the device.
+    pub challenge_issued_ms: u64,
     agent_key: Vec<u8>,
-}
-
-#[derive(Debug)]
-struct Pending {
-    device: String,
-    agent_key: Vec<u8>,
-    tee: TeeKind,
-    expires: SystemTime,
-    /// Order of issue (for replacing a device's oldest).
-    seq: u64,
-    tpm: Option<PendingTpm>,
-}
-
-#[derive(Debug)]
-struct PendingTpm {
-    /// The AK's SubjectPublicKeyInfo (DER).
-    ak_spki: Vec<u8>,
-    /// The EK's SubjectPublicKeyInfo (DER), from the verified EK certificate.
-    ek_spki: Vec<u8>,
-    /// The credential's secret.
-    secret: [u8; 32],
 }
 
 /// The service. Cheap to share behind an `Arc`.
 pub struct AttestationService {
     config: ServiceConfig,
     policy: Policy,
-    pending: Mutex<HashMap<Vec<u8>, Pending>>,
-    issued: std::sync::atomic::AtomicU64,
+    sealer: Sealer,
     /// The last allowed TPM clock state by device and EK digest: a clock belongs to one
     /// TPM, so another TPM of the same device (after re-keying) starts afresh.
     tpm_clocks: Mutex<HashMap<(String, String), ClockState>>,
@@ -288,6 +268,12 @@ impl std::fmt::Debug for AttestationService {
 fn b64(what: &str, s: &str) -> Result<Vec<u8>, ServiceError> {
     B64.decode(s.trim())
         .map_err(|e| ServiceError::BadRequest(format!("{what}: {e}")))
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 fn unix(t: SystemTime) -> i64 {
@@ -312,11 +298,12 @@ impl AttestationService {
             .map_err(|e| ServiceError::Issue(format!("CA key: {e}")))?;
         let ca_issuer = rcgen::Issuer::from_ca_cert_pem(ca_cert_pem, key)
             .map_err(|e| ServiceError::Issue(format!("CA certificate: {e}")))?;
+        let sealer = Sealer::from_ca_key(ca_key_pem.as_bytes())
+            .map_err(|e| ServiceError::Issue(format!("challenge key: {e}")))?;
         Ok(Self {
             config,
             policy,
-            pending: Mutex::new(HashMap::new()),
-            issued: std::sync::atomic::AtomicU64::new(0),
+            sealer,
             tpm_clocks: Mutex::new(HashMap::new()),
             result_key,
             ca_issuer,
@@ -352,8 +339,8 @@ impl AttestationService {
                 "agent_public_key must be a SubjectPublicKeyInfo (DER)".into(),
             ));
         }
-        let mut nonce = [0u8; 32];
-        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+        let mut salt = [0u8; 16];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut salt);
         let mut secret = [0u8; 32];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
         let (tpm, credential) = match (req.tee, &req.tpm) {
@@ -379,10 +366,10 @@ impl AttestationService {
                 let (id_object, encrypted) =
                     tpm_enrol::make_credential(&ek_spki, &ak.name, &secret)?;
                 (
-                    Some(PendingTpm {
-                        ak_spki: tpm_enrol::ak_spki_der(&ak)?,
-                        ek_spki,
-                        secret,
+                    Some(SealedTpm {
+                        ak_spki: B64.encode(tpm_enrol::ak_spki_der(&ak)?),
+                        ek_spki: B64.encode(ek_spki),
+                        secret: B64.encode(secret),
                     }),
                     Some(CredentialChallenge {
                         id_object: B64.encode(id_object),
@@ -397,41 +384,23 @@ impl AttestationService {
             }
             _ => (None, None),
         };
-        let report_data = binding::report_data(&nonce, &agent_key, &req.device);
-        let mut pending = self
-            .pending
-            .lock()
-            .map_err(|_| ServiceError::Issue("lock poisoned".into()))?;
-        pending.retain(|_, p| p.expires > now);
-        let mut mine: Vec<(u64, Vec<u8>)> = pending
-            .iter()
-            .filter(|(_, p)| p.device == req.device)
-            .map(|(n, p)| (p.seq, n.clone()))
-            .collect();
-        if mine.len() >= MAX_PENDING_PER_DEVICE {
-            mine.sort_unstable();
-            for (_, oldest) in &mine[..=mine.len() - MAX_PENDING_PER_DEVICE] {
-                pending.remove(oldest);
-            }
-        }
-        if pending.len() >= MAX_PENDING {
-            return Err(ServiceError::Busy);
-        }
-        pending.insert(
-            nonce.to_vec(),
-            Pending {
+        let issued_ms = unix_ms(now);
+        let token = self
+            .sealer
+            .seal(&Sealed {
                 device: req.device.clone(),
-                agent_key,
+                agent_key: B64.encode(&agent_key),
                 tee: req.tee,
-                expires: now + self.config.nonce_ttl,
-                seq: self
-                    .issued
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                issued_ms,
+                expires_ms: issued_ms
+                    .saturating_add(u64::try_from(self.config.nonce_ttl.as_millis()).unwrap_or(0)),
+                salt: B64.encode(salt),
                 tpm,
-            },
-        );
+            })
+            .map_err(|e| ServiceError::Issue(e.to_string()))?;
+        let report_data = binding::report_data(&token, &agent_key, &req.device);
         Ok(Challenge {
-            nonce: B64.encode(nonce),
+            nonce: B64.encode(&token),
             expires_in_seconds: self.config.nonce_ttl.as_secs(),
             report_data: hex::encode(report_data),
             credential,
@@ -440,7 +409,8 @@ impl AttestationService {
 
     /// Verifies evidence against its challenge, appraises it, and issues the result (and,
     /// when allowed, the certificate): [`Self::verify`], then [`Self::conclude`]. The
-    /// nonce is consumed whatever the outcome.
+    /// service keeps no record of used challenges: the caller enforces single use with
+    /// [`Verified::challenge_issued_ms`] where it records the result.
     pub fn evidence(
         &self,
         req: &EvidenceRequest,
@@ -451,7 +421,7 @@ impl AttestationService {
     }
 
     /// Verifies evidence against its challenge and appraises it; signs nothing and
-    /// issues nothing. The nonce is consumed whatever the outcome. With the device's
+    /// issues nothing. With the device's
     /// `recorded` hardware identity, evidence from other hardware is refused
     /// ([`ServiceError::HardwareMismatch`]); a TPM's EK is compared before its quote, so
     /// that another TPM is named as such rather than judged by this one's clock.
@@ -461,21 +431,22 @@ impl AttestationService {
         now: SystemTime,
         recorded: Option<&HardwareIdentity>,
     ) -> Result<Verified, ServiceError> {
-        let nonce = b64("nonce", &req.nonce)?;
-        let pending = self
-            .pending
-            .lock()
-            .map_err(|_| ServiceError::Issue("lock poisoned".into()))?
-            .remove(&nonce)
-            .filter(|p| p.expires > now)
-            .ok_or(ServiceError::UnknownNonce)?;
-        if pending.device != req.device {
+        let token = b64("nonce", &req.nonce)?;
+        let sealed = self
+            .sealer
+            .open(&token)
+            .map_err(|_| ServiceError::UnknownNonce)?;
+        if sealed.expires_ms <= unix_ms(now) {
+            return Err(ServiceError::UnknownNonce);
+        }
+        if sealed.device != req.device {
             return Err(ServiceError::ChallengeMismatch(format!(
                 "challenge was for {:?}",
-                pending.device
+                sealed.device
             )));
         }
-        let expected = binding::report_data(&nonce, &pending.agent_key, &pending.device);
+        let agent_key = b64("sealed agent key", &sealed.agent_key)?;
+        let expected = binding::report_data(&token, &agent_key, &sealed.device);
 
         // The CSR must be for the key the evidence binds, and signed by it.
         let csr_der = x509_parser::pem::parse_x509_pem(req.csr.as_bytes())
@@ -487,13 +458,21 @@ impl AttestationService {
                 .map_err(|e| ServiceError::Csr(e.to_string()))?;
         csr.verify_signature()
             .map_err(|e| ServiceError::Csr(format!("signature: {e}")))?;
-        if csr.certification_request_info.subject_pki.raw != pending.agent_key.as_slice() {
+        if csr.certification_request_info.subject_pki.raw != agent_key.as_slice() {
             return Err(ServiceError::Csr(
                 "the CSR's key is not the key in the challenge".into(),
             ));
         }
 
-        let (claims, tpm_clock, ek_spki) = match (&req.evidence, pending.tee) {
+        let tpm_sealed = match &sealed.tpm {
+            Some(t) => Some((
+                b64("sealed AK", &t.ak_spki)?,
+                b64("sealed EK", &t.ek_spki)?,
+                b64("sealed secret", &t.secret)?,
+            )),
+            None => None,
+        };
+        let (claims, tpm_clock, ek_spki) = match (&req.evidence, sealed.tee) {
             (Evidence::SevSnp { report, vcek }, TeeKind::SevSnp) => {
                 let opts = SnpOptions {
                     allow_debug: false,
@@ -543,20 +522,19 @@ impl AttestationService {
                 },
                 TeeKind::Tpm,
             ) => {
-                let enrolled = pending
-                    .tpm
+                let (ak_spki, ek_spki, secret) = tpm_sealed
                     .as_ref()
                     .ok_or(ServiceError::CredentialMismatch)?;
                 let answered = b64("credential", credential)?;
-                if !constant_time_eq(&answered, &enrolled.secret) {
+                if !constant_time_eq(&answered, secret) {
                     return Err(ServiceError::CredentialMismatch);
                 }
-                if b64("ak_public", &evidence.ak_public)? != enrolled.ak_spki {
+                if b64("ak_public", &evidence.ak_public)? != *ak_spki {
                     return Err(ServiceError::ChallengeMismatch(
                         "the quote is signed by another AK than the enrolled one".into(),
                     ));
                 }
-                let ek = HardwareIdentity::of_ek(&enrolled.ek_spki);
+                let ek = HardwareIdentity::of_ek(ek_spki);
                 if let Some(recorded) = recorded {
                     ek.check(recorded)?;
                 }
@@ -573,7 +551,7 @@ impl AttestationService {
                     ak_trusted: true,
                 };
                 let (claims, clock) = tpm::verify(evidence, &opts)?;
-                (claims, Some(clock), Some(enrolled.ek_spki.as_slice()))
+                (claims, Some(clock), Some(ek_spki.as_slice()))
             }
             (Evidence::Dev { evidence }, TeeKind::Dev) => {
                 (dev::verify(evidence, Some(&expected))?, None, None)
@@ -595,7 +573,8 @@ impl AttestationService {
             claims,
             hardware_identity,
             tpm_clock,
-            agent_key: pending.agent_key,
+            challenge_issued_ms: sealed.issued_ms,
+            agent_key,
         })
     }
 
@@ -610,6 +589,7 @@ impl AttestationService {
             hardware_identity,
             tpm_clock,
             agent_key,
+            ..
         } = verified;
         // Only an allowed quote moves the device's TPM clock state forward.
         if decision.allow
