@@ -40,7 +40,8 @@ enum Cmd {
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(2..=3600))]
         heartbeat_lease_seconds: u64,
         /// Label this replica's Pod (POD_NAME in POD_NAMESPACE) `edgefleet.io/role=leader`
-        /// while it leads, for the gateway Service's selector.
+        /// while it leads (for people: every replica serves devices, and the chart's
+        /// gateway Service selects them all).
         #[arg(long, env = "EDGEFLEET_LABEL_LEADER_POD")]
         label_leader_pod: bool,
         /// The device gateway.
@@ -112,52 +113,76 @@ async fn main() -> anyhow::Result<()> {
                     tracing::warn!(error = %e, "removing the leader label from this Pod");
                 }
             }
-            tracing::info!(%identity, "waiting for the operator lease");
-            election.acquire().await;
-            if let Some(pod) = &pod
-                && let Err(e) =
-                    edgefleet_operator::leader::label_pod(&client, &lease_namespace, pod, true)
-                        .await
-            {
-                tracing::warn!(error = %e, "labelling this Pod as the leader; the gateway Service will not route to it");
-            }
-            metrics.set_leading(true);
-            tracing::info!(%identity, "leading");
             let lease = std::time::Duration::from_secs(heartbeat_lease_seconds);
-            let mut heartbeats =
-                edgefleet_operator::heartbeat::Heartbeats::new(client.clone(), lease);
-            // Only the leader serves devices: the gateway writes device status.
+            // Every replica serves devices (enrolment, attestation, desired state,
+            // reports, artifacts) and judges the liveness of those that report to it;
+            // the leader alone plans rollouts, and also judges the devices no live
+            // replica holds.
             let gateway = gateway
                 .start(client.clone(), lease, metrics.gateway.clone())
                 .await?;
-            let mut sources = edgefleet_operator::edgemodel::Sources::default();
-            let gateway = match gateway {
-                Some((h, devices, g)) => {
-                    // Liveness from the gateway's memory of heartbeats, sweeping over its
-                    // cache rather than listing the fleet; the reconciler plans on the
-                    // same cache, with the model states devices report to the gateway.
-                    sources = edgefleet_operator::edgemodel::Sources {
-                        reported: Some(h.reported()),
-                        devices: Some(devices),
-                    };
-                    heartbeats = h;
-                    Some(g)
+            let Some((heartbeats, devices, gateway)) = gateway else {
+                // No gateway here: the leader plans, and judges every device's liveness.
+                tracing::info!(%identity, "waiting for the operator lease");
+                election.acquire().await;
+                label_leader(&client, &lease_namespace, pod.as_deref()).await;
+                metrics.set_leading(true);
+                tracing::info!(%identity, "leading");
+                let heartbeats =
+                    edgefleet_operator::heartbeat::Heartbeats::new(client.clone(), lease);
+                tokio::select! {
+                    () = edgefleet_operator::edgemodel::run_with(client, metrics, bundles, Default::default()) => {}
+                    () = heartbeats.expire_loop() => {}
+                    () = election.hold() => anyhow::bail!("lost the operator lease; exiting so that this replica restarts as a candidate"),
                 }
-                None => None,
+                return Ok(());
             };
-            let gateway = async move {
-                match gateway {
-                    Some(g) => g.await,
-                    None => std::future::pending().await,
+            let heartbeats = heartbeats.with_replica(identity.clone(), &lease_namespace);
+            // The reconciler plans on the gateway's device cache, with the model states
+            // devices report to this replica laid over the recorded ones.
+            let sources = edgefleet_operator::edgemodel::Sources {
+                reported: Some(heartbeats.reported()),
+                devices: Some(devices),
+            };
+            let presence = edgefleet_operator::replicas::Presence::new(
+                client.clone(),
+                &lease_namespace,
+                identity.clone(),
+                lease,
+            );
+            let leading = {
+                let heartbeats = heartbeats.clone();
+                let metrics = metrics.clone();
+                let client = client.clone();
+                async move {
+                    tracing::info!(%identity, "serving devices; waiting for the operator lease");
+                    election.acquire().await;
+                    label_leader(&client, &lease_namespace, pod.as_deref()).await;
+                    metrics.set_leading(true);
+                    heartbeats.sweep_orphans();
+                    tracing::info!(%identity, "leading");
+                    tokio::select! {
+                        () = edgefleet_operator::edgemodel::run_with(client, metrics, bundles, sources) => {}
+                        () = election.hold() => {}
+                    }
                 }
             };
             tokio::select! {
                 r = gateway => anyhow::bail!("the device gateway stopped: {r:?}"),
-                () = edgefleet_operator::edgemodel::run_with(client, metrics, bundles, sources) => {}
+                () = presence.run() => {}
                 () = heartbeats.expire_loop() => {}
-                () = election.hold() => anyhow::bail!("lost the operator lease; exiting so that this replica restarts as a candidate"),
+                () = leading => anyhow::bail!("lost the operator lease; exiting so that this replica restarts as a candidate"),
             }
         }
     }
     Ok(())
+}
+
+/// Labels this replica's Pod as the leader's, when asked to (`--label-leader-pod`).
+async fn label_leader(client: &kube::Client, namespace: &str, pod: Option<&str>) {
+    if let Some(pod) = pod
+        && let Err(e) = edgefleet_operator::leader::label_pod(client, namespace, pod, true).await
+    {
+        tracing::warn!(error = %e, "labelling this Pod as the leader");
+    }
 }

@@ -210,8 +210,12 @@ pub fn spawn_operator_with(
     let metrics = crate::free_port()?;
     let log = std::fs::File::create(&spec.log).map_err(err)?;
     let mut cmd = Command::new(binary("edgefleet-operator")?);
-    cmd.args(["run", "--lease-seconds", "3", "--identity", "op-1"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+    cmd.args(["run", "--lease-seconds", "3"]);
+    // `--identity` in `extra` names another replica.
+    if !extra.iter().any(|a| a.starts_with("--identity")) {
+        cmd.args(["--identity", "op-1"]);
+    }
+    cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
         .args([
             "--heartbeat-lease-seconds",
             &spec.heartbeat_lease_seconds.to_string(),

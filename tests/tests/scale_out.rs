@@ -193,3 +193,180 @@ async fn agents_fail_over_along_their_gateway_list_and_run_what_their_rank_gives
     }
     let _ = agents;
 }
+
+/// The Ready condition of `d`: (status, lastTransitionTime).
+fn ready_since(d: &EdgeDevice) -> Option<(String, String)> {
+    let c = d
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == cond::READY)?;
+    Some((c.status.clone(), c.last_transition_time.0.to_string()))
+}
+
+fn gateway_of(d: &EdgeDevice) -> Option<String> {
+    d.status.as_ref()?.gateway.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_serves_devices_and_a_dead_replicas_devices_move_without_going_not_ready() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cp = ControlPlane::start().await.unwrap();
+    cp.install_crds().await.unwrap();
+    let client = cp.client().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Two devices start at each replica (their place in the list is a hash of the name).
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    for i in 0..64 {
+        let name = format!("till-{i}");
+        let at = edgefleet_agent::gateway_session::first_endpoint(&name, 2);
+        let side = if at == 0 { &mut first } else { &mut second };
+        if side.len() < 2 {
+            side.push(name);
+        }
+    }
+    let names: Vec<String> = first.iter().chain(&second).cloned().collect();
+    let mut logged: Vec<&str> = vec!["op-a", "op-b"];
+    logged.extend(names.iter().map(String::as_str));
+    let _logs = Logs(d, &logged);
+    let pki = local_fleet::GatewayPki::write(d, &[]).unwrap();
+    let store = d.join("artifacts");
+    let model = std::env::var_os("EDGEFLEET_MODEL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let (digest, size) = local_fleet::store_artifact(&store, &model).unwrap();
+    let lease_seconds = 10;
+    let replica = |identity: &str, port: u16| {
+        local_fleet::spawn_operator_with(
+            cp.kubeconfig_path(),
+            &pki,
+            &local_fleet::OperatorSpec {
+                gateway_addr: format!("127.0.0.1:{port}"),
+                artifact_dir: store.clone(),
+                approval: format!("auto:{}={POOL}", local_fleet::POOL_LABEL),
+                ek_cas: vec![],
+                ek_intermediates: vec![],
+                heartbeat_lease_seconds: lease_seconds,
+                artifact_ca: None,
+                log: d.join(format!("{identity}.log")),
+            },
+            &[&format!("--identity={identity}")],
+        )
+        .unwrap()
+    };
+    let (port_a, port_b) = (free_port().unwrap(), free_port().unwrap());
+    let op_a = Proc(replica("op-a", port_a));
+    let url_a = format!("https://127.0.0.1:{port_a}");
+    let url_b = format!("https://127.0.0.1:{port_b}");
+    // op-a leads (it starts first); op-b stands by, and serves devices all the same.
+    eventually("op-a leads", PATIENCE, || async {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(client.clone(), "edgefleet-system");
+        let spec = leases.get_opt("edgefleet-operator").await.ok()??.spec?;
+        (spec.holder_identity.as_deref() == Some("op-a")).then_some(())
+    })
+    .await;
+    let _op_b = Proc(replica("op-b", port_b));
+    local_fleet::create_pool_token(&client, POOL).await.unwrap();
+    allow_all_pools(&client).await.unwrap();
+    let mut agents = Vec::new();
+    for name in &names {
+        let port = free_port().unwrap();
+        let child = local_fleet::spawn_agent_with_gateways(
+            &spec(d, name, &url_a, port),
+            std::slice::from_ref(&url_b),
+        )
+        .unwrap();
+        agents.push(Proc(child));
+    }
+    let devices: Api<EdgeDevice> = Api::all(client.clone());
+    // Each device is Ready, judged by the replica it reports to.
+    eventually(
+        "every device Ready at its own replica",
+        PATIENCE,
+        || async {
+            for name in &first {
+                let dev = devices.get_opt(name).await.ok()??;
+                (ready(&dev) && gateway_of(&dev).as_deref() == Some("op-a")).then_some(())?;
+            }
+            for name in &second {
+                let dev = devices.get_opt(name).await.ok()??;
+                (ready(&dev) && gateway_of(&dev).as_deref() == Some("op-b")).then_some(())?;
+            }
+            Some(())
+        },
+    )
+    .await;
+
+    // A rollout planned by the leader reaches the devices of both replicas.
+    let publisher = Signer::generate().unwrap();
+    trust_signer(&client, "models-team", &publisher.public_key, &[NS])
+        .await
+        .unwrap();
+    let manifest = EdgeModelBuilder::new(NS, "smollm2")
+        .served_name("smollm2")
+        .artifact(
+            "https://artifacts.example/smollm2.gguf",
+            &digest,
+            Some(size),
+        )
+        .inline_signature(&publisher.sign(&model).unwrap())
+        .signer("models-team", &publisher.public_key)
+        .pool(POOL)
+        .attestation(&["dev"], Some("dev"))
+        .rollout(json!({"steps": [{"percent": 100}], "maxUnavailable": 4}))
+        .runtime(json!({"contextSize": 512, "threads": 1, "parallelSlots": 1}))
+        .build();
+    apply_edge_model(&client, &manifest).await.unwrap();
+    let models: Api<EdgeModel> = Api::namespaced(client.clone(), NS);
+    eventually("Available on 4 devices", PATIENCE, || async {
+        let st = models.get("smollm2").await.ok()?.status?;
+        (st.phase == Some(ModelPhase::Available) && st.ready_devices.as_deref() == Some("4/4"))
+            .then_some(())
+    })
+    .await;
+    let mut before = std::collections::BTreeMap::new();
+    for name in &names {
+        before.insert(name.clone(), ready_since(&devices.get(name).await.unwrap()));
+    }
+
+    // The leader dies. Its devices move to op-b, which takes the lead; nobody marks a
+    // device not ready for the move.
+    drop(op_a);
+    eventually("every device at op-b", PATIENCE, || async {
+        for name in &names {
+            let dev = devices.get_opt(name).await.ok()??;
+            (gateway_of(&dev).as_deref() == Some("op-b")).then_some(())?;
+        }
+        Some(())
+    })
+    .await;
+    // Two heartbeat leases later, the gone replica's Lease has long run out and the new
+    // leader sweeps: still no device went not ready.
+    tokio::time::sleep(Duration::from_secs(2 * lease_seconds)).await;
+    for name in &names {
+        let dev = devices.get(name).await.unwrap();
+        assert_eq!(
+            ready_since(&dev),
+            before[name],
+            "{name} went not ready when its replica died"
+        );
+        assert_eq!(gateway_of(&dev).as_deref(), Some("op-b"));
+    }
+    let st = models.get("smollm2").await.unwrap().status.unwrap();
+    assert_eq!(st.ready_devices.as_deref(), Some("4/4"));
+    assert_eq!(st.phase, Some(ModelPhase::Available));
+
+    // Negative: a device that really goes silent is marked not ready by the replica
+    // that holds it.
+    let silent = names[0].clone();
+    drop(agents.remove(0));
+    eventually("the silent device not ready", PATIENCE, || async {
+        let dev = devices.get_opt(&silent).await.ok()??;
+        (!ready(&dev) && gateway_of(&dev).is_none()).then_some(())
+    })
+    .await;
+}
