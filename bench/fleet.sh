@@ -11,6 +11,12 @@
 # Usage: bench/fleet.sh [N ...]   (default: 1000 5000 10000)
 #   FLEET_SCENARIOS="rollout storm outage churn steady:10 steady:5" (the default) picks
 #   the runs.
+#   FLEET_REPLICAS=R runs R operator replicas, each serving devices (default: enough to
+#   keep each under about 18,000 devices, the most one process holds here); the
+#   simulator runs as one process per 15,000 devices, and their summaries are merged.
+#   Each line of results.jsonl has at least devices, replicas, scenario, ready,
+#   rollout_seconds, heartbeat_p99_ms, api_writes_per_second and operator_rss_mib
+#   (summed over the replicas).
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 cd "$EDGEFLEET_ROOT"
 ensure_apt "${APT_PACKAGES[@]}"
@@ -29,10 +35,11 @@ sizes=("$@"); [ ${#sizes[@]} -gt 0 ] || sizes=(1000 5000 10000)
 run() {  # N SCENARIO HEARTBEAT DURATION
   log "N=$1 $2 (heartbeat ${3}s)"
   if line=$("$CARGO_TARGET_DIR/debug/edgefleet-dev" fleet-bench --dir "$OUT/run" --devices "$1" \
-      --scenario "$2" --heartbeat-seconds "$3" --duration "$4"); then
+      --scenario "$2" --heartbeat-seconds "$3" --duration "$4" \
+      ${FLEET_REPLICAS:+--replicas "$FLEET_REPLICAS"}); then
     echo "$line" >> "$OUT/results.jsonl"
   else
-    echo "{\"devices\": $1, \"scenario\": \"$2\", \"heartbeat_seconds\": $3, \"error\": \"run failed\"}" >> "$OUT/results.jsonl"
+    echo "{\"devices\": $1, \"replicas\": ${FLEET_REPLICAS:-null}, \"scenario\": \"$2\", \"heartbeat_seconds\": $3, \"error\": \"run failed\"}" >> "$OUT/results.jsonl"
   fi
 }
 for n in "${sizes[@]}"; do

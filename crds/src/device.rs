@@ -314,7 +314,9 @@ pub struct LoadedModel {
 }
 
 /// Lifecycle of a model on a device.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
 pub enum ModelState {
     /// Assigned, not started.
     Pending,

@@ -23,12 +23,14 @@ pub mod common;
 pub mod conditions;
 pub mod device;
 pub mod model;
+pub mod replica;
 pub mod token;
 pub mod trust_policy;
 
 pub use common::{Artifact, SignatureSource, TeeKind, TrustedSigner};
 pub use device::{EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus};
 pub use model::{EdgeModel, EdgeModelSpec, EdgeModelStatus, ModelPhase};
+pub use replica::{EdgeGatewayReplica, EdgeGatewayReplicaSpec};
 pub use token::{EdgeBootstrapToken, EdgeBootstrapTokenSpec, EdgeBootstrapTokenStatus};
 pub use trust_policy::{EdgeTrustPolicy, EdgeTrustPolicySpec};
 
@@ -69,6 +71,7 @@ pub fn generated_crds() -> Result<Vec<GeneratedCrd>, Error> {
         EdgeDevice::crd(),
         EdgeTrustPolicy::crd(),
         EdgeBootstrapToken::crd(),
+        EdgeGatewayReplica::crd(),
     ]
     .into_iter()
     .map(|crd| {

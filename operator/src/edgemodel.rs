@@ -124,6 +124,20 @@ pub struct Sources {
     /// The gateway's device cache (and its trust-policy cache); without it the
     /// reconciler watches devices and policies itself.
     pub devices: Option<SharedDevices>,
+    /// With several gateway replicas: this replica, and where the others publish the
+    /// reports their devices' status does not show yet ([`crate::replicas`]).
+    pub replicas: Option<ReplicaSource>,
+}
+
+/// Where the other gateway replicas' pending reports are.
+#[derive(Debug, Clone)]
+pub struct ReplicaSource {
+    /// This replica's identity.
+    pub identity: String,
+    /// The namespace of the EdgeGatewayReplica objects.
+    pub namespace: String,
+    /// The heartbeat lease: a replica's publication older than this is ignored.
+    pub lease: Duration,
 }
 
 /// What reconciles share.
@@ -139,6 +153,8 @@ pub struct Context {
     reported: Option<crate::reported::Reported>,
     /// The cluster's EdgeTrustPolicies.
     policies: TrustPolicies,
+    /// The other replicas' pending reports, and this replica.
+    replicas: Option<(Store<edgefleet_crds::EdgeGatewayReplica>, ReplicaSource)>,
 }
 
 impl Context {
@@ -146,8 +162,23 @@ impl Context {
     /// this replica laid over their recorded status.
     fn devices(&self) -> Vec<EdgeDevice> {
         let mut devices = self.devices.devices();
+        let me = self.replicas.as_ref().map(|(_, s)| s.identity.as_str());
         if let Some(r) = &self.reported {
-            r.overlay(&mut devices);
+            // With several replicas, this one's memory counts only for the devices that
+            // report to it now (one that moved away may have newer news elsewhere).
+            r.overlay_where(&mut devices, |d| {
+                let owner = d.status.as_ref().and_then(|s| s.gateway.as_deref());
+                me.is_none() || owner.is_none() || owner == me
+            });
+        }
+        if let Some((store, source)) = &self.replicas {
+            crate::replicas::overlay_published(
+                &mut devices,
+                &store.state(),
+                me,
+                source.lease,
+                k8s_openapi::jiff::Timestamp::now(),
+            );
         }
         devices
     }
@@ -396,6 +427,27 @@ pub async fn run_with(
     };
     let (devices, device_events) = device_cache(&client, sources.devices);
     let reported = sources.reported;
+    // The other replicas' publications, and a reconcile of every model when they change.
+    let (replicas, replica_events) = match sources.replicas {
+        Some(source) => {
+            let (store, writer) = reflector::store();
+            let events = reflector::reflector(
+                writer,
+                watcher(
+                    Api::<edgefleet_crds::EdgeGatewayReplica>::namespaced(
+                        client.clone(),
+                        &source.namespace,
+                    ),
+                    watcher::Config::default(),
+                ),
+            )
+            .default_backoff()
+            .touched_objects()
+            .filter_map(|r| futures::future::ready(r.ok().map(|_| ())));
+            (Some((store, source)), events.boxed())
+        }
+        None => (None, futures::stream::pending().boxed()),
+    };
     let ctx = Arc::new(Context {
         client: client.clone(),
         devices,
@@ -411,6 +463,7 @@ pub async fn run_with(
         bundles,
         reported: reported.clone(),
         policies: policies.clone(),
+        replicas,
     });
     let reports = match reported {
         Some(r) => r.changes().boxed(),
@@ -420,6 +473,7 @@ pub async fn run_with(
     let controller = Controller::new(models, watcher::Config::default())
         .reconcile_all_on(device_events)
         .reconcile_all_on(reports)
+        .reconcile_all_on(replica_events)
         .reconcile_all_on(policies.changes())
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)

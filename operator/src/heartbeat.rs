@@ -2,8 +2,8 @@
 //! owned by their own server-side-apply field manager ([`HEARTBEAT_MANAGER`]).
 //!
 //! Liveness is decided from memory, and the API server is told about changes:
-//! - [`Heartbeats::seen`] notes every report in memory (on the leader, which serves the
-//!   devices). [`Heartbeats::expire`] turns `Ready` False (reason `HeartbeatExpired`) on
+//! - [`Heartbeats::seen`] notes every report in memory (on the replica the device
+//!   reports to). [`Heartbeats::expire`] turns `Ready` False (reason `HeartbeatExpired`) on
 //!   devices silent for longer than the lease, by the later of that memory, the
 //!   recorded `lastHeartbeatTime` and the time this leader started (a new leader gives
 //!   every device one lease to reach it). The EdgeModel reconciler then moves them to
@@ -184,6 +184,9 @@ pub struct Heartbeats {
     /// This replica, when there are several ([`Heartbeats::with_replica`]); shared by
     /// clones.
     replica: Arc<std::sync::OnceLock<Replica>>,
+    /// The fleet-wide budgets as configured (refresh, change), and how many replicas
+    /// share them now ([`Heartbeats::share_among`]).
+    budgets: Arc<Mutex<(f64, f64, usize)>>,
 }
 
 /// A replica's identity, where replicas announce themselves, and whether it leads.
@@ -216,7 +219,41 @@ impl Heartbeats {
             changes: Arc::new(Mutex::new(Bucket::new(DEFAULT_CHANGE_PER_SECOND))),
             reported: crate::reported::Reported::default(),
             replica: Arc::default(),
+            budgets: Arc::new(Mutex::new((
+                DEFAULT_REFRESH_PER_SECOND,
+                DEFAULT_CHANGE_PER_SECOND,
+                1,
+            ))),
         }
+    }
+
+    /// Shares the fleet-wide budgets among `replicas` live replicas: each spends its
+    /// share (rate / replicas), so the API server sees the configured rate however many
+    /// replicas serve devices.
+    pub fn share_among(&self, replicas: usize) {
+        let replicas = replicas.max(1);
+        let Ok(mut b) = self.budgets.lock() else {
+            return;
+        };
+        if b.2 == replicas {
+            return;
+        }
+        b.2 = replicas;
+        let n = replicas as f64;
+        if let Ok(mut r) = self.refresh.lock() {
+            *r = Bucket::new(b.0 / n);
+        }
+        if let Ok(mut c) = self.changes.lock() {
+            *c = Bucket::new(b.1 / n);
+        }
+    }
+
+    /// This replica's share of the (refresh, change) budgets, writes per second.
+    pub fn budget_share(&self) -> (f64, f64) {
+        self.budgets
+            .lock()
+            .map(|b| (b.0 / b.2 as f64, b.1 / b.2 as f64))
+            .unwrap_or((0.0, 0.0))
     }
 
     /// Judges liveness as the replica `identity` among several, whose presence Leases
@@ -249,6 +286,9 @@ impl Heartbeats {
         if let Ok(mut b) = self.changes.lock() {
             *b = Bucket::new(per_second);
         }
+        if let Ok(mut b) = self.budgets.lock() {
+            *b = (b.0, per_second, 1);
+        }
         self
     }
 
@@ -270,6 +310,9 @@ impl Heartbeats {
     pub fn with_refresh_rate(self, per_second: f64) -> Self {
         if let Ok(mut b) = self.refresh.lock() {
             *b = Bucket::new(per_second);
+        }
+        if let Ok(mut b) = self.budgets.lock() {
+            *b = (per_second, b.1, 1);
         }
         self
     }
@@ -505,6 +548,28 @@ mod tests {
         assert!(!b.take(t0 + Duration::from_millis(100)));
         let later = t0 + Duration::from_secs(10);
         assert_eq!((0..100).filter(|_| b.take(later)).count(), 10);
+    }
+
+    #[tokio::test]
+    async fn replicas_share_the_fleet_wide_budgets() {
+        let client =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
+                .unwrap();
+        let h = super::Heartbeats::new(client, Duration::from_secs(30))
+            .with_refresh_rate(20.0)
+            .with_change_rate(50.0);
+        assert_eq!(h.budget_share(), (20.0, 50.0));
+        h.share_among(4);
+        assert_eq!(h.budget_share(), (5.0, 12.5));
+        // A fresh bucket holds its burst (one second of its own rate): 5 refreshes, then
+        // none.
+        assert_eq!((0..100).filter(|_| h.try_refresh()).count(), 5);
+        h.share_among(0);
+        assert_eq!(
+            h.budget_share(),
+            (20.0, 50.0),
+            "never less than one replica"
+        );
     }
 
     #[test]

@@ -140,9 +140,22 @@ async fn main() -> anyhow::Result<()> {
             let heartbeats = heartbeats.with_replica(identity.clone(), &lease_namespace);
             // The reconciler plans on the gateway's device cache, with the model states
             // devices report to this replica laid over the recorded ones.
+            let publish = edgefleet_operator::replicas::publish_loop(
+                client.clone(),
+                lease_namespace.clone(),
+                identity.clone(),
+                heartbeats.reported(),
+                devices.store.clone(),
+                lease,
+            );
             let sources = edgefleet_operator::edgemodel::Sources {
                 reported: Some(heartbeats.reported()),
                 devices: Some(devices),
+                replicas: Some(edgefleet_operator::edgemodel::ReplicaSource {
+                    identity: identity.clone(),
+                    namespace: lease_namespace.clone(),
+                    lease,
+                }),
             };
             let presence = edgefleet_operator::replicas::Presence::new(
                 client.clone(),
@@ -169,7 +182,8 @@ async fn main() -> anyhow::Result<()> {
             };
             tokio::select! {
                 r = gateway => anyhow::bail!("the device gateway stopped: {r:?}"),
-                () = presence.run() => {}
+                () = presence.run(heartbeats.clone()) => {}
+                () = publish => {}
                 () = heartbeats.expire_loop() => {}
                 () = leading => anyhow::bail!("lost the operator lease; exiting so that this replica restarts as a candidate"),
             }

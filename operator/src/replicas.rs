@@ -87,11 +87,22 @@ impl Presence {
             .map(|_| ())
     }
 
-    /// Renews every third of the duration, for as long as it runs.
-    pub async fn run(self) {
+    /// Renews every third of the duration, for as long as it runs, and each time
+    /// shares `heartbeats`' fleet-wide status write budgets among the replicas alive.
+    pub async fn run(self, heartbeats: crate::heartbeat::Heartbeats) {
         loop {
             if let Err(e) = self.renew().await {
                 tracing::warn!(error = %e, "renewing this gateway replica's presence");
+            }
+            let namespace = self.leases.namespace().unwrap_or_default().to_owned();
+            let client = self.leases.clone().into_client();
+            match renewals(client, &namespace).await {
+                Ok(r) => {
+                    let now = Timestamp::now();
+                    let alive = r.values().filter(|(t, d)| alive(*t, *d, now)).count();
+                    heartbeats.share_among(alive);
+                }
+                Err(e) => tracing::warn!(error = %e, "listing the gateway replicas"),
             }
             tokio::time::sleep(self.duration / 3).await;
         }
@@ -127,9 +138,182 @@ pub fn alive(renewed: Timestamp, duration: Duration, now: Timestamp) -> bool {
     renewed + d >= now
 }
 
+/// How often a replica publishes its pending reports (when they changed).
+pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// Most device names one publication holds (an object stays well under etcd's 1.5 MB).
+pub const MAX_PUBLISHED_DEVICES: usize = 60_000;
+
+/// The reported model states of the devices that report to replica `me` (in
+/// `reported`) that their recorded status (`recorded`, by name) does not show yet,
+/// grouped and sorted; at most [`MAX_PUBLISHED_DEVICES`] names.
+pub fn pending(
+    reported: &HashMap<String, Vec<edgefleet_crds::device::LoadedModel>>,
+    recorded: impl Fn(&str) -> Option<std::sync::Arc<edgefleet_crds::EdgeDevice>>,
+    me: &str,
+) -> Vec<edgefleet_crds::replica::PendingStates> {
+    use std::collections::BTreeMap;
+    let mut groups: BTreeMap<
+        (
+            String,
+            String,
+            edgefleet_crds::device::ModelState,
+            Option<String>,
+        ),
+        Vec<String>,
+    > = BTreeMap::new();
+    let mut names = 0;
+    for (device, models) in reported {
+        let Some(d) = recorded(device) else {
+            continue;
+        };
+        let status = d.status.as_ref();
+        if status.and_then(|s| s.gateway.as_deref()) != Some(me) {
+            continue;
+        }
+        let shown = status.map(|s| s.models.as_slice()).unwrap_or_default();
+        for m in models {
+            let written = shown.iter().any(|r| {
+                r.model == m.model
+                    && r.revision == m.revision
+                    && r.state == m.state
+                    && r.reason == m.reason
+            });
+            if written || names >= MAX_PUBLISHED_DEVICES {
+                continue;
+            }
+            names += 1;
+            groups
+                .entry((
+                    m.model.clone(),
+                    m.revision.clone(),
+                    m.state,
+                    m.reason.clone(),
+                ))
+                .or_default()
+                .push(device.clone());
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((model, revision, state, reason), mut devices)| {
+            devices.sort();
+            edgefleet_crds::replica::PendingStates {
+                model,
+                revision,
+                state,
+                reason,
+                devices,
+            }
+        })
+        .collect()
+}
+
+/// Publishes this replica's pending reports ([`pending`]) in its EdgeGatewayReplica
+/// when they change, and at least every third of `lease` (so the leader knows them
+/// fresh), for as long as it runs.
+pub async fn publish_loop(
+    client: Client,
+    namespace: String,
+    identity: String,
+    reported: crate::reported::Reported,
+    devices: kube::runtime::reflector::Store<edgefleet_crds::EdgeDevice>,
+    lease: Duration,
+) {
+    let api: Api<edgefleet_crds::EdgeGatewayReplica> = Api::namespaced(client, &namespace);
+    let name = lease_name(&identity);
+    let mut last: Option<Vec<edgefleet_crds::replica::PendingStates>> = None;
+    let mut last_at = std::time::Instant::now();
+    loop {
+        let now = pending(
+            &reported.snapshot(),
+            |n| devices.get(&kube::runtime::reflector::ObjectRef::new(n)),
+            &identity,
+        );
+        if last.as_ref() != Some(&now) || last_at.elapsed() >= lease / 3 {
+            let body = json!({
+                "apiVersion": "edgefleet.io/v1alpha1",
+                "kind": "EdgeGatewayReplica",
+                "metadata": {"name": name},
+                "spec": {
+                    "identity": identity,
+                    "publishedTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(Timestamp::now()),
+                    "pending": now,
+                },
+            });
+            match api
+                .patch(
+                    &name,
+                    &PatchParams::apply(PRESENCE_MANAGER).force(),
+                    &Patch::Apply(&body),
+                )
+                .await
+            {
+                Ok(_) => {
+                    last = Some(now);
+                    last_at = std::time::Instant::now();
+                }
+                Err(e) => tracing::warn!(error = %e, "publishing this replica's pending reports"),
+            }
+        }
+        tokio::time::sleep(PUBLISH_EVERY).await;
+    }
+}
+
+/// Lays the pending reports other replicas published (fresh within `lease` at `now`,
+/// not `me`'s own) over `devices`' recorded model states: each reported model replaces
+/// the device's entry of that model.
+pub fn overlay_published(
+    devices: &mut [edgefleet_crds::EdgeDevice],
+    published: &[std::sync::Arc<edgefleet_crds::EdgeGatewayReplica>],
+    me: Option<&str>,
+    lease: Duration,
+    now: Timestamp,
+) {
+    use kube::ResourceExt as _;
+    let mut by_device: HashMap<&str, Vec<edgefleet_crds::device::LoadedModel>> = HashMap::new();
+    for r in published {
+        if Some(r.spec.identity.as_str()) == me || !alive(r.spec.published_time.0, lease, now) {
+            continue;
+        }
+        for g in &r.spec.pending {
+            for d in &g.devices {
+                by_device.entry(d.as_str()).or_default().push(
+                    edgefleet_crds::device::LoadedModel {
+                        model: g.model.clone(),
+                        revision: g.revision.clone(),
+                        state: g.state,
+                        message: None,
+                        reason: g.reason.clone(),
+                        load_millis: None,
+                    },
+                );
+            }
+        }
+    }
+    if by_device.is_empty() {
+        return;
+    }
+    for d in devices {
+        let name = d.name_any();
+        let Some(models) = by_device.get(name.as_str()) else {
+            continue;
+        };
+        let status = d.status.get_or_insert_with(Default::default);
+        for m in models {
+            status.models.retain(|r| r.model != m.model);
+            status.models.push(m.clone());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+    use edgefleet_crds::EdgeDevice;
+    use edgefleet_crds::device::{LoadedModel, ModelState};
+    use kube::ResourceExt as _;
 
     #[test]
     fn lease_names_are_valid_and_distinct() {
@@ -144,6 +328,107 @@ mod tests {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         );
         assert_ne!(lease_name(&"x".repeat(300)), lease_name(&"x".repeat(301)));
+    }
+
+    fn loaded(model: &str, rev: &str, state: ModelState) -> LoadedModel {
+        LoadedModel {
+            model: model.into(),
+            revision: rev.into(),
+            state,
+            message: None,
+            reason: None,
+            load_millis: None,
+        }
+    }
+
+    fn device(name: &str, gateway: Option<&str>, models: Vec<LoadedModel>) -> EdgeDevice {
+        let mut d: EdgeDevice = serde_json::from_value(json!({
+            "apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice",
+            "metadata": {"name": name},
+            "spec": {"facts": {"arch": "x86_64", "cpuCores": 1, "memory": "1Gi",
+                "agentKeyFingerprint": format!("sha256:{}", "0".repeat(64))}},
+        }))
+        .unwrap();
+        d.status = Some(edgefleet_crds::device::EdgeDeviceStatus {
+            gateway: gateway.map(str::to_owned),
+            models,
+            ..Default::default()
+        });
+        d
+    }
+
+    #[test]
+    fn a_replica_publishes_only_its_own_devices_unwritten_states_and_the_leader_lays_them_over() {
+        let recorded: HashMap<String, std::sync::Arc<EdgeDevice>> = [
+            device(
+                "a",
+                Some("op-2"),
+                vec![loaded("ns/m", "r1", ModelState::Ready)],
+            ),
+            device(
+                "b",
+                Some("op-2"),
+                vec![loaded("ns/m", "r2", ModelState::Ready)],
+            ),
+            device("c", Some("op-1"), vec![]),
+            device("d", Some("op-2"), vec![]),
+        ]
+        .into_iter()
+        .map(|d| (d.name_any(), std::sync::Arc::new(d)))
+        .collect();
+        let reported: HashMap<String, Vec<LoadedModel>> = [
+            ("a", vec![loaded("ns/m", "r2", ModelState::Ready)]), // not written yet
+            ("b", vec![loaded("ns/m", "r2", ModelState::Ready)]), // written
+            ("c", vec![loaded("ns/m", "r2", ModelState::Ready)]), // moved to op-1
+            ("d", vec![loaded("ns/m", "r2", ModelState::Ready)]), // not written yet
+            ("gone", vec![loaded("ns/m", "r2", ModelState::Ready)]), // deleted
+        ]
+        .into_iter()
+        .map(|(n, m)| (n.to_owned(), m))
+        .collect();
+        let p = pending(&reported, |n| recorded.get(n).cloned(), "op-2");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(
+            (p[0].revision.as_str(), p[0].state),
+            ("r2", ModelState::Ready)
+        );
+        assert_eq!(p[0].devices, ["a", "d"]);
+
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        let lease = Duration::from_secs(30);
+        let publication = |identity: &str, at: Timestamp| {
+            std::sync::Arc::new(edgefleet_crds::EdgeGatewayReplica::new(
+                &lease_name(identity),
+                edgefleet_crds::EdgeGatewayReplicaSpec {
+                    identity: identity.into(),
+                    published_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(at),
+                    pending: p.clone(),
+                },
+            ))
+        };
+        let models = |ds: &[EdgeDevice], n: &str| {
+            ds.iter()
+                .find(|d| d.name_any() == n)
+                .unwrap()
+                .status
+                .as_ref()
+                .unwrap()
+                .models
+                .clone()
+        };
+        let fresh = [publication("op-2", now)];
+        let mut ds: Vec<EdgeDevice> = recorded.values().map(|d| (**d).clone()).collect();
+        overlay_published(&mut ds, &fresh, Some("op-1"), lease, now);
+        assert_eq!(models(&ds, "a"), [loaded("ns/m", "r2", ModelState::Ready)]);
+        assert_eq!(models(&ds, "d"), [loaded("ns/m", "r2", ModelState::Ready)]);
+        assert_eq!(models(&ds, "c"), []);
+        // Its own publication, or a stale one (a replica that is gone), counts for nothing.
+        let mut ds: Vec<EdgeDevice> = recorded.values().map(|d| (**d).clone()).collect();
+        overlay_published(&mut ds, &fresh, Some("op-2"), lease, now);
+        assert_eq!(models(&ds, "a"), [loaded("ns/m", "r1", ModelState::Ready)]);
+        let stale = [publication("op-2", now - SignedDuration::from_secs(31))];
+        overlay_published(&mut ds, &stale, Some("op-1"), lease, now);
+        assert_eq!(models(&ds, "a"), [loaded("ns/m", "r1", ModelState::Ready)]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Model states as devices last reported them to this replica's gateway, in memory.
 //!
-//! Only the leader serves devices, so on the leader this is the freshest account of
-//! what each connected device runs: fresher than `EdgeDevice.status.models`, which the
+//! On the leader this is the freshest account of what each device connected to it
+//! runs (devices connected to other replicas are known through their recorded status): fresher than `EdgeDevice.status.models`, which the
 //! gateway writes within a fleet-wide budget (`--status-change-per-second`) so that a
 //! rollout to a large fleet is not two API writes per device. The EdgeModel reconciler
 //! plans on the device cache with these states laid over it ([`Reported::overlay`]), and
@@ -65,14 +65,28 @@ impl Reported {
     /// Replaces the recorded `status.models` of each device that reported to this
     /// replica with what it reported.
     pub fn overlay(&self, devices: &mut [EdgeDevice]) {
+        self.overlay_where(devices, |_| true);
+    }
+
+    /// [`Reported::overlay`], only on the devices `keep` accepts (with several
+    /// replicas: those that report to this one now, not those that moved away).
+    pub fn overlay_where(&self, devices: &mut [EdgeDevice], keep: impl Fn(&EdgeDevice) -> bool) {
         let Ok(states) = self.states.lock() else {
             return;
         };
         for d in devices {
+            if !keep(d) {
+                continue;
+            }
             if let Some(models) = states.get(&d.name_any()) {
                 d.status.get_or_insert_with(Default::default).models = models.clone();
             }
         }
+    }
+
+    /// Every device's reported states, as noted now.
+    pub fn snapshot(&self) -> HashMap<String, Vec<LoadedModel>> {
+        self.states.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// A trigger for every change noted, a burst gathered over [`TRIGGER_COALESCE`].

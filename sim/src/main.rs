@@ -24,6 +24,12 @@
 //! - `churn`: a tenth of the devices leave and as many new ones enrol, per round; the
 //!   time from a newcomer's start to its first answered poll is measured.
 //!
+//! Several processes can share one simulated fleet (each holds a connection per device,
+//! and one process has at most 20,000 descriptors here): give each its own `--prefix`
+//! and share of `--devices`, the whole fleet's size as `--fleet-devices`, every operator
+//! replica as a `--gateway`, and one `--start-file` that the harness creates once all are
+//! connected, so that their scenarios start together.
+//!
 //! The summary is one JSON object on stdout.
 
 use std::collections::BTreeMap;
@@ -60,9 +66,10 @@ enum Scenario {
     about = "simulated edgefleet devices (real protocol; download and inference faked)"
 )]
 struct Cli {
-    /// Gateway URL.
-    #[arg(long)]
-    gateway: String,
+    /// Gateway URL (repeatable: every operator replica serves devices; each device uses
+    /// the one its name hashes to, as the agent starts at).
+    #[arg(long = "gateway", required = true)]
+    gateways: Vec<String>,
     /// PEM CA of the gateway's certificate.
     #[arg(long)]
     gateway_ca: PathBuf,
@@ -98,6 +105,24 @@ struct Cli {
     /// Longest wait for a scenario's end.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Devices of the whole simulated fleet, when several simulator processes share it
+    /// (each under its descriptor limit): the rollout is complete when the EdgeModel
+    /// counts this many. Default: `--devices`.
+    #[arg(long)]
+    fleet_devices: Option<usize>,
+    /// Once every device of this process is connected, wait until this file exists
+    /// before the scenario starts (a harness running several processes creates it when
+    /// all are connected, so that their scenarios start together).
+    #[arg(long)]
+    start_file: Option<PathBuf>,
+}
+
+impl Cli {
+    /// The gateway `device` uses.
+    fn gateway_of(&self, device: &str) -> &str {
+        let at = edgefleet_agent::gateway_session::first_endpoint(device, self.gateways.len());
+        self.gateways.get(at).map_or("", String::as_str)
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -163,7 +188,7 @@ async fn fail(shared: &Shared, what: &str, e: impl std::fmt::Display) {
 async fn connect(shared: &Shared, name: &str) -> anyhow::Result<DeviceClient> {
     let _permit = shared.gate.acquire().await?;
     let cli = &shared.cli;
-    let boot = GatewayClient::new(&cli.gateway, &shared.ca, &shared.token)?;
+    let boot = GatewayClient::new(cli.gateway_of(name), &shared.ca, &shared.token)?;
     let key = rcgen::KeyPair::generate()?;
     let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -211,7 +236,7 @@ async fn connect(shared: &Shared, name: &str) -> anyhow::Result<DeviceClient> {
         .with_context(|| format!("denied: {:?}", appraisal.decision.deny))?;
     shared.record.lock().await.attested += 1;
     Ok(DeviceClient::new(
-        &cli.gateway,
+        cli.gateway_of(name),
         &shared.ca,
         cert.as_bytes(),
         key.serialize_pem().as_bytes(),
@@ -468,6 +493,18 @@ async fn main() -> anyhow::Result<()> {
     // take its own snapshot now.
     shared.record.lock().await.heartbeat_ms.clear();
     eprintln!("CONNECTED devices={n} seconds={connect_seconds:.3}");
+    if let Some(file) = &shared.cli.start_file {
+        while !file.exists() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} never appeared",
+                file.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shared.record.lock().await.heartbeat_ms.clear();
+    }
+    let fleet = shared.cli.fleet_devices.unwrap_or(n).max(n);
     let mut out = serde_json::json!({
         "devices": n,
         "scenario": format!("{:?}", shared.cli.scenario).to_lowercase(),
@@ -550,8 +587,8 @@ async fn main() -> anyhow::Result<()> {
             let devices_seen = t0.elapsed().as_secs_f64();
             loop {
                 let st = api.get(&name).await?.status.unwrap_or_default();
-                if usize::try_from(st.devices.ready).unwrap_or(0) >= n
-                    && usize::try_from(st.devices.updated).unwrap_or(0) >= n
+                if usize::try_from(st.devices.ready).unwrap_or(0) >= fleet
+                    && usize::try_from(st.devices.updated).unwrap_or(0) >= fleet
                 {
                     out["ready_devices"] = serde_json::json!(st.ready_devices);
                     break;

@@ -109,74 +109,130 @@ pub async fn fleet_bench(
     heartbeat: u64,
     duration: u64,
     lease: u64,
+    replicas: usize,
 ) -> anyhow::Result<serde_json::Value> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
     }
     std::fs::create_dir_all(dir)?;
+    let replicas = replicas.max(1);
     let cp = ControlPlane::start_in(&dir.join("control-plane")).await?;
     cp.install_crds().await?;
     let pki = local_fleet::GatewayPki::write(dir, &[])?;
-    let port = crate::free_port()?;
-    let operator = Proc(local_fleet::spawn_operator(
-        cp.kubeconfig_path(),
-        &pki,
-        &local_fleet::OperatorSpec {
-            gateway_addr: format!("127.0.0.1:{port}"),
-            artifact_dir: dir.join("artifacts"),
-            approval: "auto:edgefleet.io/pool=sim".into(),
-            ek_cas: vec![],
-            ek_intermediates: vec![],
-            heartbeat_lease_seconds: lease,
-            artifact_ca: None,
-            log: dir.join("operator.log"),
-        },
-    )?);
-    let pid = operator.0.id();
-    let started = Instant::now();
-    loop {
-        let ok = Command::new("curl")
-            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
-            .arg(format!("https://127.0.0.1:{port}/healthz"))
-            .output()
-            .is_ok_and(|o| o.stdout == b"200");
-        if ok {
-            break;
+    // Every replica serves devices; op-1 starts first and leads.
+    let mut operators = Vec::new();
+    let mut gateways = Vec::new();
+    for k in 1..=replicas {
+        let port = crate::free_port()?;
+        let identity = format!("op-{k}");
+        let operator = Proc(local_fleet::spawn_operator_with(
+            cp.kubeconfig_path(),
+            &pki,
+            &local_fleet::OperatorSpec {
+                gateway_addr: format!("127.0.0.1:{port}"),
+                artifact_dir: dir.join("artifacts"),
+                approval: "auto:edgefleet.io/pool=sim".into(),
+                ek_cas: vec![],
+                ek_intermediates: vec![],
+                heartbeat_lease_seconds: lease,
+                artifact_ca: None,
+                log: dir.join(if k == 1 {
+                    "operator.log".to_owned()
+                } else {
+                    format!("operator-{k}.log")
+                }),
+            },
+            &[&format!("--identity={identity}")],
+        )?);
+        let started = Instant::now();
+        loop {
+            let ok = Command::new("curl")
+                .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("https://127.0.0.1:{port}/healthz"))
+                .output()
+                .is_ok_and(|o| o.stdout == b"200");
+            if ok {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "the gateway of {identity} did not come up; see {}",
+                    dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!(
-                "the gateway did not come up; see {}",
-                dir.join("operator.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        gateways.push(format!("https://127.0.0.1:{port}"));
+        operators.push(operator);
     }
+    let pids: Vec<u32> = operators.iter().map(|o| o.0.id()).collect();
+    let stat = |pids: &[u32]| {
+        pids.iter()
+            .map(|p| proc_stat(*p))
+            .fold(ProcStat::default(), |a, b| ProcStat {
+                cpu_seconds: a.cpu_seconds + b.cpu_seconds,
+                rss_kib: a.rss_kib + b.rss_kib,
+                hwm_kib: a.hwm_kib + b.hwm_kib,
+                fds: a.fds + b.fds,
+            })
+    };
     let manifest = sim_manifest(dir)?;
     trust_sim(&cp.client().await?, &manifest).await?;
     // The simulated devices enrol with the pool's token, which labels them.
     let token = local_fleet::create_pool_token(&cp.client().await?, "sim").await?;
     std::fs::write(dir.join("sim-token"), token)?;
-    let before = proc_stat(pid);
+    // One simulator process per MAX_SIM_DEVICES devices (or `FLEET_SIM_PER_PROCESS`):
+    // each holds a connection per device, under one process's descriptor limit.
+    let per_process = std::env::var("FLEET_SIM_PER_PROCESS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(MAX_SIM_DEVICES);
+    let processes = devices.div_ceil(per_process).max(1);
+    let start_file = dir.join("start");
+    let before = stat(&pids);
     let writes_before = api_writes(cp.kubectl())?;
     let t0 = Instant::now();
-    let mut sim = Command::new(local_fleet::binary("edgefleet-sim")?);
-    sim.args(["--gateway", &format!("https://127.0.0.1:{port}")])
-        .arg("--gateway-ca")
-        .arg(dir.join("gw-ca.crt"))
-        .arg("--token-file")
-        .arg(dir.join("sim-token"))
-        .args(["--devices", &devices.to_string()])
-        .args(["--heartbeat-seconds", &heartbeat.to_string()])
-        .args(["--scenario", scenario, "--duration", &duration.to_string()])
-        .args(["--timeout", "1800"])
-        .arg("--apply")
-        .arg(&manifest)
-        .env("KUBECONFIG", cp.kubeconfig_path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = sim.spawn().context("starting edgefleet-sim")?;
-    // When every device is connected the scenario starts: snapshot the costs then.
-    let at_connected = {
+    let mut children = Vec::new();
+    for k in 0..processes {
+        let share = devices / processes + usize::from(k < devices % processes);
+        let mut sim = Command::new(local_fleet::binary("edgefleet-sim")?);
+        for g in &gateways {
+            sim.args(["--gateway", g]);
+        }
+        let prefix = if processes == 1 {
+            "sim".to_owned()
+        } else {
+            format!("sim{k}")
+        };
+        sim.arg("--gateway-ca")
+            .arg(dir.join("gw-ca.crt"))
+            .arg("--token-file")
+            .arg(dir.join("sim-token"))
+            .args(["--prefix", &prefix])
+            .args(["--devices", &share.to_string()])
+            .args(["--fleet-devices", &devices.to_string()])
+            .args(["--heartbeat-seconds", &heartbeat.to_string()])
+            .args(["--scenario", scenario, "--duration", &duration.to_string()])
+            .args(["--timeout", "3600"])
+            .arg("--start-file")
+            .arg(&start_file)
+            .arg("--apply")
+            .arg(&manifest)
+            .env("KUBECONFIG", cp.kubeconfig_path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        children.push(sim.spawn().context("starting edgefleet-sim")?);
+    }
+    // When every process has connected all its devices the scenario starts (they wait
+    // for the start file): snapshot the costs then.
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let settled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let snapshot: std::sync::Arc<std::sync::Mutex<Option<(Instant, ProcStat, f64)>>> =
+        std::sync::Arc::default();
+    let settled_fds: std::sync::Arc<std::sync::Mutex<Option<u64>>> = std::sync::Arc::default();
+    let mut readers = Vec::new();
+    for child in &mut children {
         let stderr = child.stderr.take().context("simulator stderr")?;
         let kubectl = cp.kubectl();
         let (program, env) = (
@@ -186,37 +242,57 @@ pub async fn fleet_bench(
                 .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
                 .collect::<Vec<_>>(),
         );
-        std::thread::spawn(move || {
+        let (connected, settled, snapshot, settled_fds, start_file, pids) = (
+            connected.clone(),
+            settled.clone(),
+            snapshot.clone(),
+            settled_fds.clone(),
+            start_file.clone(),
+            pids.clone(),
+        );
+        readers.push(std::thread::spawn(move || {
             use std::io::BufRead as _;
-            let (mut snapshot, mut settled_fds) = (None, None);
             for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
             {
                 eprintln!("{line}");
-                if line.starts_with("CONNECTED") && snapshot.is_none() {
+                if line.starts_with("CONNECTED")
+                    && connected.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == processes
+                {
                     let mut k = Command::new(&program);
                     k.envs(env.iter().map(|(a, b)| (a, b)));
-                    snapshot = Some((Instant::now(), proc_stat(pid), api_writes(k).unwrap_or(0.0)));
+                    let all =
+                        pids.iter()
+                            .map(|p| proc_stat(*p))
+                            .fold(ProcStat::default(), |a, b| ProcStat {
+                                cpu_seconds: a.cpu_seconds + b.cpu_seconds,
+                                ..a
+                            });
+                    if let Ok(mut s) = snapshot.lock() {
+                        *s = Some((Instant::now(), all, api_writes(k).unwrap_or(0.0)));
+                    }
+                    let _ = std::fs::write(&start_file, b"go");
                 }
                 // The outage scenario, a while after every device came back: what the
-                // gateway still holds of the old connections.
-                if line.starts_with("SETTLED") {
-                    settled_fds = Some(proc_stat(pid).fds);
+                // gateways still hold of the old connections.
+                if line.starts_with("SETTLED")
+                    && settled.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == processes
+                    && let Ok(mut f) = settled_fds.lock()
+                {
+                    *f = Some(pids.iter().map(|p| proc_stat(*p).fds).sum());
                 }
             }
-            (snapshot, settled_fds)
-        })
-    };
-    // Sample the operator while the simulator runs.
-    let mut peak = before;
+        }));
+    }
+    // Sample the operators while the simulators run.
     let sampler = {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s = stop.clone();
+        let (s, pids) = (stop.clone(), pids.clone());
         let handle = std::thread::spawn(move || {
             let (mut peak_fds, mut last_fds) = (0, 0);
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                last_fds = proc_stat(pid).fds;
+                last_fds = pids.iter().map(|p| proc_stat(*p).fds).sum();
                 peak_fds = peak_fds.max(last_fds);
                 std::thread::sleep(Duration::from_millis(500));
             }
@@ -224,24 +300,34 @@ pub async fn fleet_bench(
         });
         (stop, handle)
     };
-    let out = child.wait_with_output()?;
-    let (connected, settled_fds) = at_connected.join().unwrap_or((None, None));
+    let mut outputs = Vec::new();
+    for child in children {
+        outputs.push(child.wait_with_output()?);
+    }
+    for r in readers {
+        let _ = r.join();
+    }
     sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
     // The peak is during the connection burst (enrolment connections beside the device
     // connections); the last sample is the steady state, one connection per device.
     let (peak_fds, last_fds) = sampler.1.join().unwrap_or((0, 0));
     let elapsed = t0.elapsed().as_secs_f64();
-    let after = proc_stat(pid);
-    peak.fds = peak_fds;
+    let after = stat(&pids);
     let total_writes = api_writes(cp.kubectl())?;
     let writes = total_writes - writes_before;
-    if !out.status.success() {
-        bail!(
-            "edgefleet-sim failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+    let mut summaries = Vec::new();
+    for out in &outputs {
+        if !out.status.success() {
+            bail!(
+                "edgefleet-sim failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        summaries.push(serde_json::from_slice::<serde_json::Value>(&out.stdout)?);
     }
-    let mut summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut summary = merge_summaries(&summaries);
+    summary["replicas"] = serde_json::json!(replicas);
+    summary["sim_processes"] = serde_json::json!(processes);
     summary["heartbeat_seconds"] = serde_json::json!(heartbeat);
     summary["heartbeat_lease_seconds"] = serde_json::json!(lease);
     summary["operator"] = serde_json::json!({
@@ -249,27 +335,155 @@ pub async fn fleet_bench(
         "cpu_cores_mean": (after.cpu_seconds - before.cpu_seconds) / elapsed,
         "rss_mib": after.rss_kib as f64 / 1024.0,
         "peak_rss_mib": after.hwm_kib as f64 / 1024.0,
-        "peak_fds": peak.fds,
+        "peak_fds": peak_fds,
         "fds": last_fds,
-        "fds_settled": settled_fds,
+        "fds_settled": settled_fds.lock().ok().and_then(|f| *f),
     });
-    // Connections the gateway closed because their device opened a newer one.
-    summary["superseded_connections"] = serde_json::json!(operator_counter(
-        pid,
-        "edgefleet_operator_gateway_connections_superseded_total "
-    ));
+    summary["operator_rss_mib"] = serde_json::json!(after.rss_kib as f64 / 1024.0);
+    // Connections the gateways closed because their device opened a newer one.
+    summary["superseded_connections"] = serde_json::json!(
+        pids.iter()
+            .filter_map(|p| operator_counter(
+                *p,
+                "edgefleet_operator_gateway_connections_superseded_total "
+            ))
+            .sum::<f64>()
+    );
     summary["api_writes"] = serde_json::json!(writes);
     summary["api_writes_per_second"] = serde_json::json!(writes / elapsed);
     // The scenario phase alone (after every device connected).
-    if let Some((t, stat, w)) = connected {
+    let snap = snapshot.lock().ok().and_then(|s| *s);
+    if let Some((t, stat, w)) = snap {
         let secs = t.elapsed().as_secs_f64();
         summary["scenario_api_writes_per_second"] = serde_json::json!((total_writes - w) / secs);
         summary["scenario_operator_cpu_cores"] =
             serde_json::json!((after.cpu_seconds - stat.cpu_seconds) / secs);
     }
+    // Devices on the new revision at the end (the rollout scenario).
+    if scenario == "rollout" {
+        let models: kube::Api<edgefleet_crds::EdgeModel> =
+            kube::Api::namespaced(cp.client().await?, "sim");
+        let ready = models
+            .list(&Default::default())
+            .await?
+            .items
+            .first()
+            .and_then(|m| m.status.as_ref())
+            .map(|s| s.devices.ready);
+        summary["ready"] = serde_json::json!(ready);
+    }
+    summary["heartbeat_p99_ms"] = summary["heartbeat_rtt_ms"]["p99"].clone();
     summary["wall_seconds"] = serde_json::json!(elapsed);
-    drop(operator);
+    drop(operators);
     Ok(summary)
+}
+
+/// Devices one simulator process holds at most (a connection each, under the 20,000
+/// descriptors one process may have here).
+pub const MAX_SIM_DEVICES: usize = 15_000;
+
+/// One summary of several simulator processes' (each an `edgefleet-sim` summary):
+/// counts add up, times are the slowest process's, and of each latency distribution
+/// the count adds up, p50 is the middle process's and p99 and max the largest (an upper
+/// bound of the fleet's).
+pub fn merge_summaries(parts: &[serde_json::Value]) -> serde_json::Value {
+    let Some(first) = parts.first() else {
+        return serde_json::json!({});
+    };
+    if parts.len() == 1 {
+        return first.clone();
+    }
+    let mut out = first.clone();
+    let sum = |key: &str| parts.iter().filter_map(|p| p[key].as_f64()).sum::<f64>();
+    let max = |key: &str| {
+        parts
+            .iter()
+            .filter_map(|p| p[key].as_f64())
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+    };
+    for key in ["devices", "attested", "reports", "churn_started"] {
+        if out.get(key).is_some() {
+            out[key] = serde_json::json!(sum(key));
+        }
+    }
+    for key in [
+        "connect_seconds",
+        "rollout_seconds",
+        "all_devices_saw_change_seconds",
+        "storm_recovery_seconds",
+        "churn_rounds",
+        "settle_seconds",
+    ] {
+        if let Some(v) = max(key) {
+            out[key] = serde_json::json!(v);
+        }
+    }
+    for key in ["heartbeat_rtt_ms", "cloud_to_edge_ms", "churn_join_ms"] {
+        let dists: Vec<&serde_json::Value> = parts
+            .iter()
+            .map(|p| &p[key])
+            .filter(|d| d.is_object())
+            .collect();
+        if dists.is_empty() {
+            continue;
+        }
+        let field = |f: &str| -> Vec<f64> { dists.iter().filter_map(|d| d[f].as_f64()).collect() };
+        let mut p50 = field("p50");
+        p50.sort_by(f64::total_cmp);
+        out[key] = serde_json::json!({
+            "count": field("count").iter().sum::<f64>(),
+            "p50": p50.get(p50.len() / 2),
+            "p99": field("p99").into_iter().fold(f64::NAN, f64::max),
+            "max": field("max").into_iter().fold(f64::NAN, f64::max),
+        });
+    }
+    let mut failures = serde_json::Map::new();
+    let mut retries = serde_json::Map::new();
+    for p in parts {
+        for (map, key) in [
+            (&mut failures, "failures"),
+            (&mut retries, "connect_retries"),
+        ] {
+            for (k, v) in p[key].as_object().into_iter().flatten() {
+                let n = map
+                    .get(k)
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.0)
+                    + v.as_f64().unwrap_or(0.0);
+                map.insert(k.clone(), serde_json::json!(n));
+            }
+        }
+    }
+    out["failures"] = serde_json::Value::Object(failures);
+    out["connect_retries"] = serde_json::Value::Object(retries);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn several_processes_summaries_merge_into_the_fleets() {
+        let a = serde_json::json!({"devices": 3, "scenario": "rollout", "rollout_seconds": 4.0,
+            "heartbeat_rtt_ms": {"count": 10, "p50": 2.0, "p99": 9.0, "max": 12.0},
+            "failures": {"x": 1}, "connect_retries": {}});
+        let b = serde_json::json!({"devices": 2, "scenario": "rollout", "rollout_seconds": 6.5,
+            "heartbeat_rtt_ms": {"count": 5, "p50": 3.0, "p99": 7.0, "max": 20.0},
+            "failures": {"x": 2, "y": 1}, "connect_retries": {}});
+        let m = merge_summaries(&[a.clone(), b]);
+        assert_eq!(m["devices"], 5.0);
+        assert_eq!(m["rollout_seconds"], 6.5);
+        assert_eq!(m["heartbeat_rtt_ms"]["count"], 15.0);
+        assert_eq!(m["heartbeat_rtt_ms"]["p99"], 9.0);
+        assert_eq!(m["heartbeat_rtt_ms"]["max"], 20.0);
+        assert_eq!(m["failures"]["x"], 3.0);
+        assert_eq!(m["failures"]["y"], 1.0);
+        // One process: its summary as it is.
+        assert_eq!(merge_summaries(&[a.clone()]), a);
+    }
 }
 
 /// What the cluster's administrator trusts for the simulated fleet: every device in a

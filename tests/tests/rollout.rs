@@ -735,6 +735,7 @@ async fn the_rollout_plans_on_reported_states_before_any_status_write() {
         Sources {
             reported: Some(memory.clone()),
             devices: None,
+            replicas: None,
         },
     );
     apply_signed_model(&client).await;
@@ -788,6 +789,7 @@ async fn the_rollout_plans_on_reported_states_before_any_status_write() {
         Sources {
             reported: Some(Reported::default()),
             devices: None,
+            replicas: None,
         },
     );
     eventually("0/2 from the recorded status", PATIENCE, || {

@@ -253,7 +253,12 @@ async fn every_replica_serves_devices_and_a_dead_replicas_devices_move_without_g
                 artifact_ca: None,
                 log: d.join(format!("{identity}.log")),
             },
-            &[&format!("--identity={identity}")],
+            // No model state is written to a device's status: the leader knows the
+            // states the other replica's devices report only from its publication.
+            &[
+                &format!("--identity={identity}"),
+                "--status-change-per-second=0",
+            ],
         )
         .unwrap()
     };
@@ -270,6 +275,17 @@ async fn every_replica_serves_devices_and_a_dead_replicas_devices_move_without_g
     })
     .await;
     let _op_b = Proc(replica("op-b", port_b));
+    // Both gateways listen before the devices start (else those that start at op-b
+    // would fail over to op-a, as they should, and stay there).
+    for port in [port_a, port_b] {
+        eventually("the gateway listening", PATIENCE, || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+    }
     local_fleet::create_pool_token(&client, POOL).await.unwrap();
     allow_all_pools(&client).await.unwrap();
     let mut agents = Vec::new();
@@ -301,7 +317,8 @@ async fn every_replica_serves_devices_and_a_dead_replicas_devices_move_without_g
     )
     .await;
 
-    // A rollout planned by the leader reaches the devices of both replicas.
+    // A rollout planned by the leader reaches the devices of both replicas, and
+    // completes on what they report to either (no model state is written to a status).
     let publisher = Signer::generate().unwrap();
     trust_signer(&client, "models-team", &publisher.public_key, &[NS])
         .await
@@ -359,6 +376,13 @@ async fn every_replica_serves_devices_and_a_dead_replicas_devices_move_without_g
     let st = models.get("smollm2").await.unwrap().status.unwrap();
     assert_eq!(st.ready_devices.as_deref(), Some("4/4"));
     assert_eq!(st.phase, Some(ModelPhase::Available));
+    for name in &names {
+        let recorded = devices.get(name).await.unwrap().status.unwrap().models;
+        assert!(
+            recorded.is_empty(),
+            "{name}: {recorded:?} written despite a zero budget"
+        );
+    }
 
     // Negative: a device that really goes silent is marked not ready by the replica
     // that holds it.

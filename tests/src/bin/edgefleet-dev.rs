@@ -57,6 +57,10 @@ enum Cmd {
         /// by three per lease).
         #[arg(long, default_value_t = 60)]
         lease_seconds: u64,
+        /// Operator replicas (each serves devices; one leads). Default: enough to keep
+        /// each under about 18,000 devices, one process's limit here.
+        #[arg(long)]
+        replicas: Option<usize>,
     },
     Demo {
         /// Working directory (wiped on start).
@@ -87,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
             heartbeat_seconds,
             duration,
             lease_seconds,
+            replicas,
         } => {
             let summary = edgefleet_e2e::bench::fleet_bench(
                 &dir,
@@ -95,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
                 heartbeat_seconds,
                 duration,
                 lease_seconds,
+                replicas.unwrap_or_else(|| devices.div_ceil(18_000).max(1)),
             )
             .await?;
             println!("{}", serde_json::to_string(&summary)?);
