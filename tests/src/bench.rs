@@ -459,33 +459,6 @@ pub fn merge_summaries(parts: &[serde_json::Value]) -> serde_json::Value {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    #[test]
-    fn several_processes_summaries_merge_into_the_fleets() {
-        let a = serde_json::json!({"devices": 3, "scenario": "rollout", "rollout_seconds": 4.0,
-            "heartbeat_rtt_ms": {"count": 10, "p50": 2.0, "p99": 9.0, "max": 12.0},
-            "failures": {"x": 1}, "connect_retries": {}});
-        let b = serde_json::json!({"devices": 2, "scenario": "rollout", "rollout_seconds": 6.5,
-            "heartbeat_rtt_ms": {"count": 5, "p50": 3.0, "p99": 7.0, "max": 20.0},
-            "failures": {"x": 2, "y": 1}, "connect_retries": {}});
-        let m = merge_summaries(&[a.clone(), b]);
-        assert_eq!(m["devices"], 5.0);
-        assert_eq!(m["rollout_seconds"], 6.5);
-        assert_eq!(m["heartbeat_rtt_ms"]["count"], 15.0);
-        assert_eq!(m["heartbeat_rtt_ms"]["p99"], 9.0);
-        assert_eq!(m["heartbeat_rtt_ms"]["max"], 20.0);
-        assert_eq!(m["failures"]["x"], 3.0);
-        assert_eq!(m["failures"]["y"], 1.0);
-        // One process: its summary as it is.
-        assert_eq!(merge_summaries(&[a.clone()]), a);
-    }
-}
-
 /// What the cluster's administrator trusts for the simulated fleet: every device in a
 /// pool bound to every namespace, and the signer of the model at `manifest` (written by
 /// [`sim_manifest`]) for its namespace.
@@ -518,4 +491,31 @@ pub fn sim_manifest(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let path = dir.join("model.json");
     std::fs::write(&path, manifest.to_string())?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn several_processes_summaries_merge_into_the_fleets() {
+        let a = serde_json::json!({"devices": 3, "scenario": "rollout", "rollout_seconds": 4.0,
+            "heartbeat_rtt_ms": {"count": 10, "p50": 2.0, "p99": 9.0, "max": 12.0},
+            "failures": {"x": 1}, "connect_retries": {}});
+        let b = serde_json::json!({"devices": 2, "scenario": "rollout", "rollout_seconds": 6.5,
+            "heartbeat_rtt_ms": {"count": 5, "p50": 3.0, "p99": 7.0, "max": 20.0},
+            "failures": {"x": 2, "y": 1}, "connect_retries": {}});
+        let m = merge_summaries(&[a.clone(), b]);
+        assert_eq!(m["devices"], 5.0);
+        assert_eq!(m["rollout_seconds"], 6.5);
+        assert_eq!(m["heartbeat_rtt_ms"]["count"], 15.0);
+        assert_eq!(m["heartbeat_rtt_ms"]["p99"], 9.0);
+        assert_eq!(m["heartbeat_rtt_ms"]["max"], 20.0);
+        assert_eq!(m["failures"]["x"], 3.0);
+        assert_eq!(m["failures"]["y"], 1.0);
+        // One process: its summary as it is.
+        assert_eq!(merge_summaries(std::slice::from_ref(&a)), a);
+    }
 }
