@@ -59,6 +59,6 @@ pub struct PendingStates {
     #[schemars(length(max = 63))]
     pub reason: Option<String>,
     /// The devices.
-    #[schemars(length(max = 100000))]
+    #[schemars(length(max = 100000), inner(length(max = 253)))]
     pub devices: Vec<String>,
 }

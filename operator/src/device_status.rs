@@ -86,7 +86,10 @@ pub struct Expiries {
 }
 
 /// A status patch with `condition`, re-asserting the attestation summary this manager
-/// already owns so that server-side apply keeps it.
+/// already owns so that server-side apply keeps it. Written only on the resourceVersion
+/// `device` was read at ([`DeviceStatus::apply_unchanged`]): re-asserting a summary read
+/// before a newer attestation landed would put back its older `challengeIssuedMillis`
+/// (reopening a used challenge) and its older expiry.
 fn with_kept_attestation(device: &EdgeDevice, condition: Value) -> Value {
     let mut status = json!({"conditions": [condition]});
     if let Some(att) = device.status.as_ref().and_then(|s| s.attestation.as_ref())
@@ -149,23 +152,6 @@ impl DeviceStatus {
                 source,
             }),
         }
-    }
-
-    async fn apply(&self, device: &str, status: Value) -> Result<(), StatusError> {
-        let patch =
-            json!({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice", "status": status});
-        self.api
-            .patch_status(
-                device,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|source| StatusError::Kube {
-                device: device.to_owned(),
-                source,
-            })
     }
 
     /// Records an appraisal: the attestation summary and `Attested`.
@@ -299,7 +285,18 @@ impl DeviceStatus {
             generation,
             now,
         );
-        self.apply(&name, with_kept_attestation(device, cond)).await
+        match self
+            .apply_unchanged(device, with_kept_attestation(device, cond))
+            .await
+        {
+            // The device changed since it was read (a newer attestation, say): this
+            // failure is no longer the latest news about it.
+            Err(StatusError::Conflict(_)) => {
+                tracing::info!(device = %name, "not recording a failure over a newer status");
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Turns `Attested` False (reason `AttestationExpired`) on every device whose
@@ -339,8 +336,15 @@ impl DeviceStatus {
                     generation,
                     now,
                 );
-                self.apply(&name, with_kept_attestation(device, cond))
-                    .await?;
+                match self
+                    .apply_unchanged(device, with_kept_attestation(device, cond))
+                    .await
+                {
+                    // Changed since the cache saw it (re-attested just now, say): judged
+                    // again at the next sweep.
+                    Err(StatusError::Conflict(_)) => continue,
+                    other => other?,
+                }
                 lapsed.push(name);
             }
         }

@@ -379,8 +379,13 @@ impl Heartbeats {
         if let Some(g) = gateway {
             st["gateway"] = json!(g);
         }
-        let patch =
+        let mut patch =
             json!({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice", "status": st});
+        // Marking a device not ready is conditional on the device being as this replica
+        // read it: with a stale cache it could undo another replica's newer claim.
+        if !ready {
+            patch["metadata"] = json!({"resourceVersion": device.metadata.resource_version});
+        }
         self.api
             .patch_status(
                 &device.name_any(),
@@ -450,16 +455,23 @@ impl Heartbeats {
                 let last = recorded.max(self.remembered(&name));
                 // Whole seconds, as metav1.Time keeps them.
                 let last = last.and_then(|t| Timestamp::from_second(t.as_second()).ok());
-                self.apply(
-                    device,
-                    false,
-                    reasons::HEARTBEAT_EXPIRED,
-                    format!("no heartbeat for more than {} s", self.lease.as_secs()),
-                    last,
-                    None,
-                    now,
-                )
-                .await?;
+                match self
+                    .apply(
+                        device,
+                        false,
+                        reasons::HEARTBEAT_EXPIRED,
+                        format!("no heartbeat for more than {} s", self.lease.as_secs()),
+                        last,
+                        None,
+                        now,
+                    )
+                    .await
+                {
+                    // Changed since the cache saw it (it reported elsewhere, say):
+                    // judged again at the next sweep.
+                    Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                    other => other?,
+                }
                 changed.push(name);
             }
         }

@@ -149,8 +149,8 @@ impl LeaderElection {
     }
 }
 
-/// Label put on the leader's Pod, so that a Service can route to the leader only (the
-/// device gateway keeps per-process state: challenges in flight, report sequences).
+/// Label put on the leader's Pod (`--label-leader-pod`), for people and tools that want
+/// to find it; every replica serves devices.
 pub const ROLE_LABEL: &str = "edgefleet.io/role";
 
 /// Marks `pod` in `namespace` as the leader (`leader: true`) or removes the mark.

@@ -138,14 +138,18 @@ pub fn alive(renewed: Timestamp, duration: Duration, now: Timestamp) -> bool {
     renewed + d >= now
 }
 
+/// How far ahead of the leader's clock a publication's time may be.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(5);
 /// How often a replica publishes its pending reports (when they changed).
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
-/// Most device names one publication holds (an object stays well under etcd's 1.5 MB).
-pub const MAX_PUBLISHED_DEVICES: usize = 60_000;
+/// Most bytes of device names one publication holds (with their quoting, so that the
+/// object stays well under etcd's 1.5 MiB request limit).
+pub const MAX_PUBLISHED_BYTES: usize = 1_000_000;
 
 /// The reported model states of the devices that report to replica `me` (in
 /// `reported`) that their recorded status (`recorded`, by name) does not show yet,
-/// grouped and sorted; at most [`MAX_PUBLISHED_DEVICES`] names.
+/// grouped and sorted; at most [`MAX_PUBLISHED_BYTES`] of names (the rest wait for a
+/// later publication, or their status write).
 pub fn pending(
     reported: &HashMap<String, Vec<edgefleet_crds::device::LoadedModel>>,
     recorded: impl Fn(&str) -> Option<std::sync::Arc<edgefleet_crds::EdgeDevice>>,
@@ -161,7 +165,7 @@ pub fn pending(
         ),
         Vec<String>,
     > = BTreeMap::new();
-    let mut names = 0;
+    let mut bytes = 0;
     for (device, models) in reported {
         let Some(d) = recorded(device) else {
             continue;
@@ -178,10 +182,10 @@ pub fn pending(
                     && r.state == m.state
                     && r.reason == m.reason
             });
-            if written || names >= MAX_PUBLISHED_DEVICES {
+            if written || bytes + device.len() + 3 > MAX_PUBLISHED_BYTES {
                 continue;
             }
-            names += 1;
+            bytes += device.len() + 3;
             groups
                 .entry((
                     m.model.clone(),
@@ -259,9 +263,12 @@ pub async fn publish_loop(
     }
 }
 
-/// Lays the pending reports other replicas published (fresh within `lease` at `now`,
-/// not `me`'s own) over `devices`' recorded model states: each reported model replaces
-/// the device's entry of that model.
+/// Lays the pending reports other replicas published over `devices`' recorded model
+/// states: each reported model replaces the device's entry of that model. Only a
+/// publication of another replica than `me`, in the object named for its identity,
+/// published within `lease` before `now` and not from the future (beyond
+/// [`MAX_CLOCK_SKEW`]), and only for devices whose `status.gateway` names that replica
+/// (a stale replica's word about a device that moved counts for nothing).
 pub fn overlay_published(
     devices: &mut [edgefleet_crds::EdgeDevice],
     published: &[std::sync::Arc<edgefleet_crds::EdgeGatewayReplica>],
@@ -271,12 +278,20 @@ pub fn overlay_published(
 ) {
     use kube::ResourceExt as _;
     let mut by_device: HashMap<&str, Vec<edgefleet_crds::device::LoadedModel>> = HashMap::new();
+    let mut from: HashMap<&str, &str> = HashMap::new();
+    let skew = SignedDuration::try_from(MAX_CLOCK_SKEW).unwrap_or(SignedDuration::ZERO);
     for r in published {
-        if Some(r.spec.identity.as_str()) == me || !alive(r.spec.published_time.0, lease, now) {
+        let identity = r.spec.identity.as_str();
+        if Some(identity) == me
+            || r.name_any() != lease_name(identity)
+            || !alive(r.spec.published_time.0, lease, now)
+            || r.spec.published_time.0 > now + skew
+        {
             continue;
         }
         for g in &r.spec.pending {
             for d in &g.devices {
+                from.insert(d.as_str(), identity);
                 by_device.entry(d.as_str()).or_default().push(
                     edgefleet_crds::device::LoadedModel {
                         model: g.model.clone(),
@@ -298,6 +313,10 @@ pub fn overlay_published(
         let Some(models) = by_device.get(name.as_str()) else {
             continue;
         };
+        let owner = d.status.as_ref().and_then(|s| s.gateway.as_deref());
+        if owner.is_none() || owner != from.get(name.as_str()).copied() {
+            continue;
+        }
         let status = d.status.get_or_insert_with(Default::default);
         for m in models {
             status.models.retain(|r| r.model != m.model);
@@ -429,6 +448,19 @@ mod tests {
         let stale = [publication("op-2", now - SignedDuration::from_secs(31))];
         overlay_published(&mut ds, &stale, Some("op-1"), lease, now);
         assert_eq!(models(&ds, "a"), [loaded("ns/m", "r1", ModelState::Ready)]);
+        // Nor one from the future, nor one about devices another replica holds now.
+        let future = [publication("op-2", now + SignedDuration::from_secs(60))];
+        overlay_published(&mut ds, &future, Some("op-1"), lease, now);
+        assert_eq!(models(&ds, "a"), [loaded("ns/m", "r1", ModelState::Ready)]);
+        let mut moved: Vec<EdgeDevice> = recorded.values().map(|d| (**d).clone()).collect();
+        for d in &mut moved {
+            d.status.as_mut().unwrap().gateway = Some("op-3".into());
+        }
+        overlay_published(&mut moved, &fresh, Some("op-1"), lease, now);
+        assert_eq!(
+            models(&moved, "a"),
+            [loaded("ns/m", "r1", ModelState::Ready)]
+        );
     }
 
     #[test]

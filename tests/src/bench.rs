@@ -373,6 +373,16 @@ pub async fn fleet_bench(
         summary["ready"] = serde_json::json!(ready);
     }
     summary["heartbeat_p99_ms"] = summary["heartbeat_rtt_ms"]["p99"].clone();
+    // What the fleet's EdgeDevices weigh in etcd, per device (JSON, as the API server
+    // lists them; etcd stores protobuf-free JSON for custom resources).
+    let listed = cp
+        .kubectl()
+        .args(["get", "--raw", "/apis/edgefleet.io/v1alpha1/edgedevices"])
+        .output()?;
+    if listed.status.success() && devices > 0 {
+        summary["edgedevice_json_bytes"] =
+            serde_json::json!(listed.stdout.len() as f64 / devices as f64);
+    }
     summary["wall_seconds"] = serde_json::json!(elapsed);
     drop(operators);
     Ok(summary)

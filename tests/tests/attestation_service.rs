@@ -211,6 +211,26 @@ fn a_challenge_issued_by_one_replica_is_answered_at_another_and_no_table_fills()
     // What a challenge seals cannot be read or changed by the device: the TPM
     // credential secret stays hidden (see `challenge_token`), and an edited nonce is
     // not one this fleet issued.
+    // A replica whose clock runs ahead: a challenge issued "in the future" beyond the
+    // allowed skew is refused (it would shut out the device's next challenges), one a
+    // second ahead is not.
+    let ahead = |secs: u64| {
+        a.challenge(
+            &ChallengeRequest {
+                device: "till-a".into(),
+                agent_public_key: key.clone(),
+                tee: TeeKind::Dev,
+                tpm: None,
+            },
+            now() + Duration::from_secs(secs),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        answer(&b, &ahead(10), "till-a").unwrap_err().reason(),
+        "UnknownNonce"
+    );
+    answer(&b, &ahead(1), "till-a").unwrap();
     let mut edited = B64.decode(&c.nonce).unwrap();
     let last_byte = edited.len() - 1;
     edited[last_byte] ^= 1;

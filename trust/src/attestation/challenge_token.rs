@@ -4,9 +4,11 @@
 //!
 //! A challenge's nonce is a sealed token: AES-256-GCM over what the evidence will be
 //! checked against (device, agent key, evidence kind, TPM credential material, issue and
-//! expiry times, 16 random bytes), under a key every replica derives the same way from
-//! the device CA's private key (HKDF-SHA256), which they all hold to issue device
-//! certificates. The device can read none of it (the TPM credential's secret must stay
+//! expiry times), under a key of its own: HKDF-SHA256 from the device CA's private key
+//! (which every replica holds to issue device certificates) and 32 random bytes the
+//! token carries. A fresh key per token means a repeated random IV (anyone who knows a
+//! device's public key may ask for challenges in a loop) never reuses a GCM key and
+//! nonce pair. The device can read none of it (the TPM credential's secret must stay
 //! hidden from it until `TPM2_ActivateCredential` recovers it), change none of it, and a
 //! token sealed under another key does not open.
 //!
@@ -24,7 +26,9 @@ use serde::{Deserialize, Serialize};
 use super::TeeKind;
 
 /// Version byte of the token format.
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Random bytes per token, from which its key derives.
+const SALT_LEN: usize = 32;
 /// Associated data of every token.
 const AAD: &[u8] = b"edgefleet attestation challenge v1";
 /// Largest token accepted (a TPM challenge with RSA-2048 keys is about 1.2 KiB).
@@ -43,7 +47,7 @@ pub struct Sealed {
     pub issued_ms: u64,
     /// When it expires (milliseconds since the epoch).
     pub expires_ms: u64,
-    /// Random bytes, base64: no two challenges are alike.
+    /// Random bytes, base64: no two challenges are alike, even sealed under one key.
     pub salt: String,
     /// TPM only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,9 +65,9 @@ pub struct SealedTpm {
     pub secret: String,
 }
 
-/// Seals and opens challenge tokens under a key derived from the device CA's key.
+/// Seals and opens challenge tokens under keys derived from the device CA's key.
 pub struct Sealer {
-    key: LessSafeKey,
+    prk: hkdf::Prk,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -87,36 +91,45 @@ impl Sealer {
     /// The sealer whose key derives from `ca_key_pem` (every replica holding the same
     /// device CA key derives the same one).
     pub fn from_ca_key(ca_key_pem: &[u8]) -> Result<Self, TokenError> {
+        let prk =
+            hkdf::Salt::new(hkdf::HKDF_SHA256, b"edgefleet challenge tokens").extract(ca_key_pem);
+        Ok(Self { prk })
+    }
+
+    /// The key of the token with `salt`.
+    fn key(&self, salt: &[u8]) -> Result<LessSafeKey, TokenError> {
         struct Len;
         impl hkdf::KeyType for Len {
             fn len(&self) -> usize {
                 32
             }
         }
-        let prk =
-            hkdf::Salt::new(hkdf::HKDF_SHA256, b"edgefleet challenge tokens").extract(ca_key_pem);
-        let okm = prk
-            .expand(&[b"aes-256-gcm v1"], Len)
+        let info: [&[u8]; 2] = [b"aes-256-gcm v2", salt];
+        let okm = self
+            .prk
+            .expand(&info, Len)
             .map_err(|_| TokenError::Seal)?;
         let mut bytes = [0u8; 32];
         okm.fill(&mut bytes).map_err(|_| TokenError::Seal)?;
         let key = UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| TokenError::Seal)?;
-        Ok(Self {
-            key: LessSafeKey::new(key),
-        })
+        Ok(LessSafeKey::new(key))
     }
 
     /// The token for `sealed`.
     pub fn seal(&self, sealed: &Sealed) -> Result<Vec<u8>, TokenError> {
+        let mut salt = [0u8; SALT_LEN];
         let mut iv = [0u8; NONCE_LEN];
+        rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut salt)
+            .map_err(|_| TokenError::Seal)?;
         rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut iv)
             .map_err(|_| TokenError::Seal)?;
         let mut body = serde_json::to_vec(sealed).map_err(|_| TokenError::Seal)?;
-        self.key
+        self.key(&salt)?
             .seal_in_place_append_tag(Nonce::assume_unique_for_key(iv), Aad::from(AAD), &mut body)
             .map_err(|_| TokenError::Seal)?;
-        let mut token = Vec::with_capacity(1 + NONCE_LEN + body.len());
+        let mut token = Vec::with_capacity(1 + SALT_LEN + NONCE_LEN + body.len());
         token.push(VERSION);
+        token.extend_from_slice(&salt);
         token.extend_from_slice(&iv);
         token.extend_from_slice(&body);
         Ok(token)
@@ -124,18 +137,19 @@ impl Sealer {
 
     /// What `token` seals, when this fleet sealed it and nobody altered it.
     pub fn open(&self, token: &[u8]) -> Result<Sealed, TokenError> {
-        if token.len() > MAX_TOKEN_BYTES || token.len() < 1 + NONCE_LEN {
+        if token.len() > MAX_TOKEN_BYTES || token.len() < 1 + SALT_LEN + NONCE_LEN {
             return Err(TokenError::Invalid);
         }
         let (version, rest) = token.split_at(1);
         if version != [VERSION] {
             return Err(TokenError::Invalid);
         }
+        let (salt, rest) = rest.split_at(SALT_LEN);
         let (iv, body) = rest.split_at(NONCE_LEN);
         let iv: [u8; NONCE_LEN] = iv.try_into().map_err(|_| TokenError::Invalid)?;
         let mut body = body.to_vec();
         let plain = self
-            .key
+            .key(salt)?
             .open_in_place(Nonce::assume_unique_for_key(iv), Aad::from(AAD), &mut body)
             .map_err(|_| TokenError::Invalid)?;
         serde_json::from_slice(plain).map_err(|_| TokenError::Invalid)

@@ -35,6 +35,9 @@ use super::{AttestationError, Claims, TeeKind, binding, tpm_enrol};
 
 /// Longest challenge lifetime accepted in configuration.
 pub const MAX_NONCE_TTL: Duration = Duration::from_secs(60);
+/// How far ahead of this replica's clock a challenge's issue time may be (replicas'
+/// clocks differ a little).
+pub const MAX_CLOCK_SKEW_MS: u64 = 5_000;
 /// Largest agent public key accepted.
 const MAX_KEY_BYTES: usize = 2048;
 
@@ -437,6 +440,11 @@ impl AttestationService {
             .open(&token)
             .map_err(|_| ServiceError::UnknownNonce)?;
         if sealed.expires_ms <= unix_ms(now) {
+            return Err(ServiceError::UnknownNonce);
+        }
+        // Issued by a replica whose clock runs ahead: single use is ordered by issue
+        // time, so such a challenge would shut out the device's next ones.
+        if sealed.issued_ms > unix_ms(now).saturating_add(MAX_CLOCK_SKEW_MS) {
             return Err(ServiceError::UnknownNonce);
         }
         if sealed.device != req.device {
