@@ -20,6 +20,7 @@ fn committed_crds_match_the_types() {
         [
             "edgebootstraptokens.edgefleet.io.yaml",
             "edgedevices.edgefleet.io.yaml",
+            "edgegatewayreplicas.edgefleet.io.yaml",
             "edgemodels.edgefleet.io.yaml",
             "edgetrustpolicies.edgefleet.io.yaml",
         ]
