@@ -105,10 +105,7 @@ impl Sealer {
             }
         }
         let info: [&[u8]; 2] = [b"aes-256-gcm v2", salt];
-        let okm = self
-            .prk
-            .expand(&info, Len)
-            .map_err(|_| TokenError::Seal)?;
+        let okm = self.prk.expand(&info, Len).map_err(|_| TokenError::Seal)?;
         let mut bytes = [0u8; 32];
         okm.fill(&mut bytes).map_err(|_| TokenError::Seal)?;
         let key = UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| TokenError::Seal)?;
