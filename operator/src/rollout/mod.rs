@@ -56,6 +56,8 @@ pub mod gates;
 pub mod report;
 pub mod revision;
 pub mod select;
+#[cfg(test)]
+mod table;
 pub mod trust;
 
 use edgefleet_crds::conditions::{self as cond, Status, reasons};
@@ -342,7 +344,10 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
                     status.step_started_time = Some(Time(now));
                 }
                 rank = moved;
-                if advance::complete(step, &targets, health.ready.len()) {
+                // Complete when the last step is ready, and for good once the revision
+                // is stable: a device that fails or reboots later is counted, and the
+                // model stays Available.
+                if completed || advance::complete(step, &targets, health.ready.len()) {
                     rank = RANK_ALL;
                     if !completed {
                         status.stable_revision = Some(rev.clone());

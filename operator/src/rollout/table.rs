@@ -1,0 +1,705 @@
+//! The whole planner, table-driven: each case is an EdgeModel (spec and status), a
+//! fleet (which devices are online, and what they report), and what the plan must say
+//! (phase, rollout position, step, events). Covers steps, pauses, `paused`,
+//! `maxUnavailable`, the ready timeout, each gate, rollback, devices joining or leaving
+//! mid-step, offline devices, and completion followed by device loss or failure.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+
+use edgefleet_crds::conditions::reasons;
+use edgefleet_crds::device::ModelState;
+use edgefleet_crds::model::{RANK_ALL, device_rank};
+use edgefleet_crds::{EdgeDevice, EdgeModel, EdgeModelStatus, ModelPhase};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::fixtures::{ago, attested, device, now, online, reporting, serving, spec};
+use super::{Plan, Trust, plan, revision, revision_after};
+
+/// The model's UID in every case.
+const UID: &str = "uid-table";
+
+/// Eight device names, by their rank for [`UID`].
+fn by_rank() -> Vec<String> {
+    let mut names: Vec<String> = (1..=8).map(|i| format!("d{i}")).collect();
+    names.sort_by_key(|n| device_rank(UID, n));
+    names
+}
+
+fn rank_of(name: &str) -> i64 {
+    device_rank(UID, name)
+}
+
+/// The rank just past the `k` lowest-ranked devices.
+fn past(k: usize) -> i64 {
+    if k == 0 {
+        0
+    } else {
+        rank_of(&by_rank()[k - 1]) + 1
+    }
+}
+
+/// A model with `rollout` merged into the fixture spec, its status set by `status`.
+fn model(rollout: serde_json::Value, status: impl Fn(&mut EdgeModelStatus, &str)) -> EdgeModel {
+    let mut s = serde_json::to_value(spec(serde_json::json!({"site": "a"}))).unwrap();
+    s["rollout"] = rollout;
+    let spec: edgefleet_crds::EdgeModelSpec = serde_json::from_value(s).unwrap();
+    let rev = revision(&spec);
+    let mut m = EdgeModel::new("m", spec);
+    m.metadata.namespace = Some("ns".into());
+    m.metadata.uid = Some(UID.into());
+    let mut st = EdgeModelStatus {
+        current_revision: Some(rev.clone()),
+        current_step: Some(0),
+        rollout_rank: Some(0),
+        ..EdgeModelStatus::default()
+    };
+    status(&mut st, &rev);
+    m.status = Some(st);
+    m
+}
+
+/// An attested candidate, online or not, reporting `state` of revision `rev` if given.
+fn dev(name: &str, up: bool, report: Option<(&str, ModelState)>) -> EdgeDevice {
+    let mut d = attested(device(name));
+    if up {
+        d = online(d);
+    }
+    if let Some((rev, state)) = report {
+        d = reporting(d, rev, state);
+    }
+    d
+}
+
+fn run(m: &EdgeModel, devices: &[EdgeDevice]) -> Plan {
+    run_with(m, devices, Ok(()))
+}
+
+fn run_with(
+    m: &EdgeModel,
+    devices: &[EdgeDevice],
+    signature: Result<(), (&'static str, String)>,
+) -> Plan {
+    let pools = [Default::default()];
+    let withdrawn = BTreeMap::new();
+    plan(
+        m,
+        devices,
+        &Trust {
+            signature: &signature,
+            pools: &pools,
+            withdrawn: &withdrawn,
+        },
+        now(),
+    )
+}
+
+fn rev_of(m: &EdgeModel) -> String {
+    m.status.as_ref().unwrap().current_revision.clone().unwrap()
+}
+
+/// How many of `names` run the current revision after the plan.
+fn on_current(p: &Plan, names: &[String]) -> usize {
+    let rev = p.status.current_revision.clone().unwrap();
+    names
+        .iter()
+        .filter(|n| revision_after(&p.status, UID, n).as_deref() == Some(rev.as_str()))
+        .count()
+}
+
+fn has_event(p: &Plan, reason: &str) -> bool {
+    p.events.iter().any(|e| e.1 == reason)
+}
+
+/// A case: its name, and a check that panics naming what went wrong.
+type Case = (&'static str, fn());
+
+fn cases() -> Vec<Case> {
+    vec![
+        ("a new revision starts at step 0 over no device", || {
+            let m = model(serde_json::json!({}), |st, _| {
+                st.current_revision = Some("old".into());
+                st.stable_revision = Some("old".into());
+                st.rollout_rank = Some(RANK_ALL);
+            });
+            let names = by_rank();
+            let devices: Vec<_> = names
+                .iter()
+                .map(|n| dev(n, true, Some(("old", ModelState::Ready))))
+                .collect();
+            let p = run(&m, &devices);
+            assert_eq!(p.status.current_step, Some(0));
+            assert!(
+                p.events
+                    .iter()
+                    .any(|e| e.2.starts_with("rolling out revision"))
+            );
+            // One online device moves (maxUnavailable 1): the lowest-ranked.
+            assert_eq!(p.status.rollout_rank, Some(past(1)));
+        }),
+        (
+            "a count-1 canary moves exactly the lowest-ranked online device",
+            || {
+                let m = model(
+                    serde_json::json!({"steps": [{"count": 1}, {"percent": 100}], "maxUnavailable": 8}),
+                    |_, _| {},
+                );
+                let names = by_rank();
+                let devices: Vec<_> = names.iter().map(|n| dev(n, true, None)).collect();
+                let p = run(&m, &devices);
+                assert_eq!(on_current(&p, &names), 1);
+                assert_eq!(p.status.phase, Some(ModelPhase::Progressing));
+            },
+        ),
+        (
+            "the canary passes an offline lowest-ranked device and takes the next online one",
+            || {
+                let m = model(
+                    serde_json::json!({"steps": [{"count": 1}, {"percent": 100}], "maxUnavailable": 8}),
+                    |_, _| {},
+                );
+                let names = by_rank();
+                let devices: Vec<_> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| dev(n, i != 0, None))
+                    .collect();
+                let p = run(&m, &devices);
+                assert_eq!(p.status.rollout_rank, Some(past(2)));
+                assert_eq!(
+                    on_current(&p, &names),
+                    2,
+                    "the offline one gets it when it returns"
+                );
+            },
+        ),
+        (
+            "an updating device uses maxUnavailable 1: nothing more moves",
+            || {
+                let m = model(serde_json::json!({"maxUnavailable": 1}), |st, _| {
+                    st.rollout_rank = Some(past(1))
+                });
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let devices: Vec<_> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        dev(
+                            n,
+                            true,
+                            (i == 0).then_some((rev.as_str(), ModelState::Loading)),
+                        )
+                    })
+                    .collect();
+                let p = run(&m, &devices);
+                assert_eq!(p.status.rollout_rank, Some(past(1)));
+            },
+        ),
+        ("maxUnavailable 3 moves three at once", || {
+            let m = model(serde_json::json!({"maxUnavailable": 3}), |_, _| {});
+            let names = by_rank();
+            let devices: Vec<_> = names.iter().map(|n| dev(n, true, None)).collect();
+            let p = run(&m, &devices);
+            assert_eq!(on_current(&p, &names), 3);
+        }),
+        ("a percent maxUnavailable counts online candidates", || {
+            let m = model(serde_json::json!({"maxUnavailable": "50%"}), |_, _| {});
+            let names = by_rank();
+            let devices: Vec<_> = names.iter().map(|n| dev(n, true, None)).collect();
+            let p = run(&m, &devices);
+            assert_eq!(on_current(&p, &names), 4);
+        }),
+        ("a ready step waits out its pause", || {
+            let m = model(
+                serde_json::json!({"steps": [{"count": 1, "pauseSeconds": 60}, {"percent": 100}], "maxUnavailable": 8}),
+                |st, _| {
+                    st.rollout_rank = Some(past(1));
+                    st.step_started_time = Some(ago(30));
+                },
+            );
+            let rev = rev_of(&m);
+            let names = by_rank();
+            let devices: Vec<_> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    dev(
+                        n,
+                        true,
+                        (i == 0).then_some((rev.as_str(), ModelState::Ready)),
+                    )
+                })
+                .collect();
+            let p = run(&m, &devices);
+            assert_eq!(p.status.current_step, Some(0));
+            assert_eq!(on_current(&p, &names), 1);
+        }),
+        (
+            "after its pause the next step starts and moves devices",
+            || {
+                let m = model(
+                    serde_json::json!({"steps": [{"count": 1, "pauseSeconds": 60}, {"percent": 100}], "maxUnavailable": 8}),
+                    |st, _| {
+                        st.rollout_rank = Some(past(1));
+                        st.step_started_time = Some(ago(61));
+                    },
+                );
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let devices: Vec<_> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        dev(
+                            n,
+                            true,
+                            (i == 0).then_some((rev.as_str(), ModelState::Ready)),
+                        )
+                    })
+                    .collect();
+                let p = run(&m, &devices);
+                assert_eq!(p.status.current_step, Some(1));
+                assert!(p.events.iter().any(|e| e.2.starts_with("step 1 reached")));
+                assert_eq!(on_current(&p, &names), 8);
+            },
+        ),
+        ("spec.rollout.paused holds the position", || {
+            let m = model(
+                serde_json::json!({"paused": true, "maxUnavailable": 8}),
+                |st, _| st.rollout_rank = Some(past(2)),
+            );
+            let names = by_rank();
+            let devices: Vec<_> = names.iter().map(|n| dev(n, true, None)).collect();
+            let p = run(&m, &devices);
+            assert_eq!(p.status.phase, Some(ModelPhase::Paused));
+            assert_eq!(p.status.rollout_rank, Some(past(2)));
+        }),
+        (
+            "an online device not ready within the timeout fails the gate and rolls back",
+            || {
+                let m = model(
+                    serde_json::json!({"healthGates": {"readyTimeoutSeconds": 60}}),
+                    |st, _| {
+                        st.stable_revision = Some("old".into());
+                        st.rollout_rank = Some(past(1));
+                        st.step_started_time = Some(ago(120));
+                    },
+                );
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let devices: Vec<_> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        dev(
+                            n,
+                            true,
+                            Some(if i == 0 {
+                                (rev.as_str(), ModelState::Loading)
+                            } else {
+                                ("old", ModelState::Ready)
+                            }),
+                        )
+                    })
+                    .collect();
+                let p = run(&m, &devices);
+                assert_eq!(p.status.phase, Some(ModelPhase::Degraded));
+                assert!(
+                    has_event(&p, reasons::HEALTH_GATE_FAILED)
+                        && has_event(&p, reasons::ROLLED_BACK)
+                );
+                assert_eq!(p.status.rollout_rank, Some(0));
+                assert_eq!(p.status.failed_revision.as_deref(), Some(rev.as_str()));
+            },
+        ),
+        ("within the timeout a loading device fails nothing", || {
+            let m = model(
+                serde_json::json!({"healthGates": {"readyTimeoutSeconds": 600}}),
+                |st, _| {
+                    st.rollout_rank = Some(past(1));
+                    st.step_started_time = Some(ago(120));
+                },
+            );
+            let rev = rev_of(&m);
+            let names = by_rank();
+            let devices = vec![dev(
+                &names[0],
+                true,
+                Some((rev.as_str(), ModelState::Loading)),
+            )];
+            let p = run(&m, &devices);
+            assert_eq!(p.status.phase, Some(ModelPhase::Progressing));
+        }),
+        (
+            "an offline updated device past the timeout fails nothing",
+            || {
+                let m = model(
+                    serde_json::json!({"healthGates": {"readyTimeoutSeconds": 60}}),
+                    |st, _| {
+                        st.rollout_rank = Some(past(1));
+                        st.step_started_time = Some(ago(600));
+                    },
+                );
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let devices = vec![
+                    dev(&names[0], false, Some((rev.as_str(), ModelState::Loading))),
+                    dev(&names[1], true, None),
+                ];
+                let p = run(&m, &devices);
+                assert_ne!(p.status.phase, Some(ModelPhase::Degraded));
+                assert!(!has_event(&p, reasons::HEALTH_GATE_FAILED));
+            },
+        ),
+        (
+            "a device back online gets the timeout from its return",
+            || {
+                let m = model(
+                    serde_json::json!({"healthGates": {"readyTimeoutSeconds": 60}}),
+                    |st, _| {
+                        st.rollout_rank = Some(past(1));
+                        st.step_started_time = Some(ago(600));
+                    },
+                );
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let mut back = dev(&names[0], true, Some((rev.as_str(), ModelState::Loading)));
+                back.status
+                    .as_mut()
+                    .unwrap()
+                    .conditions
+                    .iter_mut()
+                    .for_each(|c| {
+                        if c.type_ == "Ready" {
+                            c.last_transition_time = ago(10);
+                        }
+                    });
+                let p = run(&m, &[back]);
+                assert!(
+                    !has_event(&p, reasons::HEALTH_GATE_FAILED),
+                    "{:?}",
+                    p.events
+                );
+            },
+        ),
+        ("a Failed report fails the gate", || {
+            let m = model(serde_json::json!({}), |st, _| {
+                st.rollout_rank = Some(past(1))
+            });
+            let rev = rev_of(&m);
+            let names = by_rank();
+            let p = run(
+                &m,
+                &[dev(
+                    &names[0],
+                    true,
+                    Some((rev.as_str(), ModelState::Failed)),
+                )],
+            );
+            assert_eq!(p.status.phase, Some(ModelPhase::Degraded));
+            assert_eq!(p.status.devices.failed, 1);
+        }),
+        ("an error rate above the gate fails it", || {
+            let m = model(
+                serde_json::json!({"healthGates": {"maxErrorRatePercent": 5}}),
+                |st, _| st.rollout_rank = Some(past(1)),
+            );
+            let rev = rev_of(&m);
+            let names = by_rank();
+            let d = serving(
+                dev(&names[0], true, Some((rev.as_str(), ModelState::Ready))),
+                20.0,
+                100,
+                10,
+            );
+            let p = run(&m, &[d]);
+            assert!(
+                p.events
+                    .iter()
+                    .any(|e| e.2.contains("error rate 10.0% is above 5%")),
+                "{:?}",
+                p.events
+            );
+        }),
+        ("a speed below the gate fails it", || {
+            let m = model(
+                serde_json::json!({"healthGates": {"minTokensPerSecond": 10}}),
+                |st, _| st.rollout_rank = Some(past(1)),
+            );
+            let rev = rev_of(&m);
+            let names = by_rank();
+            let d = serving(
+                dev(&names[0], true, Some((rev.as_str(), ModelState::Ready))),
+                4.0,
+                100,
+                0,
+            );
+            let p = run(&m, &[d]);
+            assert!(
+                p.events.iter().any(|e| e.2.contains("below 10")),
+                "{:?}",
+                p.events
+            );
+        }),
+        (
+            "without rollbackOnFailure a failed revision stays where it is",
+            || {
+                let m = model(
+                    serde_json::json!({"healthGates": {"rollbackOnFailure": false}}),
+                    |st, _| {
+                        st.stable_revision = Some("old".into());
+                        st.rollout_rank = Some(past(1));
+                    },
+                );
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let p = run(
+                    &m,
+                    &[dev(
+                        &names[0],
+                        true,
+                        Some((rev.as_str(), ModelState::Failed)),
+                    )],
+                );
+                assert_eq!(p.status.phase, Some(ModelPhase::Degraded));
+                assert_eq!(p.status.rollout_rank, Some(past(1)));
+                assert!(!has_event(&p, reasons::ROLLED_BACK));
+            },
+        ),
+        (
+            "a revision that failed before stays halted and rolled back",
+            || {
+                let m = model(serde_json::json!({}), |st, rev| {
+                    st.stable_revision = Some("old".into());
+                    st.failed_revision = Some(rev.to_owned());
+                    st.rollout_rank = Some(past(1));
+                });
+                let names = by_rank();
+                let devices: Vec<_> = names
+                    .iter()
+                    .map(|n| dev(n, true, Some(("old", ModelState::Ready))))
+                    .collect();
+                let p = run(&m, &devices);
+                assert_eq!(p.status.phase, Some(ModelPhase::Degraded));
+                assert_eq!(p.status.rollout_rank, Some(0));
+                assert!(
+                    !has_event(&p, reasons::HEALTH_GATE_FAILED),
+                    "announced once"
+                );
+            },
+        ),
+        (
+            "the last step ready makes the revision stable, over every device",
+            || {
+                let m = model(serde_json::json!({"maxUnavailable": 8}), |st, _| {
+                    st.rollout_rank = Some(past(8))
+                });
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let devices: Vec<_> = names
+                    .iter()
+                    .map(|n| dev(n, true, Some((rev.as_str(), ModelState::Ready))))
+                    .collect();
+                let p = run(&m, &devices);
+                assert_eq!(p.status.phase, Some(ModelPhase::Available));
+                assert_eq!(p.status.stable_revision.as_deref(), Some(rev.as_str()));
+                assert_eq!(p.status.rollout_rank, Some(RANK_ALL));
+                assert!(has_event(&p, reasons::ROLLOUT_COMPLETE));
+            },
+        ),
+        (
+            "after completion a device lost stays counted and fails nothing",
+            || {
+                let m = model(
+                    serde_json::json!({"healthGates": {"readyTimeoutSeconds": 15}}),
+                    |st, rev| {
+                        st.stable_revision = Some(rev.to_owned());
+                        st.rollout_rank = Some(RANK_ALL);
+                        st.step_started_time = Some(ago(3600));
+                    },
+                );
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let devices: Vec<_> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        dev(
+                            n,
+                            i != 2,
+                            Some((
+                                rev.as_str(),
+                                if i == 2 {
+                                    ModelState::Loading
+                                } else {
+                                    ModelState::Ready
+                                },
+                            )),
+                        )
+                    })
+                    .collect();
+                let p = run(&m, &devices);
+                assert_eq!(p.status.phase, Some(ModelPhase::Available));
+                assert_eq!(p.status.ready_devices.as_deref(), Some("7/8"));
+                assert!(!has_event(&p, reasons::HEALTH_GATE_FAILED));
+            },
+        ),
+        (
+            "after completion a device rebooting slowly (online, loading) fails nothing",
+            || {
+                let m = model(
+                    serde_json::json!({"healthGates": {"readyTimeoutSeconds": 15}}),
+                    |st, rev| {
+                        st.stable_revision = Some(rev.to_owned());
+                        st.rollout_rank = Some(RANK_ALL);
+                        st.step_started_time = Some(ago(3600));
+                    },
+                );
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let devices: Vec<_> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        dev(
+                            n,
+                            true,
+                            Some((
+                                rev.as_str(),
+                                if i == 0 {
+                                    ModelState::Failed
+                                } else {
+                                    ModelState::Ready
+                                },
+                            )),
+                        )
+                    })
+                    .collect();
+                let p = run(&m, &devices);
+                assert_eq!(p.status.phase, Some(ModelPhase::Available));
+                assert_eq!(p.status.failed_revision, None);
+                assert_eq!(p.status.devices.failed, 1, "counted, not a rollback");
+            },
+        ),
+        (
+            "a device joining mid-step changes no other device's revision",
+            || {
+                let m = model(serde_json::json!({"maxUnavailable": 1}), |st, _| {
+                    st.stable_revision = Some("old".into());
+                    st.rollout_rank = Some(past(3));
+                });
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let devices: Vec<_> = names[..3]
+                    .iter()
+                    .map(|n| dev(n, true, Some((rev.as_str(), ModelState::Loading))))
+                    .collect();
+                let before = run(&m, &devices);
+                let mut more = devices.clone();
+                more.push(dev("newcomer", true, None));
+                let after = run(&m, &more);
+                for n in &names[..3] {
+                    assert_eq!(
+                        revision_after(&before.status, UID, n),
+                        revision_after(&after.status, UID, n),
+                        "{n}"
+                    );
+                }
+            },
+        ),
+        (
+            "a device leaving mid-step changes no other device's revision",
+            || {
+                let m = model(serde_json::json!({"maxUnavailable": 1}), |st, _| {
+                    st.stable_revision = Some("old".into());
+                    st.rollout_rank = Some(past(3));
+                });
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let devices: Vec<_> = names
+                    .iter()
+                    .map(|n| dev(n, true, Some((rev.as_str(), ModelState::Loading))))
+                    .collect();
+                let before = run(&m, &devices);
+                let after = run(&m, &devices[1..]);
+                for n in &names[1..] {
+                    assert_eq!(
+                        revision_after(&before.status, UID, n),
+                        revision_after(&after.status, UID, n),
+                        "{n}"
+                    );
+                }
+            },
+        ),
+        ("no candidate leaves the model Pending", || {
+            let m = model(serde_json::json!({}), |_, _| {});
+            let p = run(&m, &[]);
+            assert_eq!(p.status.phase, Some(ModelPhase::Pending));
+        }),
+        ("with every candidate offline nothing moves", || {
+            let m = model(serde_json::json!({"maxUnavailable": 8}), |_, _| {});
+            let names = by_rank();
+            let devices: Vec<_> = names.iter().map(|n| dev(n, false, None)).collect();
+            let p = run(&m, &devices);
+            assert_eq!(p.status.phase, Some(ModelPhase::Progressing));
+            assert_eq!(p.status.rollout_rank, Some(0));
+        }),
+        (
+            "an unverified signature runs nothing of the revision and restarts the steps",
+            || {
+                let m = model(serde_json::json!({}), |st, _| {
+                    st.stable_revision = Some("old".into());
+                    st.rollout_rank = Some(past(4));
+                    st.current_step = Some(1);
+                    st.step_started_time = Some(Time(now()));
+                });
+                let p = run_with(
+                    &m,
+                    &[dev("d1", true, None)],
+                    Err(("SignatureInvalid", "bad".into())),
+                );
+                assert_eq!(p.status.phase, Some(ModelPhase::Failed));
+                assert_eq!(
+                    (p.status.rollout_rank, p.status.current_step),
+                    (Some(0), Some(0))
+                );
+            },
+        ),
+        ("percent steps count online candidates", || {
+            let m = model(
+                serde_json::json!({"steps": [{"percent": 50}, {"percent": 100}], "maxUnavailable": 8}),
+                |_, _| {},
+            );
+            let names = by_rank();
+            // Four of eight online: 50% is two of them.
+            let devices: Vec<_> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| dev(n, i % 2 == 0, None))
+                .collect();
+            let p = run(&m, &devices);
+            let online: Vec<String> = names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % 2 == 0)
+                .map(|(_, n)| n.clone())
+                .collect();
+            assert_eq!(on_current(&p, &online), 2);
+        }),
+    ]
+}
+
+#[test]
+fn the_planner_decides_each_case_as_specified() {
+    let cases = cases();
+    assert!(cases.len() >= 25, "{} cases", cases.len());
+    let mut failed = Vec::new();
+    for (name, check) in cases {
+        if std::panic::catch_unwind(check).is_err() {
+            failed.push(name);
+        }
+    }
+    assert!(failed.is_empty(), "failed cases: {failed:?}");
+}
