@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
 //! Scale-out, with a real operator and real agents:
 //!
 //! - an agent lists several gateways (`gateway.urls`: every operator replica serves
@@ -62,6 +64,61 @@ fn ready(d: &EdgeDevice) -> bool {
     edgefleet_operator::rollout::condition_true(d, cond::READY)
 }
 
+/// An operator replica with its gateway on `port`, serving the artifacts in `d`,
+/// auto-approving the pool's devices, logging to `d/<log>.log`.
+fn operator(
+    cp: &ControlPlane,
+    pki: &local_fleet::GatewayPki,
+    d: &Path,
+    log: &str,
+    port: u16,
+    lease_seconds: u64,
+    extra: &[&str],
+) -> std::process::Child {
+    local_fleet::spawn_operator_with(
+        cp.kubeconfig_path(),
+        pki,
+        &local_fleet::OperatorSpec {
+            gateway_addr: format!("127.0.0.1:{port}"),
+            artifact_dir: d.join("artifacts"),
+            approval: format!("auto:{}={POOL}", local_fleet::POOL_LABEL),
+            ek_cas: vec![],
+            ek_intermediates: vec![],
+            heartbeat_lease_seconds: lease_seconds,
+            artifact_ca: None,
+            log: d.join(format!("{log}.log")),
+        },
+        extra,
+    )
+    .unwrap()
+}
+
+/// The model `smollm2` for the pool's dev devices, signed by a publisher the cluster
+/// trusts from now on, rolled out as `rollout` says; applied.
+async fn apply_model(
+    client: &kube::Client,
+    model: &Path,
+    digest: &str,
+    size: u64,
+    rollout: serde_json::Value,
+) {
+    let publisher = Signer::generate().unwrap();
+    trust_signer(client, "models-team", &publisher.public_key, &[NS])
+        .await
+        .unwrap();
+    let manifest = EdgeModelBuilder::new(NS, "smollm2")
+        .served_name("smollm2")
+        .artifact("https://artifacts.example/smollm2.gguf", digest, Some(size))
+        .inline_signature(&publisher.sign(model).unwrap())
+        .signer("models-team", &publisher.public_key)
+        .pool(POOL)
+        .attestation(&["dev"], Some("dev"))
+        .rollout(rollout)
+        .runtime(json!({"contextSize": 512, "threads": 1, "parallelSlots": 1}))
+        .build();
+    apply_edge_model(client, &manifest).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_fail_over_along_their_gateway_list_and_run_what_their_rank_gives() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -79,24 +136,7 @@ async fn agents_fail_over_along_their_gateway_list_and_run_what_their_rank_gives
         .unwrap_or_else(|| cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     let (digest, size) = local_fleet::store_artifact(&store, &model).unwrap();
     let gw_port = free_port().unwrap();
-    let _operator = Proc(
-        local_fleet::spawn_operator_with(
-            cp.kubeconfig_path(),
-            &pki,
-            &local_fleet::OperatorSpec {
-                gateway_addr: format!("127.0.0.1:{gw_port}"),
-                artifact_dir: store,
-                approval: format!("auto:{}={POOL}", local_fleet::POOL_LABEL),
-                ek_cas: vec![],
-                ek_intermediates: vec![],
-                heartbeat_lease_seconds: 30,
-                artifact_ca: None,
-                log: d.join("operator.log"),
-            },
-            &[],
-        )
-        .unwrap(),
-    );
+    let _operator = Proc(operator(&cp, &pki, d, "operator", gw_port, 30, &[]));
     let live = format!("https://127.0.0.1:{gw_port}");
     // A replica that is gone: nothing listens there.
     let gone = format!("https://127.0.0.1:{}", free_port().unwrap());
@@ -141,25 +181,14 @@ async fn agents_fail_over_along_their_gateway_list_and_run_what_their_rank_gives
 
     // A model rolled out to all three: each serves the revision, and no EdgeDevice
     // spec was written for it (the operator derives, it does not assign).
-    let publisher = Signer::generate().unwrap();
-    trust_signer(&client, "models-team", &publisher.public_key, &[NS])
-        .await
-        .unwrap();
-    let manifest = EdgeModelBuilder::new(NS, "smollm2")
-        .served_name("smollm2")
-        .artifact(
-            "https://artifacts.example/smollm2.gguf",
-            &digest,
-            Some(size),
-        )
-        .inline_signature(&publisher.sign(&model).unwrap())
-        .signer("models-team", &publisher.public_key)
-        .pool(POOL)
-        .attestation(&["dev"], Some("dev"))
-        .rollout(json!({"steps": [{"count": 1}, {"percent": 100}], "maxUnavailable": 1}))
-        .runtime(json!({"contextSize": 512, "threads": 1, "parallelSlots": 1}))
-        .build();
-    apply_edge_model(&client, &manifest).await.unwrap();
+    apply_model(
+        &client,
+        &model,
+        &digest,
+        size,
+        json!({"steps": [{"count": 1}, {"percent": 100}], "maxUnavailable": 1}),
+    )
+    .await;
     let models: Api<EdgeModel> = Api::namespaced(client.clone(), NS);
     let rev = eventually("Available on 3 devices", PATIENCE, || async {
         let st = models.get("smollm2").await.ok()?.status?;
@@ -239,28 +268,19 @@ async fn every_replica_serves_devices_and_a_dead_replicas_devices_move_without_g
         .unwrap_or_else(|| cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     let (digest, size) = local_fleet::store_artifact(&store, &model).unwrap();
     let lease_seconds = 10;
+    // No model state is written to a device's status: the leader knows the states the
+    // other replica's devices report only from its publication.
     let replica = |identity: &str, port: u16| {
-        local_fleet::spawn_operator_with(
-            cp.kubeconfig_path(),
+        let id = format!("--identity={identity}");
+        operator(
+            &cp,
             &pki,
-            &local_fleet::OperatorSpec {
-                gateway_addr: format!("127.0.0.1:{port}"),
-                artifact_dir: store.clone(),
-                approval: format!("auto:{}={POOL}", local_fleet::POOL_LABEL),
-                ek_cas: vec![],
-                ek_intermediates: vec![],
-                heartbeat_lease_seconds: lease_seconds,
-                artifact_ca: None,
-                log: d.join(format!("{identity}.log")),
-            },
-            // No model state is written to a device's status: the leader knows the
-            // states the other replica's devices report only from its publication.
-            &[
-                &format!("--identity={identity}"),
-                "--status-change-per-second=0",
-            ],
+            d,
+            identity,
+            port,
+            lease_seconds,
+            &[&id, "--status-change-per-second=0"],
         )
-        .unwrap()
     };
     let (port_a, port_b) = (free_port().unwrap(), free_port().unwrap());
     let op_a = Proc(replica("op-a", port_a));
@@ -319,25 +339,14 @@ async fn every_replica_serves_devices_and_a_dead_replicas_devices_move_without_g
 
     // A rollout planned by the leader reaches the devices of both replicas, and
     // completes on what they report to either (no model state is written to a status).
-    let publisher = Signer::generate().unwrap();
-    trust_signer(&client, "models-team", &publisher.public_key, &[NS])
-        .await
-        .unwrap();
-    let manifest = EdgeModelBuilder::new(NS, "smollm2")
-        .served_name("smollm2")
-        .artifact(
-            "https://artifacts.example/smollm2.gguf",
-            &digest,
-            Some(size),
-        )
-        .inline_signature(&publisher.sign(&model).unwrap())
-        .signer("models-team", &publisher.public_key)
-        .pool(POOL)
-        .attestation(&["dev"], Some("dev"))
-        .rollout(json!({"steps": [{"percent": 100}], "maxUnavailable": 4}))
-        .runtime(json!({"contextSize": 512, "threads": 1, "parallelSlots": 1}))
-        .build();
-    apply_edge_model(&client, &manifest).await.unwrap();
+    apply_model(
+        &client,
+        &model,
+        &digest,
+        size,
+        json!({"steps": [{"percent": 100}], "maxUnavailable": 4}),
+    )
+    .await;
     let models: Api<EdgeModel> = Api::namespaced(client.clone(), NS);
     eventually("Available on 4 devices", PATIENCE, || async {
         let st = models.get("smollm2").await.ok()?.status?;

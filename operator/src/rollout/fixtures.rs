@@ -175,3 +175,24 @@ pub fn serving(
     });
     d
 }
+
+/// Plans `m` over `devices` at [`now`] with every device in a bound pool, nothing
+/// withdrawn, and `signature` as the signature check.
+pub fn plan_all_pools(
+    m: &edgefleet_crds::EdgeModel,
+    devices: &[EdgeDevice],
+    signature: Result<(), (&'static str, String)>,
+) -> super::Plan {
+    let pools = [Default::default()];
+    let withdrawn = std::collections::BTreeMap::new();
+    super::plan(
+        m,
+        devices,
+        &super::Trust {
+            signature: &signature,
+            pools: &pools,
+            withdrawn: &withdrawn,
+        },
+        now(),
+    )
+}

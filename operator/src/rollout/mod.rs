@@ -446,9 +446,10 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::rollout::fixtures::{attested, device, now, online, reporting, spec};
+    use crate::rollout::fixtures::{
+        attested, device, now, online, plan_all_pools as run, reporting, spec,
+    };
     use edgefleet_crds::device::ModelState;
-    use std::collections::BTreeMap;
 
     fn model(status: EdgeModelStatus) -> (EdgeModel, String) {
         let spec = spec(serde_json::json!({"site": "a"}));
@@ -460,21 +461,6 @@ mod tests {
             ..status
         });
         (m, rev)
-    }
-
-    fn run(
-        m: &EdgeModel,
-        devices: &[EdgeDevice],
-        signature: Result<(), (&'static str, String)>,
-    ) -> Plan {
-        let pools = [Default::default()];
-        let withdrawn = BTreeMap::new();
-        let trust = Trust {
-            signature: &signature,
-            pools: &pools,
-            withdrawn: &withdrawn,
-        };
-        plan(m, devices, &trust, now())
     }
 
     #[test]

@@ -6,16 +6,16 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
-
 use edgefleet_crds::conditions::reasons;
 use edgefleet_crds::device::ModelState;
 use edgefleet_crds::model::{RANK_ALL, device_rank};
 use edgefleet_crds::{EdgeDevice, EdgeModel, EdgeModelStatus, ModelPhase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::fixtures::{ago, attested, device, now, online, reporting, serving, spec};
-use super::{Plan, Trust, plan, revision, revision_after};
+use super::fixtures::{
+    ago, attested, device, now, online, plan_all_pools, reporting, serving, spec,
+};
+use super::{Plan, revision, revision_after};
 
 /// The model's UID in every case.
 const UID: &str = "uid-table";
@@ -73,26 +73,7 @@ fn dev(name: &str, up: bool, report: Option<(&str, ModelState)>) -> EdgeDevice {
 }
 
 fn run(m: &EdgeModel, devices: &[EdgeDevice]) -> Plan {
-    run_with(m, devices, Ok(()))
-}
-
-fn run_with(
-    m: &EdgeModel,
-    devices: &[EdgeDevice],
-    signature: Result<(), (&'static str, String)>,
-) -> Plan {
-    let pools = [Default::default()];
-    let withdrawn = BTreeMap::new();
-    plan(
-        m,
-        devices,
-        &Trust {
-            signature: &signature,
-            pools: &pools,
-            withdrawn: &withdrawn,
-        },
-        now(),
-    )
+    plan_all_pools(m, devices, Ok(()))
 }
 
 fn rev_of(m: &EdgeModel) -> String {
@@ -655,7 +636,7 @@ fn cases() -> Vec<Case> {
                     st.current_step = Some(1);
                     st.step_started_time = Some(Time(now()));
                 });
-                let p = run_with(
+                let p = plan_all_pools(
                     &m,
                     &[dev("d1", true, None)],
                     Err(("SignatureInvalid", "bad".into())),

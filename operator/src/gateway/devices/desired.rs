@@ -30,14 +30,22 @@ use crate::metrics::FleetCounters;
 impl Fleet {
     /// What `device` runs of each EdgeModel in the cache, derived now.
     pub(super) fn assigned(&self, device: &EdgeDevice) -> Vec<DesiredModel> {
+        self.assigned_under(device, &self.inner.policies.policies())
+    }
+
+    /// [`Fleet::assigned`] under `policies` (read once by a caller that needs them too).
+    fn assigned_under(
+        &self,
+        device: &EdgeDevice,
+        policies: &[edgefleet_crds::EdgeTrustPolicy],
+    ) -> Vec<DesiredModel> {
         let now = k8s_openapi::jiff::Timestamp::now();
-        let policies = self.inner.policies.policies();
         let mut pools: std::collections::HashMap<String, Vec<_>> = Default::default();
         let mut assigned = Vec::new();
         for model in self.inner.models.state() {
             let ns = model.namespace().unwrap_or_default();
             let pools = pools.entry(ns).or_insert_with_key(|ns| {
-                crate::trust_policy::Grants::new(&policies, ns)
+                crate::trust_policy::Grants::new(policies, ns)
                     .pools()
                     .iter()
                     .map(|(_, p)| p.clone())
@@ -53,11 +61,12 @@ impl Fleet {
     /// not reached the cache yet.
     pub(super) fn desired_state(&self, device: &EdgeDevice) -> Result<proto::DesiredState, String> {
         let name = device.name_any();
+        let policies = self.inner.policies.policies();
         let mut models = Vec::new();
-        for d in self.assigned(device) {
+        for d in self.assigned_under(device, &policies) {
             models.push(self.device_model(&name, &d)?);
         }
-        let trusted = crate::trust_policy::all_signers(&self.inner.policies.policies())
+        let trusted = crate::trust_policy::all_signers(&policies)
             .iter()
             .map(signer)
             .collect();
