@@ -334,10 +334,21 @@ pub enum ModelState {
     Failed,
 }
 
-/// Serving statistics.
+/// Serving statistics of the model the device serves, since it was loaded.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InferenceStats {
+    /// The model they count (`namespace/name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The revision they count. The health gates judge only statistics of the revision
+    /// they gate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// When a gateway received them from the device (its own clock). The health gates
+    /// judge only statistics received within the last two minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_time: Option<Time>,
     /// Generated tokens per second (mean over the interval).
     pub tokens_per_second: f64,
     /// Median request latency in milliseconds, when the agent measures it.
@@ -346,8 +357,8 @@ pub struct InferenceStats {
     /// 99th percentile request latency in milliseconds, when the agent measures it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_p99_millis: Option<f64>,
-    /// Requests completed since the agent started.
+    /// Requests completed since the model was loaded.
     pub requests_total: i64,
-    /// Requests failed since the agent started.
+    /// Requests failed (the server's failures) since the model was loaded.
     pub errors_total: i64,
 }

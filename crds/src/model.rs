@@ -221,6 +221,12 @@ pub struct HealthGates {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub min_tokens_per_second: Option<i32>,
+    /// Requests a device must have served on the revision before the rate gates
+    /// (`maxErrorRatePercent`, `minTokensPerSecond`) judge it: one early failure is not
+    /// a rate. A device below it is neither failed nor waited for.
+    #[serde(default = "default_min_requests")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub min_requests: i32,
     /// Roll back to the previous revision when a gate fails (default true).
     #[serde(default = "default_true")]
     pub rollback_on_failure: bool,
@@ -232,6 +238,7 @@ impl Default for HealthGates {
             ready_timeout_seconds: default_ready_timeout(),
             max_error_rate_percent: None,
             min_tokens_per_second: None,
+            min_requests: default_min_requests(),
             rollback_on_failure: true,
         }
     }
@@ -239,6 +246,10 @@ impl Default for HealthGates {
 
 fn default_ready_timeout() -> i32 {
     600
+}
+
+fn default_min_requests() -> i32 {
+    20
 }
 
 fn default_true() -> bool {

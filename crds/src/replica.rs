@@ -4,14 +4,15 @@
 //! budget, so during a rollout they lag. Each replica publishes, in one object of its
 //! own, the states its devices reported that their recorded status does not show yet,
 //! grouped by (model, revision, state, reason) — a device name each — and the leader
-//! plans on them as if they were written. One write per replica per second at most,
-//! whatever the number of devices.
+//! plans on them as if they were written. Likewise the serving statistics of devices
+//! that breach a rate gate. One write per replica per second at most, whatever the
+//! number of devices.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::device::ModelState;
+use crate::device::{InferenceStats, ModelState};
 
 /// One replica's pending device reports.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -40,6 +41,24 @@ pub struct EdgeGatewayReplicaSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 4096))]
     pub pending: Vec<PendingStates>,
+    /// Devices whose serving statistics breach their model's rate gates as this
+    /// replica judged them, with those statistics (so that the leader judges fresh
+    /// numbers: recorded ones are refreshed within a fleet-wide write budget). At most
+    /// 64; one is enough to fail a step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub breaches: Vec<StatsBreach>,
+}
+
+/// One device's statistics that breach a rate gate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsBreach {
+    /// The device.
+    #[schemars(length(min = 1, max = 253))]
+    pub device: String,
+    /// Its statistics, as it reported them.
+    pub stats: InferenceStats,
 }
 
 /// Devices that reported one model at one revision in one state (with one reason).

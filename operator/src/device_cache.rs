@@ -23,6 +23,8 @@ pub struct SharedDevices {
     pub changes: tokio::sync::watch::Receiver<u64>,
     /// The keeper's EdgeTrustPolicy cache too, when it keeps one.
     pub policies: Option<crate::trust_policy::TrustPolicies>,
+    /// The keeper's EdgeModel cache too, when it keeps one.
+    pub models: Option<Store<edgefleet_crds::EdgeModel>>,
 }
 
 /// The keeper's side of a shared device cache: the highest resourceVersion the cache
@@ -64,6 +66,7 @@ impl DeviceFeed {
             seen: self.seen.clone(),
             changes: self.changed.subscribe(),
             policies: None,
+            models: None,
         }
     }
 }

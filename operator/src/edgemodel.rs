@@ -537,6 +537,7 @@ mod tests {
                 seen: Arc::default(),
                 changes,
                 policies: None,
+                models: None,
             }),
         );
         let short = Duration::from_millis(100);

@@ -146,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
                 identity.clone(),
                 heartbeats.reported(),
                 devices.store.clone(),
+                devices.models.clone(),
                 lease,
             );
             let sources = edgefleet_operator::edgemodel::Sources {

@@ -212,6 +212,62 @@ pub fn pending(
         .collect()
 }
 
+/// Most statistics breaches one publication holds.
+pub const MAX_BREACHES: usize = 64;
+
+/// The devices that report to replica `me` whose latest statistics (`stats`, as noted
+/// in memory) breach the rate gates of their model's current revision
+/// ([`crate::rollout::gates::stats_breach`]; `model` looks a model up by key), in name
+/// order, at most [`MAX_BREACHES`].
+pub fn breaches(
+    stats: &HashMap<String, edgefleet_crds::device::InferenceStats>,
+    recorded: impl Fn(&str) -> Option<std::sync::Arc<edgefleet_crds::EdgeDevice>>,
+    model: impl Fn(&str) -> Option<std::sync::Arc<edgefleet_crds::EdgeModel>>,
+    me: &str,
+    now: Timestamp,
+) -> Vec<edgefleet_crds::replica::StatsBreach> {
+    let mut found: Vec<edgefleet_crds::replica::StatsBreach> = stats
+        .iter()
+        .filter(|(device, _)| {
+            recorded(device)
+                .and_then(|d| d.status.as_ref().and_then(|s| s.gateway.clone()))
+                .as_deref()
+                == Some(me)
+        })
+        .filter(|(device, s)| {
+            let Some(key) = s.model.as_deref() else {
+                return false;
+            };
+            let Some(m) = model(key) else {
+                return false;
+            };
+            let Some(rev) = m
+                .status
+                .as_ref()
+                .and_then(|st| st.current_revision.as_deref())
+            else {
+                return false;
+            };
+            crate::rollout::gates::stats_breach(
+                device,
+                s,
+                key,
+                rev,
+                &m.spec.rollout.health_gates,
+                now,
+            )
+            .is_some()
+        })
+        .map(|(device, s)| edgefleet_crds::replica::StatsBreach {
+            device: device.clone(),
+            stats: s.clone(),
+        })
+        .collect();
+    found.sort_by(|a, b| a.device.cmp(&b.device));
+    found.truncate(MAX_BREACHES);
+    found
+}
+
 /// Publishes this replica's pending reports ([`pending`]) in its EdgeGatewayReplica
 /// when they change, and at least every third of `lease` (so the leader knows them
 /// fresh), for as long as it runs.
@@ -221,18 +277,34 @@ pub async fn publish_loop(
     identity: String,
     reported: crate::reported::Reported,
     devices: kube::runtime::reflector::Store<edgefleet_crds::EdgeDevice>,
+    models: Option<kube::runtime::reflector::Store<edgefleet_crds::EdgeModel>>,
     lease: Duration,
 ) {
     let api: Api<edgefleet_crds::EdgeGatewayReplica> = Api::namespaced(client, &namespace);
     let name = lease_name(&identity);
-    let mut last: Option<Vec<edgefleet_crds::replica::PendingStates>> = None;
+    type Published = (
+        Vec<edgefleet_crds::replica::PendingStates>,
+        Vec<edgefleet_crds::replica::StatsBreach>,
+    );
+    let mut last: Option<Published> = None;
     let mut last_at = std::time::Instant::now();
     loop {
-        let now = pending(
-            &reported.snapshot(),
-            |n| devices.get(&kube::runtime::reflector::ObjectRef::new(n)),
-            &identity,
-        );
+        let device = |n: &str| devices.get(&kube::runtime::reflector::ObjectRef::new(n));
+        let states = pending(&reported.snapshot(), device, &identity);
+        let breached = match &models {
+            Some(models) => breaches(
+                &reported.stats_snapshot(),
+                device,
+                |key| {
+                    let (ns, name) = key.split_once('/')?;
+                    models.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))
+                },
+                &identity,
+                Timestamp::now(),
+            ),
+            None => Vec::new(),
+        };
+        let now = (states, breached);
         if last.as_ref() != Some(&now) || last_at.elapsed() >= lease / 3 {
             let body = json!({
                 "apiVersion": "edgefleet.io/v1alpha1",
@@ -241,7 +313,8 @@ pub async fn publish_loop(
                 "spec": {
                     "identity": identity,
                     "publishedTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(Timestamp::now()),
-                    "pending": now,
+                    "pending": now.0,
+                    "breaches": now.1,
                 },
             });
             match api
@@ -264,7 +337,8 @@ pub async fn publish_loop(
 }
 
 /// Lays the pending reports other replicas published over `devices`' recorded model
-/// states: each reported model replaces the device's entry of that model. Only a
+/// states: each reported model replaces the device's entry of that model; and their
+/// published statistics breaches over the recorded statistics, when fresher. Only a
 /// publication of another replica than `me`, in the object named for its identity,
 /// published within `lease` before `now` and not from the future (beyond
 /// [`MAX_CLOCK_SKEW`]), and only for devices whose `status.gateway` names that replica
@@ -278,6 +352,7 @@ pub fn overlay_published(
 ) {
     use kube::ResourceExt as _;
     let mut by_device: HashMap<&str, Vec<edgefleet_crds::device::LoadedModel>> = HashMap::new();
+    let mut stats: HashMap<&str, &edgefleet_crds::device::InferenceStats> = HashMap::new();
     let mut from: HashMap<&str, &str> = HashMap::new();
     let skew = SignedDuration::try_from(MAX_CLOCK_SKEW).unwrap_or(SignedDuration::ZERO);
     for r in published {
@@ -304,19 +379,26 @@ pub fn overlay_published(
                 );
             }
         }
+        for b in &r.spec.breaches {
+            from.insert(b.device.as_str(), identity);
+            stats.insert(b.device.as_str(), &b.stats);
+        }
     }
-    if by_device.is_empty() {
+    if by_device.is_empty() && stats.is_empty() {
         return;
     }
     for d in devices {
         let name = d.name_any();
-        let Some(models) = by_device.get(name.as_str()) else {
-            continue;
-        };
         let owner = d.status.as_ref().and_then(|s| s.gateway.as_deref());
         if owner.is_none() || owner != from.get(name.as_str()).copied() {
             continue;
         }
+        if let Some(fresh) = stats.get(name.as_str()) {
+            crate::reported::lay_stats_over(d, fresh);
+        }
+        let Some(models) = by_device.get(name.as_str()) else {
+            continue;
+        };
         let status = d.status.get_or_insert_with(Default::default);
         for m in models {
             status.models.retain(|r| r.model != m.model);
@@ -422,6 +504,7 @@ mod tests {
                     identity: identity.into(),
                     published_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(at),
                     pending: p.clone(),
+                    breaches: Vec::new(),
                 },
             ))
         };
@@ -469,5 +552,126 @@ mod tests {
         let d = Duration::from_secs(15);
         assert!(alive(t, d, t + SignedDuration::from_secs(15)));
         assert!(!alive(t, d, t + SignedDuration::from_secs(16)));
+    }
+
+    #[test]
+    fn a_replica_publishes_its_own_devices_breaching_statistics_and_the_leader_judges_them() {
+        use edgefleet_crds::device::InferenceStats;
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        let at = |secs_ago: i64| {
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                now - SignedDuration::from_secs(secs_ago),
+            ))
+        };
+        let stats = |rev: &str, requests: i64, errors: i64, age: i64| InferenceStats {
+            model: Some("ns/m".into()),
+            revision: Some(rev.into()),
+            observed_time: at(age),
+            tokens_per_second: 20.0,
+            latency_p50_millis: None,
+            latency_p99_millis: None,
+            requests_total: requests,
+            errors_total: errors,
+        };
+        let mut model: edgefleet_crds::EdgeModel = serde_json::from_value(json!({
+            "apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeModel",
+            "metadata": {"name": "m", "namespace": "ns"},
+            "spec": {
+                "servedName": "m",
+                "artifact": {"uri": "https://x/m.gguf", "digest": format!("sha256:{}", "a".repeat(64))},
+                "signature": {"inline": "{}"},
+                "signers": [{"name": "s", "publicKey": "k"}],
+                "selector": {"matchLabels": {"site": "a"}},
+                "rollout": {"healthGates": {"maxErrorRatePercent": 5, "minRequests": 20}},
+            },
+        }))
+        .unwrap();
+        model.status = Some(edgefleet_crds::model::EdgeModelStatus {
+            current_revision: Some("r2".into()),
+            ..Default::default()
+        });
+        let model = std::sync::Arc::new(model);
+        let recorded: HashMap<String, std::sync::Arc<EdgeDevice>> = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .map(|n| {
+                let owner = if *n == "f" { "op-1" } else { "op-2" };
+                (
+                    n.to_string(),
+                    std::sync::Arc::new(device(n, Some(owner), vec![])),
+                )
+            })
+            .collect();
+        let noted: HashMap<String, InferenceStats> = [
+            ("a", stats("r2", 100, 50, 5)),    // breaches
+            ("b", stats("r2", 100, 1, 5)),     // within the gate
+            ("c", stats("r2", 10, 10, 5)),     // under minRequests
+            ("d", stats("r1", 100, 100, 5)),   // the revision before
+            ("e", stats("r2", 100, 100, 600)), // stale
+            ("f", stats("r2", 100, 100, 5)),   // another replica's device
+        ]
+        .into_iter()
+        .map(|(n, s)| (n.to_owned(), s))
+        .collect();
+        let found = breaches(
+            &noted,
+            |n| recorded.get(n).cloned(),
+            |key| (key == "ns/m").then(|| model.clone()),
+            "op-2",
+            now,
+        );
+        assert_eq!(
+            found.iter().map(|b| b.device.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
+        // No model by that key: nothing to judge against.
+        assert!(breaches(&noted, |n| recorded.get(n).cloned(), |_| None, "op-2", now).is_empty());
+
+        // The leader lays a live publication's breach over the device's older recorded
+        // statistics; a stale publication's, or one about a device another replica
+        // holds, counts for nothing.
+        let publication = |identity: &str, published: Timestamp, breaches| {
+            std::sync::Arc::new(edgefleet_crds::EdgeGatewayReplica::new(
+                &lease_name(identity),
+                edgefleet_crds::EdgeGatewayReplicaSpec {
+                    identity: identity.into(),
+                    published_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                        published,
+                    ),
+                    pending: Vec::new(),
+                    breaches,
+                },
+            ))
+        };
+        let lease = Duration::from_secs(30);
+        let recorded_stats = |ds: &[EdgeDevice]| ds[0].status.as_ref().unwrap().inference.clone();
+        let mut ds = vec![(*recorded["a"]).clone()];
+        ds[0].status.as_mut().unwrap().inference = Some(stats("r2", 40, 0, 300));
+        overlay_published(
+            &mut ds,
+            &[publication("op-2", now, found.clone())],
+            Some("op-1"),
+            lease,
+            now,
+        );
+        assert_eq!(recorded_stats(&ds), Some(stats("r2", 100, 50, 5)));
+        let mut ds = vec![(*recorded["a"]).clone()];
+        ds[0].status.as_mut().unwrap().inference = Some(stats("r2", 40, 0, 300));
+        let old = now - SignedDuration::from_secs(60);
+        overlay_published(
+            &mut ds,
+            &[publication("op-2", old, found.clone())],
+            Some("op-1"),
+            lease,
+            now,
+        );
+        assert_eq!(recorded_stats(&ds), Some(stats("r2", 40, 0, 300)));
+        overlay_published(
+            &mut ds,
+            &[publication("op-3", now, found)],
+            Some("op-1"),
+            lease,
+            now,
+        );
+        assert_eq!(recorded_stats(&ds), Some(stats("r2", 40, 0, 300)));
     }
 }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgefleet_crds::EdgeDevice;
-use edgefleet_crds::device::LoadedModel;
+use edgefleet_crds::device::{InferenceStats, LoadedModel};
 use kube::ResourceExt;
 
 /// How long a burst of reports is gathered into one reconcile trigger.
@@ -27,6 +27,8 @@ pub const TRIGGER_COALESCE: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone)]
 pub struct Reported {
     states: Arc<Mutex<HashMap<String, Vec<LoadedModel>>>>,
+    /// Each device's latest serving statistics, stamped when they arrived.
+    stats: Arc<Mutex<HashMap<String, InferenceStats>>>,
     changed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
@@ -34,6 +36,7 @@ impl Default for Reported {
     fn default() -> Self {
         Self {
             states: Arc::default(),
+            stats: Arc::default(),
             changed: Arc::new(tokio::sync::watch::channel(0).0),
         }
     }
@@ -55,15 +58,33 @@ impl Reported {
         true
     }
 
+    /// Notes `device`'s latest serving statistics (no trigger: the health gates read
+    /// them when the reconciler next runs, which a rollout step requeues for).
+    pub fn note_stats(&self, device: &str, stats: InferenceStats) {
+        if let Ok(mut all) = self.stats.lock() {
+            all.insert(device.to_owned(), stats);
+        }
+    }
+
+    /// Every device's latest statistics, as noted now.
+    pub fn stats_snapshot(&self) -> HashMap<String, InferenceStats> {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
     /// Forgets `device` (it enrolled anew, or is gone).
     pub fn forget(&self, device: &str) {
         if let Ok(mut states) = self.states.lock() {
             states.remove(device);
         }
+        if let Ok(mut stats) = self.stats.lock() {
+            stats.remove(device);
+        }
     }
 
     /// Replaces the recorded `status.models` of each device that reported to this
-    /// replica with what it reported.
+    /// replica with what it reported, and its recorded `status.inference` with the
+    /// statistics it reported since (written ones lag: they are refreshed within a
+    /// fleet-wide budget).
     pub fn overlay(&self, devices: &mut [EdgeDevice]) {
         self.overlay_where(devices, |_| true);
     }
@@ -71,15 +92,19 @@ impl Reported {
     /// [`Reported::overlay`], only on the devices `keep` accepts (with several
     /// replicas: those that report to this one now, not those that moved away).
     pub fn overlay_where(&self, devices: &mut [EdgeDevice], keep: impl Fn(&EdgeDevice) -> bool) {
-        let Ok(states) = self.states.lock() else {
+        let (Ok(states), Ok(stats)) = (self.states.lock(), self.stats.lock()) else {
             return;
         };
         for d in devices {
             if !keep(d) {
                 continue;
             }
-            if let Some(models) = states.get(&d.name_any()) {
+            let name = d.name_any();
+            if let Some(models) = states.get(&name) {
                 d.status.get_or_insert_with(Default::default).models = models.clone();
+            }
+            if let Some(fresh) = stats.get(&name) {
+                lay_stats_over(d, fresh);
             }
         }
     }
@@ -98,6 +123,26 @@ impl Reported {
             rx.borrow_and_update();
             Some(((), rx))
         })
+    }
+}
+
+/// Puts `fresh` in `device`'s `status.inference` unless what is there was observed
+/// later.
+pub fn lay_stats_over(device: &mut EdgeDevice, fresh: &InferenceStats) {
+    let status = device.status.get_or_insert_with(Default::default);
+    let newer = match (
+        status
+            .inference
+            .as_ref()
+            .and_then(|i| i.observed_time.as_ref()),
+        fresh.observed_time.as_ref(),
+    ) {
+        (Some(recorded), Some(f)) => f.0 > recorded.0,
+        (None, _) => true,
+        (Some(_), None) => false,
+    };
+    if newer {
+        status.inference = Some(fresh.clone());
     }
 }
 

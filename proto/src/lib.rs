@@ -391,10 +391,18 @@ impl std::fmt::Display for UnknownModelState {
 
 impl std::error::Error for UnknownModelState {}
 
-/// Serving counters since the agent started.
+/// Serving counters of the model served now, since it was loaded (each load starts
+/// them at zero, so they are the revision's own).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Inference {
+    /// The model served (`namespace/name`); absent from agents before it was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Its revision; absent from agents before it was sent (the health gates do not
+    /// judge counters they cannot tie to a revision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     /// Requests completed.
     pub requests_total: u64,
     /// Requests failed.

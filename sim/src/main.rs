@@ -306,6 +306,8 @@ async fn device(shared: Arc<Shared>, name: String) {
                         time: 0,
                         models: models.lock().await.take(),
                         inference: Some(proto::Inference {
+                            model: None,
+                            revision: None,
                             requests_total: 0,
                             errors_total: 0,
                             tokens_per_second: 0.0,

@@ -527,6 +527,31 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
             "{name}: no pii-redact calls in metrics"
         );
     }
+    // Each device's serving counters reach its status tied to the model and revision
+    // they count (what the rate gates judge), stamped when the gateway received them.
+    let key = format!("{NS}/smollm2");
+    eventually(
+        "serving statistics of the revision in every status",
+        Duration::from_secs(30),
+        || async {
+            let ds = devices(c).await;
+            ds.iter()
+                .all(|d| {
+                    d.status
+                        .as_ref()
+                        .and_then(|s| s.inference.as_ref())
+                        .is_some_and(|i| {
+                            i.model.as_deref() == Some(key.as_str())
+                                && i.revision.as_deref() == Some(rev1.as_str())
+                                && i.requests_total >= 1
+                                && i.errors_total == 0
+                                && i.observed_time.is_some()
+                        })
+                })
+                .then_some(())
+        },
+    )
+    .await;
 
     // Identities: only a device's own certificate, for its own name and assignments.
     let desired = |dev: &str| format!("{}/v1/devices/{dev}/desired", s.gateway);

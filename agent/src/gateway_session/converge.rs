@@ -176,6 +176,9 @@ impl FleetAgent {
             queue_depth: usize::try_from(m.runtime.queue_depth.max(1)).unwrap_or(1),
         };
         let engine = prepared.serve(&self.serving, config).await?;
+        if let Ok(mut served) = self.served.lock() {
+            *served = Some((engine.clone(), m.model.clone(), m.revision.clone()));
+        }
         let load_millis = engine.load_millis();
         store::record_last_known_good(self.state_dir(), m).await?;
         *self.active.lock().await = Some(m.clone());

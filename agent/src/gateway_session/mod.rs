@@ -100,7 +100,13 @@ pub struct FleetAgent {
     /// bootstrap token, so a device an administrator deleted is not re-enrolled by the
     /// token it still holds in memory (a new one, in a restarted agent, enrols it).
     enrolled: std::sync::atomic::AtomicBool,
+    /// The engine this agent loaded last and the model and revision it serves: what the
+    /// serving counters of reports are tied to.
+    served: Mutex<Option<Served>>,
 }
+
+/// An engine and the model (`namespace/name`) and revision it was loaded for.
+type Served = (Arc<crate::engine::Engine>, String, String);
 
 /// How long a change of model states waits for the changes right behind it (Loading
 /// then Ready) before it is reported; also the least time between two reports.
@@ -136,6 +142,7 @@ impl FleetAgent {
             config,
             serving,
             shared: Mutex::new(Shared::default()),
+            served: Mutex::new(None),
             boot: hex::encode(b),
             active: tokio::sync::Mutex::new(None),
             models_changed: tokio::sync::Notify::new(),

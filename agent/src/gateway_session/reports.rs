@@ -11,13 +11,25 @@ use super::{FleetAgent, REPORT_COALESCE};
 use crate::gateway_client::GatewayError;
 
 impl FleetAgent {
+    /// The counters of the engine served now, tied to the model and revision it was
+    /// loaded for (none between an unload and the next load).
     fn inference(&self) -> Option<proto::Inference> {
-        let e = self.serving.current_engine()?;
-        let s = e.stats();
+        let current = self.serving.current_engine()?;
+        let (model, revision) = {
+            let served = self.served.lock().ok()?;
+            let (e, model, revision) = served.as_ref()?;
+            if !Arc::ptr_eq(e, &current) {
+                return None;
+            }
+            (model.clone(), revision.clone())
+        };
+        let s = current.stats();
         use std::sync::atomic::Ordering::Relaxed;
         let micros = s.generation_micros.load(Relaxed);
         let tokens = s.generated_tokens.load(Relaxed);
         Some(proto::Inference {
+            model: Some(model),
+            revision: Some(revision),
             requests_total: s.requests.load(Relaxed),
             errors_total: s.failures.load(Relaxed),
             tokens_per_second: if micros == 0 {

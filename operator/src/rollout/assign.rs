@@ -91,6 +91,11 @@ impl<'a> Fleet<'a> {
         }
     }
 
+    /// The model's key (`namespace/name`).
+    pub fn key(&self) -> &'a str {
+        self.key
+    }
+
     /// The device called `name`.
     pub fn device(&self, name: &str) -> Option<&'a EdgeDevice> {
         self.by_name.get(name).copied()

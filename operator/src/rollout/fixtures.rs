@@ -159,14 +159,32 @@ pub fn refusing(mut d: EdgeDevice, rev: &str, reason: &str) -> EdgeDevice {
     d
 }
 
-/// `d`, reporting `requests` requests of which `errors` failed, at `tokens_per_second`.
-pub fn serving(
+/// `d`, reporting `requests` requests of which `errors` failed, at `tokens_per_second`,
+/// on the revision of [`KEY`] it reports, received 10 s before [`now`].
+pub fn serving(d: EdgeDevice, tokens_per_second: f64, requests: i64, errors: i64) -> EdgeDevice {
+    let rev = d
+        .status
+        .as_ref()
+        .and_then(|s| s.models.iter().rev().find(|m| m.model == KEY))
+        .map(|m| m.revision.clone())
+        .unwrap_or_default();
+    serving_as(d, &rev, 10, tokens_per_second, requests, errors)
+}
+
+/// `d` with serving statistics of [`KEY`] at revision `rev`, received `age` seconds
+/// before [`now`].
+pub fn serving_as(
     mut d: EdgeDevice,
+    rev: &str,
+    age: i64,
     tokens_per_second: f64,
     requests: i64,
     errors: i64,
 ) -> EdgeDevice {
     status(&mut d).inference = Some(InferenceStats {
+        model: Some(KEY.into()),
+        revision: Some(rev.into()),
+        observed_time: Some(ago(age)),
         tokens_per_second,
         latency_p50_millis: None,
         latency_p99_millis: None,

@@ -3,11 +3,13 @@
 //! `Failed` (online or not: the report is about the revision), an online device was not
 //! `Ready` on it within `readyTimeoutSeconds` of the step's start (or of its return
 //! online, if later), or a ready device reports an error rate or speed outside the
-//! gates. A device that is offline (its heartbeat lease ran out) is not waited for.
+//! gates ([`stats_breach`]: only statistics of the revision, fresh, and over
+//! `minRequests`). A device that is offline (its heartbeat lease ran out) is not waited
+//! for.
 
 use std::collections::BTreeMap;
 
-use edgefleet_crds::device::ModelState;
+use edgefleet_crds::device::{InferenceStats, ModelState};
 use edgefleet_crds::model::HealthGates;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -58,12 +60,67 @@ pub fn health<'a>(
     }
 }
 
+/// How old serving statistics may be for the rate gates to judge them. A device
+/// reports every heartbeat interval (at most 30 s); its gateway replica holds its latest
+/// statistics in memory and publishes a breaching device's within a second
+/// ([`crate::replicas`]), so a device that serves is judged on statistics well within
+/// this. Recorded `status.inference`, refreshed within a fleet-wide write budget, counts
+/// only while this fresh.
+pub const STATS_MAX_AGE_SECONDS: i64 = 120;
+
+/// Whether `stats`, reported by device `name`, breach the rate gates for revision `rev`
+/// of model `key`, and why. Judged only when they count that revision, were observed
+/// within [`STATS_MAX_AGE_SECONDS`] of `now` (and not ahead of it), and count at least
+/// `minRequests` requests; otherwise they say nothing.
+pub fn stats_breach(
+    name: &str,
+    stats: &InferenceStats,
+    key: &str,
+    rev: &str,
+    gates: &HealthGates,
+    now: Timestamp,
+) -> Option<String> {
+    if gates.max_error_rate_percent.is_none() && gates.min_tokens_per_second.is_none() {
+        return None;
+    }
+    if stats.model.as_deref() != Some(key) || stats.revision.as_deref() != Some(rev) {
+        return None;
+    }
+    let observed = stats.observed_time.as_ref()?.0;
+    let age = now.duration_since(observed).as_secs();
+    if !(0..=STATS_MAX_AGE_SECONDS).contains(&age) {
+        return None;
+    }
+    if stats.requests_total < i64::from(gates.min_requests.max(1)) {
+        return None;
+    }
+    if let Some(max) = gates.max_error_rate_percent {
+        let rate = stats.errors_total as f64 * 100.0 / stats.requests_total as f64;
+        if rate > f64::from(max) {
+            return Some(format!(
+                "{name} error rate {rate:.1}% is above {max}% ({} of {} requests)",
+                stats.errors_total, stats.requests_total
+            ));
+        }
+    }
+    if let Some(min) = gates.min_tokens_per_second
+        && stats.tokens_per_second < f64::from(min)
+    {
+        return Some(format!(
+            "{name} generates {:.1} tokens/s, below {min}",
+            stats.tokens_per_second
+        ));
+    }
+    None
+}
+
 /// Why the devices on the new revision fail the gates, if they do. `step_started` is
 /// when the current step started (its ready timeout runs from then).
 pub fn gate_failure(
     health: &Health<'_>,
     fleet: &Fleet<'_>,
     gates: &HealthGates,
+    rev: &str,
     step_started: Option<&Time>,
     now: Timestamp,
 ) -> Option<String> {
@@ -98,29 +155,12 @@ pub fn gate_failure(
         }
     }
     for name in ready {
-        let Some(stats) = fleet
+        let stats = fleet
             .device(name.as_str())
             .and_then(|d| d.status.as_ref())
-            .and_then(|s| s.inference.as_ref())
-        else {
-            continue;
-        };
-        if let Some(max) = gates.max_error_rate_percent
-            && stats.requests_total > 0
-        {
-            let rate = stats.errors_total as f64 * 100.0 / stats.requests_total as f64;
-            if rate > f64::from(max) {
-                return Some(format!("{name} error rate {rate:.1}% is above {max}%"));
-            }
-        }
-        if let Some(min) = gates.min_tokens_per_second
-            && stats.requests_total > 0
-            && stats.tokens_per_second < f64::from(min)
-        {
-            return Some(format!(
-                "{name} generates {:.1} tokens/s, below {min}",
-                stats.tokens_per_second
-            ));
+            .and_then(|s| s.inference.as_ref());
+        if let Some(why) = stats.and_then(|s| stats_breach(name, s, fleet.key(), rev, gates, now)) {
+            return Some(why);
         }
     }
     None
@@ -129,7 +169,9 @@ pub fn gate_failure(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollout::fixtures::{ago, device, fleet, now, on, online, reporting, serving};
+    use crate::rollout::fixtures::{
+        KEY, ago, device, fleet, now, on, online, reporting, serving, serving_as,
+    };
     use edgefleet_crds::EdgeDevice;
 
     const REV: &str = "r2";
@@ -145,7 +187,7 @@ mod tests {
         let fleet = fleet(devices);
         let candidates = candidates(devices);
         let health = health(&fleet, &candidates, REV);
-        gate_failure(&health, &fleet, gates, started.as_ref(), now())
+        gate_failure(&health, &fleet, gates, REV, started.as_ref(), now())
     }
 
     #[test]
@@ -238,7 +280,7 @@ mod tests {
         let erring = [serving(ready("a"), 20.0, 100, 6)];
         assert_eq!(
             judge(&erring, &gates, None).as_deref(),
-            Some("a error rate 6.0% is above 5%")
+            Some("a error rate 6.0% is above 5% (6 of 100 requests)")
         );
         let slow = [serving(ready("a"), 9.5, 100, 0)];
         assert_eq!(
@@ -253,5 +295,75 @@ mod tests {
             90,
         )];
         assert_eq!(judge(&offline, &gates, None), None);
+    }
+
+    #[test]
+    fn rate_gates_judge_only_fresh_statistics_of_the_revision_over_min_requests() {
+        let gates = HealthGates {
+            max_error_rate_percent: Some(5),
+            min_tokens_per_second: Some(10),
+            min_requests: 20,
+            ..HealthGates::default()
+        };
+        let ready = || online(reporting(on(device("a"), REV), REV, ModelState::Ready));
+        let verdict = |d: EdgeDevice| judge(&[d], &gates, None);
+        // Fresh, of this revision, enough requests: judged.
+        assert_eq!(
+            verdict(serving_as(ready(), REV, 10, 20.0, 20, 2)).as_deref(),
+            Some("a error rate 10.0% is above 5% (2 of 20 requests)")
+        );
+        assert_eq!(
+            verdict(serving_as(ready(), REV, STATS_MAX_AGE_SECONDS, 5.0, 20, 0)).as_deref(),
+            Some("a generates 5.0 tokens/s, below 10")
+        );
+        // One early failure is not a rate: under minRequests, nothing is judged.
+        assert_eq!(verdict(serving_as(ready(), REV, 10, 20.0, 19, 19)), None);
+        // Counters of the revision before (not yet replaced after the switch) say
+        // nothing about this one.
+        assert_eq!(verdict(serving_as(ready(), "r1", 10, 1.0, 100, 100)), None);
+        // Nor do counters of another model, untagged ones, stale ones, or ones from
+        // the future.
+        let mut other = serving_as(ready(), REV, 10, 1.0, 100, 100);
+        other
+            .status
+            .as_mut()
+            .unwrap()
+            .inference
+            .as_mut()
+            .unwrap()
+            .model = Some("ns/other".into());
+        assert_eq!(verdict(other), None);
+        let mut untagged = serving_as(ready(), REV, 10, 1.0, 100, 100);
+        untagged
+            .status
+            .as_mut()
+            .unwrap()
+            .inference
+            .as_mut()
+            .unwrap()
+            .revision = None;
+        assert_eq!(verdict(untagged), None);
+        assert_eq!(
+            verdict(serving_as(
+                ready(),
+                REV,
+                STATS_MAX_AGE_SECONDS + 1,
+                1.0,
+                100,
+                100
+            )),
+            None
+        );
+        assert_eq!(verdict(serving_as(ready(), REV, -5, 1.0, 100, 100)), None);
+        // With no rate gate set, nothing is judged at all.
+        assert_eq!(
+            judge(
+                &[serving_as(ready(), REV, 10, 1.0, 100, 100)],
+                &HealthGates::default(),
+                None
+            ),
+            None
+        );
+        assert_eq!(KEY, fleet(&[]).key());
     }
 }

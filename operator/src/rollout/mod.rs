@@ -256,6 +256,7 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
         &health,
         &fleet,
         gates,
+        &rev,
         status.step_started_time.as_ref(),
         now,
     )

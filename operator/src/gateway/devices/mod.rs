@@ -274,6 +274,7 @@ impl Fleet {
     pub fn shared_devices(&self) -> SharedDevices {
         let mut shared = self.inner.device_feed.share(self.inner.devices.clone());
         shared.policies = Some(self.inner.policies.clone());
+        shared.models = Some(self.inner.models.clone());
         shared
     }
 

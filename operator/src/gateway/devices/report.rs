@@ -44,7 +44,7 @@ pub(super) struct Delivery {
     /// The latest model states and counters: every write under [`REPORT_MANAGER`] must
     /// carry all of them, since server-side apply removes owned fields a patch omits.
     models: Option<Vec<edgefleet_crds::device::LoadedModel>>,
-    inference: Option<proto::Inference>,
+    inference: Option<edgefleet_crds::device::InferenceStats>,
     /// A status write for this device is in flight.
     writing: bool,
     /// A change arrived while a write was in flight: the next report writes it.
@@ -174,7 +174,30 @@ pub(super) async fn report(
             .rev()
             .find_map(|r| r.inference.as_ref())
         {
-            d.inference = Some(i.clone());
+            let stats = edgefleet_crds::device::InferenceStats {
+                // The device's word about its own counters, bounded like the names
+                // it stands for (a longer one is no model's).
+                model: i.model.clone().filter(|m| m.len() <= 317),
+                revision: i.revision.clone().filter(|r| r.len() <= 64),
+                observed_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::now(),
+                )),
+                tokens_per_second: if i.tokens_per_second.is_finite() {
+                    i.tokens_per_second.max(0.0)
+                } else {
+                    0.0
+                },
+                latency_p50_millis: None,
+                latency_p99_millis: None,
+                requests_total: i64::try_from(i.requests_total).unwrap_or(i64::MAX),
+                errors_total: i64::try_from(i.errors_total).unwrap_or(i64::MAX),
+            };
+            fleet
+                .inner
+                .heartbeats
+                .reported()
+                .note_stats(&name, stats.clone());
+            d.inference = Some(stats);
         }
         let third = fleet.inner.config.heartbeat_lease / 3;
         let stale = d.last_write.is_none_or(|t| t.elapsed() >= third);
@@ -237,11 +260,7 @@ pub(super) async fn report(
                 .count(),
         });
         if let Some(i) = inference {
-            st["inference"] = json!({
-                "tokensPerSecond": i.tokens_per_second,
-                "requestsTotal": i.requests_total,
-                "errorsTotal": i.errors_total,
-            });
+            st["inference"] = json!(i);
         }
         json!({"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeDevice", "status": st})
     });
