@@ -148,11 +148,16 @@ struct Job {
 /// Counters for metrics and health.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Requests completed.
+    /// Requests the engine completed (a cancelled one too).
     pub requests: AtomicU64,
     /// Requests failed on the server's side (llama.cpp errors): what error-rate gates
-    /// judge.
+    /// judge, with the plugin failures.
     pub failures: AtomicU64,
+    /// Requests a plugin failed (trap, fuel, deadline) before the engine saw them.
+    pub plugin_failures_before: AtomicU64,
+    /// Requests a plugin failed on the answer or a chunk of it (the engine counted
+    /// them in `requests` too).
+    pub plugin_failures_after: AtomicU64,
     /// Requests refused as the client's mistake (a prompt that does not fit the
     /// context): answered 400, never counted as failures, so that no API user can fail
     /// a fleet's rollout by sending long prompts.
@@ -198,6 +203,23 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("config", &self.config)
             .finish_non_exhaustive()
+    }
+}
+
+impl Stats {
+    /// Requests served, done or failed: completed by the engine, failed in it, or
+    /// failed by a plugin before it.
+    pub fn served(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+            + self.failures.load(Ordering::Relaxed)
+            + self.plugin_failures_before.load(Ordering::Relaxed)
+    }
+
+    /// Of [`Stats::served`], the server's failures: the engine's and the plugins'.
+    pub fn server_failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+            + self.plugin_failures_before.load(Ordering::Relaxed)
+            + self.plugin_failures_after.load(Ordering::Relaxed)
     }
 }
 
@@ -339,6 +361,11 @@ impl Engine {
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// The counters, shared (for work that outlives a borrow of the engine).
+    pub fn shared_stats(&self) -> Arc<Stats> {
+        self.stats.clone()
     }
 
     /// Milliseconds the model took to load.

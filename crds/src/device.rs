@@ -357,8 +357,9 @@ pub struct InferenceStats {
     /// 99th percentile request latency in milliseconds, when the agent measures it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_p99_millis: Option<f64>,
-    /// Requests completed since the model was loaded.
+    /// Requests served (completed or failed) since the model was loaded.
     pub requests_total: i64,
-    /// Requests failed (the server's failures) since the model was loaded.
+    /// Of those, the server's failures (engine errors, plugin traps, fuel and
+    /// deadlines); a request refused as the client's mistake is in neither.
     pub errors_total: i64,
 }

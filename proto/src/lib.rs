@@ -403,9 +403,10 @@ pub struct Inference {
     /// judge counters they cannot tie to a revision).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
-    /// Requests completed.
+    /// Requests served, completed or failed.
     pub requests_total: u64,
-    /// Requests failed.
+    /// Of those, the server's failures (engine errors, plugin traps, fuel and
+    /// deadlines); a request refused as the client's mistake is in neither.
     pub errors_total: u64,
     /// Mean generation speed.
     pub tokens_per_second: f64,

@@ -30,8 +30,8 @@ impl FleetAgent {
         Some(proto::Inference {
             model: Some(model),
             revision: Some(revision),
-            requests_total: s.requests.load(Relaxed),
-            errors_total: s.failures.load(Relaxed),
+            requests_total: s.served(),
+            errors_total: s.server_failures(),
             tokens_per_second: if micros == 0 {
                 0.0
             } else {

@@ -59,8 +59,8 @@ pub(super) async fn metrics(State(serving): State<Arc<Serving>>) -> Result<Respo
          # TYPE edgefleet_queue_depth gauge\nedgefleet_queue_depth {}\n\
          # TYPE edgefleet_busy_slots gauge\nedgefleet_busy_slots {}\n\
          # TYPE edgefleet_model_load_seconds gauge\nedgefleet_model_load_seconds {:.3}\n",
-        s.requests.load(Ordering::Relaxed),
-        s.failures.load(Ordering::Relaxed),
+        s.served(),
+        s.server_failures(),
         s.rejected.load(Ordering::Relaxed),
         s.cancelled.load(Ordering::Relaxed),
         s.prompt_tokens.load(Ordering::Relaxed),
@@ -119,7 +119,7 @@ pub(super) async fn chat(
     if let Some(r) = run.take() {
         let pr = plugin_req.clone();
         let (r, outcome) = blocking(r, move |r| r.on_request(&pr)).await?;
-        match outcome.map_err(ApiError::plugin)? {
+        match outcome.map_err(|e| plugin_error(&engine, e, false))? {
             RequestOutcome::Proceed(m) => {
                 // A plugin's rewrite must not smuggle in role markers either.
                 refuse_control_tokens(&engine, &m)?;
@@ -163,7 +163,7 @@ pub(super) async fn chat(
                 } => {
                     if let Some(r) = run {
                         let (_, out) = blocking(r, move |r| r.on_response(text)).await?;
-                        text = out.map_err(ApiError::plugin)?;
+                        text = out.map_err(|e| plugin_error(&engine, e, true))?;
                     }
                     return Ok(Json(json!({
                         "id": id, "object": "chat.completion", "created": created, "model": model,
@@ -178,7 +178,7 @@ pub(super) async fn chat(
         return Err(failed("the generation ended without a result".into()));
     }
     let rx = match run {
-        Some(r) => through_plugins(rx, r),
+        Some(r) => through_plugins(rx, r, engine.shared_stats()),
         None => rx,
     };
     let include_usage = req.stream_usage;
@@ -268,4 +268,23 @@ fn resident_bytes() -> Option<u64> {
         .parse()
         .ok()?;
     Some(kib * 1024)
+}
+
+/// A plugin's refusal or failure as the API answers it; a failure (trap, fuel,
+/// deadline) is the server's and counts as the revision's, `after` the engine answered
+/// or before.
+fn plugin_error(
+    engine: &crate::engine::Engine,
+    e: crate::plugins::ChainError,
+    after: bool,
+) -> ApiError {
+    if matches!(e, crate::plugins::ChainError::Failed { .. }) {
+        let counter = if after {
+            &engine.stats().plugin_failures_after
+        } else {
+            &engine.stats().plugin_failures_before
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    ApiError::plugin(e)
 }

@@ -39,7 +39,18 @@ pub(super) async fn blocking<T: Send + 'static>(
 pub(super) fn through_plugins(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
     run: ChainRun,
+    stats: std::sync::Arc<crate::engine::Stats>,
 ) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+    // A plugin that fails mid-stream fails the request on the server's side; the
+    // engine counts it completed (or cancelled) too.
+    let failed = move |e: &ChainError| {
+        if matches!(e, ChainError::Failed { .. }) {
+            stats
+                .plugin_failures_after
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        stream_error(e)
+    };
     let (tx, out) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut run = run;
@@ -78,7 +89,7 @@ pub(super) fn through_plugins(
                             let _ = tx.send(ev);
                         }
                         Err(e) => {
-                            let _ = tx.send(Event::Failed(stream_error(&e)));
+                            let _ = tx.send(Event::Failed(failed(&e)));
                         }
                     }
                     return;
@@ -97,7 +108,7 @@ pub(super) fn through_plugins(
                     }
                 }
                 Err(e) => {
-                    let _ = tx.send(Event::Failed(stream_error(&e)));
+                    let _ = tx.send(Event::Failed(failed(&e)));
                     return;
                 }
             }
