@@ -88,6 +88,9 @@ pub mod reasons {
     pub const SIGNATURE_NOT_FETCHED: &str = "SignatureNotFetched";
     /// Devices on a failed revision were moved back to the stable revision.
     pub const ROLLED_BACK: &str = "RolledBack";
+    /// A failed revision is rolled out again: an administrator asked
+    /// (`edgefleet.io/retry`), or, without rollback, its devices are healthy again.
+    pub const RETRYING: &str = "Retrying";
     /// A device stopped qualifying (selector, approval, readiness, attestation, memory)
     /// and lost the model.
     pub const UNASSIGNED: &str = "Unassigned";

@@ -10,6 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Artifact, SignatureSource, TeeKind, TrustedSigner};
 
+/// Annotation on an EdgeModel that asks to roll its failed revision out again from the
+/// first step; any new value (a timestamp, say) asks once:
+/// `kubectl annotate edgemodel NAME edgefleet.io/retry=$(date +%s) --overwrite`.
+pub const RETRY_ANNOTATION: &str = "edgefleet.io/retry";
+
 /// Desired state of an EdgeModel: which model, signed by whom, onto which devices, how
 /// fast, and how it runs there.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -416,10 +421,15 @@ pub struct EdgeModelStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 281_474_976_710_656_i64))]
     pub rollout_rank: Option<i64>,
-    /// A revision that failed its health gates; it is not retried until the spec
-    /// changes.
+    /// A revision that failed its health gates. With `rollbackOnFailure` its devices
+    /// went back to the stable revision and it is not retried until the spec changes or
+    /// an administrator asks with the [`RETRY_ANNOTATION`]; without, it resumes once
+    /// every device on it is healthy again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_revision: Option<String>,
+    /// The value of the [`RETRY_ANNOTATION`] last acted on (each new value asks once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_retry: Option<String>,
     /// What each revision that devices may run (the current one, the stable one, and any
     /// a device is still assigned) consists of, with every signature bundle resolved. The
     /// gateway serves devices from these, so that a rollback needs nothing the spec no

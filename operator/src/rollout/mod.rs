@@ -202,6 +202,33 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
         status.stable_revision = None;
     }
     let stable = status.stable_revision.clone();
+    // An administrator's retry (a new value of the retry annotation) rolls the failed
+    // revision out again from the first step. Each value asks once: it is recorded
+    // whether or not a revision has failed, so that an old annotation never retries a
+    // later failure by itself.
+    if let Some(asked) = model
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(edgefleet_crds::model::RETRY_ANNOTATION))
+        && status.last_retry.as_ref() != Some(asked)
+    {
+        status.last_retry = Some(asked.clone());
+        if status.failed_revision.as_deref() == Some(rev.as_str()) {
+            status.failed_revision = None;
+            status.current_step = Some(0);
+            status.step_started_time = None;
+            status.rollout_rank = Some(0);
+            events.push((
+                EventType::Normal,
+                reasons::RETRYING,
+                format!(
+                    "rolling out failed revision {rev} again from the first step, as {}={asked} asks",
+                    edgefleet_crds::model::RETRY_ANNOTATION
+                ),
+            ));
+        }
+    }
     // A status from before rollout ranks: a completed revision stays complete; an
     // unfinished rollout starts again from its first step (its devices run the stable
     // revision until the rank reaches them).
@@ -261,7 +288,26 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
         now,
     )
     .filter(|_| !completed);
-    let failed_before = status.failed_revision.as_deref() == Some(rev.as_str());
+    let mut failed_before = status.failed_revision.as_deref() == Some(rev.as_str());
+    // Without rollback the devices stay on a failed revision; once every one of them
+    // that is online is ready on it again and no gate fails, it resumes (its step's
+    // clock starts again). With rollback they left it, so nothing shows it healthy: it
+    // waits for a spec change or a retry, and the condition says so.
+    if failed_before
+        && !gates.rollback_on_failure
+        && gate_failure.is_none()
+        && !health.ready.is_empty()
+        && health.ready.len() + health.offline.len() == health.updated.len()
+    {
+        failed_before = false;
+        status.failed_revision = None;
+        status.step_started_time = None;
+        events.push((
+            EventType::Normal,
+            reasons::RETRYING,
+            format!("revision {rev} resumes: its devices are healthy again"),
+        ));
+    }
     let verdict = advance::verdict(gate_failure, signature.is_ok(), failed_before, n);
 
     // Rolling back is moving the rank to 0, when there is a stable revision to go back
@@ -277,16 +323,28 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
             // Halt, and move devices back to the stable revision.
             status.failed_revision = Some(rev.clone());
             events.push((EventType::Warning, reasons::HEALTH_GATE_FAILED, why.clone()));
-            if gates.rollback_on_failure
-                && let Some(stable) = back_to_stable(&mut rank)
-            {
-                events.push((
-                    EventType::Warning,
-                    reasons::ROLLED_BACK,
-                    format!("rolled back to revision {stable}"),
+            let mut then = None;
+            if gates.rollback_on_failure {
+                if let Some(stable) = back_to_stable(&mut rank) {
+                    events.push((
+                        EventType::Warning,
+                        reasons::ROLLED_BACK,
+                        format!("rolled back to revision {stable}"),
+                    ));
+                    then = Some(format!("rolled back to revision {stable}; "));
+                }
+                then = Some(format!(
+                    "{}revision {rev} is not retried until the spec changes or the {} annotation asks",
+                    then.unwrap_or_default(),
+                    edgefleet_crds::model::RETRY_ANNOTATION
                 ));
             }
-            Outcome::degraded(why)
+            let then = then.unwrap_or_else(|| {
+                format!(
+                    "its devices stay on revision {rev}; it resumes once they are healthy again"
+                )
+            });
+            Outcome::degraded(format!("{why} ({then})"))
         }
         Verdict::FailedBefore => {
             // Keep the message that named the failure.

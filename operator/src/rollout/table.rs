@@ -669,6 +669,134 @@ fn cases() -> Vec<Case> {
                 .collect();
             assert_eq!(on_current(&p, &online), 2);
         }),
+        (
+            "a gate failure with rollback says the revision waits for a spec change or a retry",
+            || {
+                let m = model(serde_json::json!({}), |st, _| {
+                    st.stable_revision = Some("old".into());
+                    st.rollout_rank = Some(past(1));
+                });
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let p = run(
+                    &m,
+                    &[dev(
+                        &names[0],
+                        true,
+                        Some((rev.as_str(), ModelState::Failed)),
+                    )],
+                );
+                assert_eq!(p.status.failed_revision.as_deref(), Some(rev.as_str()));
+                let degraded = p
+                    .status
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == edgefleet_crds::conditions::DEGRADED)
+                    .unwrap();
+                assert!(
+                    degraded.message.contains("reported the revision Failed")
+                        && degraded.message.contains("rolled back to revision old")
+                        && degraded.message.contains("edgefleet.io/retry"),
+                    "{}",
+                    degraded.message
+                );
+            },
+        ),
+        (
+            "a retry annotation rolls a failed revision out again from the first step, once",
+            || {
+                let mut m = model(serde_json::json!({}), |st, rev| {
+                    st.stable_revision = Some("old".into());
+                    st.failed_revision = Some(rev.to_owned());
+                    st.current_step = Some(1);
+                });
+                m.metadata.annotations = Some(
+                    [(
+                        edgefleet_crds::model::RETRY_ANNOTATION.to_owned(),
+                        "1".to_owned(),
+                    )]
+                    .into(),
+                );
+                let names = by_rank();
+                let devices: Vec<_> = names
+                    .iter()
+                    .map(|n| dev(n, true, Some(("old", ModelState::Ready))))
+                    .collect();
+                let p = run(&m, &devices);
+                assert_eq!(p.status.failed_revision, None);
+                assert_eq!(p.status.last_retry.as_deref(), Some("1"));
+                assert_eq!(p.status.current_step, Some(0));
+                assert_eq!(p.status.phase, Some(ModelPhase::Progressing));
+                assert!(has_event(&p, reasons::RETRYING));
+                assert_eq!(on_current(&p, &names), 1, "the first step's canary again");
+                // Failing again with the same annotation value: no second retry.
+                let rev = rev_of(&m);
+                let mut again = m.clone();
+                let st = again.status.as_mut().unwrap();
+                st.last_retry = Some("1".into());
+                st.failed_revision = Some(rev.clone());
+                let p = run(&again, &devices);
+                assert_eq!(p.status.failed_revision.as_deref(), Some(rev.as_str()));
+                assert_eq!(p.status.phase, Some(ModelPhase::Degraded));
+                assert!(!has_event(&p, reasons::RETRYING));
+            },
+        ),
+        (
+            "a retry annotation set while nothing failed is recorded and retries nothing later",
+            || {
+                let mut m = model(serde_json::json!({}), |_, _| {});
+                m.metadata.annotations = Some(
+                    [(
+                        edgefleet_crds::model::RETRY_ANNOTATION.to_owned(),
+                        "x".to_owned(),
+                    )]
+                    .into(),
+                );
+                let names = by_rank();
+                let devices: Vec<_> = names.iter().map(|n| dev(n, true, None)).collect();
+                let p = run(&m, &devices);
+                assert_eq!(p.status.last_retry.as_deref(), Some("x"));
+                assert!(!has_event(&p, reasons::RETRYING));
+            },
+        ),
+        (
+            "without rollback a failed revision resumes once its devices are healthy again",
+            || {
+                let m = model(
+                    serde_json::json!({"healthGates": {"rollbackOnFailure": false}, "maxUnavailable": 8,
+                                       "steps": [{"count": 2}, {"percent": 100}]}),
+                    |st, rev| {
+                        st.stable_revision = Some("old".into());
+                        st.failed_revision = Some(rev.to_owned());
+                        st.rollout_rank = Some(past(2));
+                        st.step_started_time = Some(ago(10_000));
+                    },
+                );
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let state = |first: ModelState| {
+                    names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| match i {
+                            0 => dev(n, true, Some((rev.as_str(), first))),
+                            1 => dev(n, true, Some((rev.as_str(), ModelState::Ready))),
+                            _ => dev(n, true, Some(("old", ModelState::Ready))),
+                        })
+                        .collect::<Vec<_>>()
+                };
+                // Still failed on one device: stays Degraded, where it is.
+                let p = run(&m, &state(ModelState::Failed));
+                assert_eq!(p.status.phase, Some(ModelPhase::Degraded));
+                assert_eq!(p.status.failed_revision.as_deref(), Some(rev.as_str()));
+                assert_eq!(p.status.rollout_rank, Some(past(2)));
+                // Both ready again: resumes, and the step's clock starts again.
+                let p = run(&m, &state(ModelState::Ready));
+                assert_eq!(p.status.failed_revision, None);
+                assert!(has_event(&p, reasons::RETRYING));
+                assert_ne!(p.status.phase, Some(ModelPhase::Degraded));
+            },
+        ),
     ]
 }
 
