@@ -30,6 +30,23 @@ pub enum GatewayError {
     },
 }
 
+impl GatewayError {
+    /// Whether this is a passing trouble of the network or of one gateway replica (no
+    /// answer, a timeout, `429`, `5xx`, an answer that does not parse), after which a
+    /// device keeps its session and asks again, here or at another replica. Anything
+    /// else (`401`/`403`: the certificate or the device is refused; `404`: the device
+    /// is gone) ends the session, and the device enrols and attests anew.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transport(_) => true,
+            Self::Ca(_) => false,
+            Self::Rejected { status, reason, .. } => {
+                *status == 429 || (500..600).contains(status) || reason == "BadResponse"
+            }
+        }
+    }
+}
+
 /// The gateway CA (PEM) as the only trust roots of a client.
 pub fn roots(ca_pem: &[u8]) -> Result<rustls::RootCertStore, GatewayError> {
     let mut roots = rustls::RootCertStore::empty();
@@ -203,7 +220,43 @@ mod tests {
             .unwrap_or_else(|_| panic!("the request did not end by its own timeout"))
             .unwrap_err();
         assert!(matches!(err, GatewayError::Transport(_)), "{err}");
+        // A gateway that does not answer is a passing trouble: the session is kept.
+        assert!(err.is_transient());
         held.abort();
         assert!(REQUEST_TIMEOUT >= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn only_a_refusal_ends_a_session() {
+        let refused = |status: u16, reason: &str| GatewayError::Rejected {
+            status,
+            reason: reason.into(),
+            message: String::new(),
+        };
+        // A replica in trouble, an overloaded one, one behind a proxy that fails, or an
+        // answer cut short: ask again (elsewhere), keep the certificate.
+        for (status, reason) in [
+            (429, "Busy"),
+            (500, "Internal"),
+            (502, "Unknown"),
+            (503, "Busy"),
+            (504, "Unknown"),
+            (200, "BadResponse"),
+        ] {
+            assert!(refused(status, reason).is_transient(), "{status} {reason}");
+        }
+        // The certificate or the device refused, the device gone, or a bad request:
+        // enrol and attest anew.
+        for (status, reason) in [
+            (401, "CertificateRequired"),
+            (403, "NotApproved"),
+            (403, "CertificateRevoked"),
+            (404, "UnknownDevice"),
+            (400, "BadRequest"),
+            (409, "NonceUsed"),
+        ] {
+            assert!(!refused(status, reason).is_transient(), "{status} {reason}");
+        }
+        assert!(!GatewayError::Ca("bad".into()).is_transient());
     }
 }

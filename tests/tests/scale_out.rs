@@ -359,6 +359,13 @@ async fn every_replica_serves_devices_and_a_dead_replicas_devices_move_without_g
         before.insert(name.clone(), ready_since(&devices.get(name).await.unwrap()));
     }
 
+    let sessions = |name: &str| {
+        std::fs::read_to_string(d.join(format!("{name}.log")))
+            .unwrap()
+            .matches("connected to the gateway")
+            .count()
+    };
+    let sessions_before: Vec<usize> = first.iter().map(|n| sessions(n)).collect();
     // The leader dies. Its devices move to op-b, which takes the lead; nobody marks a
     // device not ready for the move.
     drop(op_a);
@@ -385,6 +392,17 @@ async fn every_replica_serves_devices_and_a_dead_replicas_devices_move_without_g
     let st = models.get("smollm2").await.unwrap().status.unwrap();
     assert_eq!(st.ready_devices.as_deref(), Some("4/4"));
     assert_eq!(st.phase, Some(ModelPhase::Available));
+    // The moved devices kept their session: a gateway that stops answering is a
+    // passing trouble, so they went to op-b under the certificate they had, without
+    // enrolling or attesting again (which would cost API writes in a storm).
+    for (name, before) in first.iter().zip(sessions_before) {
+        let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap();
+        assert!(
+            log.contains("gateway unreachable; keeping the session"),
+            "{name} did not keep its session:\n{log}"
+        );
+        assert_eq!(sessions(name), before, "{name} attested again to move:\n{log}");
+    }
     for name in &names {
         let recorded = devices.get(name).await.unwrap().status.unwrap().models;
         assert!(

@@ -82,6 +82,19 @@ impl DeviceClient {
         })
     }
 
+    /// The same identity at another gateway replica (`base`): every replica serves
+    /// every device, and the certificate is the device CA's, good at each.
+    pub fn at(&self, base: &str) -> Self {
+        let i = &*self.identity;
+        Self::new(base, &i.ca, &i.cert, &i.key, &self.device, i.timeout)
+            .unwrap_or_else(|_| self.clone())
+    }
+
+    /// The gateway this client talks to.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// The same identity over new connections (the old ones close once unused).
     pub fn reconnect(&self) -> Self {
         let i = &*self.identity;

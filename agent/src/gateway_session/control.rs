@@ -3,8 +3,10 @@
 //! configured token file is deleted when `gateway.delete_token_after_enrol` is set), attest (the device's key and evidence →
 //! client certificate; no token, so a device whose certificate lapsed while it was
 //! offline comes back the same way), then long-poll the desired state over mTLS and converge, until it is
-//! time to attest again (within two thirds of the attestation lease); reconnect with
-//! capped, jittered backoff when the session ends. An enrolment answered "not approved"
+//! time to attest again (within two thirds of the attestation lease). A passing
+//! trouble (no answer, `429`, `5xx`) keeps the session and moves to the next replica in
+//! the list under the same certificate; only a refusal (`401`, `403`, `404`) ends it.
+//! Reconnect with capped, jittered backoff when the session ends. An enrolment answered "not approved"
 //! stops serving; each allowed attestation renews the attestation lease.
 
 use std::sync::Arc;
@@ -50,9 +52,9 @@ impl FleetAgent {
         let mut at = first_endpoint(&cfg.device.name, endpoints.len());
         let mut failed_in_a_row = 0usize;
         loop {
-            let url = &endpoints[at % endpoints.len()];
             let session = self.session_number();
-            let result = self.connected(&mut source, url).await;
+            let result = self.connected(&mut source, &endpoints, &mut at).await;
+            let url = &endpoints[at % endpoints.len()];
             if self.session_number() != session {
                 // A session was established (then ended): the next failure starts the
                 // backoff afresh.
@@ -81,8 +83,18 @@ impl FleetAgent {
         }
     }
 
-    async fn connected(&self, source: &mut Source, url: &str) -> Result<(), EnrolError> {
+    /// One session: enrol and attest at `endpoints[at]`, then follow the desired state
+    /// until it is time to attest again. A passing trouble
+    /// ([`GatewayError::is_transient`]) keeps the session: the device asks the next
+    /// replica (moving `at`), with jittered, capped backoff, under the same certificate.
+    async fn connected(
+        &self,
+        source: &mut Source,
+        endpoints: &[String],
+        at: &mut usize,
+    ) -> Result<(), EnrolError> {
         let cfg = &self.config;
+        let url = endpoints[*at % endpoints.len()].as_str();
         let ca = std::fs::read(&cfg.gateway.ca).map_err(|e| EnrolError::State {
             path: cfg.gateway.ca.clone(),
             source: e,
@@ -170,19 +182,42 @@ impl FleetAgent {
                 .min(Duration::from_secs((lease_seconds * 2 / 3).max(1)));
         let _ = self.flush().await;
         let mut version: Option<String> = None;
+        let mut client = client;
+        let max = Duration::from_secs(cfg.fleet.backoff_max_seconds);
+        let mut retry = Duration::from_secs(1);
         while tokio::time::Instant::now() < reattest {
             // A long-poll ends by the time to re-attest, so that the lease is renewed.
             let left = reattest.saturating_duration_since(tokio::time::Instant::now());
             let poll = wait.min(left).max(Duration::from_secs(1));
             match client.desired(version.as_deref(), poll).await {
                 Ok(Some(desired)) => {
+                    retry = Duration::from_secs(1);
                     tracing::info!(version = %desired.version, models = desired.models.len(), "desired state");
                     self.converge(&client, &desired).await;
                     version = Some(desired.version);
                     let _ = self.flush().await;
                 }
-                Ok(None) => {}
+                Ok(None) => retry = Duration::from_secs(1),
+                Err(e) if e.is_transient() => {
+                    // The certificate is still good, at every replica: no enrolment and
+                    // no attestation (each costs the API server writes, and a storm of
+                    // them is what a flapping network would cause). Ask the next one.
+                    *at = at.wrapping_add(1);
+                    let next = endpoints[*at % endpoints.len()].as_str();
+                    let pause = jitter(retry).min(left);
+                    tracing::warn!(error = %e, gateway = %client.base(), next, retry_in_ms = pause.as_millis() as u64, "gateway unreachable; keeping the session");
+                    tokio::time::sleep(pause).await;
+                    retry = (retry * 2).min(max);
+                    if next.trim_end_matches('/') != client.base() {
+                        client = client.at(next);
+                        // The next replica may never have heard this device's states.
+                        self.begin_session(client.clone());
+                    }
+                    // Any desired state is asked for afresh.
+                    version = None;
+                }
                 Err(e) => {
+                    // Refused (the certificate, the device): enrol and attest anew.
                     if let Ok(mut s) = self.shared.lock() {
                         s.client = None;
                     }

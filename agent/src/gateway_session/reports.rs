@@ -65,15 +65,16 @@ impl FleetAgent {
         }
     }
 
-    /// Starts reporting through `client`, a new session's. The next report carries the
-    /// model states again even if an earlier session's gateway acknowledged them: that
-    /// gateway may have acknowledged without writing them (a leader that failed over),
-    /// and the one answering now may never have seen them.
     /// How many gateway sessions this process has begun.
     pub(super) fn session_number(&self) -> u64 {
         self.shared.lock().map_or(0, |s| s.session)
     }
 
+    /// Starts reporting through `client`, a new session's (or the same session's at
+    /// another replica). The next report carries the model states again even if an
+    /// earlier session's gateway acknowledged them: that gateway may have acknowledged
+    /// without writing them (a leader that failed over), and the one answering now may
+    /// never have seen them.
     pub(super) fn begin_session(&self, client: super::DeviceClient) {
         if let Ok(mut s) = self.shared.lock() {
             s.client = Some(client);
