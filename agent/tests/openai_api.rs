@@ -491,3 +491,57 @@ fn p256_pem() -> String {
         .unwrap()
         .to_string()
 }
+
+#[test]
+fn plugin_work_is_admitted_only_as_far_as_the_engine_admits() {
+    // One slot and a queue of one: two requests at once in the plugins, no more.
+    let s = start(&[
+        "--parallel-slots",
+        "1",
+        "--queue-depth",
+        "1",
+        "--plugin",
+        &plugin("hostile"),
+        "--plugin-config",
+        "hostile.mode=loop",
+        "--plugin-config",
+        "hostile.trigger=EVIL",
+        "--plugin-deadline-ms",
+        "1500",
+    ]);
+    let post = |content: &'static str, base: String| {
+        std::thread::spawn(move || {
+            let body = format!(
+                r#"{{"model":"smollm2","messages":[{{"role":"user","content":"{content}"}}],"max_tokens":4}}"#
+            );
+            let out = Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "-",
+                    "-w",
+                    "\n%{http_code}",
+                    "-H",
+                    "content-type: application/json",
+                ])
+                .args(["--data", &body, &format!("{base}/v1/chat/completions")])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (body, code) = text.rsplit_once('\n').unwrap();
+            (code.to_owned(), body.to_owned())
+        })
+    };
+    let held: Vec<_> = (0..3).map(|_| post("EVIL", s.base.clone())).collect();
+    let mut results: Vec<(String, String)> = held.into_iter().map(|h| h.join().unwrap()).collect();
+    results.sort();
+    let codes: Vec<&str> = results.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(codes, ["429", "500", "500"], "{results:?}");
+    assert!(results[0].1.contains("plugins_busy"), "{results:?}");
+    assert!(results[1].1.contains("plugin_failed"), "{results:?}");
+    // The places are free again once the requests are done.
+    let (code, body) = post("What is the capital of France?", s.base.clone())
+        .join()
+        .unwrap();
+    assert_eq!(code, "200", "{body}");
+}

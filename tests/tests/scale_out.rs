@@ -401,7 +401,11 @@ async fn every_replica_serves_devices_and_a_dead_replicas_devices_move_without_g
             log.contains("gateway unreachable; keeping the session"),
             "{name} did not keep its session:\n{log}"
         );
-        assert_eq!(sessions(name), before, "{name} attested again to move:\n{log}");
+        assert_eq!(
+            sessions(name),
+            before,
+            "{name} attested again to move:\n{log}"
+        );
     }
     for name in &names {
         let recorded = devices.get(name).await.unwrap().status.unwrap().models;

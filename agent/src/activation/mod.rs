@@ -171,11 +171,16 @@ impl Prepared {
         serving: &Serving,
         config: EngineConfig,
     ) -> Result<Arc<Engine>, LoadError> {
+        // As many requests in the plugins at once as the engine admits (slots and
+        // queue): plugin work never holds more than the engine would take.
+        let concurrency = config.parallel_slots.saturating_add(config.queue_depth);
         let engine = tokio::task::spawn_blocking(move || Engine::load(config)).await??;
         let engine = Arc::new(engine);
         let chain = self.plugins.map(|(runtime, loaded)| {
             let infer = EngineSubPrompt::new(&engine, tokio::runtime::Handle::current());
-            runtime.chain(loaded, Some(infer), Default::default())
+            runtime
+                .chain(loaded, Some(infer), Default::default())
+                .with_concurrency(concurrency)
         });
         serving.install_with_plugins(engine.clone(), chain);
         Ok(engine)

@@ -13,7 +13,7 @@ use wasmtime::{Engine, Store};
 use super::bindings::Plugin;
 use super::bindings::edgefleet::plugin::types::{Message, Request, RequestAction, ResponseAction};
 use super::host::PluginState;
-use super::limits::{Limiter, MAX_TRANSFER_BYTES, arm, classify};
+use super::limits::{Limiter, MAX_DEADLINE, MAX_TRANSFER_BYTES, arm, classify};
 use super::metrics::PluginMetrics;
 use super::runtime::LoadedPlugin;
 use super::wasi::wasi_ctx;
@@ -27,6 +27,8 @@ pub struct Chain {
     pub(super) plugins: Vec<Arc<LoadedPlugin>>,
     pub(super) infer: Option<Arc<dyn SubPrompt>>,
     pub(super) metrics: Arc<PluginMetrics>,
+    /// Requests in the chain at once ([`Chain::try_start`]), shared by its clones.
+    pub(super) permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Chain {
@@ -86,7 +88,8 @@ impl Chain {
         Ok(Live { store, plugin })
     }
 
-    /// Per-request state: one lazily created instance per plugin.
+    /// Per-request state: one lazily created instance per plugin. Not counted against
+    /// the chain's concurrency ([`Chain::try_start`] is).
     pub fn start(&self) -> ChainRun {
         ChainRun {
             chain: self.clone(),
@@ -94,7 +97,40 @@ impl Chain {
             saw_request: self.plugins.len(),
             seen: Vec::with_capacity(self.plugins.len()),
             infer_calls: Arc::new(AtomicU64::new(0)),
+            _permit: None,
         }
+    }
+
+    /// [`Chain::start`], if fewer than the chain's concurrency
+    /// ([`Chain::with_concurrency`]) requests are in it now; `None` when it is full. The
+    /// request holds its place until its run is dropped, which is after the plugin
+    /// code it started has returned (a call stuck in a host import past its deadline
+    /// keeps counting), so plugin instances, their memory and the threads they run on
+    /// stay bounded whatever clients send.
+    pub fn try_start(&self) -> Option<ChainRun> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let mut run = self.start();
+        run._permit = Some(permit);
+        Some(run)
+    }
+
+    /// This chain, admitting at most `n` (at least 1) requests at once.
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.permits = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        self
+    }
+
+    /// The longest one hook's walk through the chain may take by the plugins' limits:
+    /// each plugin's deadline (or [`MAX_DEADLINE`] for a plugin bounded by fuel alone),
+    /// summed, plus a second for instantiation. The serving side stops waiting then,
+    /// even for a call held in a blocking host import that the deadline cannot
+    /// interrupt.
+    pub fn walk_bound(&self) -> std::time::Duration {
+        self.plugins
+            .iter()
+            .map(|p| p.limits.deadline.unwrap_or(MAX_DEADLINE).min(MAX_DEADLINE))
+            .sum::<std::time::Duration>()
+            + std::time::Duration::from_secs(1)
     }
 }
 
@@ -213,6 +249,8 @@ pub struct ChainRun {
     /// plugin after a redactor never sees what the redactor removed.
     seen: Vec<Request>,
     infer_calls: Arc<AtomicU64>,
+    /// Its place in the chain's concurrency, when it took one.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl std::fmt::Debug for ChainRun {

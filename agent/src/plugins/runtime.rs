@@ -166,9 +166,13 @@ impl PluginRuntime {
             plugins: plugins.into_iter().map(Arc::new).collect(),
             infer,
             metrics,
+            permits: Arc::new(tokio::sync::Semaphore::new(DEFAULT_CONCURRENCY)),
         }
     }
 }
+
+/// Requests a chain admits at once unless told otherwise ([`Chain::with_concurrency`]).
+pub const DEFAULT_CONCURRENCY: usize = 16;
 
 /// Tells a component (`\0asm`, layer 1) from a core module or other bytes.
 fn check_component_header(wasm: &[u8]) -> Result<(), PluginError> {

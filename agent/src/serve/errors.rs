@@ -46,6 +46,19 @@ impl ApiError {
         }
     }
 
+    /// The same, with a machine-readable `code`.
+    pub(super) fn server_code(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            code: Some(code),
+            ..Self::server(status, kind, message)
+        }
+    }
+
     /// A plugin refused or failed: 400 for a refused request, 502 for a refused answer
     /// (the model's output did not pass), 500 for a plugin that failed.
     pub(super) fn plugin(e: ChainError) -> Self {

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::State;
@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::request::parse_chat_request;
-use super::streaming::{async_stream_events, blocking, through_plugins};
+use super::streaming::{Events, Stuck, async_stream_events, blocking, through_plugins};
 use super::{ApiError, Served, Serving, failed};
 use crate::engine::{ChatMessage, Engine, Event, SubmitError};
 use crate::plugins::{Chain, PluginRequest, RequestOutcome};
@@ -114,11 +114,25 @@ pub(super) async fn chat(
         json_mode: req.json_mode,
         streamed: req.stream,
     };
-    let mut run = plugins.as_ref().map(Chain::start);
+    // Plugin work is admitted before the engine's queue, and bounded the same way.
+    let mut run = match &plugins {
+        Some(chain) => Some(chain.try_start().ok_or_else(|| {
+            ApiError::server_code(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "plugins_busy",
+                "as many requests as the model admits are in its plugins; try again shortly",
+            )
+        })?),
+        None => None,
+    };
+    let bound = plugins.as_ref().map_or(Duration::ZERO, Chain::walk_bound);
     let mut messages = req.messages;
     if let Some(r) = run.take() {
         let pr = plugin_req.clone();
-        let (r, outcome) = blocking(r, move |r| r.on_request(&pr)).await?;
+        let (r, outcome) = blocking(r, bound, move |r| r.on_request(&pr))
+            .await
+            .map_err(|e| stuck(&engine, e, false))?;
         match outcome.map_err(|e| plugin_error(&engine, e, false))? {
             RequestOutcome::Proceed(m) => {
                 // A plugin's rewrite must not smuggle in role markers either.
@@ -162,7 +176,9 @@ pub(super) async fn chat(
                     completion_tokens,
                 } => {
                     if let Some(r) = run {
-                        let (_, out) = blocking(r, move |r| r.on_response(text)).await?;
+                        let (_, out) = blocking(r, bound, move |r| r.on_response(text))
+                            .await
+                            .map_err(|e| stuck(&engine, e, true))?;
                         text = out.map_err(|e| plugin_error(&engine, e, true))?;
                     }
                     return Ok(Json(json!({
@@ -178,8 +194,8 @@ pub(super) async fn chat(
         return Err(failed("the generation ended without a result".into()));
     }
     let rx = match run {
-        Some(r) => through_plugins(rx, r, engine.shared_stats()),
-        None => rx,
+        Some(r) => Events::Plugins(through_plugins(rx, r, bound, engine.shared_stats())),
+        None => Events::Engine(rx),
     };
     let include_usage = req.stream_usage;
     // A null delta makes the usage-only chunk (no choices), as OpenAI sends it.
@@ -287,4 +303,21 @@ fn plugin_error(
         counter.fetch_add(1, Ordering::Relaxed);
     }
     ApiError::plugin(e)
+}
+
+/// Plugin code that did not come back as the API answers it: a failure of the server,
+/// counted as the revision's like a plugin failure.
+fn stuck(engine: &crate::engine::Engine, e: Stuck, after: bool) -> ApiError {
+    let counter = if after {
+        &engine.stats().plugin_failures_after
+    } else {
+        &engine.stats().plugin_failures_before
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    ApiError::server_code(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "plugin_failed",
+        e.to_string(),
+    )
 }

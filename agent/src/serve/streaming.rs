@@ -3,35 +3,68 @@
 //! and running plugin code on a blocking thread ([`blocking`]).
 
 use std::convert::Infallible;
+use std::time::Duration;
 
-use axum::http::StatusCode;
 use axum::response::sse::Event as SseEvent;
 use serde_json::{Value, json};
 
-use super::ApiError;
 use crate::engine::Event;
 use crate::plugins::{ChainError, ChainRun};
 
+/// Plugin code that did not come back.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Stuck {
+    /// Its thread ended without a result.
+    #[error("plugin task: {0}")]
+    Died(String),
+    /// It ran past what the plugins' limits allow ([`crate::plugins::Chain::walk_bound`]):
+    /// held in a blocking host import, which the deadline cannot interrupt.
+    #[error("Deadline: the plugins did not return within {} ms", .0.as_millis())]
+    Timeout(Duration),
+}
+
 /// Runs plugin code on a blocking thread (a call may take up to its deadline), handing
-/// the request's chain state there and back.
-pub(super) async fn blocking<T: Send + 'static>(
-    run: ChainRun,
-    f: impl FnOnce(&mut ChainRun) -> T + Send + 'static,
-) -> Result<(ChainRun, T), ApiError> {
-    tokio::task::spawn_blocking(move || {
+/// the request's chain state there and back; gives up after `bound`, leaving the
+/// thread (and the run, which holds the request's place in the chain's concurrency) to
+/// end on its own.
+pub(super) async fn blocking<R: Send + 'static, T: Send + 'static>(
+    run: R,
+    bound: Duration,
+    f: impl FnOnce(&mut R) -> T + Send + 'static,
+) -> Result<(R, T), Stuck> {
+    let task = tokio::task::spawn_blocking(move || {
         let mut run = run;
         let out = f(&mut run);
         (run, out)
-    })
-    .await
-    .map_err(|e| {
-        ApiError::server(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            format!("plugin task: {e}"),
-        )
-    })
+    });
+    match tokio::time::timeout(bound, task).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(e)) => Err(Stuck::Died(e.to_string())),
+        Err(_) => Err(Stuck::Timeout(bound)),
+    }
 }
+
+/// Where a streamed answer's events come from: the engine, or the plugins' chunk hooks.
+pub(super) enum Events {
+    /// Straight from the engine.
+    Engine(tokio::sync::mpsc::UnboundedReceiver<Event>),
+    /// Through the plugins ([`through_plugins`]), bounded.
+    Plugins(tokio::sync::mpsc::Receiver<Event>),
+}
+
+impl Events {
+    async fn recv(&mut self) -> Option<Event> {
+        match self {
+            Self::Engine(rx) => rx.recv().await,
+            Self::Plugins(rx) => rx.recv().await,
+        }
+    }
+}
+
+/// Chunks the plugins' stage holds for a client that reads slowly: beyond it the
+/// plugins wait, so a plugin that returns large chunks to a slow client cannot grow
+/// the agent's memory without end.
+pub const CHUNK_BUFFER: usize = 16;
 
 /// Passes a stream of engine events through the plugins' chunk hooks. Stops (and so
 /// stops generation, by dropping the engine's receiver) when the client goes away, even
@@ -39,19 +72,28 @@ pub(super) async fn blocking<T: Send + 'static>(
 pub(super) fn through_plugins(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
     run: ChainRun,
+    bound: Duration,
     stats: std::sync::Arc<crate::engine::Stats>,
-) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+) -> tokio::sync::mpsc::Receiver<Event> {
     // A plugin that fails mid-stream fails the request on the server's side; the
     // engine counts it completed (or cancelled) too.
+    let failed_count = stats.clone();
     let failed = move |e: &ChainError| {
         if matches!(e, ChainError::Failed { .. }) {
-            stats
+            failed_count
                 .plugin_failures_after
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         stream_error(e)
     };
-    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, out) = tokio::sync::mpsc::channel(CHUNK_BUFFER);
+    let count = stats;
+    let stuck = move |e: Stuck| {
+        count
+            .plugin_failures_after
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("plugin_failed: {e}")
+    };
     tokio::spawn(async move {
         let mut run = run;
         loop {
@@ -60,42 +102,44 @@ pub(super) fn through_plugins(
                 () = tx.closed() => return,
             };
             let Some(ev) = ev else {
-                let _ = tx.send(Event::Failed(
-                    "the generation ended without a result".into(),
-                ));
+                let _ = tx
+                    .send(Event::Failed(
+                        "the generation ended without a result".into(),
+                    ))
+                    .await;
                 return;
             };
             let (next, result) = match ev {
-                Event::Delta(d) => match blocking(run, move |r| r.on_chunk(d)).await {
+                Event::Delta(d) => match blocking(run, bound, move |r| r.on_chunk(d)).await {
                     Ok(x) => x,
                     Err(e) => {
-                        let _ = tx.send(Event::Failed(e.message));
+                        let _ = tx.send(Event::Failed(stuck(e))).await;
                         return;
                     }
                 },
                 Event::Done { .. } => {
-                    let (_, flushed) = match blocking(run, |r| r.on_stream_end()).await {
+                    let (_, flushed) = match blocking(run, bound, |r| r.on_stream_end()).await {
                         Ok(x) => x,
                         Err(e) => {
-                            let _ = tx.send(Event::Failed(e.message));
+                            let _ = tx.send(Event::Failed(stuck(e))).await;
                             return;
                         }
                     };
                     match flushed {
                         Ok(text) => {
                             if !text.is_empty() {
-                                let _ = tx.send(Event::Delta(text));
+                                let _ = tx.send(Event::Delta(text)).await;
                             }
-                            let _ = tx.send(ev);
+                            let _ = tx.send(ev).await;
                         }
                         Err(e) => {
-                            let _ = tx.send(Event::Failed(failed(&e)));
+                            let _ = tx.send(Event::Failed(failed(&e))).await;
                         }
                     }
                     return;
                 }
                 failed @ Event::Failed(_) => {
-                    let _ = tx.send(failed);
+                    let _ = tx.send(failed).await;
                     return;
                 }
             };
@@ -103,12 +147,12 @@ pub(super) fn through_plugins(
             match result {
                 Ok(text) if text.is_empty() => {}
                 Ok(text) => {
-                    if tx.send(Event::Delta(text)).is_err() {
+                    if tx.send(Event::Delta(text)).await.is_err() {
                         return;
                     }
                 }
                 Err(e) => {
-                    let _ = tx.send(Event::Failed(failed(&e)));
+                    let _ = tx.send(Event::Failed(failed(&e))).await;
                     return;
                 }
             }
@@ -130,7 +174,7 @@ fn stream_error(e: &ChainError) -> String {
 /// SSE events: a role chunk, content chunks, the final chunk (finish reason), with
 /// `stream_options.include_usage` a usage chunk with no choices, then `[DONE]`.
 pub(super) fn async_stream_events(
-    rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    rx: Events,
     chunk: impl Fn(Value, Value, Option<Value>) -> SseEvent + Send + 'static,
     include_usage: bool,
 ) -> impl futures::Stream<Item = Result<SseEvent, Infallible>> {
@@ -187,4 +231,49 @@ pub(super) fn async_stream_events(
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Marks when it is dropped: a request's run, holding its place in the chain.
+    struct Place(Arc<AtomicBool>);
+    impl Drop for Place {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn plugin_code_held_past_its_bound_fails_the_request_and_keeps_its_place_until_it_returns()
+     {
+        let freed = Arc::new(AtomicBool::new(false));
+        let started = std::time::Instant::now();
+        // Held in something the epoch deadline cannot interrupt (a blocking import).
+        let out = blocking(Place(freed.clone()), Duration::from_millis(200), |_| {
+            std::thread::sleep(Duration::from_millis(1500))
+        })
+        .await;
+        assert!(matches!(out, Err(Stuck::Timeout(_))), "{:?}", out.err());
+        assert!(started.elapsed() < Duration::from_millis(1000));
+        assert!(
+            out.err().unwrap().to_string().starts_with("Deadline"),
+            "named like a deadline stop"
+        );
+        // The request is answered, but its place is held until the code returns.
+        assert!(!freed.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        assert!(freed.load(Ordering::SeqCst));
+        // Within the bound: the state and the result come back.
+        let (place, n) = blocking(Place(Arc::default()), Duration::from_secs(5), |_| 7)
+            .await
+            .unwrap();
+        assert_eq!(n, 7);
+        drop(place);
+    }
 }
