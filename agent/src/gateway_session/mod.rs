@@ -80,6 +80,8 @@ struct Shared {
     seq: u64,
     dropped: u64,
     client: Option<DeviceClient>,
+    /// When the spool was last written to disk, while reports were not delivered.
+    persisted: Option<std::time::Instant>,
 }
 
 /// The fleet agent: what it serves, its model states and report spool, and the
@@ -138,10 +140,20 @@ impl FleetAgent {
         }
         let mut b = [0u8; 8];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+        // Reports an earlier process could not deliver before it stopped (a power cut
+        // during an outage) go first.
+        let (spool, dropped) = reports::load_spool(&config.state_dir, config.fleet.spool_max);
+        let persisted = (!spool.is_empty()).then(std::time::Instant::now);
+        let shared = Shared {
+            spool: spool.into_iter().map(|r| (r, None)).collect(),
+            dropped,
+            persisted,
+            ..Shared::default()
+        };
         Ok(Arc::new(Self {
             config,
             serving,
-            shared: Mutex::new(Shared::default()),
+            shared: Mutex::new(shared),
             served: Mutex::new(None),
             boot: hex::encode(b),
             active: tokio::sync::Mutex::new(None),
