@@ -22,7 +22,10 @@
 #     "tdx": {"mr_td": [hex],                      # empty: any
 #             "allowed_tcb_status": [status]},     # Intel's names, or "unknown" when the
 #                                                  # operator has no collateral; absent: any
-#     "tpm": {"pcrs": {"pcr07": [hex], ...}}       # each listed PCR must be one of these
+#     "tpm": {"pcrs": {"pcr07": [hex], ...},       # each listed PCR must be one of these
+#             "allow_unsafe_clock_after_reset": bool} # a quote whose clock is not safe
+#                                                  # (an unclean shutdown), taken after a
+#                                                  # TPM reset; absent: refused
 #   }
 # Output: allow (bool), and deny (set of reasons) when it is false.
 package edgefleet.attestation
@@ -93,4 +96,13 @@ deny contains msg if {
 	some pcr, allowed in data.reference.tpm.pcrs
 	not input.measurements[pcr] in allowed
 	msg := sprintf("TPM %s is not an allowed value", [pcr])
+}
+
+# After a power cut the TPM's clock is not "safe" until it next saves it; the verifier
+# lets such a quote through only when the reset count rose past the previous quote's
+# (platform.clock_safe false). The reference decides whether that is allowed.
+deny contains "TPM clock is not safe after an unclean shutdown" if {
+	input.tee == "tpm"
+	input.platform.clock_safe == false
+	not data.reference.tpm.allow_unsafe_clock_after_reset == true
 }

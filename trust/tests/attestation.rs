@@ -408,8 +408,55 @@ fn tpm_ecdsa_quotes_verify_and_unsafe_clocks_are_rejected() {
         !c.hardware_genuine,
         "an AK not bound to a TPM is not hardware-genuine"
     );
+    assert_eq!(c.platform["clock_safe"], json!(true));
     let err = tpm::verify(&own_quote(false, &pcrs), &TpmOptions::default()).unwrap_err();
     assert_eq!(err.reason(), "ClockNotSafe");
+}
+
+#[test]
+fn an_unsafe_clock_after_a_tpm_reset_is_let_through_for_the_policy_to_decide() {
+    let pcrs: Vec<String> = (0..24).map(|i| format!("{i:02x}").repeat(32)).collect();
+    // The quote's resetCount is 1.
+    let after = |reset_count: u32| TpmOptions {
+        expected_nonce: Some(b"noncenon".to_vec()),
+        previous: Some(ClockState {
+            clock: 5000,
+            reset_count,
+            restart_count: 0,
+        }),
+        ..Default::default()
+    };
+    // A power cut, then a reboot: the reset count rose, so the clock is not compared
+    // and the quote stands, marked.
+    let (mut c, _) = tpm::verify(&own_quote(false, &pcrs), &after(0)).unwrap();
+    assert_eq!(c.platform["clock_safe"], json!(false));
+    // Within the same reset (no reboot), or with nothing to compare with: refused until
+    // the TPM saves its clock again.
+    for options in [after(1), TpmOptions::default()] {
+        let err = tpm::verify(&own_quote(false, &pcrs), &options).unwrap_err();
+        assert_eq!(err.reason(), "ClockNotSafe");
+    }
+    // The reference policy allows it; a reference without the allowance denies it by
+    // name.
+    c.hardware_genuine = true;
+    let d = policy().evaluate(&c).unwrap();
+    assert!(d.allow, "{:?}", d.deny);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rego = std::fs::read_to_string(root.join("policies/attestation.rego")).unwrap();
+    let mut data: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("policies/reference.json")).unwrap(),
+    )
+    .unwrap();
+    data["reference"]["tpm"]
+        .as_object_mut()
+        .unwrap()
+        .remove("allow_unsafe_clock_after_reset");
+    let strict = Policy::load("attestation", &rego, &data.to_string()).unwrap();
+    let d = strict.evaluate(&c).unwrap();
+    assert_eq!(d.deny, ["TPM clock is not safe after an unclean shutdown"]);
+    // A safe clock is no concern of that rule.
+    c.platform.insert("clock_safe".into(), json!(true));
+    assert!(strict.evaluate(&c).unwrap().allow);
 }
 
 // ---- policy -----------------------------------------------------------------------

@@ -296,7 +296,18 @@ pub fn verify(
     {
         return Err(AttestationError::ReportDataMismatch);
     }
-    if !attest.safe {
+    // `safe` is NO after an unclean shutdown (a power cut) until the TPM next saves its
+    // clock (at most about 70 minutes of operation): the clock may repeat values it
+    // reported before. That only matters when comparing clocks within one TPM reset;
+    // after a reset the comparison is not made. So, as Keylime does, such a quote is
+    // accepted when the reset count rose past the previous quote's, and the claims say
+    // so (`platform.clock_safe` false) for the policy to decide. Without a previous
+    // quote, or without a reset, it is refused until the clock is safe again.
+    if !attest.safe
+        && !options
+            .previous
+            .is_some_and(|prev| attest.clock.reset_count > prev.reset_count)
+    {
         return Err(AttestationError::ClockNotSafe);
     }
     if let Some(prev) = options.previous {
@@ -362,6 +373,7 @@ pub fn verify(
     platform.insert("reset_count".into(), json!(attest.clock.reset_count));
     platform.insert("restart_count".into(), json!(attest.clock.restart_count));
     platform.insert("clock".into(), json!(attest.clock.clock));
+    platform.insert("clock_safe".into(), json!(attest.safe));
     platform.insert("signature_scheme".into(), json!(scheme));
     platform.insert(
         "ak_name".into(),
