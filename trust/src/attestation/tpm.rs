@@ -299,7 +299,7 @@ pub fn verify(
     // `safe` is NO after an unclean shutdown (a power cut) until the TPM next saves its
     // clock (at most about 70 minutes of operation): the clock may repeat values it
     // reported before. That only matters when comparing clocks within one TPM reset;
-    // after a reset the comparison is not made. So, as Keylime does, such a quote is
+    // after a reset the comparison is not made. So such a quote is
     // accepted when the reset count rose past the previous quote's, and the claims say
     // so (`platform.clock_safe` false) for the policy to decide. Without a previous
     // quote, or without a reset, it is refused until the clock is safe again.
