@@ -167,6 +167,10 @@ pub struct FleetSection {
     pub backoff_max_seconds: u64,
     /// Directory for compiled plugin code.
     pub plugin_cache: Option<PathBuf>,
+    /// Disk budget of the artifact store, in bytes: after each activation, artifacts no
+    /// revision needs any more are removed, oldest first, until the store fits. The
+    /// served revision's files and the previous last-known-good's are always kept.
+    pub artifacts_budget_bytes: u64,
 }
 
 /// `[device]`.
@@ -293,6 +297,7 @@ queue_depth = 16
 [fleet]
 heartbeat_seconds = 10
 spool_max = 256
+artifacts_budget_bytes = 8589934592
 poll_wait_seconds = 30
 backoff_max_seconds = 30
 [plugins]

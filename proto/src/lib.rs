@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod store;
+
 /// Longest long-poll the gateway holds open.
 pub const MAX_WAIT_SECONDS: u64 = 60;
 /// Most reports one batch may carry.

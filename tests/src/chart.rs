@@ -175,7 +175,7 @@ impl Rendered {
     /// Writes each volume the operator container mounts under `root` (at its mount
     /// path), as the kubelet would: a ConfigMap or Secret volume from the rendered object
     /// of that name, else from `existing` (objects the installer creates before `helm
-    /// install`, by name, then key); an `emptyDir` empty. Returns the container's args
+    /// install`, by name, then key); an `emptyDir` or a PersistentVolumeClaim empty. Returns the container's args
     /// with each mount path rewritten under `root`, and its environment with
     /// `metadata.name` as `pod` and `metadata.namespace` as [`NAMESPACE`].
     pub fn local_operator(
@@ -226,7 +226,10 @@ impl Rendered {
                             "volume {name}: Secret {secret} is neither rendered nor given"
                         ))
                     })?
-            } else if volume.get("emptyDir").is_some() {
+            } else if volume.get("emptyDir").is_some()
+                || volume.get("persistentVolumeClaim").is_some()
+            {
+                // A fresh claim is an empty directory too.
                 BTreeMap::new()
             } else {
                 return Err(err(format!(

@@ -232,6 +232,7 @@ async fn the_chart_grants_every_call_the_operator_makes() {
         client.clone(),
         edgefleet_operator::gateway::devices::FleetConfig {
             artifact_dir: store.path().to_path_buf(),
+            artifact_budget_bytes: 1 << 30,
             approval: edgefleet_operator::gateway::devices::Approval::Auto(Default::default()),
             heartbeat_lease: Duration::from_secs(30),
             bootstrap_token: Some("rbac-bootstrap-token-0123".into()),

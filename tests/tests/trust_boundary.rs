@@ -145,6 +145,7 @@ async fn setup() -> Setup {
         kube.clone(),
         FleetConfig {
             artifact_dir: store.path().to_path_buf(),
+            artifact_budget_bytes: 1 << 30,
             mirror: None,
             approval: Approval::Auto(Default::default()),
             heartbeat_lease: Duration::from_secs(30),

@@ -86,6 +86,16 @@ pub async fn record_last_known_good(
         .map_err(|e| ActivateError::State(e.to_string()))
 }
 
+/// The artifact files (hex digests) `m` needs: its model and its plugins.
+pub fn needed_by(m: &proto::DeviceModel) -> Vec<String> {
+    std::iter::once(&m.artifact)
+        .chain(m.plugins.iter().map(|p| &p.artifact))
+        .filter_map(|a| hex_of(&a.digest).ok().map(str::to_owned))
+        .collect()
+}
+
+pub use edgefleet_proto::store::{Collected, collect_garbage};
+
 /// Forgets the last-known-good model (the device was unassigned).
 pub async fn forget_last_known_good(state_dir: &Path) {
     let _ = tokio::fs::remove_file(last_known_good_path(state_dir)).await;

@@ -180,7 +180,9 @@ impl FleetAgent {
             *served = Some((engine.clone(), m.model.clone(), m.revision.clone()));
         }
         let load_millis = engine.load_millis();
+        let previous = store::last_known_good(self.state_dir()).await;
         store::record_last_known_good(self.state_dir(), m).await?;
+        self.collect_artifacts(m, previous.as_ref()).await;
         *self.active.lock().await = Some(m.clone());
         self.set_model_state(m, proto::ModelState::Ready, None, Some(load_millis));
         crate::systemd::status(&format!(
@@ -189,6 +191,36 @@ impl FleetAgent {
         ));
         tracing::info!(model = %m.model, revision = %m.revision, load_ms = load_millis, "serving");
         Ok(())
+    }
+
+    /// Frees the artifact store of what neither `served` nor `previous` (the
+    /// last-known-good before it, to roll back to without a download) needs, within
+    /// `fleet.artifacts_budget_bytes`.
+    async fn collect_artifacts(
+        &self,
+        served: &proto::DeviceModel,
+        previous: Option<&proto::DeviceModel>,
+    ) {
+        let keep: std::collections::HashSet<String> = store::needed_by(served)
+            .into_iter()
+            .chain(previous.map(store::needed_by).unwrap_or_default())
+            .collect();
+        let dir = artifacts_dir(self.state_dir());
+        let budget = self.config.fleet.artifacts_budget_bytes;
+        match tokio::task::spawn_blocking(move || store::collect_garbage(&dir, &keep, budget)).await
+        {
+            Ok(Ok(c)) if !c.removed.is_empty() => {
+                tracing::info!(
+                    removed = c.removed.len(),
+                    freed_bytes = c.freed,
+                    left_bytes = c.left,
+                    "artifacts no revision needs were removed"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "collecting unneeded artifacts"),
+            Err(e) => tracing::warn!(error = %e, "collecting unneeded artifacts"),
+        }
     }
 
     /// Brings the device to `desired`. Nothing restarts when it already runs it.

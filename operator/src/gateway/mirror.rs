@@ -3,7 +3,7 @@
 //! Devices behind the cluster download models and plugins from the gateway only. When an
 //! assigned artifact is not in the store and its EdgeModel names an `https://` URI, the
 //! gateway fetches it once (one fetch per digest at a time), hashing as it writes to a
-//! temporary file next to the store, and moves it into place only when its SHA-256 (and
+//! temporary file of its own next to the store, and moves it into place only when its SHA-256 (and
 //! size, when given) is the one the EdgeModel names. Until then a device asking for it
 //! gets `503 ArtifactFetching` (agents retry with their backoff); a failed fetch is answered
 //! `502 ArtifactMirrorFailed`, naming why, for a minute before it is tried again.
@@ -105,7 +105,10 @@ pub async fn fetch_into_store(
     uri: &str,
     size: Option<u64>,
 ) -> Result<u64, String> {
-    let tmp = dir.join(format!(".{hex}.mirror"));
+    // A name of its own: replicas sharing a store may fetch the same digest at once.
+    let mut nonce = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+    let tmp = dir.join(format!(".{hex}.{}.mirror", hex::encode(nonce)));
     let result = fetch_to(http, &tmp, hex, uri, size).await;
     match result {
         Ok(n) => {

@@ -115,6 +115,11 @@ pub struct GatewayOptions {
         default_value = "/var/lib/edgefleet/artifacts"
     )]
     pub artifact_dir: PathBuf,
+    /// Disk budget of the artifact store, in bytes: every ten minutes, artifacts that no
+    /// EdgeModel references (in its spec or its revision templates) are removed, oldest
+    /// first, until the store fits. Referenced artifacts are never removed.
+    #[arg(long, env = "EDGEFLEET_ARTIFACT_BUDGET_BYTES", default_value_t = 32 << 30)]
+    pub artifact_budget_bytes: u64,
     /// PEM roots trusted when the gateway mirrors an assigned `https://` artifact that is
     /// not in the store yet (gateway::mirror). Unreadable: nothing is mirrored.
     #[arg(
@@ -313,6 +318,7 @@ impl GatewayOptions {
             client.clone(),
             FleetConfig {
                 artifact_dir: self.artifact_dir.clone(),
+                artifact_budget_bytes: self.artifact_budget_bytes,
                 mirror,
                 approval: self.approval.clone(),
                 heartbeat_lease,

@@ -17,7 +17,59 @@ use super::{Fleet, PeerCertificate};
 use crate::gateway::error::{ApiError, Reason};
 use crate::gateway::mirror::MirrorState;
 
+/// How often the store is checked against its budget.
+pub const COLLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The artifact digests (hex) `model` references: its spec's artifact, variants and
+/// plugins, and those of every revision template in its status (what devices may be
+/// sent, a rollback included).
+pub fn referenced(model: &EdgeModel) -> impl Iterator<Item = String> + '_ {
+    let spec = std::iter::once(&model.spec.artifact)
+        .chain(model.spec.variants.iter().flatten().map(|v| &v.artifact))
+        .chain(model.spec.plugins.iter().flatten().map(|p| &p.artifact));
+    let templates = model
+        .status
+        .iter()
+        .flat_map(|s| s.revisions.iter())
+        .flat_map(|t| {
+            std::iter::once(&t.artifact)
+                .chain(t.variants.iter().map(|v| &v.artifact))
+                .chain(t.plugins.iter().map(|p| &p.artifact))
+        });
+    spec.chain(templates).filter_map(|a| {
+        a.digest
+            .strip_prefix("sha256:")
+            .map(str::to_ascii_lowercase)
+    })
+}
+
 impl Fleet {
+    /// Removes from the store, oldest first, artifacts that no EdgeModel references,
+    /// until it fits its budget ([`edgefleet_proto::store::collect_garbage`]).
+    pub async fn collect_artifacts(&self) {
+        let keep: std::collections::HashSet<String> = self
+            .inner
+            .models
+            .state()
+            .iter()
+            .flat_map(|m| referenced(m).collect::<Vec<_>>())
+            .collect();
+        let dir = self.inner.config.artifact_dir.clone();
+        let budget = self.inner.config.artifact_budget_bytes;
+        match tokio::task::spawn_blocking(move || {
+            edgefleet_proto::store::collect_garbage(&dir, &keep, budget)
+        })
+        .await
+        {
+            Ok(Ok(c)) if !c.removed.is_empty() => {
+                tracing::info!(removed = ?c.removed, freed_bytes = c.freed, left_bytes = c.left, "removed artifacts no EdgeModel references");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "collecting unreferenced artifacts"),
+            Err(e) => tracing::warn!(error = %e, "collecting unreferenced artifacts"),
+        }
+    }
+
     /// Starts mirroring every `https://` artifact of `model`'s revision templates that
     /// is not in the store, so that it is there before devices ask for it.
     pub(super) fn prefetch(&self, model: &EdgeModel) {
@@ -266,5 +318,38 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=x-"), 10), Err(Unsatisfiable));
         assert_eq!(parse_range(Some("bytes=-0"), 10), Err(Unsatisfiable));
         assert_eq!(parse_range(Some("bytes=-"), 10), Err(Unsatisfiable));
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn an_edge_model_references_its_spec_and_every_revision_it_keeps() {
+        let spec: edgefleet_crds::EdgeModelSpec = serde_json::from_value(serde_json::json!({
+            "servedName": "m",
+            "artifact": {"uri": "https://x/m.gguf", "digest": format!("sha256:{}", "a".repeat(64))},
+            "signature": {"inline": "{}"},
+            "signers": [{"name": "s", "publicKey": "k"}],
+            "selector": {"matchLabels": {"site": "a"}},
+            "plugins": [{
+                "name": "p",
+                "artifact": {"uri": "https://x/p.wasm", "digest": format!("sha256:{}", "b".repeat(64))},
+                "signature": {"inline": "{}"},
+                "limits": {"deadlineMillis": 100, "memoryBytes": 16777216},
+            }],
+        }))
+        .unwrap();
+        // A rollback target, kept in the status only.
+        let mut old =
+            crate::rollout::revision::template(&spec, &spec.signers, "old", |_| None).unwrap();
+        old.artifact.digest = format!("sha256:{}", "C".repeat(64));
+        old.plugins.clear();
+        let mut m = EdgeModel::new("m", spec);
+        m.status = Some(edgefleet_crds::model::EdgeModelStatus {
+            revisions: vec![old],
+            ..Default::default()
+        });
+        let mut refs: Vec<String> = referenced(&m).collect();
+        refs.sort();
+        refs.dedup();
+        assert_eq!(refs, ["a".repeat(64), "b".repeat(64), "c".repeat(64)]);
     }
 }

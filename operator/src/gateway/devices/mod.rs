@@ -61,6 +61,9 @@ pub use tokens::MIN_SHARED_TOKEN_LEN;
 pub struct FleetConfig {
     /// Content-addressed artifact store: files named by their SHA-256 (hex).
     pub artifact_dir: PathBuf,
+    /// Disk budget of the store: artifacts no EdgeModel references are removed, oldest
+    /// first, until it fits ([`Fleet::collect_artifacts`]).
+    pub artifact_budget_bytes: u64,
     /// Fetches assigned `https://` artifacts missing from the store
     /// ([`crate::gateway::mirror`]).
     pub mirror: Option<crate::gateway::mirror::Mirror>,
@@ -86,6 +89,7 @@ impl std::fmt::Debug for FleetConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FleetConfig")
             .field("artifact_dir", &self.artifact_dir)
+            .field("artifact_budget_bytes", &self.artifact_budget_bytes)
             .field("mirror", &self.mirror)
             .field("approval", &self.approval)
             .field("heartbeat_lease", &self.heartbeat_lease)
@@ -249,7 +253,22 @@ impl Fleet {
                     fleet.inner.models_changed.send_modify(|n| *n += 1);
                     futures::future::ready(())
                 });
-                futures::future::join4(devices, models, policies, keep_policies).await;
+                // Unreferenced artifacts are collected only once the caches hold the
+                // whole cluster (an empty model cache references nothing).
+                let collect = {
+                    let fleet = fleet.clone();
+                    async move {
+                        if let Err(e) = fleet.ready().await {
+                            tracing::warn!(error = %e, "not collecting artifacts");
+                            return;
+                        }
+                        loop {
+                            fleet.collect_artifacts().await;
+                            tokio::time::sleep(artifacts::COLLECT_EVERY).await;
+                        }
+                    }
+                };
+                futures::future::join5(devices, models, policies, keep_policies, collect).await;
             }
         };
         (fleet, driver)
@@ -342,6 +361,7 @@ mod tests {
     fn the_debug_form_of_the_settings_never_shows_the_shared_token() {
         let mut config = FleetConfig {
             artifact_dir: PathBuf::from("/var/lib/edgefleet/artifacts"),
+            artifact_budget_bytes: 1 << 30,
             mirror: None,
             approval: Approval::Manual,
             heartbeat_lease: Duration::from_secs(30),
