@@ -304,9 +304,9 @@ pub fn verify(
     // so (`platform.clock_safe` false) for the policy to decide. Without a previous
     // quote, or without a reset, it is refused until the clock is safe again.
     if !attest.safe
-        && !options
+        && options
             .previous
-            .is_some_and(|prev| attest.clock.reset_count > prev.reset_count)
+            .is_none_or(|prev| attest.clock.reset_count <= prev.reset_count)
     {
         return Err(AttestationError::ClockNotSafe);
     }
