@@ -208,11 +208,19 @@ impl std::fmt::Debug for Engine {
 
 impl Stats {
     /// Requests served, done or failed: completed by the engine, failed in it, or
-    /// failed by a plugin before it.
+    /// failed by a plugin before it. A generation the client cancelled is neither a
+    /// success nor a failure of the revision, and is left out (so that cancelling many
+    /// requests cannot dilute a real error rate).
     pub fn served(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        let served = self
+            .requests
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.cancelled.load(Ordering::Relaxed))
             + self.failures.load(Ordering::Relaxed)
-            + self.plugin_failures_before.load(Ordering::Relaxed)
+            + self.plugin_failures_before.load(Ordering::Relaxed);
+        // A stream a plugin failed mid-way the engine counts as cancelled: it is
+        // still one served request, failed.
+        served.max(self.server_failures())
     }
 
     /// Of [`Stats::served`], the server's failures: the engine's and the plugins'.

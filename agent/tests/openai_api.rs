@@ -349,7 +349,8 @@ fn a_hostile_plugin_fails_only_its_request_inside_the_deadline() {
             .contains("edgefleet_plugin_failures_total{plugin=\"hostile\",reason=\"Deadline\"} 1"),
         "{}",
         metrics_text(&s)
-    ); // The plugin's failure is the server's: one of the two requests served failed (what
+    );
+    // The plugin's failure is the server's: one of the two requests served failed (what
     // the fleet's error-rate gate reads).
     assert_eq!(metric(&s, "edgefleet_requests_total"), 2.0);
     assert_eq!(metric(&s, "edgefleet_request_failures_total"), 1.0);

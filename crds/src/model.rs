@@ -422,13 +422,16 @@ pub struct EdgeModelStatus {
     #[schemars(range(min = 0, max = 281_474_976_710_656_i64))]
     pub rollout_rank: Option<i64>,
     /// A revision that failed its health gates. With `rollbackOnFailure` its devices
-    /// went back to the stable revision and it is not retried until the spec changes or
-    /// an administrator asks with the [`RETRY_ANNOTATION`]; without, it resumes once
-    /// every device on it is healthy again.
+    /// went back to the stable revision (when there is one) and it is not retried until
+    /// the spec changes or an administrator asks with the [`RETRY_ANNOTATION`];
+    /// without, it resumes once every online device on it is healthy again (with rate
+    /// gates: shown by fresh statistics over `minRequests`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_revision: Option<String>,
-    /// The value of the [`RETRY_ANNOTATION`] last acted on (each new value asks once).
+    /// The value of the [`RETRY_ANNOTATION`] last acted on (each new value asks once;
+    /// at most its first 128 characters are kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub last_retry: Option<String>,
     /// What each revision that devices may run (the current one, the stable one, and any
     /// a device is still assigned) consists of, with every signature bundle resolved. The

@@ -214,19 +214,25 @@ pub fn pending(
 
 /// Most statistics breaches one publication holds.
 pub const MAX_BREACHES: usize = 64;
+/// Most of them for one model, so that one model's breaches cannot crowd out
+/// another's.
+pub const MAX_BREACHES_PER_MODEL: usize = 8;
 
 /// The devices that report to replica `me` whose latest statistics (`stats`, as noted
-/// in memory) breach the rate gates of their model's current revision
-/// ([`crate::rollout::gates::stats_breach`]; `model` looks a model up by key), in name
-/// order, at most [`MAX_BREACHES`].
+/// in memory) breach the rate gates of the revision their model is rolling out
+/// ([`crate::rollout::gates::stats_breach`]; `model` looks a model up by key), and that
+/// report (in `states`, as noted in memory) that revision `Ready`. A completed
+/// revision is not judged, so nothing is published for it. In (model, device) order,
+/// at most [`MAX_BREACHES_PER_MODEL`] per model and [`MAX_BREACHES`] in all.
 pub fn breaches(
     stats: &HashMap<String, edgefleet_crds::device::InferenceStats>,
+    states: &HashMap<String, Vec<edgefleet_crds::device::LoadedModel>>,
     recorded: impl Fn(&str) -> Option<std::sync::Arc<edgefleet_crds::EdgeDevice>>,
     model: impl Fn(&str) -> Option<std::sync::Arc<edgefleet_crds::EdgeModel>>,
     me: &str,
     now: Timestamp,
 ) -> Vec<edgefleet_crds::replica::StatsBreach> {
-    let mut found: Vec<edgefleet_crds::replica::StatsBreach> = stats
+    let mut found: Vec<(String, edgefleet_crds::replica::StatsBreach)> = stats
         .iter()
         .filter(|(device, _)| {
             recorded(device)
@@ -234,38 +240,49 @@ pub fn breaches(
                 .as_deref()
                 == Some(me)
         })
-        .filter(|(device, s)| {
-            let Some(key) = s.model.as_deref() else {
-                return false;
-            };
-            let Some(m) = model(key) else {
-                return false;
-            };
-            let Some(rev) = m
-                .status
-                .as_ref()
-                .and_then(|st| st.current_revision.as_deref())
-            else {
-                return false;
-            };
-            crate::rollout::gates::stats_breach(
-                device,
-                s,
-                key,
-                rev,
-                &m.spec.rollout.health_gates,
-                now,
-            )
-            .is_some()
-        })
-        .map(|(device, s)| edgefleet_crds::replica::StatsBreach {
-            device: device.clone(),
-            stats: s.clone(),
+        .filter_map(|(device, s)| {
+            let key = s.model.as_deref()?;
+            let m = model(key)?;
+            let status = m.status.as_ref()?;
+            let rev = status.current_revision.as_deref()?;
+            if status.stable_revision.as_deref() == Some(rev) {
+                return None;
+            }
+            // Counters of a model and revision the device does not report serving
+            // count for nothing.
+            let serving = states.get(device).is_some_and(|ms| {
+                ms.iter().any(|l| {
+                    l.model == key
+                        && l.revision == rev
+                        && l.state == edgefleet_crds::device::ModelState::Ready
+                })
+            });
+            let gates = &m.spec.rollout.health_gates;
+            (serving
+                && crate::rollout::gates::stats_breach(device, s, key, rev, gates, now).is_some())
+            .then(|| {
+                (
+                    key.to_owned(),
+                    edgefleet_crds::replica::StatsBreach {
+                        device: device.clone(),
+                        stats: s.clone(),
+                    },
+                )
+            })
         })
         .collect();
-    found.sort_by(|a, b| a.device.cmp(&b.device));
-    found.truncate(MAX_BREACHES);
+    found.sort_by(|a, b| (&a.0, &a.1.device).cmp(&(&b.0, &b.1.device)));
+    let mut per_model: HashMap<String, usize> = HashMap::new();
     found
+        .into_iter()
+        .filter(|(key, _)| {
+            let n = per_model.entry(key.clone()).or_default();
+            *n += 1;
+            *n <= MAX_BREACHES_PER_MODEL
+        })
+        .map(|(_, b)| b)
+        .take(MAX_BREACHES)
+        .collect()
 }
 
 /// Publishes this replica's pending reports ([`pending`]) in its EdgeGatewayReplica
@@ -290,10 +307,12 @@ pub async fn publish_loop(
     let mut last_at = std::time::Instant::now();
     loop {
         let device = |n: &str| devices.get(&kube::runtime::reflector::ObjectRef::new(n));
-        let states = pending(&reported.snapshot(), device, &identity);
+        let reported_states = reported.snapshot();
+        let states = pending(&reported_states, device, &identity);
         let breached = match &models {
             Some(models) => breaches(
                 &reported.stats_snapshot(),
+                &reported_states,
                 device,
                 |key| {
                     let (ns, name) = key.split_once('/')?;
@@ -305,7 +324,18 @@ pub async fn publish_loop(
             None => Vec::new(),
         };
         let now = (states, breached);
-        if last.as_ref() != Some(&now) || last_at.elapsed() >= lease / 3 {
+        // Counters move with every heartbeat: a breach is published anew when which
+        // devices breach changes, and its numbers at least every third of the lease
+        // (well within what the gates take as fresh).
+        let changed = last.as_ref().is_none_or(|(states, breached)| {
+            *states != now.0
+                || breached.len() != now.1.len()
+                || breached
+                    .iter()
+                    .zip(&now.1)
+                    .any(|(a, b)| a.device != b.device || a.stats.revision != b.stats.revision)
+        });
+        if changed || last_at.elapsed() >= lease / 3 {
             let body = json!({
                 "apiVersion": "edgefleet.io/v1alpha1",
                 "kind": "EdgeGatewayReplica",
@@ -612,8 +642,24 @@ mod tests {
         .into_iter()
         .map(|(n, s)| (n.to_owned(), s))
         .collect();
+        let ready = |rev: &str| {
+            vec![LoadedModel {
+                model: "ns/m".into(),
+                revision: rev.into(),
+                state: ModelState::Ready,
+                message: None,
+                reason: None,
+                load_millis: None,
+            }]
+        };
+        let mut states: HashMap<String, Vec<LoadedModel>> = ["a", "b", "c", "e", "f"]
+            .iter()
+            .map(|n| (n.to_string(), ready("r2")))
+            .collect();
+        states.insert("d".into(), ready("r1"));
         let found = breaches(
             &noted,
+            &states,
             |n| recorded.get(n).cloned(),
             |key| (key == "ns/m").then(|| model.clone()),
             "op-2",
@@ -624,7 +670,46 @@ mod tests {
             ["a"]
         );
         // No model by that key: nothing to judge against.
-        assert!(breaches(&noted, |n| recorded.get(n).cloned(), |_| None, "op-2", now).is_empty());
+        assert!(
+            breaches(
+                &noted,
+                &states,
+                |n| recorded.get(n).cloned(),
+                |_| None,
+                "op-2",
+                now
+            )
+            .is_empty()
+        );
+        // A device whose counters name a revision it does not report serving: nothing.
+        let mut not_serving = states.clone();
+        not_serving.insert("a".into(), ready("r1"));
+        assert!(
+            breaches(
+                &noted,
+                &not_serving,
+                |n| recorded.get(n).cloned(),
+                |key| (key == "ns/m").then(|| model.clone()),
+                "op-2",
+                now
+            )
+            .is_empty()
+        );
+        // A completed revision is not judged.
+        let mut done = (*model).clone();
+        done.status.as_mut().unwrap().stable_revision = Some("r2".into());
+        let done = std::sync::Arc::new(done);
+        assert!(
+            breaches(
+                &noted,
+                &states,
+                |n| recorded.get(n).cloned(),
+                |key| (key == "ns/m").then(|| done.clone()),
+                "op-2",
+                now
+            )
+            .is_empty()
+        );
 
         // The leader lays a live publication's breach over the device's older recorded
         // statistics; a stale publication's, or one about a device another replica

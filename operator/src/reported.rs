@@ -20,6 +20,10 @@ use edgefleet_crds::EdgeDevice;
 use edgefleet_crds::device::{InferenceStats, LoadedModel};
 use kube::ResourceExt;
 
+/// Statistics not refreshed this long are forgotten ([`Reported::stats_snapshot`]).
+const STATS_FORGOTTEN: k8s_openapi::jiff::SignedDuration =
+    k8s_openapi::jiff::SignedDuration::from_secs(600);
+
 /// How long a burst of reports is gathered into one reconcile trigger.
 pub const TRIGGER_COALESCE: Duration = Duration::from_millis(100);
 
@@ -66,9 +70,17 @@ impl Reported {
         }
     }
 
-    /// Every device's latest statistics, as noted now.
+    /// Every device's latest statistics, as noted now. Statistics no device refreshed
+    /// for ten minutes (a device gone, or reporting elsewhere) are forgotten.
     pub fn stats_snapshot(&self) -> HashMap<String, InferenceStats> {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        let cutoff = k8s_openapi::jiff::Timestamp::now() - STATS_FORGOTTEN;
+        self.stats
+            .lock()
+            .map(|mut s| {
+                s.retain(|_, st| st.observed_time.as_ref().is_some_and(|t| t.0 > cutoff));
+                s.clone()
+            })
+            .unwrap_or_default()
     }
 
     /// Forgets `device` (it enrolled anew, or is gone).

@@ -430,12 +430,24 @@ fn an_unsafe_clock_after_a_tpm_reset_is_let_through_for_the_policy_to_decide() {
     // and the quote stands, marked.
     let (mut c, _) = tpm::verify(&own_quote(false, &pcrs), &after(0)).unwrap();
     assert_eq!(c.platform["clock_safe"], json!(false));
-    // Within the same reset (no reboot), or with nothing to compare with: refused until
-    // the TPM saves its clock again.
-    for options in [after(1), TpmOptions::default()] {
-        let err = tpm::verify(&own_quote(false, &pcrs), &options).unwrap_err();
-        assert_eq!(err.reason(), "ClockNotSafe");
-    }
+    // Later in the same power cycle (a re-attestation before the TPM saved its
+    // clock): accepted while the clock moves on from the last quote, a rollback if it
+    // went back.
+    let within = |clock: u64| TpmOptions {
+        previous: Some(ClockState {
+            clock,
+            reset_count: 1,
+            restart_count: 0,
+        }),
+        ..after(1)
+    };
+    let (again, _) = tpm::verify(&own_quote(false, &pcrs), &within(900)).unwrap();
+    assert_eq!(again.platform["clock_safe"], json!(false));
+    let err = tpm::verify(&own_quote(false, &pcrs), &within(5000)).unwrap_err();
+    assert_eq!(err.reason(), "ClockRollback");
+    // Nothing to compare with: refused until the TPM saves its clock again.
+    let err = tpm::verify(&own_quote(false, &pcrs), &TpmOptions::default()).unwrap_err();
+    assert_eq!(err.reason(), "ClockNotSafe");
     // The reference policy allows it; a reference without the allowance denies it by
     // name.
     c.hardware_genuine = true;

@@ -20,6 +20,12 @@ pub fn last_known_good_path(state_dir: &Path) -> PathBuf {
     state_dir.join("active.json")
 }
 
+/// The record of the last-known-good before it (a different revision), whose
+/// artifacts are kept to roll back to without a download.
+pub fn previous_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("previous.json")
+}
+
 /// The hex of a `sha256:<hex>` digest.
 pub fn hex_of(digest: &str) -> Result<&str, ActivateError> {
     digest
@@ -64,8 +70,16 @@ pub async fn stored(artifact: &proto::ArtifactRef, dir: &Path) -> Result<PathBuf
 /// Reads the last-known-good record: `None` when there is none, or (with a warning)
 /// when it is unreadable.
 pub async fn last_known_good(state_dir: &Path) -> Option<proto::DeviceModel> {
-    let path = last_known_good_path(state_dir);
-    let text = tokio::fs::read_to_string(&path).await.ok()?;
+    read_record(&last_known_good_path(state_dir)).await
+}
+
+/// Reads the record of the last-known-good before the current one ([`previous_path`]).
+pub async fn previous(state_dir: &Path) -> Option<proto::DeviceModel> {
+    read_record(&previous_path(state_dir)).await
+}
+
+async fn read_record(path: &Path) -> Option<proto::DeviceModel> {
+    let text = tokio::fs::read_to_string(path).await.ok()?;
     match serde_json::from_str(&text) {
         Ok(m) => Some(m),
         Err(e) => {
@@ -75,11 +89,22 @@ pub async fn last_known_good(state_dir: &Path) -> Option<proto::DeviceModel> {
     }
 }
 
-/// Records `m` as last-known-good, durably ([`crate::durable`]).
+/// Records `m` as last-known-good, durably ([`crate::durable`]); the record it replaces,
+/// when it is of another model or revision, becomes the previous one
+/// ([`previous_path`]).
 pub async fn record_last_known_good(
     state_dir: &Path,
     m: &proto::DeviceModel,
 ) -> Result<(), ActivateError> {
+    if let Some(before) = last_known_good(state_dir).await
+        && (before.model != m.model || before.revision != m.revision)
+    {
+        let record =
+            serde_json::to_vec_pretty(&before).map_err(|e| ActivateError::State(e.to_string()))?;
+        crate::durable::write_async(&previous_path(state_dir), record, 0o644)
+            .await
+            .map_err(|e| ActivateError::State(e.to_string()))?;
+    }
     let record = serde_json::to_vec_pretty(m).map_err(|e| ActivateError::State(e.to_string()))?;
     crate::durable::write_async(&last_known_good_path(state_dir), record, 0o644)
         .await
@@ -99,4 +124,5 @@ pub use edgefleet_proto::store::{Collected, collect_garbage};
 /// Forgets the last-known-good model (the device was unassigned).
 pub async fn forget_last_known_good(state_dir: &Path) {
     let _ = tokio::fs::remove_file(last_known_good_path(state_dir)).await;
+    let _ = tokio::fs::remove_file(previous_path(state_dir)).await;
 }

@@ -180,8 +180,8 @@ impl FleetAgent {
             *served = Some((engine.clone(), m.model.clone(), m.revision.clone()));
         }
         let load_millis = engine.load_millis();
-        let previous = store::last_known_good(self.state_dir()).await;
         store::record_last_known_good(self.state_dir(), m).await?;
+        let previous = store::previous(self.state_dir()).await;
         self.collect_artifacts(m, previous.as_ref()).await;
         *self.active.lock().await = Some(m.clone());
         self.set_model_state(m, proto::ModelState::Ready, None, Some(load_millis));
@@ -207,7 +207,10 @@ impl FleetAgent {
             .collect();
         let dir = artifacts_dir(self.state_dir());
         let budget = self.config.fleet.artifacts_budget_bytes;
-        match tokio::task::spawn_blocking(move || store::collect_garbage(&dir, &keep, budget)).await
+        match tokio::task::spawn_blocking(move || {
+            store::collect_garbage(&dir, &keep, budget, std::time::Duration::ZERO)
+        })
+        .await
         {
             Ok(Ok(c)) if !c.removed.is_empty() => {
                 tracing::info!(

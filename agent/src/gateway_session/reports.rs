@@ -4,10 +4,10 @@
 //!
 //! While reports are not delivered the spool is also kept on disk ([`SPOOL_FILE`] in the
 //! state directory, written durably at most every [`SPOOL_PERSIST_EVERY`]), and a
-//! restarted agent sends what it finds there first, under the boot that took it. Those
-//! reports carry their serving counters, not their model states: the states of a
-//! process that is gone are no news, and must not stand in for the current ones even
-//! for a moment. The file goes once the spool is delivered, so that a device that is
+//! restarted agent sends what it finds there first, under the boot that took it (they
+//! close the gap in its sequence). They carry neither model states nor serving
+//! counters: those of a process that is gone are no news, and must not stand in for
+//! the current ones even for a moment. The file goes once the spool is delivered, so that a device that is
 //! connected writes nothing.
 
 use std::collections::VecDeque;
@@ -28,7 +28,8 @@ pub const SPOOL_PERSIST_EVERY: Duration = Duration::from_secs(60);
 /// Largest spool file read back (a bounded spool of reports is far smaller).
 const MAX_SPOOL_FILE_BYTES: u64 = 16 << 20;
 
-/// The reports an earlier process left in `dir` (model states left out), the newest
+/// The reports an earlier process left in `dir` (model states and counters left out),
+/// the newest
 /// `max` of them, and how many older ones did not fit. A file that cannot be read is
 /// reported, removed, and counts for nothing: it never stops the agent.
 pub(super) fn load_spool(dir: &Path, max: usize) -> (VecDeque<proto::Report>, u64) {
@@ -46,6 +47,7 @@ pub(super) fn load_spool(dir: &Path, max: usize) -> (VecDeque<proto::Report>, u6
                 .into_iter()
                 .map(|mut r| {
                     r.models = None;
+                    r.inference = None;
                     r
                 })
                 .collect();
@@ -428,11 +430,10 @@ mod tests {
         {
             let s = second.shared.lock().unwrap();
             assert_eq!(s.spool.len(), 3);
-            assert!(
-                s.spool
-                    .iter()
-                    .all(|(r, v)| r.boot != second.boot && r.models.is_none() && v.is_none())
-            );
+            assert!(s.spool.iter().all(|(r, v)| r.boot != second.boot
+                && r.models.is_none()
+                && r.inference.is_none()
+                && v.is_none()));
         }
         second.set_models(models(proto::ModelState::Loading));
         second.take_report();

@@ -66,6 +66,23 @@ impl Events {
 /// the agent's memory without end.
 pub const CHUNK_BUFFER: usize = 16;
 
+/// How long a streamed answer through plugins waits for a client that reads nothing
+/// once [`CHUNK_BUFFER`] is full: past it the answer ends, and with it the request's
+/// place in the plugins (a client that stops reading cannot hold places for good).
+pub const SEND_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Sends `ev` within [`SEND_PATIENCE`]; false when the client is gone or too slow.
+async fn send(tx: &tokio::sync::mpsc::Sender<Event>, ev: Event) -> bool {
+    send_within(tx, ev, SEND_PATIENCE).await
+}
+
+async fn send_within(tx: &tokio::sync::mpsc::Sender<Event>, ev: Event, patience: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(patience, tx.send(ev)).await,
+        Ok(Ok(()))
+    )
+}
+
 /// Passes a stream of engine events through the plugins' chunk hooks. Stops (and so
 /// stops generation, by dropping the engine's receiver) when the client goes away, even
 /// while a plugin holds every chunk back.
@@ -102,18 +119,18 @@ pub(super) fn through_plugins(
                 () = tx.closed() => return,
             };
             let Some(ev) = ev else {
-                let _ = tx
-                    .send(Event::Failed(
-                        "the generation ended without a result".into(),
-                    ))
-                    .await;
+                send(
+                    &tx,
+                    Event::Failed("the generation ended without a result".into()),
+                )
+                .await;
                 return;
             };
             let (next, result) = match ev {
                 Event::Delta(d) => match blocking(run, bound, move |r| r.on_chunk(d)).await {
                     Ok(x) => x,
                     Err(e) => {
-                        let _ = tx.send(Event::Failed(stuck(e))).await;
+                        send(&tx, Event::Failed(stuck(e))).await;
                         return;
                     }
                 },
@@ -121,25 +138,25 @@ pub(super) fn through_plugins(
                     let (_, flushed) = match blocking(run, bound, |r| r.on_stream_end()).await {
                         Ok(x) => x,
                         Err(e) => {
-                            let _ = tx.send(Event::Failed(stuck(e))).await;
+                            send(&tx, Event::Failed(stuck(e))).await;
                             return;
                         }
                     };
                     match flushed {
                         Ok(text) => {
                             if !text.is_empty() {
-                                let _ = tx.send(Event::Delta(text)).await;
+                                send(&tx, Event::Delta(text)).await;
                             }
-                            let _ = tx.send(ev).await;
+                            send(&tx, ev).await;
                         }
                         Err(e) => {
-                            let _ = tx.send(Event::Failed(failed(&e))).await;
+                            send(&tx, Event::Failed(failed(&e))).await;
                         }
                     }
                     return;
                 }
                 failed @ Event::Failed(_) => {
-                    let _ = tx.send(failed).await;
+                    send(&tx, failed).await;
                     return;
                 }
             };
@@ -147,12 +164,12 @@ pub(super) fn through_plugins(
             match result {
                 Ok(text) if text.is_empty() => {}
                 Ok(text) => {
-                    if tx.send(Event::Delta(text)).await.is_err() {
+                    if !send(&tx, Event::Delta(text)).await {
                         return;
                     }
                 }
                 Err(e) => {
-                    let _ = tx.send(Event::Failed(failed(&e))).await;
+                    send(&tx, Event::Failed(failed(&e))).await;
                     return;
                 }
             }
@@ -247,6 +264,22 @@ mod tests {
         fn drop(&mut self) {
             self.0.store(true, Ordering::SeqCst);
         }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_reads_nothing_is_given_up_on() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let patience = Duration::from_millis(100);
+        assert!(send_within(&tx, Event::Delta("a".into()), patience).await);
+        // The buffer is full and nobody reads: given up within the patience.
+        let started = std::time::Instant::now();
+        assert!(!send_within(&tx, Event::Delta("b".into()), patience).await);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // Read, there is room again; gone, nothing is sent.
+        assert!(matches!(rx.recv().await, Some(Event::Delta(_))));
+        assert!(send_within(&tx, Event::Delta("c".into()), patience).await);
+        drop(rx);
+        assert!(!send_within(&tx, Event::Delta("d".into()), patience).await);
     }
 
     #[tokio::test]

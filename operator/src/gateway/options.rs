@@ -364,6 +364,7 @@ impl GatewayOptions {
                 .ready()
                 .await
                 .map_err(|e| anyhow::anyhow!("gateway caches: {e}"))?;
+            let collect = tokio::spawn(fleet.clone().collect_loop());
             tracing::info!(%addr, "device gateway serving");
             let result = serve_with(
                 listener,
@@ -375,6 +376,7 @@ impl GatewayOptions {
             .await;
             caches.abort();
             lapse.abort();
+            collect.abort();
             result.context("device gateway")
         })))
     }

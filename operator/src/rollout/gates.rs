@@ -68,6 +68,10 @@ pub fn health<'a>(
 /// only while this fresh.
 pub const STATS_MAX_AGE_SECONDS: i64 = 120;
 
+/// How far ahead of the judge's clock statistics may be stamped (by another replica)
+/// and still count.
+pub const MAX_CLOCK_SKEW_SECONDS: i64 = 5;
+
 /// Whether `stats`, reported by device `name`, breach the rate gates for revision `rev`
 /// of model `key`, and why. Judged only when they count that revision, were observed
 /// within [`STATS_MAX_AGE_SECONDS`] of `now` (and not ahead of it), and count at least
@@ -80,18 +84,7 @@ pub fn stats_breach(
     gates: &HealthGates,
     now: Timestamp,
 ) -> Option<String> {
-    if gates.max_error_rate_percent.is_none() && gates.min_tokens_per_second.is_none() {
-        return None;
-    }
-    if stats.model.as_deref() != Some(key) || stats.revision.as_deref() != Some(rev) {
-        return None;
-    }
-    let observed = stats.observed_time.as_ref()?.0;
-    let age = now.duration_since(observed).as_secs();
-    if !(0..=STATS_MAX_AGE_SECONDS).contains(&age) {
-        return None;
-    }
-    if stats.requests_total < i64::from(gates.min_requests.max(1)) {
+    if !judgeable(stats, key, rev, gates, now) {
         return None;
     }
     if let Some(max) = gates.max_error_rate_percent {
@@ -112,6 +105,51 @@ pub fn stats_breach(
         ));
     }
     None
+}
+
+/// Whether the rate gates are set and `stats` are enough to judge revision `rev` of
+/// model `key` on ([`stats_breach`]): of that revision, fresh, and over `minRequests`.
+pub fn judgeable(
+    stats: &InferenceStats,
+    key: &str,
+    rev: &str,
+    gates: &HealthGates,
+    now: Timestamp,
+) -> bool {
+    if gates.max_error_rate_percent.is_none() && gates.min_tokens_per_second.is_none() {
+        return false;
+    }
+    if stats.model.as_deref() != Some(key) || stats.revision.as_deref() != Some(rev) {
+        return false;
+    }
+    let Some(observed) = stats.observed_time.as_ref().map(|t| t.0) else {
+        return false;
+    };
+    let age = now.duration_since(observed).as_secs();
+    // Another replica's clock may be a little ahead of this one's.
+    (-MAX_CLOCK_SKEW_SECONDS..=STATS_MAX_AGE_SECONDS).contains(&age)
+        && stats.requests_total >= i64::from(gates.min_requests.max(1))
+}
+
+/// Whether every device in `ready` has statistics the rate gates can judge (vacuously
+/// true without rate gates): the evidence a failed revision needs before it resumes.
+pub fn all_judgeable(
+    ready: &[&String],
+    fleet: &Fleet<'_>,
+    gates: &HealthGates,
+    rev: &str,
+    now: Timestamp,
+) -> bool {
+    if gates.max_error_rate_percent.is_none() && gates.min_tokens_per_second.is_none() {
+        return true;
+    }
+    ready.iter().all(|name| {
+        fleet
+            .device(name.as_str())
+            .and_then(|d| d.status.as_ref())
+            .and_then(|s| s.inference.as_ref())
+            .is_some_and(|s| judgeable(s, fleet.key(), rev, gates, now))
+    })
 }
 
 /// Why the devices on the new revision fail the gates, if they do. `step_started` is
@@ -170,7 +208,7 @@ pub fn gate_failure(
 mod tests {
     use super::*;
     use crate::rollout::fixtures::{
-        KEY, ago, device, fleet, now, on, online, reporting, serving, serving_as,
+        ago, device, fleet, now, on, online, reporting, serving, serving_as,
     };
     use edgefleet_crds::EdgeDevice;
 
@@ -354,7 +392,29 @@ mod tests {
             )),
             None
         );
-        assert_eq!(verdict(serving_as(ready(), REV, -5, 1.0, 100, 100)), None);
+        assert_eq!(
+            verdict(serving_as(
+                ready(),
+                REV,
+                -MAX_CLOCK_SKEW_SECONDS - 1,
+                1.0,
+                100,
+                100
+            )),
+            None
+        );
+        // A replica's clock a little ahead is no reason to ignore them.
+        assert!(
+            verdict(serving_as(
+                ready(),
+                REV,
+                -MAX_CLOCK_SKEW_SECONDS,
+                1.0,
+                100,
+                100
+            ))
+            .is_some()
+        );
         // With no rate gate set, nothing is judged at all.
         assert_eq!(
             judge(
@@ -364,6 +424,5 @@ mod tests {
             ),
             None
         );
-        assert_eq!(KEY, fleet(&[]).key());
     }
 }

@@ -211,7 +211,8 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
         .annotations
         .as_ref()
         .and_then(|a| a.get(edgefleet_crds::model::RETRY_ANNOTATION))
-        && status.last_retry.as_ref() != Some(asked)
+        .map(|a| a.chars().take(128).collect::<String>())
+        && status.last_retry.as_ref() != Some(&asked)
     {
         status.last_retry = Some(asked.clone());
         if status.failed_revision.as_deref() == Some(rev.as_str()) {
@@ -290,14 +291,16 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
     .filter(|_| !completed);
     let mut failed_before = status.failed_revision.as_deref() == Some(rev.as_str());
     // Without rollback the devices stay on a failed revision; once every one of them
-    // that is online is ready on it again and no gate fails, it resumes (its step's
-    // clock starts again). With rollback they left it, so nothing shows it healthy: it
+    // that is online is ready on it again, no gate fails, and (with rate gates) each
+    // has fresh statistics over minRequests to show it, it resumes (its step's clock
+    // starts again). A restarted agent's few requests are no such evidence. With rollback they left it, so nothing shows it healthy: it
     // waits for a spec change or a retry, and the condition says so.
     if failed_before
         && !gates.rollback_on_failure
         && gate_failure.is_none()
         && !health.ready.is_empty()
         && health.ready.len() + health.offline.len() == health.updated.len()
+        && gates::all_judgeable(&health.ready, &fleet, gates, &rev, now)
     {
         failed_before = false;
         status.failed_revision = None;

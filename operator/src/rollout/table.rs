@@ -797,6 +797,54 @@ fn cases() -> Vec<Case> {
                 assert_ne!(p.status.phase, Some(ModelPhase::Degraded));
             },
         ),
+        (
+            "with rate gates a failed revision resumes only on fresh statistics that pass",
+            || {
+                let m = model(
+                    serde_json::json!({"healthGates": {"rollbackOnFailure": false, "maxErrorRatePercent": 5},
+                                       "maxUnavailable": 8, "steps": [{"count": 2}, {"percent": 100}]}),
+                    |st, rev| {
+                        st.stable_revision = Some("old".into());
+                        st.failed_revision = Some(rev.to_owned());
+                        st.rollout_rank = Some(past(2));
+                    },
+                );
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let fleet = |requests: i64, errors: i64| {
+                    names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| {
+                            if i < 2 {
+                                let d = dev(n, true, Some((rev.as_str(), ModelState::Ready)));
+                                if requests > 0 {
+                                    serving(d, 20.0, requests, errors)
+                                } else {
+                                    d
+                                }
+                            } else {
+                                dev(n, true, Some(("old", ModelState::Ready)))
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                };
+                // Ready, but nothing to judge the rate on (a restarted agent): stays failed.
+                let p = run(&m, &fleet(0, 0));
+                assert_eq!(p.status.failed_revision.as_deref(), Some(rev.as_str()));
+                // Under minRequests: still no evidence.
+                let p = run(&m, &fleet(5, 0));
+                assert_eq!(p.status.failed_revision.as_deref(), Some(rev.as_str()));
+                // Enough requests, still erring: stays failed.
+                let p = run(&m, &fleet(100, 50));
+                assert_eq!(p.status.failed_revision.as_deref(), Some(rev.as_str()));
+                assert!(!has_event(&p, reasons::RETRYING));
+                // Enough requests within the gate: resumes.
+                let p = run(&m, &fleet(100, 0));
+                assert_eq!(p.status.failed_revision, None);
+                assert!(has_event(&p, reasons::RETRYING));
+            },
+        ),
     ]
 }
 

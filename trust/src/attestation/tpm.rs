@@ -297,17 +297,15 @@ pub fn verify(
         return Err(AttestationError::ReportDataMismatch);
     }
     // `safe` is NO after an unclean shutdown (a power cut) until the TPM next saves its
-    // clock (at most about 70 minutes of operation): the clock may repeat values it
-    // reported before. That only matters when comparing clocks within one TPM reset;
-    // after a reset the comparison is not made. So such a quote is
-    // accepted when the reset count rose past the previous quote's, and the claims say
-    // so (`platform.clock_safe` false) for the policy to decide. Without a previous
-    // quote, or without a reset, it is refused until the clock is safe again.
-    if !attest.safe
-        && options
-            .previous
-            .is_none_or(|prev| attest.clock.reset_count <= prev.reset_count)
-    {
+    // clock (at most about 70 minutes of operation): the clock may then repeat values
+    // it reported before the cut. Those were reported under an earlier reset count, and
+    // clocks are compared only within one reset, so given the device's previous quote
+    // the checks below still hold: across the reboot the reset count must have risen,
+    // and within the power cycle that follows (a re-attestation, an agent restart) the
+    // clock must not go back from the last quote accepted. Such a quote is accepted and
+    // marked (`platform.clock_safe` false) for the policy to decide. With no previous
+    // quote nothing can be compared, and it is refused until the clock is safe again.
+    if !attest.safe && options.previous.is_none() {
         return Err(AttestationError::ClockNotSafe);
     }
     if let Some(prev) = options.previous {

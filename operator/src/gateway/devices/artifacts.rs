@@ -19,6 +19,9 @@ use crate::gateway::mirror::MirrorState;
 
 /// How often the store is checked against its budget.
 pub const COLLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// A file placed in the store within this long is not collected: an administrator
+/// copies an artifact in, then applies the EdgeModel that references it.
+pub const YOUNG: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The artifact digests (hex) `model` references: its spec's artifact, variants and
 /// plugins, and those of every revision template in its status (what devices may be
@@ -57,7 +60,7 @@ impl Fleet {
         let dir = self.inner.config.artifact_dir.clone();
         let budget = self.inner.config.artifact_budget_bytes;
         match tokio::task::spawn_blocking(move || {
-            edgefleet_proto::store::collect_garbage(&dir, &keep, budget)
+            edgefleet_proto::store::collect_garbage(&dir, &keep, budget, YOUNG)
         })
         .await
         {

@@ -253,22 +253,7 @@ impl Fleet {
                     fleet.inner.models_changed.send_modify(|n| *n += 1);
                     futures::future::ready(())
                 });
-                // Unreferenced artifacts are collected only once the caches hold the
-                // whole cluster (an empty model cache references nothing).
-                let collect = {
-                    let fleet = fleet.clone();
-                    async move {
-                        if let Err(e) = fleet.ready().await {
-                            tracing::warn!(error = %e, "not collecting artifacts");
-                            return;
-                        }
-                        loop {
-                            fleet.collect_artifacts().await;
-                            tokio::time::sleep(artifacts::COLLECT_EVERY).await;
-                        }
-                    }
-                };
-                futures::future::join5(devices, models, policies, keep_policies, collect).await;
+                futures::future::join4(devices, models, policies, keep_policies).await;
             }
         };
         (fleet, driver)
@@ -312,6 +297,17 @@ impl Fleet {
             .wait_until_ready()
             .await
             .map_err(|e| e.to_string())
+    }
+
+    /// Collects unreferenced artifacts every [`artifacts::COLLECT_EVERY`], for as long
+    /// as it runs. Start it only after [`Fleet::ready`] returned: an unfilled model
+    /// cache references nothing. (It does not wait on the caches itself: a cache's
+    /// readiness wakes only its last waiter.)
+    pub async fn collect_loop(self) {
+        loop {
+            self.collect_artifacts().await;
+            tokio::time::sleep(artifacts::COLLECT_EVERY).await;
+        }
     }
 
     fn wake(&self, device: &str) {

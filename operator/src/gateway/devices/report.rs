@@ -168,19 +168,26 @@ pub(super) async fn report(
             fleet.inner.heartbeats.reported().note(&name, &m);
             d.models = Some(m);
         }
-        if let Some(i) = batch
+        if let Some((i, taken)) = batch
             .reports
             .iter()
             .rev()
-            .find_map(|r| r.inference.as_ref())
+            .find_map(|r| r.inference.as_ref().map(|i| (i, r.time)))
         {
+            // Observed when the device took the report (a spooled report may be old),
+            // never later than now by the gateway's clock.
+            let now = k8s_openapi::jiff::Timestamp::now();
+            let observed = k8s_openapi::jiff::Timestamp::from_second(taken)
+                .ok()
+                .filter(|t| taken > 0 && *t < now)
+                .unwrap_or(now);
             let stats = edgefleet_crds::device::InferenceStats {
                 // The device's word about its own counters, bounded like the names
                 // it stands for (a longer one is no model's).
                 model: i.model.clone().filter(|m| m.len() <= 317),
                 revision: i.revision.clone().filter(|r| r.len() <= 64),
                 observed_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    k8s_openapi::jiff::Timestamp::now(),
+                    observed,
                 )),
                 tokens_per_second: if i.tokens_per_second.is_finite() {
                     i.tokens_per_second.max(0.0)
