@@ -108,18 +108,39 @@ impl Rendered {
             .collect()
     }
 
-    /// The pod spec of the operator Deployment and its `operator` container.
+    /// The pod spec of the operator StatefulSet and its `operator` container.
     fn operator(&self) -> Result<(&Value, &Value), HarnessError> {
         let pod = self
-            .find("Deployment", "edgefleet-operator")
+            .find("StatefulSet", "edgefleet-operator")
             .and_then(|d| d.get("spec")?.get("template")?.get("spec"))
-            .ok_or_else(|| err("no Deployment edgefleet-operator rendered"))?;
+            .ok_or_else(|| err("no StatefulSet edgefleet-operator rendered"))?;
         let container = pod
             .get("containers")
             .and_then(Value::as_sequence)
             .and_then(|cs| cs.iter().find(|c| str_at(c, &["name"]) == Some("operator")))
-            .ok_or_else(|| err("the Deployment has no operator container"))?;
+            .ok_or_else(|| err("the StatefulSet has no operator container"))?;
         Ok((pod, container))
+    }
+
+    /// The StatefulSet's claim template `name`, as a volume of a fresh claim.
+    fn claim_template(&self, name: &str) -> Option<Value> {
+        let templates = self
+            .find("StatefulSet", "edgefleet-operator")?
+            .get("spec")?
+            .get("volumeClaimTemplates")?
+            .as_sequence()?;
+        templates
+            .iter()
+            .any(|t| str_at(t, &["metadata", "name"]) == Some(name))
+            .then(|| {
+                let mut v = serde_yaml::Mapping::new();
+                v.insert("name".into(), name.into());
+                v.insert(
+                    "persistentVolumeClaim".into(),
+                    Value::Mapping(serde_yaml::Mapping::new()),
+                );
+                Value::Mapping(v)
+            })
     }
 
     /// The operator container's `args`, as rendered.
@@ -204,9 +225,13 @@ impl Rendered {
                     "volumeMount {mount:?} without name or mountPath"
                 )));
             };
+            // A volume of the pod, or a claim from the StatefulSet's claim templates
+            // (a fresh claim: an empty directory).
+            let claimed = self.claim_template(name);
             let volume = volumes
                 .iter()
                 .find(|v| str_at(v, &["name"]) == Some(name))
+                .or(claimed.as_ref())
                 .ok_or_else(|| err(format!("volumeMount {name}: no such volume")))?;
             let dir = root.join(path.trim_start_matches('/'));
             std::fs::create_dir_all(&dir).map_err(err)?;
