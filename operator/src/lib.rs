@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod heartbeat;
 pub mod leader;
 pub mod metrics;
+pub mod process;
 pub mod replicas;
 pub mod reported;
 pub mod rollout;

@@ -76,6 +76,12 @@ async fn main() -> anyhow::Result<()> {
             gateway,
             label_leader_pod,
         } => {
+            match edgefleet_operator::process::raise_open_files_limit() {
+                Ok((before, after)) => {
+                    tracing::info!(?before, ?after, "open files limit (soft)");
+                }
+                Err(e) => tracing::warn!(error = %e, "raising the open files limit"),
+            }
             let bundles = match std::fs::read(&bundle_ca) {
                 Ok(pem) => match edgefleet_operator::bundles::BundleFetcher::new(&pem) {
                     Ok(f) => Some(f),
