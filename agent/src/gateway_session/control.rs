@@ -208,11 +208,15 @@ impl FleetAgent {
                     tracing::warn!(error = %e, gateway = %client.base(), next, retry_in_ms = pause.as_millis() as u64, "gateway unreachable; keeping the session");
                     tokio::time::sleep(pause).await;
                     retry = (retry * 2).min(max);
-                    if next.trim_end_matches('/') != client.base() {
-                        client = client.at(next);
-                        // The next replica may never have heard this device's states.
-                        self.begin_session(client.clone());
-                    }
+                    client = if next.trim_end_matches('/') != client.base() {
+                        client.at(next)
+                    } else {
+                        client.reconnect()
+                    };
+                    // The replica answering next may never have heard this device's
+                    // states (another replica, or this one restarted): they go again
+                    // with the next report.
+                    self.begin_session(client.clone());
                     // Any desired state is asked for afresh.
                     version = None;
                 }
