@@ -291,12 +291,7 @@ pub async fn attest_loop(
             Ok(a) => {
                 backoff = Duration::from_secs(1);
                 tracing::info!(allow = a.decision.allow, deny = ?a.decision.deny, expires_at = a.expires_at, "attested");
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(0);
-                let remaining = Duration::from_secs(((a.expires_at - now).max(3) * 2 / 3) as u64);
-                remaining.min(max_interval)
+                reattest_in(a.expires_at, max_interval)
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "attestation failed");
@@ -333,5 +328,60 @@ mod tests {
         let mut bad_len = table;
         bad_len[44..48].copy_from_slice(&1000u32.to_le_bytes());
         assert_eq!(vcek_from_cert_table(&bad_len), None, "length past the end");
+    }
+}
+
+/// How long until the next attestation, given a result expiring at `expires_at` (the
+/// gateway's clock, seconds since the epoch) and at most `max_interval`: two thirds of
+/// the result's remaining life as this device's clock sees it. A result that looks
+/// expired already, or nearly so, says that this device's clock is ahead of the
+/// gateway's (a result is issued for far longer): then `max_interval` alone is used, so
+/// that a device with a wrong clock does not attest again every few seconds.
+pub fn reattest_in(expires_at: i64, max_interval: Duration) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    reattest_in_at(expires_at, now, max_interval)
+}
+
+/// [`reattest_in`] at `now`.
+pub fn reattest_in_at(expires_at: i64, now: i64, max_interval: Duration) -> Duration {
+    let remaining = expires_at.saturating_sub(now);
+    if remaining < MIN_PLAUSIBLE_RESULT_LIFE {
+        tracing::warn!(
+            expires_at,
+            now,
+            "ClockSkew: the attestation result looks expired by this device's clock; is the clock ahead of the gateway's? Attesting again within the interval"
+        );
+        return max_interval;
+    }
+    Duration::from_secs(u64::try_from(remaining * 2 / 3).unwrap_or(0)).min(max_interval)
+}
+
+/// Less remaining life than this on a result just issued is this device's clock, not
+/// the result (results live for minutes to hours).
+const MIN_PLAUSIBLE_RESULT_LIFE: i64 = 30;
+
+#[cfg(test)]
+mod reattest_tests {
+    use super::*;
+
+    #[test]
+    fn a_device_attests_again_at_two_thirds_of_the_result_and_a_clock_ahead_does_not_loop() {
+        let hour = Duration::from_secs(3600);
+        // In step with the gateway: two thirds of the remaining life, within the cap.
+        assert_eq!(
+            reattest_in_at(1_000 + 3600, 1_000, hour),
+            Duration::from_secs(2400)
+        );
+        assert_eq!(
+            reattest_in_at(1_000 + 3600, 1_000, Duration::from_secs(600)),
+            Duration::from_secs(600)
+        );
+        // A clock an hour ahead sees the result as expired: the interval, not seconds.
+        assert_eq!(reattest_in_at(1_000 + 3600, 1_000 + 7200, hour), hour);
+        assert_eq!(reattest_in_at(1_000 + 3600, 1_000 + 3590, hour), hour);
+        // A clock behind sees a longer life: still capped.
+        assert_eq!(reattest_in_at(1_000 + 3600, 1_000 - 7200, hour), hour);
     }
 }

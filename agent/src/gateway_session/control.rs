@@ -172,14 +172,15 @@ impl FleetAgent {
         )?;
         self.begin_session(client.clone());
         tracing::info!(device = %cfg.device.name, "connected to the gateway");
-        // Re-attest at two thirds of the result's lifetime, and of the attestation lease.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        // Re-attest at two thirds of the result's lifetime, and of the attestation lease
+        // (a device clock ahead of the gateway's does not make it loop:
+        // `reattest_in`).
         let reattest = tokio::time::Instant::now()
-            + Duration::from_secs(((appraisal.expires_at - now).max(3) * 2 / 3) as u64)
-                .min(Duration::from_secs(cfg.attestation.interval_seconds))
-                .min(Duration::from_secs((lease_seconds * 2 / 3).max(1)));
+            + crate::enrol::reattest_in(
+                appraisal.expires_at,
+                Duration::from_secs(cfg.attestation.interval_seconds),
+            )
+            .min(Duration::from_secs((lease_seconds * 2 / 3).max(1)));
         let _ = self.flush().await;
         let mut version: Option<String> = None;
         let mut client = client;
