@@ -10,7 +10,10 @@
 # $EDGEFLEET_CACHE/bench/fleet/results.jsonl, a Markdown table and bench/fleet.png.
 # Usage: bench/fleet.sh [N ...]   (default: 1000 5000 10000)
 #   FLEET_SCENARIOS="rollout storm outage churn steady:10 steady:5" (the default) picks
-#   the runs.
+#   the runs; also: restart (every gateway killed and started again; devices keep
+#   their sessions), restart-naive (its baseline: devices re-attest after any error),
+#   slowloris (5,000 slow-header and 1,000 junk-TLS connections held for 120 s while a
+#   probe device polls and fresh devices enrol) and slowloris:none (its baseline).
 #   FLEET_REPLICAS=R runs R operator replicas, each serving devices (default: enough to
 #   keep each under about 18,000 devices, the most one process holds here); the
 #   simulator runs as one process per 15,000 devices, and their summaries are merged.
@@ -47,6 +50,10 @@ for n in "${sizes[@]}"; do
     case $sc in
       steady:*) run "$n" steady "${sc#steady:}" 60 ;;
       churn) run "$n" churn 10 60 ;;
+      # The flood of slow and junk connections for 120 s (beyond the unidentified
+      # lifetime and the header timeout), and its baseline without the flood.
+      slowloris) run "$n" slowloris 10 120 ;;
+      slowloris:none) EDGEFLEET_SIM_SLOW_HEADERS=0 EDGEFLEET_SIM_JUNK_TLS=0 run "$n" slowloris 10 120 ;;
       *) run "$n" "$sc" 10 0 ;;
     esac
   done

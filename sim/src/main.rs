@@ -23,6 +23,18 @@
 //!   so that the gateway's descriptors then show what it still holds.
 //! - `churn`: a tenth of the devices leave and as many new ones enrol, per round; the
 //!   time from a newcomer's start to its first answered poll is measured.
+//! - `restart`: every gateway replica is killed and started again by the harness
+//!   (`edgefleet-dev fleet-bench` does it once the start file exists, and then creates
+//!   `<start-file>.restarted`); the devices follow the agent's rule (a passing trouble
+//!   keeps the session, only a refusal enrols and attests anew). Recovery is until
+//!   every device's long-poll has answered from a restarted gateway; `reattested`
+//!   counts the devices that attested again (none should).
+//! - `slowloris`: for `--duration` seconds an attacker holds `--slow-headers`
+//!   connections that drip HTTP/1 headers and `--junk-tls` connections that stall in
+//!   the TLS handshake against the first gateway, reopening each the moment it is
+//!   closed; meanwhile a connected probe device asks for its desired state every second
+//!   (`probe_poll_ms`) and a fresh device enrols, attests and polls every 5 s
+//!   (`fresh_device_ms`).
 //!
 //! Several processes can share one simulated fleet (each holds a connection per device,
 //! and one process has at most 20,000 descriptors here): give each its own `--prefix`
@@ -48,6 +60,12 @@ use edgefleet_proto as proto;
 use edgefleet_trust::attestation::service::{ChallengeRequest, Evidence, EvidenceRequest};
 use tokio::sync::{Mutex, Semaphore, watch};
 
+mod flood;
+
+/// The agent's default `fleet.backoff_max_seconds`: the longest pause between a
+/// device's attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 /// Seconds the outage scenario stays connected after recovery.
 const OUTAGE_SETTLE_SECONDS: u64 = 10;
 
@@ -58,6 +76,8 @@ enum Scenario {
     Storm,
     Outage,
     Churn,
+    Restart,
+    Slowloris,
 }
 
 #[derive(Parser, Debug)]
@@ -115,6 +135,16 @@ struct Cli {
     /// all are connected, so that their scenarios start together).
     #[arg(long)]
     start_file: Option<PathBuf>,
+    /// Re-enrol and re-attest after any failed poll, transient or not (what an agent
+    /// without the keep-the-session rule would do): the restart scenario's baseline.
+    #[arg(long)]
+    reattest_on_error: bool,
+    /// The slowloris scenario: connections that drip HTTP/1 headers.
+    #[arg(long, env = "EDGEFLEET_SIM_SLOW_HEADERS", default_value_t = 5000)]
+    slow_headers: usize,
+    /// The slowloris scenario: connections that stall in the TLS handshake.
+    #[arg(long, env = "EDGEFLEET_SIM_JUNK_TLS", default_value_t = 1000)]
+    junk_tls: usize,
 }
 
 impl Cli {
@@ -144,6 +174,8 @@ struct Record {
     failures: BTreeMap<String, u64>,
     connect_retries: BTreeMap<String, u64>,
     attested: u64,
+    /// Connected devices that enrolled and attested again (refused by a gateway).
+    reattested: u64,
 }
 
 struct Shared {
@@ -179,17 +211,43 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 async fn fail(shared: &Shared, what: &str, e: impl std::fmt::Display) {
-    let reason = e.to_string();
+    let reason = without_urls(&e.to_string());
     let key = format!("{what}: {}", reason.chars().take(240).collect::<String>());
     *shared.record.lock().await.failures.entry(key).or_insert(0) += 1;
 }
 
+/// `text` with each `(https://…)` (naming a device) as `(URL)`, so that the same
+/// failure of many devices counts under one reason.
+fn without_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("(https://") {
+        out.push_str(&rest[..at]);
+        out.push_str("(URL)");
+        rest = rest[at..].find(')').map_or("", |end| &rest[at + end + 1..]);
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Enrols and attests one device; returns its mTLS client.
-async fn connect(shared: &Shared, name: &str) -> anyhow::Result<DeviceClient> {
+async fn connect(
+    shared: &Shared,
+    name: &str,
+    key: &rcgen::KeyPair,
+) -> anyhow::Result<DeviceClient> {
+    connect_at(shared, name, shared.cli.gateway_of(name), key).await
+}
+
+/// Enrols and attests one device at `gateway`; returns its mTLS client there.
+async fn connect_at(
+    shared: &Shared,
+    name: &str,
+    gateway: &str,
+    key: &rcgen::KeyPair,
+) -> anyhow::Result<DeviceClient> {
     let _permit = shared.gate.acquire().await?;
-    let cli = &shared.cli;
-    let boot = GatewayClient::new(cli.gateway_of(name), &shared.ca, &shared.token)?;
-    let key = rcgen::KeyPair::generate()?;
+    let boot = GatewayClient::new(gateway, &shared.ca, &shared.token)?;
     let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
     let b64 = base64::engine::general_purpose::STANDARD;
     boot.enrol(&proto::EnrolRequest {
@@ -203,7 +261,7 @@ async fn connect(shared: &Shared, name: &str) -> anyhow::Result<DeviceClient> {
             tee_kinds: vec!["dev".into()],
             agent_version: concat!("sim-", env!("CARGO_PKG_VERSION")).into(),
         },
-        labels: cli.labels.iter().cloned().collect(),
+        labels: shared.cli.labels.iter().cloned().collect(),
     })
     .await?;
     let challenge = boot
@@ -236,7 +294,7 @@ async fn connect(shared: &Shared, name: &str) -> anyhow::Result<DeviceClient> {
         .with_context(|| format!("denied: {:?}", appraisal.decision.deny))?;
     shared.record.lock().await.attested += 1;
     Ok(DeviceClient::new(
-        cli.gateway_of(name),
+        gateway,
         &shared.ca,
         cert.as_bytes(),
         key.serialize_pem().as_bytes(),
@@ -247,8 +305,13 @@ async fn connect(shared: &Shared, name: &str) -> anyhow::Result<DeviceClient> {
 
 /// One device, until its task is aborted.
 async fn device(shared: Arc<Shared>, name: String) {
+    // The device's key, kept for its life (the gateway pins it at enrolment).
+    let key = match rcgen::KeyPair::generate() {
+        Ok(k) => k,
+        Err(e) => return fail(&shared, "key", e).await,
+    };
     let client = loop {
-        match connect(&shared, &name).await {
+        match connect(&shared, &name, &key).await {
             Ok(c) => break c,
             Err(e) => {
                 // Enrolment retries (the first connection storm meets a full accept
@@ -346,6 +409,8 @@ async fn device(shared: Arc<Shared>, name: String) {
     // In an outage the old connections stay open, never used again.
     let mut abandoned = Vec::new();
     let mut version: Option<String> = None;
+    let mut last_models: Option<Vec<proto::ModelReport>> = None;
+    let mut retry = Duration::from_secs(1);
     loop {
         let poll = client.desired(version.as_deref(), Duration::from_secs(30));
         let result = tokio::select! {
@@ -374,8 +439,9 @@ async fn device(shared: Arc<Shared>, name: String) {
                         .entry(name.clone())
                         .or_insert_with(Instant::now);
                 }
+                retry = Duration::from_secs(1);
                 // Simulated download, verification and load: Ready at once.
-                *models.lock().await = Some(
+                last_models = Some(
                     state
                         .models
                         .iter()
@@ -389,22 +455,153 @@ async fn device(shared: Arc<Shared>, name: String) {
                         })
                         .collect(),
                 );
+                models.lock().await.clone_from(&last_models);
                 report_now.notify_one();
                 version = Some(state.version);
             }
             Ok(None) => {
+                retry = Duration::from_secs(1);
                 let mut r = shared.record.lock().await;
                 r.polled.insert(name.clone(), Instant::now());
                 r.first_polled
                     .entry(name.clone())
                     .or_insert_with(Instant::now);
             }
-            Err(e) => {
+            // The agent's rule (`gateway_session::control`): a passing trouble keeps the
+            // session and asks again on a fresh connection, with jittered backoff, the
+            // states re-reported; only a refusal enrols and attests anew.
+            Err(e) if e.is_transient() && !shared.cli.reattest_on_error => {
                 fail(&shared, "desired", chain(&e)).await;
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(edgefleet_agent::gateway_session::jitter(retry)).await;
+                retry = (retry * 2).min(BACKOFF_MAX);
+                client = client.reconnect();
+                if let Ok(mut c) = current.lock() {
+                    *c = client.clone();
+                }
+                version = None;
+                resend(&models, &last_models).await;
+                report_now.notify_one();
+            }
+            Err(e) => {
+                fail(&shared, "desired (refused)", chain(&e)).await;
+                // The session is over: enrol and attest until that succeeds.
+                client = loop {
+                    match connect(&shared, &name, &key).await {
+                        Ok(c) => break c,
+                        Err(e) => {
+                            fail(&shared, "re-attest", format!("{e:#}")).await;
+                            tokio::time::sleep(edgefleet_agent::gateway_session::jitter(retry))
+                                .await;
+                            retry = (retry * 2).min(BACKOFF_MAX);
+                        }
+                    }
+                };
+                shared.record.lock().await.reattested += 1;
+                if let Ok(mut c) = current.lock() {
+                    *c = client.clone();
+                }
+                version = None;
+                resend(&models, &last_models).await;
+                report_now.notify_one();
             }
         }
     }
+}
+
+/// The model states of the last desired state go with the next report (unless a newer
+/// set is already waiting).
+async fn resend(
+    models: &Mutex<Option<Vec<proto::ModelReport>>>,
+    last: &Option<Vec<proto::ModelReport>>,
+) {
+    let mut m = models.lock().await;
+    if m.is_none() {
+        m.clone_from(last);
+    }
+}
+
+/// The slowloris scenario ([module docs](self)).
+async fn slowloris(shared: &Arc<Shared>, out: &mut serde_json::Value) -> anyhow::Result<()> {
+    let cli = &shared.cli;
+    let first = cli.gateways.first().context("no gateway")?;
+    let target = flood::Target::new(first, &shared.ca)?;
+    // The probe is a device like the others, on the flooded gateway.
+    let probe_name = format!("{}-probe", cli.prefix);
+    let probe = connect_at(shared, &probe_name, first, &rcgen::KeyPair::generate()?).await?;
+    let stats = Arc::new(flood::FloodStats::default());
+    let attack = flood::start(&target, cli.slow_headers, cli.junk_tls, &stats);
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs(cli.duration);
+    let (mut probe_ms, mut fresh_ms) = (Vec::new(), Vec::new());
+    let (mut probe_failures, mut fresh_failures) = (0u64, 0u64);
+    let mut open_samples = Vec::new();
+    let mut fresh = 0u32;
+    let mut next_fresh = t0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while Instant::now() < end {
+        tick.tick().await;
+        open_samples.push(stats.open.load(Ordering::Relaxed) as f64);
+        let started = Instant::now();
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            probe.desired(None, Duration::from_secs(1)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => probe_ms.push(started.elapsed().as_secs_f64() * 1000.0),
+            Ok(Err(e)) => {
+                probe_failures += 1;
+                fail(shared, "probe", chain(&e)).await;
+            }
+            Err(_) => {
+                probe_failures += 1;
+                fail(shared, "probe", "no answer within 10 s").await;
+            }
+        }
+        if Instant::now() >= next_fresh {
+            next_fresh += Duration::from_secs(5);
+            fresh += 1;
+            let name = format!("{}-fresh-{fresh:03}", cli.prefix);
+            let started = Instant::now();
+            let joined = tokio::time::timeout(Duration::from_secs(30), async {
+                let c = connect_at(shared, &name, first, &rcgen::KeyPair::generate()?).await?;
+                c.desired(None, Duration::from_secs(1)).await?;
+                anyhow::Ok(())
+            })
+            .await;
+            match joined {
+                Ok(Ok(())) => fresh_ms.push(started.elapsed().as_secs_f64() * 1000.0),
+                Ok(Err(e)) => {
+                    fresh_failures += 1;
+                    fail(shared, "fresh device", format!("{e:#}")).await;
+                }
+                Err(_) => {
+                    fresh_failures += 1;
+                    fail(shared, "fresh device", "not connected within 30 s").await;
+                }
+            }
+        }
+    }
+    for t in &attack {
+        t.abort();
+    }
+    let mean_open = open_samples.iter().sum::<f64>() / open_samples.len().max(1) as f64;
+    out["flood"] = serde_json::json!({
+        "slow_headers": cli.slow_headers,
+        "junk_tls": cli.junk_tls,
+        "seconds": t0.elapsed().as_secs_f64(),
+        "open_mean": mean_open,
+        "opened": stats.opened.load(Ordering::Relaxed),
+        "closed_by_gateway": stats.closed.load(Ordering::Relaxed),
+        "failed_to_open": stats.failed.load(Ordering::Relaxed),
+    });
+    out["probe_poll_ms"] = summary_ms(&mut probe_ms);
+    out["probe_failures"] = serde_json::json!(probe_failures);
+    out["fresh_device_ms"] = summary_ms(&mut fresh_ms);
+    out["fresh_devices"] = serde_json::json!(fresh);
+    out["fresh_failures"] = serde_json::json!(fresh_failures);
+    Ok(())
 }
 
 fn summary_ms(v: &mut [f64]) -> serde_json::Value {
@@ -636,12 +833,55 @@ async fn main() -> anyhow::Result<()> {
                 out["settle_seconds"] = serde_json::json!(OUTAGE_SETTLE_SECONDS);
             }
         }
+        Scenario::Restart => {
+            let marker = shared
+                .cli
+                .start_file
+                .as_ref()
+                .context("--start-file is required for restart")?
+                .with_extension("restarted");
+            let t0 = Instant::now();
+            while !marker.exists() {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{} never appeared",
+                    marker.display()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let up = Instant::now();
+            loop {
+                let back = shared
+                    .record
+                    .lock()
+                    .await
+                    .polled
+                    .values()
+                    .filter(|t| **t > up)
+                    .count();
+                if back >= n {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "only {back} of {n} devices came back"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            out["restart_recovery_seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
+            out["gateway_down_seconds"] = serde_json::json!((up - t0).as_secs_f64());
+            // A heartbeat round after recovery, so that re-reported states are written
+            // (or not) within the measured window.
+            tokio::time::sleep(Duration::from_secs(shared.cli.heartbeat_seconds.max(1))).await;
+        }
+        Scenario::Slowloris => slowloris(&shared, &mut out).await?,
     }
     for t in tasks.values() {
         t.abort();
     }
     let mut r = shared.record.lock().await;
     out["attested"] = serde_json::json!(r.attested);
+    out["reattested"] = serde_json::json!(r.reattested);
     out["reports"] = serde_json::json!(shared.reports.load(Ordering::Relaxed));
     out["heartbeat_rtt_ms"] = summary_ms(&mut r.heartbeat_ms);
     out["failures"] = serde_json::json!(r.failures);

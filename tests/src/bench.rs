@@ -119,53 +119,38 @@ pub async fn fleet_bench(
     let cp = ControlPlane::start_in(&dir.join("control-plane")).await?;
     cp.install_crds().await?;
     let pki = local_fleet::GatewayPki::write(dir, &[])?;
+    // The scenarios the harness plays a part in: `restart` (the harness restarts the
+    // gateways) and its baseline `restart-naive` (devices re-attest on any error).
+    let (sim_scenario, sim_extra): (&str, &[&str]) = match scenario {
+        "restart-naive" => ("restart", &["--reattest-on-error"]),
+        s => (s, &[]),
+    };
     // Every replica serves devices; op-1 starts first and leads.
     let mut operators = Vec::new();
     let mut gateways = Vec::new();
+    let mut specs = Vec::new();
     for k in 1..=replicas {
         let port = crate::free_port()?;
-        let identity = format!("op-{k}");
-        let operator = Proc(local_fleet::spawn_operator_with(
-            cp.kubeconfig_path(),
-            &pki,
-            &local_fleet::OperatorSpec {
-                gateway_addr: format!("127.0.0.1:{port}"),
-                artifact_dir: dir.join("artifacts"),
-                approval: "auto:edgefleet.io/pool=sim".into(),
-                ek_cas: vec![],
-                ek_intermediates: vec![],
-                heartbeat_lease_seconds: lease,
-                artifact_ca: None,
-                log: dir.join(if k == 1 {
-                    "operator.log".to_owned()
-                } else {
-                    format!("operator-{k}.log")
-                }),
-            },
-            &[&format!("--identity={identity}")],
-        )?);
-        let started = Instant::now();
-        loop {
-            let ok = Command::new("curl")
-                .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
-                .arg(format!("https://127.0.0.1:{port}/healthz"))
-                .output()
-                .is_ok_and(|o| o.stdout == b"200");
-            if ok {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(60) {
-                bail!(
-                    "the gateway of {identity} did not come up; see {}",
-                    dir.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let spec = local_fleet::OperatorSpec {
+            gateway_addr: format!("127.0.0.1:{port}"),
+            artifact_dir: dir.join("artifacts"),
+            approval: "auto:edgefleet.io/pool=sim".into(),
+            ek_cas: vec![],
+            ek_intermediates: vec![],
+            heartbeat_lease_seconds: lease,
+            artifact_ca: None,
+            log: dir.join(if k == 1 {
+                "operator.log".to_owned()
+            } else {
+                format!("operator-{k}.log")
+            }),
+        };
+        operators.push(start_replica(cp.kubeconfig_path(), &pki, &spec, k)?);
         gateways.push(format!("https://127.0.0.1:{port}"));
-        operators.push(operator);
+        specs.push(spec);
     }
-    let pids: Vec<u32> = operators.iter().map(|o| o.0.id()).collect();
+    let mut pids: Vec<u32> = operators.iter().map(|o| o.0.id()).collect();
+    let live_pids = std::sync::Arc::new(std::sync::Mutex::new(pids.clone()));
     let stat = |pids: &[u32]| {
         pids.iter()
             .map(|p| proc_stat(*p))
@@ -177,6 +162,7 @@ pub async fn fleet_bench(
             })
     };
     let manifest = sim_manifest(dir)?;
+    let start_file = dir.join("start");
     trust_sim(&cp.client().await?, &manifest).await?;
     // The simulated devices enrol with the pool's token, which labels them.
     let token = local_fleet::create_pool_token(&cp.client().await?, "sim").await?;
@@ -189,8 +175,7 @@ pub async fn fleet_bench(
         .filter(|v| *v > 0)
         .unwrap_or(MAX_SIM_DEVICES);
     let processes = devices.div_ceil(per_process).max(1);
-    let start_file = dir.join("start");
-    let before = stat(&pids);
+    let mut before = stat(&pids);
     let writes_before = api_writes(cp.kubectl())?;
     let t0 = Instant::now();
     let mut children = Vec::new();
@@ -213,7 +198,13 @@ pub async fn fleet_bench(
             .args(["--devices", &share.to_string()])
             .args(["--fleet-devices", &devices.to_string()])
             .args(["--heartbeat-seconds", &heartbeat.to_string()])
-            .args(["--scenario", scenario, "--duration", &duration.to_string()])
+            .args([
+                "--scenario",
+                sim_scenario,
+                "--duration",
+                &duration.to_string(),
+            ])
+            .args(sim_extra)
             .args(["--timeout", "3600"])
             .arg("--start-file")
             .arg(&start_file)
@@ -288,18 +279,57 @@ pub async fn fleet_bench(
     // Sample the operators while the simulators run.
     let sampler = {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (s, pids) = (stop.clone(), pids.clone());
+        let (s, pids) = (stop.clone(), live_pids.clone());
         let handle = std::thread::spawn(move || {
-            let (mut peak_fds, mut last_fds) = (0, 0);
+            let (mut peak_fds, mut last_fds, mut peak_rss_kib) = (0, 0, 0);
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                last_fds = pids.iter().map(|p| proc_stat(*p).fds).sum();
+                let now: Vec<ProcStat> = pids
+                    .lock()
+                    .map(|p| p.iter().map(|p| proc_stat(*p)).collect())
+                    .unwrap_or_default();
+                last_fds = now.iter().map(|s| s.fds).sum();
+                peak_rss_kib = peak_rss_kib.max(now.iter().map(|s| s.rss_kib).sum());
                 peak_fds = peak_fds.max(last_fds);
                 std::thread::sleep(Duration::from_millis(500));
             }
-            (peak_fds, last_fds)
+            (peak_fds, last_fds, peak_rss_kib)
         });
         (stop, handle)
     };
+    // The restart scenario: once the scenario starts, every gateway is killed and started
+    // again on its address, and the simulators are told when all answer.
+    let mut restarted_at = None;
+    if sim_scenario == "restart" {
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        while !start_file.exists() {
+            if Instant::now() > deadline
+                || children
+                    .iter_mut()
+                    .any(|c| matches!(c.try_wait(), Ok(Some(_))))
+            {
+                bail!("the simulators never all connected; see {}", dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let t = Instant::now();
+        // SIGKILL, as a crash or an evicted pod: nothing is closed gracefully.
+        operators.clear();
+        for (k, spec) in specs.iter().enumerate() {
+            let spec = local_fleet::OperatorSpec {
+                log: spec.log.with_extension("restarted.log"),
+                ..spec.clone()
+            };
+            operators.push(start_replica(cp.kubeconfig_path(), &pki, &spec, k + 1)?);
+        }
+        pids = operators.iter().map(|o| o.0.id()).collect();
+        if let Ok(mut p) = live_pids.lock() {
+            p.clone_from(&pids);
+        }
+        // The new processes' CPU counts from their start.
+        before = ProcStat::default();
+        std::fs::write(start_file.with_extension("restarted"), b"up")?;
+        restarted_at = Some(t.elapsed().as_secs_f64());
+    }
     let mut outputs = Vec::new();
     for child in children {
         outputs.push(child.wait_with_output()?);
@@ -310,7 +340,7 @@ pub async fn fleet_bench(
     sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
     // The peak is during the connection burst (enrolment connections beside the device
     // connections); the last sample is the steady state, one connection per device.
-    let (peak_fds, last_fds) = sampler.1.join().unwrap_or((0, 0));
+    let (peak_fds, last_fds, peak_rss_kib) = sampler.1.join().unwrap_or((0, 0, 0));
     let elapsed = t0.elapsed().as_secs_f64();
     let after = stat(&pids);
     let total_writes = api_writes(cp.kubectl())?;
@@ -336,6 +366,7 @@ pub async fn fleet_bench(
         "rss_mib": after.rss_kib as f64 / 1024.0,
         "peak_rss_mib": after.hwm_kib as f64 / 1024.0,
         "peak_fds": peak_fds,
+        "peak_rss_sampled_mib": peak_rss_kib as f64 / 1024.0,
         "fds": last_fds,
         "fds_settled": settled_fds.lock().ok().and_then(|f| *f),
     });
@@ -349,15 +380,30 @@ pub async fn fleet_bench(
             ))
             .sum::<f64>()
     );
+    summary["unidentified_evicted"] = serde_json::json!(
+        pids.iter()
+            .filter_map(|p| operator_counter(
+                *p,
+                "edgefleet_operator_gateway_unidentified_evicted_total "
+            ))
+            .sum::<f64>()
+    );
+    summary["scenario"] = serde_json::json!(scenario);
+    summary["gateways_restarted_seconds"] = serde_json::json!(restarted_at);
     summary["api_writes"] = serde_json::json!(writes);
     summary["api_writes_per_second"] = serde_json::json!(writes / elapsed);
     // The scenario phase alone (after every device connected).
     let snap = snapshot.lock().ok().and_then(|s| *s);
     if let Some((t, stat, w)) = snap {
         let secs = t.elapsed().as_secs_f64();
+        summary["scenario_api_writes"] = serde_json::json!(total_writes - w);
+        summary["scenario_seconds"] = serde_json::json!(secs);
         summary["scenario_api_writes_per_second"] = serde_json::json!((total_writes - w) / secs);
-        summary["scenario_operator_cpu_cores"] =
-            serde_json::json!((after.cpu_seconds - stat.cpu_seconds) / secs);
+        // (After a restart the old processes' CPU is gone.)
+        if restarted_at.is_none() {
+            summary["scenario_operator_cpu_cores"] =
+                serde_json::json!((after.cpu_seconds - stat.cpu_seconds) / secs);
+        }
     }
     // Devices on the new revision at the end (the rollout scenario).
     if scenario == "rollout" {
@@ -388,6 +434,41 @@ pub async fn fleet_bench(
     Ok(summary)
 }
 
+/// Starts operator replica `k` (`op-k`) as `spec` says and waits until its gateway
+/// answers.
+fn start_replica(
+    kubeconfig: &Path,
+    pki: &local_fleet::GatewayPki,
+    spec: &local_fleet::OperatorSpec,
+    k: usize,
+) -> anyhow::Result<Proc> {
+    let identity = format!("op-{k}");
+    let operator = Proc(local_fleet::spawn_operator_with(
+        kubeconfig,
+        pki,
+        spec,
+        &[&format!("--identity={identity}")],
+    )?);
+    let started = Instant::now();
+    loop {
+        let ok = Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("https://{}/healthz", spec.gateway_addr))
+            .output()
+            .is_ok_and(|o| o.stdout == b"200");
+        if ok {
+            return Ok(operator);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "the gateway of {identity} did not come up; see {}",
+                spec.log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Devices one simulator process holds at most (a connection each, under the 20,000
 /// descriptors one process may have here).
 pub const MAX_SIM_DEVICES: usize = 15_000;
@@ -411,7 +492,13 @@ pub fn merge_summaries(parts: &[serde_json::Value]) -> serde_json::Value {
             .filter_map(|p| p[key].as_f64())
             .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
     };
-    for key in ["devices", "attested", "reports", "churn_started"] {
+    for key in [
+        "devices",
+        "attested",
+        "reattested",
+        "reports",
+        "churn_started",
+    ] {
         if out.get(key).is_some() {
             out[key] = serde_json::json!(sum(key));
         }
@@ -421,6 +508,8 @@ pub fn merge_summaries(parts: &[serde_json::Value]) -> serde_json::Value {
         "rollout_seconds",
         "all_devices_saw_change_seconds",
         "storm_recovery_seconds",
+        "restart_recovery_seconds",
+        "gateway_down_seconds",
         "churn_rounds",
         "settle_seconds",
     ] {

@@ -18,7 +18,9 @@ use super::{DeviceClient, FleetAgent, facts};
 use crate::enrol::{EnrolError, Source, attest_once};
 use crate::gateway_client::{GatewayClient, GatewayError};
 
-fn jitter(d: Duration) -> Duration {
+/// Between half and the whole of `d`, at random: the pause before a device asks again,
+/// so that a fleet does not reconnect in step.
+pub fn jitter(d: Duration) -> Duration {
     let mut b = [0u8; 4];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
     let frac = f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX);

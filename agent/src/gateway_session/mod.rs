@@ -62,7 +62,7 @@ mod lease;
 mod reports;
 
 pub use client::{DeviceClient, FETCHING_PATIENCE, FETCHING_POLL};
-pub use control::first_endpoint;
+pub use control::{first_endpoint, jitter};
 pub use download::fetch;
 pub use lease::{LEASE_EXPIRED, Lease};
 

@@ -44,7 +44,10 @@ enum Cmd {
         /// Simulated devices.
         #[arg(long)]
         devices: usize,
-        /// steady, rollout, storm or churn.
+        /// steady, rollout, storm, outage, churn, restart, restart-naive (the restart's
+        /// baseline: devices re-attest after any error) or slowloris (its flood's size
+        /// from `EDGEFLEET_SIM_SLOW_HEADERS` and `EDGEFLEET_SIM_JUNK_TLS`, by default
+        /// 5,000 and 1,000).
         #[arg(long, default_value = "rollout")]
         scenario: String,
         /// Heartbeat interval of the devices, seconds.
