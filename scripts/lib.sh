@@ -19,7 +19,7 @@ as_root() {
 
 # apt packages the project needs on a fresh Debian machine.
 APT_PACKAGES=(ca-certificates curl openssl unzip build-essential pkg-config python3 python3-venv util-linux iproute2
-  swtpm swtpm-tools tpm2-tools libtss2-dev
+  swtpm swtpm-tools tpm2-tools libtss2-dev libfaketime
   cmake libclang1-14 libclang-common-14-dev)
 
 ensure_apt() {

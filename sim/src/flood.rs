@@ -122,7 +122,7 @@ pub fn start(
 
 /// One held connection.
 enum Held {
-    Slow(tokio_rustls::client::TlsStream<TcpStream>),
+    Slow(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Junk(TcpStream),
 }
 
@@ -137,7 +137,7 @@ async fn open_slow(target: &Target) -> anyhow::Result<Held> {
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n")
         .await?;
-    Ok(Held::Slow(stream))
+    Ok(Held::Slow(Box::new(stream)))
 }
 
 async fn open_junk(target: &Target) -> anyhow::Result<Held> {
@@ -155,7 +155,7 @@ impl Held {
         let mut buf = [0u8; 1024];
         match self {
             Self::Slow(stream) => {
-                let (mut r, mut w) = tokio::io::split(stream);
+                let (mut r, mut w) = tokio::io::split(*stream);
                 loop {
                     tokio::select! {
                         _ = r.read(&mut buf) => return,

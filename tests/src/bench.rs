@@ -56,27 +56,6 @@ fn proc_stat(pid: u32) -> ProcStat {
     }
 }
 
-/// A counter of the operator's `/metrics` (its address read from the process's
-/// `--metrics-addr` argument), or `None` when it cannot be read.
-fn operator_counter(pid: u32, name: &str) -> Option<f64> {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    let addr = args
-        .iter()
-        .position(|a| a == "--metrics-addr")
-        .and_then(|i| args.get(i + 1))?;
-    let out = Command::new("curl")
-        .args(["-s", &format!("http://{addr}/metrics")])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-}
-
 /// Write requests (POST, PUT, PATCH, server-side APPLY, DELETE) the API server has answered.
 fn api_writes(mut kubectl: Command) -> anyhow::Result<f64> {
     let out = kubectl.args(["get", "--raw", "/metrics"]).output()?;
@@ -374,7 +353,7 @@ pub async fn fleet_bench(
     // Connections the gateways closed because their device opened a newer one.
     summary["superseded_connections"] = serde_json::json!(
         pids.iter()
-            .filter_map(|p| operator_counter(
+            .filter_map(|p| local_fleet::operator_counter(
                 *p,
                 "edgefleet_operator_gateway_connections_superseded_total "
             ))
@@ -382,7 +361,7 @@ pub async fn fleet_bench(
     );
     summary["unidentified_evicted"] = serde_json::json!(
         pids.iter()
-            .filter_map(|p| operator_counter(
+            .filter_map(|p| local_fleet::operator_counter(
                 *p,
                 "edgefleet_operator_gateway_unidentified_evicted_total "
             ))

@@ -295,6 +295,16 @@ pub fn spawn_agent(a: &AgentSpec) -> Result<Child, HarnessError> {
 
 /// [`spawn_agent`], listing `more` gateway URLs after `a.gateway` (`gateway.urls`).
 pub fn spawn_agent_with_gateways(a: &AgentSpec, more: &[String]) -> Result<Child, HarnessError> {
+    spawn_agent_with_env(a, more, &[])
+}
+
+/// [`spawn_agent_with_gateways`] with `env` set for the agent's process (for example
+/// [`faketime_env`]).
+pub fn spawn_agent_with_env(
+    a: &AgentSpec,
+    more: &[String],
+    env: &[(String, String)],
+) -> Result<Child, HarnessError> {
     std::fs::create_dir_all(&a.dir).map_err(err)?;
     let urls = serde_json::to_string(more).map_err(err)?;
     let tcti = a
@@ -350,12 +360,57 @@ backoff_max_seconds = 2
     };
     cmd.args(["run", "--config-dir"])
         .arg(&a.dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RUST_LOG", "info,llama-cpp-2=warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(err)?)
         .stderr(log)
         .spawn()
         .map_err(err)
+}
+
+/// A sample of the operator process `pid`'s `/metrics` whose line starts with `name`
+/// (a metric's name with its labels, and a space), e.g.
+/// `edgefleet_operator_reconciles_total{result="ok"} `; the metrics address is read from
+/// its `--metrics-addr` argument. The first such line's value (its address read from the process's
+/// `--metrics-addr` argument), or `None` when it cannot be read.
+pub fn operator_counter(pid: u32, name: &str) -> Option<f64> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let addr = args
+        .iter()
+        .position(|a| a == "--metrics-addr")
+        .and_then(|i| args.get(i + 1))?;
+    let out = Command::new("curl")
+        .args(["-s", &format!("http://{addr}/metrics")])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+}
+
+/// The environment that runs a process on a wall clock offset by what `file` holds
+/// (libfaketime, Debian's `libfaketime`: `+0` at first, `+48h` to jump two days
+/// ahead; re-read on every call), with the monotonic and boot clocks untouched, as when
+/// NTP steps a device's clock. The machine has no `CAP_SYS_TIME` to step the real one.
+pub fn faketime_env(file: &Path) -> Result<Vec<(String, String)>, HarnessError> {
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .ok_or_else(|| err("libfaketime is not installed (apt install libfaketime)"))?;
+    Ok(vec![
+        ("LD_PRELOAD".into(), lib.into()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), file.display().to_string()),
+        ("FAKETIME_NO_CACHE".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ])
 }
 
 /// A child process killed (and reaped) when dropped.

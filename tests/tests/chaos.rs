@@ -34,6 +34,11 @@
 //! 8. A device whose disk (a tmpfs state directory) is too small for the model: only
 //!    that device is failed, by name (`StateDirectory: No space left on device`); given
 //!    room and restarted, it resumes its partial download and the revision resumes.
+//! 9. A device's wall clock jumps two days forward (libfaketime; the monotonic and boot
+//!    clocks go on, as when NTP steps a clock) with an attestation lease of 30 s: it
+//!    serves without a gap (its lease runs on the boot clock), attests again without
+//!    looping on results that look expired to it, converges to a new revision, and,
+//!    restarted with the clock still ahead, serves again once it has attested.
 //!
 //! Each test runs the control plane, one or two operator processes and up to three
 //! agents: like `fleet_e2e`, they are in nextest's `fleet` test group
@@ -117,10 +122,11 @@ struct Replica {
     proc_: Option<Proc>,
 }
 
-/// One agent: its API port and network namespace, both kept across restarts.
+/// One agent: its API port, network namespace and environment, kept across restarts.
 struct Agent {
     port: u16,
     netns: Option<String>,
+    env: Vec<(String, String)>,
     proc_: Option<Proc>,
 }
 
@@ -337,10 +343,22 @@ impl Fleet {
     /// Starts agent `name` (in `netns` when given), listing every replica.
     fn start_agent(&mut self, name: &str, netns: Option<&Netns>) {
         let port = free_port().unwrap();
-        self.spawn_agent(name, port, netns.map(|n| n.name.clone()));
+        self.spawn_agent(name, port, netns.map(|n| n.name.clone()), Vec::new());
     }
 
-    fn spawn_agent(&mut self, name: &str, port: u16, netns: Option<String>) {
+    /// Starts agent `name` with `env` set (kept across its restarts).
+    fn start_agent_with_env(&mut self, name: &str, env: Vec<(String, String)>) {
+        let port = free_port().unwrap();
+        self.spawn_agent(name, port, None, env);
+    }
+
+    fn spawn_agent(
+        &mut self,
+        name: &str,
+        port: u16,
+        netns: Option<String>,
+        env: Vec<(String, String)>,
+    ) {
         let urls = self.gateways(netns.is_some());
         let d = self.dir.path();
         let spec = local_fleet::AgentSpec {
@@ -355,12 +373,13 @@ impl Fleet {
             pool: POOL.into(),
             log: d.join(format!("{name}.log")),
         };
-        let child = local_fleet::spawn_agent_with_gateways(&spec, &urls[1..]).unwrap();
+        let child = local_fleet::spawn_agent_with_env(&spec, &urls[1..], &env).unwrap();
         self.agents.insert(
             name.to_owned(),
             Agent {
                 port,
                 netns,
+                env,
                 proc_: Some(Proc(child)),
             },
         );
@@ -375,11 +394,11 @@ impl Fleet {
     /// directory, port and network.
     fn restart_agent(&mut self, name: &str) {
         self.kill_agent(name);
-        let (port, netns) = {
+        let (port, netns, env) = {
             let a = &self.agents[name];
-            (a.port, a.netns.clone())
+            (a.port, a.netns.clone(), a.env.clone())
         };
-        self.spawn_agent(name, port, netns);
+        self.spawn_agent(name, port, netns, env);
     }
 
     fn names(&self) -> Vec<String> {
@@ -1712,4 +1731,109 @@ async fn a_full_disk_fails_that_device_alone_by_name_and_it_resumes_once_there_i
     assert!(events(&f.client, reasons::ROLLED_BACK).await.is_empty());
     let (code, body) = f.chat("dev-b").await;
     assert_eq!(code, 200, "{body}");
+}
+
+// --- 9. The device clock jumps forward ---------------------------------------------------
+
+/// When `d` last attested successfully (the gateway's clock).
+fn verified_at(d: &EdgeDevice) -> Option<Timestamp> {
+    d.status
+        .as_ref()?
+        .attestation
+        .as_ref()
+        .map(|a| a.verified_time.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_clock_jumping_forward_keeps_it_serving_attesting_and_converging() {
+    // A 30 s attestation lease: two days ahead, a lease judged by the wall clock would
+    // be over at once, and the session re-attests every 20 s (two thirds of it).
+    let mut f = Fleet::start(Options {
+        extra: &["--attestation-lease-seconds=30"],
+        ..Options::default()
+    })
+    .await;
+    let clock = f.dir.path().join("till-2.faketime");
+    std::fs::write(&clock, "+0\n").unwrap();
+    f.start_agent("till-1", None);
+    f.start_agent_with_env("till-2", local_fleet::faketime_env(&clock).unwrap());
+    f.wait_enrolled().await;
+    f.apply(
+        512,
+        rollout(json!([{"percent": 100}]), 1, true, READY_TIMEOUT),
+    )
+    .await;
+    let rev = converged(&f.client, 2, ROLLOUT).await;
+    assert!(f.serving("till-2").await);
+    let before = verified_at(&device(&f.client, "till-2").await.unwrap()).unwrap();
+
+    // Two days forward. The faked clock is re-read on every call, so the running agent
+    // sees it at once.
+    let from = f.log_len("till-2");
+    std::fs::write(&clock, "+48h\n").unwrap();
+    let jumped = Instant::now();
+    // It serves throughout, across at least one re-attestation (every 20 s).
+    let mut reattested = None;
+    while jumped.elapsed() < Duration::from_secs(45) {
+        assert!(
+            f.serving("till-2").await,
+            "till-2 stopped serving {:?} after its clock jumped:\n{}",
+            jumped.elapsed(),
+            f.log_since("till-2", from)
+        );
+        if reattested.is_none()
+            && let Some(t) = device(&f.client, "till-2")
+                .await
+                .and_then(|d| verified_at(&d))
+            && t > before
+        {
+            reattested = Some(jumped.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let log = f.log_since("till-2", from);
+    assert!(
+        reattested.is_some(),
+        "till-2 did not attest again within 45 s of its clock jumping:\n{log}"
+    );
+    assert!(!log.contains("AttestationLeaseExpired"), "{log}");
+    // Its results look expired on arrival (the gateway's clock is two days behind its
+    // own): it says so and attests again within its lease, not in a loop.
+    assert!(log.contains("ClockSkew"), "no ClockSkew warning:\n{log}");
+    let sessions = count(&log, "connected to the gateway");
+    assert!(
+        (1..=4).contains(&sessions),
+        "{sessions} sessions in 45 s (one per 20 s expected):\n{log}"
+    );
+    // Judged by the gateway's clock, the device is healthy: nothing failed.
+    no_false_gate(&f.client).await;
+    devices_settled(&f.client, &f.names(), &rev, true).await;
+
+    // A new revision reaches it as it reaches the device on time.
+    f.apply(
+        1024,
+        rollout(json!([{"percent": 100}]), 1, true, READY_TIMEOUT),
+    )
+    .await;
+    let second = converged(&f.client, 2, ROLLOUT).await;
+    assert_ne!(second, rev);
+    no_false_gate(&f.client).await;
+    let (code, body) = f.chat("till-2").await;
+    assert_eq!(code, 200, "{body}");
+
+    // Restarted with the clock still ahead: the lease on disk (written in its own
+    // clock) is read once, and it serves again once attested.
+    let old_boot = boot_of(&device(&f.client, "till-2").await.unwrap());
+    let from = f.log_len("till-2");
+    f.restart_agent("till-2");
+    reporting_again(&f.client, "till-2", &old_boot, &second).await;
+    eventually("till-2 serving again", SHORT, || async {
+        f.serving("till-2").await.then_some(())
+    })
+    .await;
+    let log = f.log_since("till-2", from);
+    assert!(!log.contains("AttestationLeaseExpired"), "{log}");
+    assert_eq!(converged(&f.client, 2, ROLLOUT).await, second);
+    no_false_gate(&f.client).await;
+    devices_settled(&f.client, &f.names(), &second, true).await;
 }

@@ -2,18 +2,20 @@
 //! successful attestation (the gateway names its length at enrolment; 24 hours by
 //! default). [`Lease`] is persisted in the state directory (`attestation-lease.json`)
 //! with the wall-clock time of that attestation, so that a restarted agent knows whether
-//! its last-known-good model may still be served. While the agent runs, a monotonic
-//! deadline that is only ever brought forward ([`tighten`]) keeps a wall clock set back
-//! from extending the lease; a wall clock set forward only ends it sooner.
-//! [`FleetAgent::lease_loop`] stops serving when the lease runs out
-//! ([`LEASE_EXPIRED`]).
+//! its last-known-good model may still be served (the wall clock is read once, then:
+//! [`deadline_from`]). While the agent runs, the lease is a deadline on the boot clock
+//! (`CLOCK_BOOTTIME`: it counts time the device spends suspended, and no one sets it),
+//! so that a wall clock stepped while the agent runs neither extends the lease (set
+//! back) nor ends it (set forward: a device without a real-time clock that boots at an
+//! old time and is corrected by NTP hours later, which would otherwise stop serving
+//! until its next attestation). [`FleetAgent::lease_loop`] stops serving when the
+//! lease runs out ([`LEASE_EXPIRED`]).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 
 use super::FleetAgent;
 
@@ -59,17 +61,22 @@ impl Lease {
     }
 }
 
-/// The monotonic deadline after observing `lease` at wall-clock `wall_now` and
-/// monotonic `mono_now`: the earlier of `deadline` and what the wall clock says now.
-/// It only ever moves forward in time by a new lease, never by the clock.
-pub fn tighten(
-    deadline: Option<Instant>,
-    lease: &Lease,
-    wall_now: i64,
-    mono_now: Instant,
-) -> Instant {
-    let by_wall = mono_now + Duration::from_secs(lease.remaining(wall_now));
-    deadline.map_or(by_wall, |d| d.min(by_wall))
+/// The boot-clock deadline of a `lease` read from disk at wall-clock `wall_now` and
+/// boot-clock `boot_now` ([`boot_now`]): what is left of it by the wall clock, and never
+/// more than its length.
+pub fn deadline_from(lease: &Lease, wall_now: i64, boot_now: Duration) -> Duration {
+    boot_now.saturating_add(Duration::from_secs(lease.remaining(wall_now)))
+}
+
+/// Time since the device booted, suspend included (`CLOCK_BOOTTIME`). Unlike the wall
+/// clock it is never stepped; unlike the monotonic clock it goes on while the device
+/// is suspended, so a lease ends on time across a suspend.
+pub fn boot_now() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// Wall-clock seconds since the Unix epoch.
@@ -95,12 +102,14 @@ pub fn record(state: &Path, lease: &Lease) -> std::io::Result<()> {
 #[derive(Debug, Default)]
 pub(super) struct LeaseState {
     lease: Option<Lease>,
-    deadline: Option<Instant>,
+    /// On the boot clock ([`boot_now`]).
+    deadline: Option<Duration>,
 }
 
 impl FleetAgent {
     /// Whether the attestation lease is over (or there never was one): the device must
-    /// not serve. Brings the monotonic deadline forward when the wall clock says so.
+    /// not serve. A lease read from disk is judged by the wall clock once, and from
+    /// then on by the boot clock.
     pub(super) fn lease_expired(&self) -> bool {
         let Ok(mut s) = self.lease.lock() else {
             return true;
@@ -111,9 +120,10 @@ impl FleetAgent {
         let Some(lease) = s.lease else {
             return true;
         };
-        let now = Instant::now();
-        let deadline = tighten(s.deadline, &lease, unix_now(), now);
-        s.deadline = Some(deadline);
+        let now = boot_now();
+        let deadline = *s
+            .deadline
+            .get_or_insert_with(|| deadline_from(&lease, unix_now(), now));
         now >= deadline
     }
 
@@ -125,7 +135,7 @@ impl FleetAgent {
         }
         if let Ok(mut s) = self.lease.lock() {
             s.lease = Some(lease);
-            s.deadline = Some(Instant::now() + Duration::from_secs(seconds));
+            s.deadline = Some(boot_now().saturating_add(Duration::from_secs(seconds)));
         }
         tracing::debug!(expires_at = lease.expires_at, "attestation lease renewed");
     }
@@ -166,16 +176,31 @@ mod tests {
         // Before the attestation: at most the lease's length, never more.
         assert_eq!(l.remaining(0), 20);
         assert_eq!(l.remaining(i64::MIN), 20);
-        // While running: the monotonic deadline only moves forward.
-        let t0 = Instant::now();
-        let d = tighten(None, &l, 1_015, t0);
-        assert_eq!(d, t0 + Duration::from_secs(5));
-        // The clock jumps back ten seconds: still five seconds left, not fifteen.
-        let d = tighten(Some(d), &l, 1_005, t0);
-        assert_eq!(d, t0 + Duration::from_secs(5));
-        // The clock jumps forward: the lease ends sooner.
-        let d = tighten(Some(d), &l, 1_030, t0);
-        assert_eq!(d, t0);
+        // Read from disk: what the wall clock leaves of it, on the boot clock.
+        let boot = Duration::from_secs(500);
+        assert_eq!(
+            deadline_from(&l, 1_015, boot),
+            boot + Duration::from_secs(5)
+        );
+        assert_eq!(
+            deadline_from(&l, 1_030, boot),
+            boot,
+            "over by the wall clock"
+        );
+        assert_eq!(
+            deadline_from(&l, 0, boot),
+            boot + Duration::from_secs(20),
+            "a clock set far back gets the lease's length, no more"
+        );
+    }
+
+    #[test]
+    fn the_boot_clock_goes_forward() {
+        let a = boot_now();
+        std::thread::sleep(Duration::from_millis(20));
+        let b = boot_now();
+        assert!(b > a, "{a:?} then {b:?}");
+        assert!(a > Duration::ZERO);
     }
 
     #[test]

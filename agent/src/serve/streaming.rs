@@ -287,10 +287,16 @@ mod tests {
      {
         let freed = Arc::new(AtomicBool::new(false));
         let started = std::time::Instant::now();
-        // Held in something the epoch deadline cannot interrupt (a blocking import).
-        let out = blocking(Place(freed.clone()), Duration::from_millis(200), |_| {
-            std::thread::sleep(Duration::from_millis(1500))
-        })
+        // Held in something the epoch deadline cannot interrupt (a blocking import),
+        // until the test lets it go.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let out = blocking(
+            Place(freed.clone()),
+            Duration::from_millis(200),
+            move |_| {
+                let _ = held.recv_timeout(Duration::from_secs(30));
+            },
+        )
         .await;
         assert!(matches!(out, Err(Stuck::Timeout(_))), "{:?}", out.err());
         assert!(started.elapsed() < Duration::from_millis(1000));
@@ -300,8 +306,15 @@ mod tests {
         );
         // The request is answered, but its place is held until the code returns.
         assert!(!freed.load(Ordering::SeqCst));
-        tokio::time::sleep(Duration::from_millis(2000)).await;
-        assert!(freed.load(Ordering::SeqCst));
+        release.send(()).unwrap();
+        let returned = std::time::Instant::now();
+        while !freed.load(Ordering::SeqCst) {
+            assert!(
+                returned.elapsed() < Duration::from_secs(10),
+                "the place was not freed when the code returned"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         // Within the bound: the state and the result come back.
         let (place, n) = blocking(Place(Arc::default()), Duration::from_secs(5), |_| 7)
             .await

@@ -638,7 +638,17 @@ mod through_the_gateway {
             )),
             "{refused:?}"
         );
-        // Reported again, it is not announced again, and nothing failed fleet-wide.
+        // Reported again, it is not announced again, and nothing failed fleet-wide:
+        // judged by a reconcile that ran after the report (an annotation on the model
+        // triggers one; the operator counts each).
+        let pid = _operator.0.id();
+        let reconciles = || {
+            local_fleet::operator_counter(
+                pid,
+                "edgefleet_operator_reconciles_total{result=\"ok\"} ",
+            )
+            .unwrap_or(0.0)
+        };
         b.report(&[(
             &key,
             &rev,
@@ -646,7 +656,23 @@ mod through_the_gateway {
             Some("PluginGrantDenied"),
         )])
         .await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        let before = reconciles();
+        models
+            .patch(
+                "smollm2",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(
+                    json!({"metadata": {"annotations": {"test.edgefleet.io/nudge": "1"}}}),
+                ),
+            )
+            .await
+            .unwrap();
+        eventually(
+            "a reconcile after the report",
+            Duration::from_secs(30),
+            || async { (reconciles() > before).then_some(()) },
+        )
+        .await;
         assert_eq!(notes("DeviceRefused").await.len(), 1);
         assert!(notes("HealthGateFailed").await.is_empty());
         assert!(notes("RolledBack").await.is_empty());
