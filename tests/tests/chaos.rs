@@ -1815,6 +1815,11 @@ async fn a_device_clock_jumping_forward_keeps_it_serving_attesting_and_convergin
         rollout(json!([{"percent": 100}]), 1, true, READY_TIMEOUT),
     )
     .await;
+    eventually("the new revision planned", SHORT, || async {
+        let current = status(&f.client).await?.current_revision?;
+        (current != rev).then_some(())
+    })
+    .await;
     let second = converged(&f.client, 2, ROLLOUT).await;
     assert_ne!(second, rev);
     no_false_gate(&f.client).await;
