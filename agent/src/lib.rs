@@ -27,6 +27,7 @@ pub mod engine;
 pub mod enrol;
 pub mod gateway_client;
 pub mod gateway_session;
+pub mod golden;
 pub mod plugins;
 pub mod serve;
 pub mod standalone;

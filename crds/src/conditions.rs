@@ -109,6 +109,10 @@ pub mod reasons {
     /// A device refused the model on its own authority (a local refusal such as
     /// `PluginGrantDenied`): it is excluded, and the rollout goes on without it.
     pub const DEVICE_REFUSED: &str = "DeviceRefused";
+    /// A golden prompt's `regex` does not compile: the revision is refused.
+    pub const GOLDEN_PROMPT_INVALID: &str = "GoldenPromptInvalid";
+    /// A device's answer to a golden prompt did not meet its expectation.
+    pub const GOLDEN_PROMPT_MISMATCH: &str = "GoldenPromptMismatch";
     /// No device pool that an EdgeTrustPolicy binds to the model's namespace holds a
     /// device the selector matches.
     pub const NO_POOL: &str = "NoDevicePool";

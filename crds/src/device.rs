@@ -311,6 +311,22 @@ pub struct LoadedModel {
     /// Milliseconds llama.cpp took to load the model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_millis: Option<i64>,
+    /// Its answers to the revision's golden prompts (when it ran them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub golden: Vec<GoldenAnswer>,
+}
+
+/// A device's answer to one golden prompt.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GoldenAnswer {
+    /// The prompt's name.
+    #[schemars(length(max = 63))]
+    pub name: String,
+    /// `sha256:<hex>` of the answer's text.
+    #[schemars(length(max = 80))]
+    pub digest: String,
 }
 
 /// Lifecycle of a model on a device.

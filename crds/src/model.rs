@@ -105,10 +105,70 @@ pub struct EdgeModelSpec {
     #[serde(default = "default_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
+    /// Checks each device runs after loading the model and before it reports it Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<Validation>,
 }
 
 fn default_port() -> i32 {
     8080
+}
+
+/// What a device checks after loading a revision, before it serves it or reports it
+/// Ready.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Validation {
+    /// Prompts answered greedily (temperature 0) through the model's chat template,
+    /// each with its expected answer. A device whose answer does not meet one fails the
+    /// revision (`Failed`, reason `GoldenPromptMismatch`) and keeps serving what it
+    /// served before. Each device reports the SHA-256 of its answers; the EdgeModel's
+    /// `status.goldenPrompts` shows how many distinct answers each kind of hardware
+    /// gave.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    #[x_kube(validation = Rule::new("self.all(p, self.exists_one(q, q.name == p.name))")
+        .message("goldenPrompts names must be unique"))]
+    pub golden_prompts: Vec<GoldenPrompt>,
+}
+
+/// One golden prompt: exactly one of `exact`, `contains` and `regex`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.exact) ? 1 : 0) + (has(self.contains) ? 1 : 0) + (has(self.regex) ? 1 : 0) == 1")
+    .message("a golden prompt expects exactly one of exact, contains and regex"))]
+pub struct GoldenPrompt {
+    /// Its name, unique in the list (reported with its result).
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// The user message (one message, through the model's chat template).
+    #[schemars(length(min = 1, max = 4096))]
+    pub prompt: String,
+    /// The answer, with whitespace trimmed at both ends, must equal this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub exact: Option<String>,
+    /// The answer must contain this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub contains: Option<String>,
+    /// The answer must match this regular expression (Rust `regex` syntax: no
+    /// look-around or back-references; matching takes linear time). The operator
+    /// refuses a revision whose expression does not compile (`GoldenPromptInvalid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub regex: Option<String>,
+    /// Most tokens generated for the answer.
+    #[serde(default = "default_golden_tokens")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_tokens: i32,
+}
+
+fn default_golden_tokens() -> i32 {
+    32
 }
 
 /// Another build of the model for devices with a given amount of memory.
@@ -232,6 +292,14 @@ pub struct HealthGates {
     #[serde(default = "default_min_requests")]
     #[schemars(range(min = 1, max = 1000000))]
     pub min_requests: i32,
+    /// Devices of the same kind (CPU architecture, TEE kind and variant) that give
+    /// different answers to a golden prompt (`spec.validation.goldenPrompts`) fail the
+    /// gate, even when each answer meets its expectation: greedy decoding of the same
+    /// weights on the same kind of hardware answers the same, so a difference means a
+    /// wrong or damaged model somewhere. Kinds may differ from each other (their
+    /// arithmetic does); `status.goldenPrompts` shows them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub golden_prompts: bool,
     /// Roll back to the previous revision when a gate fails (default true).
     #[serde(default = "default_true")]
     pub rollback_on_failure: bool,
@@ -244,6 +312,7 @@ impl Default for HealthGates {
             max_error_rate_percent: None,
             min_tokens_per_second: None,
             min_requests: default_min_requests(),
+            golden_prompts: false,
             rollback_on_failure: true,
         }
     }
@@ -449,6 +518,46 @@ pub struct EdgeModelStatus {
     #[schemars(length(max = 128))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["device"]))]
     pub refusals: Vec<Refusal>,
+    /// The current revision's golden prompts: how many distinct answers the devices
+    /// reporting it Ready gave, per kind of hardware.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub golden_prompts: Vec<GoldenConsistency>,
+}
+
+/// One golden prompt's answers across the fleet.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GoldenConsistency {
+    /// The prompt's name.
+    #[schemars(length(max = 63))]
+    pub name: String,
+    /// Distinct answers over every kind.
+    pub distinct_answers: i32,
+    /// Per kind of hardware.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub kinds: Vec<GoldenKind>,
+}
+
+/// The answers of one kind of hardware to one golden prompt.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GoldenKind {
+    /// CPU architecture (`x86_64`, `aarch64`).
+    #[schemars(length(max = 64))]
+    pub arch: String,
+    /// TEE kind the device attests with.
+    #[schemars(length(max = 32))]
+    pub tee: String,
+    /// The variant it runs (empty: the default artifact).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 63))]
+    pub variant: String,
+    /// Devices of this kind that answered.
+    pub devices: i32,
+    /// Distinct answers among them (1 when they agree).
+    pub distinct_answers: i32,
 }
 
 /// `status.rolloutRank` that puts every device in the rollout's range (ranks are 48-bit
@@ -595,6 +704,10 @@ pub struct RevisionTemplate {
     pub plugins: Vec<PluginSpec>,
     /// API port.
     pub port: i32,
+    /// Golden prompts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::common::opaque_object")]
+    pub validation: Option<Validation>,
 }
 
 /// Per-state device counts.

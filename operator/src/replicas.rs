@@ -405,6 +405,7 @@ pub fn overlay_published(
                         message: None,
                         reason: g.reason.clone(),
                         load_millis: None,
+                        golden: Vec::new(),
                     },
                 );
             }
@@ -469,6 +470,7 @@ mod tests {
             message: None,
             reason: None,
             load_millis: None,
+            golden: Vec::new(),
         }
     }
 
@@ -650,6 +652,7 @@ mod tests {
                 message: None,
                 reason: None,
                 load_millis: None,
+                golden: Vec::new(),
             }]
         };
         let mut states: HashMap<String, Vec<LoadedModel>> = ["a", "b", "c", "e", "f"]

@@ -174,6 +174,7 @@ mod tests {
             message: None,
             reason: None,
             load_millis: None,
+            golden: Vec::new(),
         }
     }
 

@@ -150,6 +150,9 @@ pub struct DeviceModel {
     /// Plugin chain, in order.
     #[serde(default)]
     pub plugins: Vec<DevicePlugin>,
+    /// Golden prompts to answer after loading, before serving and reporting Ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub golden_prompts: Vec<GoldenPrompt>,
     /// Port of the device's API.
     pub port: u16,
 }
@@ -297,6 +300,44 @@ pub struct ModelReport {
     /// Load time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_millis: Option<u64>,
+    /// Answers to the revision's golden prompts, once run (at most
+    /// [`MAX_GOLDEN_PROMPTS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub golden: Vec<GoldenAnswer>,
+}
+
+/// Most golden prompts a revision has (`spec.validation.goldenPrompts`).
+pub const MAX_GOLDEN_PROMPTS: usize = 8;
+
+/// One golden prompt as the device runs it: exactly one expectation is set.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GoldenPrompt {
+    /// Its name.
+    pub name: String,
+    /// The user message.
+    pub prompt: String,
+    /// The trimmed answer equals this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    /// The answer contains this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contains: Option<String>,
+    /// The answer matches this regular expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// Most tokens generated.
+    pub max_tokens: u32,
+}
+
+/// A device's answer to a golden prompt: the SHA-256 of its text.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GoldenAnswer {
+    /// The prompt's name.
+    pub name: String,
+    /// `sha256:<hex>`.
+    pub digest: String,
 }
 
 /// Reasons a device refuses a model on its own authority (`ModelReport::reason`): the
@@ -464,6 +505,7 @@ mod tests {
             },
             plugins: vec![],
             port: 8080,
+            golden_prompts: vec![],
         };
         let b = DesiredState::new("d".into(), vec![model.clone()]);
         assert_ne!(a.version, b.version);

@@ -452,6 +452,7 @@ async fn device(shared: Arc<Shared>, name: String) {
                             message: Some("simulated device".into()),
                             reason: None,
                             load_millis: Some(0),
+                            golden: Vec::new(),
                         })
                         .collect(),
                 );

@@ -65,6 +65,9 @@ pub enum ActivateError {
     /// Local storage failed.
     #[error("StateDirectory: {0}")]
     State(String),
+    /// A golden prompt's answer did not meet its expectation, or could not be had.
+    #[error("{0}")]
+    Golden(#[from] crate::golden::GoldenError),
 }
 
 /// Why one of the two shared steps failed.
@@ -171,11 +174,42 @@ impl Prepared {
         serving: &Serving,
         config: EngineConfig,
     ) -> Result<Arc<Engine>, LoadError> {
+        Ok(self.load(config).await?.install(serving))
+    }
+
+    /// Loads the model with llama.cpp, not serving it yet ([`Loaded::install`]).
+    pub async fn load(self, config: EngineConfig) -> Result<Loaded, LoadError> {
         // As many requests in the plugins at once as the engine admits (slots and
         // queue): plugin work never holds more than the engine would take.
         let concurrency = config.parallel_slots.saturating_add(config.queue_depth);
         let engine = tokio::task::spawn_blocking(move || Engine::load(config)).await??;
-        let engine = Arc::new(engine);
+        Ok(Loaded {
+            engine: Arc::new(engine),
+            plugins: self.plugins,
+            concurrency,
+        })
+    }
+}
+
+/// A loaded model with its plugins, not serving yet: its engine answers the device's
+/// own checks (golden prompts) before any client's request.
+#[allow(missing_debug_implementations)] // holds the engine and the plugin runtime
+pub struct Loaded {
+    engine: Arc<Engine>,
+    plugins: Option<(PluginRuntime, Vec<LoadedPlugin>)>,
+    concurrency: usize,
+}
+
+impl Loaded {
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Serves it: the API's requests go to it from now on.
+    pub fn install(self, serving: &Serving) -> Arc<Engine> {
+        let engine = self.engine;
+        let concurrency = self.concurrency;
         let chain = self.plugins.map(|(runtime, loaded)| {
             let infer = EngineSubPrompt::new(&engine, tokio::runtime::Handle::current());
             runtime
@@ -183,6 +217,6 @@ impl Prepared {
                 .with_concurrency(concurrency)
         });
         serving.install_with_plugins(engine.clone(), chain);
-        Ok(engine)
+        engine
     }
 }

@@ -175,7 +175,16 @@ impl FleetAgent {
             parallel_slots: usize::try_from(m.runtime.parallel_slots.max(1)).unwrap_or(1),
             queue_depth: usize::try_from(m.runtime.queue_depth.max(1)).unwrap_or(1),
         };
-        let engine = prepared.serve(&self.serving, config).await?;
+        let loaded = prepared.load(config).await?;
+        // Before any client's request and before Ready: the revision's golden prompts.
+        let golden = if m.golden_prompts.is_empty() {
+            Vec::new()
+        } else {
+            let answers = crate::golden::run(loaded.engine(), &m.golden_prompts).await?;
+            tracing::info!(model = %m.model, revision = %m.revision, prompts = answers.len(), "golden prompts answered as expected");
+            answers
+        };
+        let engine = loaded.install(&self.serving);
         if let Ok(mut served) = self.served.lock() {
             *served = Some((engine.clone(), m.model.clone(), m.revision.clone()));
         }
@@ -184,7 +193,7 @@ impl FleetAgent {
         let previous = store::previous(self.state_dir()).await;
         self.collect_artifacts(m, previous.as_ref()).await;
         *self.active.lock().await = Some(m.clone());
-        self.set_model_state(m, proto::ModelState::Ready, None, Some(load_millis));
+        self.report_model(m, proto::ModelState::Ready, None, Some(load_millis), golden);
         crate::systemd::status(&format!(
             "serving {} revision {}",
             m.served_name, m.revision

@@ -175,6 +175,18 @@ impl FleetAgent {
         message: Option<String>,
         load_millis: Option<u64>,
     ) {
+        self.report_model(m, state, message, load_millis, Vec::new());
+    }
+
+    /// [`Self::set_model_state`] with the answers to the revision's golden prompts.
+    fn report_model(
+        &self,
+        m: &proto::DeviceModel,
+        state: proto::ModelState,
+        message: Option<String>,
+        load_millis: Option<u64>,
+        golden: Vec<proto::GoldenAnswer>,
+    ) {
         // Failures are named `Reason: detail`; the name travels on its own too, so that
         // the operator can tell a local refusal from a failure.
         let reason = message
@@ -191,6 +203,7 @@ impl FleetAgent {
             message,
             reason,
             load_millis,
+            golden,
         };
         self.set_models(vec![report]);
     }

@@ -313,6 +313,7 @@ mod tests {
             message: None,
             reason: None,
             load_millis: None,
+            golden: Vec::new(),
         }]
     }
 

@@ -82,6 +82,11 @@ pub(super) async fn verify(
         ),
         Err(why) => Err((reasons::UNTRUSTED_SIGNER, why.clone())),
     };
+    if signature.is_ok()
+        && let Err(why) = rollout::revision::check_golden(spec)
+    {
+        signature = Err((reasons::GOLDEN_PROMPT_INVALID, why));
+    }
     let rev = rollout::revision(spec);
     let previous: &[RevisionTemplate] = model
         .status

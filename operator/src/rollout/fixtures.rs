@@ -142,6 +142,7 @@ pub fn reporting(mut d: EdgeDevice, rev: &str, state: ModelState) -> EdgeDevice 
         message: None,
         reason: None,
         load_millis: None,
+        golden: Vec::new(),
     });
     d
 }
@@ -155,6 +156,7 @@ pub fn refusing(mut d: EdgeDevice, rev: &str, reason: &str) -> EdgeDevice {
         message: Some(format!("{reason}: refused")),
         reason: Some(reason.into()),
         load_millis: None,
+        golden: Vec::new(),
     });
     d
 }

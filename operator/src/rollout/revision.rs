@@ -23,6 +23,12 @@ pub fn revision(spec: &EdgeModelSpec) -> String {
         "plugins": spec.plugins,
         "port": spec.port,
     });
+    // Golden prompts are part of what a device does with a revision; a spec without
+    // them hashes as it did before they existed (no revision changes on upgrade).
+    let mut runs = runs;
+    if let Some(v) = golden(spec) {
+        runs["validation"] = serde_json::json!(v);
+    }
     let digest = Sha256::digest(runs.to_string().as_bytes());
     hex::encode(&digest[..8])
 }
@@ -164,8 +170,35 @@ pub fn template(
         runtime: spec.runtime.clone(),
         plugins,
         port: spec.port,
+        validation: golden(spec).cloned(),
     })
 }
+
+/// `spec.validation` when it has golden prompts.
+fn golden(spec: &EdgeModelSpec) -> Option<&edgefleet_crds::model::Validation> {
+    spec.validation
+        .as_ref()
+        .filter(|v| !v.golden_prompts.is_empty())
+}
+
+/// Checks what the API server cannot: that each golden prompt's `regex` compiles
+/// (within the size the device allows, [`GOLDEN_REGEX_SIZE_LIMIT`]). `Err` names the
+/// prompt and why.
+pub fn check_golden(spec: &EdgeModelSpec) -> Result<(), String> {
+    for p in golden(spec).map_or(&[][..], |v| v.golden_prompts.as_slice()) {
+        if let Some(re) = &p.regex {
+            regex::RegexBuilder::new(re)
+                .size_limit(GOLDEN_REGEX_SIZE_LIMIT)
+                .build()
+                .map_err(|e| format!("golden prompt {}: regex: {e}", p.name))?;
+        }
+    }
+    Ok(())
+}
+
+/// The compiled size a golden prompt's regular expression may take (the device
+/// compiles it with the same limit).
+pub const GOLDEN_REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 /// The templates to keep: `previous` with `current` added (or replaced), restricted to
 /// the revisions in `keep`, in revision order.

@@ -478,6 +478,7 @@ mod through_the_gateway {
                             }),
                             reason: reason.map(str::to_owned),
                             load_millis: None,
+                            golden: Vec::new(),
                         })
                         .collect(),
                 ),

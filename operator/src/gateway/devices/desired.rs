@@ -147,6 +147,19 @@ impl Fleet {
                 })
                 .collect(),
             port: u16::try_from(t.port).unwrap_or(8080),
+            golden_prompts: t
+                .validation
+                .iter()
+                .flat_map(|v| &v.golden_prompts)
+                .map(|g| proto::GoldenPrompt {
+                    name: g.name.clone(),
+                    prompt: g.prompt.clone(),
+                    exact: g.exact.clone(),
+                    contains: g.contains.clone(),
+                    regex: g.regex.clone(),
+                    max_tokens: u32::try_from(g.max_tokens).unwrap_or(1).clamp(1, 256),
+                })
+                .collect(),
         })
     }
 }

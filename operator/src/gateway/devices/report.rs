@@ -96,6 +96,14 @@ pub(super) async fn report(
             "reports must be of one boot, by increasing seq",
         ));
     }
+    /// `sha256:` and 64 lowercase hex digits.
+    fn is_digest(d: &str) -> bool {
+        d.strip_prefix("sha256:").is_some_and(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+    }
     let mut models = None;
     for r in &batch.reports {
         if let Some(m) = &r.models {
@@ -108,6 +116,17 @@ pub(super) async fn report(
                     message: m.message.as_ref().map(|s| s.chars().take(1024).collect()),
                     reason: m.reason.as_ref().map(|s| s.chars().take(63).collect()),
                     load_millis: m.load_millis.and_then(|v| i64::try_from(v).ok()),
+                    // The device's own words: bounded, and only digest-shaped digests.
+                    golden: m
+                        .golden
+                        .iter()
+                        .take(proto::MAX_GOLDEN_PROMPTS)
+                        .filter(|g| is_digest(&g.digest))
+                        .map(|g| edgefleet_crds::device::GoldenAnswer {
+                            name: g.name.chars().take(63).collect(),
+                            digest: g.digest.clone(),
+                        })
+                        .collect(),
                 });
             }
             models = Some(out);
