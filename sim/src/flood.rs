@@ -126,14 +126,14 @@ enum Held {
     Junk(TcpStream),
 }
 
+/// Longest the attacker waits for a TCP connection or a handshake.
+const PATIENCE: Duration = Duration::from_secs(30);
+
 async fn open_slow(target: &Target) -> anyhow::Result<Held> {
-    let tcp = TcpStream::connect(&target.addr).await?;
+    let tcp = tokio::time::timeout(PATIENCE, TcpStream::connect(&target.addr)).await??;
     let tls = tokio_rustls::TlsConnector::from(target.tls.clone());
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(30),
-        tls.connect(target.name.clone(), tcp),
-    )
-    .await??;
+    let mut stream =
+        tokio::time::timeout(PATIENCE, tls.connect(target.name.clone(), tcp)).await??;
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n")
         .await?;
@@ -141,7 +141,7 @@ async fn open_slow(target: &Target) -> anyhow::Result<Held> {
 }
 
 async fn open_junk(target: &Target) -> anyhow::Result<Held> {
-    let mut tcp = TcpStream::connect(&target.addr).await?;
+    let mut tcp = tokio::time::timeout(PATIENCE, TcpStream::connect(&target.addr)).await??;
     // A TLS handshake record announcing 16 KiB, of which 3 bytes come.
     tcp.write_all(&[0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x3f])
         .await?;

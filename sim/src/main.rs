@@ -33,8 +33,8 @@
 //!   connections that drip HTTP/1 headers and `--junk-tls` connections that stall in
 //!   the TLS handshake against the first gateway, reopening each the moment it is
 //!   closed; meanwhile a connected probe device asks for its desired state every second
-//!   (`probe_poll_ms`) and a fresh device enrols, attests and polls every 5 s
-//!   (`fresh_device_ms`).
+//!   (`probe_desired_ms`: answered at once, no version given) and, beside it, a fresh
+//!   device enrols, attests and polls every 5 s, one attempt each (`fresh_device_ms`).
 //!
 //! Several processes can share one simulated fleet (each holds a connection per device,
 //! and one process has at most 20,000 descriptors here): give each its own `--prefix`
@@ -176,6 +176,28 @@ struct Record {
     attested: u64,
     /// Connected devices that enrolled and attested again (refused by a gateway).
     reattested: u64,
+    /// Per device: when its last poll failed.
+    errored: BTreeMap<String, Instant>,
+    /// Per device: its first answered poll after its last failure.
+    recovered: BTreeMap<String, Instant>,
+}
+
+impl Record {
+    /// `name`'s poll was answered.
+    fn answered(&mut self, name: &str) {
+        let now = Instant::now();
+        self.polled.insert(name.to_owned(), now);
+        self.first_polled.entry(name.to_owned()).or_insert(now);
+        if self.errored.contains_key(name) && !self.recovered.contains_key(name) {
+            self.recovered.insert(name.to_owned(), now);
+        }
+    }
+
+    /// `name`'s poll failed.
+    fn failed(&mut self, name: &str) {
+        self.errored.insert(name.to_owned(), Instant::now());
+        self.recovered.remove(name);
+    }
 }
 
 struct Shared {
@@ -434,10 +456,7 @@ async fn device(shared: Arc<Shared>, name: String) {
                     let mut r = shared.record.lock().await;
                     r.seen
                         .insert(name.clone(), (Instant::now(), state.version.clone()));
-                    r.polled.insert(name.clone(), Instant::now());
-                    r.first_polled
-                        .entry(name.clone())
-                        .or_insert_with(Instant::now);
+                    r.answered(&name);
                 }
                 retry = Duration::from_secs(1);
                 // Simulated download, verification and load: Ready at once.
@@ -462,16 +481,13 @@ async fn device(shared: Arc<Shared>, name: String) {
             }
             Ok(None) => {
                 retry = Duration::from_secs(1);
-                let mut r = shared.record.lock().await;
-                r.polled.insert(name.clone(), Instant::now());
-                r.first_polled
-                    .entry(name.clone())
-                    .or_insert_with(Instant::now);
+                shared.record.lock().await.answered(&name);
             }
             // The agent's rule (`gateway_session::control`): a passing trouble keeps the
             // session and asks again on a fresh connection, with jittered backoff, the
             // states re-reported; only a refusal enrols and attests anew.
             Err(e) if e.is_transient() && !shared.cli.reattest_on_error => {
+                shared.record.lock().await.failed(&name);
                 fail(&shared, "desired", chain(&e)).await;
                 tokio::time::sleep(edgefleet_agent::gateway_session::jitter(retry)).await;
                 retry = (retry * 2).min(BACKOFF_MAX);
@@ -484,6 +500,7 @@ async fn device(shared: Arc<Shared>, name: String) {
                 report_now.notify_one();
             }
             Err(e) => {
+                shared.record.lock().await.failed(&name);
                 fail(&shared, "desired (refused)", chain(&e)).await;
                 // The session is over: enrol and attest until that succeeds.
                 client = loop {
@@ -529,61 +546,82 @@ async fn slowloris(shared: &Arc<Shared>, out: &mut serde_json::Value) -> anyhow:
     // The probe is a device like the others, on the flooded gateway.
     let probe_name = format!("{}-probe", cli.prefix);
     let probe = connect_at(shared, &probe_name, first, &rcgen::KeyPair::generate()?).await?;
+    let first = first.clone();
     let stats = Arc::new(flood::FloodStats::default());
     let attack = flood::start(&target, cli.slow_headers, cli.junk_tls, &stats);
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs(cli.duration);
-    let (mut probe_ms, mut fresh_ms) = (Vec::new(), Vec::new());
-    let (mut probe_failures, mut fresh_failures) = (0u64, 0u64);
-    let mut open_samples = Vec::new();
-    let mut fresh = 0u32;
-    let mut next_fresh = t0;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while Instant::now() < end {
-        tick.tick().await;
-        open_samples.push(stats.open.load(Ordering::Relaxed) as f64);
-        let started = Instant::now();
-        match tokio::time::timeout(
-            Duration::from_secs(10),
-            probe.desired(None, Duration::from_secs(1)),
-        )
-        .await
-        {
-            Ok(Ok(_)) => probe_ms.push(started.elapsed().as_secs_f64() * 1000.0),
-            Ok(Err(e)) => {
-                probe_failures += 1;
-                fail(shared, "probe", chain(&e)).await;
-            }
-            Err(_) => {
-                probe_failures += 1;
-                fail(shared, "probe", "no answer within 10 s").await;
-            }
-        }
-        if Instant::now() >= next_fresh {
-            next_fresh += Duration::from_secs(5);
-            fresh += 1;
-            let name = format!("{}-fresh-{fresh:03}", cli.prefix);
-            let started = Instant::now();
-            let joined = tokio::time::timeout(Duration::from_secs(30), async {
-                let c = connect_at(shared, &name, first, &rcgen::KeyPair::generate()?).await?;
-                c.desired(None, Duration::from_secs(1)).await?;
-                anyhow::Ok(())
-            })
-            .await;
-            match joined {
-                Ok(Ok(())) => fresh_ms.push(started.elapsed().as_secs_f64() * 1000.0),
-                Ok(Err(e)) => {
-                    fresh_failures += 1;
-                    fail(shared, "fresh device", format!("{e:#}")).await;
-                }
-                Err(_) => {
-                    fresh_failures += 1;
-                    fail(shared, "fresh device", "not connected within 30 s").await;
+    // The probe asks every second, on its own; fresh devices join one after another
+    // beside it, each started at most every 5 s.
+    let probing = {
+        let shared = shared.clone();
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let (mut ms, mut failures, mut open) = (Vec::new(), 0u64, Vec::new());
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while Instant::now() < end {
+                tick.tick().await;
+                open.push(stats.open.load(Ordering::Relaxed) as f64);
+                let started = Instant::now();
+                let asked = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    probe.desired(None, Duration::from_secs(1)),
+                )
+                .await;
+                match asked {
+                    Ok(Ok(_)) => ms.push(started.elapsed().as_secs_f64() * 1000.0),
+                    Ok(Err(e)) => {
+                        failures += 1;
+                        fail(&shared, "probe", chain(&e)).await;
+                    }
+                    Err(_) => {
+                        failures += 1;
+                        fail(&shared, "probe", "no answer within 10 s").await;
+                    }
                 }
             }
-        }
-    }
+            (ms, failures, open)
+        })
+    };
+    let joining = {
+        let shared = shared.clone();
+        let first = first.clone();
+        tokio::spawn(async move {
+            let (mut ms, mut failures, mut fresh) = (Vec::new(), 0u64, 0u32);
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while Instant::now() < end {
+                tick.tick().await;
+                fresh += 1;
+                let name = format!("{}-fresh-{fresh:03}", shared.cli.prefix);
+                let started = Instant::now();
+                // One attempt per request, as the agent's first try: an evicted or
+                // refused connection is a failure here, not retried.
+                let joined = tokio::time::timeout(Duration::from_secs(30), async {
+                    let key = rcgen::KeyPair::generate()?;
+                    let c = connect_at(&shared, &name, &first, &key).await?;
+                    c.desired(None, Duration::from_secs(1)).await?;
+                    anyhow::Ok(())
+                })
+                .await;
+                match joined {
+                    Ok(Ok(())) => ms.push(started.elapsed().as_secs_f64() * 1000.0),
+                    Ok(Err(e)) => {
+                        failures += 1;
+                        fail(&shared, "fresh device", format!("{e:#}")).await;
+                    }
+                    Err(_) => {
+                        failures += 1;
+                        fail(&shared, "fresh device", "not connected within 30 s").await;
+                    }
+                }
+            }
+            (ms, failures, fresh)
+        })
+    };
+    let (mut probe_ms, probe_failures, open_samples) = probing.await?;
+    let (mut fresh_ms, fresh_failures, fresh) = joining.await?;
     for t in &attack {
         t.abort();
     }
@@ -593,11 +631,12 @@ async fn slowloris(shared: &Arc<Shared>, out: &mut serde_json::Value) -> anyhow:
         "junk_tls": cli.junk_tls,
         "seconds": t0.elapsed().as_secs_f64(),
         "open_mean": mean_open,
+        "open_max": open_samples.iter().copied().fold(0.0, f64::max),
         "opened": stats.opened.load(Ordering::Relaxed),
         "closed_by_gateway": stats.closed.load(Ordering::Relaxed),
         "failed_to_open": stats.failed.load(Ordering::Relaxed),
     });
-    out["probe_poll_ms"] = summary_ms(&mut probe_ms);
+    out["probe_desired_ms"] = summary_ms(&mut probe_ms);
     out["probe_failures"] = serde_json::json!(probe_failures);
     out["fresh_device_ms"] = summary_ms(&mut fresh_ms);
     out["fresh_devices"] = serde_json::json!(fresh);
@@ -851,25 +890,29 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let up = Instant::now();
-            loop {
-                let back = shared
-                    .record
-                    .lock()
-                    .await
-                    .polled
-                    .values()
-                    .filter(|t| **t > up)
-                    .count();
-                if back >= n {
-                    break;
+            // Back: a device whose poll failed after the kill and was answered since
+            // (by the new process: the old one is gone).
+            let last = loop {
+                let r = shared.record.lock().await;
+                let back: Vec<Instant> = r
+                    .errored
+                    .iter()
+                    .filter(|(_, t)| **t >= t0)
+                    .filter_map(|(name, _)| r.recovered.get(name).copied())
+                    .collect();
+                if back.len() >= n {
+                    break back.into_iter().max().unwrap_or(up);
                 }
+                drop(r);
                 anyhow::ensure!(
                     Instant::now() < deadline,
-                    "only {back} of {n} devices came back"
+                    "only {} of {n} devices came back",
+                    back.len()
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            out["restart_recovery_seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
+            };
+            out["restart_recovery_seconds"] =
+                serde_json::json!(last.saturating_duration_since(t0).as_secs_f64());
             out["gateway_down_seconds"] = serde_json::json!((up - t0).as_secs_f64());
             // A heartbeat round after recovery, so that re-reported states are written
             // (or not) within the measured window.

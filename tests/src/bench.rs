@@ -154,6 +154,11 @@ pub async fn fleet_bench(
         .filter(|v| *v > 0)
         .unwrap_or(MAX_SIM_DEVICES);
     let processes = devices.div_ceil(per_process).max(1);
+    if sim_scenario == "slowloris" && processes > 1 {
+        bail!(
+            "slowloris runs one simulator process (each would flood on its own); give at most {per_process} devices"
+        );
+    }
     let mut before = stat(&pids);
     let writes_before = api_writes(cp.kubectl())?;
     let t0 = Instant::now();
@@ -291,21 +296,23 @@ pub async fn fleet_bench(
             std::thread::sleep(Duration::from_millis(20));
         }
         let t = Instant::now();
+        // What the old processes used, counted before they go.
+        let old = stat(&pids);
+        before.cpu_seconds -= old.cpu_seconds;
         // SIGKILL, as a crash or an evicted pod: nothing is closed gracefully.
         operators.clear();
+        pids.clear();
         for (k, spec) in specs.iter().enumerate() {
             let spec = local_fleet::OperatorSpec {
                 log: spec.log.with_extension("restarted.log"),
                 ..spec.clone()
             };
             operators.push(start_replica(cp.kubeconfig_path(), &pki, &spec, k + 1)?);
+            pids.extend(operators.last().map(|o| o.0.id()));
+            if let Ok(mut p) = live_pids.lock() {
+                p.clone_from(&pids);
+            }
         }
-        pids = operators.iter().map(|o| o.0.id()).collect();
-        if let Ok(mut p) = live_pids.lock() {
-            p.clone_from(&pids);
-        }
-        // The new processes' CPU counts from their start.
-        before = ProcStat::default();
         std::fs::write(start_file.with_extension("restarted"), b"up")?;
         restarted_at = Some(t.elapsed().as_secs_f64());
     }

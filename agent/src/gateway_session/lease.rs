@@ -2,14 +2,17 @@
 //! successful attestation (the gateway names its length at enrolment; 24 hours by
 //! default). [`Lease`] is persisted in the state directory (`attestation-lease.json`)
 //! with the wall-clock time of that attestation, so that a restarted agent knows whether
-//! its last-known-good model may still be served (the wall clock is read once, then:
-//! [`deadline_from`]). While the agent runs, the lease is a deadline on the boot clock
-//! (`CLOCK_BOOTTIME`: it counts time the device spends suspended, and no one sets it),
-//! so that a wall clock stepped while the agent runs neither extends the lease (set
-//! back) nor ends it (set forward: a device without a real-time clock that boots at an
-//! old time and is corrected by NTP hours later, which would otherwise stop serving
-//! until its next attestation). [`FleetAgent::lease_loop`] stops serving when the
-//! lease runs out ([`LEASE_EXPIRED`]).
+//! its last-known-good model may still be served ([`deadline_from`]). A lease granted by
+//! an attestation in this process is a deadline on the boot clock (`CLOCK_BOOTTIME`: it
+//! counts time the device spends suspended, and no one steps it), so that a wall clock
+//! stepped while the agent runs neither extends it (set back) nor ends it (set forward:
+//! a device without a real-time clock that boots at an old time and is corrected by
+//! NTP hours later, which would otherwise stop serving until its next attestation). A
+//! lease read from disk was granted in another process, perhaps another boot: the wall
+//! clock is all that relates it to now, so until the next attestation it is judged on
+//! both clocks, the earlier end winning (a clock corrected forward after boot ends a
+//! stale lease). [`FleetAgent::lease_loop`] stops serving when the lease runs out
+//! ([`LEASE_EXPIRED`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -104,6 +107,9 @@ pub(super) struct LeaseState {
     lease: Option<Lease>,
     /// On the boot clock ([`boot_now`]).
     deadline: Option<Duration>,
+    /// The lease was read from disk, not granted in this process: the wall clock
+    /// still bounds it.
+    from_disk: bool,
 }
 
 impl FleetAgent {
@@ -116,14 +122,20 @@ impl FleetAgent {
         };
         if s.lease.is_none() {
             s.lease = load(self.state_dir());
+            s.from_disk = s.lease.is_some();
         }
         let Some(lease) = s.lease else {
             return true;
         };
         let now = boot_now();
-        let deadline = *s
-            .deadline
-            .get_or_insert_with(|| deadline_from(&lease, unix_now(), now));
+        let deadline = if s.from_disk {
+            let by_wall = deadline_from(&lease, unix_now(), now);
+            s.deadline.map_or(by_wall, |d| d.min(by_wall))
+        } else {
+            s.deadline
+                .unwrap_or_else(|| deadline_from(&lease, unix_now(), now))
+        };
+        s.deadline = Some(deadline);
         now >= deadline
     }
 
@@ -136,6 +148,7 @@ impl FleetAgent {
         if let Ok(mut s) = self.lease.lock() {
             s.lease = Some(lease);
             s.deadline = Some(boot_now().saturating_add(Duration::from_secs(seconds)));
+            s.from_disk = false;
         }
         tracing::debug!(expires_at = lease.expires_at, "attestation lease renewed");
     }

@@ -204,6 +204,96 @@ pub fn gate_failure(
     None
 }
 
+/// How the candidates reporting `rev` `Ready` (and online) answered its golden prompts
+/// (`names`, in the spec's order): distinct answers per prompt, overall and per kind
+/// of hardware (CPU architecture, attested TEE kind, variant). What a device reports
+/// is bounded by the gateway; kinds are bounded here.
+pub fn golden_consistency(
+    health: &Health<'_>,
+    fleet: &Fleet<'_>,
+    candidates: &BTreeMap<String, Option<String>>,
+    rev: &str,
+    names: &[String],
+) -> Vec<edgefleet_crds::model::GoldenConsistency> {
+    use std::collections::BTreeSet;
+    type Kind = (String, String, String);
+    let mut by_prompt: BTreeMap<&str, BTreeMap<Kind, (i32, BTreeSet<&str>)>> = BTreeMap::new();
+    for name in &health.ready {
+        let Some(report) = fleet.report(name, rev) else {
+            continue;
+        };
+        let Some(device) = fleet.device(name) else {
+            continue;
+        };
+        let arch: String = device.spec.facts.arch.chars().take(64).collect();
+        let tee = device
+            .status
+            .as_ref()
+            .and_then(|s| s.attestation.as_ref())
+            .and_then(|a| serde_json::to_value(a.tee_kind).ok())
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let variant = candidates.get(*name).cloned().flatten().unwrap_or_default();
+        for answer in &report.golden {
+            if let Some(prompt) = names.iter().find(|n| **n == answer.name) {
+                let kind = by_prompt
+                    .entry(prompt.as_str())
+                    .or_default()
+                    .entry((arch.clone(), tee.clone(), variant.clone()))
+                    .or_default();
+                kind.0 += 1;
+                kind.1.insert(answer.digest.as_str());
+            }
+        }
+    }
+    names
+        .iter()
+        .filter_map(|prompt| {
+            let kinds = by_prompt.get(prompt.as_str())?;
+            let all: BTreeSet<&str> = kinds
+                .values()
+                .flat_map(|(_, d)| d.iter().copied())
+                .collect();
+            Some(edgefleet_crds::model::GoldenConsistency {
+                name: prompt.clone(),
+                distinct_answers: i32::try_from(all.len()).unwrap_or(i32::MAX),
+                kinds: kinds
+                    .iter()
+                    .take(32)
+                    .map(|((arch, tee, variant), (devices, digests))| {
+                        edgefleet_crds::model::GoldenKind {
+                            arch: arch.clone(),
+                            tee: tee.clone(),
+                            variant: variant.clone(),
+                            devices: *devices,
+                            distinct_answers: i32::try_from(digests.len()).unwrap_or(i32::MAX),
+                        }
+                    })
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// With `healthGates.goldenPrompts`: the first golden prompt that devices of one kind
+/// answered differently, named.
+pub fn golden_disagreement(
+    consistency: &[edgefleet_crds::model::GoldenConsistency],
+) -> Option<String> {
+    consistency.iter().find_map(|c| {
+        let k = c.kinds.iter().find(|k| k.distinct_answers > 1)?;
+        let variant = if k.variant.is_empty() {
+            String::new()
+        } else {
+            format!(", variant {}", k.variant)
+        };
+        Some(format!(
+            "golden prompt {}: {} devices of one kind ({} {}{variant}) gave {} different answers",
+            c.name, k.devices, k.arch, k.tee, k.distinct_answers
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -280,6 +280,13 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
     let gates = &spec.rollout.health_gates;
     let health = gates::health(&fleet, candidates, &rev);
     let completed = stable.as_deref() == Some(rev.as_str());
+    let golden_names: Vec<String> = spec
+        .validation
+        .iter()
+        .flat_map(|v| v.golden_prompts.iter().map(|p| p.name.clone()))
+        .collect();
+    status.golden_prompts =
+        gates::golden_consistency(&health, &fleet, candidates, &rev, &golden_names);
     let gate_failure = gates::gate_failure(
         &health,
         &fleet,
@@ -288,6 +295,12 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
         status.step_started_time.as_ref(),
         now,
     )
+    .or_else(|| {
+        gates
+            .golden_prompts
+            .then(|| gates::golden_disagreement(&status.golden_prompts))
+            .flatten()
+    })
     .filter(|_| !completed);
     let mut failed_before = status.failed_revision.as_deref() == Some(rev.as_str());
     // Without rollback the devices stay on a failed revision; once every one of them

@@ -225,6 +225,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn golden_prompts_are_part_of_the_revision_only_when_there_are_some() {
+        let base = crate::rollout::fixtures::spec(serde_json::json!({}));
+        let mut empty = base.clone();
+        empty.validation = Some(edgefleet_crds::model::Validation::default());
+        assert_eq!(
+            revision(&base),
+            revision(&empty),
+            "no prompts: the revision of before"
+        );
+        let mut golden = base.clone();
+        golden.validation = Some(
+            serde_json::from_value(serde_json::json!({"goldenPrompts": [
+                {"name": "capital", "prompt": "What is the capital of France?", "regex": "(?i)paris"}
+            ]}))
+            .unwrap(),
+        );
+        assert_ne!(revision(&base), revision(&golden));
+        assert_eq!(check_golden(&golden), Ok(()));
+        let mut bad = golden.clone();
+        if let Some(v) = bad.validation.as_mut() {
+            v.golden_prompts[0].regex = Some("(unclosed".into());
+        }
+        let why = check_golden(&bad).unwrap_err();
+        assert!(why.starts_with("golden prompt capital: regex: "), "{why}");
+        // Too large once compiled: refused as the device would.
+        if let Some(v) = bad.validation.as_mut() {
+            v.golden_prompts[0].regex = Some(r"\w{1000}\w{1000}\w{1000}".into());
+        }
+        assert!(check_golden(&bad).unwrap_err().contains("size limit"));
+    }
+
+    #[test]
     fn revision_follows_what_the_device_runs() {
         let spec: EdgeModelSpec = serde_json::from_value(serde_json::json!({
             "servedName": "m",

@@ -93,6 +93,58 @@ fn has_event(p: &Plan, reason: &str) -> bool {
     p.events.iter().any(|e| e.1 == reason)
 }
 
+/// A model with one golden prompt (`capital`), the golden gate on or off, two steps
+/// (so that a failure is judged before completion), the two lowest-ranked devices on
+/// the revision.
+fn golden_model(gate: bool) -> EdgeModel {
+    let mut s = serde_json::to_value(spec(serde_json::json!({"site": "a"}))).unwrap();
+    s["validation"] = serde_json::json!({"goldenPrompts": [
+        {"name": "capital", "prompt": "What is the capital of France?", "contains": "Paris"}
+    ]});
+    s["rollout"] = serde_json::json!({
+        "steps": [{"count": 2}, {"percent": 100}],
+        "maxUnavailable": 8,
+        "healthGates": {"goldenPrompts": gate},
+    });
+    let spec: edgefleet_crds::EdgeModelSpec = serde_json::from_value(s).unwrap();
+    let rev = revision(&spec);
+    let mut m = EdgeModel::new("m", spec);
+    m.metadata.namespace = Some("ns".into());
+    m.metadata.uid = Some(UID.into());
+    m.status = Some(EdgeModelStatus {
+        current_revision: Some(rev.clone()),
+        stable_revision: Some("old".into()),
+        current_step: Some(0),
+        rollout_rank: Some(past(2)),
+        step_started_time: Some(ago(5)),
+        ..EdgeModelStatus::default()
+    });
+    m
+}
+
+/// The fleet of a [`golden_model`]: the two lowest-ranked devices Ready on `rev` with
+/// their (arch, answer digest), the others on the old revision.
+fn golden_fleet(rev: &str, first: (&str, &str), second: (&str, &str)) -> Vec<EdgeDevice> {
+    by_rank()
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            if i >= 2 {
+                return dev(n, true, Some(("old", ModelState::Ready)));
+            }
+            let (arch, answer) = if i == 0 { first } else { second };
+            let mut d = dev(n, true, Some((rev, ModelState::Ready)));
+            d.spec.facts.arch = arch.into();
+            let m = d.status.as_mut().unwrap().models.last_mut().unwrap();
+            m.golden = vec![edgefleet_crds::device::GoldenAnswer {
+                name: "capital".into(),
+                digest: format!("sha256:{:0>64}", answer),
+            }];
+            d
+        })
+        .collect()
+}
+
 /// A case: its name, and a check that panics naming what went wrong.
 type Case = (&'static str, fn());
 
@@ -843,6 +895,72 @@ fn cases() -> Vec<Case> {
                 let p = run(&m, &fleet(100, 0));
                 assert_eq!(p.status.failed_revision, None);
                 assert!(has_event(&p, reasons::RETRYING));
+            },
+        ),
+        (
+            "devices of one kind answering a golden prompt differently fail the golden gate",
+            || {
+                let m = golden_model(true);
+                let rev = rev_of(&m);
+                let p = run(&m, &golden_fleet(&rev, ("x86_64", "a"), ("x86_64", "b")));
+                let g = &p.status.golden_prompts;
+                assert_eq!(g.len(), 1, "{g:?}");
+                assert_eq!((g[0].distinct_answers, g[0].kinds.len()), (2, 1), "{g:?}");
+                assert_eq!(g[0].kinds[0].devices, 2);
+                assert!(has_event(&p, reasons::HEALTH_GATE_FAILED), "{:?}", p.events);
+                assert!(
+                    p.events.iter().any(|e| e.2.contains(
+                        "golden prompt capital: 2 devices of one kind (x86_64 tpm) gave 2 different answers"
+                    )),
+                    "{:?}",
+                    p.events
+                );
+                assert_eq!(p.status.failed_revision.as_deref(), Some(rev.as_str()));
+            },
+        ),
+        (
+            "without the golden gate a disagreement is shown, not judged; agreeing devices pass it",
+            || {
+                let m = golden_model(false);
+                let rev = rev_of(&m);
+                let p = run(&m, &golden_fleet(&rev, ("x86_64", "a"), ("x86_64", "b")));
+                assert_eq!(p.status.golden_prompts[0].kinds[0].distinct_answers, 2);
+                assert!(
+                    !has_event(&p, reasons::HEALTH_GATE_FAILED),
+                    "{:?}",
+                    p.events
+                );
+                assert_eq!(p.status.failed_revision, None);
+                // The gate on, and the two agree: it passes.
+                let m = golden_model(true);
+                let p = run(
+                    &m,
+                    &golden_fleet(&rev_of(&m), ("x86_64", "a"), ("x86_64", "a")),
+                );
+                assert_eq!(p.status.golden_prompts[0].distinct_answers, 1);
+                assert!(
+                    !has_event(&p, reasons::HEALTH_GATE_FAILED),
+                    "{:?}",
+                    p.events
+                );
+            },
+        ),
+        (
+            "different kinds of hardware may answer differently under the golden gate",
+            || {
+                let m = golden_model(true);
+                let rev = rev_of(&m);
+                let p = run(&m, &golden_fleet(&rev, ("x86_64", "a"), ("aarch64", "b")));
+                let g = &p.status.golden_prompts[0];
+                assert_eq!(g.distinct_answers, 2, "{g:?}");
+                assert_eq!(g.kinds.len(), 2, "{g:?}");
+                assert!(g.kinds.iter().all(|k| k.distinct_answers == 1), "{g:?}");
+                assert!(
+                    !has_event(&p, reasons::HEALTH_GATE_FAILED),
+                    "{:?}",
+                    p.events
+                );
+                assert_eq!(p.status.failed_revision, None);
             },
         ),
     ]
