@@ -657,23 +657,27 @@ mod through_the_gateway {
             Some("PluginGrantDenied"),
         )])
         .await;
-        let before = reconciles();
-        models
-            .patch(
-                "smollm2",
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(
-                    json!({"metadata": {"annotations": {"test.edgefleet.io/nudge": "1"}}}),
-                ),
+        // Two nudges, each waited for: kube-rs runs one reconcile of an object at a
+        // time, so the second one started after the report had landed.
+        for nudge in ["1", "2"] {
+            let before = reconciles();
+            models
+                .patch(
+                    "smollm2",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(
+                        json!({"metadata": {"annotations": {"test.edgefleet.io/nudge": nudge}}}),
+                    ),
+                )
+                .await
+                .unwrap();
+            eventually(
+                "a reconcile after the nudge",
+                Duration::from_secs(30),
+                || async { (reconciles() > before).then_some(()) },
             )
-            .await
-            .unwrap();
-        eventually(
-            "a reconcile after the report",
-            Duration::from_secs(30),
-            || async { (reconciles() > before).then_some(()) },
-        )
-        .await;
+            .await;
+        }
         assert_eq!(notes("DeviceRefused").await.len(), 1);
         assert!(notes("HealthGateFailed").await.is_empty());
         assert!(notes("RolledBack").await.is_empty());
