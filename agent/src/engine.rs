@@ -223,6 +223,26 @@ impl Stats {
         served.max(self.server_failures())
     }
 
+    /// Zeroes the counters of finished work (the device's own checks, golden prompts, are
+    /// not the revision's serving record). Call it before any client's request: work in
+    /// flight (`busy`, `admitted`) is left alone.
+    pub fn reset(&self) {
+        for c in [
+            &self.requests,
+            &self.failures,
+            &self.plugin_failures_before,
+            &self.plugin_failures_after,
+            &self.rejected,
+            &self.cancelled,
+            &self.generated_tokens,
+            &self.generation_micros,
+            &self.prompt_tokens,
+            &self.ttft_micros,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Of [`Stats::served`], the server's failures: the engine's and the plugins'.
     pub fn server_failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)

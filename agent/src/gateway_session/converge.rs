@@ -181,6 +181,8 @@ impl FleetAgent {
             Vec::new()
         } else {
             let answers = crate::golden::run(loaded.engine(), &m.golden_prompts).await?;
+            // The revision's serving counters count clients' requests only.
+            loaded.engine().stats().reset();
             tracing::info!(model = %m.model, revision = %m.revision, prompts = answers.len(), "golden prompts answered as expected");
             answers
         };

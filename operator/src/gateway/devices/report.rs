@@ -96,14 +96,6 @@ pub(super) async fn report(
             "reports must be of one boot, by increasing seq",
         ));
     }
-    /// `sha256:` and 64 lowercase hex digits.
-    fn is_digest(d: &str) -> bool {
-        d.strip_prefix("sha256:").is_some_and(|h| {
-            h.len() == 64
-                && h.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        })
-    }
     let mut models = None;
     for r in &batch.reports {
         if let Some(m) = &r.models {
@@ -388,5 +380,37 @@ mod tests {
             "{}",
             e.message()
         );
+    }
+}
+
+/// Whether `d` is `sha256:` and 64 lowercase hex digits (what a device reports of a
+/// golden answer; anything else is dropped, not stored).
+fn is_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+#[cfg(test)]
+mod golden_tests {
+    use super::is_digest;
+
+    #[test]
+    fn only_digest_shaped_golden_answers_are_kept() {
+        assert!(is_digest(&format!("sha256:{}", "0a".repeat(32))));
+        for bad in [
+            String::new(),
+            "sha256:".into(),
+            format!("sha256:{}", "A".repeat(64)),
+            format!("sha256:{}", "0".repeat(63)),
+            format!("sha256:{}", "0".repeat(65)),
+            format!("sha512:{}", "0".repeat(64)),
+            format!("sha256:{}\n", "0".repeat(63)),
+            format!("sha256:{}é", "0".repeat(62)),
+        ] {
+            assert!(!is_digest(&bad), "{bad:?}");
+        }
     }
 }

@@ -1,0 +1,485 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+//! Verifiable models: golden prompts (`spec.validation.goldenPrompts`) run by real
+//! agents on the real SmolLM2 model behind the real operator and API server.
+//!
+//! - Met: the revision rolls out, each device reports its answer's digest, and the
+//!   EdgeModel shows one answer from the one kind of hardware.
+//! - Not met: the canary fails the revision (`GoldenPromptMismatch`) before serving it,
+//!   keeps serving the stable revision, the rollout halts and rolls back, and the other
+//!   device never gets the revision.
+//! - A `regex` that does not compile refuses the revision (`GoldenPromptInvalid`); no
+//!   device gets it.
+//! - The API server refuses a golden prompt with no expectation or two, and two prompts
+//!   of one name.
+//!
+//! Like `fleet_e2e` and `chaos`, these tests run in nextest's `fleet` group
+//! (`.config/nextest.toml`): one at a time on a 2-core machine.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use edgefleet_crds::conditions::{self as cond, reasons};
+use edgefleet_crds::device::ModelState;
+use edgefleet_crds::{EdgeDevice, EdgeModel, EdgeModelStatus, ModelPhase};
+use edgefleet_e2e::builders::{
+    EdgeModelBuilder, SignedArtifact, Signer, allow_all_pools, apply_edge_model, assigned_revision,
+    trust_signers_of,
+};
+use edgefleet_e2e::local_fleet::{self, Proc};
+use edgefleet_e2e::wait::eventually;
+use edgefleet_e2e::{ControlPlane, cache_dir, free_port};
+use kube::Client;
+use kube::api::Api;
+use serde_json::{Value, json};
+
+const NS: &str = "fleet";
+const MODEL: &str = "smollm2";
+const POOL: &str = "golden";
+/// How long devices may take to enrol, attest and turn Ready.
+const ENROL: Duration = Duration::from_secs(90);
+/// How long a rollout (downloads, loads, golden prompts) may take.
+const ROLLOUT: Duration = Duration::from_secs(180);
+const SHORT: Duration = Duration::from_secs(30);
+const CHAT: &str = r#"{"model":"smollm2","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":8,"temperature":0}"#;
+
+fn model_file() -> PathBuf {
+    std::env::var_os("EDGEFLEET_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+/// The control plane, one operator and `agents` dev agents, the signed model in the
+/// artifact store; killed and removed when dropped.
+struct Fleet {
+    agents: Vec<(String, u16, Proc)>,
+    _operator: Proc,
+    client: Client,
+    cp: ControlPlane,
+    artifact: SignedArtifact,
+    signer: Signer,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for (name, _, _) in &self.agents {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                eprintln!(
+                    "--- {name}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            let op =
+                std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default();
+            let tail: Vec<&str> = op.lines().rev().take(20).collect();
+            eprintln!(
+                "--- operator\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+            eprintln!("{}", self.cp.log_tails());
+        }
+    }
+}
+
+impl Fleet {
+    async fn start(agents: usize) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cp = ControlPlane::start().await.expect("control plane starts");
+        cp.install_crds().await.expect("CRDs install");
+        let client = cp.client().await.unwrap();
+        allow_all_pools(&client).await.unwrap();
+        local_fleet::create_pool_token(&client, POOL).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let pki = local_fleet::GatewayPki::write(d, &[]).unwrap();
+        let model = model_file();
+        let (digest, size) = local_fleet::store_artifact(&d.join("artifacts"), &model).unwrap();
+        let signer = Signer::generate().unwrap();
+        let artifact = SignedArtifact {
+            digest,
+            size,
+            bundle: signer.sign(&model).unwrap(),
+        };
+        let port = free_port().unwrap();
+        let operator = Proc(
+            local_fleet::spawn_operator(
+                cp.kubeconfig_path(),
+                &pki,
+                &local_fleet::OperatorSpec {
+                    gateway_addr: format!("127.0.0.1:{port}"),
+                    artifact_dir: d.join("artifacts"),
+                    approval: format!("auto:{}={POOL}", local_fleet::POOL_LABEL),
+                    ek_cas: vec![],
+                    ek_intermediates: vec![],
+                    heartbeat_lease_seconds: 30,
+                    artifact_ca: None,
+                    log: d.join("operator.log"),
+                },
+            )
+            .unwrap(),
+        );
+        let mut started = Vec::new();
+        for i in 1..=agents {
+            let name = format!("till-{i}");
+            let api = free_port().unwrap();
+            let child = local_fleet::spawn_agent(&local_fleet::AgentSpec {
+                name: name.clone(),
+                dir: d.join(&name),
+                gateway: format!("https://127.0.0.1:{port}"),
+                gateway_ca: d.join("gw-ca.crt"),
+                port: api,
+                tee: "dev".into(),
+                tcti: None,
+                netns: None,
+                pool: POOL.into(),
+                log: d.join(format!("{name}.log")),
+            })
+            .unwrap();
+            started.push((name, api, Proc(child)));
+        }
+        let fleet = Self {
+            agents: started,
+            _operator: operator,
+            client,
+            cp,
+            artifact,
+            signer,
+            dir,
+        };
+        let devices: Api<EdgeDevice> = Api::all(fleet.client.clone());
+        for (name, _, _) in &fleet.agents {
+            eventually(&format!("{name} enrolled and Ready"), ENROL, || async {
+                let d = devices.get_opt(name).await.ok()??;
+                let ready = d
+                    .status
+                    .as_ref()?
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == cond::READY && c.status == "True");
+                (d.spec.approved && ready).then_some(())
+            })
+            .await;
+        }
+        fleet
+    }
+
+    /// The model with `context` (a different size is a new revision), `rollout`, and
+    /// `validation` when given.
+    fn manifest(&self, context: i32, rollout: Value, validation: Option<Value>) -> Value {
+        let mut m = EdgeModelBuilder::new(NS, MODEL)
+            .artifact(
+                "https://artifacts.example/smollm2.gguf",
+                &self.artifact.digest,
+                Some(self.artifact.size),
+            )
+            .inline_signature(&self.artifact.bundle)
+            .signer("models-team", &self.signer.public_key)
+            .pool(POOL)
+            .attestation(&["dev"], Some("dev"))
+            .rollout(rollout)
+            .runtime(json!({"contextSize": context, "threads": 1, "parallelSlots": 1}))
+            .build();
+        if let Some(v) = validation {
+            m["spec"]["validation"] = v;
+        }
+        m
+    }
+
+    async fn apply(&self, manifest: &Value) {
+        trust_signers_of(&self.client, manifest).await.unwrap();
+        apply_edge_model(&self.client, manifest).await.unwrap();
+    }
+
+    async fn status(&self) -> Option<EdgeModelStatus> {
+        Api::<EdgeModel>::namespaced(self.client.clone(), NS)
+            .get(MODEL)
+            .await
+            .ok()?
+            .status
+    }
+
+    /// Waits until the model is Available with every device ready on a stable revision
+    /// other than `not` (when given); returns it.
+    async fn available(&self, not: Option<&str>) -> String {
+        let want = format!("{n}/{n}", n = self.agents.len());
+        eventually(&format!("Available, {want} ready"), ROLLOUT, || async {
+            let st = self.status().await?;
+            let stable = st.stable_revision.clone()?;
+            (st.phase == Some(ModelPhase::Available)
+                && st.ready_devices.as_deref() == Some(want.as_str())
+                && st.current_revision.as_deref() == Some(stable.as_str())
+                && not != Some(stable.as_str()))
+            .then_some(stable)
+        })
+        .await
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// POSTs a chat to agent `i`'s API: (status, body).
+    fn chat(&self, i: usize) -> (u16, String) {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-m",
+                "60",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                "content-type: application/json",
+            ])
+            .args(["-d", CHAT])
+            .arg(format!(
+                "http://127.0.0.1:{}/v1/chat/completions",
+                self.agents[i].1
+            ))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+}
+
+fn golden(expect: Value) -> Value {
+    let mut p =
+        json!({"name": "capital", "prompt": "What is the capital of France?", "maxTokens": 16});
+    for (k, v) in expect.as_object().unwrap() {
+        p[k] = v.clone();
+    }
+    json!({"goldenPrompts": [p]})
+}
+
+fn rollout(gate: bool) -> Value {
+    json!({
+        "steps": [{"count": 1}, {"percent": 100}],
+        "maxUnavailable": 1,
+        "healthGates": {"readyTimeoutSeconds": 300, "goldenPrompts": gate, "rollbackOnFailure": true},
+    })
+}
+
+/// `name`'s recorded answers to revision `rev`'s golden prompts.
+async fn answers(c: &Client, name: &str, rev: &str) -> Vec<(String, String)> {
+    let d = Api::<EdgeDevice>::all(c.clone()).get(name).await.unwrap();
+    d.status
+        .iter()
+        .flat_map(|s| &s.models)
+        .filter(|m| m.revision == rev && m.state == ModelState::Ready)
+        .flat_map(|m| m.golden.iter().map(|g| (g.name.clone(), g.digest.clone())))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_prompts_met_roll_out_and_the_fleet_shows_one_answer_per_kind() {
+    let f = Fleet::start(2).await;
+    f.apply(&f.manifest(
+        512,
+        rollout(true),
+        Some(golden(json!({"contains": "Paris"}))),
+    ))
+    .await;
+    let rev = f.available(None).await;
+    // Each device answered before it reported Ready, the same answer.
+    let mut digests = Vec::new();
+    for (name, _, _) in &f.agents {
+        assert!(
+            f.log(name).contains("golden prompts answered as expected"),
+            "{name}:\n{}",
+            f.log(name)
+        );
+        let a = eventually(&format!("{name}'s answer recorded"), SHORT, || async {
+            let a = answers(&f.client, name, &rev).await;
+            (!a.is_empty()).then_some(a)
+        })
+        .await;
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert_eq!(a[0].0, "capital");
+        assert!(a[0].1.starts_with("sha256:") && a[0].1.len() == 71, "{a:?}");
+        digests.push(a[0].1.clone());
+    }
+    assert_eq!(digests[0], digests[1], "greedy answers of one build differ");
+    let st = eventually("the consistency in status", SHORT, || async {
+        let st = f.status().await?;
+        (st.golden_prompts.first()?.kinds.first()?.devices == 2).then_some(st)
+    })
+    .await;
+    let g = &st.golden_prompts[0];
+    assert_eq!(
+        (g.name.as_str(), g.distinct_answers),
+        ("capital", 1),
+        "{g:?}"
+    );
+    assert_eq!(g.kinds.len(), 1, "{g:?}");
+    assert_eq!(
+        (
+            g.kinds[0].arch.as_str(),
+            g.kinds[0].tee.as_str(),
+            g.kinds[0].distinct_answers
+        ),
+        (std::env::consts::ARCH, "dev", 1),
+        "{g:?}"
+    );
+    let (code, body) = f.chat(0);
+    assert_eq!(code, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_golden_mismatch_fails_the_revision_before_serving_it_and_halts_the_rollout() {
+    let f = Fleet::start(2).await;
+    f.apply(&f.manifest(512, rollout(false), None)).await;
+    let stable = f.available(None).await;
+    // The same model, now expected to say what it does not.
+    f.apply(&f.manifest(
+        1024,
+        rollout(false),
+        Some(golden(json!({"contains": "Lyon"}))),
+    ))
+    .await;
+    let failed = eventually("the revision failed and rolled back", ROLLOUT, || async {
+        let st = f.status().await?;
+        let failed = st.failed_revision.clone()?;
+        (failed != stable).then_some(failed)
+    })
+    .await;
+    let st = f.status().await.unwrap();
+    let degraded = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == cond::DEGRADED && c.status == "True")
+        .unwrap_or_else(|| panic!("not Degraded: {st:?}"));
+    assert_eq!(degraded.reason, reasons::HEALTH_GATE_FAILED, "{degraded:?}");
+    // The canary refused it by name, with its answer; the other never got it.
+    let canary = eventually("the canary's failure recorded", SHORT, || async {
+        let devices = Api::<EdgeDevice>::all(f.client.clone());
+        for (name, _, _) in &f.agents {
+            let d = devices.get(name).await.ok()?;
+            let m = d
+                .status?
+                .models
+                .into_iter()
+                .find(|m| m.revision == failed)?;
+            if m.state == ModelState::Failed {
+                return Some((name.clone(), m));
+            }
+        }
+        None
+    })
+    .await;
+    assert_eq!(
+        canary.1.reason.as_deref(),
+        Some(reasons::GOLDEN_PROMPT_MISMATCH),
+        "{canary:?}"
+    );
+    let message = canary.1.message.clone().unwrap_or_default();
+    assert!(
+        message.starts_with("GoldenPromptMismatch: golden prompt capital: the answer ")
+            && message.contains("does not contain \"Lyon\""),
+        "{message}"
+    );
+    assert!(
+        canary.1.golden.is_empty(),
+        "a failed revision reports no answers"
+    );
+    let devices = Api::<EdgeDevice>::all(f.client.clone());
+    for (i, (name, _, _)) in f.agents.iter().enumerate() {
+        if *name != canary.0 {
+            let d = devices.get(name).await.unwrap();
+            assert!(
+                d.status
+                    .iter()
+                    .flat_map(|s| &s.models)
+                    .all(|m| m.revision != failed),
+                "{name} was given the failed revision: {:?}",
+                d.status
+            );
+        }
+        // Every device serves the stable revision (the canary never stopped).
+        assert_eq!(
+            assigned_revision(&f.client, NS, MODEL, name)
+                .await
+                .as_deref(),
+            Some(stable.as_str())
+        );
+        let (code, body) = f.chat(i);
+        assert_eq!(code, 200, "{name}: {body}");
+    }
+    // The canary never served the failed revision: it answered the golden prompt on
+    // the loaded engine, before installing it.
+    let log = f.log(&canary.0);
+    assert!(
+        !log.lines()
+            .any(|l| l.contains(": serving ") && l.contains(&format!("revision={failed}"))),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_golden_regex_refuses_the_revision_and_the_api_refuses_malformed_prompts() {
+    let f = Fleet::start(1).await;
+    f.apply(&f.manifest(512, rollout(false), None)).await;
+    let stable = f.available(None).await;
+    f.apply(&f.manifest(
+        1024,
+        rollout(false),
+        Some(golden(json!({"regex": "(unclosed"}))),
+    ))
+    .await;
+    let cond_ = eventually("the revision refused", SHORT, || async {
+        let st = f.status().await?;
+        st.conditions
+            .into_iter()
+            .find(|c| c.type_ == cond::SIGNATURE_VERIFIED && c.status == "False")
+    })
+    .await;
+    assert_eq!(cond_.reason, reasons::GOLDEN_PROMPT_INVALID, "{cond_:?}");
+    assert!(
+        cond_.message.starts_with("golden prompt capital: regex: "),
+        "{cond_:?}"
+    );
+    let st = f.status().await.unwrap();
+    assert_eq!(st.stable_revision.as_deref(), Some(stable.as_str()));
+    assert_eq!(
+        assigned_revision(&f.client, NS, MODEL, "till-1")
+            .await
+            .as_deref(),
+        Some(stable.as_str())
+    );
+    let (code, body) = f.chat(0);
+    assert_eq!(code, 200, "{body}");
+
+    // What the API server refuses, by its message.
+    for (validation, message) in [
+        (
+            golden(json!({})),
+            "a golden prompt expects exactly one of exact, contains and regex",
+        ),
+        (
+            golden(json!({"exact": "Paris", "contains": "Paris"})),
+            "a golden prompt expects exactly one of exact, contains and regex",
+        ),
+        (
+            json!({"goldenPrompts": [
+                {"name": "a", "prompt": "x", "contains": "y"},
+                {"name": "a", "prompt": "z", "contains": "y"},
+            ]}),
+            "goldenPrompts names must be unique",
+        ),
+        (
+            golden(json!({"contains": "Paris", "maxTokens": 0})),
+            "maxTokens",
+        ),
+    ] {
+        let m = f.manifest(2048, rollout(false), Some(validation.clone()));
+        let err = apply_edge_model(&f.client, &m)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(message), "{validation}: {err}");
+    }
+}
