@@ -81,6 +81,18 @@ impl Drop for Fleet {
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
             eprintln!("{}", self.cp.log_tails());
+            let state = self
+                .cp
+                .kubectl()
+                .args(["get", "em", "-A", "-o", "yaml", "--request-timeout=10s"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let state: Vec<&str> = state
+                .lines()
+                .filter(|l| !l.contains("inline:") && l.len() < 300)
+                .collect();
+            eprintln!("{}", state.join("\n"));
         }
     }
 }
@@ -354,37 +366,25 @@ async fn a_golden_mismatch_fails_the_revision_before_serving_it_and_halts_the_ro
         .find(|c| c.type_ == cond::DEGRADED && c.status == "True")
         .unwrap_or_else(|| panic!("not Degraded: {st:?}"));
     assert_eq!(degraded.reason, reasons::HEALTH_GATE_FAILED, "{degraded:?}");
-    // The canary refused it by name, with its answer; the other never got it.
-    let canary = eventually("the canary's failure recorded", SHORT, || async {
-        let devices = Api::<EdgeDevice>::all(f.client.clone());
-        for (name, _, _) in &f.agents {
-            let d = devices.get(name).await.ok()?;
-            let m = d
-                .status?
-                .models
-                .into_iter()
-                .find(|m| m.revision == failed)?;
-            if m.state == ModelState::Failed {
-                return Some((name.clone(), m));
-            }
-        }
-        None
-    })
-    .await;
-    assert_eq!(
-        canary.1.reason.as_deref(),
-        Some(reasons::GOLDEN_PROMPT_MISMATCH),
-        "{canary:?}"
-    );
-    let message = canary.1.message.clone().unwrap_or_default();
+    // The canary failed it by name (the gate says which device and why, and the
+    // agent logged the answer); the other never got it.
+    let canary = f
+        .agents
+        .iter()
+        .map(|(n, _, _)| n.clone())
+        .find(|n| {
+            degraded.message.contains(&format!(
+                "{n} reported the revision Failed (GoldenPromptMismatch)"
+            ))
+        })
+        .unwrap_or_else(|| panic!("no device named: {degraded:?}"));
+    let canary = (canary, ());
+    let log = f.log(&canary.0);
     assert!(
-        message.starts_with("GoldenPromptMismatch: golden prompt capital: the answer ")
-            && message.contains("does not contain \"Lyon\""),
-        "{message}"
-    );
-    assert!(
-        canary.1.golden.is_empty(),
-        "a failed revision reports no answers"
+        log.contains(
+            "GoldenPromptMismatch: golden prompt capital: the answer \"The capital of France is Paris.\" does not contain \"Lyon\""
+        ),
+        "{log}"
     );
     let devices = Api::<EdgeDevice>::all(f.client.clone());
     for (i, (name, _, _)) in f.agents.iter().enumerate() {
@@ -476,10 +476,10 @@ async fn an_invalid_golden_regex_refuses_the_revision_and_the_api_refuses_malfor
         ),
     ] {
         let m = f.manifest(2048, rollout(false), Some(validation.clone()));
-        let err = apply_edge_model(&f.client, &m)
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = match apply_edge_model(&f.client, &m).await {
+            Err(edgefleet_e2e::HarnessError::Kube { source, .. }) => source.to_string(),
+            other => panic!("{validation}: not refused by the API server: {other:?}"),
+        };
         assert!(err.contains(message), "{validation}: {err}");
     }
 }

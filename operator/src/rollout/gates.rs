@@ -169,7 +169,14 @@ pub fn gate_failure(
         offline,
     } = health;
     if let Some(name) = failed.first() {
-        return Some(format!("{name} reported the revision Failed"));
+        // With its named reason, when it gave one (a golden prompt's mismatch, a
+        // failed load, a bad signature).
+        let reason = fleet
+            .report(name, rev)
+            .and_then(|m| m.reason.as_deref())
+            .map(|r| format!(" ({})", r.chars().take(63).collect::<String>()))
+            .unwrap_or_default();
+        return Some(format!("{name} reported the revision Failed{reason}"));
     }
     if let Some(started) = step_started {
         // Each online device's clock runs from the step's start, or from when it came
