@@ -424,11 +424,20 @@ async fn an_invalid_golden_regex_refuses_the_revision_and_the_api_refuses_malfor
     let f = Fleet::start(1).await;
     f.apply(&f.manifest(512, rollout(false), None)).await;
     let stable = f.available(None).await;
-    f.apply(&f.manifest(
+    let invalid = f.manifest(
         1024,
         rollout(false),
         Some(golden(json!({"regex": "(unclosed"}))),
-    ))
+    );
+    f.apply(&invalid).await;
+    // The operator planned the spec as applied (a stale operator binary, built before
+    // golden prompts, would plan and roll out another revision).
+    let spec: edgefleet_crds::EdgeModelSpec =
+        serde_json::from_value(invalid["spec"].clone()).unwrap();
+    let want = edgefleet_operator::rollout::revision(&spec);
+    eventually("the new revision planned", SHORT, || async {
+        (f.status().await?.current_revision? == want).then_some(())
+    })
     .await;
     let cond_ = eventually("the revision refused", SHORT, || async {
         let st = f.status().await?;

@@ -922,20 +922,30 @@ mod revocation {
 
         net.link(false);
         let cut = unix_now();
-        // Settle: an attestation answered just before the cut is in status by now.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let d = f.device().await;
-        let expiry = d
-            .status
-            .and_then(|s| s.attestation)
-            .and_then(|a| a.lease_expiry_time)
-            .unwrap()
-            .0
-            .as_second();
+        // The lease the agent enforces, as it recorded it (`state/attestation-lease.json`,
+        // `gateway_session::lease`): no attestation reaches it after the cut.
+        let recorded: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                f.dir
+                    .path()
+                    .join(DEVICE)
+                    .join("state")
+                    .join("attestation-lease.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let expiry = recorded["expiresAt"].as_i64().unwrap();
         assert!(
             expiry > cut && expiry <= cut + 21,
             "lease end {expiry}, cut at {cut}"
         );
+        // The gateway granted (and recorded in status) at least that lease.
+        eventually("the lease in status", Duration::from_secs(10), || async {
+            let granted = f.device().await.status?.attestation?.lease_expiry_time?;
+            (granted.0.as_second() >= expiry - 1).then_some(())
+        })
+        .await;
         // Serving still, until shortly before the lease ends.
         while unix_now() < expiry - 3 {
             assert!(

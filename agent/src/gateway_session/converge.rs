@@ -177,7 +177,9 @@ impl FleetAgent {
         };
         let loaded = prepared.load(config).await?;
         // Before any client's request and before Ready: the revision's golden prompts.
-        let golden = if m.golden_prompts.is_empty() {
+        // Not again when restoring the last-known-good at start (`client` is `None`):
+        // it answered them before it was recorded, and serving it must not wait.
+        let golden = if m.golden_prompts.is_empty() || client.is_none() {
             Vec::new()
         } else {
             let answers = crate::golden::run(loaded.engine(), &m.golden_prompts).await?;
@@ -195,6 +197,9 @@ impl FleetAgent {
         let previous = store::previous(self.state_dir()).await;
         self.collect_artifacts(m, previous.as_ref()).await;
         *self.active.lock().await = Some(m.clone());
+        if let Ok(mut r) = self.ready_report.lock() {
+            *r = Some((m.revision.clone(), golden.clone(), Some(load_millis)));
+        }
         self.report_model(m, proto::ModelState::Ready, None, Some(load_millis), golden);
         crate::systemd::status(&format!(
             "serving {} revision {}",
@@ -289,9 +294,18 @@ impl FleetAgent {
             );
         }
         if current.as_ref() == Some(want) {
-            // Already running it (for example moved back after a failed revision): say
-            // so again, without reloading.
-            self.set_model_state(want, proto::ModelState::Ready, None, None);
+            // Already running it (for example moved back after a failed revision, or a
+            // new session): say so again, without reloading, with the answers and load
+            // time it reported when it loaded it.
+            let (golden, load_millis) = self
+                .ready_report
+                .lock()
+                .ok()
+                .and_then(|r| r.clone())
+                .filter(|(rev, _, _)| *rev == want.revision)
+                .map(|(_, g, l)| (g, l))
+                .unwrap_or_default();
+            self.report_model(want, proto::ModelState::Ready, None, load_millis, golden);
             return;
         }
         tracing::info!(model = %want.model, revision = %want.revision, "activating");

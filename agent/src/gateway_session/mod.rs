@@ -105,7 +105,14 @@ pub struct FleetAgent {
     /// The engine this agent loaded last and the model and revision it serves: what the
     /// serving counters of reports are tied to.
     served: Mutex<Option<Served>>,
+    /// The revision served and its answers to its golden prompts (and load time), as
+    /// reported with its `Ready`: said again whenever that state is reported again, so
+    /// that a re-delivered revision keeps its answers in status.
+    ready_report: Mutex<Option<ReadyReport>>,
 }
+
+/// The revision a `Ready` report was made for, its golden answers and load time.
+type ReadyReport = (String, Vec<proto::GoldenAnswer>, Option<u64>);
 
 /// An engine and the model (`namespace/name`) and revision it was loaded for.
 type Served = (Arc<crate::engine::Engine>, String, String);
@@ -155,6 +162,7 @@ impl FleetAgent {
             serving,
             shared: Mutex::new(shared),
             served: Mutex::new(None),
+            ready_report: Mutex::new(None),
             boot: hex::encode(b),
             active: tokio::sync::Mutex::new(None),
             models_changed: tokio::sync::Notify::new(),

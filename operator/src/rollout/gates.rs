@@ -213,15 +213,20 @@ pub fn gate_failure(
 
 /// How the candidates reporting `rev` `Ready` (and online) answered its golden prompts
 /// (`names`, in the spec's order): distinct answers per prompt, overall and per kind
-/// of hardware (CPU architecture, attested TEE kind, variant). What a device reports
-/// is bounded by the gateway; kinds are bounded here.
+/// of hardware (CPU architecture, attested TEE kind, variant), and the first prompt
+/// that devices of one kind answered differently, named (judged over every kind; the
+/// list for status keeps at most 32 kinds per prompt). What a device reports is
+/// bounded by the gateway; one answer per prompt and device counts.
 pub fn golden_consistency(
     health: &Health<'_>,
     fleet: &Fleet<'_>,
     candidates: &BTreeMap<String, Option<String>>,
     rev: &str,
     names: &[String],
-) -> Vec<edgefleet_crds::model::GoldenConsistency> {
+) -> (
+    Vec<edgefleet_crds::model::GoldenConsistency>,
+    Option<String>,
+) {
     use std::collections::BTreeSet;
     type Kind = (String, String, String);
     let mut by_prompt: BTreeMap<&str, BTreeMap<Kind, (i32, BTreeSet<&str>)>> = BTreeMap::new();
@@ -241,7 +246,11 @@ pub fn golden_consistency(
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
         let variant = candidates.get(*name).cloned().flatten().unwrap_or_default();
+        let mut answered = BTreeSet::new();
         for answer in &report.golden {
+            if !answered.insert(answer.name.as_str()) {
+                continue;
+            }
             if let Some(prompt) = names.iter().find(|n| **n == answer.name) {
                 let kind = by_prompt
                     .entry(prompt.as_str())
@@ -253,7 +262,22 @@ pub fn golden_consistency(
             }
         }
     }
-    names
+    let disagreement = names.iter().find_map(|prompt| {
+        let ((arch, tee, variant), (devices, digests)) = by_prompt
+            .get(prompt.as_str())?
+            .iter()
+            .find(|(_, (_, d))| d.len() > 1)?;
+        let variant = if variant.is_empty() {
+            String::new()
+        } else {
+            format!(", variant {variant}")
+        };
+        Some(format!(
+            "golden prompt {prompt}: {devices} devices of one kind ({arch} {tee}{variant}) gave {} different answers",
+            digests.len()
+        ))
+    });
+    let listed = names
         .iter()
         .filter_map(|prompt| {
             let kinds = by_prompt.get(prompt.as_str())?;
@@ -279,26 +303,8 @@ pub fn golden_consistency(
                     .collect(),
             })
         })
-        .collect()
-}
-
-/// With `healthGates.goldenPrompts`: the first golden prompt that devices of one kind
-/// answered differently, named.
-pub fn golden_disagreement(
-    consistency: &[edgefleet_crds::model::GoldenConsistency],
-) -> Option<String> {
-    consistency.iter().find_map(|c| {
-        let k = c.kinds.iter().find(|k| k.distinct_answers > 1)?;
-        let variant = if k.variant.is_empty() {
-            String::new()
-        } else {
-            format!(", variant {}", k.variant)
-        };
-        Some(format!(
-            "golden prompt {}: {} devices of one kind ({} {}{variant}) gave {} different answers",
-            c.name, k.devices, k.arch, k.tee, k.distinct_answers
-        ))
-    })
+        .collect();
+    (listed, disagreement)
 }
 
 #[cfg(test)]

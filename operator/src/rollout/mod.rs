@@ -285,8 +285,9 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
         .iter()
         .flat_map(|v| v.golden_prompts.iter().map(|p| p.name.clone()))
         .collect();
-    status.golden_prompts =
+    let (golden, disagreement) =
         gates::golden_consistency(&health, &fleet, candidates, &rev, &golden_names);
+    status.golden_prompts = golden;
     let gate_failure = gates::gate_failure(
         &health,
         &fleet,
@@ -295,12 +296,7 @@ pub fn plan(model: &EdgeModel, devices: &[EdgeDevice], trust: &Trust<'_>, now: T
         status.step_started_time.as_ref(),
         now,
     )
-    .or_else(|| {
-        gates
-            .golden_prompts
-            .then(|| gates::golden_disagreement(&status.golden_prompts))
-            .flatten()
-    })
+    .or_else(|| disagreement.filter(|_| gates.golden_prompts))
     .filter(|_| !completed);
     let mut failed_before = status.failed_revision.as_deref() == Some(rev.as_str());
     // Without rollback the devices stay on a failed revision; once every one of them

@@ -106,19 +106,20 @@ pub(super) async fn report(
                     revision: m.revision.chars().take(64).collect(),
                     state: model_state(m.state),
                     message: m.message.as_ref().map(|s| s.chars().take(1024).collect()),
-                    reason: m.reason.as_ref().map(|s| s.chars().take(63).collect()),
+                    // A reason is a name: anything else (it reaches conditions and
+                    // Events) is dropped.
+                    reason: m
+                        .reason
+                        .as_ref()
+                        .filter(|r| {
+                            !r.is_empty()
+                                && r.len() <= 63
+                                && r.bytes().all(|b| b.is_ascii_alphanumeric())
+                        })
+                        .cloned(),
                     load_millis: m.load_millis.and_then(|v| i64::try_from(v).ok()),
                     // The device's own words: bounded, and only digest-shaped digests.
-                    golden: m
-                        .golden
-                        .iter()
-                        .take(proto::MAX_GOLDEN_PROMPTS)
-                        .filter(|g| is_digest(&g.digest))
-                        .map(|g| edgefleet_crds::device::GoldenAnswer {
-                            name: g.name.chars().take(63).collect(),
-                            digest: g.digest.clone(),
-                        })
-                        .collect(),
+                    golden: golden_answers(&m.golden),
                 });
             }
             models = Some(out);
@@ -383,6 +384,23 @@ mod tests {
     }
 }
 
+/// What a device reports of its golden answers, bounded: at most
+/// [`proto::MAX_GOLDEN_PROMPTS`], only digest-shaped digests, one per prompt name (the
+/// first), names cut to 63 characters.
+fn golden_answers(reported: &[proto::GoldenAnswer]) -> Vec<edgefleet_crds::device::GoldenAnswer> {
+    let mut out: Vec<edgefleet_crds::device::GoldenAnswer> = Vec::new();
+    for g in reported.iter().filter(|g| is_digest(&g.digest)) {
+        let name: String = g.name.chars().take(63).collect();
+        if out.len() < proto::MAX_GOLDEN_PROMPTS && !out.iter().any(|o| o.name == name) {
+            out.push(edgefleet_crds::device::GoldenAnswer {
+                name,
+                digest: g.digest.clone(),
+            });
+        }
+    }
+    out
+}
+
 /// Whether `d` is `sha256:` and 64 lowercase hex digits (what a device reports of a
 /// golden answer; anything else is dropped, not stored).
 fn is_digest(d: &str) -> bool {
@@ -395,7 +413,34 @@ fn is_digest(d: &str) -> bool {
 
 #[cfg(test)]
 mod golden_tests {
-    use super::is_digest;
+    use super::{golden_answers, is_digest};
+    use edgefleet_proto as proto;
+
+    #[test]
+    fn a_devices_golden_answers_are_bounded_and_one_per_prompt() {
+        let d = |c: &str| format!("sha256:{}", c.repeat(64));
+        let answer = |name: &str, digest: String| proto::GoldenAnswer {
+            name: name.into(),
+            digest,
+        };
+        let kept = golden_answers(&[
+            answer("capital", "bogus".into()),
+            answer("capital", d("a")),
+            answer("capital", d("b")),
+            answer("sum", d("c")),
+        ]);
+        let got: Vec<(&str, &str)> = kept
+            .iter()
+            .map(|g| (g.name.as_str(), g.digest.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [("capital", d("a").as_str()), ("sum", d("c").as_str())]
+        );
+        let many: Vec<proto::GoldenAnswer> =
+            (0..50).map(|i| answer(&format!("p{i}"), d("a"))).collect();
+        assert_eq!(golden_answers(&many).len(), proto::MAX_GOLDEN_PROMPTS);
+    }
 
     #[test]
     fn only_digest_shaped_golden_answers_are_kept() {
