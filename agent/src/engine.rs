@@ -146,7 +146,7 @@ struct Job {
 }
 
 /// Counters for metrics and health.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     /// Requests the engine completed (a cancelled one too).
     pub requests: AtomicU64,
@@ -172,10 +172,40 @@ pub struct Stats {
     pub prompt_tokens: AtomicU64,
     /// Microseconds to first token, summed.
     pub ttft_micros: AtomicU64,
+    /// Seconds from a request's start to its first token.
+    pub ttft_seconds: crate::histogram::Histogram,
+    /// Seconds from a request's start to its last token.
+    pub duration_seconds: crate::histogram::Histogram,
+    /// Tokens per second of each request's generation (after the prompt).
+    pub request_tokens_per_second: crate::histogram::Histogram,
     /// Slots decoding now.
     pub busy: AtomicUsize,
     /// Requests admitted and not finished (running + waiting).
     pub admitted: AtomicUsize,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            requests: Default::default(),
+            failures: Default::default(),
+            plugin_failures_before: Default::default(),
+            plugin_failures_after: Default::default(),
+            rejected: Default::default(),
+            cancelled: Default::default(),
+            generated_tokens: Default::default(),
+            generation_micros: Default::default(),
+            prompt_tokens: Default::default(),
+            ttft_micros: Default::default(),
+            ttft_seconds: crate::histogram::Histogram::new(crate::histogram::LATENCY_SECONDS),
+            duration_seconds: crate::histogram::Histogram::new(crate::histogram::LATENCY_SECONDS),
+            request_tokens_per_second: crate::histogram::Histogram::new(
+                crate::histogram::TOKENS_PER_SECOND,
+            ),
+            busy: Default::default(),
+            admitted: Default::default(),
+        }
+    }
 }
 
 impl Stats {
@@ -241,6 +271,9 @@ impl Stats {
         ] {
             c.store(0, Ordering::Relaxed);
         }
+        self.ttft_seconds.reset();
+        self.duration_seconds.reset();
+        self.request_tokens_per_second.reset();
     }
 
     /// Of [`Stats::served`], the server's failures: the engine's and the plugins'.
@@ -590,6 +623,7 @@ fn generate(
             stats
                 .ttft_micros
                 .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            stats.ttft_seconds.observe(started.elapsed().as_secs_f64());
         }
         bytes.extend(vocab.token_to_piece(token, false, None));
         // Move the longest valid UTF-8 prefix into the text.
@@ -664,6 +698,15 @@ fn generate(
     stats
         .generation_micros
         .fetch_add(gen_started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    stats
+        .duration_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let generating = gen_started.elapsed().as_secs_f64();
+    if generated > 0 && generating > 0.0 {
+        stats
+            .request_tokens_per_second
+            .observe(f64::from(generated) / generating);
+    }
     Ok(Some(Event::Done {
         finish_reason: finish,
         prompt_tokens: tokens.len() as u32,

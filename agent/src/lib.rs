@@ -28,6 +28,7 @@ pub mod enrol;
 pub mod gateway_client;
 pub mod gateway_session;
 pub mod golden;
+pub mod histogram;
 pub mod plugins;
 pub mod serve;
 pub mod standalone;

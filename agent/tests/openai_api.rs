@@ -142,6 +142,30 @@ fn concurrent_clients_are_all_served() {
         );
     }
     assert_eq!(metric(&s, "edgefleet_requests_total"), 3.0);
+    // Per model, the latency histograms count every request, with a sum.
+    for name in [
+        "edgefleet_request_time_to_first_token_seconds",
+        "edgefleet_request_duration_seconds",
+        "edgefleet_request_tokens_per_second",
+    ] {
+        assert_eq!(
+            metric(&s, &format!("{name}_count{{model=\"smollm2\"}}")),
+            3.0,
+            "{name}"
+        );
+        assert!(
+            metric(&s, &format!("{name}_sum{{model=\"smollm2\"}}")) > 0.0,
+            "{name}"
+        );
+        assert_eq!(
+            metric(
+                &s,
+                &format!("{name}_bucket{{model=\"smollm2\",le=\"+Inf\"}}")
+            ),
+            3.0,
+            "{name}"
+        );
+    }
     // Load time and memory are reported.
     assert!(metric(&s, "edgefleet_model_load_seconds") > 0.0);
     let size = metric(&s, "edgefleet_model_size_bytes");

@@ -55,7 +55,6 @@ pub(super) async fn metrics(State(serving): State<Arc<Serving>>) -> Result<Respo
          # TYPE edgefleet_generated_tokens_total counter\nedgefleet_generated_tokens_total {generated}\n\
          # TYPE edgefleet_prompt_tokens_total counter\nedgefleet_prompt_tokens_total {}\n\
          # TYPE edgefleet_generation_tokens_per_second gauge\nedgefleet_generation_tokens_per_second {:.3}\n\
-         # TYPE edgefleet_time_to_first_token_seconds_sum counter\nedgefleet_time_to_first_token_seconds_sum {:.6}\n\
          # TYPE edgefleet_queue_depth gauge\nedgefleet_queue_depth {}\n\
          # TYPE edgefleet_busy_slots gauge\nedgefleet_busy_slots {}\n\
          # TYPE edgefleet_model_load_seconds gauge\nedgefleet_model_load_seconds {:.3}\n",
@@ -65,7 +64,6 @@ pub(super) async fn metrics(State(serving): State<Arc<Serving>>) -> Result<Respo
         s.cancelled.load(Ordering::Relaxed),
         s.prompt_tokens.load(Ordering::Relaxed),
         generated as f64 * 1e6 / micros as f64,
-        s.ttft_micros.load(Ordering::Relaxed) as f64 / 1e6,
         s.waiting(),
         s.busy.load(Ordering::Relaxed),
         engine.load_millis() as f64 / 1e3,
@@ -76,6 +74,26 @@ pub(super) async fn metrics(State(serving): State<Arc<Serving>>) -> Result<Respo
          # TYPE edgefleet_model_parameters gauge\nedgefleet_model_parameters {}\n",
         engine.model_bytes(),
         engine.model_params(),
+    ));
+    // Per model: latency and speed histograms (count, sum and buckets), for SLOs.
+    let model = format!(
+        "model=\"{}\"",
+        crate::histogram::label_value(&engine.config().served_name)
+    );
+    body.push_str(&s.ttft_seconds.render(
+        "edgefleet_request_time_to_first_token_seconds",
+        "Seconds from a request's start to its first generated token.",
+        &model,
+    ));
+    body.push_str(&s.duration_seconds.render(
+        "edgefleet_request_duration_seconds",
+        "Seconds from a request's start to its last generated token.",
+        &model,
+    ));
+    body.push_str(&s.request_tokens_per_second.render(
+        "edgefleet_request_tokens_per_second",
+        "Generation speed of each request, after its prompt.",
+        &model,
     ));
     if let Some(rss) = resident_bytes() {
         body.push_str(&format!(
