@@ -14,10 +14,6 @@ use crate::engine::{ChatMessage, Engine, Event, Sampling};
 /// Longest one golden prompt may take to answer.
 pub const ANSWER_PATIENCE: Duration = Duration::from_secs(300);
 
-/// The compiled size a golden prompt's regular expression may take (the operator
-/// checks revisions with the same limit).
-pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
-
 /// Why the golden prompts failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GoldenError {
@@ -61,7 +57,7 @@ pub fn check(p: &proto::GoldenPrompt, answer: &str) -> Result<(), Result<String,
         }
         (None, None, Some(re)) => {
             let compiled = regex::RegexBuilder::new(re)
-                .size_limit(REGEX_SIZE_LIMIT)
+                .size_limit(proto::GOLDEN_REGEX_SIZE_LIMIT)
                 .build()
                 .map_err(|e| Err(format!("regex: {e}")))?;
             if compiled.is_match(answer) {

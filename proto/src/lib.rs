@@ -309,6 +309,11 @@ pub struct ModelReport {
 /// Most golden prompts a revision has (`spec.validation.goldenPrompts`).
 pub const MAX_GOLDEN_PROMPTS: usize = 8;
 
+/// The compiled size a golden prompt's regular expression may take: the operator
+/// refuses a revision whose expression exceeds it, and the device compiles it under
+/// the same limit.
+pub const GOLDEN_REGEX_SIZE_LIMIT: usize = 1 << 20;
+
 /// One golden prompt as the device runs it: exactly one expectation is set.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

@@ -182,23 +182,19 @@ fn golden(spec: &EdgeModelSpec) -> Option<&edgefleet_crds::model::Validation> {
 }
 
 /// Checks what the API server cannot: that each golden prompt's `regex` compiles
-/// (within the size the device allows, [`GOLDEN_REGEX_SIZE_LIMIT`]). `Err` names the
+/// (within the size the device allows, [`edgefleet_proto::GOLDEN_REGEX_SIZE_LIMIT`]). `Err` names the
 /// prompt and why.
 pub fn check_golden(spec: &EdgeModelSpec) -> Result<(), String> {
     for p in golden(spec).map_or(&[][..], |v| v.golden_prompts.as_slice()) {
         if let Some(re) = &p.regex {
             regex::RegexBuilder::new(re)
-                .size_limit(GOLDEN_REGEX_SIZE_LIMIT)
+                .size_limit(edgefleet_proto::GOLDEN_REGEX_SIZE_LIMIT)
                 .build()
                 .map_err(|e| format!("golden prompt {}: regex: {e}", p.name))?;
         }
     }
     Ok(())
 }
-
-/// The compiled size a golden prompt's regular expression may take (the device
-/// compiles it with the same limit).
-pub const GOLDEN_REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 /// The templates to keep: `previous` with `current` added (or replaced), restricted to
 /// the revisions in `keep`, in revision order.

@@ -86,9 +86,7 @@ impl Fleet {
                 .chain(t.plugins.iter().map(|p| &p.artifact));
             for a in artifacts {
                 // The CRD's CEL rule already requires this; it names a file here.
-                let Some(hex) = a.digest.strip_prefix("sha256:").filter(|h| {
-                    h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-                }) else {
+                let Some(hex) = super::sha256_hex(&a.digest) else {
                     continue;
                 };
                 if !a.uri.starts_with("https://")
@@ -217,20 +215,13 @@ pub(super) async fn artifact(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let device = fleet.identify(&peer, &name).await?;
-    let hex_digest = digest
-        .strip_prefix("sha256:")
-        .filter(|h| {
-            h.len() == 64
-                && h.bytes()
-                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-        })
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                Reason::BadDigest,
-                "expected sha256:<64 lowercase hex>",
-            )
-        })?;
+    let hex_digest = super::sha256_hex(&digest).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Reason::BadDigest,
+            "expected sha256:<64 lowercase hex>",
+        )
+    })?;
     let state = fleet.desired_state(&device).map_err(|why| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -43,6 +43,14 @@ use crate::heartbeat::Heartbeats;
 use crate::metrics::FleetCounters;
 
 mod artifacts;
+
+/// The hex of a `sha256:<64 lowercase hex>` digest, or `None` for anything else (a
+/// digest a device or a request names, which must name a file and nothing more).
+fn sha256_hex(digest: &str) -> Option<&str> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
 mod desired;
 mod enrol;
 mod identity;

@@ -404,11 +404,7 @@ fn golden_answers(reported: &[proto::GoldenAnswer]) -> Vec<edgefleet_crds::devic
 /// Whether `d` is `sha256:` and 64 lowercase hex digits (what a device reports of a
 /// golden answer; anything else is dropped, not stored).
 fn is_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
+    super::sha256_hex(d).is_some()
 }
 
 #[cfg(test)]
