@@ -367,12 +367,18 @@ pub struct InferenceStats {
     pub observed_time: Option<Time>,
     /// Generated tokens per second (mean over the interval).
     pub tokens_per_second: f64,
-    /// Median request latency in milliseconds, when the agent measures it.
+    /// Median request latency (start to last token) in milliseconds, when the agent
+    /// measures it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_p50_millis: Option<f64>,
     /// 99th percentile request latency in milliseconds, when the agent measures it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_p99_millis: Option<f64>,
+    /// 95th percentile time to first token in milliseconds, when the agent measures it.
+    /// Like the latencies, an estimate from the agent's histogram buckets (within a
+    /// factor of 1.5 from 50 ms to 10 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_first_token_p95_millis: Option<f64>,
     /// Requests served (completed or failed) since the model was loaded.
     pub requests_total: i64,
     /// Of those, the server's failures (engine errors, plugin traps, fuel and

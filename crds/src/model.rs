@@ -286,9 +286,17 @@ pub struct HealthGates {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub min_tokens_per_second: Option<i32>,
+    /// Highest 95th percentile time to first token, in milliseconds, a device may
+    /// report (`status.inference.timeToFirstTokenP95Millis`, estimated from the agent's
+    /// histogram buckets). A device that has served `minRequests` requests and reports
+    /// no time to first token fails it: a gate that was asked for is never skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600000))]
+    pub max_time_to_first_token_millis_p95: Option<i32>,
     /// Requests a device must have served on the revision before the rate gates
-    /// (`maxErrorRatePercent`, `minTokensPerSecond`) judge it: one early failure is not
-    /// a rate. A device below it is neither failed nor waited for.
+    /// (`maxErrorRatePercent`, `minTokensPerSecond`, `maxTimeToFirstTokenMillisP95`)
+    /// judge it: one early failure is not a rate. A device below it is neither failed
+    /// nor waited for.
     #[serde(default = "default_min_requests")]
     #[schemars(range(min = 1, max = 1000000))]
     pub min_requests: i32,
@@ -311,6 +319,7 @@ impl Default for HealthGates {
             ready_timeout_seconds: default_ready_timeout(),
             max_error_rate_percent: None,
             min_tokens_per_second: None,
+            max_time_to_first_token_millis_p95: None,
             min_requests: default_min_requests(),
             golden_prompts: false,
             rollback_on_failure: true,

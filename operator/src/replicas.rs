@@ -602,6 +602,7 @@ mod tests {
             tokens_per_second: 20.0,
             latency_p50_millis: None,
             latency_p99_millis: None,
+            time_to_first_token_p95_millis: None,
             requests_total: requests,
             errors_total: errors,
         };

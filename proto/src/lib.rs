@@ -458,6 +458,16 @@ pub struct Inference {
     pub errors_total: u64,
     /// Mean generation speed.
     pub tokens_per_second: f64,
+    /// Median request duration (start to last token), in milliseconds, estimated from
+    /// the agent's histogram; absent before the first request (and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p50_millis: Option<f64>,
+    /// 99th percentile request duration, in milliseconds, estimated likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p99_millis: Option<f64>,
+    /// 95th percentile time to first token, in milliseconds, estimated likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_first_token_p95_millis: Option<f64>,
 }
 
 /// The gateway's answer to a batch.

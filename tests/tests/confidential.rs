@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-//! Verifiable models: golden prompts (`spec.validation.goldenPrompts`) run by real
+//! Verifiable models and their SLOs: golden prompts (`spec.validation.goldenPrompts`) run by real
 //! agents on the real SmolLM2 model behind the real operator and API server.
 //!
 //! - Met: the revision rolls out, each device reports its answer's digest, and the
@@ -12,6 +12,8 @@
 //!   device gets it.
 //! - The API server refuses a golden prompt with no expectation or two, and two prompts
 //!   of one name.
+//! - Time to first token: a canary whose p95 is above `maxTimeToFirstTokenMillisP95`
+//!   after `minRequests` halts and rolls back the rollout; one within it finishes.
 //!
 //! Like `fleet_e2e` and `chaos`, these tests run in nextest's `fleet` group
 //! (`.config/nextest.toml`): one at a time on a 2-core machine.
@@ -491,4 +493,110 @@ async fn an_invalid_golden_regex_refuses_the_revision_and_the_api_refuses_malfor
         };
         assert!(err.contains(message), "{validation}: {err}");
     }
+}
+
+/// The rollout with a canary step that pauses `pause` seconds, judged on time to first
+/// token (`max` ms at the 95th percentile) after 2 requests.
+fn ttft_rollout(max: i32, pause: i32) -> Value {
+    json!({
+        "steps": [{"count": 1, "pauseSeconds": pause}, {"percent": 100}],
+        "maxUnavailable": 1,
+        "healthGates": {
+            "readyTimeoutSeconds": 300,
+            "minRequests": 2,
+            "maxTimeToFirstTokenMillisP95": max,
+            "rollbackOnFailure": true,
+        },
+    })
+}
+
+/// The device agent index the new revision `rev` reached first (the canary), once it
+/// serves it.
+async fn canary_on(f: &Fleet, rev: &str) -> usize {
+    eventually("the canary serving the new revision", ROLLOUT, || async {
+        for (i, (name, _, _)) in f.agents.iter().enumerate() {
+            let d = Api::<EdgeDevice>::all(f.client.clone())
+                .get(name)
+                .await
+                .ok()?;
+            let ready = d
+                .status
+                .iter()
+                .flat_map(|s| &s.models)
+                .any(|m| m.revision == rev && m.state == ModelState::Ready);
+            if ready {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_first_token_halts_the_rollout_and_a_met_slo_lets_it_finish() {
+    let f = Fleet::start(2).await;
+    f.apply(&f.manifest(512, rollout(false), None)).await;
+    let stable = f.available(None).await;
+    // No CPU answers its first token within 1 ms (the lowest estimate the agent's
+    // buckets give is 4.75 ms): the canary's p95 fails the gate once it has served 2.
+    let slow = f.manifest(1024, ttft_rollout(1, 600), None);
+    f.apply(&slow).await;
+    let spec: edgefleet_crds::EdgeModelSpec = serde_json::from_value(slow["spec"].clone()).unwrap();
+    let rev = edgefleet_operator::rollout::revision(&spec);
+    let canary = canary_on(&f, &rev).await;
+    for _ in 0..2 {
+        let (code, body) = f.chat(canary);
+        assert_eq!(code, 200, "{body}");
+    }
+    let name = f.agents[canary].0.clone();
+    let degraded = eventually("the TTFT gate failed", ROLLOUT, || async {
+        let st = f.status().await?;
+        st.conditions
+            .into_iter()
+            .find(|c| c.type_ == cond::DEGRADED && c.status == "True")
+    })
+    .await;
+    assert_eq!(degraded.reason, reasons::HEALTH_GATE_FAILED, "{degraded:?}");
+    assert!(
+        degraded
+            .message
+            .contains(&format!("{name} time to first token p95 "))
+            && degraded.message.contains(" ms is above 1 ms"),
+        "{degraded:?}"
+    );
+    let st = f.status().await.unwrap();
+    assert_eq!(st.failed_revision.as_deref(), Some(rev.as_str()), "{st:?}");
+    assert_eq!(st.stable_revision.as_deref(), Some(stable.as_str()));
+    // The gate judged the canary's own estimate (the status shows it too; fleet_e2e
+    // checks that the estimates reach EdgeDevice status).
+    let p95: f64 = degraded
+        .message
+        .split(" time to first token p95 ")
+        .nth(1)
+        .and_then(|r| r.split(" ms").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no p95 in {degraded:?}"));
+    assert!(p95 > 1.0, "{degraded:?}");
+
+    // Met: a minute per first token is far above what the canary takes; it serves
+    // its 2 requests within the pause and the rollout finishes.
+    let met = f.manifest(2048, ttft_rollout(60_000, 20), None);
+    f.apply(&met).await;
+    let spec: edgefleet_crds::EdgeModelSpec = serde_json::from_value(met["spec"].clone()).unwrap();
+    let rev = edgefleet_operator::rollout::revision(&spec);
+    let canary = canary_on(&f, &rev).await;
+    for _ in 0..2 {
+        let (code, body) = f.chat(canary);
+        assert_eq!(code, 200, "{body}");
+    }
+    let done = f.available(Some(stable.as_str())).await;
+    assert_eq!(done, rev);
+    let st = f.status().await.unwrap();
+    assert!(
+        !st.conditions
+            .iter()
+            .any(|c| c.type_ == cond::DEGRADED && c.status == "True"),
+        "{st:?}"
+    );
 }

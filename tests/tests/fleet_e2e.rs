@@ -546,6 +546,10 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
                                 && i.requests_total >= 1
                                 && i.errors_total == 0
                                 && i.observed_time.is_some()
+                                // The agent's histogram estimates, in milliseconds.
+                                && i.latency_p50_millis.is_some_and(|v| v > 0.0)
+                                && i.latency_p50_millis <= i.latency_p99_millis
+                                && i.time_to_first_token_p95_millis.is_some_and(|v| v > 0.0)
                         })
                 })
                 .then_some(())

@@ -138,6 +138,9 @@ impl FleetAgent {
             } else {
                 tokens as f64 * 1e6 / micros as f64
             },
+            latency_p50_millis: s.duration_seconds.quantile(0.5).map(|v| v * 1e3),
+            latency_p99_millis: s.duration_seconds.quantile(0.99).map(|v| v * 1e3),
+            time_to_first_token_p95_millis: s.ttft_seconds.quantile(0.95).map(|v| v * 1e3),
         })
     }
 

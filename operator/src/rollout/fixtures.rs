@@ -190,9 +190,18 @@ pub fn serving_as(
         tokens_per_second,
         latency_p50_millis: None,
         latency_p99_millis: None,
+        time_to_first_token_p95_millis: None,
         requests_total: requests,
         errors_total: errors,
     });
+    d
+}
+
+/// `d`, its serving statistics ([`serving`]) reporting time to first token p95 `p95`.
+pub fn first_token_p95(mut d: EdgeDevice, p95: Option<f64>) -> EdgeDevice {
+    if let Some(i) = status(&mut d).inference.as_mut() {
+        i.time_to_first_token_p95_millis = p95;
+    }
     d
 }
 

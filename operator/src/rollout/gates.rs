@@ -104,7 +104,32 @@ pub fn stats_breach(
             stats.tokens_per_second
         ));
     }
+    if let Some(max) = gates.max_time_to_first_token_millis_p95 {
+        match stats.time_to_first_token_p95_millis {
+            Some(p95) if p95 > f64::from(max) => {
+                return Some(format!(
+                    "{name} time to first token p95 {p95:.0} ms is above {max} ms"
+                ));
+            }
+            Some(_) => {}
+            // Served enough to judge and says nothing of it (an agent too old to
+            // measure it): the gate was asked for, so it is not passed.
+            None => {
+                return Some(format!(
+                    "{name} reports no time to first token over {} requests",
+                    stats.requests_total
+                ));
+            }
+        }
+    }
     None
+}
+
+/// Whether any rate gate (judged on a device's serving statistics) is set.
+fn rate_gates(gates: &HealthGates) -> bool {
+    gates.max_error_rate_percent.is_some()
+        || gates.min_tokens_per_second.is_some()
+        || gates.max_time_to_first_token_millis_p95.is_some()
 }
 
 /// Whether the rate gates are set and `stats` are enough to judge revision `rev` of
@@ -116,7 +141,7 @@ pub fn judgeable(
     gates: &HealthGates,
     now: Timestamp,
 ) -> bool {
-    if gates.max_error_rate_percent.is_none() && gates.min_tokens_per_second.is_none() {
+    if !rate_gates(gates) {
         return false;
     }
     if stats.model.as_deref() != Some(key) || stats.revision.as_deref() != Some(rev) {
@@ -140,7 +165,7 @@ pub fn all_judgeable(
     rev: &str,
     now: Timestamp,
 ) -> bool {
-    if gates.max_error_rate_percent.is_none() && gates.min_tokens_per_second.is_none() {
+    if !rate_gates(gates) {
         return true;
     }
     ready.iter().all(|name| {
@@ -311,7 +336,7 @@ pub fn golden_consistency(
 mod tests {
     use super::*;
     use crate::rollout::fixtures::{
-        ago, device, fleet, now, on, online, reporting, serving, serving_as,
+        ago, device, first_token_p95, fleet, now, on, online, reporting, serving, serving_as,
     };
     use edgefleet_crds::EdgeDevice;
 
@@ -436,6 +461,39 @@ mod tests {
             90,
         )];
         assert_eq!(judge(&offline, &gates, None), None);
+    }
+
+    #[test]
+    fn time_to_first_token_p95_is_judged_and_never_skipped() {
+        let gates = HealthGates {
+            max_time_to_first_token_millis_p95: Some(500),
+            min_requests: 20,
+            ..HealthGates::default()
+        };
+        let ready = |name: &str| online(reporting(on(device(name), REV), REV, ModelState::Ready));
+        let with = |p95: Option<f64>, requests: i64| {
+            first_token_p95(serving(ready("a"), 20.0, requests, 0), p95)
+        };
+        assert_eq!(judge(&[with(Some(500.0), 20)], &gates, None), None);
+        assert_eq!(
+            judge(&[with(Some(750.0), 20)], &gates, None).as_deref(),
+            Some("a time to first token p95 750 ms is above 500 ms")
+        );
+        // Enough served and no measurement (an older agent, or a value the gateway
+        // refused as nonsense): the gate asked for is failed, not skipped.
+        assert_eq!(
+            judge(&[with(None, 20)], &gates, None).as_deref(),
+            Some("a reports no time to first token over 20 requests")
+        );
+        // Under minRequests nothing is judged, slow or silent.
+        assert_eq!(judge(&[with(Some(9_000.0), 19)], &gates, None), None);
+        assert_eq!(judge(&[with(None, 19)], &gates, None), None);
+        // The gate alone makes the statistics the evidence a resume waits for.
+        let name = "a".to_owned();
+        let few = [with(Some(100.0), 19)];
+        assert!(!all_judgeable(&[&name], &fleet(&few), &gates, REV, now()));
+        let enough = [with(Some(100.0), 20)];
+        assert!(all_judgeable(&[&name], &fleet(&enough), &gates, REV, now()));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use edgefleet_crds::{EdgeDevice, EdgeModel, EdgeModelStatus, ModelPhase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::fixtures::{
-    ago, attested, device, now, online, plan_all_pools, reporting, serving, spec,
+    ago, attested, device, first_token_p95, now, online, plan_all_pools, reporting, serving, spec,
 };
 use super::{Plan, revision, revision_after};
 
@@ -476,6 +476,43 @@ fn cases() -> Vec<Case> {
                 p.events
             );
         }),
+        (
+            "a slow first token fails the TTFT gate, a fast one passes",
+            || {
+                let m = model(
+                    serde_json::json!({"healthGates": {"maxTimeToFirstTokenMillisP95": 400}}),
+                    |st, _| st.rollout_rank = Some(past(1)),
+                );
+                let rev = rev_of(&m);
+                let names = by_rank();
+                let served = |p95| {
+                    first_token_p95(
+                        serving(
+                            dev(&names[0], true, Some((rev.as_str(), ModelState::Ready))),
+                            20.0,
+                            100,
+                            0,
+                        ),
+                        Some(p95),
+                    )
+                };
+                let p = run(&m, &[served(900.0)]);
+                assert!(
+                    p.events.iter().any(|e| e
+                        .2
+                        .contains("time to first token p95 900 ms is above 400 ms")),
+                    "{:?}",
+                    p.events
+                );
+                let p = run(&m, &[served(120.0)]);
+                assert!(
+                    !p.events.iter().any(|e| e.2.contains("time to first token")),
+                    "{:?}",
+                    p.events
+                );
+                assert_ne!(p.status.phase, Some(ModelPhase::Degraded));
+            },
+        ),
         (
             "without rollbackOnFailure a failed revision stays where it is",
             || {

@@ -206,8 +206,9 @@ pub(super) async fn report(
                 } else {
                     0.0
                 },
-                latency_p50_millis: None,
-                latency_p99_millis: None,
+                latency_p50_millis: reported_millis(i.latency_p50_millis),
+                latency_p99_millis: reported_millis(i.latency_p99_millis),
+                time_to_first_token_p95_millis: reported_millis(i.time_to_first_token_p95_millis),
                 requests_total: i64::try_from(i.requests_total).unwrap_or(i64::MAX),
                 errors_total: i64::try_from(i.errors_total).unwrap_or(i64::MAX),
             };
@@ -409,8 +410,18 @@ fn is_digest(d: &str) -> bool {
 
 #[cfg(test)]
 mod golden_tests {
-    use super::{golden_answers, is_digest};
+    use super::{golden_answers, is_digest, reported_millis};
     use edgefleet_proto as proto;
+
+    #[test]
+    fn a_devices_latencies_are_kept_only_when_they_are_durations() {
+        assert_eq!(reported_millis(Some(12.5)), Some(12.5));
+        assert_eq!(reported_millis(Some(0.0)), Some(0.0));
+        for nonsense in [f64::NAN, f64::INFINITY, -1.0, 86_400_001.0] {
+            assert_eq!(reported_millis(Some(nonsense)), None, "{nonsense}");
+        }
+        assert_eq!(reported_millis(None), None);
+    }
 
     #[test]
     fn a_devices_golden_answers_are_bounded_and_one_per_prompt() {
@@ -454,4 +465,11 @@ mod golden_tests {
             assert!(!is_digest(&bad), "{bad:?}");
         }
     }
+}
+
+/// A duration in milliseconds as the device reported it, when it is one: finite, not
+/// negative, and at most a day (JSON has no NaN, so a device's NaN would otherwise fail
+/// its status write; one that reports nonsense reports nothing, and a gate on it fails).
+fn reported_millis(v: Option<f64>) -> Option<f64> {
+    v.filter(|v| v.is_finite() && *v >= 0.0 && *v <= 86_400_000.0)
 }
