@@ -8,4 +8,5 @@
 
 pub mod attestation;
 pub mod model_signing;
+pub mod sealed;
 mod x509;
