@@ -1,4 +1,4 @@
-//! `edgefleet model sign|verify`.
+//! `edgefleet model sign|verify|encrypt`.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +14,29 @@ pub enum ModelCommand {
     Sign(SignArgs),
     /// Verify a model against a bundle and a pinned key or root.
     Verify(VerifyArgs),
+    /// Encrypt a model file for release to attested devices only: AES-256-GCM in
+    /// authenticated chunks, under a new random key (or `--key`). Sign the encrypted
+    /// file, and put the key in the Secret the EdgeModel's `spec.encryption` names.
+    Encrypt(EncryptArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EncryptArgs {
+    /// Where to write the new 32-byte key (mode 0600; refused if it exists). Put it
+    /// in the Secret: `kubectl create secret generic NAME --from-file=key=KEYFILE`.
+    #[arg(long, conflicts_with = "key")]
+    key_out: Option<PathBuf>,
+    /// An existing 32-byte key file to encrypt with instead.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Plaintext bytes per chunk (4 KiB to 64 MiB).
+    #[arg(long, default_value_t = edgefleet_trust::sealed::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
+    /// Where to write the encrypted model.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// The model file (one file, such as a GGUF).
+    model_path: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -69,7 +92,99 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<String> {
     match cmd {
         ModelCommand::Sign(args) => sign(args),
         ModelCommand::Verify(args) => verify(args),
+        ModelCommand::Encrypt(args) => encrypt(args),
     }
+}
+
+fn encrypt(args: EncryptArgs) -> anyhow::Result<String> {
+    use edgefleet_trust::sealed::{self, ModelKey};
+    use std::io::Write as _;
+    if !edgefleet_trust::sealed::CHUNK_SIZES.contains(&args.chunk_size) {
+        bail!("--chunk-size must be between 4096 and 67108864");
+    }
+    let key = match (&args.key, &args.key_out) {
+        (Some(path), None) => {
+            let bytes = zeroize::Zeroizing::new(
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            );
+            ModelKey::from_bytes(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?
+        }
+        (None, Some(_)) => ModelKey::generate()?,
+        _ => bail!("give exactly one of --key-out (a new key) and --key (an existing one)"),
+    };
+    let meta = std::fs::metadata(&args.model_path)
+        .with_context(|| format!("reading {}", args.model_path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a file", args.model_path.display());
+    }
+    let digest = sealed::file_digest(&args.model_path)
+        .with_context(|| format!("reading {}", args.model_path.display()))?;
+    // The key first, so that no encrypted file exists whose key was not kept.
+    if let Some(path) = &args.key_out {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| {
+                format!(
+                    "creating {} (an existing key is never overwritten)",
+                    path.display()
+                )
+            })?;
+        f.write_all(key.bytes())
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let name = args
+        .output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = args
+        .output
+        .with_file_name(format!(".{name}.{}.partial", std::process::id()));
+    let result = (|| -> anyhow::Result<sealed::Header> {
+        let input = std::io::BufReader::with_capacity(
+            1 << 20,
+            std::fs::File::open(&args.model_path)
+                .with_context(|| format!("reading {}", args.model_path.display()))?,
+        );
+        let mut out = std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?,
+        );
+        let header = sealed::encrypt(input, meta.len(), &digest, &key, args.chunk_size, &mut out)
+            .map_err(|e| anyhow!("{}: {e}", e.reason()))?;
+        out.into_inner()
+            .map_err(|e| anyhow!("writing {}: {}", tmp.display(), e.error()))?
+            .sync_all()?;
+        Ok(header)
+    })();
+    let header = match result {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, &args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    Ok(format!(
+        "encrypted {} ({digest}, {} bytes) -> {} ({} chunks of {} bytes, key id {}){}",
+        args.model_path.display(),
+        header.plaintext_size,
+        args.output.display(),
+        header.chunks(),
+        header.chunk_size,
+        header.key_id,
+        args.key_out.as_ref().map_or(String::new(), |k| format!(
+            "; key -> {} (sign the encrypted file; kubectl create secret generic NAME --from-file=key={})",
+            k.display(),
+            k.display()
+        ))
+    ))
 }
 
 fn read_text(path: &Path) -> anyhow::Result<String> {

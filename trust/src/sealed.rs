@@ -459,6 +459,21 @@ pub fn encrypt(
     Ok(header)
 }
 
+/// The SHA-256 of the file at `path`, as `sha256:<hex>`.
+pub fn file_digest(path: &std::path::Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut c = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        c.update(&buf[..n]);
+    }
+    Ok(format!("sha256:{}", hex::encode(c.finish().as_ref())))
+}
+
 /// What a key release is for: the device, the model (`namespace/name`), its revision and
 /// the encrypted artifact's digest. The HPKE `info` and the request's signature cover
 /// all four.
@@ -709,7 +724,10 @@ mod tests {
     #[test]
     fn what_is_not_an_encrypted_model_is_refused_before_any_work() {
         for (bytes, why) in [
-            (b"GGUF\x03\0\0\0\0\0\0\0\0\0\0\0".to_vec(), "no EFMSEAL1 magic"),
+            (
+                b"GGUF\x03\0\0\0\0\0\0\0\0\0\0\0".to_vec(),
+                "no EFMSEAL1 magic",
+            ),
             (b"EFMS".to_vec(), "shorter than a header"),
             (
                 [MAGIC.as_slice(), &0u32.to_be_bytes()].concat(),
