@@ -52,6 +52,9 @@ pub struct EngineConfig {
     pub parallel_slots: usize,
     /// Requests that may wait for a slot.
     pub queue_depth: usize,
+    /// The decrypted model `model_path` names (a sealed memfd), kept as long as the
+    /// engine lives; `None` for a model file on disk.
+    pub plaintext: Option<std::sync::Arc<edgefleet_secmem::SealedModel>>,
 }
 
 /// Engine errors.

@@ -211,6 +211,7 @@ pub async fn serve(
         gpu_layers,
         parallel_slots,
         queue_depth,
+        plaintext: None,
     };
     let engine = prepared.serve(&serving, config).await?;
     tracing::info!(

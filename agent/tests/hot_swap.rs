@@ -18,6 +18,7 @@ fn engine(name: &str) -> Engine {
         gpu_layers: 0,
         parallel_slots: 1,
         queue_depth: 2,
+        plaintext: None,
     })
     .unwrap()
 }

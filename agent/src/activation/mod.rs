@@ -26,6 +26,7 @@ use crate::plugins::{LoadedPlugin, PluginError, PluginRuntime, PluginSpec};
 use crate::serve::{EngineSubPrompt, Serving};
 
 pub mod consent;
+pub mod decrypt;
 pub mod pins;
 pub mod store;
 pub mod verify;
@@ -68,6 +69,11 @@ pub enum ActivateError {
     /// A golden prompt's answer did not meet its expectation, or could not be had.
     #[error("{0}")]
     Golden(#[from] crate::golden::GoldenError),
+    /// An encrypted model's key was not released, or the model did not decrypt; the
+    /// text starts with the reason's name (`KeyDenied`, `CiphertextTampered`,
+    /// `WrongModelKey`, `PlaintextNotLockable`, ...).
+    #[error("{0}")]
+    Encryption(String),
 }
 
 /// Why one of the two shared steps failed.

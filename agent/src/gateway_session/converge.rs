@@ -174,6 +174,7 @@ impl FleetAgent {
             gpu_layers: m.runtime.gpu_layers,
             parallel_slots: usize::try_from(m.runtime.parallel_slots.max(1)).unwrap_or(1),
             queue_depth: usize::try_from(m.runtime.queue_depth.max(1)).unwrap_or(1),
+            plaintext: None,
         };
         let loaded = prepared.load(config).await?;
         // Before any client's request and before Ready: the revision's golden prompts.
