@@ -108,6 +108,37 @@ pub struct EdgeModelSpec {
     /// Checks each device runs after loading the model and before it reports it Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<Validation>,
+    /// The artifact (and every variant) is encrypted (`edgefleet model encrypt`); its
+    /// key is released by the gateway only to an approved device this model targets,
+    /// whose current attestation meets `attestation`, sealed to a key the device made
+    /// for that request (HPKE). The device decrypts into memory only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// Where an encrypted model's key is.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Encryption {
+    /// The Secret, in the EdgeModel's namespace, holding the 32-byte key.
+    pub key_secret_ref: KeySecretRef,
+}
+
+/// A key in a Secret of the EdgeModel's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeySecretRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key in its `data` holding the 32 bytes (default `key`).
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_secret_key() -> String {
+    "key".into()
 }
 
 fn default_port() -> i32 {
@@ -532,6 +563,11 @@ pub struct EdgeModelStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub golden_prompts: Vec<GoldenConsistency>,
+    /// Keys of this encrypted model the gateways released to attested devices, all
+    /// replicas together, since it was created (written by the gateways, a few
+    /// seconds after each release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_releases: Option<i64>,
 }
 
 /// One golden prompt's answers across the fleet.
@@ -717,6 +753,10 @@ pub struct RevisionTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::common::opaque_object")]
     pub validation: Option<Validation>,
+    /// Where the key of an encrypted artifact is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::common::opaque_object")]
+    pub encryption: Option<Encryption>,
 }
 
 /// Per-state device counts.

@@ -7,6 +7,7 @@
 //! - `rollout_devices{model,count}`: each EdgeModel's targeted, updated and ready
 //!   devices, and `rollout_step{model}`;
 //! - `gateway_connected_devices`, `gateway_refusals_total{reason}`,
+//!   `gateway_key_releases_total`,
 //!   `gateway_report_writes_total`, `gateway_artifact_bytes_total` and
 //!   `gateway_connections_superseded_total` ([`FleetCounters`], which the gateway
 //!   counts into).
@@ -80,6 +81,8 @@ pub struct FleetCounters {
     pub superseded: Counter,
     /// Unidentified connections closed because newer ones went over the cap.
     pub unidentified_evicted: Counter,
+    /// Model keys released to devices (refusals are in `refusals` by reason).
+    pub key_releases: Counter,
 }
 
 /// The operator's metrics.
@@ -174,6 +177,11 @@ impl Default for Metrics {
             "gateway_unidentified_evicted",
             "Connections no device had claimed, closed because newer ones went over the cap (a flood, or many devices enrolling at once)",
             gateway.unidentified_evicted.clone(),
+        );
+        registry.register(
+            "gateway_key_releases",
+            "Model keys released to attested devices (refusals count in gateway_refusals by reason)",
+            gateway.key_releases.clone(),
         );
         Self {
             registry,

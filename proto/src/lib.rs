@@ -154,6 +154,10 @@ pub struct DeviceModel {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub golden_prompts: Vec<GoldenPrompt>,
     /// Port of the device's API.
+    /// Set when the artifact is encrypted: where to ask for its key
+    /// ([`KeyRequest`]), after the ciphertext's signature verifies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<ModelEncryption>,
     pub port: u16,
 }
 
@@ -470,6 +474,44 @@ pub struct Inference {
     pub time_to_first_token_p95_millis: Option<f64>,
 }
 
+/// How a device gets an encrypted model's key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelEncryption {
+    /// The gateway path to POST a [`KeyRequest`] to.
+    pub key_path: String,
+}
+
+/// A device's request for a model key: what it is for, the one-request HPKE public key
+/// to seal it to, and the device's signature over both
+/// (`edgefleet_trust::sealed::key_request_message`) by the key its attestation bound.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRequest {
+    /// The model (`namespace/name`).
+    pub model: String,
+    /// Its revision.
+    pub revision: String,
+    /// The encrypted artifact's digest.
+    pub digest: String,
+    /// The X25519 public key to seal to (base64).
+    pub recipient: String,
+    /// ECDSA P-256 SHA-256 signature (ASN.1 DER, base64).
+    pub signature: String,
+}
+
+/// The gateway's answer to a [`KeyRequest`]: the key, sealed to its recipient.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRelease {
+    /// The HPKE suite (`edgefleet_trust::sealed::KEY_RELEASE_SUITE`).
+    pub suite: String,
+    /// The HPKE encapsulated key (base64).
+    pub encapsulated_key: String,
+    /// The sealed model key (base64).
+    pub wrapped_key: String,
+}
+
 /// The gateway's answer to a batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -521,6 +563,7 @@ mod tests {
             plugins: vec![],
             port: 8080,
             golden_prompts: vec![],
+            encryption: None,
         };
         let b = DesiredState::new("d".into(), vec![model.clone()]);
         assert_ne!(a.version, b.version);

@@ -17,7 +17,17 @@ pub(super) async fn write_status(
     model: &EdgeModel,
     status: &EdgeModelStatus,
 ) -> Result<(), kube::Error> {
-    if model.status.as_ref() != Some(status) {
+    // `keyReleases` is the gateways' (under their own field manager): neither
+    // compared nor applied here, so that the reconciler never writes back a count it
+    // read before a gateway added to it.
+    let mut status = status.clone();
+    status.key_releases = None;
+    let status = &status;
+    let mut current = model.status.clone();
+    if let Some(c) = current.as_mut() {
+        c.key_releases = None;
+    }
+    if current.as_ref() != Some(status) {
         let api: Api<EdgeModel> =
             Api::namespaced(client.clone(), &model.namespace().unwrap_or_default());
         let patch = json!({

@@ -70,6 +70,18 @@ pub enum Reason {
     BadDigest,
     /// The artifact is not part of what the device is assigned.
     NotAssigned,
+    /// The device is not approved (a model key request).
+    NotApproved,
+    /// The device's current attestation does not meet the model's requirement.
+    NotAttested,
+    /// The model does not target the device.
+    NotTargeted,
+    /// The revision asked a key for is not encrypted.
+    NotEncrypted,
+    /// A key request's signature is not the certified key's.
+    KeyRequestSignatureInvalid,
+    /// The Secret holding a model's key is missing or holds no 32-byte key.
+    KeySecretUnavailable,
     /// The attestation service's own reason ([`ServiceError::reason`]).
     Attestation(&'static str),
 }
@@ -104,6 +116,12 @@ impl Reason {
             Self::ArtifactNotInStore => "ArtifactNotInStore",
             Self::BadDigest => "BadDigest",
             Self::NotAssigned => "NotAssigned",
+            Self::NotApproved => "NotApproved",
+            Self::NotAttested => "NotAttested",
+            Self::NotTargeted => "NotTargeted",
+            Self::NotEncrypted => "NotEncrypted",
+            Self::KeyRequestSignatureInvalid => "KeyRequestSignatureInvalid",
+            Self::KeySecretUnavailable => "KeySecretUnavailable",
             Self::Attestation(reason) => reason,
         }
     }
@@ -231,6 +249,12 @@ mod tests {
             Reason::ArtifactNotInStore,
             Reason::BadDigest,
             Reason::NotAssigned,
+            Reason::NotApproved,
+            Reason::NotAttested,
+            Reason::NotTargeted,
+            Reason::NotEncrypted,
+            Reason::KeyRequestSignatureInvalid,
+            Reason::KeySecretUnavailable,
         ] {
             assert_eq!(r.as_str(), format!("{r:?}"));
         }

@@ -336,6 +336,7 @@ impl GatewayOptions {
                 instance: std::env::var("POD_NAME").ok(),
             },
         );
+        fleet.set_events(recorder.clone());
         let devices = DeviceStatus::new(client).with_cache(fleet.device_cache());
         let gateway = Gateway::new(Arc::new(service), devices)
             .with_counters(refusals)
@@ -365,6 +366,7 @@ impl GatewayOptions {
                 .await
                 .map_err(|e| anyhow::anyhow!("gateway caches: {e}"))?;
             let collect = tokio::spawn(fleet.clone().collect_loop());
+            let key_releases = tokio::spawn(fleet.clone().key_release_loop());
             tracing::info!(%addr, "device gateway serving");
             let result = serve_with(
                 listener,
@@ -377,6 +379,8 @@ impl GatewayOptions {
             caches.abort();
             lapse.abort();
             collect.abort();
+            key_releases.abort();
+            fleet.flush_key_releases().await;
             result.context("device gateway")
         })))
     }

@@ -29,6 +29,9 @@ pub fn revision(spec: &EdgeModelSpec) -> String {
     if let Some(v) = golden(spec) {
         runs["validation"] = serde_json::json!(v);
     }
+    if let Some(e) = &spec.encryption {
+        runs["encryption"] = serde_json::json!(e);
+    }
     let digest = Sha256::digest(runs.to_string().as_bytes());
     hex::encode(&digest[..8])
 }
@@ -171,6 +174,7 @@ pub fn template(
         plugins,
         port: spec.port,
         validation: golden(spec).cloned(),
+        encryption: spec.encryption.clone(),
     })
 }
 

@@ -147,6 +147,9 @@ impl Fleet {
                 })
                 .collect(),
             port: u16::try_from(t.port).unwrap_or(8080),
+            encryption: t.encryption.as_ref().map(|_| proto::ModelEncryption {
+                key_path: format!("/v1/devices/{device}/keys"),
+            }),
             golden_prompts: t
                 .validation
                 .iter()

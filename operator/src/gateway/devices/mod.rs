@@ -54,6 +54,7 @@ fn sha256_hex(digest: &str) -> Option<&str> {
 mod desired;
 mod enrol;
 mod identity;
+mod keys;
 mod report;
 mod tokens;
 
@@ -61,6 +62,7 @@ pub use artifacts::{Unsatisfiable, parse_range};
 pub use desired::DesiredQuery;
 pub use enrol::{Approval, valid_name};
 pub use identity::PeerCertificate;
+pub use keys::KEY_BROKER_MANAGER;
 pub use report::{MAX_CONCURRENT_WRITES, REPORT_MANAGER};
 pub use tokens::MIN_SHARED_TOKEN_LEN;
 
@@ -128,6 +130,10 @@ struct Inner {
     config: FleetConfig,
     tokens: tokens::Tokens,
     counters: Arc<FleetCounters>,
+    /// Key releases not yet added to their EdgeModel's `status.keyReleases`, by model.
+    key_releases: Mutex<HashMap<String, u64>>,
+    /// Where events about EdgeDevices go (a released key), once set.
+    events: Mutex<Option<kube::runtime::events::Recorder>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -206,6 +212,8 @@ impl Fleet {
             tokens: tokens::Tokens::new(config.bootstrap_token.clone()),
             config,
             counters,
+            key_releases: Mutex::new(HashMap::new()),
+            events: Mutex::new(None),
         });
         let fleet = Self { inner };
         let driver = {
@@ -307,6 +315,15 @@ impl Fleet {
             .map_err(|e| e.to_string())
     }
 
+    /// Adds key releases to their EdgeModels' `status.keyReleases` every 5 s, for as
+    /// long as it runs ([`Fleet::flush_key_releases`]).
+    pub async fn key_release_loop(self) {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            self.flush_key_releases().await;
+        }
+    }
+
     /// Collects unreferenced artifacts every [`artifacts::COLLECT_EVERY`], for as long
     /// as it runs. Start it only after [`Fleet::ready`] returned: an unfilled model
     /// cache references nothing. (It does not wait on the caches itself: a cache's
@@ -333,6 +350,32 @@ impl Fleet {
         }
     }
 
+    /// Publishes events about EdgeDevices (a released key) with `recorder`.
+    pub fn set_events(&self, recorder: kube::runtime::events::Recorder) {
+        if let Ok(mut e) = self.inner.events.lock() {
+            *e = Some(recorder);
+        }
+    }
+
+    /// Publishes a Normal event `reason` on `device`; a failure is logged.
+    async fn publish_device_event(&self, device: &EdgeDevice, reason: &str, note: String) {
+        let recorder = self.inner.events.lock().ok().and_then(|e| e.clone());
+        let Some(recorder) = recorder else {
+            return;
+        };
+        let ev = kube::runtime::events::Event {
+            type_: kube::runtime::events::EventType::Normal,
+            reason: reason.to_owned(),
+            note: Some(note.chars().take(1024).collect()),
+            action: "ReleaseKey".into(),
+            secondary: None,
+        };
+        let reference = kube::Resource::object_ref(device, &());
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            tracing::warn!(error = %e, "publishing an event");
+        }
+    }
+
     fn count_refusal(&self, reason: Reason) {
         self.inner
             .counters
@@ -353,6 +396,7 @@ impl Fleet {
                 "/v1/devices/{name}/artifacts/{digest}",
                 get(artifacts::artifact),
             )
+            .route("/v1/devices/{name}/keys", post(keys::keys))
             .with_state(self)
     }
 }
