@@ -160,6 +160,30 @@ impl DeviceClient {
         })
     }
 
+    /// Asks for a model key at `path` (the desired model's `encryption.keyPath`).
+    pub async fn key(
+        &self,
+        path: &str,
+        req: &proto::KeyRequest,
+    ) -> Result<proto::KeyRelease, GatewayError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(req)
+            .send()
+            .await?;
+        let status = resp.status();
+        let body = resp.bytes().await?;
+        if !status.is_success() {
+            return Err(rejected(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| GatewayError::Rejected {
+            status: status.as_u16(),
+            reason: "BadResponse".into(),
+            message: e.to_string(),
+        })
+    }
+
     /// Starts a download of `path` from byte `from`.
     ///
     /// `503` means the gateway does not have the file yet (it is mirroring it into its

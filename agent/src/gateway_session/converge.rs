@@ -12,6 +12,7 @@
 //! An unpinned device pins the desired state's `trustedSigners` at first contact.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use edgefleet_proto as proto;
@@ -56,6 +57,11 @@ impl FleetAgent {
                 )),
                 None,
             );
+            return;
+        }
+        if m.encryption.is_some() {
+            // Its key is in memory only: gone with the process that held it.
+            tracing::info!(model = %m.model, revision = %m.revision, "the last-known-good model is encrypted: it is served once the gateway releases its key again, after attestation");
             return;
         }
         tracing::info!(model = %m.model, revision = %m.revision, "restoring the last-known-good model");
@@ -121,6 +127,28 @@ impl FleetAgent {
                 .await
                 .map_err(|e| ActivateError::State(e.to_string()))??;
         }
+        // An encrypted model: its key from the gateway, the plaintext into memory only.
+        let plaintext = match (&m.encryption, client) {
+            (None, _) => {
+                let f = model_file.clone();
+                if tokio::task::spawn_blocking(move || activation::decrypt::is_encrypted(&f))
+                    .await
+                    .unwrap_or(false)
+                {
+                    return Err(ActivateError::Encryption(
+                        "EncryptionMismatch: the artifact is encrypted and the revision names no key".into(),
+                    ));
+                }
+                None
+            }
+            (Some(_), None) => {
+                return Err(ActivateError::Encryption(
+                    "KeyNeeded: an encrypted model is served only with a key the gateway released"
+                        .into(),
+                ));
+            }
+            (Some(e), Some(c)) => Some(self.decrypt(c, m, &e.key_path, &model_file).await?),
+        };
         let mut specs = Vec::new();
         for (p, file) in m.plugins.iter().zip(&plugin_files) {
             let wasm = tokio::fs::read(file)
@@ -165,7 +193,7 @@ impl FleetAgent {
             .threads
             .or((serve.threads > 0).then_some(serve.threads));
         let config = crate::engine::EngineConfig {
-            model_path: model_file,
+            model_path: plaintext.as_ref().map_or(model_file, |p| p.path()),
             served_name: m.served_name.clone(),
             context_size: m.runtime.context_size.max(128),
             threads: threads.map_or_else(activation::default_threads, |t| {
@@ -174,7 +202,7 @@ impl FleetAgent {
             gpu_layers: m.runtime.gpu_layers,
             parallel_slots: usize::try_from(m.runtime.parallel_slots.max(1)).unwrap_or(1),
             queue_depth: usize::try_from(m.runtime.queue_depth.max(1)).unwrap_or(1),
-            plaintext: None,
+            plaintext,
         };
         let loaded = prepared.load(config).await?;
         // Before any client's request and before Ready: the revision's golden prompts.
@@ -208,6 +236,75 @@ impl FleetAgent {
         ));
         tracing::info!(model = %m.model, revision = %m.revision, load_ms = load_millis, "serving");
         Ok(())
+    }
+
+    /// Gets the key of encrypted model `m` from the gateway (at `key_path`), sealed
+    /// to a key made for this request and signed with the attested key, and decrypts
+    /// the verified `file` into a sealed memfd with it.
+    async fn decrypt(
+        &self,
+        client: &DeviceClient,
+        m: &proto::DeviceModel,
+        key_path: &str,
+        file: &std::path::Path,
+    ) -> Result<Arc<edgefleet_secmem::SealedModel>, ActivateError> {
+        use base64::Engine as _;
+        use edgefleet_trust::sealed::{self, Recipient, ReleaseFor};
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let device = self.config.device.name.clone();
+        let what = ReleaseFor {
+            device: &device,
+            model: &m.model,
+            revision: &m.revision,
+            digest: &m.artifact.digest,
+        };
+        let recipient = Recipient::generate();
+        let message = sealed::key_request_message(&what, &recipient.public_key());
+        let agent_key = crate::enrol::agent_key(self.state_dir())
+            .map_err(|e| ActivateError::State(format!("the agent key: {e}")))?;
+        let signature = rcgen::SigningKey::sign(&agent_key, &message)
+            .map_err(|e| ActivateError::State(format!("signing the key request: {e}")))?;
+        let release = client
+            .key(
+                key_path,
+                &proto::KeyRequest {
+                    model: m.model.clone(),
+                    revision: m.revision.clone(),
+                    digest: m.artifact.digest.clone(),
+                    recipient: b64.encode(recipient.public_key()),
+                    signature: b64.encode(signature),
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                crate::gateway_client::GatewayError::Rejected {
+                    reason, message, ..
+                } => ActivateError::Encryption(format!("KeyDenied: {reason}: {message}")),
+                other => ActivateError::Encryption(format!("KeyDenied: {other}")),
+            })?;
+        if release.suite != sealed::KEY_RELEASE_SUITE {
+            return Err(ActivateError::Encryption(format!(
+                "KeyReleaseInvalid: suite {:?}",
+                release.suite
+            )));
+        }
+        let decode = |what: &str, v: &str| {
+            b64.decode(v).map_err(|_| {
+                ActivateError::Encryption(format!("KeyReleaseInvalid: {what} is not base64"))
+            })
+        };
+        let enc = decode("encapsulatedKey", &release.encapsulated_key)?;
+        let wrapped = decode("wrappedKey", &release.wrapped_key)?;
+        let key = recipient
+            .open(&what, &enc, &wrapped)
+            .map_err(|e| ActivateError::Encryption(format!("{}: {e}", e.reason())))?;
+        let held = activation::decrypt::hold(&key)?;
+        drop(key);
+        tracing::info!(model = %m.model, revision = %m.revision, "model key released; decrypting into memory");
+        let file = file.to_path_buf();
+        tokio::task::spawn_blocking(move || activation::decrypt::decrypt(&file, &held))
+            .await
+            .map_err(|e| ActivateError::State(e.to_string()))?
     }
 
     /// Frees the artifact store of what neither `served` nor `previous` (the
