@@ -17,7 +17,9 @@
 pub mod bench;
 pub mod builders;
 pub mod chart;
+pub mod core_shim;
 pub mod demo;
+pub mod leaks;
 pub mod local_fleet;
 pub mod netns;
 pub mod pki;

@@ -56,6 +56,10 @@ fn model_file() -> PathBuf {
 struct Fleet {
     agents: Vec<(String, u16, Proc)>,
     _operator: Proc,
+    /// The operator's API server: the test API server behind the core-API shim (its
+    /// Secrets are the core/v1 API).
+    shim: edgefleet_e2e::core_shim::CoreShim,
+    gateway_port: u16,
     client: Client,
     cp: ControlPlane,
     artifact: SignedArtifact,
@@ -119,9 +123,12 @@ impl Fleet {
             bundle: signer.sign(&model).unwrap(),
         };
         let port = free_port().unwrap();
+        let shim = edgefleet_e2e::core_shim::CoreShim::start(&cp, d)
+            .await
+            .unwrap();
         let operator = Proc(
             local_fleet::spawn_operator(
-                cp.kubeconfig_path(),
+                shim.kubeconfig_path(),
                 &pki,
                 &local_fleet::OperatorSpec {
                     gateway_addr: format!("127.0.0.1:{port}"),
@@ -140,24 +147,34 @@ impl Fleet {
         for i in 1..=agents {
             let name = format!("till-{i}");
             let api = free_port().unwrap();
-            let child = local_fleet::spawn_agent(&local_fleet::AgentSpec {
-                name: name.clone(),
-                dir: d.join(&name),
-                gateway: format!("https://127.0.0.1:{port}"),
-                gateway_ca: d.join("gw-ca.crt"),
-                port: api,
-                tee: "dev".into(),
-                tcti: None,
-                netns: None,
-                pool: POOL.into(),
-                log: d.join(format!("{name}.log")),
-            })
+            // The agent's own temporary directory, searched for plaintext too.
+            let tmp = d.join(&name).join("tmp");
+            std::fs::create_dir_all(&tmp).unwrap();
+            let env = [("TMPDIR".to_owned(), tmp.display().to_string())];
+            let child = local_fleet::spawn_agent_with_env(
+                &local_fleet::AgentSpec {
+                    name: name.clone(),
+                    dir: d.join(&name),
+                    gateway: format!("https://127.0.0.1:{port}"),
+                    gateway_ca: d.join("gw-ca.crt"),
+                    port: api,
+                    tee: "dev".into(),
+                    tcti: None,
+                    netns: None,
+                    pool: POOL.into(),
+                    log: d.join(format!("{name}.log")),
+                },
+                &[],
+                &env,
+            )
             .unwrap();
             started.push((name, api, Proc(child)));
         }
         let fleet = Self {
             agents: started,
             _operator: operator,
+            shim,
+            gateway_port: port,
             client,
             cp,
             artifact,
@@ -599,4 +616,321 @@ async fn a_slow_first_token_halts_the_rollout_and_a_met_slo_lets_it_finish() {
             .any(|c| c.type_ == cond::DEGRADED && c.status == "True"),
         "{st:?}"
     );
+}
+
+/// The model encrypted under a new key in the fleet's directory: (file, key).
+fn encrypted_model(f: &Fleet) -> (PathBuf, edgefleet_trust::sealed::ModelKey) {
+    use edgefleet_trust::sealed;
+    let key = sealed::ModelKey::generate().unwrap();
+    let plain = model_file();
+    let out = f.dir.path().join("smollm2.enc");
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&out).unwrap());
+    sealed::encrypt(
+        std::io::BufReader::new(std::fs::File::open(&plain).unwrap()),
+        std::fs::metadata(&plain).unwrap().len(),
+        &sealed::file_digest(&plain).unwrap(),
+        &key,
+        sealed::DEFAULT_CHUNK_SIZE,
+        &mut w,
+    )
+    .unwrap();
+    std::io::Write::flush(&mut w).unwrap();
+    (out, key)
+}
+
+const KEY_SECRET: &str = "smollm2-key";
+
+impl Fleet {
+    /// The manifest of `file` (encrypted, signed here) with `spec.encryption` naming
+    /// [`KEY_SECRET`], attested by `kinds` under `policy`.
+    fn encrypted_manifest(&self, file: &std::path::Path, kinds: &[&str], policy: &str) -> Value {
+        let (digest, size) =
+            local_fleet::store_artifact(&self.dir.path().join("artifacts"), file).unwrap();
+        let bundle = self.signer.sign(file).unwrap();
+        let mut m = EdgeModelBuilder::new(NS, MODEL)
+            .artifact("https://artifacts.example/smollm2.enc", &digest, Some(size))
+            .inline_signature(&bundle)
+            .signer("models-team", &self.signer.public_key)
+            .pool(POOL)
+            .attestation(kinds, Some(policy))
+            .rollout(rollout(false))
+            .runtime(json!({"contextSize": 512, "threads": 1, "parallelSlots": 1}))
+            .build();
+        m["spec"]["encryption"] = json!({"keySecretRef": {"name": KEY_SECRET}});
+        m
+    }
+
+    /// Stores `key` in the core/v1 Secret [`KEY_SECRET`] (through the core-API shim).
+    async fn key_secret(&self, key: &[u8]) {
+        use k8s_openapi::api::core::v1::Secret;
+        let api: Api<Secret> = Api::namespaced(self.shim.client().await.unwrap(), NS);
+        let secret: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": KEY_SECRET},
+            "data": {"key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key)},
+        }))
+        .unwrap();
+        api.create(&Default::default(), &secret).await.unwrap();
+        // Read back through the core API: the operator sees the same.
+        let back = api.get(KEY_SECRET).await.unwrap();
+        assert_eq!(back.data.unwrap()["key"].0, key);
+    }
+
+    /// A client of the gateway as device `name` (its own certificate and key).
+    fn device_client(&self, name: &str) -> (reqwest::Client, String) {
+        use rustls::pki_types::pem::PemObject as _;
+        let state = self.dir.path().join(name).join("state");
+        let cert = std::fs::read_to_string(state.join("agent-cert.pem")).unwrap();
+        let key = std::fs::read_to_string(state.join("agent-key.pem")).unwrap();
+        let ca = std::fs::read(self.dir.path().join("gw-ca.crt")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        (http, key)
+    }
+
+    /// Asks the gateway for the key of revision `rev` as device `name`, signing with
+    /// `signing_key_pem` (PKCS#8): (status, reason, the key if released).
+    async fn ask_key(
+        &self,
+        name: &str,
+        rev: &str,
+        digest: &str,
+        signing_key_pem: Option<&str>,
+    ) -> (u16, String, Option<Vec<u8>>) {
+        use base64::Engine as _;
+        use edgefleet_trust::sealed::{self, Recipient, ReleaseFor};
+        use p256::ecdsa::signature::Signer as _;
+        use p256::pkcs8::DecodePrivateKey as _;
+        let (http, own_key) = self.device_client(name);
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let model = format!("{NS}/{MODEL}");
+        let what = ReleaseFor {
+            device: name,
+            model: &model,
+            revision: rev,
+            digest,
+        };
+        let recipient = Recipient::generate();
+        let message = sealed::key_request_message(&what, &recipient.public_key());
+        let signer =
+            p256::ecdsa::SigningKey::from_pkcs8_pem(signing_key_pem.unwrap_or(&own_key)).unwrap();
+        let sig: p256::ecdsa::DerSignature = signer.sign(&message);
+        let port = self.gateway_port();
+        let resp = http
+            .post(format!("https://127.0.0.1:{port}/v1/devices/{name}/keys"))
+            .json(&json!({
+                "model": model,
+                "revision": rev,
+                "digest": digest,
+                "recipient": b64.encode(recipient.public_key()),
+                "signature": b64.encode(sig.as_bytes()),
+            }))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let v: Value = resp.json().await.unwrap_or_default();
+        if status != 200 {
+            return (status, v["reason"].as_str().unwrap_or("").to_owned(), None);
+        }
+        let enc = b64.decode(v["encapsulatedKey"].as_str().unwrap()).unwrap();
+        let wrapped = b64.decode(v["wrappedKey"].as_str().unwrap()).unwrap();
+        let key = recipient.open(&what, &enc, &wrapped).unwrap();
+        (status, String::new(), Some(key.bytes().to_vec()))
+    }
+
+    fn gateway_port(&self) -> u16 {
+        self.gateway_port
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_model_is_released_only_to_the_attested_approved_target_and_never_lands_on_disk()
+ {
+    let f = Fleet::start(1).await;
+    let (file, key) = encrypted_model(&f);
+    f.key_secret(key.bytes()).await;
+    let manifest = f.encrypted_manifest(&file, &["dev"], "dev");
+    f.apply(&manifest).await;
+    let rev = f.available(None).await;
+    let digest = manifest["spec"]["artifact"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, body) = f.chat(0);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("Paris"), "{body}");
+    let (name, _, _) = &f.agents[0];
+    let log = f.log(name);
+    assert!(
+        log.contains("model key released; decrypting into memory"),
+        "{log}"
+    );
+    // Recorded: the count in status (added by the gateway), and an event on the device.
+    eventually("status.keyReleases", SHORT, || async {
+        (f.status().await?.key_releases? >= 1).then_some(())
+    })
+    .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(f.client.clone());
+    eventually("a KeyReleased event on the device", SHORT, || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("KeyReleased")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+            })
+            .then_some(())
+    })
+    .await;
+
+    // No 4 KiB block of the plaintext in any file under the agent's directories (its
+    // state, artifact store, caches and temporary directory), while it serves.
+    let plain = std::fs::read(model_file()).unwrap();
+    let blocks = edgefleet_e2e::leaks::samples(&plain, 64);
+    let agent_dir = f.dir.path().join(name);
+    assert!(agent_dir.join("tmp").is_dir());
+    let found = edgefleet_e2e::leaks::files_holding(&agent_dir, &blocks);
+    assert!(found.is_empty(), "plaintext in {found:?}");
+    // The device's encrypted artifact is there (the search looks at what it stored).
+    let stored: Vec<_> = std::fs::read_dir(agent_dir.join("state/artifacts"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        stored
+            .iter()
+            .any(|p| std::fs::read(p).unwrap().starts_with(b"EFMSEAL1")),
+        "{stored:?}"
+    );
+
+    // The broker itself: the device's own signed request gets the key; another key's
+    // signature, another revision, and (once unapproved) the device itself do not.
+    let (status, reason, got) = f.ask_key(name, &rev, &digest, None).await;
+    assert_eq!((status, reason.as_str()), (200, ""));
+    assert_eq!(got.as_deref(), Some(&key.bytes()[..]));
+    let stranger = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+    let stranger_pem =
+        p256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&stranger, Default::default()).unwrap();
+    let (status, reason, _) = f.ask_key(name, &rev, &digest, Some(&stranger_pem)).await;
+    assert_eq!(
+        (status, reason.as_str()),
+        (403, "KeyRequestSignatureInvalid")
+    );
+    let (status, reason, _) = f.ask_key(name, "0000000000000000", &digest, None).await;
+    assert_eq!((status, reason.as_str()), (403, "NotAssigned"));
+    let devices: Api<EdgeDevice> = Api::all(f.client.clone());
+    devices
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"approved": false}})),
+        )
+        .await
+        .unwrap();
+    let reason = eventually("the unapproved device refused", SHORT, || async {
+        let (status, reason, _) = f.ask_key(name, &rev, &digest, None).await;
+        (status == 403 && reason == "NotApproved").then_some(reason)
+    })
+    .await;
+    assert_eq!(reason, "NotApproved");
+
+    // After the agent is gone, nothing of the plaintext is left behind either.
+    let mut f = f;
+    let (_, _, mut proc_) = f.agents.remove(0);
+    proc_.0.kill().unwrap();
+    proc_.0.wait().unwrap();
+    let found = edgefleet_e2e::leaks::files_holding(&agent_dir, &blocks);
+    assert!(found.is_empty(), "plaintext in {found:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_is_refused_to_a_device_whose_attestation_the_model_does_not_accept_and_tampered_ciphertext_is_refused()
+ {
+    let f = Fleet::start(1).await;
+    let (file, key) = encrypted_model(&f);
+    f.key_secret(key.bytes()).await;
+    // The model asks for a TPM under the default policy; the device attests with the
+    // dev attester under the dev policy: it is never assigned the model, and the
+    // broker refuses it by name when it asks anyway.
+    let manifest = f.encrypted_manifest(&file, &["tpm"], "default");
+    f.apply(&manifest).await;
+    let spec: edgefleet_crds::EdgeModelSpec =
+        serde_json::from_value(manifest["spec"].clone()).unwrap();
+    let rev = edgefleet_operator::rollout::revision(&spec);
+    eventually("the revision planned", SHORT, || async {
+        (f.status().await?.current_revision? == rev).then_some(())
+    })
+    .await;
+    let digest = manifest["spec"]["artifact"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (name, _, _) = &f.agents[0];
+    let (status, reason, got) = f.ask_key(name, &rev, &digest, None).await;
+    assert_eq!((status, reason.as_str(), got), (403, "NotAttested", None));
+    assert_eq!(assigned_revision(&f.client, NS, MODEL, name).await, None);
+
+    // Accepted attestation, and the ciphertext in the gateway's store tampered with
+    // (a byte of its third chunk flipped): the device refuses the download by its
+    // digest, never asks for the key, and serves nothing of it.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() / 3;
+    bytes[at] ^= 0x01;
+    let manifest = f.encrypted_manifest(&file, &["dev"], "dev");
+    let digest = manifest["spec"]["artifact"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stored = f
+        .dir
+        .path()
+        .join("artifacts")
+        .join(&digest["sha256:".len()..]);
+    std::fs::remove_file(&stored).unwrap();
+    std::fs::write(&stored, &bytes).unwrap();
+    f.apply(&manifest).await;
+    let failed = eventually(
+        "the device refused the tampered artifact",
+        ROLLOUT,
+        || async {
+            let d = Api::<EdgeDevice>::all(f.client.clone())
+                .get(name)
+                .await
+                .ok()?;
+            d.status?
+                .models
+                .into_iter()
+                .find(|m| m.state == ModelState::Failed)
+        },
+    )
+    .await;
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some("DigestMismatch"),
+        "{failed:?}"
+    );
+    assert!(
+        !f.log(name).contains("model key released"),
+        "{}",
+        f.log(name)
+    );
+    let st = f.status().await.unwrap();
+    assert_eq!(st.key_releases, None, "{st:?}");
 }
