@@ -146,6 +146,9 @@ struct Job {
     messages: Vec<ChatMessage>,
     sampling: Sampling,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
+    /// When it was submitted: time to first token and duration count its wait for a
+    /// slot, as the client sees them.
+    submitted: Instant,
 }
 
 /// Counters for metrics and health.
@@ -298,7 +301,11 @@ impl Engine {
         }
         let backend = backend()?;
         let started = Instant::now();
-        let params = LlamaModelParams::default().with_n_gpu_layers(config.gpu_layers);
+        let mut params = LlamaModelParams::default().with_n_gpu_layers(config.gpu_layers);
+        if config.plaintext.is_some() {
+            // A decrypted model: llama.cpp locks its mapping of it too.
+            params = params.with_use_mlock(true);
+        }
         let model = Arc::new(
             LlamaModel::load_from_file(backend, &config.model_path, &params)
                 .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?,
@@ -390,6 +397,7 @@ impl Engine {
             messages,
             sampling,
             events,
+            submitted: Instant::now(),
         }) {
             Ok(()) => Ok(rx),
             Err(e) => {
@@ -535,7 +543,7 @@ fn generate(
     job: &Job,
     stats: &Stats,
 ) -> Result<Option<Event>, EngineError> {
-    let started = Instant::now();
+    let started = job.submitted;
     if job.events.is_closed() {
         return Ok(None);
     }

@@ -155,6 +155,16 @@ fn an_encrypted_model_is_served_from_a_sealed_memfd_and_never_lands_on_disk() {
         text
     });
     assert!(text.contains("Paris"), "{text:?}");
+    // Every page the process touched since the key was held is locked: the plaintext
+    // and llama.cpp's own copies of it among them.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let locked_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let model_len = std::fs::metadata(&model).unwrap().len();
+    assert!(locked_kib * 1024 >= model_len, "VmLck {locked_kib} kB");
     // The process may not be dumped while it holds the key and the model.
     assert_eq!(
         rustix::process::dumpable_behavior().unwrap(),
@@ -190,6 +200,15 @@ fn a_tampered_file_or_a_wrong_key_is_refused_by_name() {
     std::fs::write(&tampered, &bytes).unwrap();
     let e = decrypt::decrypt(&tampered, &held).unwrap_err().to_string();
     assert!(e.starts_with("CiphertextTampered: chunk "), "{e}");
+    // Cut short: the header's size is checked against the file before any memory is
+    // taken by it.
+    let cut = dir.path().join("cut.enc");
+    std::fs::write(&cut, &std::fs::read(&enc).unwrap()[..bytes.len() - 100]).unwrap();
+    let e = decrypt::decrypt(&cut, &held).unwrap_err().to_string();
+    assert!(
+        e.starts_with("CiphertextTampered: the header describes a file of "),
+        "{e}"
+    );
     let other = decrypt::hold(&ModelKey::generate().unwrap()).unwrap();
     let e = decrypt::decrypt(&enc, &other).unwrap_err().to_string();
     assert!(e.starts_with("WrongModelKey: "), "{e}");

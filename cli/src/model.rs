@@ -153,7 +153,11 @@ fn encrypt(args: EncryptArgs) -> anyhow::Result<String> {
         );
         let mut out = std::io::BufWriter::with_capacity(
             1 << 20,
-            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?,
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .with_context(|| format!("writing {}", tmp.display()))?,
         );
         let header = sealed::encrypt(input, meta.len(), &digest, &key, args.chunk_size, &mut out)
             .map_err(|e| anyhow!("{}: {e}", e.reason()))?;

@@ -120,7 +120,9 @@ pub struct EdgeModelSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Encryption {
-    /// The Secret, in the EdgeModel's namespace, holding the 32-byte key.
+    /// The Secret, in the EdgeModel's namespace, holding the 32-byte key. The Secret
+    /// must grant it to this EdgeModel: its annotation `edgefleet.io/edgemodels` lists
+    /// the EdgeModel's name (comma-separated names).
     pub key_secret_ref: KeySecretRef,
 }
 
@@ -319,10 +321,11 @@ pub struct HealthGates {
     pub min_tokens_per_second: Option<i32>,
     /// Highest 95th percentile time to first token, in milliseconds, a device may
     /// report (`status.inference.timeToFirstTokenP95Millis`, estimated from the agent's
-    /// histogram buckets). A device that has served `minRequests` requests and reports
+    /// histogram buckets, whose last bound is 120 s, so at most 120000; it counts the
+    /// request's wait for a slot). A device that has served `minRequests` requests and reports
     /// no time to first token fails it: a gate that was asked for is never skipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 3600000))]
+    #[schemars(range(min = 1, max = 120000))]
     pub max_time_to_first_token_millis_p95: Option<i32>,
     /// Requests a device must have served on the revision before the rate gates
     /// (`maxErrorRatePercent`, `minTokensPerSecond`, `maxTimeToFirstTokenMillisP95`)
@@ -564,8 +567,9 @@ pub struct EdgeModelStatus {
     #[schemars(length(max = 8))]
     pub golden_prompts: Vec<GoldenConsistency>,
     /// Keys of this encrypted model the gateways released to attested devices, all
-    /// replicas together, since it was created (written by the gateways, a few
-    /// seconds after each release).
+    /// replicas together (each adds its count a few seconds after the releases; a
+    /// replica that crashes first loses its few uncounted ones: the events and the
+    /// metric are the full record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_releases: Option<i64>,
 }

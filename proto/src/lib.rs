@@ -153,11 +153,11 @@ pub struct DeviceModel {
     /// Golden prompts to answer after loading, before serving and reporting Ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub golden_prompts: Vec<GoldenPrompt>,
-    /// Port of the device's API.
     /// Set when the artifact is encrypted: where to ask for its key
     /// ([`KeyRequest`]), after the ciphertext's signature verifies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<ModelEncryption>,
+    /// Port of the device's API.
     pub port: u16,
 }
 

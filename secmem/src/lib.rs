@@ -265,6 +265,23 @@ mod tests {
     fn a_locked_secret_holds_its_bytes_in_a_locked_undumped_page() {
         let s = LockedSecret::<32>::new(&[7u8; 32]).unwrap();
         assert_eq!(s.bytes(), &[7u8; 32]);
+        // Its mapping, found by address in smaps: locked (lo), not dumped (dd).
+        let at = s.bytes().as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        let mut flags = None;
+        while let Some(l) = lines.next() {
+            let range = l.split_whitespace().next().and_then(|r| r.split_once('-'));
+            if let Some((a, b)) = range
+                && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                && (a..b).contains(&at)
+            {
+                flags = lines.by_ref().find(|l| l.starts_with("VmFlags:"));
+                break;
+            }
+        }
+        let flags = flags.unwrap();
+        assert!(flags.contains(" lo") && flags.contains(" dd"), "{flags}");
         assert_eq!(format!("{s:?}"), "LockedSecret<32>(..)");
     }
 }

@@ -9,6 +9,11 @@ use std::path::{Path, PathBuf};
 /// among them.
 pub fn samples(plain: &[u8], n: usize) -> Vec<&[u8]> {
     let blocks = plain.len() / 4096;
+    assert!(
+        blocks >= n.max(1),
+        "a file of {} bytes has fewer than {n} blocks",
+        plain.len()
+    );
     (0..n)
         .map(|i| &plain[(i * blocks / n) * 4096..][..4096])
         .collect()

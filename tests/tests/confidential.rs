@@ -667,7 +667,7 @@ impl Fleet {
         let secret: Secret = serde_json::from_value(json!({
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": KEY_SECRET},
+            "metadata": {"name": KEY_SECRET, "annotations": {"edgefleet.io/edgemodels": format!("other,{MODEL}")}},
             "data": {"key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key)},
         }))
         .unwrap();
@@ -835,6 +835,51 @@ async fn an_encrypted_model_is_released_only_to_the_attested_approved_target_and
     );
     let (status, reason, _) = f.ask_key(name, "0000000000000000", &digest, None).await;
     assert_eq!((status, reason.as_str()), (403, "NotAssigned"));
+    // The decrypted model is in the agent's memory only: a sealed memfd, locked and
+    // left out of core dumps, and the agent's memory is locked as a whole.
+    let pid = f.agents[0].2.0.id();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let memfd: Vec<&str> = smaps
+        .split('\n')
+        .skip_while(|l| !l.contains("/memfd:edgefleet-model"))
+        .take_while(|l| !l.starts_with("VmFlags:") || l.contains(" lo"))
+        .collect();
+    assert!(
+        smaps
+            .split('\n')
+            .skip_while(|l| !l.contains("/memfd:edgefleet-model"))
+            .find(|l| l.starts_with("VmFlags:"))
+            .is_some_and(|l| l.contains(" lo") && l.contains(" dd")),
+        "{memfd:?}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let locked_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        locked_kib * 1024 >= plain.len() as u64,
+        "VmLck {locked_kib} kB"
+    );
+
+    // A Secret that does not grant its key to this model: refused by name (a model
+    // cannot borrow another team's key).
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(f.shim.client().await.unwrap(), NS);
+    secrets
+        .patch(
+            KEY_SECRET,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"metadata": {"annotations": {"edgefleet.io/edgemodels": "other"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let (status, reason, _) = f.ask_key(name, &rev, &digest, None).await;
+    assert_eq!((status, reason.as_str()), (403, "KeySecretNotGranted"));
+
     let devices: Api<EdgeDevice> = Api::all(f.client.clone());
     devices
         .patch(

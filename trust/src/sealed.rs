@@ -218,7 +218,7 @@ impl Header {
     /// How many chunks the file holds.
     pub fn chunks(&self) -> u64 {
         self.plaintext_size
-            .div_ceil(u64::from(self.chunk_size))
+            .div_ceil(u64::from(self.chunk_size.max(1)))
             .max(1)
     }
 
@@ -244,7 +244,10 @@ impl Header {
         if self.plaintext_size > MAX_PLAINTEXT {
             return bad(format!("plaintext size {} too large", self.plaintext_size));
         }
-        let hex_of = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        // Lowercase only: ids and digests are compared as strings.
+        let hex_of = |s: &str, n: usize| {
+            s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        };
         let digest_ok = self
             .plaintext_digest
             .strip_prefix("sha256:")
@@ -260,6 +263,7 @@ impl Header {
 #[derive(Debug)]
 pub struct Sealed<R> {
     header: Header,
+    header_len: usize,
     header_hash: [u8; 32],
     reader: R,
 }
@@ -297,6 +301,7 @@ impl<R: Read> Sealed<R> {
         header_hash.copy_from_slice(c.finish().as_ref());
         Ok(Self {
             header,
+            header_len: json.len(),
             header_hash,
             reader,
         })
@@ -305,6 +310,12 @@ impl<R: Read> Sealed<R> {
     /// The header.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// The size of the whole file this header describes (a reader checks it against
+    /// the file before sizing anything by the header).
+    pub fn file_size(&self) -> u64 {
+        self.header.file_size(self.header_len)
     }
 
     /// Decrypts every chunk into `out` (exactly the plaintext's size), checking each

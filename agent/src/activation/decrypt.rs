@@ -19,11 +19,43 @@ use super::ActivateError;
 /// A model key held in a locked page that core dumps leave out.
 pub type HeldKey = LockedSecret<KEY_LEN>;
 
-/// Holds `key` in locked memory.
+/// Holds `key` in locked memory, after locking all of the process's memory
+/// ([`lock_all_memory`]).
 pub fn hold(key: &ModelKey) -> Result<HeldKey, ActivateError> {
     no_dumps();
+    lock_all_memory()?;
     LockedSecret::new(key.bytes())
         .map_err(|e| ActivateError::Encryption(format!("PlaintextNotLockable: the model key: {e}")))
+}
+
+/// Locks every page of the process, now and from now on, as it is touched
+/// (`mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`), for the rest of its life: the
+/// copies llama.cpp makes of the weights (repacked for the CPU, or when it does not
+/// map the file), the derived chunk key and any transient copy of the key are never
+/// swapped out either. It needs the limit on locked memory lifted
+/// (`LimitMEMLOCK=infinity`, as the package's unit sets) or `CAP_IPC_LOCK`; otherwise
+/// later allocations would fail at random, so it refuses first.
+pub fn lock_all_memory() -> Result<(), ActivateError> {
+    use rustix::process::{Resource, getrlimit};
+    let unlimited = getrlimit(Resource::Memlock).current.is_none();
+    // CAP_IPC_LOCK (bit 14 of the effective set) lifts the limit too.
+    let capable = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 14) != 0);
+    if !unlimited && !capable {
+        return Err(ActivateError::Encryption(
+            "PlaintextNotLockable: decrypted models need LimitMEMLOCK=infinity (or CAP_IPC_LOCK)"
+                .into(),
+        ));
+    }
+    use rustix::mm::MlockAllFlags;
+    rustix::mm::mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT)
+        .map_err(|e| ActivateError::Encryption(format!("PlaintextNotLockable: mlockall: {e}")))
 }
 
 /// Makes the process non-dumpable (no core dumps, no ptrace by other users), once it
@@ -56,7 +88,18 @@ pub fn decrypt(file: &Path, key: &HeldKey) -> Result<Arc<SealedModel>, ActivateE
     no_dumps();
     let f = std::fs::File::open(file)
         .map_err(|e| ActivateError::State(format!("{}: {e}", file.display())))?;
+    let len = f
+        .metadata()
+        .map_err(|e| ActivateError::State(format!("{}: {e}", file.display())))?
+        .len();
     let sealed = Sealed::open(f).map_err(|e| refused(&e))?;
+    // The header sizes the memory: it must describe this file before any is taken.
+    if sealed.file_size() != len {
+        return Err(ActivateError::Encryption(format!(
+            "CiphertextTampered: the header describes a file of {} bytes, this one has {len}",
+            sealed.file_size()
+        )));
+    }
     let size = sealed.header().plaintext_size;
     let mut filling = SealedModel::create("edgefleet-model", size).map_err(|e| {
         ActivateError::Encryption(format!("PlaintextNotLockable: {size} bytes: {e}"))

@@ -128,19 +128,23 @@ impl FleetAgent {
                 .map_err(|e| ActivateError::State(e.to_string()))??;
         }
         // An encrypted model: its key from the gateway, the plaintext into memory only.
+        let encrypted = {
+            let f = model_file.clone();
+            tokio::task::spawn_blocking(move || activation::decrypt::is_encrypted(&f))
+                .await
+                .unwrap_or(false)
+        };
+        // The file says what it is before any key is asked for.
+        if encrypted != m.encryption.is_some() {
+            return Err(ActivateError::Encryption(if encrypted {
+                "EncryptionMismatch: the artifact is encrypted and the revision names no key".into()
+            } else {
+                "EncryptionMismatch: the revision names a key and the artifact is not encrypted"
+                    .into()
+            }));
+        }
         let plaintext = match (&m.encryption, client) {
-            (None, _) => {
-                let f = model_file.clone();
-                if tokio::task::spawn_blocking(move || activation::decrypt::is_encrypted(&f))
-                    .await
-                    .unwrap_or(false)
-                {
-                    return Err(ActivateError::Encryption(
-                        "EncryptionMismatch: the artifact is encrypted and the revision names no key".into(),
-                    ));
-                }
-                None
-            }
+            (None, _) => None,
             (Some(_), None) => {
                 return Err(ActivateError::Encryption(
                     "KeyNeeded: an encrypted model is served only with a key the gateway released"

@@ -82,6 +82,8 @@ pub enum Reason {
     KeyRequestSignatureInvalid,
     /// The Secret holding a model's key is missing or holds no 32-byte key.
     KeySecretUnavailable,
+    /// The key Secret does not name the model in its grant annotation.
+    KeySecretNotGranted,
     /// The attestation service's own reason ([`ServiceError::reason`]).
     Attestation(&'static str),
 }
@@ -122,6 +124,7 @@ impl Reason {
             Self::NotEncrypted => "NotEncrypted",
             Self::KeyRequestSignatureInvalid => "KeyRequestSignatureInvalid",
             Self::KeySecretUnavailable => "KeySecretUnavailable",
+            Self::KeySecretNotGranted => "KeySecretNotGranted",
             Self::Attestation(reason) => reason,
         }
     }
@@ -255,6 +258,7 @@ mod tests {
             Reason::NotEncrypted,
             Reason::KeyRequestSignatureInvalid,
             Reason::KeySecretUnavailable,
+            Reason::KeySecretNotGranted,
         ] {
             assert_eq!(r.as_str(), format!("{r:?}"));
         }

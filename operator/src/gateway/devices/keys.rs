@@ -15,7 +15,9 @@
 //! - it is assigned that revision and artifact now (`NotAssigned`), and the revision
 //!   is encrypted (`NotEncrypted`);
 //! - the signature verifies (`KeyRequestSignatureInvalid`);
-//! - the Secret the revision names holds a 32-byte key (`KeySecretUnavailable`).
+//! - the Secret the revision names grants its key to this model (annotation
+//!   `edgefleet.io/edgemodels`, `KeySecretNotGranted`) and holds a 32-byte key
+//!   (`KeySecretUnavailable`).
 //!
 //! Each release is logged, counted (`gateway_key_releases_total`, and
 //! `gateway_refusals_total{reason}` for each refusal), published as an event on the
@@ -38,6 +40,10 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::{Fleet, PeerCertificate};
 use crate::gateway::error::{ApiError, Reason, json_body};
+
+/// The annotation on a key Secret naming the EdgeModels (of its namespace,
+/// comma-separated) whose key it is.
+pub const GRANT_ANNOTATION: &str = "edgefleet.io/edgemodels";
 
 /// The field manager of the gateway's `status.keyReleases` writes.
 pub const KEY_BROKER_MANAGER: &str = "edgefleet-key-broker";
@@ -115,19 +121,20 @@ impl Fleet {
             .map(|(_, p)| p.clone())
             .collect();
         let now = k8s_openapi::jiff::Timestamp::now();
-        let selector: Option<kube::core::Selector> = model.spec.selector.clone().try_into().ok();
+        let selector: kube::core::Selector =
+            model.spec.selector.clone().try_into().map_err(|_| {
+                refuse(
+                    StatusCode::FORBIDDEN,
+                    Reason::NotTargeted,
+                    format!("{}'s selector does not parse", req.model),
+                )
+            })?;
         let pool_selectors: Vec<kube::core::Selector> = pools
             .iter()
             .filter_map(|p| p.clone().try_into().ok())
             .collect();
-        if let Some(selector) = &selector
-            && let Err(why) = crate::rollout::select::candidate(
-                &model.spec,
-                selector,
-                &pool_selectors,
-                device,
-                now,
-            )
+        if let Err(why) =
+            crate::rollout::select::candidate(&model.spec, &selector, &pool_selectors, device, now)
         {
             use crate::rollout::select::Excluded;
             let (reason, message) = match why {
@@ -188,6 +195,13 @@ impl Fleet {
         let signature = b64
             .decode(&req.signature)
             .map_err(|_| bad_request("signature"))?;
+        if recipient.len() != 32 {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                Reason::BadRequest,
+                "recipient must be a 32-byte X25519 public key",
+            ));
+        }
         let what = ReleaseFor {
             device: &name,
             model: &req.model,
@@ -199,8 +213,11 @@ impl Fleet {
             &sealed::key_request_message(&what, &recipient),
             &signature,
         )?;
-        // The key, from the Secret the revision names.
-        let key = self.model_key(ns, &encryption.key_secret_ref).await?;
+        // The key, from the Secret the revision names, when the Secret grants it to
+        // this model.
+        let key = self
+            .model_key(ns, model_name, &encryption.key_secret_ref)
+            .await?;
         let (enc, wrapped) = sealed::release(&recipient, &what, &key).map_err(|e| {
             refuse(
                 StatusCode::BAD_REQUEST,
@@ -218,10 +235,16 @@ impl Fleet {
         ))
     }
 
-    /// The 32-byte key in `secret` of namespace `ns`.
+    /// The 32-byte key in `secret` of namespace `ns`, for EdgeModel `model`: the
+    /// Secret must name the model in its [`GRANT_ANNOTATION`]. Whoever may write
+    /// EdgeModels in a namespace may name any Secret there; only whoever may write the
+    /// Secret decides which models its key serves (`KeySecretNotGranted`), so a model
+    /// cannot borrow another team's key to have its ciphertext decrypted on devices
+    /// the key's owner never chose.
     async fn model_key(
         &self,
         ns: &str,
+        model: &str,
         secret: &edgefleet_crds::model::KeySecretRef,
     ) -> Result<ModelKey, ApiError> {
         let unavailable = |why: String| {
@@ -237,6 +260,20 @@ impl Fleet {
             .await
             .map_err(|e| unavailable(e.to_string()))?
             .ok_or_else(|| unavailable("not found".into()))?;
+        let granted = s
+            .annotations()
+            .get(GRANT_ANNOTATION)
+            .is_some_and(|v| v.split(',').any(|m| m.trim() == model));
+        if !granted {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                Reason::KeySecretNotGranted,
+                format!(
+                    "Secret {ns}/{} does not grant its key to EdgeModel {model} (annotation {GRANT_ANNOTATION})",
+                    secret.name
+                ),
+            ));
+        }
         let bytes = s
             .data
             .as_ref()
