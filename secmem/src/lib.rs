@@ -7,9 +7,9 @@
 //!   and nothing secret was written yet.
 //! - A decrypted model lives in a `memfd` (anonymous memory with a file descriptor,
 //!   never a file on a disk), written through a locked mapping, then sealed against any
-//!   change of size or content, so that what llama.cpp opens through
-//!   `/proc/self/fd/N` is the bytes that were checked, for as long as it is served.
-//!   The read-only mapping kept here holds its pages locked.
+//!   further write or change of size (the mapping turns read-only), so that what
+//!   llama.cpp opens through `/proc/self/fd/N` is the bytes that were checked, for as
+//!   long as it is served. The mapping kept here holds its pages locked.
 //!
 //! This is the workspace's only crate with unsafe code: mapping a file is `unsafe` in
 //! memmap2 because another process could change the file under the mapping. The memfd
@@ -101,31 +101,30 @@ impl Filling {
         }
     }
 
-    /// Seals the memfd against growing, shrinking and writing (and against removing
-    /// the seals), keeping a read-only locked mapping of it. The writable mapping is
-    /// gone first (a seal against writing needs that); the read-only one, locked
-    /// before, keeps every page in RAM meanwhile.
+    /// Seals the memfd against growing, shrinking and any further write (through any
+    /// descriptor or any new mapping: `F_SEAL_FUTURE_WRITE`), and against removing the
+    /// seals; the mapping it was filled through turns read-only and stays locked, so
+    /// no page is unlocked at any moment. (`F_SEAL_WRITE` would need that mapping gone
+    /// first and a second one locked page by page, about half the decryption's time
+    /// again.)
     pub fn seal(mut self) -> io::Result<SealedModel> {
         let len = self.len;
         let (file, map) = self
             .inner
             .take()
             .ok_or_else(|| io::Error::other("already sealed"))?;
-        // Mapped through a read-only descriptor: a shared mapping of a writable one
-        // could be made writable again (mprotect), and the kernel refuses the write
-        // seal while any such mapping exists.
-        let reader = File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-        let ro = map_read_only(&reader, len)?;
-        drop(map);
+        let map = map.make_read_only()?;
         use rustix::fs::SealFlags;
         rustix::fs::fcntl_add_seals(
             &file,
-            SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
+            SealFlags::SHRINK | SealFlags::GROW | SealFlags::FUTURE_WRITE | SealFlags::SEAL,
         )?;
+        // What the path names: a read-only descriptor.
+        let reader = File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
         Ok(SealedModel {
             file: reader,
             _sealed: file,
-            _map: ro,
+            _map: map,
             len,
         })
     }
@@ -141,19 +140,13 @@ impl Drop for Filling {
 }
 
 #[allow(unsafe_code)]
-fn map_read_only(file: &File, len: usize) -> io::Result<Mmap> {
-    // SAFETY: the memfd is this process's own (close-on-exec, never passed on) and is
-    // being sealed against writing and resizing; nothing changes it under the mapping.
-    let map = unsafe { MmapOptions::new().len(len.max(1)).map(file)? };
-    guard(&map, || map.lock(), |a| map.advise(a))?;
-    Ok(map)
-}
-
-#[allow(unsafe_code)]
 fn map_writable(file: &File, len: usize) -> io::Result<MmapMut> {
     // SAFETY: the memfd was just created by this process (close-on-exec, not passed
     // on); only this mapping writes it until it is sealed.
     let map = unsafe { MmapOptions::new().len(len.max(1)).map_mut(file)? };
+    // Fewer, larger pages to fault in and lock where the kernel allows them for shmem
+    // (`shmem_enabled` = advise); a hint, ignored elsewhere.
+    let _ = map.advise(Advice::HugePage);
     guard(&map, || map.lock(), |a| map.advise(a))?;
     Ok(map)
 }
@@ -163,8 +156,9 @@ fn map_writable(file: &File, len: usize) -> io::Result<MmapMut> {
 pub struct SealedModel {
     /// Read-only; what [`SealedModel::path`] names.
     file: File,
-    /// The writable descriptor it was filled through (sealed: writes fail).
+    /// The descriptor it was filled through (sealed: writes fail).
     _sealed: File,
+    /// The mapping it was filled through, read-only now, locked.
     _map: Mmap,
     len: usize,
 }

@@ -879,6 +879,34 @@ async fn an_encrypted_model_is_released_only_to_the_attested_approved_target_and
         .unwrap();
     let (status, reason, _) = f.ask_key(name, &rev, &digest, None).await;
     assert_eq!((status, reason.as_str()), (403, "KeySecretNotGranted"));
+    // Granted, but not a 32-byte key.
+    secrets
+        .patch(
+            KEY_SECRET,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({
+                "metadata": {"annotations": {"edgefleet.io/edgemodels": MODEL}},
+                "data": {"key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0u8; 31])},
+            })),
+        )
+        .await
+        .unwrap();
+    let (status, reason, _) = f.ask_key(name, &rev, &digest, None).await;
+    assert_eq!((status, reason.as_str()), (503, "KeySecretUnavailable"));
+    // Another device's path with this device's certificate: not even looked at.
+    let (http, _) = f.device_client(name);
+    let resp = http
+        .post(format!(
+            "https://127.0.0.1:{}/v1/devices/till-9/keys",
+            f.gateway_port()
+        ))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["reason"], "Impersonation", "{v}");
 
     let devices: Api<EdgeDevice> = Api::all(f.client.clone());
     devices

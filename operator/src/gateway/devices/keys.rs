@@ -352,3 +352,55 @@ fn verify_request(
         .verify(message, signature)
         .map_err(|_| invalid("the signature is not the certified key's over this request"))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+    use super::*;
+
+    /// A self-signed certificate for a fresh key, as the connection would carry it.
+    fn peer() -> (PeerCertificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["dev-1".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (
+            PeerCertificate(Some(std::sync::Arc::new(cert.der().to_vec())), None),
+            key,
+        )
+    }
+
+    #[test]
+    fn only_the_certified_keys_signature_over_this_request_verifies() {
+        let (peer, key) = peer();
+        let what = ReleaseFor {
+            device: "dev-1",
+            model: "ns/m",
+            revision: "r1",
+            digest: "sha256:ab",
+        };
+        let message = sealed::key_request_message(&what, &[7; 32]);
+        let sig = rcgen::SigningKey::sign(&key, &message).unwrap();
+        assert!(verify_request(&peer, &message, &sig).is_ok());
+        // Another recipient key, another key's signature, garbage, no certificate.
+        let other = sealed::key_request_message(&what, &[8; 32]);
+        let e = verify_request(&peer, &other, &sig).unwrap_err();
+        assert_eq!(e.reason(), Reason::KeyRequestSignatureInvalid);
+        let (_, stranger) = peer();
+        let forged = rcgen::SigningKey::sign(&stranger, &message).unwrap();
+        assert_eq!(
+            verify_request(&peer, &message, &forged)
+                .unwrap_err()
+                .reason(),
+            Reason::KeyRequestSignatureInvalid
+        );
+        assert!(verify_request(&peer, &message, b"not a signature").is_err());
+        let none = PeerCertificate(None, None);
+        assert_eq!(
+            verify_request(&none, &message, &sig).unwrap_err().reason(),
+            Reason::KeyRequestSignatureInvalid
+        );
+    }
+}
