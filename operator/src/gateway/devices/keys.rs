@@ -360,7 +360,7 @@ mod tests {
     use super::*;
 
     /// A self-signed certificate for a fresh key, as the connection would carry it.
-    fn peer() -> (PeerCertificate, rcgen::KeyPair) {
+    fn certified() -> (PeerCertificate, rcgen::KeyPair) {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["dev-1".into()])
             .unwrap()
@@ -374,7 +374,7 @@ mod tests {
 
     #[test]
     fn only_the_certified_keys_signature_over_this_request_verifies() {
-        let (peer, key) = peer();
+        let (peer, key) = certified();
         let what = ReleaseFor {
             device: "dev-1",
             model: "ns/m",
@@ -388,7 +388,7 @@ mod tests {
         let other = sealed::key_request_message(&what, &[8; 32]);
         let e = verify_request(&peer, &other, &sig).unwrap_err();
         assert_eq!(e.reason(), Reason::KeyRequestSignatureInvalid);
-        let (_, stranger) = peer();
+        let (_, stranger) = certified();
         let forged = rcgen::SigningKey::sign(&stranger, &message).unwrap();
         assert_eq!(
             verify_request(&peer, &message, &forged)
