@@ -14,6 +14,12 @@
 //!   of one name.
 //! - Time to first token: a canary whose p95 is above `maxTimeToFirstTokenMillisP95`
 //!   after `minRequests` halts and rolls back the rollout; one within it finishes.
+//! - Encrypted models: the key broker releases the key (from a core/v1 Secret, through
+//!   the harness's core-API shim) only to an approved device, attested as the model
+//!   requires (a software TPM; the dev attester is refused), targeted and assigned
+//!   that revision, asking with its attested key; the device serves the model from
+//!   locked memory and no block of the plaintext reaches a file; every refusal is
+//!   named.
 //!
 //! Like `fleet_e2e` and `chaos`, these tests run in nextest's `fleet` group
 //! (`.config/nextest.toml`): one at a time on a 2-core machine.
@@ -59,6 +65,7 @@ struct Fleet {
     /// The operator's API server: the test API server behind the core-API shim (its
     /// Secrets are the core/v1 API).
     shim: edgefleet_e2e::core_shim::CoreShim,
+    _tpm: Option<edgefleet_e2e::swtpm::Swtpm>,
     gateway_port: u16,
     client: Client,
     cp: ControlPlane,
@@ -105,6 +112,16 @@ impl Drop for Fleet {
 
 impl Fleet {
     async fn start(agents: usize) -> Self {
+        Self::start_kinds(&vec!["dev"; agents]).await
+    }
+
+    /// A fleet of one agent per entry of `kinds`: `dev` (the dev attester) or `tpm` (a
+    /// software TPM, whose EK CA the operator trusts).
+    async fn start_kinds(kinds: &[&str]) -> Self {
+        let agents = kinds.len();
+        let tpm = kinds
+            .contains(&"tpm")
+            .then(edgefleet_e2e::swtpm::Swtpm::start);
         let _ = rustls::crypto::ring::default_provider().install_default();
         let cp = ControlPlane::start().await.expect("control plane starts");
         cp.install_crds().await.expect("CRDs install");
@@ -134,8 +151,11 @@ impl Fleet {
                     gateway_addr: format!("127.0.0.1:{port}"),
                     artifact_dir: d.join("artifacts"),
                     approval: format!("auto:{}={POOL}", local_fleet::POOL_LABEL),
-                    ek_cas: vec![],
-                    ek_intermediates: vec![],
+                    ek_cas: tpm
+                        .iter()
+                        .map(|t| t.ca_path("swtpm-localca-rootca-cert.pem"))
+                        .collect(),
+                    ek_intermediates: tpm.iter().map(|t| t.ca_path("issuercert.pem")).collect(),
                     heartbeat_lease_seconds: 30,
                     artifact_ca: None,
                     log: d.join("operator.log"),
@@ -158,8 +178,10 @@ impl Fleet {
                     gateway: format!("https://127.0.0.1:{port}"),
                     gateway_ca: d.join("gw-ca.crt"),
                     port: api,
-                    tee: "dev".into(),
-                    tcti: None,
+                    tee: kinds[i - 1].into(),
+                    tcti: (kinds[i - 1] == "tpm")
+                        .then(|| tpm.as_ref().map(|t| t.tcti()))
+                        .flatten(),
                     netns: None,
                     pool: POOL.into(),
                     log: d.join(format!("{name}.log")),
@@ -174,6 +196,7 @@ impl Fleet {
             agents: started,
             _operator: operator,
             shim,
+            _tpm: tpm,
             gateway_port: port,
             client,
             cp,
@@ -839,19 +862,24 @@ async fn an_encrypted_model_is_released_only_to_the_attested_approved_target_and
     // left out of core dumps, and the agent's memory is locked as a whole.
     let pid = f.agents[0].2.0.id();
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
-    let memfd: Vec<&str> = smaps
-        .split('\n')
-        .skip_while(|l| !l.contains("/memfd:edgefleet-model"))
-        .take_while(|l| !l.starts_with("VmFlags:") || l.contains(" lo"))
-        .collect();
-    assert!(
-        smaps
-            .split('\n')
-            .skip_while(|l| !l.contains("/memfd:edgefleet-model"))
-            .find(|l| l.starts_with("VmFlags:"))
-            .is_some_and(|l| l.contains(" lo") && l.contains(" dd")),
-        "{memfd:?}"
-    );
+    // The VmFlags of each mapping of the memfd: the agent's own (locked, left out of
+    // dumps) and llama.cpp's (locked; the process is non-dumpable besides).
+    let mut flags = Vec::new();
+    let mut in_memfd = false;
+    for l in smaps.lines() {
+        let header = l.split_whitespace().next().is_some_and(|t| {
+            t.contains('-') && t.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        });
+        if header {
+            in_memfd = l.contains("/memfd:edgefleet-model");
+        }
+        if in_memfd && l.starts_with("VmFlags:") {
+            flags.push(l.to_owned());
+        }
+    }
+    assert!(!flags.is_empty(), "no memfd mapping in smaps");
+    assert!(flags.iter().all(|f| f.contains(" lo")), "{flags:?}");
+    assert!(flags.iter().any(|f| f.contains(" dd")), "{flags:?}");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let locked_kib: u64 = status
         .lines()
@@ -960,6 +988,20 @@ async fn a_key_is_refused_to_a_device_whose_attestation_the_model_does_not_accep
     assert_eq!((status, reason.as_str(), got), (403, "NotAttested", None));
     assert_eq!(assigned_revision(&f.client, NS, MODEL, name).await, None);
 
+    // Accepted attestation, but a selector the device does not match: NotTargeted.
+    let mut elsewhere = f.encrypted_manifest(&file, &["dev"], "dev");
+    elsewhere["spec"]["selector"] = json!({"matchLabels": {"edgefleet.io/pool": "elsewhere"}});
+    f.apply(&elsewhere).await;
+    let spec: edgefleet_crds::EdgeModelSpec =
+        serde_json::from_value(elsewhere["spec"].clone()).unwrap();
+    let rev = edgefleet_operator::rollout::revision(&spec);
+    eventually("the untargeted revision planned", SHORT, || async {
+        (f.status().await?.current_revision? == rev).then_some(())
+    })
+    .await;
+    let (status, reason, _) = f.ask_key(name, &rev, &digest, None).await;
+    assert_eq!((status, reason.as_str()), (403, "NotTargeted"));
+
     // Accepted attestation, and the ciphertext in the gateway's store tampered with
     // (a byte of its third chunk flipped): the device refuses the download by its
     // digest, never asks for the key, and serves nothing of it.
@@ -1006,4 +1048,69 @@ async fn a_key_is_refused_to_a_device_whose_attestation_the_model_does_not_accep
     );
     let st = f.status().await.unwrap();
     assert_eq!(st.key_releases, None, "{st:?}");
+
+    // A plain revision, served: it has no key to release.
+    f.apply(&f.manifest(512, rollout(false), None)).await;
+    let plain = f.available(None).await;
+    let (status, reason, _) = f
+        .ask_key(name, &plain, &f.artifact.digest.clone(), None)
+        .await;
+    assert_eq!((status, reason.as_str()), (404, "NotEncrypted"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_is_released_to_an_attested_swtpm_device_and_refused_to_the_dev_attester_when_tpm_is_required()
+ {
+    let f = Fleet::start_kinds(&["tpm", "dev"]).await;
+    let (file, key) = encrypted_model(&f);
+    f.key_secret(key.bytes()).await;
+    let manifest = f.encrypted_manifest(&file, &["tpm"], "dev");
+    f.apply(&manifest).await;
+    let spec: edgefleet_crds::EdgeModelSpec =
+        serde_json::from_value(manifest["spec"].clone()).unwrap();
+    let rev = edgefleet_operator::rollout::revision(&spec);
+    let digest = manifest["spec"]["artifact"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Both devices are targeted; only the TPM device's attestation is accepted: it
+    // gets the key and serves.
+    eventually("Available on the TPM device alone", ROLLOUT, || async {
+        let st = f.status().await?;
+        let devices = &st.devices;
+        (st.phase == Some(ModelPhase::Available)
+            && st.ready_devices.as_deref() == Some("1/2")
+            && (devices.targeted, devices.attested, devices.ready) == (2, 1, 1)
+            && st.stable_revision.as_deref() == Some(rev.as_str()))
+        .then_some(())
+    })
+    .await;
+    let (tpm_device, dev_device) = (f.agents[0].0.clone(), f.agents[1].0.clone());
+    let d = Api::<EdgeDevice>::all(f.client.clone())
+        .get(&tpm_device)
+        .await
+        .unwrap();
+    assert_eq!(
+        d.status.and_then(|s| s.attestation).map(|a| a.tee_kind),
+        Some(edgefleet_crds::common::TeeKind::Tpm)
+    );
+    let (code, body) = f.chat(0);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("Paris"), "{body}");
+    assert!(
+        f.log(&tpm_device)
+            .contains("model key released; decrypting into memory")
+    );
+    eventually("status.keyReleases", SHORT, || async {
+        (f.status().await?.key_releases? >= 1).then_some(())
+    })
+    .await;
+    // The dev attester is never assigned it, and asking anyway is refused by name.
+    assert_eq!(
+        assigned_revision(&f.client, NS, MODEL, &dev_device).await,
+        None
+    );
+    let (status, reason, got) = f.ask_key(&dev_device, &rev, &digest, None).await;
+    assert_eq!((status, reason.as_str(), got), (403, "NotAttested", None));
+    assert!(!f.log(&dev_device).contains("model key released"));
 }
