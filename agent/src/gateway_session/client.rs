@@ -142,22 +142,7 @@ impl DeviceClient {
         &self,
         batch: &proto::ReportBatch,
     ) -> Result<proto::ReportAck, GatewayError> {
-        let resp = self
-            .http
-            .post(self.url("report"))
-            .json(batch)
-            .send()
-            .await?;
-        let status = resp.status();
-        let body = resp.bytes().await?;
-        if !status.is_success() {
-            return Err(rejected(status, &body));
-        }
-        serde_json::from_slice(&body).map_err(|e| GatewayError::Rejected {
-            status: status.as_u16(),
-            reason: "BadResponse".into(),
-            message: e.to_string(),
-        })
+        self.post_json(self.url("report"), batch).await
     }
 
     /// Asks for a model key at `path` (the desired model's `encryption.keyPath`).
@@ -166,18 +151,23 @@ impl DeviceClient {
         path: &str,
         req: &proto::KeyRequest,
     ) -> Result<proto::KeyRelease, GatewayError> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(req)
-            .send()
-            .await?;
+        self.post_json(format!("{}{path}", self.base), req).await
+    }
+
+    /// POSTs `body` as JSON to `url`: the answer parsed, or the gateway's named refusal
+    /// (an answer that does not parse is `BadResponse`).
+    async fn post_json<B: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        url: String,
+        body: &B,
+    ) -> Result<R, GatewayError> {
+        let resp = self.http.post(url).json(body).send().await?;
         let status = resp.status();
-        let body = resp.bytes().await?;
+        let bytes = resp.bytes().await?;
         if !status.is_success() {
-            return Err(rejected(status, &body));
+            return Err(rejected(status, &bytes));
         }
-        serde_json::from_slice(&body).map_err(|e| GatewayError::Rejected {
+        serde_json::from_slice(&bytes).map_err(|e| GatewayError::Rejected {
             status: status.as_u16(),
             reason: "BadResponse".into(),
             message: e.to_string(),

@@ -70,6 +70,29 @@ pub struct Gateway {
     attestation_lease: Duration,
 }
 
+/// Publishes an event on `device` (its note cut to 1024 characters) for `action`; a
+/// failure is logged, not returned.
+pub(crate) async fn publish_on_device(
+    recorder: &Recorder,
+    device: &edgefleet_crds::EdgeDevice,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    action: &str,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.chars().take(1024).collect()),
+        action: action.to_owned(),
+        secondary: None,
+    };
+    let reference = kube::Resource::object_ref(device, &());
+    if let Err(e) = recorder.publish(&ev, &reference).await {
+        tracing::warn!(error = %e, "publishing an event");
+    }
+}
+
 /// Where the gateway publishes events about EdgeDevices, if anywhere.
 #[derive(Clone, Default)]
 struct Events(Option<Recorder>);
@@ -133,19 +156,8 @@ impl Gateway {
         reason: &str,
         note: String,
     ) {
-        let Some(recorder) = &self.events.0 else {
-            return;
-        };
-        let ev = Event {
-            type_,
-            reason: reason.to_owned(),
-            note: Some(note.chars().take(1024).collect()),
-            action: "Attest".into(),
-            secondary: None,
-        };
-        let reference = kube::Resource::object_ref(device, &());
-        if let Err(e) = recorder.publish(&ev, &reference).await {
-            tracing::warn!(error = %e, "publishing an event");
+        if let Some(recorder) = &self.events.0 {
+            publish_on_device(recorder, device, type_, reason, note, "Attest").await;
         }
     }
 

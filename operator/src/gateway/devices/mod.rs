@@ -360,19 +360,16 @@ impl Fleet {
     /// Publishes a Normal event `reason` on `device`; a failure is logged.
     async fn publish_device_event(&self, device: &EdgeDevice, reason: &str, note: String) {
         let recorder = self.inner.events.lock().ok().and_then(|e| e.clone());
-        let Some(recorder) = recorder else {
-            return;
-        };
-        let ev = kube::runtime::events::Event {
-            type_: kube::runtime::events::EventType::Normal,
-            reason: reason.to_owned(),
-            note: Some(note.chars().take(1024).collect()),
-            action: "ReleaseKey".into(),
-            secondary: None,
-        };
-        let reference = kube::Resource::object_ref(device, &());
-        if let Err(e) = recorder.publish(&ev, &reference).await {
-            tracing::warn!(error = %e, "publishing an event");
+        if let Some(recorder) = recorder {
+            crate::gateway::publish_on_device(
+                &recorder,
+                device,
+                kube::runtime::events::EventType::Normal,
+                reason,
+                note,
+                "ReleaseKey",
+            )
+            .await;
         }
     }
 
