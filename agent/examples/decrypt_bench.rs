@@ -27,6 +27,7 @@ fn config(
         parallel_slots: 1,
         queue_depth: 1,
         plaintext,
+        provenance: None,
     }
 }
 

@@ -55,6 +55,9 @@ pub struct EngineConfig {
     /// The decrypted model `model_path` names (a sealed memfd), kept as long as the
     /// engine lives; `None` for a model file on disk.
     pub plaintext: Option<std::sync::Arc<edgefleet_secmem::SealedModel>>,
+    /// Which model (its verified artifact) and plugins this is, as receipts name it;
+    /// `None` where nothing verified it against a fleet's revision (no receipts).
+    pub provenance: Option<edgefleet_trust::receipt::Provenance>,
 }
 
 /// Engine errors.

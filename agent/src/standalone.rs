@@ -212,6 +212,7 @@ pub async fn serve(
         parallel_slots,
         queue_depth,
         plaintext: None,
+        provenance: None,
     };
     let engine = prepared.serve(&serving, config).await?;
     tracing::info!(

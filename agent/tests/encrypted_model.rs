@@ -122,6 +122,7 @@ fn an_encrypted_model_is_served_from_a_sealed_memfd_and_never_lands_on_disk() {
         parallel_slots: 1,
         queue_depth: 1,
         plaintext: Some(plain),
+        provenance: None,
     })
     .unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -19,6 +19,7 @@ fn engine(name: &str) -> Engine {
         parallel_slots: 1,
         queue_depth: 2,
         plaintext: None,
+        provenance: None,
     })
     .unwrap()
 }

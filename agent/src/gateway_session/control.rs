@@ -145,8 +145,18 @@ impl FleetAgent {
                 enrolled.device
             )));
         }
-        let appraisal = attest_once(&bootstrap, &cfg.device.name, source, self.state_dir()).await?;
+        let appraisal = match attest_once(&bootstrap, &cfg.device.name, source, self.state_dir())
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                // No result to sign receipts with until the device attests again.
+                self.serving.set_receipt_signer(None);
+                return Err(e);
+            }
+        };
         if !appraisal.decision.allow {
+            self.serving.set_receipt_signer(None);
             return Err(EnrolError::Invalid(format!(
                 "the attestation policy denied this device: {:?}",
                 appraisal.decision.deny
@@ -163,6 +173,19 @@ impl FleetAgent {
                 source: e,
             }
         })?;
+        // Receipts are signed with this key, certificate and attestation result from now on.
+        match crate::serve::ReceiptSigner::new(
+            &cfg.device.name,
+            &key.serialize_pem(),
+            &cert,
+            &appraisal.attestation_result,
+        ) {
+            Ok(signer) => self.serving.set_receipt_signer(Some(signer)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no receipts: the attestation result or certificate does not read");
+                self.serving.set_receipt_signer(None);
+            }
+        }
         let wait = Duration::from_secs(cfg.fleet.poll_wait_seconds.min(proto::MAX_WAIT_SECONDS));
         let client = DeviceClient::new(
             url,

@@ -207,6 +207,21 @@ impl FleetAgent {
             parallel_slots: usize::try_from(m.runtime.parallel_slots.max(1)).unwrap_or(1),
             queue_depth: usize::try_from(m.runtime.queue_depth.max(1)).unwrap_or(1),
             plaintext,
+            provenance: Some(edgefleet_trust::receipt::Provenance {
+                model: edgefleet_trust::receipt::ModelClaim {
+                    name: m.model.clone(),
+                    revision: m.revision.clone(),
+                    digest: m.artifact.digest.clone(),
+                },
+                plugins: m
+                    .plugins
+                    .iter()
+                    .map(|p| edgefleet_trust::receipt::PluginClaim {
+                        name: p.name.clone(),
+                        digest: p.artifact.digest.clone(),
+                    })
+                    .collect(),
+            }),
         };
         let loaded = prepared.load(config).await?;
         // Before any client's request and before Ready: the revision's golden prompts.

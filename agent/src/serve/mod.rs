@@ -8,7 +8,8 @@
 //! Here: what is served ([`Serving`], swapped atomically on activation), the [`router`]
 //! and starting the server ([`spawn`]). The rest, by what it does: `routes` (the
 //! handlers), `request` (validating a chat body), `streaming` (SSE, plugins on streams),
-//! `errors` ([`ApiError`]) and `sub_prompt` (the plugins' `infer` on the served model).
+//! `errors` ([`ApiError`]), `sub_prompt` (the plugins' `infer` on the served model) and
+//! `receipts` (answers signed by the device's attested key, on request).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,12 +22,14 @@ use crate::engine::Engine;
 use crate::plugins::Chain;
 
 mod errors;
+mod receipts;
 mod request;
 mod routes;
 mod streaming;
 mod sub_prompt;
 
 pub use errors::ApiError;
+pub use receipts::ReceiptSigner;
 use errors::failed;
 pub use request::{ChatRequest, parse_chat_request};
 pub use sub_prompt::EngineSubPrompt;
@@ -42,6 +45,7 @@ const MAX_BODY_BYTES: usize = 1 << 20;
 pub struct Serving {
     current: std::sync::RwLock<Option<Served>>,
     no_model: std::sync::atomic::AtomicBool,
+    receipts: std::sync::RwLock<Option<Arc<ReceiptSigner>>>,
 }
 
 /// One model and the plugins its requests pass through.
@@ -101,6 +105,23 @@ impl Serving {
         previous.map(|p| p.engine)
     }
 
+    /// Signs receipts with `signer` from now on (the device attested again), or with
+    /// nothing (it holds no allowed attestation result).
+    pub fn set_receipt_signer(&self, signer: Option<ReceiptSigner>) {
+        let signer = signer.map(Arc::new);
+        match self.receipts.write() {
+            Ok(mut g) => *g = signer,
+            Err(poisoned) => *poisoned.into_inner() = signer,
+        }
+    }
+
+    fn receipt_signer(&self) -> Option<Arc<ReceiptSigner>> {
+        match self.receipts.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     fn served(&self) -> Result<Served, ApiError> {
         let current = match self.current.read() {
             Ok(g) => g.clone(),
@@ -127,7 +148,13 @@ pub fn router(serving: Arc<Serving>) -> Router {
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
         .route("/v1/models", get(routes::models))
-        .route("/v1/chat/completions", post(routes::chat))
+        .route(
+            "/v1/chat/completions",
+            post(routes::chat).layer(axum::middleware::from_fn_with_state(
+                serving.clone(),
+                receipts::layer,
+            )),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(serving)
 }

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use super::request::parse_chat_request;
 use super::streaming::{Events, Stuck, async_stream_events, blocking, through_plugins};
+use super::receipts::AnsweredBy;
 use super::{ApiError, Served, Serving, failed};
 use crate::engine::{ChatMessage, Engine, Event, SubmitError};
 use crate::plugins::{Chain, PluginRequest, RequestOutcome};
@@ -110,7 +111,18 @@ pub(super) async fn chat(
     State(serving): State<Arc<Serving>>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let Served { engine, plugins } = serving.served()?;
+    let served = serving.served()?;
+    // Which model and plugins answer, for a receipt (`receipts`).
+    let by = served.engine.config().provenance.clone();
+    let mut response = chat_on(served, body).await?;
+    if let Some(by) = by {
+        response.extensions_mut().insert(AnsweredBy(by));
+    }
+    Ok(response)
+}
+
+async fn chat_on(served: Served, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let Served { engine, plugins } = served;
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad("body", format!("invalid JSON: {e}")))?;
     let req = parse_chat_request(

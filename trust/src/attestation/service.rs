@@ -256,9 +256,18 @@ pub struct AttestationService {
     /// TPM, so another TPM of the same device (after re-keying) starts afresh.
     tpm_clocks: Mutex<HashMap<(String, String), ClockState>>,
     result_key: p256::ecdsa::SigningKey,
+    /// The result key's certificate from the device CA (DER) and when it lapses
+    /// (seconds since the epoch), renewed before it does ([`Self::result_chain`]).
+    result_cert: Mutex<Option<(Vec<u8>, i64)>>,
     ca_issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     ca_cert_pem: String,
 }
+
+/// How long the result signer's certificate lasts, and how long before its end a new
+/// one is issued (an attestation result that outlives its signer's certificate would
+/// not verify).
+const RESULT_CERT_DAYS: i64 = 30;
+const RESULT_CERT_RENEW_DAYS: i64 = 2;
 
 impl std::fmt::Debug for AttestationService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -309,6 +318,7 @@ impl AttestationService {
             sealer,
             tpm_clocks: Mutex::new(HashMap::new()),
             result_key,
+            result_cert: Mutex::new(None),
             ca_issuer,
             ca_cert_pem: ca_cert_pem.to_owned(),
         })
@@ -610,8 +620,10 @@ impl AttestationService {
             clocks.insert((device.clone(), ek), clock);
         }
         let expires_at = unix(now + self.config.result_ttl);
-        let result = super::result::sign(
+        let chain = self.result_chain(now)?;
+        let result = super::result::sign_with_chain(
             &self.result_key,
+            &chain,
             &json!({
                 "iss": "edgefleet-gateway",
                 "sub": device,
@@ -655,6 +667,67 @@ impl AttestationService {
                 *entry = stored;
             }
         }
+    }
+
+    /// The result signer's certificate chain (its certificate from the device CA, SAN
+    /// URI [`crate::receipt::RESULT_SIGNER_URI`], which no device certificate has), so
+    /// that a relying party holding only the CA can check a result: issued on first
+    /// use and again before it lapses.
+    pub fn result_chain(&self, now: SystemTime) -> Result<Vec<Vec<u8>>, ServiceError> {
+        let at = unix(now);
+        let mut cert = self
+            .result_cert
+            .lock()
+            .map_err(|_| ServiceError::Issue("result certificate lock".into()))?;
+        let needs_result_ttl = self.config.result_ttl.as_secs() as i64;
+        match &*cert {
+            Some((der, ends))
+                if *ends - at > RESULT_CERT_RENEW_DAYS * 86_400 + needs_result_ttl =>
+            {
+                Ok(vec![der.clone()])
+            }
+            _ => {
+                let issued = self.issue_result_cert(now)?;
+                *cert = Some(issued.clone());
+                Ok(vec![issued.0])
+            }
+        }
+    }
+
+    fn issue_result_cert(&self, now: SystemTime) -> Result<(Vec<u8>, i64), ServiceError> {
+        use p256::pkcs8::EncodePublicKey as _;
+        let issue = |e: &dyn std::fmt::Display| ServiceError::Issue(format!("result signer: {e}"));
+        let spki = self
+            .result_key
+            .verifying_key()
+            .to_public_key_der()
+            .map_err(|e| issue(&e))?;
+        let key = rcgen::SubjectPublicKeyInfo::from_der(spki.as_bytes()).map_err(|e| issue(&e))?;
+        let mut params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| issue(&e))?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "edgefleet attestation results");
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            crate::receipt::RESULT_SIGNER_URI
+                .try_into()
+                .map_err(|e: rcgen::Error| issue(&e))?,
+        )];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let mut serial = [0u8; 16];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut serial);
+        serial[0] &= 0x7f;
+        serial[0] |= 0x01;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let start = unix(now) - 60;
+        let end = unix(now) + RESULT_CERT_DAYS * 86_400;
+        params.not_before =
+            time::OffsetDateTime::from_unix_timestamp(start).map_err(|e| issue(&e))?;
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(end).map_err(|e| issue(&e))?;
+        let cert = params
+            .signed_by(&key, &self.ca_issuer)
+            .map_err(|e| issue(&e))?;
+        Ok((cert.der().to_vec(), end))
     }
 
     /// A client certificate for `spki` with the device name as CN and SAN URI
