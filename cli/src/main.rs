@@ -1,9 +1,11 @@
 //! `edgefleet`, the user command line: `model` (`model.rs`), `evidence` and `policy`
-//! (`attest.rs`), `token` (`token.rs`), `device` (`device.rs`).
+//! (`attest.rs`), `token` (`token.rs`), `device` (`device.rs`), `receipt`
+//! (`receipt.rs`).
 
 mod attest;
 mod device;
 mod model;
+mod receipt;
 mod token;
 
 use std::process::ExitCode;
@@ -38,6 +40,9 @@ enum Command {
     /// Devices (EdgeDevice) on the cluster of the current kubeconfig: re-keying.
     #[command(subcommand)]
     Device(device::DeviceCommand),
+    /// Verify devices' signed answers (receipts) offline, with the device CA.
+    #[command(subcommand)]
+    Receipt(receipt::ReceiptCommand),
 }
 
 /// What a command prints, and whether it succeeded.
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
         Command::Policy(cmd) => attest::policy(cmd),
         Command::Token(cmd) => token::run(cmd).map(Outcome::ok),
         Command::Device(cmd) => device::run(cmd).map(Outcome::ok),
+        Command::Receipt(cmd) => receipt::run(cmd),
     };
     match result {
         Ok(out) => {

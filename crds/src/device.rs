@@ -217,6 +217,16 @@ pub struct AttestationSummary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub challenge_issued_millis: Option<i64>,
+    /// The signed attestation result (an EAR token: a compact JWS, ES256, whose `x5c`
+    /// is its signer's certificate from the device CA). The device embeds it in the
+    /// receipts it signs; `edgefleet receipt verify` checks both with the CA alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
+    pub result: Option<String>,
+    /// SHA-256 (hex) of `result`: the id a receipt names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub result_id: Option<String>,
 }
 
 /// What pins a device's evidence to its hardware. Written once, by the gateway under its

@@ -160,6 +160,7 @@ impl DeviceStatus {
     /// `challenge_issued_ms` is recorded on the condition that `device` is unchanged
     /// since it was read (its resourceVersion): a concurrent answer to the same
     /// challenge, on this replica or another, finds [`StatusError::Conflict`].
+    /// `result` is the signed attestation result, kept for relying parties.
     #[allow(clippy::too_many_arguments)]
     pub async fn record_decision(
         &self,
@@ -170,6 +171,7 @@ impl DeviceStatus {
         verified: OffsetDateTime,
         ends: Expiries,
         challenge_issued_ms: u64,
+        result: &str,
     ) -> Result<(), StatusError> {
         let Expiries {
             result: expires,
@@ -217,6 +219,8 @@ impl DeviceStatus {
                 "verifiedTime": rfc3339(verified),
                 "expiryTime": rfc3339(expires),
                 "message": message,
+                "result": result,
+                "resultId": edgefleet_trust::receipt::sha256_hex(result.as_bytes()),
             },
             "conditions": [attested_condition(Some(device), ok, reason, &message, generation, verified)],
         });

@@ -186,6 +186,26 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Splits a streamed answer as received (the raw server-sent events) into the bytes
+/// its receipt covers and the receipt: the last event, `event: edgefleet-receipt`.
+/// `None` when the stream does not end with one.
+pub fn split_stream(stream: &[u8]) -> Option<(&[u8], &str)> {
+    let marker = format!("event: {SSE_EVENT}\n");
+    let at = stream
+        .windows(marker.len())
+        .rposition(|w| w == marker.as_bytes())?;
+    // The event starts a line.
+    if at > 0 && stream[at - 1] != b'\n' {
+        return None;
+    }
+    let rest = std::str::from_utf8(&stream[at + marker.len()..]).ok()?;
+    let data = rest.strip_prefix("data: ")?.trim_end_matches('\n');
+    if data.contains('\n') {
+        return None;
+    }
+    Some((&stream[..at], data))
+}
+
 /// Signs `claims` with the device's key; `chain` is its certificate (DER), leaf first.
 pub fn sign(key: &p256::ecdsa::SigningKey, chain: &[Vec<u8>], claims: &Claims) -> String {
     // Serialising these plain structs cannot fail; an empty payload would not verify.
@@ -340,8 +360,8 @@ fn attestation_result(
     let key = verifying_key(signer.tbs_certificate.subject_pki.raw).map_err(&untrusted)?;
     jws.verify(&key)
         .map_err(|_| untrusted("the signature does not verify under the signer's key".into()))?;
-    let ear: serde_json::Value = serde_json::from_slice(&jws.payload)
-        .map_err(|e| untrusted(format!("payload: {e}")))?;
+    let ear: serde_json::Value =
+        serde_json::from_slice(&jws.payload).map_err(|e| untrusted(format!("payload: {e}")))?;
     let (Some(issued), Some(expires)) = (ear["iat"].as_i64(), ear["exp"].as_i64()) else {
         return Err(untrusted("no iat or exp".into()));
     };

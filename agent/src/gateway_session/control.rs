@@ -145,16 +145,15 @@ impl FleetAgent {
                 enrolled.device
             )));
         }
-        let appraisal = match attest_once(&bootstrap, &cfg.device.name, source, self.state_dir())
-            .await
-        {
-            Ok(a) => a,
-            Err(e) => {
-                // No result to sign receipts with until the device attests again.
-                self.serving.set_receipt_signer(None);
-                return Err(e);
-            }
-        };
+        let appraisal =
+            match attest_once(&bootstrap, &cfg.device.name, source, self.state_dir()).await {
+                Ok(a) => a,
+                Err(e) => {
+                    // No result to sign receipts with until the device attests again.
+                    self.serving.set_receipt_signer(None);
+                    return Err(e);
+                }
+            };
         if !appraisal.decision.allow {
             self.serving.set_receipt_signer(None);
             return Err(EnrolError::Invalid(format!(

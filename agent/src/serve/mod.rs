@@ -29,8 +29,8 @@ mod streaming;
 mod sub_prompt;
 
 pub use errors::ApiError;
-pub use receipts::ReceiptSigner;
 use errors::failed;
+pub use receipts::ReceiptSigner;
 pub use request::{ChatRequest, parse_chat_request};
 pub use sub_prompt::EngineSubPrompt;
 

@@ -72,8 +72,7 @@ impl ReceiptSigner {
             .map_err(|e| format!("the attestation result: {e}"))?;
         let claims: serde_json::Value = serde_json::from_slice(&jws.payload)
             .map_err(|e| format!("the attestation result: {e}"))?;
-        let (Some(issued), Some(expires)) = (claims["iat"].as_i64(), claims["exp"].as_i64())
-        else {
+        let (Some(issued), Some(expires)) = (claims["iat"].as_i64(), claims["exp"].as_i64()) else {
             return Err("the attestation result has no iat or exp".into());
         };
         if claims["ear.status"] != "affirming" {
@@ -143,11 +142,8 @@ pub(super) async fn layer(
         return next.run(request).await;
     };
     if asked.as_bytes() != b"1" {
-        return ApiError::bad(
-            receipt::HEADER,
-            "the only value of the receipt header is 1",
-        )
-        .into_response();
+        return ApiError::bad(receipt::HEADER, "the only value of the receipt header is 1")
+            .into_response();
     }
     let Some(signer) = serving.receipt_signer() else {
         return unavailable("this device holds no attestation result to sign receipts with");
@@ -170,9 +166,7 @@ pub(super) async fn layer(
         }
     };
     let request_sha256 = receipt::sha256_hex(&body);
-    let response = next
-        .run(Request::from_parts(parts, Body::from(body)))
-        .await;
+    let response = next.run(Request::from_parts(parts, Body::from(body))).await;
     if !response.status().is_success() {
         return response;
     }
@@ -189,12 +183,7 @@ pub(super) async fn layer(
         let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
             return unavailable("the answer failed while it was read for its receipt");
         };
-        let signed = signer.sign(
-            &by,
-            request_sha256,
-            receipt::sha256_hex(&bytes),
-            unix_now(),
-        );
+        let signed = signer.sign(&by, request_sha256, receipt::sha256_hex(&bytes), unix_now());
         match HeaderValue::from_str(&signed) {
             Ok(v) => {
                 parts.headers.insert(receipt::HEADER, v);

@@ -14,9 +14,9 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::receipts::AnsweredBy;
 use super::request::parse_chat_request;
 use super::streaming::{Events, Stuck, async_stream_events, blocking, through_plugins};
-use super::receipts::AnsweredBy;
 use super::{ApiError, Served, Serving, failed};
 use crate::engine::{ChatMessage, Engine, Event, SubmitError};
 use crate::plugins::{Chain, PluginRequest, RequestOutcome};

@@ -353,6 +353,7 @@ async fn evidence_inner(gw: &Gateway, body: &[u8]) -> Result<Json<serde_json::Va
                             lease: verified + gw.attestation_lease,
                         },
                         issued_ms,
+                        &appraisal.attestation_result,
                     )
                     .await;
                 match written {

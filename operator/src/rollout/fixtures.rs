@@ -88,6 +88,8 @@ pub fn attested(d: EdgeDevice) -> EdgeDevice {
         tpm_clock: None,
         lease_expiry_time: None,
         challenge_issued_millis: None,
+        result: None,
+        result_id: None,
     });
     d
 }

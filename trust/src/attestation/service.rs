@@ -256,9 +256,9 @@ pub struct AttestationService {
     /// TPM, so another TPM of the same device (after re-keying) starts afresh.
     tpm_clocks: Mutex<HashMap<(String, String), ClockState>>,
     result_key: p256::ecdsa::SigningKey,
-    /// The result key's certificate from the device CA (DER) and when it lapses
-    /// (seconds since the epoch), renewed before it does ([`Self::result_chain`]).
-    result_cert: Mutex<Option<(Vec<u8>, i64)>>,
+    /// The result key's certificate from the device CA (DER) and its validity
+    /// (seconds since the epoch), renewed before it lapses ([`Self::result_chain`]).
+    result_cert: Mutex<Option<(Vec<u8>, std::ops::Range<i64>)>>,
     ca_issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     ca_cert_pem: String,
 }
@@ -681,8 +681,10 @@ impl AttestationService {
             .map_err(|_| ServiceError::Issue("result certificate lock".into()))?;
         let needs_result_ttl = self.config.result_ttl.as_secs() as i64;
         match &*cert {
-            Some((der, ends))
-                if *ends - at > RESULT_CERT_RENEW_DAYS * 86_400 + needs_result_ttl =>
+            // Valid now (a clock stepped back is before it) and long enough.
+            Some((der, valid))
+                if valid.start <= at
+                    && valid.end - at > RESULT_CERT_RENEW_DAYS * 86_400 + needs_result_ttl =>
             {
                 Ok(vec![der.clone()])
             }
@@ -694,7 +696,10 @@ impl AttestationService {
         }
     }
 
-    fn issue_result_cert(&self, now: SystemTime) -> Result<(Vec<u8>, i64), ServiceError> {
+    fn issue_result_cert(
+        &self,
+        now: SystemTime,
+    ) -> Result<(Vec<u8>, std::ops::Range<i64>), ServiceError> {
         use p256::pkcs8::EncodePublicKey as _;
         let issue = |e: &dyn std::fmt::Display| ServiceError::Issue(format!("result signer: {e}"));
         let spki = self
@@ -727,7 +732,7 @@ impl AttestationService {
         let cert = params
             .signed_by(&key, &self.ca_issuer)
             .map_err(|e| issue(&e))?;
-        Ok((cert.der().to_vec(), end))
+        Ok((cert.der().to_vec(), start..end))
     }
 
     /// A client certificate for `spki` with the device name as CN and SAN URI
