@@ -276,6 +276,67 @@ impl Fleet {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// POSTs `body` to agent `i`'s chat API asking for a receipt (`edgefleet-receipt`
+    /// set to `header`): (status, the receipt header, the response's bytes as received).
+    async fn signed_chat(
+        &self,
+        i: usize,
+        body: &str,
+        header: &str,
+    ) -> (u16, Option<String>, Vec<u8>) {
+        let resp = reqwest::Client::new()
+            .post(format!(
+                "http://127.0.0.1:{}/v1/chat/completions",
+                self.agents[i].1
+            ))
+            .timeout(Duration::from_secs(60))
+            .header("content-type", "application/json")
+            .header("edgefleet-receipt", header)
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let receipt = resp
+            .headers()
+            .get("edgefleet-receipt")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (status, receipt, resp.bytes().await.unwrap().to_vec())
+    }
+
+    /// Runs `edgefleet receipt verify --ca <the device CA> ARGS` on `files` (name,
+    /// content) written into the test's directory: (success, its JSON output).
+    fn verify_receipt(&self, ca: &str, files: &[(&str, &[u8])], args: &[&str]) -> (bool, Value) {
+        let dir = self.dir.path().join("receipts");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.join(name), content).unwrap();
+        }
+        let out = std::process::Command::new(local_fleet::binary("edgefleet").unwrap())
+            .current_dir(&dir)
+            .args(["receipt", "verify", "--ca"])
+            .arg(self.dir.path().join(ca))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| {
+            panic!("not JSON: {text}\n{}", String::from_utf8_lossy(&out.stderr))
+        });
+        (out.status.success(), v)
+    }
+
+    /// The device's attestation summary in its EdgeDevice status.
+    async fn attestation(&self, name: &str) -> edgefleet_crds::device::AttestationSummary {
+        Api::<EdgeDevice>::all(self.client.clone())
+            .get(name)
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.attestation)
+            .unwrap()
+    }
+
     /// POSTs a chat to agent `i`'s API: (status, body).
     fn chat(&self, i: usize) -> (u16, String) {
         let out = std::process::Command::new("curl")
@@ -1113,4 +1174,222 @@ async fn a_key_is_released_to_an_attested_swtpm_device_and_refused_to_the_dev_at
     let (status, reason, got) = f.ask_key(&dev_device, &rev, &digest, None).await;
     assert_eq!((status, reason.as_str(), got), (403, "NotAttested", None));
     assert!(!f.log(&dev_device).contains("model key released"));
+}
+
+/// The request body of a signed chat; `stream` asks for server-sent events.
+fn receipt_request(stream: bool) -> String {
+    json!({"model": MODEL, "max_tokens": 8, "temperature": 0, "stream": stream,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    .to_string()
+}
+
+/// `bytes` with the byte at `i` changed.
+fn flipped(bytes: &[u8], i: usize) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    b[i] ^= 0x01;
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_answer_verifies_offline_with_the_device_ca_and_any_change_fails_it() {
+    let f = Fleet::start(1).await;
+    f.apply(&f.manifest(512, rollout(false), None)).await;
+    let rev = f.available(None).await;
+    let name = f.agents[0].0.clone();
+    let request = receipt_request(false);
+    let (code, receipt, answer) = f.signed_chat(0, &request, "1").await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&answer));
+    assert!(String::from_utf8_lossy(&answer).contains("Paris"));
+    let receipt = receipt.expect("the receipt header");
+    let files: [(&str, &[u8]); 3] = [
+        ("receipt", receipt.as_bytes()),
+        ("request.json", request.as_bytes()),
+        ("response.json", &answer),
+    ];
+    let args = [
+        "--receipt",
+        "receipt",
+        "--request",
+        "request.json",
+        "--response",
+        "response.json",
+    ];
+    let (ok, out) = f.verify_receipt("dev-ca.crt", &files, &args);
+    assert!(ok, "{out}");
+    assert_eq!(out["device"], name.as_str());
+    assert_eq!(out["model"]["name"], format!("{NS}/{MODEL}"));
+    assert_eq!(out["model"]["revision"], rev.as_str());
+    assert_eq!(out["model"]["digest"], f.artifact.digest.as_str());
+    assert_eq!(out["plugins"], json!([]));
+    assert_eq!(out["attestation"]["status"], "affirming");
+    assert_eq!(out["attestation"]["tee"], "dev");
+    assert_eq!(
+        (
+            out["requestChecked"].clone(),
+            out["responseChecked"].clone()
+        ),
+        (json!(true), json!(true))
+    );
+    // The attestation result it embeds is the one the gateway recorded in the device's
+    // status.
+    let a = f.attestation(&name).await;
+    assert_eq!(out["attestation"]["id"].as_str(), a.result_id.as_deref());
+    let verified = edgefleet_trust::receipt::verify(
+        &receipt,
+        &std::fs::read(f.dir.path().join("dev-ca.crt")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(Some(verified.claims.attestation_result), a.result);
+
+    // Any change fails it, by name: one byte of the answer, of the request, of the
+    // receipt; and another CA.
+    let changed = flipped(&answer, answer.len() / 2);
+    let (ok, out) = f.verify_receipt("dev-ca.crt", &[("response.json", &changed)], &args);
+    assert_eq!(
+        (ok, out["reason"].as_str()),
+        (false, Some("ResponseMismatch")),
+        "{out}"
+    );
+    let changed = flipped(request.as_bytes(), 10);
+    let (ok, out) = f.verify_receipt(
+        "dev-ca.crt",
+        &[("response.json", &answer), ("request.json", &changed)],
+        &args,
+    );
+    assert_eq!(
+        (ok, out["reason"].as_str()),
+        (false, Some("RequestMismatch")),
+        "{out}"
+    );
+    let signature_at = receipt.rfind('.').unwrap() + 5;
+    let changed = flipped(receipt.as_bytes(), signature_at);
+    let (ok, out) = f.verify_receipt(
+        "dev-ca.crt",
+        &[("request.json", request.as_bytes()), ("receipt", &changed)],
+        &args,
+    );
+    assert!(!ok, "{out}");
+    assert_eq!(out["verified"], false, "{out}");
+    let (ok, out) = f.verify_receipt("gw-ca.crt", &[("receipt", receipt.as_bytes())], &args);
+    assert_eq!(
+        (ok, out["reason"].as_str()),
+        (false, Some("CertificateUntrusted")),
+        "{out}"
+    );
+
+    // Asking with another value than 1 is refused before any work; not asking gets
+    // no receipt.
+    let (code, receipt, body) = f.signed_chat(0, &request, "yes").await;
+    assert_eq!((code, receipt), (400, None));
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["param"], "edgefleet-receipt", "{body}");
+    let (code, _) = f.chat(0);
+    assert_eq!(code, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_ends_with_its_receipt_after_done_and_the_stream_verifies() {
+    let f = Fleet::start(1).await;
+    f.apply(&f.manifest(512, rollout(false), None)).await;
+    f.available(None).await;
+    let request = receipt_request(true);
+    let (code, header, stream) = f.signed_chat(0, &request, "1").await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&stream));
+    assert_eq!(header, None, "a stream's receipt is its last event");
+    let text = String::from_utf8_lossy(&stream).into_owned();
+    let done = text.find("data: [DONE]").expect("[DONE]");
+    let event = text
+        .find("event: edgefleet-receipt")
+        .expect("the receipt event");
+    assert!(done < event, "{text}");
+    // Clients that stop at [DONE] (the OpenAI ones) read a stream as before.
+    assert!(text[..done].contains("chat.completion.chunk"), "{text}");
+    let files: [(&str, &[u8]); 2] = [
+        ("stream.txt", &stream),
+        ("request.json", request.as_bytes()),
+    ];
+    let args = ["--stream", "stream.txt", "--request", "request.json"];
+    let (ok, out) = f.verify_receipt("dev-ca.crt", &files, &args);
+    assert!(ok, "{out}");
+    assert_eq!(out["responseChecked"], true);
+    // A token changed in the stream fails it.
+    let at = text.find("\"content\"").unwrap() + 12;
+    let changed = flipped(&stream, at);
+    let (ok, out) = f.verify_receipt("dev-ca.crt", &[("stream.txt", &changed)], &args);
+    assert_eq!(
+        (ok, out["reason"].as_str()),
+        (false, Some("ResponseMismatch")),
+        "{out}"
+    );
+    // A stream cut before its receipt names that.
+    let cut = &stream[..event];
+    let (ok, out) = f.verify_receipt("dev-ca.crt", &[("stream.txt", cut)], &args);
+    assert_eq!(
+        (ok, out["reason"].as_str()),
+        (false, Some("ReceiptMissing")),
+        "{out}"
+    );
+    // Not asked for: no receipt event.
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/v1/chat/completions",
+            f.agents[0].1
+        ))
+        .header("content-type", "application/json")
+        .body(request)
+        .send()
+        .await
+        .unwrap();
+    let plain = resp.text().await.unwrap();
+    assert!(
+        plain.contains("data: [DONE]") && !plain.contains("edgefleet-receipt"),
+        "{plain}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_model_on_a_swtpm_device_signs_receipts_naming_the_tpm_and_the_ciphertext() {
+    let f = Fleet::start_kinds(&["tpm"]).await;
+    let (file, key) = encrypted_model(&f);
+    f.key_secret(key.bytes()).await;
+    let manifest = f.encrypted_manifest(&file, &["tpm"], "dev");
+    f.apply(&manifest).await;
+    f.available(None).await;
+    let name = f.agents[0].0.clone();
+    let request = receipt_request(false);
+    let (code, receipt, answer) = f.signed_chat(0, &request, "1").await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&answer));
+    let receipt = receipt.expect("the receipt header");
+    let files: [(&str, &[u8]); 3] = [
+        ("receipt", receipt.as_bytes()),
+        ("request.json", request.as_bytes()),
+        ("response.json", &answer),
+    ];
+    let args = [
+        "--receipt",
+        "receipt",
+        "--request",
+        "request.json",
+        "--response",
+        "response.json",
+    ];
+    let (ok, out) = f.verify_receipt("dev-ca.crt", &files, &args);
+    assert!(ok, "{out}");
+    // The artifact the device verified is the ciphertext; the attestation is the
+    // TPM's, with the measurements the gateway recorded.
+    assert_eq!(
+        out["model"]["digest"],
+        manifest["spec"]["artifact"]["digest"]
+    );
+    assert_ne!(out["model"]["digest"], f.artifact.digest.as_str());
+    assert_eq!(out["attestation"]["tee"], "tpm");
+    let a = f.attestation(&name).await;
+    assert_eq!(
+        out["attestation"]["measurements"].as_str(),
+        a.measurements_digest.as_deref()
+    );
+    assert_eq!(out["attestation"]["id"].as_str(), a.result_id.as_deref());
+    // A file that is not a receipt is named as such.
+    let other = f.verify_receipt("dev-ca.crt", &[], &["--receipt", "request.json"]);
+    assert_eq!(other.1["reason"], "ReceiptMalformed", "{}", other.1);
 }

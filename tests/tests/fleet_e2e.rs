@@ -527,6 +527,41 @@ async fn a_fleet_of_three_agents_rolls_out_serves_and_unloads() {
             "{name}: no pii-redact calls in metrics"
         );
     }
+    // A signed answer names the plugin chain it passed through, and verifies with the
+    // device CA alone.
+    let (name, port, _) = &s.agents[0];
+    let body = json!({"model": "smollm2", "max_tokens": 4, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    .to_string();
+    let resp = http()
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("edgefleet-receipt", "1")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "{name}");
+    let signed = resp
+        .headers()
+        .get("edgefleet-receipt")
+        .expect("a receipt")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let answer = resp.bytes().await.unwrap();
+    let v = edgefleet_trust::receipt::verify(&signed, s.device_ca_pem.as_bytes()).unwrap();
+    v.check_bodies(Some(body.as_bytes()), Some(&answer))
+        .unwrap();
+    assert_eq!(v.claims.device, *name);
+    assert_eq!(
+        v.claims.provenance.plugins,
+        vec![edgefleet_trust::receipt::PluginClaim {
+            name: "pii-redact".into(),
+            digest: s.plugin.digest.clone(),
+        }]
+    );
+    assert_eq!(v.claims.provenance.model.digest, s.artifact.digest);
     // Each device's serving counters reach its status tied to the model and revision
     // they count (what the rate gates judge), stamped when the gateway received them.
     let key = format!("{NS}/smollm2");
