@@ -1061,6 +1061,36 @@ async fn the_openai_api_names_the_field_of_each_malformed_body_and_keeps_serving
         }
     }
 
+    // A receipt asked of a device that holds no attestation (this one serves alone):
+    // refused before any work, by name; a bad value of the header is the client's.
+    for (value, want_status, want_code) in [("1", 503, "receipt_unavailable"), ("please", 400, "")]
+    {
+        let resp = http
+            .post(format!("{base}/v1/chat/completions"))
+            .header("edgefleet-receipt", value)
+            .json(&json!({"model": "smollm2", "messages": q(), "max_tokens": 8}))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let has_receipt = resp.headers().contains_key("edgefleet-receipt");
+        let v: Value = resp.json().await.unwrap_or_default();
+        let code = v["error"]["code"].as_str().unwrap_or_default();
+        let param = v["error"]["param"].as_str().unwrap_or_default();
+        let ok = status == want_status
+            && !has_receipt
+            && if want_status == 400 {
+                param == "edgefleet-receipt"
+            } else {
+                code == want_code
+            };
+        if !ok {
+            failures.push(format!(
+                "receipt header {value:?}: {status} {v}, want {want_status} {want_code}"
+            ));
+        }
+    }
+
     // None of them is the server's failure (which the fleet's error-rate gate judges).
     let failed = metric(&http, &base, "edgefleet_request_failures_total").await;
     if failed != Some(0.0) {
