@@ -20,6 +20,10 @@
 //!   that revision, asking with its attested key; the device serves the model from
 //!   locked memory and no block of the plaintext reaches a file; every refusal is
 //!   named.
+//! - Receipts: a device's signed answer (a header, or a stream's last event) verifies
+//!   offline with the device CA through `edgefleet receipt verify`, names the model,
+//!   the plugins and the attestation result recorded in the device's status (dev
+//!   attester and swtpm), and any changed byte of it or of the bodies fails it by name.
 //!
 //! Like `fleet_e2e` and `chaos`, these tests run in nextest's `fleet` group
 //! (`.config/nextest.toml`): one at a time on a 2-core machine.
