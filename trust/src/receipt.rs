@@ -357,7 +357,7 @@ fn attestation_result(
             uris(&signer)
         )));
     }
-    let key = verifying_key(signer.tbs_certificate.subject_pki.raw).map_err(&untrusted)?;
+    let key = verifying_key(signer.tbs_certificate.subject_pki.raw).map_err(untrusted)?;
     jws.verify(&key)
         .map_err(|_| untrusted("the signature does not verify under the signer's key".into()))?;
     let ear: serde_json::Value =
