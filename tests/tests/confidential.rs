@@ -330,6 +330,17 @@ impl Fleet {
         (out.status.success(), v)
     }
 
+    /// `edgefleet receipt verify` of a receipt with its request and answer
+    /// ([`ANSWER_ARGS`]).
+    fn verify_answer(&self, receipt: &str, request: &str, answer: &[u8]) -> (bool, Value) {
+        let files: [(&str, &[u8]); 3] = [
+            ("receipt", receipt.as_bytes()),
+            ("request.json", request.as_bytes()),
+            ("response.json", answer),
+        ];
+        self.verify_receipt("dev-ca.crt", &files, &ANSWER_ARGS)
+    }
+
     /// The device's attestation summary in its EdgeDevice status.
     async fn attestation(&self, name: &str) -> edgefleet_crds::device::AttestationSummary {
         Api::<EdgeDevice>::all(self.client.clone())
@@ -1180,6 +1191,16 @@ async fn a_key_is_released_to_an_attested_swtpm_device_and_refused_to_the_dev_at
     assert!(!f.log(&dev_device).contains("model key released"));
 }
 
+/// `edgefleet receipt verify` arguments for the files [`Fleet::verify_answer`] writes.
+const ANSWER_ARGS: [&str; 6] = [
+    "--receipt",
+    "receipt",
+    "--request",
+    "request.json",
+    "--response",
+    "response.json",
+];
+
 /// The request body of a signed chat; `stream` asks for server-sent events.
 fn receipt_request(stream: bool) -> String {
     json!({"model": MODEL, "max_tokens": 8, "temperature": 0, "stream": stream,
@@ -1205,20 +1226,7 @@ async fn a_signed_answer_verifies_offline_with_the_device_ca_and_any_change_fail
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&answer));
     assert!(String::from_utf8_lossy(&answer).contains("Paris"));
     let receipt = receipt.expect("the receipt header");
-    let files: [(&str, &[u8]); 3] = [
-        ("receipt", receipt.as_bytes()),
-        ("request.json", request.as_bytes()),
-        ("response.json", &answer),
-    ];
-    let args = [
-        "--receipt",
-        "receipt",
-        "--request",
-        "request.json",
-        "--response",
-        "response.json",
-    ];
-    let (ok, out) = f.verify_receipt("dev-ca.crt", &files, &args);
+    let (ok, out) = f.verify_answer(&receipt, &request, &answer);
     assert!(ok, "{out}");
     assert_eq!(out["device"], name.as_str());
     assert_eq!(out["model"]["name"], format!("{NS}/{MODEL}"));
@@ -1248,6 +1256,7 @@ async fn a_signed_answer_verifies_offline_with_the_device_ca_and_any_change_fail
     // Any change fails it, by name: one byte of the answer, of the request, of the
     // receipt; and another CA.
     let changed = flipped(&answer, answer.len() / 2);
+    let args = ANSWER_ARGS;
     let (ok, out) = f.verify_receipt("dev-ca.crt", &[("response.json", &changed)], &args);
     assert_eq!(
         (ok, out["reason"].as_str()),
@@ -1364,20 +1373,7 @@ async fn an_encrypted_model_on_a_swtpm_device_signs_receipts_naming_the_tpm_and_
     let (code, receipt, answer) = f.signed_chat(0, &request, "1").await;
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&answer));
     let receipt = receipt.expect("the receipt header");
-    let files: [(&str, &[u8]); 3] = [
-        ("receipt", receipt.as_bytes()),
-        ("request.json", request.as_bytes()),
-        ("response.json", &answer),
-    ];
-    let args = [
-        "--receipt",
-        "receipt",
-        "--request",
-        "request.json",
-        "--response",
-        "response.json",
-    ];
-    let (ok, out) = f.verify_receipt("dev-ca.crt", &files, &args);
+    let (ok, out) = f.verify_answer(&receipt, &request, &answer);
     assert!(ok, "{out}");
     // The artifact the device verified is the ciphertext; the attestation is the
     // TPM's, with the measurements the gateway recorded.

@@ -719,11 +719,7 @@ impl AttestationService {
                 .map_err(|e: rcgen::Error| issue(&e))?,
         )];
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        let mut serial = [0u8; 16];
-        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut serial);
-        serial[0] &= 0x7f;
-        serial[0] |= 0x01;
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        params.serial_number = Some(random_serial());
         let start = unix(now) - 60;
         let end = unix(now) + RESULT_CERT_DAYS * 86_400;
         params.not_before =
@@ -751,12 +747,7 @@ impl AttestationService {
                 .map_err(|e: rcgen::Error| ServiceError::Issue(e.to_string()))?,
         )];
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        // A fresh random serial for every certificate (RFC 5280: unique per issuer).
-        let mut serial = [0u8; 16];
-        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut serial);
-        serial[0] &= 0x7f;
-        serial[0] |= 0x01;
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        params.serial_number = Some(random_serial());
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         let start = time::OffsetDateTime::from_unix_timestamp(unix(now) - 60)
             .map_err(|e| ServiceError::Issue(e.to_string()))?;
@@ -768,6 +759,16 @@ impl AttestationService {
             .map_err(|e| ServiceError::Issue(e.to_string()))?;
         Ok(cert.pem())
     }
+}
+
+/// A fresh random serial for a certificate (RFC 5280: unique per issuer; positive,
+/// at most 20 bytes).
+fn random_serial() -> rcgen::SerialNumber {
+    let mut serial = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut serial);
+    serial[0] &= 0x7f;
+    serial[0] |= 0x01;
+    rcgen::SerialNumber::from_slice(&serial)
 }
 
 /// Compares secrets without leaking where they differ (`subtle`); lengths are not secret.
