@@ -38,6 +38,15 @@ pub struct VerifyArgs {
     /// The response body that was received, to check against the receipt.
     #[arg(long)]
     response: Option<PathBuf>,
+    /// Accept only attestations of these evidence kinds (repeatable: `sev-snp`, `tdx`,
+    /// `tpm`, `dev`). Without it any kind the gateway's policy allowed is accepted,
+    /// the development attester's too: check `attestation.tee` in the output.
+    #[arg(long = "tee")]
+    tees: Vec<String>,
+    /// Accept only attestations decided by this policy: its name, or `name@sha256:...`
+    /// with the hash of its text (repeatable).
+    #[arg(long = "policy")]
+    policies: Vec<String>,
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
@@ -78,6 +87,27 @@ pub fn run(cmd: ReceiptCommand) -> anyhow::Result<Outcome> {
     };
     let c = &verified.claims;
     let a = &verified.attestation;
+    let tee = a["edgefleet.tee"].as_str().unwrap_or_default();
+    if !args.tees.is_empty() && !args.tees.iter().any(|t| t == tee) {
+        return Ok(failed(
+            "TeeNotAccepted",
+            &format!(
+                "the device attested with {tee:?}, not one of {:?}",
+                args.tees
+            ),
+        ));
+    }
+    let policy = a["ear.appraisal-policy-id"].as_str().unwrap_or_default();
+    let named = |p: &String| p == policy || policy.split_once('@').is_some_and(|(n, _)| n == p);
+    if !args.policies.is_empty() && !args.policies.iter().any(named) {
+        return Ok(failed(
+            "PolicyNotAccepted",
+            &format!(
+                "the attestation was decided by {policy:?}, not one of {:?}",
+                args.policies
+            ),
+        ));
+    }
     let out = json!({
         "verified": true,
         "device": c.device,

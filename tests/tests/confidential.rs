@@ -1235,6 +1235,7 @@ async fn a_signed_answer_verifies_offline_with_the_device_ca_and_any_change_fail
     assert_eq!(out["plugins"], json!([]));
     assert_eq!(out["attestation"]["status"], "affirming");
     assert_eq!(out["attestation"]["tee"], "dev");
+    let policy_id = out["attestation"]["policy"].as_str().unwrap().to_owned();
     assert_eq!(
         (
             out["requestChecked"].clone(),
@@ -1274,21 +1275,53 @@ async fn a_signed_answer_verifies_offline_with_the_device_ca_and_any_change_fail
         (false, Some("RequestMismatch")),
         "{out}"
     );
-    let signature_at = receipt.rfind('.').unwrap() + 5;
-    let changed = flipped(receipt.as_bytes(), signature_at);
+    // One bit of the signature's r (decoded, flipped, encoded again).
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (signed, signature) = receipt.rsplit_once('.').unwrap();
+    let signature = flipped(&base64::Engine::decode(&b64, signature).unwrap(), 3);
+    let changed = format!("{signed}.{}", base64::Engine::encode(&b64, signature));
     let (ok, out) = f.verify_receipt(
         "dev-ca.crt",
-        &[("request.json", request.as_bytes()), ("receipt", &changed)],
+        &[
+            ("request.json", request.as_bytes()),
+            ("receipt", changed.as_bytes()),
+        ],
         &args,
     );
-    assert!(!ok, "{out}");
-    assert_eq!(out["verified"], false, "{out}");
+    assert_eq!(
+        (ok, out["reason"].as_str()),
+        (false, Some("ReceiptSignatureInvalid")),
+        "{out}"
+    );
     let (ok, out) = f.verify_receipt("gw-ca.crt", &[("receipt", receipt.as_bytes())], &args);
     assert_eq!(
         (ok, out["reason"].as_str()),
         (false, Some("CertificateUntrusted")),
         "{out}"
     );
+    // A relying party's pins: the evidence kind and the policy.
+    let pinned = |extra: &[&'static str]| [&args[..], extra].concat();
+    let (ok, out) = f.verify_receipt(
+        "dev-ca.crt",
+        &[],
+        &pinned(&["--tee", "tpm", "--tee", "sev-snp"]),
+    );
+    assert_eq!(
+        (ok, out["reason"].as_str()),
+        (false, Some("TeeNotAccepted")),
+        "{out}"
+    );
+    let (ok, out) = f.verify_receipt("dev-ca.crt", &[], &pinned(&["--policy", "production"]));
+    assert_eq!(
+        (ok, out["reason"].as_str()),
+        (false, Some("PolicyNotAccepted")),
+        "{out}"
+    );
+    let name = policy_id.split_once('@').unwrap().0;
+    let mut both = ANSWER_ARGS.to_vec();
+    both.extend(["--tee", "dev", "--policy", "production", "--policy", name]);
+    let (ok, out) = f.verify_receipt("dev-ca.crt", &[], &both);
+    assert!(ok, "{out}");
 
     // Asking with another value than 1 is refused before any work; not asking gets
     // no receipt.

@@ -408,7 +408,7 @@ fn forged_receipts_fail_by_name() {
     );
     assert_eq!(
         reason(receipt::verify(&none, ca.0.as_bytes())),
-        "Unsupported"
+        "ReceiptUnsupported"
     );
     assert_eq!(
         reason(receipt::verify(&d1.result, ca.0.as_bytes())),
@@ -422,6 +422,64 @@ fn forged_receipts_fail_by_name() {
         reason(receipt::verify(&token, b"not a PEM")),
         "CertificateUntrusted"
     );
+
+    // A device certificate in the CA file (by mistake) is not an anchor: otherwise its
+    // device could issue itself a result signer's certificate.
+    let with_device = format!("{}{}", ca.0, d1.certificate.as_deref().unwrap());
+    let e = receipt::verify(&token, with_device.as_bytes()).unwrap_err();
+    assert_eq!(e.reason(), "CertificateUntrusted");
+    assert!(e.to_string().contains("is not a CA certificate"), "{e}");
+    // More than the device's certificate in x5c.
+    let ca_der = der(&ca.0);
+    assert_eq!(
+        reason(receipt::verify(
+            &forged(&token, &k1, &[cert1.clone(), ca_der], |_| {}),
+            ca.0.as_bytes()
+        )),
+        "CertificateUntrusted"
+    );
+    // The result signer's certificate presented as a device's.
+    let ear_header: Value = serde_json::from_slice(&B64URL.decode(parts[0]).unwrap()).unwrap();
+    let signer_cert = B64.decode(ear_header["x5c"][0].as_str().unwrap()).unwrap();
+    assert_eq!(
+        reason(receipt::verify(
+            &forged(&token, &k1, &[signer_cert], |_| {}),
+            ca.0.as_bytes()
+        )),
+        "CertificateUntrusted"
+    );
+    // A receipt where its attestation result should be (typ confusion).
+    let inner = signed(&d1, now());
+    assert_eq!(
+        reason(receipt::verify(
+            &forged(&token, &k1, std::slice::from_ref(&cert1), |c| {
+                c.attestation_result_id = receipt::sha256_hex(inner.as_bytes());
+                c.attestation_result = inner.clone();
+            }),
+            ca.0.as_bytes()
+        )),
+        "AttestationResultUntrusted"
+    );
+    // The high-S twin of a valid signature (it verifies as ECDSA, and would be a
+    // second token, with another id, for the same content).
+    let (input, sig) = token.rsplit_once('.').unwrap();
+    let sig = p256::ecdsa::Signature::from_slice(&B64URL.decode(sig).unwrap()).unwrap();
+    let (r, s_) = sig.split_scalars();
+    let twin = p256::ecdsa::Signature::from_scalars(r, -s_).unwrap();
+    let twin = format!("{input}.{}", B64URL.encode(twin.to_bytes()));
+    assert_eq!(
+        reason(receipt::verify(&twin, ca.0.as_bytes())),
+        "ReceiptMalformed"
+    );
+    // The agent refuses to sign with another device's result.
+    let e = ReceiptSigner::new(
+        "till-1",
+        &d1.key_pem,
+        d1.certificate.as_deref().unwrap().as_bytes(),
+        &d2.result,
+    )
+    .unwrap_err();
+    assert!(e.contains("till-2"), "{e}");
 }
 
 #[test]

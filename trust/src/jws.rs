@@ -25,6 +25,8 @@ pub fn sign(key: &p256::ecdsa::SigningKey, typ: &str, chain: &[Vec<u8>], payload
         B64URL.encode(payload)
     );
     let sig: p256::ecdsa::Signature = key.sign(input.as_bytes());
+    // Low-S only (see [`Jws::parse`]), so that a token has one signature, and one id.
+    let sig = sig.normalize_s().unwrap_or(sig);
     format!("{input}.{}", B64URL.encode(sig.to_bytes()))
 }
 
@@ -73,6 +75,10 @@ impl Jws {
         if header["alg"] != "ES256" {
             return Err(JwsError::Algorithm(header["alg"].to_string()));
         }
+        // No extension this reader would have to understand (RFC 7515 §4.1.11).
+        if !header["crit"].is_null() {
+            return Err(JwsError::Malformed("crit"));
+        }
         let payload = B64URL
             .decode(p)
             .map_err(|_| JwsError::Malformed("payload"))?;
@@ -81,6 +87,11 @@ impl Jws {
             .ok()
             .and_then(|b| p256::ecdsa::Signature::from_slice(&b).ok())
             .ok_or(JwsError::Malformed("signature"))?;
+        // ECDSA's (r, n - s) verifies too: refusing the high-S twin keeps one valid
+        // token per signed content, so a token's SHA-256 is an id nobody can vary.
+        if signature.normalize_s().is_some() {
+            return Err(JwsError::Malformed("signature (high S)"));
+        }
         Ok(Self {
             header,
             payload,

@@ -112,13 +112,13 @@ pub enum ReceiptError {
     /// Not a receipt: not a JWS, another `typ`, or its payload is not a receipt's.
     #[error("not a receipt: {0}")]
     Malformed(String),
-    /// Another signature algorithm than ES256.
+    /// Another signature algorithm than ES256, or another receipt version.
     #[error("unsupported: {0}")]
     Unsupported(String),
     /// The device certificate is not one the CA issued to the device.
     #[error("device certificate: {0}")]
     CertificateUntrusted(String),
-    /// A certificate is not valid at the time it is used for.
+    /// The device certificate is not valid at the receipt's time.
     #[error(transparent)]
     CertificateNotValidAt(#[from] NotValidAt),
     /// The receipt's signature does not verify under the device certificate's key.
@@ -167,7 +167,7 @@ impl ReceiptError {
     pub fn reason(&self) -> &'static str {
         match self {
             ReceiptError::Malformed(_) => "ReceiptMalformed",
-            ReceiptError::Unsupported(_) => "Unsupported",
+            ReceiptError::Unsupported(_) => "ReceiptUnsupported",
             ReceiptError::CertificateUntrusted(_) => "CertificateUntrusted",
             ReceiptError::CertificateNotValidAt(_) => "CertificateNotValidAt",
             ReceiptError::SignatureInvalid => "ReceiptSignatureInvalid",
@@ -265,6 +265,19 @@ pub fn verify(receipt: &str, ca_pem: &[u8]) -> Result<Verified, ReceiptError> {
     for der in &cas {
         let (_, ca) = X509Certificate::from_der(der)
             .map_err(|e| ReceiptError::CertificateUntrusted(format!("the CA certificate: {e}")))?;
+        // Only a CA may be an anchor: a device certificate put in the file by mistake
+        // must not let its device issue itself a result signer's certificate.
+        let signs_certificates = ca
+            .key_usage()
+            .ok()
+            .flatten()
+            .is_none_or(|ku| ku.value.key_cert_sign());
+        if !ca.is_ca() || !signs_certificates {
+            return Err(ReceiptError::CertificateUntrusted(format!(
+                "{} in the CA file is not a CA certificate",
+                ca.subject()
+            )));
+        }
         anchors.push(ca);
     }
     let jws = Jws::parse(receipt.trim()).map_err(|e| jws_error(e, "receipt"))?;
@@ -341,6 +354,12 @@ fn attestation_result(
         ));
     }
     let jws = Jws::parse(&claims.attestation_result).map_err(|e| untrusted(e.to_string()))?;
+    if jws.header["typ"] != crate::attestation::result::TYP {
+        return Err(untrusted(format!(
+            "typ {} is not an attestation result's",
+            jws.header["typ"]
+        )));
+    }
     let chain = jws.chain().map_err(|e| untrusted(e.to_string()))?;
     let [signer_der] = chain.as_slice() else {
         return Err(untrusted(format!(
@@ -351,7 +370,7 @@ fn attestation_result(
     let (_, signer) = X509Certificate::from_der(signer_der)
         .map_err(|e| untrusted(format!("signer: not a certificate: {e}")))?;
     issued_by(&signer, anchors).map_err(|e| untrusted(format!("signer: {e}")))?;
-    if uris(&signer) != [RESULT_SIGNER_URI] {
+    if uris(&signer) != [RESULT_SIGNER_URI] || signer.is_ca() {
         return Err(untrusted(format!(
             "the signer names {:?}, not {RESULT_SIGNER_URI}",
             uris(&signer)
@@ -365,7 +384,9 @@ fn attestation_result(
     let (Some(issued), Some(expires)) = (ear["iat"].as_i64(), ear["exp"].as_i64()) else {
         return Err(untrusted("no iat or exp".into()));
     };
-    crate::x509::validity_at(&signer, asn1(issued)?)?;
+    let at = x509_parser::time::ASN1Time::from_timestamp(issued)
+        .map_err(|_| untrusted(format!("iat {issued}")))?;
+    crate::x509::validity_at(&signer, at).map_err(|e| untrusted(format!("signer: {e}")))?;
     if ear["sub"] != claims.device.as_str() {
         return Err(ReceiptError::AttestationResultMismatch(format!(
             "it is for {}, not {}",

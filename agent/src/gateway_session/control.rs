@@ -149,12 +149,17 @@ impl FleetAgent {
             match attest_once(&bootstrap, &cfg.device.name, source, self.state_dir()).await {
                 Ok(a) => a,
                 Err(e) => {
-                    // No result to sign receipts with until the device attests again.
-                    self.serving.set_receipt_signer(None);
+                    // A transient failure (a timeout, a busy or restarting replica) keeps
+                    // the receipt signer: its result is good until it lapses
+                    // (`ReceiptSigner::current_at`). A refusal of the evidence drops it.
+                    if !matches!(&e, EnrolError::Gateway(g) if g.is_transient()) {
+                        self.serving.set_receipt_signer(None);
+                    }
                     return Err(e);
                 }
             };
         if !appraisal.decision.allow {
+            // Denied: the device no longer vouches for its answers.
             self.serving.set_receipt_signer(None);
             return Err(EnrolError::Invalid(format!(
                 "the attestation policy denied this device: {:?}",

@@ -8,8 +8,11 @@
 //!
 //! A device that holds no current attestation result (not attested yet, or its result
 //! lapsed, or its clock lies outside it) refuses such a request with 503
-//! `receipt_unavailable` before any work is done: a client that asks for proof never
-//! gets an answer without it. An error response gets no receipt.
+//! `receipt_unavailable` before any work is done. Should the result lapse while the
+//! answer is generated, a whole answer is replaced by that 503 and a stream ends
+//! without its receipt event: a client that asks for proof never gets an answer it
+//! could take for proven. An error response gets no receipt. The signer is the one
+//! current when the request arrived.
 
 use std::sync::Arc;
 
@@ -81,6 +84,18 @@ impl ReceiptSigner {
                 claims["ear.status"]
             ));
         }
+        // A result for another device or key would sign receipts that never verify.
+        if claims["sub"] != device {
+            return Err(format!(
+                "the attestation result is for {}, not {device}",
+                claims["sub"]
+            ));
+        }
+        let spki = p256::pkcs8::EncodePublicKey::to_public_key_der(key.verifying_key())
+            .map_err(|e| format!("the agent key: {e}"))?;
+        if claims["edgefleet.key"] != receipt::sha256_hex(spki.as_bytes()).as_str() {
+            return Err("the attestation result attests another key than the agent's".into());
+        }
         Ok(Self {
             device: device.to_owned(),
             key,
@@ -97,7 +112,9 @@ impl ReceiptSigner {
         now >= self.issued - receipt::MAX_CLOCK_SKEW_SECONDS && now <= self.expires
     }
 
-    /// The receipt over `request` and `response` digests (hex), answered by `by`.
+    /// The receipt over `request` and `response` digests (hex), answered by `by`, at
+    /// `now` (which the caller checked with [`Self::current_at`]: a receipt dated
+    /// outside its attestation result would not verify).
     pub fn sign(&self, by: &Provenance, request: String, response: String, now: i64) -> String {
         receipt::sign(
             &self.key,
@@ -156,12 +173,18 @@ pub(super) async fn layer(
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
         Ok(b) => b,
-        Err(_) => {
-            return ApiError::server(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                format!("the body is larger than {MAX_BODY_BYTES} bytes"),
-            )
+        Err(e) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                ApiError::server(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                ApiError::bad("body", format!("the body could not be read: {e}"))
+            }
             .into_response();
         }
     };
@@ -183,7 +206,11 @@ pub(super) async fn layer(
         let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
             return unavailable("the answer failed while it was read for its receipt");
         };
-        let signed = signer.sign(&by, request_sha256, receipt::sha256_hex(&bytes), unix_now());
+        let now = unix_now();
+        if !signer.current_at(now) {
+            return unavailable("this device's attestation result lapsed while it answered");
+        }
+        let signed = signer.sign(&by, request_sha256, receipt::sha256_hex(&bytes), now);
         match HeaderValue::from_str(&signed) {
             Ok(v) => {
                 parts.headers.insert(receipt::HEADER, v);
@@ -209,12 +236,14 @@ pub(super) async fn layer(
                     }
                     Some(Err(e)) => Some((Err(e), None)),
                     None => {
-                        let signed = signer.sign(
-                            &by,
-                            request_sha256,
-                            hex::encode(hasher.finalize()),
-                            unix_now(),
-                        );
+                        // A result that lapsed while the answer streamed signs nothing:
+                        // the stream ends without its receipt (the client sees none).
+                        let now = unix_now();
+                        if !signer.current_at(now) {
+                            return None;
+                        }
+                        let signed =
+                            signer.sign(&by, request_sha256, hex::encode(hasher.finalize()), now);
                         let event = format!("event: {}\ndata: {signed}\n\n", receipt::SSE_EVENT);
                         Some((Ok(Bytes::from(event)), None))
                     }
