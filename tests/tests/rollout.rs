@@ -602,6 +602,204 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
 }
 
 #[tokio::test]
+async fn a_leader_that_loses_its_lease_stands_by_without_exiting_and_leads_again() {
+    let (cp, client) = cluster(&["till-a", "till-b"]).await;
+    let mut op = Operator::named(&cp, "op-1");
+    eventually("op-1 leads", PATIENCE, || async {
+        (op.get("/readyz").1 == "leading").then_some(())
+    })
+    .await;
+    // Someone else takes the Lease (as a replica that won it during a partition
+    // would): op-1's next renewal finds it held, and op-1 stops planning.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "edgefleet-system");
+    let taken_for = Duration::from_secs(8);
+    let mut taken = leases.get("edgefleet-operator").await.unwrap();
+    let spec = taken.spec.get_or_insert_with(Default::default);
+    spec.holder_identity = Some("intruder".into());
+    spec.lease_duration_seconds = Some(taken_for.as_secs() as i32);
+    spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    leases
+        .replace("edgefleet-operator", &Default::default(), &taken)
+        .await
+        .unwrap();
+    eventually("op-1 stands by", PATIENCE, || async {
+        (op.get("/readyz").1 == "standby").then_some(())
+    })
+    .await;
+    assert!(op.0.try_wait().unwrap().is_none(), "op-1 exited");
+    // While it stands by, it plans nothing: a model applied now gets no assignment.
+    apply_signed_model(&client).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if lease_holder(&client).await.map(|(h, _)| h).as_deref() == Some("intruder") {
+        assert_eq!(assignment(&client, "till-a").await, None);
+        assert_eq!(assignment(&client, "till-b").await, None);
+    }
+    // Once the intruder's Lease lapses, the same process leads again and plans.
+    let (_, transitions) = eventually("op-1 holds the Lease again", PATIENCE, || async {
+        lease_holder(&client).await.filter(|(h, _)| h == "op-1")
+    })
+    .await;
+    assert!(transitions >= 1, "{transitions}");
+    eventually("op-1 leads again", PATIENCE, || async {
+        (op.get("/readyz").1 == "leading").then_some(())
+    })
+    .await;
+    let order = in_rank_order(&client, &["till-a", "till-b"]).await;
+    eventually("the rollout's first step", PATIENCE, || async {
+        assignment(&client, &order[0]).await
+    })
+    .await;
+    assert!(op.0.try_wait().unwrap().is_none(), "op-1 exited");
+}
+
+/// The gateway PKI in `dir`, and how to start an operator replica with a gateway.
+fn gateway_spec(
+    dir: &std::path::Path,
+) -> (
+    edgefleet_e2e::local_fleet::GatewayPki,
+    edgefleet_e2e::local_fleet::OperatorSpec,
+) {
+    use edgefleet_e2e::local_fleet;
+    let pki = local_fleet::GatewayPki::write(dir, &[]).unwrap();
+    let spec = local_fleet::OperatorSpec {
+        gateway_addr: format!("127.0.0.1:{}", edgefleet_e2e::free_port().unwrap()),
+        artifact_dir: dir.join("artifacts"),
+        approval: "manual".into(),
+        ek_cas: vec![],
+        ek_intermediates: vec![],
+        heartbeat_lease_seconds: 30,
+        artifact_ca: None,
+        log: dir.join("operator.log"),
+    };
+    (pki, spec)
+}
+
+#[tokio::test]
+async fn a_replicas_presence_and_publication_are_owned_by_its_pod() {
+    use edgefleet_e2e::local_fleet;
+    let (cp, client) = cluster(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, spec) = gateway_spec(dir.path());
+    let owned = |uid: &str, name: &str| json!([{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}]);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "edgefleet-system");
+    let published: Api<edgefleet_crds::EdgeGatewayReplica> =
+        Api::namespaced(client.clone(), "edgefleet-system");
+    let name = edgefleet_operator::replicas::lease_name("op-1");
+    let owners = |meta: &kube::api::ObjectMeta| json!(meta.owner_references);
+    // The Pod of the replica (its name is the identity), then the same Pod restarted
+    // with a new UID, which takes both objects over.
+    for uid in ["uid-1", "uid-2"] {
+        let mut op = local_fleet::spawn_operator_with(
+            cp.kubeconfig_path(),
+            &pki,
+            &spec,
+            &["--pod-uid", uid],
+        )
+        .unwrap();
+        eventually(
+            &format!("the presence Lease owned by {uid}"),
+            PATIENCE,
+            || async {
+                let l = leases.get_opt(&name).await.ok()??;
+                (owners(&l.metadata) == owned(uid, "op-1")).then_some(())
+            },
+        )
+        .await;
+        eventually(
+            &format!("the EdgeGatewayReplica owned by {uid}"),
+            PATIENCE,
+            || async {
+                let r = published.get_opt(&name).await.ok()??;
+                (owners(&r.metadata) == owned(uid, "op-1")).then_some(())
+            },
+        )
+        .await;
+        let _ = op.kill();
+        let _ = op.wait();
+    }
+    // Without a Pod UID (outside Kubernetes), no owner.
+    let _ = leases.delete(&name, &Default::default()).await;
+    let mut op = local_fleet::spawn_operator_with(cp.kubeconfig_path(), &pki, &spec, &[]).unwrap();
+    let l = eventually("the presence Lease again", PATIENCE, || async {
+        leases.get_opt(&name).await.ok()?
+    })
+    .await;
+    let _ = op.kill();
+    let _ = op.wait();
+    assert_eq!(l.metadata.owner_references, None, "{:?}", l.metadata);
+}
+
+#[tokio::test]
+async fn a_gateway_replica_that_loses_the_lease_keeps_serving_and_leads_again() {
+    use edgefleet_e2e::local_fleet;
+    let (cp, client) = cluster(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, spec) = gateway_spec(dir.path());
+    let mut op = local_fleet::spawn_operator_with(cp.kubeconfig_path(), &pki, &spec, &[]).unwrap();
+    eventually("op-1 leads", PATIENCE, || async {
+        lease_holder(&client).await.filter(|(h, _)| h == "op-1")
+    })
+    .await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "edgefleet-system");
+    let mut taken = leases.get("edgefleet-operator").await.unwrap();
+    let spec_ = taken.spec.get_or_insert_with(Default::default);
+    spec_.holder_identity = Some("intruder".into());
+    spec_.lease_duration_seconds = Some(8);
+    spec_.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    leases
+        .replace("edgefleet-operator", &Default::default(), &taken)
+        .await
+        .unwrap();
+    // Standing by, its gateway still serves: it answers a device's TLS handshake (a
+    // request without a client certificate is refused by name, not by a closed port),
+    // and its presence keeps being renewed.
+    eventually("op-1 logs that it stands by", PATIENCE, || async {
+        std::fs::read_to_string(&spec.log)
+            .ok()?
+            .contains("standing by as a candidate")
+            .then_some(())
+    })
+    .await;
+    assert!(op.try_wait().unwrap().is_none(), "op-1 exited");
+    let presence = edgefleet_operator::replicas::lease_name("op-1");
+    let renewed = |l: k8s_openapi::api::coordination::v1::Lease| l.spec?.renew_time;
+    let before = renewed(leases.get(&presence).await.unwrap()).unwrap();
+    eventually(
+        "the presence renewed while standing by",
+        PATIENCE,
+        || async {
+            let now = renewed(leases.get(&presence).await.ok()?)?;
+            (now.0 > before.0).then_some(())
+        },
+    )
+    .await;
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!(
+            "https://{}/v1/devices/till-a/desired",
+            spec.gateway_addr
+        ))
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(code.starts_with('4'), "the gateway answered {code:?}");
+    eventually("op-1 leads again", PATIENCE, || async {
+        lease_holder(&client).await.filter(|(h, _)| h == "op-1")
+    })
+    .await;
+    assert!(op.try_wait().unwrap().is_none(), "op-1 exited");
+    let _ = op.kill();
+    let _ = op.wait();
+}
+
+#[tokio::test]
 async fn a_silent_device_goes_not_ready_but_keeps_serving_what_it_has() {
     use edgefleet_operator::heartbeat::{Heartbeats, expired};
     let (_cp, client, _operator) = control_plane().await;
