@@ -13,7 +13,7 @@ use kube::runtime::reflector::Store;
 
 /// A device watch cache kept elsewhere (the gateway's), for the reconciler to plan on
 /// instead of watching the fleet a second time.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SharedDevices {
     /// The cache (managed fields stripped).
     pub store: Store<EdgeDevice>,

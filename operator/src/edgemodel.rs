@@ -117,7 +117,7 @@ impl DeviceCache {
 }
 
 /// Where the reconciler gets what devices are and report, beyond its own watch.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Sources {
     /// Model states devices reported to this replica's gateway ([`crate::reported`]).
     pub reported: Option<crate::reported::Reported>,

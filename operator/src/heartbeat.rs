@@ -269,11 +269,10 @@ impl Heartbeats {
         self
     }
 
-    /// From now on, also sweeps the devices no live replica holds (`true`: this replica
-    /// leads), or no longer (`false`: it lost the lease).
-    pub fn sweep_orphans(&self, sweep: bool) {
+    /// From now on (the leader), also sweeps the devices no live replica holds.
+    pub fn sweep_orphans(&self) {
         if let Some(r) = self.replica.get() {
-            r.orphans.store(sweep, std::sync::atomic::Ordering::SeqCst);
+            r.orphans.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
 

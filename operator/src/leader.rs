@@ -4,9 +4,9 @@
 //! The holder renews the Lease every `duration / 3`; every write carries the
 //! `resourceVersion` it read, so two candidates racing for an expired Lease cannot both
 //! win (the loser gets 409 Conflict). A holder that cannot renew before its Lease
-//! expires stops leading: [`LeaderElection::hold`] returns, the process drops its
-//! planner (so a replica never keeps writing on a Lease it may have lost) and is a
-//! candidate again, while its gateway keeps serving the devices connected to it.
+//! expires stops leading: [`LeaderElection::run`] returns, and the process exits so that
+//! its supervisor restarts it as a candidate — a replica never keeps writing on a Lease
+//! it may have lost.
 
 use std::time::Duration;
 

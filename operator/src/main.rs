@@ -23,10 +23,6 @@ enum Cmd {
         /// This replica's name in the Lease (default: host name and process id).
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
-        /// This replica's Pod UID: with `--identity` (the Pod's name), the replica's
-        /// presence Lease and EdgeGatewayReplica are owned by the Pod and go with it.
-        #[arg(long, env = "POD_UID", requires = "identity")]
-        pod_uid: Option<String>,
         /// Lease duration in seconds; the holder renews every third of it.
         #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
         lease_seconds: u64,
@@ -73,7 +69,6 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Run {
             lease_namespace,
             identity,
-            pod_uid,
             lease_seconds,
             heartbeat_lease_seconds,
             metrics_addr,
@@ -102,10 +97,6 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(metrics_addr).await?;
             let router = edgefleet_operator::metrics::router(metrics.clone());
             tokio::spawn(async move { axum::serve(listener, router).await });
-            let owner = identity
-                .clone()
-                .zip(pod_uid)
-                .map(|(name, uid)| edgefleet_operator::replicas::PodOwner { name, uid });
             let identity = identity.unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .map(|h| h.trim().to_owned())
@@ -137,34 +128,28 @@ async fn main() -> anyhow::Result<()> {
                 .start(client.clone(), lease, metrics.gateway.clone())
                 .await?;
             let Some((heartbeats, devices, gateway)) = gateway else {
-                // No gateway here: the leader plans, and judges every device's liveness;
-                // a replica that loses the lease stops both and is a candidate again.
-                loop {
-                    tracing::info!(%identity, "waiting for the operator lease");
-                    election.acquire().await;
-                    label_leader(&client, &lease_namespace, pod.as_deref(), true).await;
-                    metrics.set_leading(true);
-                    tracing::info!(%identity, "leading");
-                    let heartbeats =
-                        edgefleet_operator::heartbeat::Heartbeats::new(client.clone(), lease);
-                    tokio::select! {
-                        () = edgefleet_operator::edgemodel::run_with(client.clone(), metrics.clone(), bundles.clone(), Default::default()) => return Ok(()),
-                        () = heartbeats.expire_loop() => return Ok(()),
-                        () = election.hold() => {}
-                    }
-                    stand_by(&client, &lease_namespace, pod.as_deref(), &metrics).await;
+                // No gateway here: the leader plans, and judges every device's liveness.
+                tracing::info!(%identity, "waiting for the operator lease");
+                election.acquire().await;
+                label_leader(&client, &lease_namespace, pod.as_deref()).await;
+                metrics.set_leading(true);
+                tracing::info!(%identity, "leading");
+                let heartbeats =
+                    edgefleet_operator::heartbeat::Heartbeats::new(client.clone(), lease);
+                tokio::select! {
+                    () = edgefleet_operator::edgemodel::run_with(client, metrics, bundles, Default::default()) => {}
+                    () = heartbeats.expire_loop() => {}
+                    () = election.hold() => anyhow::bail!("lost the operator lease; exiting so that this replica restarts as a candidate"),
                 }
+                return Ok(());
             };
             let heartbeats = heartbeats.with_replica(identity.clone(), &lease_namespace);
             // The reconciler plans on the gateway's device cache, with the model states
             // devices report to this replica laid over the recorded ones.
             let publish = edgefleet_operator::replicas::publish_loop(
                 client.clone(),
-                edgefleet_operator::replicas::Publisher {
-                    namespace: lease_namespace.clone(),
-                    identity: identity.clone(),
-                    owner: owner.clone(),
-                },
+                lease_namespace.clone(),
+                identity.clone(),
                 heartbeats.reported(),
                 devices.store.clone(),
                 devices.models.clone(),
@@ -184,29 +169,21 @@ async fn main() -> anyhow::Result<()> {
                 &lease_namespace,
                 identity.clone(),
                 lease,
-            )
-            .owned_by(owner);
+            );
             let leading = {
                 let heartbeats = heartbeats.clone();
                 let metrics = metrics.clone();
                 let client = client.clone();
                 async move {
-                    // A replica that loses the lease stops planning and judging other
-                    // replicas' devices, keeps serving its own (their connections,
-                    // attestations and reports stay), and is a candidate again.
-                    loop {
-                        tracing::info!(%identity, "serving devices; waiting for the operator lease");
-                        election.acquire().await;
-                        label_leader(&client, &lease_namespace, pod.as_deref(), true).await;
-                        metrics.set_leading(true);
-                        heartbeats.sweep_orphans(true);
-                        tracing::info!(%identity, "leading");
-                        tokio::select! {
-                            () = edgefleet_operator::edgemodel::run_with(client.clone(), metrics.clone(), bundles.clone(), sources.clone()) => return,
-                            () = election.hold() => {}
-                        }
-                        heartbeats.sweep_orphans(false);
-                        stand_by(&client, &lease_namespace, pod.as_deref(), &metrics).await;
+                    tracing::info!(%identity, "serving devices; waiting for the operator lease");
+                    election.acquire().await;
+                    label_leader(&client, &lease_namespace, pod.as_deref()).await;
+                    metrics.set_leading(true);
+                    heartbeats.sweep_orphans();
+                    tracing::info!(%identity, "leading");
+                    tokio::select! {
+                        () = edgefleet_operator::edgemodel::run_with(client, metrics, bundles, sources) => {}
+                        () = election.hold() => {}
                     }
                 }
             };
@@ -215,32 +192,18 @@ async fn main() -> anyhow::Result<()> {
                 () = presence.run(heartbeats.clone()) => {}
                 () = publish => {}
                 () = heartbeats.expire_loop() => {}
-                () = leading => {}
+                () = leading => anyhow::bail!("lost the operator lease; exiting so that this replica restarts as a candidate"),
             }
         }
     }
     Ok(())
 }
 
-/// Labels this replica's Pod as the leader's, or removes the label, when asked to
-/// (`--label-leader-pod`).
-async fn label_leader(client: &kube::Client, namespace: &str, pod: Option<&str>, leader: bool) {
+/// Labels this replica's Pod as the leader's, when asked to (`--label-leader-pod`).
+async fn label_leader(client: &kube::Client, namespace: &str, pod: Option<&str>) {
     if let Some(pod) = pod
-        && let Err(e) = edgefleet_operator::leader::label_pod(client, namespace, pod, leader).await
+        && let Err(e) = edgefleet_operator::leader::label_pod(client, namespace, pod, true).await
     {
-        tracing::warn!(error = %e, leader, "labelling this Pod");
+        tracing::warn!(error = %e, "labelling this Pod as the leader");
     }
-}
-
-/// After the lease was lost (the planner's future is dropped, so it writes no more):
-/// says so, in the metrics (`/readyz` answers "standby") and on the Pod.
-async fn stand_by(
-    client: &kube::Client,
-    namespace: &str,
-    pod: Option<&str>,
-    metrics: &edgefleet_operator::metrics::Metrics,
-) {
-    metrics.set_leading(false);
-    label_leader(client, namespace, pod, false).await;
-    tracing::error!("lost the operator lease; standing by as a candidate");
 }

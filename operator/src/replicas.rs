@@ -45,40 +45,12 @@ pub fn lease_name(identity: &str) -> String {
     format!("{}-{h}", keep.trim_end_matches(['-', '.']))
 }
 
-/// The Pod a replica runs in (`POD_NAME`, `POD_UID`): its presence Lease and its
-/// EdgeGatewayReplica name it as their owner, so that Kubernetes' garbage collector
-/// removes them with the Pod (a replica scaled away leaves nothing behind; a restarted
-/// Pod, with a new UID, takes them over at its first write).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodOwner {
-    /// The Pod's name.
-    pub name: String,
-    /// Its UID.
-    pub uid: String,
-}
-
-impl PodOwner {
-    /// `metadata.ownerReferences` of an object the Pod owns (none without a Pod).
-    pub fn references(owner: Option<&PodOwner>) -> serde_json::Value {
-        match owner {
-            Some(o) => json!([{
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "name": o.name,
-                "uid": o.uid,
-            }]),
-            None => json!([]),
-        }
-    }
-}
-
 /// This replica's presence.
 #[derive(Debug, Clone)]
 pub struct Presence {
     leases: Api<Lease>,
     identity: String,
     duration: Duration,
-    owner: Option<PodOwner>,
 }
 
 impl Presence {
@@ -89,14 +61,7 @@ impl Presence {
             leases: Api::namespaced(client, namespace),
             identity,
             duration,
-            owner: None,
         }
-    }
-
-    /// Owned by `owner` (its Lease goes with the Pod).
-    pub fn owned_by(mut self, owner: Option<PodOwner>) -> Self {
-        self.owner = owner;
-        self
     }
 
     /// Renews the Lease (creating it the first time).
@@ -105,11 +70,7 @@ impl Presence {
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {
-                "name": name,
-                "labels": {REPLICA_LABEL: "true"},
-                "ownerReferences": PodOwner::references(self.owner.as_ref()),
-            },
+            "metadata": {"name": name, "labels": {REPLICA_LABEL: "true"}},
             "spec": {
                 "holderIdentity": self.identity,
                 "leaseDurationSeconds": i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX),
@@ -324,33 +285,18 @@ pub fn breaches(
         .collect()
 }
 
-/// Which replica publishes, where, owned by which Pod.
-#[derive(Debug, Clone)]
-pub struct Publisher {
-    /// The namespace of its EdgeGatewayReplica.
-    pub namespace: String,
-    /// The replica's identity.
-    pub identity: String,
-    /// Its Pod, when it runs in one.
-    pub owner: Option<PodOwner>,
-}
-
 /// Publishes this replica's pending reports ([`pending`]) in its EdgeGatewayReplica
 /// when they change, and at least every third of `lease` (so the leader knows them
 /// fresh), for as long as it runs.
 pub async fn publish_loop(
     client: Client,
-    publisher: Publisher,
+    namespace: String,
+    identity: String,
     reported: crate::reported::Reported,
     devices: kube::runtime::reflector::Store<edgefleet_crds::EdgeDevice>,
     models: Option<kube::runtime::reflector::Store<edgefleet_crds::EdgeModel>>,
     lease: Duration,
 ) {
-    let Publisher {
-        namespace,
-        identity,
-        owner,
-    } = publisher;
     let api: Api<edgefleet_crds::EdgeGatewayReplica> = Api::namespaced(client, &namespace);
     let name = lease_name(&identity);
     type Published = (
@@ -393,7 +339,7 @@ pub async fn publish_loop(
             let body = json!({
                 "apiVersion": "edgefleet.io/v1alpha1",
                 "kind": "EdgeGatewayReplica",
-                "metadata": {"name": name, "ownerReferences": PodOwner::references(owner.as_ref())},
+                "metadata": {"name": name},
                 "spec": {
                     "identity": identity,
                     "publishedTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(Timestamp::now()),

@@ -307,11 +307,6 @@ impl Rendered {
                 (Some(v), _) => v.to_owned(),
                 (None, Some("metadata.name")) => pod.to_owned(),
                 (None, Some("metadata.namespace")) => NAMESPACE.to_owned(),
-                // The harness runs no Pods: a UID of its own for the one it stands for.
-                (None, Some("metadata.uid")) => {
-                    let h = hex::encode(pod.as_bytes());
-                    format!("00000000-0000-4000-8000-{:0>12}", &h[..h.len().min(12)])
-                }
                 _ => {
                     return Err(err(format!(
                         "env {name}: not supported by the test harness"
