@@ -183,8 +183,13 @@ async fn a_valid_token_enrols_counts_its_usages_and_gives_its_labels() {
     let with = client(&s, &t);
     let key = rcgen::KeyPair::generate().unwrap();
 
+    // The device also asks for another architecture than it reports: its facts win.
     let first = with
-        .enrol(&request("till-1", &key, &[("zone", "front")]))
+        .enrol(&request(
+            "till-1",
+            &key,
+            &[("zone", "front"), ("arch", "s390x")],
+        ))
         .await
         .unwrap();
     assert!(first.created && first.approved);
@@ -192,6 +197,8 @@ async fn a_valid_token_enrols_counts_its_usages_and_gives_its_labels() {
     assert_eq!(
         d.metadata.labels.clone().unwrap(),
         BTreeMap::from([
+            ("device.edgefleet.io/arch".to_owned(), "x86_64".to_owned()),
+            ("device.edgefleet.io/memory-gib".to_owned(), "8".to_owned()),
             ("device.edgefleet.io/zone".to_owned(), "front".to_owned()),
             ("edgefleet.io/pool".to_owned(), "retail".to_owned()),
         ])

@@ -93,6 +93,43 @@ fn valid_label(k: &str, v: &str) -> bool {
     (prefix.is_empty() || valid_name(prefix)) && !name.is_empty() && part(name) && part(v)
 }
 
+/// Labels from a device's reported facts, under the device-owned prefix (they are what
+/// the device says, so no pool may select on them; a model's selector may):
+/// `device.edgefleet.io/arch` (`uname -m`), `device.edgefleet.io/memory-gib` (whole
+/// GiB, rounded down) and `device.edgefleet.io/accelerator.<name>=true` per
+/// accelerator (`nvidia.com/gpu` becomes `accelerator.nvidia.com-gpu`). A value that
+/// cannot be a label is left out, never rejected: the facts themselves are kept whole.
+pub fn fact_labels(f: &proto::Facts) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut put = |k: String, v: String| {
+        if valid_label(&k, &v) {
+            labels.insert(k, v);
+        }
+    };
+    put(format!("{DEVICE_LABEL_PREFIX}arch"), f.arch.clone());
+    put(
+        format!("{DEVICE_LABEL_PREFIX}memory-gib"),
+        (f.memory_bytes >> 30).to_string(),
+    );
+    for a in f.accelerators.iter().take(8) {
+        let name: String = a
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        put(
+            format!("{DEVICE_LABEL_PREFIX}accelerator.{name}"),
+            "true".into(),
+        );
+    }
+    labels
+}
+
 /// The labels a device asked for, as stored: bare names and names already under
 /// [`DEVICE_LABEL_PREFIX`] go under it; a key with any other prefix is refused
 /// (`LabelNotDeviceOwned`), since only administrators set those.
@@ -228,8 +265,11 @@ async fn enrol_inner(
         .tokens
         .consume(client, headers, admission, &req.device)
         .await?;
-    // The token's labels are the administrator's and win over what the device asked.
+    // What the device reports of itself is labelled under its own prefix too (so that
+    // models can select on it; pools, which grant trust, cannot), over what it asked;
+    // the token's labels are the administrator's and win over both.
     let mut labels = asked;
+    labels.extend(fact_labels(f));
     labels.extend(admission.labels());
     let approved = fleet.inner.config.approval.approves(&labels);
     let mut device = EdgeDevice::new(
@@ -320,6 +360,42 @@ mod tests {
         assert!(valid_label("edgefleet.io/pool", "retail"));
         assert!(!valid_label("edgefleet.io/pool", "re tail"));
         assert!(!valid_label("Bad_Prefix/x", "y"));
+    }
+
+    #[test]
+    fn facts_are_labelled_under_the_device_prefix_and_unlabelable_ones_left_out() {
+        let facts = |arch: &str, accelerators: &[&str]| proto::Facts {
+            arch: arch.into(),
+            cpu_cores: 4,
+            memory_bytes: (8 << 30) + 5,
+            accelerators: accelerators.iter().map(|a| (*a).to_owned()).collect(),
+            tee_kinds: vec![],
+            agent_version: String::new(),
+        };
+        let l = fact_labels(&facts("x86_64", &["nvidia.com/gpu"]));
+        assert_eq!(
+            l,
+            BTreeMap::from([
+                (
+                    "device.edgefleet.io/accelerator.nvidia.com-gpu".to_owned(),
+                    "true".to_owned()
+                ),
+                ("device.edgefleet.io/arch".to_owned(), "x86_64".to_owned()),
+                ("device.edgefleet.io/memory-gib".to_owned(), "8".to_owned()),
+            ])
+        );
+        // Not a label value (a space), a key ending in a dash, or too long a key: left out.
+        let l = fact_labels(&facts("arm 64", &["gpu/", &"a".repeat(80)]));
+        assert_eq!(
+            l.keys().collect::<Vec<_>>(),
+            ["device.edgefleet.io/memory-gib"]
+        );
+        // Every key is device-owned: no pool can select on a fact.
+        assert!(
+            fact_labels(&facts("aarch64", &["apple.com/metal"]))
+                .keys()
+                .all(|k| k.starts_with(DEVICE_LABEL_PREFIX))
+        );
     }
 
     #[test]
