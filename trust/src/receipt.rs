@@ -379,21 +379,43 @@ fn attestation_result(
     let key = verifying_key(signer.tbs_certificate.subject_pki.raw).map_err(untrusted)?;
     jws.verify(&key)
         .map_err(|_| untrusted("the signature does not verify under the signer's key".into()))?;
-    let ear: serde_json::Value =
-        serde_json::from_slice(&jws.payload).map_err(|e| untrusted(format!("payload: {e}")))?;
-    let (Some(issued), Some(expires)) = (ear["iat"].as_i64(), ear["exp"].as_i64()) else {
-        return Err(untrusted("no iat or exp".into()));
-    };
+    let (ear, issued, expires) = result_claims(&jws.payload)?;
     let at = x509_parser::time::ASN1Time::from_timestamp(issued)
         .map_err(|_| untrusted(format!("iat {issued}")))?;
     crate::x509::validity_at(&signer, at).map_err(|e| untrusted(format!("signer: {e}")))?;
-    if ear["sub"] != claims.device.as_str() {
+    affirms(&ear, &claims.device, device_spki)?;
+    if claims.time < issued - MAX_CLOCK_SKEW_SECONDS || claims.time > expires {
+        return Err(ReceiptError::OutsideAttestation {
+            time: claims.time,
+            issued,
+            expires,
+        });
+    }
+    Ok(ear)
+}
+
+/// The claims of an attestation result's payload, with its issue and expiry times.
+pub fn result_claims(payload: &[u8]) -> Result<(serde_json::Value, i64, i64), ReceiptError> {
+    let untrusted = ReceiptError::AttestationResultUntrusted;
+    let ear: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| untrusted(format!("payload: {e}")))?;
+    let (Some(issued), Some(expires)) = (ear["iat"].as_i64(), ear["exp"].as_i64()) else {
+        return Err(untrusted("no iat or exp".into()));
+    };
+    Ok((ear, issued, expires))
+}
+
+/// Whether the attestation result claims `ear` are for `device`, for the key whose
+/// SubjectPublicKeyInfo (DER) is `spki`, and affirming: what a verifier requires of
+/// a receipt's result, and what a device checks before signing with one.
+pub fn affirms(ear: &serde_json::Value, device: &str, spki: &[u8]) -> Result<(), ReceiptError> {
+    if ear["sub"] != device {
         return Err(ReceiptError::AttestationResultMismatch(format!(
-            "it is for {}, not {}",
-            ear["sub"], claims.device
+            "it is for {}, not {device}",
+            ear["sub"]
         )));
     }
-    if ear["edgefleet.key"] != sha256_hex(device_spki).as_str() {
+    if ear["edgefleet.key"] != sha256_hex(spki).as_str() {
         return Err(ReceiptError::AttestationResultMismatch(
             "it attests another key than the device certificate's".into(),
         ));
@@ -403,14 +425,7 @@ fn attestation_result(
             ear["ear.status"].to_string(),
         ));
     }
-    if claims.time < issued - MAX_CLOCK_SKEW_SECONDS || claims.time > expires {
-        return Err(ReceiptError::OutsideAttestation {
-            time: claims.time,
-            issued,
-            expires,
-        });
-    }
-    Ok(ear)
+    Ok(())
 }
 
 fn jws_error(e: JwsError, what: &str) -> ReceiptError {

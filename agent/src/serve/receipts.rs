@@ -73,29 +73,14 @@ impl ReceiptSigner {
             .ok_or("the device certificate file holds no certificate")?;
         let jws = edgefleet_trust::jws::Jws::parse(result)
             .map_err(|e| format!("the attestation result: {e}"))?;
-        let claims: serde_json::Value = serde_json::from_slice(&jws.payload)
+        let (claims, issued, expires) = receipt::result_claims(&jws.payload)
             .map_err(|e| format!("the attestation result: {e}"))?;
-        let (Some(issued), Some(expires)) = (claims["iat"].as_i64(), claims["exp"].as_i64()) else {
-            return Err("the attestation result has no iat or exp".into());
-        };
-        if claims["ear.status"] != "affirming" {
-            return Err(format!(
-                "the attestation result is {}, not affirming",
-                claims["ear.status"]
-            ));
-        }
-        // A result for another device or key would sign receipts that never verify.
-        if claims["sub"] != device {
-            return Err(format!(
-                "the attestation result is for {}, not {device}",
-                claims["sub"]
-            ));
-        }
+        // A contraindicated result, or one for another device or key, would sign
+        // receipts that never verify.
         let spki = p256::pkcs8::EncodePublicKey::to_public_key_der(key.verifying_key())
             .map_err(|e| format!("the agent key: {e}"))?;
-        if claims["edgefleet.key"] != receipt::sha256_hex(spki.as_bytes()).as_str() {
-            return Err("the attestation result attests another key than the agent's".into());
-        }
+        receipt::affirms(&claims, device, spki.as_bytes())
+            .map_err(|e| format!("the attestation result: {e}"))?;
         Ok(Self {
             device: device.to_owned(),
             key,
